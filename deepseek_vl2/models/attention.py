@@ -1,0 +1,194 @@
+"""Self-attention of the decoder: plain multi-head attention (tiny, `use_mla: false`) and
+multi-head latent attention (small and base). Spec: language_model.md §4-§6.
+
+Both read and write the KV cache at absolute positions and take a prepared `AttentionInputs`, so
+that one forward works for prefill, chunked prefill and fixed-shape (CUDA-graph) decode steps.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_deepseek import DeepseekV2Config
+from .kv_cache import KVCache
+from .rms_norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rotary, deinterleave
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward shares."""
+
+    cache_positions: torch.Tensor  # [S] cache slots of the new tokens
+    kv_len: int  # key positions attended to: cached + new (a fixed bucket in graph decode)
+    mask: Optional[torch.Tensor]  # additive [B, 1, S, kv_len]; None means plain causal with kv_len == S
+
+
+def build_attention_inputs(
+    attention_mask: Optional[torch.Tensor],
+    past_length: int,
+    seq_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    device,
+    cache_positions: Optional[torch.Tensor] = None,
+) -> AttentionInputs:
+    """Key j is visible to query i when j <= i's cache slot and `attention_mask[b, j]` is set.
+
+    `attention_mask` is the 2-D padding mask over cached + new tokens ([B, >= past_length+seq_len],
+    1/True = real token) or None. Masked entries get finfo(dtype).min (a fully masked row, a padding
+    query, then attends uniformly, as in the reference, instead of producing NaN).
+    """
+    if cache_positions is None:
+        cache_positions = torch.arange(past_length, past_length + seq_len, device=device)
+    no_padding = attention_mask is None or (seq_len > 1 and bool(attention_mask.bool().all()))
+    if no_padding and past_length == 0 and kv_len == seq_len:
+        return AttentionInputs(cache_positions, kv_len, None)
+    keys = torch.arange(kv_len, device=device)
+    visible = keys[None, :] <= cache_positions[:, None]  # [S, kv_len]
+    if attention_mask is not None:
+        padding = attention_mask[:, :kv_len].to(device=device, dtype=torch.bool)
+        if padding.shape[1] < kv_len:  # slots past the mask are unwritten: hidden by causality anyway
+            padding = F.pad(padding, (0, kv_len - padding.shape[1]), value=False)
+        visible = visible[None] & padding[:, None, :]
+    else:
+        visible = visible[None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return AttentionInputs(cache_positions, kv_len, mask.unsqueeze(1))
+
+
+def causal_mask(seq_len: int, dtype, device) -> torch.Tensor:
+    mask = torch.full((seq_len, seq_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu(1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Llama-style attention with rotate-half RoPE over the whole head (the tiny release)."""
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.rope = RotaryEmbedding(
+            self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def checkpoint_keys(self):
+        """Official name -> (parameter, index) for the fused q/k/v projection."""
+        keys, start = {}, 0
+        for name, size in zip(("q_proj", "k_proj", "v_proj"), self.split_sizes):
+            rows = slice(start, start + size)
+            keys[f"{name}.weight"] = ("qkv_proj.weight", (rows,))
+            if self.qkv_proj.bias is not None:
+                keys[f"{name}.bias"] = ("qkv_proj.bias", (rows,))
+            start += size
+        return keys
+
+    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
+        B, S, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope.lookup(position_ids, x.dtype, seq_len=attn.kv_len)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            keys, values = cache.write(self.layer_idx, attn.cache_positions, k, v)
+            k, v = keys[:, :, : attn.kv_len], values[:, :, : attn.kv_len]
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None and S > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2 MLA. Keys and values are cached as one low-rank latent per token (c_kv after
+    kv_a_layernorm, plus a rope key shared by all heads).
+
+    Decode (and any CPU call) attends in the absorbed form: queries are mapped into the latent
+    space through the key half of kv_b_proj, scores are taken against the cached latents directly,
+    and the value half of kv_b_proj is applied after the softmax. Multi-token CUDA calls (prefill)
+    expand the latents to per-head keys and values and use SDPA, which is cheaper for long inputs.
+    """
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_rank = c.kv_lora_rank
+        q_out = self.num_heads * (self.nope_dim + self.rope_dim)
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # default eps, as the reference (P-LM-5)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.rope = RotaryEmbedding(self.rope_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+        self.softmax_scale = (self.nope_dim + self.rope_dim) ** -0.5 * self.rope.attention_scale
+
+    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
+        cos, sin = self.rope.lookup(position_ids, x.dtype, seq_len=attn.kv_len)
+        q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
+        k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)  # [B, S, rank + rope]
+        if cache is not None:
+            (stored,) = cache.write(self.layer_idx, attn.cache_positions, latent)
+            latent = stored[:, : attn.kv_len]
+        if x.is_cuda and S > 1:
+            out = self._attend_expanded(q_nope, q_pe, latent, attn)
+        else:
+            out = self._attend_absorbed(q_nope, q_pe, latent, attn)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_dim))
+
+    def _kv_b_halves(self):
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, nope, rank], W_UV [H, v, rank]
+
+    def _attend_absorbed(self, q_nope, q_pe, latent, attn: AttentionInputs):
+        B, H, S, _ = q_nope.shape
+        w_uk, w_uv = self._kv_b_halves()
+        q_latent = torch.cat((torch.matmul(q_nope, w_uk), q_pe), dim=-1)  # [B, H, S, rank + rope]
+        scores = torch.bmm(q_latent.reshape(B, H * S, -1), latent.transpose(1, 2)).view(B, H, S, -1)
+        scores = scores * self.softmax_scale
+        mask = attn.mask if attn.mask is not None else causal_mask(S, scores.dtype, scores.device)
+        probs = torch.softmax((scores + mask).float(), dim=-1).to(q_nope.dtype)
+        out_latent = torch.bmm(probs.view(B, H * S, -1), latent[..., : self.kv_rank]).view(B, H, S, -1)
+        return torch.matmul(out_latent, w_uv.transpose(1, 2))  # [B, H, S, v]
+
+    def _attend_expanded(self, q_nope, q_pe, latent, attn: AttentionInputs):
+        B, H, S, _ = q_nope.shape
+        kv_len = latent.shape[1]
+        kv = self.kv_b_proj(latent[..., : self.kv_rank]).view(B, kv_len, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.transpose(1, 2).split((self.nope_dim, self.v_dim), dim=-1)
+        k_pe = latent[:, None, :, self.kv_rank :].expand(B, H, kv_len, self.rope_dim)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe), dim=-1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None, scale=self.softmax_scale
+        )
+
+
+def make_attention(config: DeepseekV2Config, layer_idx: int) -> nn.Module:
+    return MultiHeadLatentAttention(config, layer_idx) if config.use_mla else MultiHeadAttention(config, layer_idx)
+

@@ -1,0 +1,5 @@
+"""Token generation (filled in below)."""
+
+
+class GenerationMixin:
+    pass

@@ -1,0 +1,126 @@
+"""Key/value cache for the decoder, preallocated and written in place.
+
+Per layer it holds, for the whole batch:
+  * MLA (small, base): one [B, capacity, kv_lora_rank + qk_rope_head_dim] tensor: the normalised
+    latent c_kv followed by the rotated shared rope key k_pe (576 values per token for the releases);
+  * MHA (tiny): keys and values, each [B, heads, capacity, head_dim], keys after RoPE.
+
+Writes go to absolute positions (`index_copy_` with a device tensor), so a decode step with a
+fixed capacity needs no host synchronisation and can be captured in a CUDA graph.
+
+For code written against the reference's legacy format (a tuple over layers of 2-tuples, the
+sequence on dim 2) the cache also behaves like one: `cache[i]` is `(k_pe [B,1,L,64], c_kv
+[B,1,L,512])` for MLA and `(keys, values)` for MHA, as views; `len(cache)` is the layer count.
+`KVCache.from_legacy` accepts such tuples.
+"""
+from typing import Sequence
+
+import torch
+
+from .configuration_deepseek import DeepseekV2Config
+
+
+class KVCache:
+    def __init__(self, config: DeepseekV2Config, batch_size: int, capacity: int, device, dtype):
+        self.config = config
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.length = 0  # tokens written (the same for every row; padding is masked, not skipped)
+        self.layers = [self._allocate(capacity) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].shape[-2] if not self.config.use_mla else self.layers[0][0].shape[1]
+
+    def _allocate(self, capacity: int):
+        # zeros, not empty: unwritten slots are read (and masked) by fixed-capacity decode steps,
+        # and masked garbage could still be NaN, which survives multiplication by a zero weight
+        c, B = self.config, self.batch_size
+        kw = dict(device=self.device, dtype=self.dtype)
+        if c.use_mla:
+            return (torch.zeros(B, capacity, c.kv_lora_rank + c.qk_rope_head_dim, **kw),)
+        head_dim = c.hidden_size // c.num_attention_heads
+        shape = (B, c.num_key_value_heads, capacity, head_dim)
+        return (torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+
+    def reserve(self, needed: int) -> None:
+        """Grow every layer's storage (doubling) so that `needed` tokens fit."""
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        seq_dim = 1 if self.config.use_mla else 2
+        grown = []
+        for tensors in self.layers:
+            fresh = self._allocate(new_capacity)
+            for old, new in zip(tensors, fresh):
+                new.narrow(seq_dim, 0, self.length).copy_(old.narrow(seq_dim, 0, self.length))
+            grown.append(fresh)
+        self.layers = grown
+
+    def write(self, layer_idx: int, positions: torch.Tensor, *new: torch.Tensor):
+        """Store the new tokens' entries at `positions` ([S], absolute) and return the layer's tensors."""
+        tensors = self.layers[layer_idx]
+        seq_dim = 1 if self.config.use_mla else 2
+        for store, value in zip(tensors, new):
+            store.index_copy_(seq_dim, positions, value.to(store.dtype))
+        return tensors
+
+    # ---- the legacy tuple-of-tuples view -------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer_idx: int):
+        L = self.length
+        if self.config.use_mla:
+            (latent,) = self.layers[layer_idx]
+            r = self.config.kv_lora_rank
+            return latent[:, None, :L, r:], latent[:, None, :L, :r]
+        keys, values = self.layers[layer_idx]
+        return keys[:, :, :L], values[:, :, :L]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def to_legacy(self):
+        return tuple(self)
+
+    def crop(self, length: int) -> "KVCache":
+        """Forget everything after the first `length` tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        self.length = length
+        return self
+
+    def reorder(self, beam_idx: torch.Tensor) -> "KVCache":
+        """Select batch rows (beam search's `_reorder_cache`)."""
+        self.layers = [tuple(t.index_select(0, beam_idx.to(t.device)) for t in ts) for ts in self.layers]
+        self.batch_size = self.layers[0][0].shape[0]
+        return self
+
+    @classmethod
+    def from_legacy(cls, past: Sequence, config: DeepseekV2Config, extra_capacity: int = 0) -> "KVCache":
+        """Build a cache from the reference's per-layer (elem0, elem1) tuples."""
+        if len(past) != config.num_hidden_layers:
+            raise ValueError(
+                f"past_key_values has {len(past)} layers, the model has {config.num_hidden_layers}"
+            )
+        first = past[0][0]
+        length = first.shape[2]
+        cache = cls(config, first.shape[0], length + extra_capacity, first.device, first.dtype)
+        positions = torch.arange(length, device=first.device)
+        for i, (elem0, elem1) in enumerate(past):
+            if config.use_mla:
+                expected = (first.shape[0], 1, length)
+                if tuple(elem0.shape[:3]) != expected or tuple(elem1.shape[:3]) != expected:
+                    raise ValueError(f"past_key_values[{i}] has shapes {tuple(elem0.shape)}, {tuple(elem1.shape)}; "
+                                     f"expected (k_pe [B,1,L,{config.qk_rope_head_dim}], c_kv [B,1,L,{config.kv_lora_rank}])")
+                cache.write(i, positions, torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1))
+            else:
+                cache.write(i, positions, elem0, elem1)
+        cache.length = length
+        return cache

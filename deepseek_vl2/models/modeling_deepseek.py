@@ -1,0 +1,171 @@
+"""The DeepSeek-V2 / DeepSeekMoE decoder of DeepSeek-VL2 (spec: language_model.md).
+
+    DeepseekV2ForCausalLM
+      model: DeepseekV2Model
+        embed_tokens -> layers[i]: DecoderLayer -> norm
+          DecoderLayer: x + attention(RMSNorm(x)); then + mlp(RMSNorm(.))
+            attention: MultiHeadAttention (use_mla false) | MultiHeadLatentAttention
+            mlp: GatedMLP (dense layers) | MoE (routed + shared experts)
+      lm_head
+
+`forward` keeps the reference's interface (float32 logits for every position unless
+`logits_to_keep` asks for fewer, legacy tuple caches accepted). `generate` comes from
+`GenerationMixin` (generation.py).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import AttentionInputs, build_attention_inputs, make_attention
+from .configuration_deepseek import DeepseekV2Config
+from .generation import GenerationMixin
+from .kv_cache import KVCache
+from .moe import MoE, GatedMLP
+from .rms_norm import RMSNorm
+
+DeepseekV2RMSNorm = RMSNorm  # the reference's name
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = make_attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, attn, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        config.validate_for_model()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def run_layers(self, hidden, position_ids, attn: AttentionInputs, cache: Optional[KVCache], all_hidden=None):
+        """The decoder stack on embeddings `hidden` [B, S, h]; returns the final-normed states."""
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(hidden, position_ids, attn, cache)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return hidden
+
+
+class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        logits_to_keep: int = 0,
+        **unused,
+    ):
+        """Reference-compatible forward. `past_key_values` may be a KVCache (appended to in place)
+        or the reference's legacy tuples (copied). `logits_to_keep=n` computes logits for the last
+        n positions only (0: all, as the reference)."""
+        if output_attentions:
+            raise NotImplementedError("output_attentions is not supported: attention runs in fused kernels")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        B, S, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = self.prepare_cache(past_key_values, B, S, inputs_embeds) if (use_cache or past_key_values is not None) else None
+        past = cache.length if cache is not None else 0
+        check_context_length(past + S, self.config.max_position_embeddings)
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + S):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + S)} "
+                f"(batch, cached + new tokens)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=inputs_embeds.device).unsqueeze(0).expand(B, S)
+        attn = build_attention_inputs(attention_mask, past, S, past + S, inputs_embeds.dtype, inputs_embeds.device)
+        all_hidden = [] if output_hidden_states else None
+        hidden = self.model.run_layers(inputs_embeds, position_ids, attn, cache, all_hidden)
+        if cache is not None:
+            cache.length = past + S
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def prepare_cache(self, past_key_values, batch_size: int, new_tokens: int, like: torch.Tensor) -> KVCache:
+        """A KVCache with room for `new_tokens` more: the given one, one built from legacy tuples,
+        or a fresh one."""
+        if past_key_values is None:
+            return KVCache(self.config, batch_size, new_tokens, like.device, like.dtype)
+        if isinstance(past_key_values, KVCache):
+            cache = past_key_values
+        else:
+            cache = KVCache.from_legacy(past_key_values, self.config, extra_capacity=new_tokens)
+        if cache.batch_size != batch_size:
+            raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {batch_size}")
+        cache.reserve(cache.length + new_tokens)
+        return cache
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        if isinstance(past_key_values, KVCache):
+            return past_key_values.reorder(beam_idx)
+        return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)
+
+
+def check_context_length(total: int, limit: int) -> None:
+    if total > limit:
+        raise ValueError(
+            f"the sequence needs {total} positions but the model's context is max_position_embeddings="
+            f"{limit}; shorten the prompt (fewer or smaller images: each tiled image costs up to 2101 "
+            f"tokens) or ask for fewer new tokens"
+        )

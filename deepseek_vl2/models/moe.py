@@ -1,0 +1,173 @@
+"""Feed-forward blocks of the decoder: the gated MLP (dense layer 0, shared experts) and the
+DeepSeekMoE block with its router (spec language_model.md §7).
+
+Routed experts are stored stacked per layer ([E, 2*I, h] gate+up and [E, h, I] down) and run as a
+grouped GEMM over the tokens sorted by expert, with no host synchronisation. The checkpoint keeps
+the official per-expert names; `checkpoint_keys` maps them onto the stacked tensors.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_deepseek import DeepseekV2Config
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up held as one [2*I, h] projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def checkpoint_keys(self):
+        I = self.intermediate_size
+        return {
+            "gate_proj.weight": ("gate_up_proj.weight", (slice(0, I),)),
+            "up_proj.weight": ("gate_up_proj.weight", (slice(I, 2 * I),)),
+        }
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    """Picks `top_k` experts per token and their weights (float32 throughout, unsorted top-k)."""
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.method = config.topk_method
+        self.scoring = config.scoring_func
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.normalize = config.norm_topk_prob
+        self.scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(self.num_experts))
+
+    def forward(self, x):
+        """x [N, h] -> expert ids [N, k] (int64) and weights [N, k] (float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.method == "greedy":
+            weights, ids = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.view(len(x), self.n_group, -1).amax(dim=-1)
+            masked = self._keep_top_groups(scores, group_scores)
+            weights, ids = torch.topk(masked, self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: select with the bias, weigh without it
+            if self.training:
+                raise RuntimeError("topk_method 'noaux_tc' is inference-only (as in the reference)")
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.view(len(x), self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+            masked = self._keep_top_groups(choice, group_scores)
+            ids = torch.topk(masked, self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scale
+
+    def _keep_top_groups(self, scores, group_scores):
+        """Zero (not -inf, as the reference) the scores of experts outside the best groups."""
+        best = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        keep = keep.repeat_interleave(self.num_experts // self.n_group, dim=1)
+        return scores.masked_fill(~keep, 0.0)
+
+
+class RoutedExperts(nn.Module):
+    """E gated MLPs stored as stacked weights and run as grouped GEMMs over expert-sorted rows."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def checkpoint_keys(self):
+        I, keys = self.intermediate_size, {}
+        for e in range(self.num_experts):
+            keys[f"{e}.gate_proj.weight"] = ("gate_up_proj", (e, slice(0, I)))
+            keys[f"{e}.up_proj.weight"] = ("gate_up_proj", (e, slice(I, 2 * I)))
+            keys[f"{e}.down_proj.weight"] = ("down_proj", (e,))
+        return keys
+
+    def forward(self, x, ids, weights):
+        """x [N, h], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, h] in x's dtype.
+
+        Expert outputs are combined in float32, as the reference does."""
+        N, k = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        rows = x[order // k]
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        ends = counts.cumsum(0, dtype=torch.int32)
+        if grouped_mm_supported(x):
+            hidden = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends)
+            gate, up = hidden.chunk(2, dim=-1)
+            out_sorted = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+        else:
+            out_sorted = self._per_expert(rows, ends)
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted
+        combined = (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
+        return combined.to(x.dtype)
+
+    def _per_expert(self, rows, ends):
+        """Fallback for a torch without grouped GEMM on this device: one expert at a time (this
+        reads the group boundaries on the host)."""
+        out = torch.empty_like(rows)
+        start = 0
+        for e, end in enumerate(ends.tolist()):
+            if end > start:
+                gate, up = F.linear(rows[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
+                out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            start = end
+        return out
+
+
+_GROUPED_MM_SUPPORT = {}
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for x's device and dtype (probed once per pair)."""
+    key = (x.device.type, x.device.index, x.dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.ones(16, 16, device=x.device, dtype=x.dtype)
+                b = torch.ones(2, 16, 16, device=x.device, dtype=x.dtype)
+                offs = torch.tensor([8, 16], device=x.device, dtype=torch.int32)
+                ok = bool(torch._grouped_mm(a, b.transpose(1, 2), offs=offs)[0, 0] == 16)
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_SUPPORT[key] = ok
+    return _GROUPED_MM_SUPPORT[key]
+
+
+class MoE(nn.Module):
+    """Routed experts plus the always-on shared experts (one MLP n_shared_experts times as wide)."""
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            width = config.moe_intermediate_size * config.n_shared_experts
+            self.shared_experts = GatedMLP(config.hidden_size, width)
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)
+        y = self.experts(flat, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)
