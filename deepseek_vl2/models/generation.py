@@ -1,5 +1,221 @@
-"""Token generation (filled in below)."""
+"""Generation: `generate` and `incremental_prefilling`, owned by this library rather than borrowed
+from transformers, so they work the same on transformers 4.5x and 5.x (spec:
+generation_and_prefill.md §2-§3).
+
+    generate(...)
+      prompt embeddings (images merged)      prepare_inputs_embeds, or the given inputs_embeds
+      prefill what the cache does not hold   one forward, logits for the last row only
+      loop: process logits -> next token -> stream / stop -> one-token forward (eager, or a
+            replayed CUDA graph on the GPU fast path)
+
+What it returns follows the reference's recipes: with `input_ids` given, the prompt ids followed
+by the new tokens; with only `inputs_embeds`, the new tokens only. `return_dict_in_generate`
+gives an object with `.sequences` and `.scores` (one [B, vocab] tensor per step).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from transformers.utils import ModelOutput
+
+from .kv_cache import KVCache
+from .sampling import SamplingSettings, choose_next, process_logits
+
+UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "assistant_model": None}
+IGNORED = ("output_attentions", "output_hidden_states", "synced_gpus", "position_ids", "cache_position",
+           "num_logits_to_keep", "logits_to_keep", "return_legacy_cache", "tokenizer")
+
+
+@dataclass
+class GenerateOutput(ModelOutput):
+    sequences: torch.LongTensor = None
+    scores: Optional[Tuple[torch.FloatTensor, ...]] = None
+    logits: Optional[Tuple[torch.FloatTensor, ...]] = None
+    past_key_values: Optional[KVCache] = None
 
 
 class GenerationMixin:
-    pass
+    """`generate` / `incremental_prefilling` for DeepseekV2ForCausalLM and DeepseekVLV2ForCausalLM."""
+
+    def _decoder(self):
+        return getattr(self, "language", self)
+
+    def _embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None):
+        if hasattr(self, "prepare_inputs_embeds"):
+            return self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.get_input_embeddings()(input_ids)
+
+    @torch.inference_mode()
+    def incremental_prefilling(self, input_ids=None, attention_mask=None, inputs_embeds=None, images=None,
+                               images_seq_mask=None, images_spatial_crop=None, chunk_size: int = 1024):
+        """Prefill all prompt tokens but the last in chunks of `chunk_size`; return
+        `(inputs_embeds, cache)` for `generate(inputs_embeds=..., input_ids=..., past_key_values=cache)`.
+
+        Activation memory is bounded by the chunk. Unlike the reference, this accepts
+        attention_mask=None and one-token prompts, and uses padding-aware positions (P-GEN-2/3)."""
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with images) or inputs_embeds")
+            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
+        lm = self._decoder()
+        B, T, _ = inputs_embeds.shape
+        attention_mask = _mask_or_ones(attention_mask, B, T, inputs_embeds.device)
+        positions = padding_aware_positions(attention_mask)
+        cache = KVCache(lm.config, B, T, inputs_embeds.device, inputs_embeds.dtype)
+        for start in range(0, T - 1, chunk_size):
+            end = min(start + chunk_size, T - 1)
+            lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=attention_mask[:, :end],
+               position_ids=positions[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return inputs_embeds, cache
+
+    @torch.inference_mode()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, images=None, images_seq_mask=None,
+                 images_spatial_crop=None, past_key_values=None, max_new_tokens=None, max_length=None,
+                 min_new_tokens=0, do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
+                 repetition_penalty=1.0, pad_token_id=None, bos_token_id=None, eos_token_id=None, use_cache=True,
+                 streamer=None, stopping_criteria=None, logits_processor=None, return_dict_in_generate=False,
+                 output_scores=False, output_logits=False, generation_config=None, generator=None, **kwargs):
+        """Greedy or sampled generation with the arguments transformers' generate takes (see the
+        module docstring for what is returned). `generator` (a torch.Generator) makes sampling
+        reproducible per call."""
+        for name, allowed in UNSUPPORTED.items():
+            if name in kwargs and kwargs.pop(name) != allowed:
+                raise NotImplementedError(f"{name} is not supported by this generate (only {name}={allowed})")
+        for name in IGNORED:
+            kwargs.pop(name, None)
+        if generation_config is not None:
+            defaults = generation_config.to_dict()
+            max_new_tokens = max_new_tokens if max_new_tokens is not None else defaults.get("max_new_tokens")
+            eos_token_id = eos_token_id if eos_token_id is not None else defaults.get("eos_token_id")
+            pad_token_id = pad_token_id if pad_token_id is not None else defaults.get("pad_token_id")
+        if kwargs:
+            raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
+        if not use_cache:
+            raise ValueError("use_cache=False is not supported: generation always uses the KV cache")
+
+        lm = self._decoder()
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("generate needs input_ids or inputs_embeds")
+            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
+        B, T, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if input_ids is not None and tuple(input_ids.shape) != (B, T):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                             f"disagree on batch size or length")
+        eos = _as_list(eos_token_id if eos_token_id is not None else lm.config.eos_token_id)
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - (T if input_ids is not None else 0)) if max_length is not None else 20
+        settings = SamplingSettings(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            eos_token_ids=tuple(eos), pad_token_id=pad_token_id if pad_token_id is not None else (eos[0] if eos else 0),
+        )
+        limit = lm.config.max_position_embeddings
+        if T + settings.max_new_tokens > limit:
+            raise ValueError(f"the prompt has {T} tokens and max_new_tokens={settings.max_new_tokens}, together more "
+                             f"than the model's context of {limit}; ask for at most {max(limit - T, 0)} new tokens")
+
+        attention_mask = _mask_or_ones(attention_mask, B, T, device)
+        full_mask = torch.cat((attention_mask, attention_mask.new_ones(B, settings.max_new_tokens)), dim=1)
+        positions = padding_aware_positions(attention_mask)
+        cache = lm.prepare_cache(past_key_values, B, T + settings.max_new_tokens, inputs_embeds) \
+            if past_key_values is not None else KVCache(lm.config, B, T + settings.max_new_tokens, device,
+                                                        inputs_embeds.dtype)
+        past = cache.length
+        if past >= T:
+            raise ValueError(f"past_key_values already holds {past} tokens of this {T}-token prompt: nothing is left "
+                             f"to feed (incremental_prefilling keeps the last prompt token out of the cache)")
+        logits = lm(inputs_embeds=inputs_embeds[:, past:], attention_mask=full_mask[:, :T],
+                    position_ids=positions[:, past:], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]
+
+        history = input_ids.to(device) if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=device)
+        if streamer is not None:
+            streamer.put(history.cpu())
+        next_positions = positions[:, -1] + 1
+        step = eager_step(lm)
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        eos_tensor = torch.tensor(eos, device=device) if eos else None
+        new_tokens, scores_out, logits_out = [], [], []
+        for generated in range(settings.max_new_tokens):
+            scores = process_logits(logits, history, generated, settings)
+            if logits_processor is not None:
+                for processor in logits_processor:
+                    scores = processor(history, scores)
+            if output_scores:
+                scores_out.append(scores)
+            if output_logits:
+                logits_out.append(logits)
+            tokens = choose_next(scores, do_sample, generator)
+            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, settings.pad_token_id))
+            new_tokens.append(tokens)
+            history = torch.cat((history, tokens[:, None]), dim=1)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if eos_tensor is not None:
+                unfinished &= ~torch.isin(tokens, eos_tensor)
+            if stopping_criteria is not None:
+                unfinished &= ~_stop_flags(stopping_criteria, history, scores, B, device)
+            if not bool(unfinished.any()) or generated + 1 == settings.max_new_tokens:
+                break
+            kv_len = T + generated + 1
+            logits = step(tokens, next_positions, full_mask[:, :kv_len], cache)
+            next_positions = next_positions + 1
+        if streamer is not None:
+            streamer.end()
+
+        generated_ids = torch.stack(new_tokens, dim=1) if new_tokens else history.new_empty(B, 0)
+        sequences = torch.cat((input_ids.to(device), generated_ids), dim=1) if input_ids is not None else generated_ids
+        if not return_dict_in_generate:
+            return sequences
+        return GenerateOutput(sequences=sequences, scores=tuple(scores_out) if output_scores else None,
+                              logits=tuple(logits_out) if output_logits else None, past_key_values=cache)
+
+
+def eager_step(lm):
+    """One decode step through the model's ordinary forward: tokens [B] -> next logits [B, V]."""
+    embed = lm.get_input_embeddings()
+
+    def step(tokens, positions, attention_mask, cache):
+        out = lm(inputs_embeds=embed(tokens[:, None]), attention_mask=attention_mask,
+                 position_ids=positions[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    return step
+
+
+def padding_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: cumsum(mask) - 1, padding set to 1 (as transformers)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _mask_or_ones(attention_mask, B, T, device):
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _as_list(ids):
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return ids.flatten().tolist()
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def _stop_flags(criteria, history, scores, B, device) -> torch.Tensor:
+    """Per-row stop flags from transformers-style criteria (returning a bool or a [B] bool tensor)."""
+    flags = torch.zeros(B, dtype=torch.bool, device=device)
+    for criterion in criteria:
+        result = criterion(history, scores)
+        if isinstance(result, torch.Tensor):
+            flags |= result.to(device=device, dtype=torch.bool).reshape(-1).expand(B)
+        elif result:
+            flags[:] = True
+    return flags
