@@ -43,7 +43,6 @@ from .conversation import get_conv_template
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TAG = "<image>"
 GROUNDING_TOKENS = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
 CHAT_ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
 SYSTEM_ROLES = ("system", "deepseekapi-sys")
@@ -172,7 +171,7 @@ class DeepseekVLV2Processor:
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         normalize=True,
-        image_token=IMAGE_TAG,
+        image_token="<image>",
         pad_token="<｜▁pad▁｜>",
         add_special_token=False,
         sft_format="deepseek",
@@ -223,6 +222,7 @@ class DeepseekVLV2Processor:
         the constructor arguments (`overrides` replace them), the tokenizer files the tokenizer."""
         from transformers import PreTrainedTokenizerFast
 
+        path_or_hub_id = os.fspath(path_or_hub_id)
         if os.path.isdir(path_or_hub_id):
             config_path = os.path.join(path_or_hub_id, PROCESSOR_CONFIG_NAME)
         else:
@@ -322,18 +322,19 @@ class DeepseekVLV2Processor:
         user_roles = (user_role, "user")
         assistant_roles = (assistant_role, "assistant")
         cropping = len(pil_images) <= 2
+        tag = self.image_token
 
-        total_tags = sum(str(m["content"]).count(IMAGE_TAG) for m in messages
+        total_tags = sum(str(m["content"]).count(tag) for m in messages
                          if m["role"] in user_roles)
         if total_tags > len(pil_images):
             raise ValueError(
-                f"the conversation has {total_tags} {IMAGE_TAG} tags but {len(pil_images)} "
-                f"images were given; pass one image per {IMAGE_TAG} tag"
+                f"the conversation has {total_tags} {tag} tags but {len(pil_images)} "
+                f"images were given; pass one image per {tag} tag"
             )
         if total_tags < len(pil_images):
             logger.warning("%d images given but only %d %s tags; the extra images are unused "
                            "(they still count for the <= 2 images tiling rule)",
-                           len(pil_images), total_tags, IMAGE_TAG)
+                           len(pil_images), total_tags, tag)
 
         ids, labels, seq_mask = [], [], []
         tiles, spatial_crops, num_image_tokens = [], [], []
@@ -351,7 +352,7 @@ class DeepseekVLV2Processor:
                 conv.append_message(user_role, str(content).strip())
                 conv.append_message(assistant_role, "")
                 text = conv.get_prompt()
-                n_tags = text.count(IMAGE_TAG)
+                n_tags = text.count(tag)
                 turn_images, remaining_images = remaining_images[:n_tags], remaining_images[n_tags:]
                 turn_ids, turn_tiles, turn_mask, turn_crops, turn_counts = self.tokenize_with_images(
                     text, turn_images, bos=False, eos=False, cropping=cropping)
@@ -361,9 +362,9 @@ class DeepseekVLV2Processor:
                 num_image_tokens += turn_counts
             elif role in assistant_roles:
                 answer = content.strip()
-                if IMAGE_TAG in answer:
+                if tag in answer:
                     raise ValueError(
-                        f"message {index} ({role!r}) contains {IMAGE_TAG}; images may only "
+                        f"message {index} ({role!r}) contains {tag}; images may only "
                         "appear in user messages")
                 turn_ids = self.encode(answer, bos=False, eos=True)
                 turn_labels = turn_ids
@@ -418,15 +419,17 @@ class DeepseekVLV2Processor:
         return views, (best_width // size, best_height // size)
 
     def tokenize_with_images(self, text: str, images, bos=True, eos=True, cropping=True):
-        """Tokenize `text`, replacing each `<image>` tag by the image's token block.
+        """Tokenize `text`, replacing each image tag (`image_token`, "<image>") by the image's
+        token block. Text pieces between tags are tokenized separately.
 
         Returns `(ids, tiles, images_seq_mask, spatial_crops, num_image_tokens)` as lists.
         """
-        pieces = text.split(IMAGE_TAG)
+        tag = self.image_token
+        pieces = text.split(tag)
         if len(pieces) - 1 != len(images):
             raise ValueError(
-                f"the text has {len(pieces) - 1} {IMAGE_TAG} tags but {len(images)} images "
-                f"were given; pass one image per {IMAGE_TAG} tag")
+                f"the text has {len(pieces) - 1} {tag} tags but {len(images)} images "
+                f"were given; pass one image per {tag} tag")
 
         ids, seq_mask, tiles, spatial_crops, num_image_tokens = [], [], [], [], []
         for piece, image in zip(pieces, images):
