@@ -1,8 +1,11 @@
 """Self-attention of the decoder: plain multi-head attention (tiny, `use_mla: false`) and
 multi-head latent attention (small and base). Spec: language_model.md §4-§6.
 
-Both read and write the KV cache at absolute positions and take a prepared `AttentionInputs`, so
-that one forward works for prefill, chunked prefill and fixed-shape (CUDA-graph) decode steps.
+Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
+RoPE applied; fixed shapes, so the GPU decode path compiles it) and `attend` (write the new entries
+into this layer's cache tensors at absolute positions, attend over `kv_len` keys). `o_proj` is
+applied by the decoder layer. With a prepared `AttentionInputs` the same code serves prefill,
+chunked prefill and fixed-shape (CUDA-graph) decode steps.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -12,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_deepseek import DeepseekV2Config
-from .kv_cache import KVCache
 from .rms_norm import RMSNorm
-from .rope import RotaryEmbedding, apply_rotary, deinterleave
+from .rope import apply_rotary, deinterleave, rope_for
 
 
 @dataclass
@@ -66,11 +68,11 @@ def causal_mask(seq_len: int, dtype, device) -> torch.Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """Llama-style attention with rotate-half RoPE over the whole head (the tiny release)."""
+    """Llama-style attention with rotate-half RoPE over the whole head (the tiny release).
+    Cache entries: keys (after RoPE) and values, each [B, kv_heads, S, head_dim]."""
 
-    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+    def __init__(self, config: DeepseekV2Config):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -78,9 +80,6 @@ class MultiHeadAttention(nn.Module):
         self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
-        self.rope = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
 
     def checkpoint_keys(self):
         """Official name -> (parameter, index) for the fused q/k/v projection."""
@@ -93,27 +92,31 @@ class MultiHeadAttention(nn.Module):
             start += size
         return keys
 
-    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
+    def project(self, x, cos, sin):
         B, S, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope.lookup(position_ids, x.dtype, seq_len=attn.kv_len)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            keys, values = cache.write(self.layer_idx, attn.cache_positions, k, v)
-            k, v = keys[:, :, : attn.kv_len], values[:, :, : attn.kv_len]
+        return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)
+
+    def attend(self, q, new, attn: AttentionInputs, kv: Optional[tuple]):
+        B, _, S, _ = q.shape
+        k, v = new
+        if kv is not None:
+            for store, value in zip(kv, new):
+                store.index_copy_(2, attn.cache_positions, value.to(store.dtype))
+            k, v = kv[0][:, :, : attn.kv_len], kv[1][:, :, : attn.kv_len]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None and S > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return out.transpose(1, 2).reshape(B, S, -1)
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek-V2 MLA. Keys and values are cached as one low-rank latent per token (c_kv after
-    kv_a_layernorm, plus a rope key shared by all heads).
+    """DeepSeek-V2 MLA. Keys and values are cached as one low-rank latent per token: c_kv after
+    kv_a_layernorm followed by the rope key shared by all heads, [B, S, kv_lora_rank + rope_dim].
 
     Decode (and any CPU call) attends in the absorbed form: queries are mapped into the latent
     space through the key half of kv_b_proj, scores are taken against the cached latents directly,
@@ -121,10 +124,9 @@ class MultiHeadLatentAttention(nn.Module):
     expand the latents to per-head keys and values and use SDPA, which is cheaper for long inputs.
     """
 
-    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+    def __init__(self, config: DeepseekV2Config):
         super().__init__()
         c = config
-        self.layer_idx = layer_idx
         self.num_heads = c.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_rank = c.kv_lora_rank
@@ -139,27 +141,30 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
-        self.rope = RotaryEmbedding(self.rope_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
-        self.softmax_scale = (self.nope_dim + self.rope_dim) ** -0.5 * self.rope.attention_scale
+        self.softmax_scale = (self.nope_dim + self.rope_dim) ** -0.5 * rope_for(c).attention_scale
 
-    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
+    def project(self, x, cos, sin):
         B, S, _ = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
-        cos, sin = self.rope.lookup(position_ids, x.dtype, seq_len=attn.kv_len)
         q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
         k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
-        latent = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)  # [B, S, rank + rope]
-        if cache is not None:
-            (stored,) = cache.write(self.layer_idx, attn.cache_positions, latent)
-            latent = stored[:, : attn.kv_len]
-        if x.is_cuda and S > 1:
+        return (q_nope, q_pe), (torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1),)
+
+    def attend(self, q, new, attn: AttentionInputs, kv: Optional[tuple]):
+        q_nope, q_pe = q
+        (latent,) = new
+        if kv is not None:
+            kv[0].index_copy_(1, attn.cache_positions, latent.to(kv[0].dtype))
+            latent = kv[0][:, : attn.kv_len]
+        if q_nope.is_cuda and q_nope.shape[2] > 1:
             out = self._attend_expanded(q_nope, q_pe, latent, attn)
         else:
             out = self._attend_absorbed(q_nope, q_pe, latent, attn)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_dim))
+        B, H, S, _ = out.shape
+        return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
 
     def _kv_b_halves(self):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
@@ -189,6 +194,5 @@ class MultiHeadLatentAttention(nn.Module):
         )
 
 
-def make_attention(config: DeepseekV2Config, layer_idx: int) -> nn.Module:
-    return MultiHeadLatentAttention(config, layer_idx) if config.use_mla else MultiHeadAttention(config, layer_idx)
-
+def make_attention(config: DeepseekV2Config) -> nn.Module:
+    return MultiHeadLatentAttention(config) if config.use_mla else MultiHeadAttention(config)

@@ -25,6 +25,7 @@ from .generation import GenerationMixin
 from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
 from .rms_norm import RMSNorm
+from .rope import rope_for
 
 DeepseekV2RMSNorm = RMSNorm  # the reference's name
 
@@ -33,15 +34,23 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DeepseekV2Config, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = make_attention(config, layer_idx)
+        self.self_attn = make_attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
             self.mlp = MoE(config)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, position_ids, attn: AttentionInputs, cache: Optional[KVCache]):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, attn, cache)
+    def forward(self, x, rope, attn: AttentionInputs, kv: Optional[tuple]):
+        """x [B, S, h]; rope = (cos, sin) for the new tokens; kv = this layer's cache tensors."""
+        query, new_entries = self.pre_attention(x, *rope)
+        return self.post_attention(x, self.self_attn.attend(query, new_entries, attn, kv))
+
+    def pre_attention(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def post_attention(self, x, context):
+        x = x + self.self_attn.o_proj(context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -53,13 +62,15 @@ class DeepseekV2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = rope_for(config)
 
     def run_layers(self, hidden, position_ids, attn: AttentionInputs, cache: Optional[KVCache], all_hidden=None):
         """The decoder stack on embeddings `hidden` [B, S, h]; returns the final-normed states."""
-        for layer in self.layers:
+        rope = self.rope.lookup(position_ids, hidden.dtype, seq_len=attn.kv_len)
+        for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, position_ids, attn, cache)
+            hidden = layer(hidden, rope, attn, cache.layers[i] if cache is not None else None)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)

@@ -73,6 +73,12 @@ class RotaryEmbedding:
         return cos[position_ids].to(dtype), sin[position_ids].to(dtype)
 
 
+def rope_for(config) -> RotaryEmbedding:
+    """The one rotary table of a decoder: over qk_rope_head_dim for MLA, the whole head for MHA."""
+    dim = config.qk_rope_head_dim if config.use_mla else config.hidden_size // config.num_attention_heads
+    return RotaryEmbedding(dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
