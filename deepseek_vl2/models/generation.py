@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 from transformers.utils import ModelOutput
 
+from .fast_decode import decoder_for
 from .kv_cache import KVCache
 from .sampling import SamplingSettings, choose_next, process_logits
 
@@ -121,9 +122,16 @@ class GenerationMixin:
         attention_mask = _mask_or_ones(attention_mask, B, T, device)
         full_mask = torch.cat((attention_mask, attention_mask.new_ones(B, settings.max_new_tokens)), dim=1)
         positions = padding_aware_positions(attention_mask)
-        cache = lm.prepare_cache(past_key_values, B, T + settings.max_new_tokens, inputs_embeds) \
-            if past_key_values is not None else KVCache(lm.config, B, T + settings.max_new_tokens, device,
-                                                        inputs_embeds.dtype)
+        given = None
+        if past_key_values is not None:
+            given = lm.prepare_cache(past_key_values, B, T + settings.max_new_tokens, inputs_embeds)
+        decoder = None
+        if device.type == "cuda" and lm.cuda_graphs and settings.max_new_tokens > 1:
+            decoder = decoder_for(lm, B)
+            cache = decoder.start(full_mask, given)
+        else:
+            cache = given if given is not None else KVCache(lm.config, B, T + settings.max_new_tokens, device,
+                                                            inputs_embeds.dtype)
         past = cache.length
         if past >= T:
             raise ValueError(f"past_key_values already holds {past} tokens of this {T}-token prompt: nothing is left "
@@ -131,16 +139,23 @@ class GenerationMixin:
         logits = lm(inputs_embeds=inputs_embeds[:, past:], attention_mask=full_mask[:, :T],
                     position_ids=positions[:, past:], past_key_values=cache, use_cache=True,
                     logits_to_keep=1).logits[:, -1]
+        step = decoder.step if decoder is not None else eager_step(lm, full_mask, cache)
 
-        history = input_ids.to(device) if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=device)
+        # the prompt ids (if given) then the new tokens; the repetition penalty and stopping
+        # criteria see this history, as transformers' generate does
+        prompt_len = T if input_ids is not None else 0
+        sequence = torch.empty(B, prompt_len + settings.max_new_tokens, dtype=torch.long, device=device)
+        if input_ids is not None:
+            sequence[:, :T] = input_ids
         if streamer is not None:
-            streamer.put(history.cpu())
+            streamer.put(sequence[:, :prompt_len].cpu())
         next_positions = positions[:, -1] + 1
-        step = eager_step(lm)
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         eos_tensor = torch.tensor(eos, device=device) if eos else None
-        new_tokens, scores_out, logits_out = [], [], []
-        for generated in range(settings.max_new_tokens):
+        scores_out, logits_out = [], []
+        generated = 0
+        while generated < settings.max_new_tokens:
+            history = sequence[:, : prompt_len + generated]
             scores = process_logits(logits, history, generated, settings)
             if logits_processor is not None:
                 for processor in logits_processor:
@@ -151,36 +166,37 @@ class GenerationMixin:
                 logits_out.append(logits)
             tokens = choose_next(scores, do_sample, generator)
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, settings.pad_token_id))
-            new_tokens.append(tokens)
-            history = torch.cat((history, tokens[:, None]), dim=1)
+            sequence[:, prompt_len + generated] = tokens
+            generated += 1
             if streamer is not None:
                 streamer.put(tokens.cpu())
             if eos_tensor is not None:
                 unfinished &= ~torch.isin(tokens, eos_tensor)
             if stopping_criteria is not None:
-                unfinished &= ~_stop_flags(stopping_criteria, history, scores, B, device)
-            if not bool(unfinished.any()) or generated + 1 == settings.max_new_tokens:
+                unfinished &= ~_stop_flags(stopping_criteria, sequence[:, : prompt_len + generated], scores, B,
+                                           device)
+            if generated == settings.max_new_tokens or not bool(unfinished.any()):
                 break
-            kv_len = T + generated + 1
-            logits = step(tokens, next_positions, full_mask[:, :kv_len], cache)
+            logits = step(tokens, next_positions, T + generated - 1)
             next_positions = next_positions + 1
         if streamer is not None:
             streamer.end()
 
-        generated_ids = torch.stack(new_tokens, dim=1) if new_tokens else history.new_empty(B, 0)
-        sequences = torch.cat((input_ids.to(device), generated_ids), dim=1) if input_ids is not None else generated_ids
+        sequences = sequence[:, : prompt_len + generated]
         if not return_dict_in_generate:
             return sequences
+        if decoder is not None:  # the static cache is reused by the next call: hand out a copy
+            cache = KVCache.from_legacy(tuple(cache), lm.config)
         return GenerateOutput(sequences=sequences, scores=tuple(scores_out) if output_scores else None,
                               logits=tuple(logits_out) if output_logits else None, past_key_values=cache)
 
 
-def eager_step(lm):
-    """One decode step through the model's ordinary forward: tokens [B] -> next logits [B, V]."""
+def eager_step(lm, attention_mask, cache):
+    """A decode step through the model's ordinary forward: tokens [B] -> next logits [B, V]."""
     embed = lm.get_input_embeddings()
 
-    def step(tokens, positions, attention_mask, cache):
-        out = lm(inputs_embeds=embed(tokens[:, None]), attention_mask=attention_mask,
+    def step(tokens, positions, slot):
+        out = lm(inputs_embeds=embed(tokens[:, None]), attention_mask=attention_mask[:, : slot + 1],
                  position_ids=positions[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 

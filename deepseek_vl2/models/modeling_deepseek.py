@@ -78,6 +78,8 @@ class DeepseekV2Model(nn.Module):
 
 
 class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
+    cuda_graphs = True  # generate on CUDA decodes with CUDA graphs (fast_decode.py); False: plain kernels
+
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
         self.config = config

@@ -1,0 +1,236 @@
+"""Benchmark DeepSeek-VL2 inference at the real tiny / small / base shapes on one CUDA GPU.
+
+    python benchmarks/bench.py --variants tiny small base --json results.json
+
+Each model is built with random bf16 weights directly on the GPU (no download, no fp32 copy)
+from the release's config.json. The prompt is what the real processor makes of a 1024x1024
+image (3x3 tiles + global view: 2017 image tokens) and a ~32-token question, 2054 tokens in all
+(the tokenizer is the offline one; the released vocabulary size is kept). Timings use CUDA
+synchronisation after warm-up and report the median of repeats:
+
+  processor      the processor on the CPU (PIL tiling, tokenisation)
+  vision         prepare_inputs_embeds: SigLIP tower + projector on 10 tiles, merge
+  prefill        the decoder over the 2054 prompt embeddings, logits of the last position
+  ttft           vision + prefill + picking the first token
+  decode bN      greedy decode of N new tokens at batch N (aggregate tokens/s over all rows)
+  peak           torch.cuda.max_memory_allocated over a batch-1 vision + generate run
+  roofline       batch-1 decode tokens/s if every step only moved the active weights and the
+                 KV cache once at the device-to-device copy bandwidth measured here
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
+from deepseek_vl2.models.kv_cache import KVCache  # noqa: E402
+from deepseek_vl2.models.random_init import init_random_weights  # noqa: E402
+from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
+
+CONFIGS = REPO / "tests" / "fixtures" / "real_shapes"
+QUESTION = "Describe everything you can see in this picture: the objects, their colours and the whole scene."
+
+
+def timed(fn, repeats=5, warmup=2):
+    """Median seconds of `fn()` with CUDA synchronisation around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), repeats=20, warmup=3)
+    return 2 * src.numel() / seconds
+
+
+def build_model(variant: str) -> DeepseekVLV2ForCausalLM:
+    config = DeepseekVLV2Config.from_pretrained(str(CONFIGS / variant))
+    with torch.device("meta"):
+        model = DeepseekVLV2ForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    return init_random_weights(model, seed=0).eval()
+
+
+def make_prompt(processor):
+    from PIL import Image
+
+    image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
+    conversation = [{"role": "<|User|>", "content": "<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
+    return conversation, [image]
+
+
+def active_decode_bytes(model, context: int, batch: int) -> float:
+    """Bytes one decode step must read: the weights the batch activates plus its KV cache."""
+    lm = model.language
+    c = lm.config
+    per_param = torch.finfo(lm.dtype).bits // 8
+    total = 0
+    for layer in lm.model.layers:
+        total += sum(p.numel() for p in layer.self_attn.parameters())
+        total += layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            E, k = c.n_routed_experts, c.num_experts_per_tok
+            distinct = E * (1 - (1 - k / E) ** batch)  # expected experts hit by `batch` tokens
+            per_expert = mlp.experts.gate_up_proj[0].numel() + mlp.experts.down_proj[0].numel()
+            total += distinct * per_expert + mlp.gate.weight.numel()
+            if mlp.shared_experts is not None:
+                total += sum(p.numel() for p in mlp.shared_experts.parameters())
+        else:
+            total += sum(p.numel() for p in mlp.parameters())
+    total += lm.lm_head.weight.numel() + lm.model.norm.weight.numel()
+    if c.use_mla:
+        kv_per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+    else:
+        kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    return (total + batch * context * kv_per_token) * per_param
+
+
+class StepClock:
+    """Streamer that timestamps every generated token (put/end protocol)."""
+
+    def __init__(self):
+        self.times = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int) -> float:
+    embeds = embeds.expand(batch, -1, -1).contiguous()
+    mask = mask.expand(batch, -1).contiguous()
+    rates = []
+    for i in range(repeats + 1):  # the first run captures graphs / compiles
+        clock = StepClock()
+        model.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+        if i:
+            rates.append(batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    return statistics.median(rates)
+
+
+def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    model = build_model(variant)
+    build_s = time.perf_counter() - started
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    conversation, images = make_prompt(processor)
+    processor_s = statistics.median(
+        [timed_cpu(lambda: processor(conversations=conversation, images=images, force_batchify=True))
+         for _ in range(5)])
+    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
+    T = batch.input_ids.shape[1]
+    lm = model.language
+    with torch.inference_mode():
+        vision_s = timed(lambda: model.prepare_inputs_embeds(**batch))
+        embeds = model.prepare_inputs_embeds(**batch)
+        positions = torch.arange(T, device="cuda")[None]
+
+        def prefill():
+            cache = KVCache(lm.config, 1, T, "cuda", lm.dtype)
+            return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+                      past_key_values=cache, logits_to_keep=1).logits
+
+        prefill_s = timed(prefill)
+        ttft_s = timed(lambda: prefill_after_vision(model, batch, positions).argmax(-1).item())
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        e = model.prepare_inputs_embeds(**batch)
+        lm.generate(inputs_embeds=e, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    rates = {}
+    for b in batches:
+        rates[b] = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats)
+        lm.__dict__.pop("_static_decoders", None)  # free this batch size's static cache
+        torch.cuda.empty_cache()
+    roofline = bandwidth / active_decode_bytes(model, T + new_tokens // 2, 1)
+    result = dict(variant=variant, prompt_tokens=T, tiles=int(batch.images.shape[1]), build_s=build_s,
+                  weights_gib=weights_gib, processor_ms=processor_s * 1e3, vision_ms=vision_s * 1e3,
+                  prefill_ms=prefill_s * 1e3, ttft_ms=ttft_s * 1e3, peak_gib=peak_gib,
+                  decode_tok_s={str(b): r for b, r in rates.items()}, roofline_b1_tok_s=roofline,
+                  roofline_b1_pct=100 * rates.get(1, float("nan")) / roofline)
+    del model, lm
+    torch.cuda.empty_cache()
+    return result
+
+
+def prefill_after_vision(model, batch, positions):
+    lm = model.language
+    embeds = model.prepare_inputs_embeds(**batch)
+    cache = KVCache(lm.config, 1, embeds.shape[1], "cuda", lm.dtype)
+    return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+              past_key_values=cache, logits_to_keep=1).logits[:, -1]
+
+
+def timed_cpu(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["tiny", "small", "base"], choices=["tiny", "small", "base"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.py needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    bandwidth = copy_bandwidth()
+    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  copy_bandwidth_tb_s=bandwidth / 1e12, new_tokens=args.new_tokens, command=" ".join(sys.argv))
+    print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+    results = []
+    for variant in args.variants:
+        r = bench_variant(variant, processor, args.batches, args.new_tokens, args.repeats, bandwidth)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    cols = ["variant", "prompt", "processor ms", "vision ms", "prefill ms", "ttft ms"] + \
+        [f"decode b{b} tok/s" for b in args.batches] + ["% roofline b1", "peak GiB"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        row = [r["variant"], str(r["prompt_tokens"]), f"{r['processor_ms']:.0f}", f"{r['vision_ms']:.1f}",
+               f"{r['prefill_ms']:.1f}", f"{r['ttft_ms']:.1f}"] + \
+            [f"{r['decode_tok_s'][str(b)]:.0f}" for b in args.batches] + \
+            [f"{r['roofline_b1_pct']:.0f}% of {r['roofline_b1_tok_s']:.0f}", f"{r['peak_gib']:.1f}"]
+        print("| " + " | ".join(row) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
