@@ -12,7 +12,8 @@ synchronisation after warm-up and report the median of repeats:
   vision         prepare_inputs_embeds: SigLIP tower + projector on 10 tiles, merge
   prefill        the decoder over the 2054 prompt embeddings, logits of the last position
   ttft           vision + prefill + picking the first token
-  decode bN      greedy decode of N new tokens at batch N (aggregate tokens/s over all rows)
+  decode bN      greedy decoding at batch N: tokens/s over all rows, from generate(128 new tokens)
+                 minus generate(1 new token), so host work per step is included
   peak           torch.cuda.max_memory_allocated over a batch-1 vision + generate run
   roofline       batch-1 decode tokens/s if every step only moved the active weights and the
                  KV cache once at the device-to-device copy bandwidth measured here
@@ -69,11 +70,19 @@ def build_model(variant: str) -> DeepseekVLV2ForCausalLM:
     return init_random_weights(model, seed=0).eval()
 
 
-def make_prompt(processor):
+def make_prompt(processor, total_tokens: int = 2054):
+    """A 1024x1024 image and QUESTION, trimmed or padded with words to `total_tokens` prompt tokens."""
     from PIL import Image
 
     image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
-    conversation = [{"role": "<|User|>", "content": "<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
+    words = QUESTION.split()
+    for _ in range(40):
+        conversation = [{"role": "<|User|>", "content": "<image>\n" + " ".join(words)},
+                        {"role": "<|Assistant|>", "content": ""}]
+        n = processor(conversations=conversation, images=[image], force_batchify=True).input_ids.shape[1]
+        if n == total_tokens:
+            break
+        words = words[:-1] if n > total_tokens else words + ["please"]
     return conversation, [image]
 
 
@@ -104,34 +113,19 @@ def active_decode_bytes(model, context: int, batch: int) -> float:
     return (total + batch * context * kv_per_token) * per_param
 
 
-class StepClock:
-    """Streamer that timestamps every generated token (put/end protocol)."""
-
-    def __init__(self):
-        self.times = []
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int) -> float:
+    """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 1 token) is the time
+    of new_tokens - 1 decode steps, host loop included."""
     embeds = embeds.expand(batch, -1, -1).contiguous()
     mask = mask.expand(batch, -1).contiguous()
-    rates = []
-    for i in range(repeats + 1):  # the first run captures graphs / compiles
-        clock = StepClock()
-        model.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, streamer=clock)
-        if i:
-            rates.append(batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    return statistics.median(rates)
+
+    def run(n):
+        return lambda: model.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n,
+                                               min_new_tokens=n, do_sample=False)
+
+    full = timed(run(new_tokens), repeats=repeats, warmup=1)
+    first = timed(run(1), repeats=repeats, warmup=1)
+    return batch * (new_tokens - 1) / (full - first)
 
 
 def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):

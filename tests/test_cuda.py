@@ -29,16 +29,20 @@ def greedy(lm, embeds, mask, n, graphs):
         lm.cuda_graphs = True
 
 
-def assert_same_or_near_tie(fast, plain, tolerance):
-    """Fast-path tokens equal the plain path's, or first differ where the plain path's top-2
-    logits are within `tolerance` (a near-tie that bf16 rounding may flip)."""
+def assert_same_or_near_tie(fast, plain):
+    """Fast-path tokens equal the plain path's, or first differ at a near-tie: a step whose plain-path
+    top-2 margin is within twice the numerical noise between the two paths, measured as the largest
+    logit difference over the steps before (same tokens so far, so any difference is rounding)."""
     for row in range(plain.sequences.shape[0]):
         i = first_divergence(fast.sequences[row], plain.sequences[row])
         if i is None:
             continue
+        noise = max((fast.scores[s][row].float() - plain.scores[s][row].float()).abs().max().item()
+                    for s in range(i + 1))
         top = plain.scores[i][row].float().topk(2).values
         margin = (top[0] - top[1]).item()
-        assert margin <= tolerance, f"row {row} differs at step {i} with plain-path margin {margin:.4f}"
+        print(f"row {row}: first difference at step {i}, plain margin {margin:.3f}, path noise {noise:.3f}")
+        assert margin <= 2 * noise, f"row {row} differs at step {i}: margin {margin:.4f} > 2 x noise {noise:.4f}"
 
 
 @pytest.mark.parametrize("name", SINGLE_CASES)
@@ -66,7 +70,7 @@ def test_fast_path_matches_plain_path_on_fixtures(name):
     fast = greedy(model.language, embeds, mask, 64, graphs=True)
     plain = greedy(model.language, embeds, mask, 64, graphs=False)
     assert fast.sequences.shape == plain.sequences.shape == (1, 64)
-    assert_same_or_near_tie(fast, plain, tolerance=0.25)
+    assert_same_or_near_tie(fast, plain)
 
 
 def test_fast_path_left_padded_batch_rows_match_single_rows():
@@ -79,10 +83,9 @@ def test_fast_path_left_padded_batch_rows_match_single_rows():
     for row in range(ids.shape[0]):
         keep = mask[row]
         single = greedy(model.language, embeds[row : row + 1, keep], mask[row : row + 1, keep], 32, graphs=True)
-        i = first_divergence(batch.sequences[row], single.sequences[0])
-        if i is not None:
-            top = single.scores[i][0].float().topk(2).values
-            assert (top[0] - top[1]).item() <= 0.25, f"row {row} differs from its single run at step {i}"
+        row_out = type(batch)(sequences=batch.sequences[row : row + 1],
+                              scores=tuple(s[row : row + 1] for s in batch.scores))
+        assert_same_or_near_tie(row_out, single)
 
 
 @pytest.fixture(scope="module")
@@ -121,4 +124,4 @@ def test_real_small_shapes_on_a_1024_image(real_small, tmp_path):
     assert logits.shape == (1, 1, 129280) and torch.isfinite(logits).all()
     fast = greedy(real_small.language, embeds, batch.attention_mask, 64, graphs=True)
     plain = greedy(real_small.language, embeds, batch.attention_mask, 64, graphs=False)
-    assert_same_or_near_tie(fast, plain, tolerance=0.25)
+    assert_same_or_near_tie(fast, plain)

@@ -17,6 +17,7 @@ from torch import nn
 from .configuration_deepseek import DeepseekV2Config
 from .rms_norm import RMSNorm
 from .rope import apply_rotary, deinterleave, rope_for
+from .triton_decode import linear
 
 
 @dataclass
@@ -94,7 +95,7 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = linear(x, self.qkv_proj).split(self.split_sizes, dim=-1)
         q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -145,10 +146,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if hasattr(self, "q_proj"):
+            q = linear(x, self.q_proj)
+        else:
+            q = linear(self.q_a_layernorm(linear(x, self.q_a_proj)), self.q_b_proj)
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
+        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa).split((self.kv_rank, self.rope_dim), dim=-1)
         q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
         k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
         return (q_nope, q_pe), (torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1),)

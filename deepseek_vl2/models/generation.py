@@ -22,6 +22,7 @@ from .fast_decode import decoder_for
 from .kv_cache import KVCache
 from .sampling import SamplingSettings, choose_next, process_logits
 
+SYNC_EVERY = 8  # decode steps between host reads of "is any row still generating"
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "assistant_model": None}
 IGNORED = ("output_attentions", "output_hidden_states", "synced_gpus", "position_ids", "cache_position",
            "num_logits_to_keep", "logits_to_keep", "return_legacy_cache", "tokenizer")
@@ -153,8 +154,13 @@ class GenerationMixin:
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         eos_tensor = torch.tensor(eos, device=device) if eos else None
         scores_out, logits_out = [], []
+        # Whether any row is still going after each step, kept on the device: reading it costs a
+        # host synchronisation, so it is read every SYNC_EVERY steps (every step when streaming)
+        # and the CPU meanwhile queues the next steps. Steps past the end are cut off below.
+        alive = []
+        sync_every = 1 if streamer is not None else SYNC_EVERY
         generated = 0
-        while generated < settings.max_new_tokens:
+        while True:
             history = sequence[:, : prompt_len + generated]
             scores = process_logits(logits, history, generated, settings)
             if logits_processor is not None:
@@ -165,7 +171,7 @@ class GenerationMixin:
             if output_logits:
                 logits_out.append(logits)
             tokens = choose_next(scores, do_sample, generator)
-            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, settings.pad_token_id))
+            tokens = torch.where(unfinished, tokens, settings.pad_token_id)
             sequence[:, prompt_len + generated] = tokens
             generated += 1
             if streamer is not None:
@@ -175,10 +181,17 @@ class GenerationMixin:
             if stopping_criteria is not None:
                 unfinished &= ~_stop_flags(stopping_criteria, sequence[:, : prompt_len + generated], scores, B,
                                            device)
-            if generated == settings.max_new_tokens or not bool(unfinished.any()):
+            alive.append(unfinished.any())
+            if generated == settings.max_new_tokens:
+                break
+            if generated % sync_every == 0 and not all(torch.stack(alive[-sync_every:]).tolist()):
                 break
             logits = step(tokens, next_positions, T + generated - 1)
             next_positions = next_positions + 1
+        flags = torch.stack(alive).tolist()
+        if False in flags:  # generation ended when no row was left going
+            generated = flags.index(False) + 1
+            scores_out, logits_out = scores_out[:generated], logits_out[:generated]
         if streamer is not None:
             streamer.end()
 

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_decode
 from .configuration_deepseek import DeepseekV2Config
+from .triton_decode import linear, silu_mul_linear
 
 
 class GatedMLP(nn.Module):
@@ -29,8 +31,7 @@ class GatedMLP(nn.Module):
         }
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(silu_mul_linear(x, self.gate_up_proj), self.down_proj)
 
 
 class Router(nn.Module):
@@ -51,6 +52,10 @@ class Router(nn.Module):
 
     def forward(self, x):
         """x [N, h] -> expert ids [N, k] (int64) and weights [N, k] (float32)."""
+        if self._fused_kernel_applies(x):
+            bias = getattr(self, "e_score_correction_bias", None)
+            return triton_decode.route(x, self.weight, bias, self.top_k, self.scoring == "sigmoid",
+                                       self.top_k > 1 and self.normalize, float(self.scale))
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":
@@ -70,6 +75,11 @@ class Router(nn.Module):
         if self.top_k > 1 and self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * self.scale
+
+    def _fused_kernel_applies(self, x) -> bool:
+        """The one-kernel router covers decode-sized CUDA inputs without group limits."""
+        one_group = self.method == "greedy" or self.n_group == 1
+        return one_group and not self.training and triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_ROWS)
 
     def _keep_top_groups(self, scores, group_scores):
         """Zero (not -inf, as the reference) the scores of experts outside the best groups."""
@@ -102,6 +112,10 @@ class RoutedExperts(nn.Module):
         Expert outputs are combined in float32, as the reference does."""
         N, k = ids.shape
         flat_ids = ids.flatten()
+        if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_ROWS // k):
+            act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
+            out = triton_decode.gemv(act, self.down_proj, flat_ids, 1, False)
+            return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         order = flat_ids.argsort(stable=True)
         rows = x[order // k]
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
@@ -115,8 +129,7 @@ class RoutedExperts(nn.Module):
             out_sorted = self._per_expert(rows, ends)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted
-        combined = (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
-        return combined.to(x.dtype)
+        return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
     def _per_expert(self, rows, ends):
         """Fallback for a torch without grouped GEMM on this device: one expert at a time (this

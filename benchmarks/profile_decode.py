@@ -1,0 +1,72 @@
+"""Profile one decode step of the GPU fast path at the real shapes (random weights).
+
+    python benchmarks/profile_decode.py --variant tiny --batch 1
+
+Prints the wall time of a replayed step, the GPU kernel time inside it (so the rest is launch
+gaps and idle), the host-side time of a whole generate step, and the kernels that cost most.
+"""
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import build_model
+from deepseek_vl2.models.fast_decode import decoder_for
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=2054)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=18)
+    args = parser.parse_args()
+    model = build_model(args.variant)
+    lm = model.language
+    B, T = args.batch, args.context
+    with torch.inference_mode():
+        decoder = decoder_for(lm, B)
+        mask = torch.ones(B, T + 256, dtype=torch.bool, device="cuda")
+        cache = decoder.start(mask)
+        embeds = torch.randn(B, T, lm.config.hidden_size, device="cuda", dtype=lm.dtype) * 0.02
+        positions = torch.arange(T, device="cuda").expand(B, T)
+        lm(inputs_embeds=embeds, attention_mask=mask[:, :T], position_ids=positions, past_key_values=cache,
+           logits_to_keep=1)
+        tokens = torch.zeros(B, dtype=torch.long, device="cuda")
+        pos = torch.full((B,), T, device="cuda")
+        for i in range(3):  # capture + warm-up
+            decoder.step(tokens, pos, T + i)
+        torch.cuda.synchronize()
+        walls = []
+        for i in range(args.steps):
+            start = time.perf_counter()
+            decoder.step(tokens, pos, T + 3 + i)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for i in range(args.steps):
+                decoder.step(tokens, pos, T + 3 + i)
+            torch.cuda.synchronize()
+    kernels = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels[event.name]
+            entry[0] += event.device_time_total
+            entry[1] += 1
+    kernel_us = sum(v[0] for v in kernels.values()) / args.steps
+    launches = sum(v[1] for v in kernels.values()) / args.steps
+    wall_us = statistics.median(walls) * 1e6
+    print(f"{args.variant} batch {B} context {T}: step wall {wall_us:.0f} us (synchronised, median), "
+          f"GPU kernel time {kernel_us:.0f} us in {launches:.0f} kernels, "
+          f"gaps/idle {wall_us - kernel_us:.0f} us ({100 * (1 - kernel_us / wall_us):.0f}%)")
+    print(f"{'us/step':>9} {'n/step':>7}  kernel")
+    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{total / args.steps:9.1f} {count / args.steps:7.1f}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Triton kernels for decode-sized work on CUDA: a few token rows times large weights.
+
+At decode time every projection is a matrix-vector product, bound by reading the weights. For
+such shapes cuBLAS picks tiles that occupy few SMs, and the MoE block pays for sorting tokens by
+expert before a grouped GEMM. These kernels spread each weight over many programs instead:
+
+  gemv     out[a] = W[e(a)] @ x[row(a)], one program per (output block, row a); with `ids` the
+           weight is the expert `ids[a]` of a stacked [E, N, K] tensor (no sorting, each selected
+           expert read once per token), with `silu_mul` the rows [0, N) and [N, 2N) are the gate
+           and up halves and the output is silu(gate) * up, rounded like the bf16 reference ops.
+  route    the MoE router for one token per program: float32 logits, softmax or sigmoid,
+           optional correction bias for the choice, top-k by repeated argmax, renormalisation
+           and scaling (topk_method greedy, or the n_group == 1 forms of the others).
+
+They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
+`decode_sized(x)` says when to use them; everything else uses the plain PyTorch ops.
+"""
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the callers never get here without CUDA
+    triton = None
+
+MAX_ROWS = 4  # token rows up to which gemv beats cuBLAS for plain projections
+MAX_EXPERT_ROWS = 64  # (token, expert) pairs up to which the gemv MoE path beats sort + grouped GEMM
+
+
+def decode_sized(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() // x.shape[-1] <= max_rows)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_we, stride_wn, stride_out,
+                     HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        row = a // rows_per_id
+        w_base = w_ptr
+        if HAS_IDS:
+            w_base = w_ptr + tl.load(ids_ptr + a).to(tl.int64) * stride_we
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            tile_mask = n_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=tile_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if SILU_MUL:
+                w_up = tl.load(w_base + (offs_n[:, None] + N) * stride_wn + offs_k[None, :], mask=tile_mask, other=0.0)
+                acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+        out_type = out_ptr.dtype.element_ty
+        if SILU_MUL:  # round where the reference's bf16 ops round: gate, up, silu(gate), product
+            gate = acc.to(out_type).to(tl.float32)
+            up = acc_up.to(out_type).to(tl.float32)
+            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+        else:
+            result = acc
+        tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
+
+    @triton.jit
+    def _route_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, weights_ptr, H, n_experts, stride_x, scale,
+                      TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0)
+        offs_e = tl.arange(0, BLOCK_E)
+        e_mask = offs_e < n_experts
+        logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            x = tl.load(x_ptr + t * stride_x + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_e[:, None] * H + offs_h[None, :], mask=e_mask[:, None] & h_mask[None, :],
+                        other=0.0)
+            logits += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if SIGMOID:
+            scores = tl.sigmoid(logits)
+        else:
+            logits = tl.where(e_mask, logits, float("-inf"))
+            exp = tl.exp(logits - tl.max(logits, axis=0))
+            scores = exp / tl.sum(exp, axis=0)
+        choice = scores
+        if HAS_BIAS:
+            choice = scores + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)
+        choice = tl.where(e_mask, choice, float("-inf"))
+        total = 0.0
+        for i in tl.static_range(TOP_K):
+            best = tl.argmax(choice, axis=0)
+            total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
+            choice = tl.where(offs_e == best, float("-inf"), choice)
+        denominator = 1.0
+        if NORMALIZE:
+            denominator = total + 1e-20
+        choice = scores  # second pass: the same picks, now storing them with their final weights
+        if HAS_BIAS:
+            choice = scores + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)
+        choice = tl.where(e_mask, choice, float("-inf"))
+        for i in tl.static_range(TOP_K):
+            best = tl.argmax(choice, axis=0)
+            weight = tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
+            tl.store(ids_ptr + t * TOP_K + i, best.to(tl.int64))
+            tl.store(weights_ptr + t * TOP_K + i, weight / denominator * scale)
+            choice = tl.where(offs_e == best, float("-inf"), choice)
+
+    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=None, num_warps=4):
+        N = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
+        K = weight.shape[-1]
+        rows = ids.numel() if ids is not None else x.shape[0]
+        out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
+        block_n = block_n or (16 if N * rows >= 4096 else 8)
+        block_k = block_k or (256 if K <= 2048 else 512)
+        grid = (triton.cdiv(N, block_n), rows)
+        _gemv_kernel[grid](x, weight, ids if ids is not None else x, out, N, K, rows_per_id, x.stride(0),
+                           weight.stride(0) if ids is not None else 0, weight.stride(-2), out.stride(0),
+                           HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
+                           num_warps=num_warps)
+        return out
+
+    @torch.library.custom_op("deepseek_vl2::gemv", mutates_args=())
+    def gemv(x: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], rows_per_id: int,
+             silu_mul: bool) -> torch.Tensor:
+        return _gemv_launch(x.contiguous(), weight, ids, rows_per_id, silu_mul)
+
+    @gemv.register_fake
+    def _(x, weight, ids, rows_per_id, silu_mul):
+        rows = ids.numel() if ids is not None else x.shape[0]
+        n = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
+        return x.new_empty(rows, n)
+
+    @torch.library.custom_op("deepseek_vl2::route", mutates_args=())
+    def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
+              normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.contiguous()
+        T, H = x.shape
+        E = weight.shape[0]
+        ids = torch.empty(T, top_k, device=x.device, dtype=torch.long)
+        weights = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
+        _route_kernel[(T,)](x, weight, bias if bias is not None else weight, ids, weights, H, E, x.stride(0), scale,
+                            TOP_K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
+                            BLOCK_E=triton.next_power_of_2(E), BLOCK_H=64 if E > 64 else 128, num_warps=4)
+        return ids, weights
+
+    @route.register_fake
+    def _(x, weight, bias, top_k, sigmoid, normalize, scale):
+        return (torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.long),
+                torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.float32))
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """`layer(x)`, through gemv for decode-sized inputs."""
+    if layer.bias is not None or not decode_sized(x):
+        return layer(x)
+    flat = x.reshape(-1, x.shape[-1])
+    return gemv(flat, layer.weight, None, 1, False).view(*x.shape[:-1], -1)
+
+
+def silu_mul_linear(x: torch.Tensor, gate_up: torch.nn.Linear) -> torch.Tensor:
+    """silu(gate) * up for a fused [2I, h] gate/up projection."""
+    if decode_sized(x):
+        flat = x.reshape(-1, x.shape[-1])
+        return gemv(flat, gate_up.weight, None, 1, True).view(*x.shape[:-1], -1)
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
