@@ -17,7 +17,6 @@ from torch import nn
 from .configuration_deepseek import DeepseekV2Config
 from .rms_norm import RMSNorm
 from .rope import apply_rotary, deinterleave, rope_for
-from .triton_decode import linear
 
 
 @dataclass
@@ -70,7 +69,7 @@ def causal_mask(seq_len: int, dtype, device) -> torch.Tensor:
 
 class MultiHeadAttention(nn.Module):
     """Llama-style attention with rotate-half RoPE over the whole head (the tiny release).
-    Cache entries: keys (after RoPE) and values, each [B, kv_heads, S, head_dim]."""
+    Cache entries: keys (after RoPE) and values stacked, [B, 2, kv_heads, S, head_dim]."""
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
@@ -95,19 +94,19 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape
-        q, k, v = linear(x, self.qkv_proj).split(self.split_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)
+        return apply_rotary(q, cos, sin), (torch.stack((apply_rotary(k, cos, sin), v), dim=1),)
 
     def attend(self, q, new, attn: AttentionInputs, kv: Optional[tuple]):
         B, _, S, _ = q.shape
-        k, v = new
+        (keys_values,) = new
         if kv is not None:
-            for store, value in zip(kv, new):
-                store.index_copy_(2, attn.cache_positions, value.to(store.dtype))
-            k, v = kv[0][:, :, : attn.kv_len], kv[1][:, :, : attn.kv_len]
+            kv[0].index_copy_(3, attn.cache_positions, keys_values.to(kv[0].dtype))
+            keys_values = kv[0][:, :, :, : attn.kv_len]
+        k, v = keys_values[:, 0], keys_values[:, 1]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -146,13 +145,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = linear(x, self.q_proj)
-        else:
-            q = linear(self.q_a_layernorm(linear(x, self.q_a_proj)), self.q_b_proj)
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
-        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa).split((self.kv_rank, self.rope_dim), dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
         q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
         k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
         return (q_nope, q_pe), (torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1),)

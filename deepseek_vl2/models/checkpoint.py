@@ -4,7 +4,9 @@ The official format is safetensors (one `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) with one tensor per official key, e.g.
 `language.model.layers.3.mlp.experts.17.up_proj.weight`. Some of this library's parameters fuse or
 stack several official tensors (q/k/v, gate/up, all experts of a layer); a module that does so
-says how through `checkpoint_keys()`: official name suffix -> (its parameter, index into it).
+says how through `checkpoint_keys()`: official name suffix -> (its parameter, index into it), or
+(parameter, index, dims, official shape) when the official tensor is that slice permuted by
+`dims` and reshaped (the shared experts, stored as extra experts).
 `checkpoint_layout(model)` collects that into one map for the whole model, and loading is then
 nanoGPT-strict: every official key of the model must be present exactly once with its shape, and
 nothing else may be in the files.
@@ -27,7 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
-Layout = Dict[str, Tuple[str, tuple]]  # official name -> (parameter name, index into it)
+Layout = Dict[str, tuple]  # official name -> (parameter name, index[, dims, official shape])
 
 
 class CheckpointError(ValueError):
@@ -40,8 +42,8 @@ def checkpoint_layout(model: nn.Module) -> Layout:
     for module_name, module in model.named_modules():
         if hasattr(module, "checkpoint_keys"):
             prefix = f"{module_name}." if module_name else ""
-            for official, (param, index) in module.checkpoint_keys().items():
-                layout[prefix + official] = (prefix + param, index)
+            for official, (param, *where) in module.checkpoint_keys().items():
+                layout[prefix + official] = (prefix + param, *where)
                 claimed.add(prefix + param)
     for name, _ in model.named_parameters():
         if name not in claimed:
@@ -52,7 +54,27 @@ def checkpoint_layout(model: nn.Module) -> Layout:
 def official_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
     """Official tensor name -> shape (works on a model on the meta device)."""
     params = dict(model.named_parameters())
-    return {key: tuple(params[param][index].shape) for key, (param, index) in checkpoint_layout(model).items()}
+    return {key: _official_shape(params, entry) for key, entry in checkpoint_layout(model).items()}
+
+
+def _official_shape(params, entry) -> Tuple[int, ...]:
+    param, index, *reshape = entry
+    return tuple(reshape[1]) if reshape else tuple(params[param][index].shape)
+
+
+def _to_official(params, entry) -> torch.Tensor:
+    param, index, *reshape = entry
+    view = params[param][index]
+    return view.permute(reshape[0]).reshape(reshape[1]) if reshape else view
+
+
+def _copy_from_official(params, entry, tensor: torch.Tensor) -> None:
+    param, index, *reshape = entry
+    target = params[param][index]
+    if reshape:
+        dims = reshape[0]
+        tensor = tensor.reshape([target.shape[d] for d in dims]).permute(sorted(range(len(dims)), key=dims.__getitem__))
+    target.copy_(tensor)
 
 
 def resolve_checkpoint_dir(path_or_repo_id, **hub_kwargs) -> Path:
@@ -102,7 +124,7 @@ def load_weights(model: nn.Module, checkpoint_dir: Path, progress: bool = True) 
     """Fill every parameter of the (materialised) `model` from the checkpoint, strictly."""
     layout = checkpoint_layout(model)
     params = dict(model.named_parameters())
-    expected = {key: tuple(params[p][i].shape) for key, (p, i) in layout.items()}
+    expected = {key: _official_shape(params, entry) for key, entry in layout.items()}
     loaded, unexpected, misshaped = set(), [], []
     files = weight_files(checkpoint_dir)
     for file in _progress(files, progress and len(files) > 1):
@@ -116,9 +138,8 @@ def load_weights(model: nn.Module, checkpoint_dir: Path, progress: bool = True) 
                     if shape != expected[key]:
                         misshaped.append(f"{key}: checkpoint {list(shape)}, model {list(expected[key])}")
                         continue
-                    param, index = layout[key]
                     with torch.no_grad():
-                        params[param][index].copy_(shard.get_tensor(key))
+                        _copy_from_official(params, layout[key], shard.get_tensor(key))
                     loaded.add(key)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read checkpoint shard {file}: {err}") from err
@@ -150,8 +171,8 @@ def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 10
     """Write the model's parameters under their official names (sharded above `max_shard_bytes`)."""
     params = dict(model.named_parameters())
     shards, current, size = [], {}, 0
-    for key, (param, index) in checkpoint_layout(model).items():
-        tensor = params[param][index].detach()
+    for key, entry in checkpoint_layout(model).items():
+        tensor = _to_official(params, entry).detach()
         tensor = (tensor.to(dtype) if dtype is not None else tensor).to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:

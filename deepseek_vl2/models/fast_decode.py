@@ -6,7 +6,7 @@ they, not the memory traffic, set the speed. So for each batch size:
   * the KV cache is static: allocated once for max_position_embeddings tokens, written at
     absolute slots, so every step has the same shapes and addresses;
   * each step runs as one replayed CUDA graph. Attention reads the cache up to a length bucket
-    (256, 512, ... tokens, one graph per bucket in use) with a mask for the slots not yet written;
+    (a multiple of 256 tokens, one graph per bucket in use) with a mask for the slots not yet written;
   * the fixed-shape parts of every layer (norms, projections, RoPE, the MoE block, the LM head)
     go through torch.compile, which fuses their elementwise work. Layers share one compiled
     graph per kind (dense / MoE), since their parameters are graph inputs.
@@ -25,7 +25,7 @@ from .kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (256, 512, 1024, 2048, 3072, 4096)
+BUCKETS = tuple(range(256, 8192 + 1, 256))  # attended lengths a decode graph is made for
 
 
 def _pre_attention(layer, x, cos, sin):
@@ -86,12 +86,7 @@ class StaticDecoder:
         self.visible[:, :n] = attention_mask
         self.cache.length = 0
         if past is not None:
-            positions = torch.arange(past.length, device=self.tokens.device)
-            for static, given in zip(self.cache.layers, past.layers):
-                seq_dim = 1 if self.lm.config.use_mla else 2
-                for store, value in zip(static, given):
-                    store.index_copy_(seq_dim, positions, value.narrow(seq_dim, 0, past.length))
-            self.cache.length = past.length
+            self.cache.copy_from(past)
         return self.cache
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Per layer it holds, for the whole batch:
   * MLA (small, base): one [B, capacity, kv_lora_rank + qk_rope_head_dim] tensor: the normalised
     latent c_kv followed by the rotated shared rope key k_pe (576 values per token for the releases);
-  * MHA (tiny): keys and values, each [B, heads, capacity, head_dim], keys after RoPE.
+  * MHA (tiny): keys (after RoPE) and values stacked, [B, 2, heads, capacity, head_dim].
 
 Writes go to absolute positions (`index_copy_` with a device tensor), so a decode step with a
 fixed capacity needs no host synchronisation and can be captured in a CUDA graph.
@@ -30,8 +30,12 @@ class KVCache:
         self.layers = [self._allocate(capacity) for _ in range(config.num_hidden_layers)]
 
     @property
+    def seq_dim(self) -> int:
+        return 1 if self.config.use_mla else 3
+
+    @property
     def capacity(self) -> int:
-        return self.layers[0][0].shape[-2] if not self.config.use_mla else self.layers[0][0].shape[1]
+        return self.layers[0][0].shape[self.seq_dim]
 
     def _allocate(self, capacity: int):
         # zeros, not empty: unwritten slots are read (and masked) by fixed-capacity decode steps,
@@ -41,30 +45,27 @@ class KVCache:
         if c.use_mla:
             return (torch.zeros(B, capacity, c.kv_lora_rank + c.qk_rope_head_dim, **kw),)
         head_dim = c.hidden_size // c.num_attention_heads
-        shape = (B, c.num_key_value_heads, capacity, head_dim)
-        return (torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+        return (torch.zeros(B, 2, c.num_key_value_heads, capacity, head_dim, **kw),)
 
     def reserve(self, needed: int) -> None:
         """Grow every layer's storage (doubling) so that `needed` tokens fit."""
         if needed <= self.capacity:
             return
         new_capacity = max(needed, 2 * self.capacity)
-        seq_dim = 1 if self.config.use_mla else 2
         grown = []
-        for tensors in self.layers:
-            fresh = self._allocate(new_capacity)
-            for old, new in zip(tensors, fresh):
-                new.narrow(seq_dim, 0, self.length).copy_(old.narrow(seq_dim, 0, self.length))
-            grown.append(fresh)
+        for (old,) in self.layers:
+            (fresh,) = self._allocate(new_capacity)
+            fresh.narrow(self.seq_dim, 0, self.length).copy_(old.narrow(self.seq_dim, 0, self.length))
+            grown.append((fresh,))
         self.layers = grown
 
-    def write(self, layer_idx: int, positions: torch.Tensor, *new: torch.Tensor):
-        """Store the new tokens' entries at `positions` ([S], absolute) and return the layer's tensors."""
-        tensors = self.layers[layer_idx]
-        seq_dim = 1 if self.config.use_mla else 2
-        for store, value in zip(tensors, new):
-            store.index_copy_(seq_dim, positions, value.to(store.dtype))
-        return tensors
+    def copy_from(self, other: "KVCache") -> "KVCache":
+        """Take over `other`'s tokens (same model and batch size; capacity permitting)."""
+        self.reserve(other.length)
+        for (mine,), (theirs,) in zip(self.layers, other.layers):
+            mine.narrow(self.seq_dim, 0, other.length).copy_(theirs.narrow(self.seq_dim, 0, other.length))
+        self.length = other.length
+        return self
 
     # ---- the legacy tuple-of-tuples view -------------------------------------------------------
 
@@ -77,8 +78,8 @@ class KVCache:
             (latent,) = self.layers[layer_idx]
             r = self.config.kv_lora_rank
             return latent[:, None, :L, r:], latent[:, None, :L, :r]
-        keys, values = self.layers[layer_idx]
-        return keys[:, :, :L], values[:, :, :L]
+        (keys_values,) = self.layers[layer_idx]
+        return keys_values[:, 0, :, :L], keys_values[:, 1, :, :L]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -112,15 +113,14 @@ class KVCache:
         first = past[0][0]
         length = first.shape[2]
         cache = cls(config, first.shape[0], length + extra_capacity, first.device, first.dtype)
-        positions = torch.arange(length, device=first.device)
         for i, (elem0, elem1) in enumerate(past):
             if config.use_mla:
                 expected = (first.shape[0], 1, length)
                 if tuple(elem0.shape[:3]) != expected or tuple(elem1.shape[:3]) != expected:
                     raise ValueError(f"past_key_values[{i}] has shapes {tuple(elem0.shape)}, {tuple(elem1.shape)}; "
                                      f"expected (k_pe [B,1,L,{config.qk_rope_head_dim}], c_kv [B,1,L,{config.kv_lora_rank}])")
-                cache.write(i, positions, torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1))
+                cache.layers[i][0][:, :length] = torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1)
             else:
-                cache.write(i, positions, elem0, elem1)
+                cache.layers[i][0][:, :, :, :length] = torch.stack((elem0, elem1), dim=1)
         cache.length = length
         return cache

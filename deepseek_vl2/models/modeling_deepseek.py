@@ -26,7 +26,6 @@ from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
 from .rms_norm import RMSNorm
 from .rope import rope_for
-from .triton_decode import linear
 
 DeepseekV2RMSNorm = RMSNorm  # the reference's name
 
@@ -51,7 +50,7 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
     def post_attention(self, x, context):
-        x = x + linear(context, self.self_attn.o_proj)
+        x = x + self.self_attn.o_proj(context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

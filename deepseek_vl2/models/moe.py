@@ -1,9 +1,10 @@
 """Feed-forward blocks of the decoder: the gated MLP (dense layer 0, shared experts) and the
 DeepSeekMoE block with its router (spec language_model.md §7).
 
-Routed experts are stored stacked per layer ([E, 2*I, h] gate+up and [E, h, I] down) and run as a
-grouped GEMM over the tokens sorted by expert, with no host synchronisation. The checkpoint keeps
-the official per-expert names; `checkpoint_keys` maps them onto the stacked tensors.
+Experts (the shared ones included, as extra experts) are stored stacked per layer ([E, 2*I, h]
+gate+up and [E, h, I] down) and run as a grouped GEMM over the tokens sorted by expert, or as a
+gemv kernel over the chosen experts for decode-sized inputs on CUDA; no host synchronisation
+either way. The checkpoint keeps the official names; `checkpoint_keys` maps them onto the stacks.
 """
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,6 @@ from torch import nn
 
 from . import triton_decode
 from .configuration_deepseek import DeepseekV2Config
-from .triton_decode import linear, silu_mul_linear
 
 
 class GatedMLP(nn.Module):
@@ -31,7 +31,8 @@ class GatedMLP(nn.Module):
         }
 
     def forward(self, x):
-        return linear(silu_mul_linear(x, self.gate_up_proj), self.down_proj)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -90,7 +91,9 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E gated MLPs stored as stacked weights and run as grouped GEMMs over expert-sorted rows."""
+    """Expert MLPs of one width stored stacked ([E, 2*I, h] gate+up, [E, h, I] down) and run on
+    (token, expert) pairs: a sort by expert and grouped GEMMs, or for decode-sized inputs on CUDA
+    the gemv kernel, which reads each chosen expert directly (no sorting)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -98,21 +101,13 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def checkpoint_keys(self):
-        I, keys = self.intermediate_size, {}
-        for e in range(self.num_experts):
-            keys[f"{e}.gate_proj.weight"] = ("gate_up_proj", (e, slice(0, I)))
-            keys[f"{e}.up_proj.weight"] = ("gate_up_proj", (e, slice(I, 2 * I)))
-            keys[f"{e}.down_proj.weight"] = ("down_proj", (e,))
-        return keys
-
     def forward(self, x, ids, weights):
         """x [N, h], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, h] in x's dtype.
 
         Expert outputs are combined in float32, as the reference does."""
         N, k = ids.shape
         flat_ids = ids.flatten()
-        if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_ROWS // k):
+        if triton_decode.decode_sized(x, max(triton_decode.MAX_EXPERT_ROWS // k, 1)):
             act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
             out = triton_decode.gemv(act, self.down_proj, flat_ids, 1, False)
             return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
@@ -165,22 +160,46 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
-    """Routed experts plus the always-on shared experts (one MLP n_shared_experts times as wide)."""
+    """Routed experts plus the always-on shared experts.
+
+    The reference's shared experts are one MLP n_shared_experts times as wide as an expert. Its
+    intermediate units split into n_shared_experts expert-sized blocks whose outputs add up, so
+    they are stored as that many extra experts after the routed ones, and every token takes them
+    with weight 1. One expert computation then serves both (one kernel pair at decode)."""
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
+        self.num_routed = config.n_routed_experts
+        self.num_shared = config.n_shared_experts or 0
         self.gate = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = None
-        if config.n_shared_experts:
-            width = config.moe_intermediate_size * config.n_shared_experts
-            self.shared_experts = GatedMLP(config.hidden_size, width)
+        self.experts = RoutedExperts(self.num_routed + self.num_shared, config.hidden_size,
+                                     config.moe_intermediate_size)
+
+    def checkpoint_keys(self):
+        """Official names: experts.{e}.{gate,up,down}_proj.weight and shared_experts.{...}.weight."""
+        I, E, S, keys = self.experts.intermediate_size, self.num_routed, self.num_shared, {}
+        for e in range(E):
+            keys[f"experts.{e}.gate_proj.weight"] = ("experts.gate_up_proj", (e, slice(0, I)))
+            keys[f"experts.{e}.up_proj.weight"] = ("experts.gate_up_proj", (e, slice(I, 2 * I)))
+            keys[f"experts.{e}.down_proj.weight"] = ("experts.down_proj", (e,))
+        if S:
+            h = self.experts.down_proj.shape[1]
+            shared = slice(E, E + S)
+            # [S, I, h] blocks <-> the [S*I, h] gate/up; [S, h, I] blocks <-> the [h, S*I] down
+            keys["shared_experts.gate_proj.weight"] = ("experts.gate_up_proj", (shared, slice(0, I)), (0, 1, 2),
+                                                       (S * I, h))
+            keys["shared_experts.up_proj.weight"] = ("experts.gate_up_proj", (shared, slice(I, 2 * I)), (0, 1, 2),
+                                                     (S * I, h))
+            keys["shared_experts.down_proj.weight"] = ("experts.down_proj", (shared,), (1, 0, 2), (h, S * I))
+        return keys
 
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        y = self.experts(flat, ids, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return y.view(shape)
+        if self.num_shared:
+            N = flat.shape[0]
+            shared = torch.arange(self.num_routed, self.num_routed + self.num_shared, device=x.device)
+            ids = torch.cat((ids, shared.expand(N, -1)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(N, self.num_shared)), dim=1)
+        return self.experts(flat, ids, weights).view(shape)

@@ -13,7 +13,8 @@ expert before a grouped GEMM. These kernels spread each weight over many program
            and scaling (topk_method greedy, or the n_group == 1 forms of the others).
 
 They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
-`decode_sized(x)` says when to use them; everything else uses the plain PyTorch ops.
+`decode_sized(x, rows)` says when to use them; everything else (the plain projections too, where
+cuBLAS measured faster) uses the plain PyTorch ops.
 """
 from typing import Optional
 
@@ -25,11 +26,10 @@ try:
 except ImportError:  # CPU-only installs: the callers never get here without CUDA
     triton = None
 
-MAX_ROWS = 4  # token rows up to which gemv beats cuBLAS for plain projections
 MAX_EXPERT_ROWS = 64  # (token, expert) pairs up to which the gemv MoE path beats sort + grouped GEMM
 
 
-def decode_sized(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+def decode_sized(x: torch.Tensor, max_rows: int) -> bool:
     return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() // x.shape[-1] <= max_rows)
 
@@ -69,42 +69,30 @@ if triton is not None:
         tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
 
     @triton.jit
-    def _route_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, weights_ptr, H, n_experts, stride_x, scale,
-                      TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, n_experts, scale, TOP_K: tl.constexpr,
+                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
         t = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
         e_mask = offs_e < n_experts
-        logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H
-            x = tl.load(x_ptr + t * stride_x + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs_e[:, None] * H + offs_h[None, :], mask=e_mask[:, None] & h_mask[None, :],
-                        other=0.0)
-            logits += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        logits = tl.load(logits_ptr + t * n_experts + offs_e, mask=e_mask, other=float("-inf"))
         if SIGMOID:
             scores = tl.sigmoid(logits)
         else:
-            logits = tl.where(e_mask, logits, float("-inf"))
             exp = tl.exp(logits - tl.max(logits, axis=0))
             scores = exp / tl.sum(exp, axis=0)
         choice = scores
         if HAS_BIAS:
             choice = scores + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)
         choice = tl.where(e_mask, choice, float("-inf"))
-        total = 0.0
-        for i in tl.static_range(TOP_K):
-            best = tl.argmax(choice, axis=0)
-            total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
-            choice = tl.where(offs_e == best, float("-inf"), choice)
         denominator = 1.0
         if NORMALIZE:
+            remaining = choice
+            total = 0.0
+            for i in tl.static_range(TOP_K):
+                best = tl.argmax(remaining, axis=0)
+                total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
+                remaining = tl.where(offs_e == best, float("-inf"), remaining)
             denominator = total + 1e-20
-        choice = scores  # second pass: the same picks, now storing them with their final weights
-        if HAS_BIAS:
-            choice = scores + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)
-        choice = tl.where(e_mask, choice, float("-inf"))
         for i in tl.static_range(TOP_K):
             best = tl.argmax(choice, axis=0)
             weight = tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
@@ -112,13 +100,15 @@ if triton is not None:
             tl.store(weights_ptr + t * TOP_K + i, weight / denominator * scale)
             choice = tl.where(offs_e == best, float("-inf"), choice)
 
-    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=None, num_warps=4):
+    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=128, num_warps=8,
+                     out_dtype=None):
+        """Tiles measured on an H100 (benchmarks/gemv_configs.py): 8 output rows per program while
+        the work is small, 32 from about 8 tokens' worth of expert rows."""
         N = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
         K = weight.shape[-1]
         rows = ids.numel() if ids is not None else x.shape[0]
-        out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
-        block_n = block_n or (16 if N * rows >= 4096 else 8)
-        block_k = block_k or (256 if K <= 2048 else 512)
+        out = torch.empty(rows, N, device=x.device, dtype=out_dtype or x.dtype)
+        block_n = block_n or (32 if rows >= 32 else 8)
         grid = (triton.cdiv(N, block_n), rows)
         _gemv_kernel[grid](x, weight, ids if ids is not None else x, out, N, K, rows_per_id, x.stride(0),
                            weight.stride(0) if ids is not None else 0, weight.stride(-2), out.stride(0),
@@ -128,26 +118,26 @@ if triton is not None:
 
     @torch.library.custom_op("deepseek_vl2::gemv", mutates_args=())
     def gemv(x: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], rows_per_id: int,
-             silu_mul: bool) -> torch.Tensor:
-        return _gemv_launch(x.contiguous(), weight, ids, rows_per_id, silu_mul)
+             silu_mul: bool, float32_out: bool = False) -> torch.Tensor:
+        return _gemv_launch(x.contiguous(), weight, ids, rows_per_id, silu_mul,
+                            out_dtype=torch.float32 if float32_out else None)
 
     @gemv.register_fake
-    def _(x, weight, ids, rows_per_id, silu_mul):
+    def _(x, weight, ids, rows_per_id, silu_mul, float32_out=False):
         rows = ids.numel() if ids is not None else x.shape[0]
         n = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
-        return x.new_empty(rows, n)
+        return x.new_empty(rows, n, dtype=torch.float32 if float32_out else x.dtype)
 
     @torch.library.custom_op("deepseek_vl2::route", mutates_args=())
     def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
               normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.contiguous()
-        T, H = x.shape
-        E = weight.shape[0]
+        T, E = x.shape[0], weight.shape[0]
+        logits = _gemv_launch(x.contiguous(), weight, None, 1, False, block_n=4, out_dtype=torch.float32)
         ids = torch.empty(T, top_k, device=x.device, dtype=torch.long)
         weights = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
-        _route_kernel[(T,)](x, weight, bias if bias is not None else weight, ids, weights, H, E, x.stride(0), scale,
-                            TOP_K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
-                            BLOCK_E=triton.next_power_of_2(E), BLOCK_H=64 if E > 64 else 128, num_warps=4)
+        _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
+                            SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
+                            BLOCK_E=triton.next_power_of_2(E), num_warps=1)
         return ids, weights
 
     @route.register_fake
@@ -155,19 +145,3 @@ if triton is not None:
         return (torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.long),
                 torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.float32))
 
-
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """`layer(x)`, through gemv for decode-sized inputs."""
-    if layer.bias is not None or not decode_sized(x):
-        return layer(x)
-    flat = x.reshape(-1, x.shape[-1])
-    return gemv(flat, layer.weight, None, 1, False).view(*x.shape[:-1], -1)
-
-
-def silu_mul_linear(x: torch.Tensor, gate_up: torch.nn.Linear) -> torch.Tensor:
-    """silu(gate) * up for a fused [2I, h] gate/up projection."""
-    if decode_sized(x):
-        flat = x.reshape(-1, x.shape[-1])
-        return gemv(flat, gate_up.weight, None, 1, True).view(*x.shape[:-1], -1)
-    gate, up = gate_up(x).chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
