@@ -13,7 +13,7 @@ synchronisation after warm-up and report the median of repeats:
   prefill        the decoder over the 2054 prompt embeddings, logits of the last position
   ttft           vision + prefill + picking the first token
   decode bN      greedy decoding at batch N: tokens/s over all rows, from generate(128 new tokens)
-                 minus generate(1 new token), so host work per step is included
+                 minus generate(2 new tokens), so host work per step is included
   peak           torch.cuda.max_memory_allocated over a batch-1 vision + generate run
   roofline       batch-1 decode tokens/s if every step only moved the active weights and the
                  KV cache once at the device-to-device copy bandwidth measured here
@@ -98,11 +98,9 @@ def active_decode_bytes(model, context: int, batch: int) -> float:
         mlp = layer.mlp
         if hasattr(mlp, "experts"):
             E, k = c.n_routed_experts, c.num_experts_per_tok
-            distinct = E * (1 - (1 - k / E) ** batch)  # expected experts hit by `batch` tokens
+            distinct = E * (1 - (1 - k / E) ** batch)  # expected routed experts hit by `batch` tokens
             per_expert = mlp.experts.gate_up_proj[0].numel() + mlp.experts.down_proj[0].numel()
-            total += distinct * per_expert + mlp.gate.weight.numel()
-            if mlp.shared_experts is not None:
-                total += sum(p.numel() for p in mlp.shared_experts.parameters())
+            total += (distinct + mlp.num_shared) * per_expert + mlp.gate.weight.numel()
         else:
             total += sum(p.numel() for p in mlp.parameters())
     total += lm.lm_head.weight.numel() + lm.model.norm.weight.numel()
@@ -113,9 +111,9 @@ def active_decode_bytes(model, context: int, batch: int) -> float:
     return (total + batch * context * kv_per_token) * per_param
 
 
-def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int) -> float:
-    """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 1 token) is the time
-    of new_tokens - 1 decode steps, host loop included."""
+def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
+    """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 2 tokens) is the time
+    of new_tokens - 2 decode steps, host loop included. Also returns the two times (ms)."""
     embeds = embeds.expand(batch, -1, -1).contiguous()
     mask = mask.expand(batch, -1).contiguous()
 
@@ -124,8 +122,8 @@ def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int) 
                                                min_new_tokens=n, do_sample=False)
 
     full = timed(run(new_tokens), repeats=repeats, warmup=1)
-    first = timed(run(1), repeats=repeats, warmup=1)
-    return batch * (new_tokens - 1) / (full - first)
+    two = timed(run(2), repeats=repeats, warmup=1)
+    return batch * (new_tokens - 2) / (full - two), dict(generate_2_ms=two * 1e3, generate_n_ms=full * 1e3)
 
 
 def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
@@ -160,16 +158,17 @@ def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
         lm.generate(inputs_embeds=e, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens, do_sample=False)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    rates = {}
+    rates, loop_times = {}, {}
     for b in batches:
-        rates[b] = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats)
+        rates[b], loop_times[b] = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats)
         lm.__dict__.pop("_static_decoders", None)  # free this batch size's static cache
         torch.cuda.empty_cache()
     roofline = bandwidth / active_decode_bytes(model, T + new_tokens // 2, 1)
     result = dict(variant=variant, prompt_tokens=T, tiles=int(batch.images.shape[1]), build_s=build_s,
                   weights_gib=weights_gib, processor_ms=processor_s * 1e3, vision_ms=vision_s * 1e3,
                   prefill_ms=prefill_s * 1e3, ttft_ms=ttft_s * 1e3, peak_gib=peak_gib,
-                  decode_tok_s={str(b): r for b, r in rates.items()}, roofline_b1_tok_s=roofline,
+                  decode_tok_s={str(b): r for b, r in rates.items()},
+                  generate_ms={str(b): t for b, t in loop_times.items()}, roofline_b1_tok_s=roofline,
                   roofline_b1_pct=100 * rates.get(1, float("nan")) / roofline)
     del model, lm
     torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ from .kv_cache import KVCache
 from .sampling import SamplingSettings, choose_next, process_logits
 
 SYNC_EVERY = 8  # decode steps between host reads of "is any row still generating"
+PREFILL_CHUNK_TOKENS = 16384  # prompt tokens (batch x length) per prefill forward
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "assistant_model": None}
 IGNORED = ("output_attentions", "output_hidden_states", "synced_gpus", "position_ids", "cache_position",
            "num_logits_to_keep", "logits_to_keep", "return_legacy_cache", "tokenizer")
@@ -137,9 +138,12 @@ class GenerationMixin:
         if past >= T:
             raise ValueError(f"past_key_values already holds {past} tokens of this {T}-token prompt: nothing is left "
                              f"to feed (incremental_prefilling keeps the last prompt token out of the cache)")
-        logits = lm(inputs_embeds=inputs_embeds[:, past:], attention_mask=full_mask[:, :T],
-                    position_ids=positions[:, past:], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1).logits[:, -1]
+        chunk = max(PREFILL_CHUNK_TOKENS // B, 1)  # bounds prefill activations for big batches
+        for start in range(past, T, chunk):
+            end = min(start + chunk, T)
+            logits = lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=full_mask[:, :end],
+                        position_ids=positions[:, start:end], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1).logits[:, -1]
         step = decoder.step if decoder is not None else eager_step(lm, full_mask, cache)
 
         # the prompt ids (if given) then the new tokens; the repetition penalty and stopping

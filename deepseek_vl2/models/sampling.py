@@ -48,8 +48,8 @@ def process_logits(scores: torch.Tensor, history: Optional[torch.Tensor], genera
         seen = torch.where(seen < 0, seen * settings.repetition_penalty, seen / settings.repetition_penalty)
         scores = scores.scatter(1, history, seen)
     if generated < settings.min_new_tokens and settings.eos_token_ids:
-        scores = scores.clone()
-        scores[:, list(settings.eos_token_ids)] = -float("inf")
+        eos = torch.tensor(settings.eos_token_ids, device=scores.device)
+        scores = scores.index_fill(1, eos, -float("inf"))
     if not settings.do_sample:
         return scores
     if settings.temperature != 1.0:
