@@ -11,6 +11,10 @@ they, not the memory traffic, set the speed. So for each batch size:
     go through torch.compile, which fuses their elementwise work. Layers share one compiled
     graph per kind (dense / MoE), since their parameters are graph inputs.
 
+Greedy decoding goes further: the graph also picks the token (argmax, EOS suppressed before
+min_new_tokens), records it, updates the finished rows and advances positions, so a step is one
+graph replay and the host only reads "is any row still going" now and then.
+
 Compilation or capture problems are not fatal: the decoder falls back to plain kernels (and, if
 capture fails, to eager steps), with a warning. With `use_graphs=False` and `compile=False` the
 same code runs eagerly on any device, which is how the CPU tests check its logic.
@@ -68,12 +72,20 @@ class StaticDecoder:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.visible = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        # greedy mode state (all on the device, read and written by the graphs)
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.is_eos = torch.zeros(config.vocab_size, dtype=torch.bool, device=device)
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # index of the token being chosen
+        self.min_new = torch.zeros(1, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
+        self.alive = torch.zeros(self.capacity, dtype=torch.bool, device=device)  # any row going after step i
         self.use_graphs = use_graphs
         self.functions = (_pre_attention, _post_attention, _last_logits)
         if compile:
             self.functions = tuple(_compiled(fn) for fn in self.functions)
-        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: Dict[int, torch.Tensor] = {}
+        self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.outputs: Dict[tuple, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     def start(self, attention_mask: torch.Tensor, past: Optional[KVCache] = None) -> KVCache:
@@ -94,17 +106,43 @@ class StaticDecoder:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.slot.fill_(slot)
-        kv_len = next((b for b in BUCKETS if b > slot), self.capacity)
-        kv_len = min(kv_len, self.capacity)
+        return self._replay("logits", slot).clone()
+
+    def start_greedy(self, first: torch.Tensor, positions: torch.Tensor, slot: int, unfinished: torch.Tensor,
+                     eos_ids, pad_id: int, min_new_tokens: int) -> None:
+        """Greedy mode: `first` [B] is token 0 (chosen from the prefill logits), to be fed at cache
+        `slot` and rope `positions`; `unfinished` are the rows still going before it."""
+        self.tokens.copy_(first)
+        self.positions.copy_(positions)
+        self.slot.fill_(slot)
+        self.is_eos.zero_()
+        if eos_ids:
+            self.is_eos[list(eos_ids)] = True
+        self.unfinished.copy_(unfinished & ~self.is_eos[first])
+        self.pad.fill_(pad_id)
+        self.count.fill_(1)
+        self.min_new.fill_(min_new_tokens)
+        self.chosen[:, 0] = first
+        self.alive[0] = self.unfinished.any()
+
+    def greedy_step(self, slot: int) -> None:
+        """Choose the next token of every row (it lands in `chosen`); `slot` is where the previous
+        token goes in the cache (the host's count of the device's `slot`)."""
+        self._replay("greedy", slot)
+
+    def _replay(self, kind: str, slot: int):
+        kv_len = min(next((b for b in BUCKETS if b > slot), self.capacity), self.capacity)
         self.cache.length = slot + 1
+        run = self._run if kind == "logits" else self._run_greedy
         if not self.use_graphs:
-            return self._run(kv_len)
-        if kv_len not in self.graphs:
-            self._capture(kv_len)
-        if kv_len in self.graphs:
-            self.graphs[kv_len].replay()
-            return self.outputs[kv_len].clone()
-        return self._run(kv_len)
+            return run(kv_len)
+        key = (kind, kv_len)
+        if key not in self.graphs:
+            self._capture(key, run, kv_len)
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return self.outputs[key]
+        return run(kv_len)
 
     def _run(self, kv_len: int) -> torch.Tensor:
         """One decode step on the static buffers (what a graph captures)."""
@@ -122,31 +160,55 @@ class StaticDecoder:
             x = post(layer, x, layer.self_attn.attend(query, new_entries, attn, kv))
         return last_logits(self.lm, x)
 
-    def _capture(self, kv_len: int) -> None:
+    def _run_greedy(self, kv_len: int) -> torch.Tensor:
+        """A decode step that also picks and records the next token and advances the state."""
+        logits = self._run(kv_len)
+        logits = logits.masked_fill((self.count < self.min_new) & self.is_eos, float("-inf"))
+        chosen = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad)
+        self.chosen.index_copy_(1, self.count, chosen[:, None])
+        self.unfinished &= ~self.is_eos[chosen]
+        self.alive.index_copy_(0, self.count, self.unfinished.any()[None])
+        self.tokens.copy_(chosen)
+        self.positions.add_(1)
+        self.slot.add_(1)
+        self.count.add_(1)
+        return chosen
+
+    def _capture(self, key, run, kv_len: int) -> None:
+        state = [t.clone() for t in self._state()]  # warm-up runs advance the greedy state: put it back
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up outside the graph (compiles on first use)
-                    self._run(kv_len)
+                    run(kv_len)
         except Exception as err:  # noqa: BLE001  (a compiler problem must not stop generation)
             if self.functions[0] is _pre_attention:
                 raise
             logger.warning("torch.compile of the decode step failed (%s); using plain kernels", err)
             self.functions = (_pre_attention, _post_attention, _last_logits)
             current.wait_stream(side)
-            return self._capture(kv_len)
+            self._restore(state)
+            return self._capture(key, run, kv_len)
         current.wait_stream(side)
+        self._restore(state)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[kv_len] = self._run(kv_len)
+                self.outputs[key] = run(kv_len)
         except RuntimeError as err:
             logger.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", err)
             self.use_graphs = False
             return
-        self.graphs[kv_len] = graph
+        self.graphs[key] = graph
+
+    def _state(self):
+        return (self.tokens, self.positions, self.slot, self.unfinished, self.count, self.chosen, self.alive)
+
+    def _restore(self, saved) -> None:
+        for live, copy in zip(self._state(), saved):
+            live.copy_(copy)
 
 
 def decoder_for(lm, batch_size: int, keep: int = 3) -> StaticDecoder:

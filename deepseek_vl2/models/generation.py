@@ -127,9 +127,8 @@ class GenerationMixin:
         given = None
         if past_key_values is not None:
             given = lm.prepare_cache(past_key_values, B, T + settings.max_new_tokens, inputs_embeds)
-        decoder = None
-        if device.type == "cuda" and lm.cuda_graphs and settings.max_new_tokens > 1:
-            decoder = decoder_for(lm, B)
+        decoder = static_decoder(lm, B, settings, device)
+        if decoder is not None:
             cache = decoder.start(full_mask, given)
         else:
             cache = given if given is not None else KVCache(lm.config, B, T + settings.max_new_tokens, device,
@@ -155,47 +154,16 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(sequence[:, :prompt_len].cpu())
         next_positions = positions[:, -1] + 1
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        eos_tensor = torch.tensor(eos, device=device) if eos else None
-        scores_out, logits_out = [], []
-        # Whether any row is still going after each step, kept on the device: reading it costs a
-        # host synchronisation, so it is read every SYNC_EVERY steps (every step when streaming)
-        # and the CPU meanwhile queues the next steps. Steps past the end are cut off below.
-        alive = []
-        sync_every = 1 if streamer is not None else SYNC_EVERY
-        generated = 0
-        while True:
-            history = sequence[:, : prompt_len + generated]
-            scores = process_logits(logits, history, generated, settings)
-            if logits_processor is not None:
-                for processor in logits_processor:
-                    scores = processor(history, scores)
-            if output_scores:
-                scores_out.append(scores)
-            if output_logits:
-                logits_out.append(logits)
-            tokens = choose_next(scores, do_sample, generator)
-            tokens = torch.where(unfinished, tokens, settings.pad_token_id)
-            sequence[:, prompt_len + generated] = tokens
-            generated += 1
-            if streamer is not None:
-                streamer.put(tokens.cpu())
-            if eos_tensor is not None:
-                unfinished &= ~torch.isin(tokens, eos_tensor)
-            if stopping_criteria is not None:
-                unfinished &= ~_stop_flags(stopping_criteria, sequence[:, : prompt_len + generated], scores, B,
-                                           device)
-            alive.append(unfinished.any())
-            if generated == settings.max_new_tokens:
-                break
-            if generated % sync_every == 0 and not all(torch.stack(alive[-sync_every:]).tolist()):
-                break
-            logits = step(tokens, next_positions, T + generated - 1)
-            next_positions = next_positions + 1
-        flags = torch.stack(alive).tolist()
-        if False in flags:  # generation ended when no row was left going
-            generated = flags.index(False) + 1
-            scores_out, logits_out = scores_out[:generated], logits_out[:generated]
+        greedy_on_device = (decoder is not None and not do_sample and settings.repetition_penalty == 1.0
+                            and logits_processor is None and not output_scores and not output_logits)
+        if greedy_on_device:
+            generated = _greedy_on_device(decoder, logits, next_positions, T, sequence, prompt_len, settings,
+                                          streamer, stopping_criteria)
+            scores_out, logits_out = [], []
+        else:
+            generated, scores_out, logits_out = _decode_on_host(
+                step, logits, next_positions, T, sequence, prompt_len, settings, do_sample, generator, streamer,
+                stopping_criteria, logits_processor, output_scores, output_logits)
         if streamer is not None:
             streamer.end()
 
@@ -206,6 +174,91 @@ class GenerationMixin:
             cache = KVCache.from_legacy(tuple(cache), lm.config)
         return GenerateOutput(sequences=sequences, scores=tuple(scores_out) if output_scores else None,
                               logits=tuple(logits_out) if output_logits else None, past_key_values=cache)
+
+
+def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torch.device):
+    """The GPU fast path's StaticDecoder for this call (fast_decode.py): on CUDA unless the model's
+    `cuda_graphs` is off, and when there is more than one token to make."""
+    if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2:
+        return None
+    return decoder_for(lm, batch_size)
+
+
+def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, do_sample, generator, streamer,
+                    criteria, processors, output_scores, output_logits):
+    """The general decode loop: logits processing, sampling and stopping run on the host side, one
+    `step` (eager or a CUDA-graph replay) per token. Fills `sequence` after `prompt_len`; returns
+    the number of new tokens and the per-step scores / logits asked for."""
+    B, device = sequence.shape[0], sequence.device
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(settings.eos_token_ids, device=device) if settings.eos_token_ids else None
+    scores_out, logits_out = [], []
+    # Whether any row is still going after each step, kept on the device: reading it costs a host
+    # synchronisation, so it is read every SYNC_EVERY steps (every step when streaming) and the CPU
+    # meanwhile queues the next steps. Steps past the end are cut off below.
+    alive = []
+    sync_every = 1 if streamer is not None else SYNC_EVERY
+    generated = 0
+    while True:
+        history = sequence[:, : prompt_len + generated]
+        scores = process_logits(logits, history, generated, settings)
+        for processor in processors or ():
+            scores = processor(history, scores)
+        if output_scores:
+            scores_out.append(scores)
+        if output_logits:
+            logits_out.append(logits)
+        tokens = torch.where(unfinished, choose_next(scores, do_sample, generator), settings.pad_token_id)
+        sequence[:, prompt_len + generated] = tokens
+        generated += 1
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        if eos_tensor is not None:
+            unfinished &= ~torch.isin(tokens, eos_tensor)
+        if criteria is not None:
+            unfinished &= ~_stop_flags(criteria, sequence[:, : prompt_len + generated], scores, B, device)
+        alive.append(unfinished.any())
+        if generated == settings.max_new_tokens:
+            break
+        if generated % sync_every == 0 and not all(torch.stack(alive[-sync_every:]).tolist()):
+            break
+        logits = step(tokens, positions, T + generated - 1)
+        positions = positions + 1
+    flags = torch.stack(alive).tolist()
+    if False in flags:  # generation ended when no row was left going
+        generated = flags.index(False) + 1
+    return generated, scores_out[:generated], logits_out[:generated]
+
+
+def _greedy_on_device(decoder, logits, positions, T, sequence, prompt_len, settings, streamer, criteria) -> int:
+    """Greedy decoding with the token choice inside the decoder's CUDA graphs. Fills `sequence`
+    after `prompt_len` and returns the number of new tokens."""
+    B = sequence.shape[0]
+    first = choose_next(process_logits(logits, None, 0, settings), do_sample=False)
+    decoder.start_greedy(first, positions, T, torch.ones_like(first, dtype=torch.bool), settings.eos_token_ids,
+                         settings.pad_token_id, settings.min_new_tokens)
+    per_step_host = streamer is not None or criteria is not None
+    generated = 0
+    while True:
+        generated += 1
+        if per_step_host:
+            tokens = decoder.chosen[:, generated - 1]
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if criteria is not None:
+                history = torch.cat((sequence[:, :prompt_len], decoder.chosen[:, :generated]), dim=1)
+                decoder.unfinished &= ~_stop_flags(criteria, history, None, B, sequence.device)
+                decoder.alive[generated - 1] = decoder.unfinished.any()
+        if generated == settings.max_new_tokens:
+            break
+        if (per_step_host or generated % SYNC_EVERY == 0) and not bool(decoder.alive[generated - 1]):
+            break
+        decoder.greedy_step(T + generated - 1)
+    alive = decoder.alive[:generated].tolist()
+    if False in alive:
+        generated = alive.index(False) + 1
+    sequence[:, prompt_len : prompt_len + generated] = decoder.chosen[:, :generated]
+    return generated
 
 
 def eager_step(lm, attention_mask, cache):
