@@ -82,7 +82,7 @@ def make_prompt(processor, total_tokens: int = 2054):
         n = processor(conversations=conversation, images=[image], force_batchify=True).input_ids.shape[1]
         if n == total_tokens:
             break
-        words = words[:-1] if n > total_tokens else words + ["please"]
+        words = words[:-1] if n > total_tokens else words + ["a"]
     return conversation, [image]
 
 

@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--context", type=int, default=2054)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--prefill", action="store_true", help="profile the prompt forward instead")
     args = parser.parse_args()
     model = build_model(args.variant)
     lm = model.language
@@ -38,18 +39,27 @@ def main():
            logits_to_keep=1)
         tokens = torch.zeros(B, dtype=torch.long, device="cuda")
         pos = torch.full((B,), T, device="cuda")
+
+        def one(i):
+            if args.prefill:
+                cache.length = 0
+                lm(inputs_embeds=embeds, attention_mask=mask[:, :T], position_ids=positions, past_key_values=cache,
+                   logits_to_keep=1)
+            else:
+                decoder.step(tokens, pos, T + i)
+
         for i in range(3):  # capture + warm-up
-            decoder.step(tokens, pos, T + i)
+            one(i)
         torch.cuda.synchronize()
         walls = []
         for i in range(args.steps):
             start = time.perf_counter()
-            decoder.step(tokens, pos, T + 3 + i)
+            one(3 + i)
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - start)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for i in range(args.steps):
-                decoder.step(tokens, pos, T + 3 + i)
+                one(3 + i)
             torch.cuda.synchronize()
     kernels = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
@@ -60,7 +70,8 @@ def main():
     kernel_us = sum(v[0] for v in kernels.values()) / args.steps
     launches = sum(v[1] for v in kernels.values()) / args.steps
     wall_us = statistics.median(walls) * 1e6
-    print(f"{args.variant} batch {B} context {T}: step wall {wall_us:.0f} us (synchronised, median), "
+    what = "prefill" if args.prefill else "decode step"
+    print(f"{args.variant} batch {B} context {T} {what}: wall {wall_us:.0f} us (synchronised, median), "
           f"GPU kernel time {kernel_us:.0f} us in {launches:.0f} kernels, "
           f"gaps/idle {wall_us - kernel_us:.0f} us ({100 * (1 - kernel_us / wall_us):.0f}%)")
     print(f"{'us/step':>9} {'n/step':>7}  kernel")

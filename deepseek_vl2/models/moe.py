@@ -80,7 +80,7 @@ class Router(nn.Module):
     def _fused_kernel_applies(self, x) -> bool:
         """The one-kernel router covers decode-sized CUDA inputs without group limits."""
         one_group = self.method == "greedy" or self.n_group == 1
-        return one_group and not self.training and triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_ROWS)
+        return one_group and not self.training and triton_decode.decode_sized(x, triton_decode.MAX_ROUTER_TOKENS)
 
     def _keep_top_groups(self, scores, group_scores):
         """Zero (not -inf, as the reference) the scores of experts outside the best groups."""
@@ -107,7 +107,7 @@ class RoutedExperts(nn.Module):
         Expert outputs are combined in float32, as the reference does."""
         N, k = ids.shape
         flat_ids = ids.flatten()
-        if triton_decode.decode_sized(x, max(triton_decode.MAX_EXPERT_ROWS // k, 1)):
+        if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_TOKENS):
             act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
             out = triton_decode.gemv(act, self.down_proj, flat_ids, 1, False)
             return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
