@@ -116,17 +116,20 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
         ends = counts.cumsum(0, dtype=torch.int32)
+        # The routing weight scales each row before the (linear) down projection, in float32, so
+        # the k outputs of a token only need a float32 sum: no [rows, h] float32 copy is made.
+        row_weights = weights.flatten()[order, None]
         if grouped_mm_supported(x):
-            hidden = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends)
-            gate, up = hidden.chunk(2, dim=-1)
-            out_sorted = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            act = torch.mul(F.silu(gate) * up, row_weights).to(x.dtype)
+            out_sorted = torch._grouped_mm(act, self.down_proj.transpose(1, 2), offs=ends)
         else:
-            out_sorted = self._per_expert(rows, ends)
-        out = torch.empty_like(out_sorted)
-        out[order] = out_sorted
-        return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+            out_sorted = self._per_expert(rows, row_weights, ends)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(len(order), device=x.device)
+        return out_sorted[unsort].view(N, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
-    def _per_expert(self, rows, ends):
+    def _per_expert(self, rows, row_weights, ends):
         """Fallback for a torch without grouped GEMM on this device: one expert at a time (this
         reads the group boundaries on the host)."""
         out = torch.empty_like(rows)
@@ -134,7 +137,8 @@ class RoutedExperts(nn.Module):
         for e, end in enumerate(ends.tolist()):
             if end > start:
                 gate, up = F.linear(rows[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
-                out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                act = torch.mul(F.silu(gate) * up, row_weights[start:end]).to(rows.dtype)
+                out[start:end] = F.linear(act, self.down_proj[e])
             start = end
         return out
 
