@@ -9,6 +9,9 @@
 It prepares the prompt with the processor, prefills (chunked with `chunk_size`, as
 `incremental_prefilling`), and generates with the reference's `inference.py` recipe: `generate`
 gets the prompt ids too, so the repetition penalty covers them (P-GEN-1).
+
+`chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
+it); `chat` is a batch of one.
 """
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,11 @@ from PIL import Image
 
 from .grounding import GroundedBox, parse_grounding
 from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from .models.processing_deepseek_vl_v2 import VLChatProcessorOutput
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (text and image tokens) does not fit the model's context."""
 
 
 @dataclass
@@ -93,16 +101,6 @@ class TextStream:
         self.end_time = time.perf_counter()
 
 
-class StopWhenStreamStops:
-    """Stopping criterion: end generation once the stream has hit a stop string."""
-
-    def __init__(self, stream: TextStream):
-        self.stream = stream
-
-    def __call__(self, input_ids, scores, **kwargs) -> bool:
-        return self.stream.stopped
-
-
 class ChatEngine:
     def __init__(self, model: DeepseekVLV2ForCausalLM, processor: DeepseekVLV2Processor, chunk_size: int = -1):
         if chunk_size == 0 or chunk_size < -1:
@@ -122,22 +120,47 @@ class ChatEngine:
         return cls(model, processor, chunk_size)
 
     def prepare(self, conversation: list, images: List[Image.Image]):
-        """Processor output for one conversation, on the model's device (images in its dtype)."""
-        batch = self.processor(conversations=conversation, images=images, force_batchify=True, system_prompt="")
-        limit = self.model.config.language_config.max_position_embeddings
-        if batch.input_ids.shape[1] >= limit:
-            raise ValueError(f"the prompt is {batch.input_ids.shape[1]} tokens, beyond the model's context of "
-                             f"{limit}; use fewer or smaller images or a shorter conversation")
+        """Processor output for one conversation, as a batch of one on the model's device (images in its dtype)."""
+        batch = self.processor.batchify([self.prepare_one(conversation, images)])
         return batch.to(self.model.device, dtype=self.model.dtype)
+
+    def prepare_one(self, conversation: list, images: List[Image.Image]):
+        """One processed (unbatched) sample for `chat_batch`; ValueError when the prompt does not fit
+        the context or the conversation is malformed."""
+        sample = self.processor.process_one(conversations=conversation, images=images, system_prompt="")
+        limit = self.model.config.language_config.max_position_embeddings
+        if len(sample) >= limit:
+            raise PromptTooLongError(f"the prompt is {len(sample)} tokens, beyond the model's context of {limit}; "
+                                     "use fewer or smaller images or a shorter conversation")
+        return sample
 
     def chat(self, conversation: list, images: List[Image.Image], params: GenerationParams = GenerationParams(),
              on_text: Optional[Callable[[str], None]] = None) -> ChatResult:
+        return self.chat_batch([BatchRow(self.prepare_one(conversation, images), params, on_text)])[0]
+
+    def chat_batch(self, rows: Sequence["BatchRow"]) -> List[ChatResult]:
+        """Answer several prepared conversations as one left-padded batch.
+
+        The rows share one set of sampling settings (temperature, top_p, repetition_penalty; a ValueError
+        otherwise), and a seeded row must be alone, so that its seed reproduces the single-row result.
+        Each row ends on its own: at EOS, at one of its stop strings, after its max_new_tokens, or when
+        its `is_cancelled()` turns true; a row that has ended is padded while the others go on.
+        `max_new_tokens` is capped by what the longest prompt leaves of the context."""
+        if not rows:
+            raise ValueError("chat_batch needs at least one row")
+        params = rows[0].params
+        if any(sampling_key(row.params) != sampling_key(params) for row in rows):
+            raise ValueError("the rows of a batch must share temperature, top_p and repetition_penalty")
+        if len(rows) > 1 and any(row.params.seed is not None for row in rows):
+            raise ValueError("a row with a seed must be alone in its batch")
         started = time.perf_counter()
-        batch = self.prepare(conversation, images)
+        batch = self.processor.batchify([row.sample for row in rows]).to(self.model.device, dtype=self.model.dtype)
         prompt_len = batch.input_ids.shape[1]
-        max_new = min(params.max_new_tokens, self.model.config.language_config.max_position_embeddings - prompt_len)
+        limit = self.model.config.language_config.max_position_embeddings
+        max_new = min(max(row.params.max_new_tokens for row in rows), limit - prompt_len)
         hidden = [self.processor.eos_id, self.processor.pad_id]
-        stream = TextStream(self.tokenizer, hidden, params.stop, on_text)
+        streams = [TextStream(self.tokenizer, hidden, row.params.stop, row.on_text) for row in rows]
+        rows_end = RowsEnd(rows, streams, prompt_len, self.processor.eos_id)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
@@ -157,13 +180,75 @@ class ChatEngine:
             temperature=params.temperature if sampling else 1.0, top_p=params.top_p if sampling else 1.0,
             repetition_penalty=params.repetition_penalty if sampling else 1.0,
             pad_token_id=self.processor.eos_id, bos_token_id=self.processor.bos_id,
-            eos_token_id=self.processor.eos_id, streamer=stream, stopping_criteria=[StopWhenStreamStops(stream)],
+            eos_token_id=self.processor.eos_id, streamer=BatchStream(streams, rows_end), stopping_criteria=[rows_end],
             generator=generator, use_cache=True, **image_inputs)
-        new_ids = output[0, prompt_len:].tolist()
-        finished = stream.stopped or self.processor.eos_id in new_ids
-        first = stream.first_token_time or stream.end_time or time.perf_counter()
-        timings = Timings(prefill_ms=(first - started) * 1000, decode_tokens=max(len(new_ids) - 1, 0),
-                          decode_s=(stream.end_time or first) - first)
-        return ChatResult(text=stream.text, token_ids=new_ids, prompt_tokens=prompt_len,
-                          finish_reason="stop" if finished else "length", boxes=parse_grounding(stream.text),
-                          timings=timings)
+        results = []
+        for index, (row, stream) in enumerate(zip(rows, streams)):
+            new_ids = output[index, prompt_len:prompt_len + rows_end.lengths[index]].tolist()
+            finished = stream.stopped or self.processor.eos_id in new_ids
+            first = stream.first_token_time or stream.end_time or time.perf_counter()
+            timings = Timings(prefill_ms=(first - started) * 1000, decode_tokens=max(len(new_ids) - 1, 0),
+                              decode_s=(stream.end_time or first) - first)
+            results.append(ChatResult(text=stream.text, token_ids=new_ids, prompt_tokens=len(row.sample),
+                                      finish_reason="stop" if finished else "length",
+                                      boxes=parse_grounding(stream.text), timings=timings))
+        return results
+
+
+@dataclass
+class BatchRow:
+    """One conversation of a `chat_batch` call: a sample from `ChatEngine.prepare_one`, its settings,
+    a callback for its new text, and a flag the caller raises to end the row early."""
+    sample: VLChatProcessorOutput
+    params: GenerationParams
+    on_text: Optional[Callable[[str], None]] = None
+    is_cancelled: Callable[[], bool] = lambda: False
+
+
+def sampling_key(params: GenerationParams) -> tuple:
+    """What must be equal for two requests to share a batch (greedy ignores top_p and the penalty)."""
+    if params.temperature <= 0:
+        return ("greedy",)
+    return (params.temperature, params.top_p, params.repetition_penalty)
+
+
+class RowsEnd:
+    """Stopping criterion of a batch: per row, ends it at EOS, at a stop string, after its own
+    max_new_tokens or on cancellation, and remembers how many tokens each row generated."""
+
+    def __init__(self, rows: Sequence[BatchRow], streams: Sequence[TextStream], prompt_len: int, eos_id: int):
+        self.rows = rows
+        self.streams = streams
+        self.prompt_len = prompt_len
+        self.eos_id = eos_id
+        self.done = [False] * len(rows)
+        self.lengths = [0] * len(rows)  # tokens generated by each row, its last (EOS, stop) included
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_len
+        last_tokens = input_ids[:, -1].tolist()
+        for index, (row, stream) in enumerate(zip(self.rows, self.streams)):
+            if self.done[index]:
+                continue
+            self.lengths[index] = generated
+            self.done[index] = (last_tokens[index] == self.eos_id or stream.stopped
+                                or generated >= row.params.max_new_tokens or row.is_cancelled())
+        return torch.tensor(self.done)
+
+
+class BatchStream:
+    """The streamer protocol for a batch: hands row i of every step's [B] tokens to stream i, skipping
+    rows that have ended (the first put, the [B, T] prompt, goes to every stream)."""
+
+    def __init__(self, streams: Sequence[TextStream], rows_end: RowsEnd):
+        self.streams = streams
+        self.rows_end = rows_end
+
+    def put(self, value: torch.Tensor) -> None:
+        for index, stream in enumerate(self.streams):
+            if not self.rows_end.done[index]:
+                stream.put(value[index])
+
+    def end(self) -> None:
+        for stream in self.streams:
+            stream.end()

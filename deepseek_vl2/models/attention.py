@@ -16,6 +16,7 @@ from torch import nn
 
 from .configuration_deepseek import DeepseekV2Config
 from .rms_norm import RMSNorm
+from . import triton_decode
 from .rope import apply_rotary, deinterleave, rope_for
 
 
@@ -106,6 +107,10 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:
             kv[0].index_copy_(3, attn.cache_positions, keys_values.to(kv[0].dtype))
             keys_values = kv[0][:, :, :, : attn.kv_len]
+        if (attn.mask is not None and self.num_kv_heads == self.num_heads
+                and triton_decode.decode_attention_applies(q)):
+            out = triton_decode.mha_decode(q[:, :, 0], keys_values, attn.mask[:, 0, 0], self.head_dim**-0.5)
+            return out.reshape(B, 1, -1)
         k, v = keys_values[:, 0], keys_values[:, 1]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -173,6 +178,10 @@ class MultiHeadLatentAttention(nn.Module):
     def _attend_absorbed(self, q_nope, q_pe, latent, attn: AttentionInputs):
         B, H, S, _ = q_nope.shape
         w_uk, w_uv = self._kv_b_halves()
+        if attn.mask is not None and triton_decode.decode_attention_applies(q_nope):
+            out_latent = triton_decode.mla_decode(torch.matmul(q_nope, w_uk)[:, :, 0], q_pe[:, :, 0], latent,
+                                                  attn.mask[:, 0, 0], self.softmax_scale)
+            return torch.matmul(out_latent[:, :, None], w_uv.transpose(1, 2))
         q_latent = torch.cat((torch.matmul(q_nope, w_uk), q_pe), dim=-1)  # [B, H, S, rank + rope]
         scores = torch.bmm(q_latent.reshape(B, H * S, -1), latent.transpose(1, 2)).view(B, H, S, -1)
         scores = scores * self.softmax_scale

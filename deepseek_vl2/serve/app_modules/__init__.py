@@ -1,0 +1,1 @@
+"""Compatibility home of the official package's demo helpers (`utils`)."""

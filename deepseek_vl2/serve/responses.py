@@ -1,0 +1,71 @@
+"""OpenAI-format response bodies: a whole completion, stream chunks, usage, grounding boxes.
+
+Grounding answers also carry their parsed boxes as `grounding` (in the message, or in the final
+stream chunk's delta): `[{"label", "box" (0..999), "box_pixels", "image_index"}]`, relative to the
+last image of the conversation, as the official demo draws them (pixels and index are null without
+an image). OpenAI clients ignore the extra field.
+"""
+import json
+import time
+import uuid
+from typing import List, Optional
+
+from PIL import Image
+
+from ..engine import ChatResult
+from ..grounding import boxes_to_json
+
+
+class Completion:
+    """The ids and names one answer's body or chunks share."""
+
+    def __init__(self, model_id: str, images: List[Image.Image]):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.images = images
+
+    def _envelope(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+                "choices": choices, **extra}
+
+    def grounding(self, result: ChatResult) -> Optional[list]:
+        if not result.boxes:
+            return None
+        if not self.images:
+            return [{"label": b.label, "box": list(b.box), "box_pixels": None, "image_index": None}
+                    for b in result.boxes]
+        image = self.images[-1]
+        return [{**box, "image_index": len(self.images) - 1} for box in boxes_to_json(result.boxes, *image.size)]
+
+    def body(self, result: ChatResult) -> dict:
+        message = {"role": "assistant", "content": result.text}
+        grounding = self.grounding(result)
+        if grounding is not None:
+            message["grounding"] = grounding
+        choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+        return self._envelope("chat.completion", [choice], usage=usage(result))
+
+    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return sse(self._envelope("chat.completion.chunk", [choice]))
+
+    def final_chunk(self, result: ChatResult) -> str:
+        grounding = self.grounding(result)
+        return self.chunk({"grounding": grounding} if grounding is not None else {}, result.finish_reason)
+
+    def usage_chunk(self, result: ChatResult) -> str:
+        return sse(self._envelope("chat.completion.chunk", [], usage=usage(result)))
+
+
+def usage(result: ChatResult) -> dict:
+    completion_tokens = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": result.prompt_tokens + completion_tokens}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

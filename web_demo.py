@@ -1,0 +1,161 @@
+"""Chat with DeepSeek-VL2 about images in the browser (gradio >= 5: `pip install -e ".[gradio]"`).
+
+    python web_demo.py --model_name DeepSeek-VL2-tiny
+    python web_demo.py --model_path offline-ckpt --port 37913
+
+Type a question, attach one or more images (paperclip, or drop them on the box), and the answer
+streams in. Grounding answers (`<|ref|>the cat<|/ref|>`, `<|grounding|>...`) have their boxes drawn
+on the conversation's last image, shown beside the chat. The demo answers through the same
+ChatEngine as inference.py and the server. It listens on 127.0.0.1 and never opens a public share
+link; pass --host 0.0.0.0 to reach it from other machines.
+"""
+import argparse
+import html
+import queue
+import threading
+
+import torch
+
+try:
+    import gradio as gr
+except ImportError:
+    raise SystemExit('web_demo.py needs gradio >= 5: pip install -e ".[gradio]"') from None
+
+MODEL_IDS = {
+    "DeepSeek-VL2-tiny": "deepseek-ai/deepseek-vl2-tiny",
+    "DeepSeek-VL2-small": "deepseek-ai/deepseek-vl2-small",
+    "DeepSeek-VL2": "deepseek-ai/deepseek-vl2",
+}
+IMAGE_TAG = "<image>"
+TITLE = "DeepSeek-VL2 Chatbot"
+HINT = ("Attach images and ask about them. Special tokens: `<image>` (where an image goes; added in front "
+        "when missing), visual grounding: `<|ref|>{query}<|/ref|>`, grounded conversation: `<|grounding|>{question}`.")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_name", help=f"one of {', '.join(MODEL_IDS)} or a hub id")
+    source.add_argument("--model_path", help="a local checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=37913)
+    p.add_argument("--chunk_size", type=int, default=-1, help="prefill in chunks of this many tokens (-1: at once)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def user_turn_text(text: str, image_count: int) -> str:
+    """The user's text with one `<image>` tag per attached image (missing tags go in front)."""
+    missing = image_count - text.count(IMAGE_TAG)
+    if missing < 0:
+        raise ValueError(f"the text has {text.count(IMAGE_TAG)} {IMAGE_TAG} tags but {image_count} images are attached")
+    return (IMAGE_TAG + "\n") * missing + text
+
+
+class Demo:
+    """The chat logic behind the page; `history` is the engine's conversation (image paths included)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def add_user_turn(self, message: dict, chat: list, history: list):
+        text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
+        if not text and not files:
+            raise gr.Error("Type a question or attach an image first.")
+        try:
+            content = user_turn_text(text, len(files))
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        history = history + [{"role": "<|User|>", "content": content, "images": list(files)},
+                             {"role": "<|Assistant|>", "content": ""}]
+        chat = chat + [{"role": "user", "content": {"path": path}} for path in files]
+        chat = chat + [{"role": "user", "content": html.escape(text) or "(image)"}]
+        return gr.MultimodalTextbox(value=None, interactive=False), chat, history
+
+    def answer(self, chat: list, history: list, temperature: float, top_p: float, max_new_tokens: int):
+        """Stream the answer to the last user turn into the chat; then draw any grounding boxes."""
+        from deepseek_vl2.engine import BatchRow, GenerationParams
+        from deepseek_vl2.grounding import draw_boxes
+        from deepseek_vl2.utils.io import load_pil_images
+
+        try:
+            images = load_pil_images(history)
+            sample = self.engine.prepare_one(history, images)
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error)) from error
+        params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        row = BatchRow(sample, params, on_text=lambda piece: pieces.put(("text", piece)), is_cancelled=stop.is_set)
+
+        def generate():
+            try:
+                pieces.put(("done", self.engine.chat_batch([row])[0]))
+            except Exception as error:  # shown to the user below
+                pieces.put(("error", error))
+
+        threading.Thread(target=generate, daemon=True).start()
+        chat = chat + [{"role": "assistant", "content": ""}]
+        text = ""
+        try:
+            while True:
+                kind, value = pieces.get()
+                if kind == "error":
+                    raise gr.Error(f"generation failed: {value}")
+                if kind == "done":
+                    break
+                text += value
+                chat[-1] = {"role": "assistant", "content": html.escape(text)}
+                yield chat, history, gr.skip()
+        finally:
+            stop.set()  # the user pressed Stop or left: end the generation
+        result = value
+        history = history[:-1] + [{"role": "<|Assistant|>", "content": result.text}]
+        chat[-1] = {"role": "assistant", "content": html.escape(result.text) or "(empty answer)"}
+        drawn = draw_boxes(images[-1], result.boxes) if result.boxes and images else None
+        yield chat, history, drawn
+
+    def build(self):
+        with gr.Blocks(title=TITLE) as page:
+            gr.Markdown(f"# {TITLE}\n{HINT}")
+            history = gr.State([])
+            with gr.Row():
+                with gr.Column(scale=3):
+                    chat = gr.Chatbot(label="Conversation", height=520, elem_id="deepseek_chatbot")
+                    box = gr.MultimodalTextbox(placeholder="Ask about the images...", file_count="multiple",
+                                               file_types=["image"], show_label=False, elem_id="question")
+                    with gr.Row():
+                        stop_button = gr.Button("Stop")
+                        clear_button = gr.Button("New conversation")
+                with gr.Column(scale=2):
+                    grounding = gr.Image(label="Grounding boxes (last image)", type="pil", interactive=False)
+                    temperature = gr.Slider(0.0, 1.0, value=0.1, step=0.1, label="Temperature (0: greedy)",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(8, 4096, value=512, step=8, label="Max new tokens",
+                                               elem_id="max_new_tokens")
+            answering = box.submit(self.add_user_turn, [box, chat, history], [box, chat, history]).then(
+                self.answer, [chat, history, temperature, top_p, max_new_tokens], [chat, history, grounding])
+            answering.then(lambda: gr.MultimodalTextbox(interactive=True), None, [box])
+            stop_button.click(lambda: gr.MultimodalTextbox(interactive=True), None, [box], cancels=[answering])
+            clear_button.click(lambda: ([], [], None, gr.MultimodalTextbox(value=None, interactive=True)), None,
+                               [chat, history, grounding, box], cancels=[answering])
+        return page
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from deepseek_vl2.engine import ChatEngine
+
+    model = args.model_path or MODEL_IDS.get(args.model_name, args.model_name)
+    engine = ChatEngine.load(model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                             chunk_size=args.chunk_size)
+    page = Demo(engine).build()
+    page.queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port,
+                                                                share=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
