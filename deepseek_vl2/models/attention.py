@@ -107,10 +107,6 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:
             kv[0].index_copy_(3, attn.cache_positions, keys_values.to(kv[0].dtype))
             keys_values = kv[0][:, :, :, : attn.kv_len]
-        if (attn.mask is not None and self.num_kv_heads == self.num_heads
-                and triton_decode.decode_attention_applies(q)):
-            out = triton_decode.mha_decode(q[:, :, 0], keys_values, attn.mask[:, 0, 0], self.head_dim**-0.5)
-            return out.reshape(B, 1, -1)
         k, v = keys_values[:, 0], keys_values[:, 1]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -178,17 +174,18 @@ class MultiHeadLatentAttention(nn.Module):
     def _attend_absorbed(self, q_nope, q_pe, latent, attn: AttentionInputs):
         B, H, S, _ = q_nope.shape
         w_uk, w_uv = self._kv_b_halves()
-        if attn.mask is not None and triton_decode.decode_attention_applies(q_nope):
-            out_latent = triton_decode.mla_decode(torch.matmul(q_nope, w_uk)[:, :, 0], q_pe[:, :, 0], latent,
-                                                  attn.mask[:, 0, 0], self.softmax_scale)
-            return torch.matmul(out_latent[:, :, None], w_uv.transpose(1, 2))
-        q_latent = torch.cat((torch.matmul(q_nope, w_uk), q_pe), dim=-1)  # [B, H, S, rank + rope]
+        q_absorbed = per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
+        if attn.mask is not None and triton_decode.mla_decode_applies(q_nope, self.kv_rank, self.rope_dim):
+            out_latent = triton_decode.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, attn.mask[:, 0, 0],
+                                                  self.softmax_scale)
+            return per_head_matmul(out_latent[:, :, None], w_uv.transpose(1, 2))
+        q_latent = torch.cat((q_absorbed, q_pe), dim=-1)  # [B, H, S, rank + rope]
         scores = torch.bmm(q_latent.reshape(B, H * S, -1), latent.transpose(1, 2)).view(B, H, S, -1)
         scores = scores * self.softmax_scale
         mask = attn.mask if attn.mask is not None else causal_mask(S, scores.dtype, scores.device)
         probs = torch.softmax((scores + mask).float(), dim=-1).to(q_nope.dtype)
         out_latent = torch.bmm(probs.view(B, H * S, -1), latent[..., : self.kv_rank]).view(B, H, S, -1)
-        return torch.matmul(out_latent, w_uv.transpose(1, 2))  # [B, H, S, v]
+        return per_head_matmul(out_latent, w_uv.transpose(1, 2))  # [B, H, S, v]
 
     def _attend_expanded(self, q_nope, q_pe, latent, attn: AttentionInputs):
         B, H, S, _ = q_nope.shape
@@ -201,6 +198,14 @@ class MultiHeadLatentAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None, scale=self.softmax_scale
         )
+
+
+def per_head_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, d] @ weights [H, d, e] -> [B, H, S, e], as one batched product over heads
+    (torch.matmul would first copy the weights once per batch row)."""
+    B, H, S, d = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(H, B * S, d), weights)
+    return out.view(H, B, S, -1).transpose(0, 1)
 
 
 def make_attention(config: DeepseekV2Config) -> nn.Module:

@@ -120,14 +120,14 @@ class RoutedExperts(nn.Module):
         # the k outputs of a token only need a float32 sum: no [rows, h] float32 copy is made.
         row_weights = weights.flatten()[order, None]
         if grouped_mm_supported(x):
-            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            act = torch.mul(F.silu(gate) * up, row_weights).to(x.dtype)
+            hidden = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends)
+            act = fused(weighted_activation, x)(hidden, row_weights)
             out_sorted = torch._grouped_mm(act, self.down_proj.transpose(1, 2), offs=ends)
         else:
             out_sorted = self._per_expert(rows, row_weights, ends)
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(len(order), device=x.device)
-        return out_sorted[unsort].view(N, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+        return fused(combine_rows, x)(out_sorted, unsort, k)
 
     def _per_expert(self, rows, row_weights, ends):
         """Fallback for a torch without grouped GEMM on this device: one expert at a time (this
@@ -136,11 +136,43 @@ class RoutedExperts(nn.Module):
         start = 0
         for e, end in enumerate(ends.tolist()):
             if end > start:
-                gate, up = F.linear(rows[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
-                act = torch.mul(F.silu(gate) * up, row_weights[start:end]).to(rows.dtype)
-                out[start:end] = F.linear(act, self.down_proj[e])
+                hidden = F.linear(rows[start:end], self.gate_up_proj[e])
+                out[start:end] = F.linear(weighted_activation(hidden, row_weights[start:end]), self.down_proj[e])
             start = end
         return out
+
+
+def weighted_activation(gate_up: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * routing weight (float32 multiply), back in the activation dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.mul(F.silu(gate) * up, row_weights).to(gate_up.dtype)
+
+
+def combine_rows(out_sorted: torch.Tensor, unsort: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's k weighted expert outputs (rows sorted by expert) summed in float32."""
+    return out_sorted[unsort].view(-1, k, out_sorted.shape[-1]).sum(dim=1, dtype=torch.float32).to(out_sorted.dtype)
+
+
+_FUSED = {}
+
+
+def fused(fn, x: torch.Tensor):
+    """`fn` compiled into single fused kernels for CUDA prefill (any token count); plain `fn` on the
+    CPU, inside an already compiled region, or if compilation fails."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return fn
+    if fn not in _FUSED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args):
+            try:
+                return compiled(*args)
+            except Exception:  # noqa: BLE001  (a compiler problem must not stop inference)
+                _FUSED[fn] = fn
+                return fn(*args)
+
+        _FUSED[fn] = run
+    return _FUSED[fn]
 
 
 _GROUPED_MM_SUPPORT = {}

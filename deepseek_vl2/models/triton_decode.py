@@ -11,9 +11,9 @@ expert before a grouped GEMM. These kernels spread each weight over many program
   route    the MoE router: float32 logits (gemv), then per token softmax or sigmoid, optional
            correction bias for the choice, top-k by repeated argmax, renormalisation and scaling
            (topk_method greedy, or the n_group == 1 forms of the others).
-  mla_decode / mha_decode
-           attention of one new token per row over the cache (split-KV flash decoding): MLA
-           reads each latent slice once for all heads; strided cache views need no copies.
+  mla_decode
+           MLA attention of one new token per row over the latent cache (split-KV flash decoding):
+           each latent slice is read once for all heads, and strided cache views need no copies.
 
 They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
 `decode_sized(x, rows)` says when to use them; everything else (the plain projections too, where
@@ -160,8 +160,13 @@ if triton is not None:
 # softmax, and writes an unnormalised partial output; a second kernel combines the slices. Scores
 # and the softmax are float32; probabilities enter the value product in the activation dtype.
 
-def decode_attention_applies(q: torch.Tensor) -> bool:
-    return triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] == 1
+def mla_decode_applies(q_nope: torch.Tensor, kv_rank: int, rope_dim: int) -> bool:
+    """One query token per row on CUDA, with dims the kernel's tensor-core dots take (powers of two,
+    at least 16: every release; not the tiny test fixtures)."""
+    B, H, S, _ = q_nope.shape
+    dims_ok = all(d >= 16 and d & (d - 1) == 0 for d in (H, kv_rank, rope_dim))
+    return (triton is not None and q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16)
+            and S == 1 and dims_ok)
 
 
 if triton is not None:
@@ -204,43 +209,6 @@ if triton is not None:
         tl.store(sum_ptr + base, running_sum)
 
     @triton.jit
-    def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
-                           stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
-                           H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32)
-        keys = kv_ptr + b * stride_kb + h * stride_kh
-        running_max = float("-inf")
-        running_sum = 0.0
-        acc = tl.zeros((D,), dtype=tl.float32)
-        start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = offs_n < end
-            k = tl.load(keys + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(keys + stride_kv + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None],
-                        other=0.0)
-            bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale + bias
-            scores = tl.where(valid, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-            probs = tl.exp(scores - new_max)
-            alpha = tl.exp(running_max - new_max)
-            running_sum = running_sum * alpha + tl.sum(probs, axis=0)
-            acc = acc * alpha + tl.sum(probs[:, None] * v.to(tl.float32), axis=0)
-            running_max = new_max
-        base = (b * n_splits + split) * H + h
-        tl.store(part_ptr + base * D + offs_d, acc)
-        tl.store(max_ptr + base, running_max)
-        tl.store(sum_ptr + base, running_sum)
-
-    @triton.jit
     def _combine_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, n_splits, H: tl.constexpr, D: tl.constexpr,
                         BLOCK_S: tl.constexpr):
         bh = tl.program_id(0)
@@ -259,9 +227,9 @@ if triton is not None:
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
     def _splits(rows: int, kv_len: int, block_n: int):
-        """Key slices per row: enough programs to fill the GPU, at least one block each."""
+        """Key slices per row: enough programs to fill the GPU, at least four blocks each."""
         wanted = max(1, -(-264 // rows))
-        split_len = max(block_n, -(-kv_len // wanted))
+        split_len = max(4 * block_n, -(-kv_len // wanted))
         split_len = -(-split_len // block_n) * block_n
         return -(-kv_len // split_len), split_len
 
@@ -287,19 +255,3 @@ if triton is not None:
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
-
-    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [B, H, D], keys_values [B, 2, H, kv_len, D] (a cache view), mask [B, kv_len] additive
-        -> [B, H, D]."""
-        B, H, D = q.shape
-        kv_len = keys_values.shape[3]
-        block_n = 64
-        n_splits, split_len = _splits(B * H, kv_len, block_n)
-        part = torch.empty(B * n_splits * H, D, device=q.device, dtype=torch.float32)
-        maxes = torch.empty(B * n_splits * H, device=q.device, dtype=torch.float32)
-        sums = torch.empty_like(maxes)
-        s = keys_values.stride()
-        _mha_decode_kernel[(B * H, n_splits)](
-            q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),
-            s[0], s[1], s[2], s[3], mask.stride(0), H=H, D=D, BLOCK_N=block_n, num_warps=4)
-        return _combine(part, maxes, sums, q.new_empty(B, H, D), n_splits, H, D)
