@@ -116,63 +116,26 @@ class RoutedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
         ends = counts.cumsum(0, dtype=torch.int32)
-        # The routing weight scales each row before the (linear) down projection, in float32, so
-        # the k outputs of a token only need a float32 sum: no [rows, h] float32 copy is made.
-        row_weights = weights.flatten()[order, None]
         if grouped_mm_supported(x):
-            hidden = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends)
-            act = fused(weighted_activation, x)(hidden, row_weights)
-            out_sorted = torch._grouped_mm(act, self.down_proj.transpose(1, 2), offs=ends)
+            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            out_sorted = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
         else:
-            out_sorted = self._per_expert(rows, row_weights, ends)
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(len(order), device=x.device)
-        return fused(combine_rows, x)(out_sorted, unsort, k)
+            out_sorted = self._per_expert(rows, ends)
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted
+        return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
-    def _per_expert(self, rows, row_weights, ends):
+    def _per_expert(self, rows, ends):
         """Fallback for a torch without grouped GEMM on this device: one expert at a time (this
         reads the group boundaries on the host)."""
         out = torch.empty_like(rows)
         start = 0
         for e, end in enumerate(ends.tolist()):
             if end > start:
-                hidden = F.linear(rows[start:end], self.gate_up_proj[e])
-                out[start:end] = F.linear(weighted_activation(hidden, row_weights[start:end]), self.down_proj[e])
+                gate, up = F.linear(rows[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
+                out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
             start = end
         return out
-
-
-def weighted_activation(gate_up: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up * routing weight (float32 multiply), back in the activation dtype."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.mul(F.silu(gate) * up, row_weights).to(gate_up.dtype)
-
-
-def combine_rows(out_sorted: torch.Tensor, unsort: torch.Tensor, k: int) -> torch.Tensor:
-    """Each token's k weighted expert outputs (rows sorted by expert) summed in float32."""
-    return out_sorted[unsort].view(-1, k, out_sorted.shape[-1]).sum(dim=1, dtype=torch.float32).to(out_sorted.dtype)
-
-
-_FUSED = {}
-
-
-def fused(fn, x: torch.Tensor):
-    """`fn` compiled into single fused kernels for CUDA prefill (any token count); plain `fn` on the
-    CPU, inside an already compiled region, or if compilation fails."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return fn
-    if fn not in _FUSED:
-        compiled = torch.compile(fn, dynamic=True)
-
-        def run(*args):
-            try:
-                return compiled(*args)
-            except Exception:  # noqa: BLE001  (a compiler problem must not stop inference)
-                _FUSED[fn] = fn
-                return fn(*args)
-
-        _FUSED[fn] = run
-    return _FUSED[fn]
 
 
 _GROUPED_MM_SUPPORT = {}
