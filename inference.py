@@ -22,19 +22,17 @@ DEMO_PROMPT = ("<image>\n<image>\n<|grounding|>In the first image, an object wit
 
 
 def parse_args(argv=None):
+    from deepseek_vl2.engine import add_engine_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or directory")
-    p.add_argument("--chunk_size", type=int, default=-1,
-                   help="prefill the prompt in chunks of this many tokens (-1: in one go; 512 bounds the memory)")
+    add_engine_arguments(p)
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--prompt", help="the question; <image> tags are added in front if it has none")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.4, help="0 for greedy decoding")
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print the answer only when it is complete")
     p.add_argument("--output", default="vg.jpg", help="where to save the image with grounding boxes")
@@ -64,8 +62,7 @@ def main(argv=None) -> int:
     try:
         images = load_pil_images(conversation)
         started = time.perf_counter()
-        engine = ChatEngine.load(args.model_path, device=args.device,
-                                 dtype=getattr(torch, args.dtype) if args.dtype else None, chunk_size=args.chunk_size)
+        engine = ChatEngine.from_args(args.model_path, args)
         load_s = time.perf_counter() - started
         print(f"{len(images)} image(s); model on {engine.model.device} in {str(engine.model.dtype)[6:]}", flush=True)
         prompt = engine.processor.format_messages(conversation, sft_format=engine.processor.sft_format)

@@ -14,7 +14,6 @@ import html
 import queue
 import threading
 
-import torch
 
 try:
     import gradio as gr
@@ -33,16 +32,15 @@ HINT = ("Attach images and ask about them. Special tokens: `<image>` (where an i
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from deepseek_vl2.engine import add_engine_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_name", help=f"one of {', '.join(MODEL_IDS)} or a hub id")
     source.add_argument("--model_path", help="a local checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=37913)
-    p.add_argument("--chunk_size", type=int, default=-1, help="prefill in chunks of this many tokens (-1: at once)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    add_engine_arguments(p)
     return p.parse_args(argv)
 
 
@@ -150,8 +148,7 @@ def main(argv=None) -> None:
     from deepseek_vl2.engine import ChatEngine
 
     model = args.model_path or MODEL_IDS.get(args.model_name, args.model_name)
-    engine = ChatEngine.load(model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                             chunk_size=args.chunk_size)
+    engine = ChatEngine.from_args(model, args)
     page = Demo(engine).build()
     page.queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port,
                                                                 share=False, show_error=True)

@@ -170,8 +170,6 @@ def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
                   decode_tok_s={str(b): r for b, r in rates.items()},
                   generate_ms={str(b): t for b, t in loop_times.items()}, roofline_b1_tok_s=roofline,
                   roofline_b1_pct=100 * rates.get(1, float("nan")) / roofline)
-    del model, lm
-    torch.cuda.empty_cache()
     return result
 
 
@@ -209,6 +207,7 @@ def main():
     results = []
     for variant in args.variants:
         r = bench_variant(variant, processor, args.batches, args.new_tokens, args.repeats, bandwidth)
+        torch.cuda.empty_cache()  # the variant's model is gone with bench_variant's frame
         results.append(r)
         print(json.dumps(r), flush=True)
     cols = ["variant", "prompt", "processor ms", "vision ms", "prefill ms", "ttft ms"] + \

@@ -111,6 +111,12 @@ class ChatEngine:
         self.chunk_size = chunk_size
 
     @classmethod
+    def from_args(cls, model_path: str, args) -> "ChatEngine":
+        """Load with the options `add_engine_arguments` put on a command line."""
+        return cls.load(model_path, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                        chunk_size=args.chunk_size)
+
+    @classmethod
     def load(cls, model_path: str, device: Optional[str] = None, dtype=None, chunk_size: int = -1) -> "ChatEngine":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
@@ -252,3 +258,12 @@ class BatchStream:
     def end(self) -> None:
         for stream in self.streams:
             stream.end()
+
+
+def add_engine_arguments(parser) -> None:
+    """--chunk_size, --dtype and --device, as inference.py, the server and the web demo take them."""
+    parser.add_argument("--chunk_size", type=int, default=-1,
+                        help="prefill the prompt in chunks of this many tokens (-1: in one go; 512 bounds the memory)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")

@@ -14,7 +14,7 @@ checkpoints (whose config.json names no code).
 """
 import math
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn

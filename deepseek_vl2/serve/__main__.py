@@ -4,11 +4,10 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 import uvicorn
 from PIL import Image
 
-from ..engine import ChatEngine
+from ..engine import ChatEngine, add_engine_arguments
 from .app import create_app
 from .settings import ServerSettings
 
@@ -20,10 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_path", required=True, help="hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--chunk_size", type=int, default=-1, help="prefill in chunks of this many tokens (-1: at once)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    add_engine_arguments(p)
     p.add_argument("--allowed-local-media-path", type=Path,
                    help="allow file:// image URLs, for files below this directory only (default: none)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refuse)")
@@ -55,8 +51,7 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
-    engine = ChatEngine.load(args.model_path, device=args.device,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None, chunk_size=args.chunk_size)
+    engine = ChatEngine.from_args(args.model_path, args)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
 
 
