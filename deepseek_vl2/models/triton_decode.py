@@ -107,15 +107,13 @@ if triton is not None:
             tl.store(weights_ptr + t * TOP_K + i, weight / denominator * scale)
             choice = tl.where(offs_e == best, float("-inf"), choice)
 
-    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=128, num_warps=8,
-                     out_dtype=None):
-        """Tiles measured on an H100 (benchmarks/gemv_configs.py): 8 output rows per program while
-        the work is small, 32 from about 8 tokens' worth of expert rows."""
+    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=4, block_k=128, num_warps=2, out_dtype=None):
+        """Default tiles measured on an H100 (benchmarks/gemv_configs.py): 4 output rows per program
+        and 2 warps were at or near the best for the expert shapes of tiny, small and base."""
         N = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
         K = weight.shape[-1]
         rows = ids.numel() if ids is not None else x.shape[0]
         out = torch.empty(rows, N, device=x.device, dtype=out_dtype or x.dtype)
-        block_n = block_n or (32 if rows >= 32 else 8)
         grid = (triton.cdiv(N, block_n), rows)
         _gemv_kernel[grid](x, weight, ids if ids is not None else x, out, N, K, rows_per_id, x.stride(0),
                            weight.stride(0) if ids is not None else 0, weight.stride(-2), out.stride(0),
@@ -139,7 +137,7 @@ if triton is not None:
     def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
               normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         T, E = x.shape[0], weight.shape[0]
-        logits = _gemv_launch(x.contiguous(), weight, None, 1, False, block_n=4, out_dtype=torch.float32)
+        logits = _gemv_launch(x.contiguous(), weight, None, 1, False, out_dtype=torch.float32)
         ids = torch.empty(T, top_k, device=x.device, dtype=torch.long)
         weights = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
         _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
