@@ -1,7 +1,7 @@
 """Turning next-token logits into the next token, with the semantics of transformers' generate
 (the reference's generation path): repetition penalty, min_new_tokens, then for sampling
 temperature, top-k and top-p, then argmax or a multinomial draw."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -34,10 +34,6 @@ class SamplingSettings:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
             if self.top_k is not None and self.top_k < 0:
                 raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-
-    @classmethod
-    def names(cls):
-        return {f.name for f in fields(cls)}
 
 
 def process_logits(scores: torch.Tensor, history: Optional[torch.Tensor], generated: int,

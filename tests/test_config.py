@@ -1,0 +1,67 @@
+"""Configs round-trip the released config.json files; importing the package registers the Auto classes."""
+import json
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import deepseek_vl2  # noqa: F401  (registration)
+from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+from goldens import CHECKPOINTS, FIXTURES
+
+RELEASES = [FIXTURES / "real_shapes" / v for v in ("tiny", "small", "base")] + list(CHECKPOINTS.values())
+
+
+def assert_subset(original: dict, written: dict, path=""):
+    for key, value in original.items():
+        if key == "transformers_version":  # rewritten by whichever transformers saves
+            continue
+        if key == "torch_dtype":  # transformers 5 writes it as "dtype"
+            assert str(written.get("torch_dtype", written.get("dtype"))).endswith(value), path + key
+        elif isinstance(value, dict):
+            assert_subset(value, written[key], f"{path}{key}.")
+        else:
+            got = written[key]
+            if isinstance(value, list):
+                got = [list(v) if isinstance(v, (list, tuple)) else v for v in got]
+            assert got == value, f"{path}{key}: {got!r} != {value!r}"
+
+
+@pytest.mark.parametrize("folder", RELEASES, ids=lambda p: p.name)
+def test_config_json_round_trips(folder, tmp_path):
+    original = json.loads((folder / "config.json").read_text())
+    config = AutoConfig.from_pretrained(str(folder))
+    assert isinstance(config, DeepseekVLV2Config) and isinstance(config.language_config, DeepseekV2Config)
+    assert_subset(original, config.to_dict())
+    config.save_pretrained(str(tmp_path))
+    again = DeepseekVLV2Config.from_pretrained(str(tmp_path))
+    assert_subset(original, again.to_dict())
+    assert again.language_config.rope_scaling == original["language_config"].get("rope_scaling")
+
+
+def test_release_values():
+    small = DeepseekVLV2Config.from_pretrained(str(FIXTURES / "real_shapes" / "small"))
+    lang = small.language_config
+    assert (lang.hidden_size, lang.num_hidden_layers, lang.n_routed_experts, lang.kv_lora_rank) == (2048, 27, 64, 512)
+    assert lang.use_mla and lang.q_lora_rank is None and lang.topk_method == "greedy"
+    assert small.vision_config.width == 1152 and small.vision_config.layers == 27
+    assert len(small.candidate_resolutions) == 23 and small.tile_tag == "2D"
+    assert [lang.is_moe_layer(i) for i in range(3)] == [False, True, True]
+
+
+def test_registration():
+    for model_type in ("deepseek_vl_v2", "vision", "mlp_projector"):
+        assert model_type in CONFIG_MAPPING
+    assert CONFIG_MAPPING["deepseek_v2"].__module__.startswith("transformers.")  # left to transformers
+    assert AutoModelForCausalLM._model_mapping[DeepseekVLV2Config] is DeepseekVLV2ForCausalLM
+
+
+def test_unsupported_settings_are_named():
+    with pytest.raises(ValueError, match="topk_method='gready' is not supported"):
+        DeepseekV2Config(n_routed_experts=4, num_experts_per_tok=2).validate_for_model()
+    with pytest.raises(ValueError, match="rope_scaling type 'ntk' is not supported"):
+        DeepseekV2Config(rope_scaling={"type": "ntk", "factor": 2}).validate_for_model()
+    config = DeepseekVLV2Config.from_pretrained(str(CHECKPOINTS["tiny_mha"]))
+    config.tile_tag = "1D"
+    with pytest.raises(ValueError, match="tile_tag '1D' is not supported"):
+        DeepseekVLV2ForCausalLM(config)
