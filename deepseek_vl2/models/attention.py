@@ -41,7 +41,8 @@ def build_attention_inputs(
     """Key j is visible to query i when j <= i's cache slot and `attention_mask[b, j]` is set.
 
     `attention_mask` is the 2-D padding mask over cached + new tokens ([B, >= past_length+seq_len],
-    1/True = real token) or None. Masked entries get finfo(dtype).min (a fully masked row, a padding
+    1/True = real token) or None. `cache_positions` (default: past_length onwards) may be a device
+    tensor, as in CUDA-graph decode steps; with one new token nothing here reads device values. Masked entries get finfo(dtype).min (a fully masked row, a padding
     query, then attends uniformly, as in the reference, instead of producing NaN).
     """
     if cache_positions is None:

@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .attention import AttentionInputs
+from .attention import build_attention_inputs
 from .kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -150,11 +150,7 @@ class StaticDecoder:
         model = self.lm.model
         x = model.embed_tokens(self.tokens[:, None])
         cos, sin = model.rope.lookup(self.positions[:, None], x.dtype)
-        keys = torch.arange(kv_len, device=x.device)
-        visible = (keys[None, :] <= self.slot) & self.visible[:, :kv_len]
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[:, None, None, :]
-        attn = AttentionInputs(self.slot, kv_len, mask)
+        attn = build_attention_inputs(self.visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=self.slot)
         for layer, kv in zip(model.layers, self.cache.layers):
             query, new_entries = pre(layer, x, cos, sin)
             x = post(layer, x, layer.self_attn.attend(query, new_entries, attn, kv))

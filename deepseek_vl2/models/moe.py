@@ -78,7 +78,8 @@ class Router(nn.Module):
         return ids, weights * self.scale
 
     def _fused_kernel_applies(self, x) -> bool:
-        """The one-kernel router covers decode-sized CUDA inputs without group limits."""
+        """The fused router (gemv logits + one top-k kernel) covers decode-sized CUDA inputs without
+        group limits."""
         one_group = self.method == "greedy" or self.n_group == 1
         return one_group and not self.training and triton_decode.decode_sized(x, triton_decode.MAX_ROUTER_TOKENS)
 
@@ -105,12 +106,11 @@ class RoutedExperts(nn.Module):
         """x [N, h], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, h] in x's dtype.
 
         Expert outputs are combined in float32, as the reference does."""
-        N, k = ids.shape
+        k = ids.shape[1]
         flat_ids = ids.flatten()
         if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_TOKENS):
             act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
-            out = triton_decode.gemv(act, self.down_proj, flat_ids, 1, False)
-            return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+            return _combine(triton_decode.gemv(act, self.down_proj, flat_ids, 1, False), weights)
         order = flat_ids.argsort(stable=True)
         rows = x[order // k]
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
@@ -123,7 +123,7 @@ class RoutedExperts(nn.Module):
             out_sorted = self._per_expert(rows, ends)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted
-        return (out.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return _combine(out, weights)
 
     def _per_expert(self, rows, ends):
         """Fallback for a torch without grouped GEMM on this device: one expert at a time (this
@@ -136,6 +136,13 @@ class RoutedExperts(nn.Module):
                 out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
             start = end
         return out
+
+
+def _combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs [N*k, h] in (token, slot) order -> per token sum of weight * output, in float32
+    (as the reference), returned in the outputs' dtype."""
+    N, k = weights.shape
+    return (outputs.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(outputs.dtype)
 
 
 _GROUPED_MM_SUPPORT = {}
