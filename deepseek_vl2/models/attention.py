@@ -3,7 +3,7 @@ multi-head latent attention (small and base). Spec: language_model.md §4-§6.
 
 Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
 RoPE applied; fixed shapes, so the GPU decode path compiles it) and `attend` (write the new entries
-into this layer's cache tensors at absolute positions, attend over `kv_len` keys). `o_proj` is
+into this layer's cache tensor at absolute positions, attend over `kv_len` keys). `o_proj` is
 applied by the decoder layer. With a prepared `AttentionInputs` the same code serves prefill,
 chunked prefill and fixed-shape (CUDA-graph) decode steps.
 """
@@ -100,14 +100,14 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), (torch.stack((apply_rotary(k, cos, sin), v), dim=1),)
+        return apply_rotary(q, cos, sin), torch.stack((apply_rotary(k, cos, sin), v), dim=1)
 
-    def attend(self, q, new, attn: AttentionInputs, kv: Optional[tuple]):
+    def attend(self, q, keys_values, attn: AttentionInputs, kv: Optional[torch.Tensor]):
+        """`keys_values` [B, 2, kv_heads, S, head_dim] of the new tokens; `kv` this layer's cache."""
         B, _, S, _ = q.shape
-        (keys_values,) = new
         if kv is not None:
-            kv[0].index_copy_(3, attn.cache_positions, keys_values.to(kv[0].dtype))
-            keys_values = kv[0][:, :, :, : attn.kv_len]
+            kv.index_copy_(3, attn.cache_positions, keys_values.to(kv.dtype))
+            keys_values = kv[:, :, :, : attn.kv_len]
         k, v = keys_values[:, 0], keys_values[:, 1]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -153,14 +153,14 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
         q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
         k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
-        return (q_nope, q_pe), (torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1),)
+        return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
 
-    def attend(self, q, new, attn: AttentionInputs, kv: Optional[tuple]):
+    def attend(self, q, latent, attn: AttentionInputs, kv: Optional[torch.Tensor]):
+        """`latent` [B, S, rank + rope] of the new tokens; `kv` this layer's cache."""
         q_nope, q_pe = q
-        (latent,) = new
         if kv is not None:
-            kv[0].index_copy_(1, attn.cache_positions, latent.to(kv[0].dtype))
-            latent = kv[0][:, : attn.kv_len]
+            kv.index_copy_(1, attn.cache_positions, latent.to(kv.dtype))
+            latent = kv[:, : attn.kv_len]
         if q_nope.is_cuda and q_nope.shape[2] > 1:
             out = self._attend_expanded(q_nope, q_pe, latent, attn)
         else:

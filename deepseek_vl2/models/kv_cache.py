@@ -1,6 +1,6 @@
 """Key/value cache for the decoder, preallocated and written in place.
 
-Per layer it holds, for the whole batch:
+Per layer it holds one tensor for the whole batch:
   * MLA (small, base): one [B, capacity, kv_lora_rank + qk_rope_head_dim] tensor: the normalised
     latent c_kv followed by the rotated shared rope key k_pe (576 values per token for the releases);
   * MHA (tiny): keys (after RoPE) and values stacked, [B, 2, heads, capacity, head_dim].
@@ -35,17 +35,17 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.layers[0][0].shape[self.seq_dim]
+        return self.layers[0].shape[self.seq_dim]
 
-    def _allocate(self, capacity: int):
+    def _allocate(self, capacity: int) -> torch.Tensor:
         # zeros, not empty: unwritten slots are read (and masked) by fixed-capacity decode steps,
         # and masked garbage could still be NaN, which survives multiplication by a zero weight
         c, B = self.config, self.batch_size
         kw = dict(device=self.device, dtype=self.dtype)
         if c.use_mla:
-            return (torch.zeros(B, capacity, c.kv_lora_rank + c.qk_rope_head_dim, **kw),)
+            return torch.zeros(B, capacity, c.kv_lora_rank + c.qk_rope_head_dim, **kw)
         head_dim = c.hidden_size // c.num_attention_heads
-        return (torch.zeros(B, 2, c.num_key_value_heads, capacity, head_dim, **kw),)
+        return torch.zeros(B, 2, c.num_key_value_heads, capacity, head_dim, **kw)
 
     def reserve(self, needed: int) -> None:
         """Grow every layer's storage (doubling) so that `needed` tokens fit."""
@@ -53,16 +53,16 @@ class KVCache:
             return
         new_capacity = max(needed, 2 * self.capacity)
         grown = []
-        for (old,) in self.layers:
-            (fresh,) = self._allocate(new_capacity)
+        for old in self.layers:
+            fresh = self._allocate(new_capacity)
             fresh.narrow(self.seq_dim, 0, self.length).copy_(old.narrow(self.seq_dim, 0, self.length))
-            grown.append((fresh,))
+            grown.append(fresh)
         self.layers = grown
 
     def copy_from(self, other: "KVCache") -> "KVCache":
         """Take over `other`'s tokens (same model and batch size; capacity permitting)."""
         self.reserve(other.length)
-        for (mine,), (theirs,) in zip(self.layers, other.layers):
+        for mine, theirs in zip(self.layers, other.layers):
             mine.narrow(self.seq_dim, 0, other.length).copy_(theirs.narrow(self.seq_dim, 0, other.length))
         self.length = other.length
         return self
@@ -75,10 +75,10 @@ class KVCache:
     def __getitem__(self, layer_idx: int):
         L = self.length
         if self.config.use_mla:
-            (latent,) = self.layers[layer_idx]
+            latent = self.layers[layer_idx]
             r = self.config.kv_lora_rank
             return latent[:, None, :L, r:], latent[:, None, :L, :r]
-        (keys_values,) = self.layers[layer_idx]
+        keys_values = self.layers[layer_idx]
         return keys_values[:, 0, :, :L], keys_values[:, 1, :, :L]
 
     def __iter__(self):
@@ -99,8 +99,8 @@ class KVCache:
 
     def reorder(self, beam_idx: torch.Tensor) -> "KVCache":
         """Select batch rows (beam search's `_reorder_cache`)."""
-        self.layers = [tuple(t.index_select(0, beam_idx.to(t.device)) for t in ts) for ts in self.layers]
-        self.batch_size = self.layers[0][0].shape[0]
+        self.layers = [t.index_select(0, beam_idx.to(t.device)) for t in self.layers]
+        self.batch_size = self.layers[0].shape[0]
         return self
 
     @classmethod
@@ -119,8 +119,8 @@ class KVCache:
                 if tuple(elem0.shape[:3]) != expected or tuple(elem1.shape[:3]) != expected:
                     raise ValueError(f"past_key_values[{i}] has shapes {tuple(elem0.shape)}, {tuple(elem1.shape)}; "
                                      f"expected (k_pe [B,1,L,{config.qk_rope_head_dim}], c_kv [B,1,L,{config.kv_lora_rank}])")
-                cache.layers[i][0][:, :length] = torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1)
+                cache.layers[i][:, :length] = torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1)
             else:
-                cache.layers[i][0][:, :, :, :length] = torch.stack((elem0, elem1), dim=1)
+                cache.layers[i][:, :, :, :length] = torch.stack((elem0, elem1), dim=1)
         cache.length = length
         return cache

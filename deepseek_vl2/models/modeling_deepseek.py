@@ -41,8 +41,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, attn: AttentionInputs, kv: Optional[tuple]):
-        """x [B, S, h]; rope = (cos, sin) for the new tokens; kv = this layer's cache tensors."""
+    def forward(self, x, rope, attn: AttentionInputs, kv: Optional[torch.Tensor]):
+        """x [B, S, h]; rope = (cos, sin) for the new tokens; kv = this layer's cache tensor."""
         query, new_entries = self.pre_attention(x, *rope)
         return self.post_attention(x, self.self_attn.attend(query, new_entries, attn, kv))
 
