@@ -1,10 +1,10 @@
 """Self-attention of the decoder: plain multi-head attention (tiny, `use_mla: false`) and
 multi-head latent attention (small and base). Spec: language_model.md §4-§6.
 
-Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
-RoPE applied; fixed shapes, so the GPU decode path compiles it) and `attend` (write the new entries
-into this layer's cache tensor at absolute positions, attend over `kv_len` keys). `o_proj` is
-applied by the decoder layer. With a prepared `AttentionInputs` the same code serves prefill,
+Each is split in three: `project` (norm output -> queries and the new tokens' cache entries, with
+RoPE applied; fixed shapes), `store` (write the entries into this layer's cache tensor at absolute
+positions; the GPU decode path compiles these two together) and `attend` (store unless already
+stored, then attend over `kv_len` keys). `o_proj` is applied by the decoder layer. With a prepared `AttentionInputs` the same code serves prefill,
 chunked prefill and fixed-shape (CUDA-graph) decode steps.
 """
 from dataclasses import dataclass
@@ -102,12 +102,21 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), torch.stack((apply_rotary(k, cos, sin), v), dim=1)
 
+    @staticmethod
+    def store(kv: torch.Tensor, keys_values: torch.Tensor, cache_positions: torch.Tensor) -> None:
+        kv[:, :, :, cache_positions] = keys_values.to(kv.dtype)
+
     def attend(self, q, keys_values, attn: AttentionInputs, kv: Optional[torch.Tensor]):
-        """`keys_values` [B, 2, kv_heads, S, head_dim] of the new tokens; `kv` this layer's cache."""
+        """`keys_values` [B, 2, kv_heads, S, head_dim] of the new tokens (None: already stored in
+        `kv`); `kv` this layer's cache."""
         B, _, S, _ = q.shape
         if kv is not None:
-            kv.index_copy_(3, attn.cache_positions, keys_values.to(kv.dtype))
+            if keys_values is not None:
+                self.store(kv, keys_values, attn.cache_positions)
             keys_values = kv[:, :, :, : attn.kv_len]
+        if attn.mask is not None and triton_decode.mha_decode_applies(q):
+            out = triton_decode.mha_decode(q[:, :, 0], keys_values, attn.mask[:, 0, 0], self.head_dim**-0.5)
+            return out.view(B, 1, -1)
         k, v = keys_values[:, 0], keys_values[:, 1]
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -155,11 +164,17 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
         return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
 
+    @staticmethod
+    def store(kv: torch.Tensor, latent: torch.Tensor, cache_positions: torch.Tensor) -> None:
+        kv[:, cache_positions] = latent.to(kv.dtype)
+
     def attend(self, q, latent, attn: AttentionInputs, kv: Optional[torch.Tensor]):
-        """`latent` [B, S, rank + rope] of the new tokens; `kv` this layer's cache."""
+        """`latent` [B, S, rank + rope] of the new tokens (None: already stored in `kv`); `kv` this
+        layer's cache."""
         q_nope, q_pe = q
         if kv is not None:
-            kv.index_copy_(1, attn.cache_positions, latent.to(kv.dtype))
+            if latent is not None:
+                self.store(kv, latent, attn.cache_positions)
             latent = kv[:, : attn.kv_len]
         if q_nope.is_cuda and q_nope.shape[2] > 1:
             out = self._attend_expanded(q_nope, q_pe, latent, attn)

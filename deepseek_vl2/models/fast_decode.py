@@ -7,8 +7,8 @@ they, not the memory traffic, set the speed. So for each batch size:
     absolute slots, so every step has the same shapes and addresses;
   * each step runs as one replayed CUDA graph. Attention reads the cache up to a length bucket
     (a multiple of 256 tokens, one graph per bucket in use) with a mask for the slots not yet written;
-  * the fixed-shape parts of every layer (norms, projections, RoPE, the MoE block, the LM head)
-    go through torch.compile, which fuses their elementwise work. Layers share one compiled
+  * the fixed-shape parts of every layer (norms, projections, RoPE and the cache write, the MoE
+    block, the LM head) go through torch.compile, which fuses their elementwise work. Layers share one compiled
     graph per kind (dense / MoE), since their parameters are graph inputs.
 
 Greedy decoding goes further: the graph also picks the token (argmax, EOS suppressed before
@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 BUCKETS = tuple(range(256, 8192 + 1, 256))  # attended lengths a decode graph is made for
 
 
-def _pre_attention(layer, x, cos, sin):
-    return layer.pre_attention(x, cos, sin)
+def _pre_attention(layer, x, cos, sin, kv, slot):
+    query, new_entries = layer.pre_attention(x, cos, sin)
+    layer.self_attn.store(kv, new_entries, slot)
+    return query
 
 
 def _post_attention(layer, x, context):
@@ -152,8 +154,8 @@ class StaticDecoder:
         cos, sin = model.rope.lookup(self.positions[:, None], x.dtype)
         attn = build_attention_inputs(self.visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=self.slot)
         for layer, kv in zip(model.layers, self.cache.layers):
-            query, new_entries = pre(layer, x, cos, sin)
-            x = post(layer, x, layer.self_attn.attend(query, new_entries, attn, kv))
+            query = pre(layer, x, cos, sin, kv, self.slot)
+            x = post(layer, x, layer.self_attn.attend(query, None, attn, kv))
         return last_logits(self.lm, x)
 
     def _run_greedy(self, kv_len: int) -> torch.Tensor:

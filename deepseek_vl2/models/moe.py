@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_decode
+from . import triton_decode, triton_moe
 from .configuration_deepseek import DeepseekV2Config
 
 
@@ -31,8 +31,7 @@ class GatedMLP(nn.Module):
         }
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(_silu_mul(self.gate_up_proj(x)))
 
 
 class Router(nn.Module):
@@ -51,12 +50,22 @@ class Router(nn.Module):
         if self.method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.empty(self.num_experts))
 
-    def forward(self, x):
-        """x [N, h] -> expert ids [N, k] (int64) and weights [N, k] (float32)."""
+    def forward(self, x, always_on: int = 0):
+        """x [N, h] -> expert ids [N, k + always_on] (int64) and weights (float32): the top k, then
+        the `always_on` experts numbered from num_experts on (the shared ones) with weight 1."""
         if self._fused_kernel_applies(x):
             bias = getattr(self, "e_score_correction_bias", None)
             return triton_decode.route(x, self.weight, bias, self.top_k, self.scoring == "sigmoid",
-                                       self.top_k > 1 and self.normalize, float(self.scale))
+                                       self.top_k > 1 and self.normalize, float(self.scale), always_on)
+        ids, weights = self._choose(x)
+        if always_on:
+            N = x.shape[0]
+            extra = torch.arange(self.num_experts, self.num_experts + always_on, device=x.device)
+            ids = torch.cat((ids, extra.expand(N, -1)), dim=1)
+            weights = torch.cat((weights, weights.new_ones(N, always_on)), dim=1)
+        return ids, weights
+
+    def _choose(self, x):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":
@@ -117,10 +126,14 @@ class RoutedExperts(nn.Module):
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
         ends = counts.cumsum(0, dtype=torch.int32)
         if grouped_mm_supported(x):
-            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            out_sorted = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+            act = _silu_mul(torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends))
+            out_sorted = torch._grouped_mm(act, self.down_proj.transpose(1, 2), offs=ends)
         else:
             out_sorted = self._per_expert(rows, ends)
+        if triton_moe.applies(out_sorted):  # gather-combine in one kernel
+            slots = torch.empty_like(order)
+            slots[order] = torch.arange(len(order), device=order.device)
+            return triton_moe.combine_sorted(out_sorted, slots, weights)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted
         return _combine(out, weights)
@@ -132,10 +145,18 @@ class RoutedExperts(nn.Module):
         start = 0
         for e, end in enumerate(ends.tolist()):
             if end > start:
-                gate, up = F.linear(rows[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
-                out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                act = _silu_mul(F.linear(rows[start:end], self.gate_up_proj[e]))
+                out[start:end] = F.linear(act, self.down_proj[e])
             start = end
         return out
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] gate and up halves -> silu(gate) * up [M, I] (one kernel on CUDA)."""
+    if triton_moe.applies(gate_up):
+        return triton_moe.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -202,10 +223,5 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(flat)
-        if self.num_shared:
-            N = flat.shape[0]
-            shared = torch.arange(self.num_routed, self.num_routed + self.num_shared, device=x.device)
-            ids = torch.cat((ids, shared.expand(N, -1)), dim=1)
-            weights = torch.cat((weights, weights.new_ones(N, self.num_shared)), dim=1)
+        ids, weights = self.gate(flat, always_on=self.num_shared)
         return self.experts(flat, ids, weights).view(shape)

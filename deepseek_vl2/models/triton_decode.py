@@ -10,10 +10,13 @@ expert before a grouped GEMM. These kernels spread each weight over many program
            and up halves and the output is silu(gate) * up, rounded like the bf16 reference ops.
   route    the MoE router: float32 logits (gemv), then per token softmax or sigmoid, optional
            correction bias for the choice, top-k by repeated argmax, renormalisation and scaling
-           (topk_method greedy, or the n_group == 1 forms of the others).
+           (topk_method greedy, or the n_group == 1 forms of the others); the always-on shared
+           experts are appended with weight 1.
   mla_decode
            MLA attention of one new token per row over the latent cache (split-KV flash decoding):
            each latent slice is read once for all heads, and strided cache views need no copies.
+  mha_decode
+           the same for plain multi-head attention (tiny): one program per (row, head, key slice).
 
 They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
 `decode_sized(x, rows)` says when to use them; everything else (the plain projections too, where
@@ -77,7 +80,8 @@ if triton is not None:
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, n_experts, scale, TOP_K: tl.constexpr,
-                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                      ALWAYS_ON: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
         t = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
         e_mask = offs_e < n_experts
@@ -100,12 +104,16 @@ if triton is not None:
                 total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
                 remaining = tl.where(offs_e == best, float("-inf"), remaining)
             denominator = total + 1e-20
+        row = t * (TOP_K + ALWAYS_ON)
         for i in tl.static_range(TOP_K):
             best = tl.argmax(choice, axis=0)
             weight = tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
-            tl.store(ids_ptr + t * TOP_K + i, best.to(tl.int64))
-            tl.store(weights_ptr + t * TOP_K + i, weight / denominator * scale)
+            tl.store(ids_ptr + row + i, best.to(tl.int64))
+            tl.store(weights_ptr + row + i, weight / denominator * scale)
             choice = tl.where(offs_e == best, float("-inf"), choice)
+        for i in tl.static_range(ALWAYS_ON):
+            tl.store(ids_ptr + row + TOP_K + i, (n_experts + i).to(tl.int64))
+            tl.store(weights_ptr + row + TOP_K + i, 1.0)
 
     def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=4, block_k=128, num_warps=2, out_dtype=None):
         """Default tiles measured on an H100 (benchmarks/gemv_configs.py): 4 output rows per program
@@ -135,20 +143,20 @@ if triton is not None:
 
     @torch.library.custom_op("deepseek_vl2::route", mutates_args=())
     def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
-              normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              normalize: bool, scale: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         T, E = x.shape[0], weight.shape[0]
         logits = _gemv_launch(x.contiguous(), weight, None, 1, False, out_dtype=torch.float32)
-        ids = torch.empty(T, top_k, device=x.device, dtype=torch.long)
-        weights = torch.empty(T, top_k, device=x.device, dtype=torch.float32)
+        ids = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.long)
+        weights = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.float32)
         _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
-                            SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
+                            ALWAYS_ON=always_on, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
                             BLOCK_E=triton.next_power_of_2(E), num_warps=1)
         return ids, weights
 
     @route.register_fake
-    def _(x, weight, bias, top_k, sigmoid, normalize, scale):
-        return (torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.long),
-                torch.empty(x.shape[0], top_k, device=x.device, dtype=torch.float32))
+    def _(x, weight, bias, top_k, sigmoid, normalize, scale, always_on=0):
+        return (torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.long),
+                torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.float32))
 
 
 
@@ -224,6 +232,43 @@ if triton is not None:
         out = tl.sum(parts * factors[:, None], axis=0) / total
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
+                           stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
+                           H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32)
+        keys = kv_ptr + b * stride_kb + (h // GROUP) * stride_kh
+        running_max = float("-inf")
+        running_sum = 0.0
+        acc = tl.zeros((D,), dtype=tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            rows = offs_n[:, None] * stride_kn + offs_d[None, :]
+            k = tl.load(keys + rows, mask=valid[:, None], other=0.0)
+            bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale + bias
+            scores = tl.where(valid, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            probs = tl.exp(scores - new_max)
+            alpha = tl.exp(running_max - new_max)
+            v = tl.load(keys + stride_kv + rows, mask=valid[:, None], other=0.0)
+            running_sum = running_sum * alpha + tl.sum(probs, axis=0)
+            acc = acc * alpha + tl.sum(probs[:, None] * v.to(tl.float32), axis=0)
+            running_max = new_max
+        base = (b * n_splits + split) * H + h
+        tl.store(part_ptr + base * D + offs_d, acc)
+        tl.store(max_ptr + base, running_max)
+        tl.store(sum_ptr + base, running_sum)
+
     def _splits(rows: int, kv_len: int, block_n: int):
         """Key slices per row: enough programs to fill the GPU, at least four blocks each."""
         wanted = max(1, -(-264 // rows))
@@ -238,7 +283,7 @@ if triton is not None:
 
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
                    scale: float) -> torch.Tensor:
-        """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask [B, kv_len]
+        """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask [B or 1, kv_len]
         additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
@@ -248,8 +293,38 @@ if triton is not None:
         part = torch.empty(B * n_splits * H, R, device=latent.device, dtype=torch.float32)
         maxes = torch.empty(B * n_splits * H, device=latent.device, dtype=torch.float32)
         sums = torch.empty_like(maxes)
+        mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
         _mla_decode_kernel[(B, n_splits)](
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
+
+
+def mha_decode_applies(q: torch.Tensor) -> bool:
+    """q [B, H, 1, head_dim] on CUDA in bf16/fp16 with a power-of-two head_dim (every release)."""
+    B, H, S, D = q.shape
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and S == 1
+            and D >= 16 and D & (D - 1) == 0)
+
+
+if triton is not None:
+
+    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]
+        additive -> [B, H, D] = softmax(scale * q.k + mask) . v."""
+        B, H, D = q.shape
+        kv_heads, kv_len = keys_values.shape[2], keys_values.shape[3]
+        if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
+            raise ValueError("mha_decode needs the head dimension contiguous")
+        block_n = 32
+        n_splits, split_len = _splits(B * H, kv_len, block_n)
+        part = torch.empty(B * n_splits * H, D, device=q.device, dtype=torch.float32)
+        maxes = torch.empty(B * n_splits * H, device=q.device, dtype=torch.float32)
+        sums = torch.empty_like(maxes)
+        mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
+        _mha_decode_kernel[(B * H, n_splits)](
+            q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),
+            keys_values.stride(0), keys_values.stride(1), keys_values.stride(2), keys_values.stride(3),
+            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=4)
+        return _combine(part, maxes, sums, q.new_empty(B, H, D), n_splits, H, D)

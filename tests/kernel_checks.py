@@ -1,0 +1,131 @@
+"""Each Triton kernel of deepseek_vl2 against the PyTorch ops it replaces.
+
+Used by test_triton_kernels.py: on CUDA in bf16, and on the CPU through Triton's interpreter
+(run as `TRITON_INTERPRET=1 python tests/kernel_checks.py`; the variable must be set before triton
+is imported, hence the separate process). The interpreter has no bf16 tensor-core dots, so the
+CPU run uses float16.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepseek_vl2.models import triton_decode, triton_moe  # noqa: E402
+from deepseek_vl2.models.configuration_deepseek import DeepseekV2Config  # noqa: E402
+from deepseek_vl2.models.moe import Router, _combine  # noqa: E402
+
+
+def close(got, want, tol, what):
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g}, tol {tol})"
+
+
+def check_gemv(device, dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    E, N, K = 5, 48, 80
+    x = torch.randn(2, K, generator=g).to(device, dtype)
+    w13 = (torch.randn(E, 2 * N, K, generator=g) * 0.1).to(device, dtype)
+    w2 = (torch.randn(E, K, N, generator=g) * 0.1).to(device, dtype)
+    ids = torch.tensor([3, 0, 4, 1, 1, 2], device=device)  # 3 experts for each of 2 rows
+    act = triton_decode.gemv(x, w13, ids, 3, True)
+    rows = x.repeat_interleave(3, dim=0)
+    gate_up = torch.einsum("ak,ank->an", rows.float(), w13[ids].float()).to(dtype)
+    want_act = F.silu(gate_up[:, :N]) * gate_up[:, N:]
+    close(act, want_act, tol, "expert gemv with silu_mul")
+    out = triton_decode.gemv(act, w2, ids, 1, False)
+    close(out, torch.einsum("an,akn->ak", act.float(), w2[ids].float()), tol, "expert gemv")
+    plain = triton_decode.gemv(x, w2[0].T.contiguous(), None, 1, False, True)
+    assert plain.dtype == torch.float32
+    close(plain, x.float() @ w2[0].float(), tol, "plain gemv with float32 output")
+
+
+def check_route(device, dtype, tol):
+    torch.manual_seed(2)
+    for scoring, method, bias in (("softmax", "greedy", False), ("sigmoid", "noaux_tc", True)):
+        config = DeepseekV2Config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
+                                  scoring_func=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                  n_group=1, topk_group=1)
+        router = Router(config).eval()
+        torch.nn.init.normal_(router.weight, std=0.3)
+        router.weight.data = router.weight.data.to(dtype).float()  # both sides see the same weights
+        if bias:
+            torch.nn.init.normal_(router.e_score_correction_bias, std=0.1)
+        x = torch.randn(6, 64).to(dtype)
+        with torch.no_grad():
+            want_ids, want_w = router.float()(x.float(), always_on=2)
+            bias_t = router.e_score_correction_bias.to(device) if bias else None
+            ids, w = triton_decode.route(x.to(device), router.weight.to(device, dtype), bias_t, 3,
+                                         scoring == "sigmoid", True, 2.5, 2)
+        assert ids.shape == (6, 5) and (ids[:, 3:].cpu() == torch.tensor([16, 17])).all()
+        order, want_order = ids.cpu().argsort(dim=1), want_ids.argsort(dim=1)
+        assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order)), f"{method} experts"
+        close(w.cpu().gather(1, order), want_w.gather(1, want_order), tol, f"{method} weights")
+
+
+def check_mha_decode(device, dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    for B, H, kv_heads, L, D in ((1, 10, 10, 300, 128), (3, 4, 2, 77, 64)):
+        cache = torch.randn(B, 2, kv_heads, L + 40, D, generator=g).to(device, dtype)
+        q = torch.randn(B, H, D, generator=g).to(device, dtype)
+        mask = torch.zeros(B, L)
+        mask[0, :5] = torch.finfo(dtype).min  # a padded row
+        mask = mask.to(device, dtype)
+        keys_values = cache[:, :, :, :L]  # a strided view, as the cache is read
+        k = keys_values[:, 0].repeat_interleave(H // kv_heads, 1).float()
+        v = keys_values[:, 1].repeat_interleave(H // kv_heads, 1).float()
+        for rows in (mask, mask[:1]):  # per-row mask, and one mask row for the whole batch
+            want = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=rows.float()[:, None, None])
+            close(triton_decode.mha_decode(q, keys_values, rows, D**-0.5), want[:, :, 0], tol, f"mha_decode B={B}")
+
+
+def check_mla_decode(device, dtype, tol):
+    g = torch.Generator().manual_seed(4)
+    B, H, R, P, L = 2, 16, 64, 16, 150
+    cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
+    q_latent = torch.randn(B, H, R, generator=g).to(device, dtype)
+    q_pe = torch.randn(B, H, P, generator=g).to(device, dtype)
+    mask = torch.zeros(B, L)
+    mask[1, :7] = torch.finfo(dtype).min
+    mask = mask.to(device, dtype)
+    latent = cache[:, :L]
+    scale = (R + P) ** -0.5
+    scores = torch.einsum("bhr,bnr->bhn", torch.cat((q_latent, q_pe), -1).float(), latent.float()) * scale
+    probs = (scores + mask.float()[:, None]).softmax(-1)
+    want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
+    close(triton_decode.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, "mla_decode")
+
+
+def check_moe_glue(device, dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(37, 2 * 96, generator=g).to(device, dtype)
+    want = F.silu(gate_up[:, :96]) * gate_up[:, 96:]
+    close(triton_moe.silu_mul(gate_up), want, tol, "silu_mul")
+    N, k, h = 9, 4, 200
+    ids = torch.randint(0, 5, (N, k), generator=g)
+    order = ids.flatten().argsort(stable=True)
+    outputs = torch.randn(N * k, h, generator=g).to(device, dtype)
+    weights = torch.rand(N, k, generator=g).to(device)
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(N * k)
+    unsorted = torch.empty_like(outputs)
+    unsorted[order.to(device)] = outputs
+    close(triton_moe.combine_sorted(outputs, slots.to(device), weights), _combine(unsorted, weights), tol,
+          "combine_sorted")
+    assert triton_moe.silu_mul(gate_up[:0]).shape == (0, 96)
+
+
+CHECKS = (check_gemv, check_route, check_mha_decode, check_mla_decode, check_moe_glue)
+
+
+def run_all(device, dtype, tol):
+    for check in CHECKS:
+        check(device, dtype, tol)
+        print("ok", check.__name__, flush=True)
+
+
+if __name__ == "__main__":
+    run_all("cpu", torch.float16, 2e-3)
