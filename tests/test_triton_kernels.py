@@ -13,7 +13,9 @@ import kernel_checks
 triton = pytest.importorskip("triton")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the compiled kernels are checked instead")
 def test_kernels_in_triton_interpreter():
+    """(Needs a recent Triton: the 3.6 interpreter fails on loops bounded by kernel arguments.)"""
     env = dict(os.environ, TRITON_INTERPRET="1")
     script = Path(__file__).with_name("kernel_checks.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)

@@ -152,9 +152,9 @@ class RoutedExperts(nn.Module):
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[M, 2I] gate and up halves -> silu(gate) * up [M, I] (one kernel on CUDA)."""
+    """[..., 2I] gate and up halves -> silu(gate) * up [..., I] (one kernel on CUDA)."""
     if triton_moe.applies(gate_up):
-        return triton_moe.silu_mul(gate_up)
+        return triton_moe.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
