@@ -17,7 +17,7 @@ from torch import nn
 from .configuration_deepseek import DeepseekV2Config
 from .rms_norm import RMSNorm
 from . import triton_decode
-from .rope import apply_rotary, deinterleave, rope_for
+from .rope import apply_rotary, rope_for
 
 
 @dataclass
@@ -160,8 +160,8 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
-        q_pe = apply_rotary(deinterleave(q_pe), cos, sin)
-        k_pe = apply_rotary(deinterleave(k_pe).unsqueeze(1), cos, sin).squeeze(1)
+        q_pe = apply_rotary(q_pe, cos, sin, interleaved=True)
+        k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
         return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
 
     @staticmethod

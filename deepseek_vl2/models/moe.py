@@ -87,10 +87,11 @@ class Router(nn.Module):
         return ids, weights * self.scale
 
     def _fused_kernel_applies(self, x) -> bool:
-        """The fused router (gemv logits + one top-k kernel) covers decode-sized CUDA inputs without
-        group limits."""
+        """The fused router (float32 logits, then one kernel for the top-k and weights) covers CUDA
+        inference without group limits."""
         one_group = self.method == "greedy" or self.n_group == 1
-        return one_group and not self.training and triton_decode.decode_sized(x, triton_decode.MAX_ROUTER_TOKENS)
+        return (one_group and not self.training and not torch.is_grad_enabled()
+                and triton_decode.half_on_cuda(x))
 
     def _keep_top_groups(self, scores, group_scores):
         """Zero (not -inf, as the reference) the scores of experts outside the best groups."""
@@ -120,7 +121,9 @@ class RoutedExperts(nn.Module):
         if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_TOKENS):
             act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
             return _combine(triton_decode.gemv(act, self.down_proj, flat_ids, 1, False), weights)
-        order = flat_ids.argsort(stable=True)
+        # stable sort by expert; one-byte keys make the GPU radix sort a single pass
+        keys = flat_ids.to(torch.uint8) if self.num_experts <= 256 else flat_ids
+        order = keys.argsort(stable=True)
         rows = x[order // k]
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))

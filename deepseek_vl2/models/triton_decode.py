@@ -8,7 +8,7 @@ expert before a grouped GEMM. These kernels spread each weight over many program
            weight is the expert `ids[a]` of a stacked [E, N, K] tensor (no sorting, each selected
            expert read once per token), with `silu_mul` the rows [0, N) and [N, 2N) are the gate
            and up halves and the output is silu(gate) * up, rounded like the bf16 reference ops.
-  route    the MoE router: float32 logits (gemv), then per token softmax or sigmoid, optional
+  route    the MoE router: float32 logits (gemv for few tokens), then per token softmax or sigmoid, optional
            correction bias for the choice, top-k by repeated argmax, renormalisation and scaling
            (topk_method greedy, or the n_group == 1 forms of the others); the always-on shared
            experts are appended with weight 1.
@@ -19,8 +19,8 @@ expert before a grouped GEMM. These kernels spread each weight over many program
            the same for plain multi-head attention (tiny): one program per (row, head, key slice).
 
 They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
-`decode_sized(x, rows)` says when to use them; everything else (the plain projections too, where
-cuBLAS measured faster) uses the plain PyTorch ops.
+`decode_sized(x, rows)` says when to use them (the router takes any number of rows); everything
+else (the plain projections too, where cuBLAS measured as fast) uses the plain PyTorch ops.
 """
 from typing import Optional
 
@@ -36,12 +36,15 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
 # reads an expert once per token that picks it (the shared experts once per token), so from a few
 # tokens on, sorting by expert and a grouped GEMM that reads each expert once wins.
 MAX_EXPERT_TOKENS = 2
-MAX_ROUTER_TOKENS = 64
+MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
+
+
+def half_on_cuda(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def decode_sized(x: torch.Tensor, max_rows: int) -> bool:
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // x.shape[-1] <= max_rows)
+    return half_on_cuda(x) and x.numel() // x.shape[-1] <= max_rows
 
 
 if triton is not None:
@@ -145,7 +148,10 @@ if triton is not None:
     def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
               normalize: bool, scale: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         T, E = x.shape[0], weight.shape[0]
-        logits = _gemv_launch(x.contiguous(), weight, None, 1, False, out_dtype=torch.float32)
+        if T <= MAX_ROUTER_GEMV_TOKENS:
+            logits = _gemv_launch(x.contiguous(), weight, None, 1, False, out_dtype=torch.float32)
+        else:
+            logits = torch.nn.functional.linear(x.float(), weight.float())
         ids = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.long)
         weights = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.float32)
         _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
@@ -254,13 +260,13 @@ if triton is not None:
             valid = offs_n < end
             rows = offs_n[:, None] * stride_kn + offs_d[None, :]
             k = tl.load(keys + rows, mask=valid[:, None], other=0.0)
+            v = tl.load(keys + stride_kv + rows, mask=valid[:, None], other=0.0)
             bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale + bias
             scores = tl.where(valid, scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=0))
             probs = tl.exp(scores - new_max)
             alpha = tl.exp(running_max - new_max)
-            v = tl.load(keys + stride_kv + rows, mask=valid[:, None], other=0.0)
             running_sum = running_sum * alpha + tl.sum(probs, axis=0)
             acc = acc * alpha + tl.sum(probs[:, None] * v.to(tl.float32), axis=0)
             running_max = new_max
@@ -269,10 +275,11 @@ if triton is not None:
         tl.store(max_ptr + base, running_max)
         tl.store(sum_ptr + base, running_sum)
 
-    def _splits(rows: int, kv_len: int, block_n: int):
-        """Key slices per row: enough programs to fill the GPU, at least four blocks each."""
-        wanted = max(1, -(-264 // rows))
-        split_len = max(4 * block_n, -(-kv_len // wanted))
+    def _splits(rows: int, kv_len: int, block_n: int, programs: int = 264, min_blocks: int = 4):
+        """Key slices per row: about `programs` programs in all (to fill the GPU), at least
+        `min_blocks` blocks of keys each."""
+        wanted = max(1, -(-programs // rows))
+        split_len = max(min_blocks * block_n, -(-kv_len // wanted))
         split_len = -(-split_len // block_n) * block_n
         return -(-kv_len // split_len), split_len
 
@@ -310,15 +317,16 @@ def mha_decode_applies(q: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
+                   programs: int = 264, min_blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
         """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]
-        additive -> [B, H, D] = softmax(scale * q.k + mask) . v."""
+        additive -> [B, H, D] = softmax(scale * q.k + mask) . v. The tile arguments are for
+        benchmarks/attention_configs.py."""
         B, H, D = q.shape
         kv_heads, kv_len = keys_values.shape[2], keys_values.shape[3]
         if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
             raise ValueError("mha_decode needs the head dimension contiguous")
-        block_n = 32
-        n_splits, split_len = _splits(B * H, kv_len, block_n)
+        n_splits, split_len = _splits(B * H, kv_len, block_n, programs, min_blocks)
         part = torch.empty(B * n_splits * H, D, device=q.device, dtype=torch.float32)
         maxes = torch.empty(B * n_splits * H, device=q.device, dtype=torch.float32)
         sums = torch.empty_like(maxes)
@@ -326,5 +334,5 @@ if triton is not None:
         _mha_decode_kernel[(B * H, n_splits)](
             q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),
             keys_values.stride(0), keys_values.stride(1), keys_values.stride(2), keys_values.stride(3),
-            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=4)
+            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=num_warps)
         return _combine(part, maxes, sums, q.new_empty(B, H, D), n_splits, H, D)
