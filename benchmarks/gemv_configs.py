@@ -1,6 +1,7 @@
 """Time the decode expert gemv (one token: 6 routed + 2 shared experts) at the real expert shapes
 over tile configurations, gate/up and down separately, to set triton_decode's heuristics; then the
 plain one-token projections (attention, LM head) through cuBLAS (F.linear) against the gemv kernel.
+Timings are per call inside a CUDA graph, with weights from HBM (kernel_timing.py).
 
     python benchmarks/gemv_configs.py [--only experts|projections]
 """
@@ -8,17 +9,17 @@ import argparse
 import itertools
 
 import torch
-from triton.testing import do_bench
 
 from deepseek_vl2.models import triton_decode as td
+from kernel_timing import copies_for, graph_us
 
 EXPERTS = {"tiny": (64, 896, 1280), "small": (64, 1408, 2048), "base": (72, 1536, 2560)}
 PROJECTIONS = {"tiny qkv": (3840, 1280), "tiny o": (1280, 1280), "tiny lm_head": (129280, 1280),
                "small q": (3072, 2048), "small kv_a": (576, 2048), "small o": (2048, 2048)}
 
 
-def gbps(nbytes, ms):
-    return nbytes / ms / 1e6
+def gbps(nbytes, us):
+    return nbytes / us / 1e3
 
 
 def main():
@@ -31,28 +32,28 @@ def main():
         w13 = torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
-        ids = torch.cat([torch.randperm(E, device="cuda")[:6], torch.tensor([E, E + 1], device="cuda")])
-        act = td._gemv_launch(x, w13, ids, 8, True)
+        n = 8  # 8 calls x 8 experts: each expert about once per cycle
+        ids = [torch.randperm(E + 2, device="cuda")[:8] for _ in range(n)]
+        act = td._gemv_launch(x, w13, ids[0], 8, True)
         for stage, run, nbytes in (
-                ("gate_up", lambda bn, bk, nw: td._gemv_launch(x, w13, ids, 8, True, bn, bk, nw), 8 * 2 * I * h * 2),
-                ("down", lambda bn, bk, nw: td._gemv_launch(act, w2, ids, 1, False, bn, bk, nw), 8 * I * h * 2)):
-            current = do_bench(lambda: run(None, 128, 8), warmup=5, rep=40)
-            timings = sorted((do_bench(lambda: run(bn, bk, nw), warmup=5, rep=40), bn, bk, nw)
-                             for bn, bk, nw in configs)
+                ("gate_up", lambda i, c: lambda: td._gemv_launch(x, w13, ids[i], 8, True, *c), 8 * 2 * I * h * 2),
+                ("down", lambda i, c: lambda: td._gemv_launch(act, w2, ids[i], 1, False, *c), 8 * I * h * 2)):
+            current = graph_us(lambda i: run(i, (4, 128, 2)), n)
+            timings = sorted((graph_us(lambda i: run(i, c), n), c) for c in configs)
             best = timings[0]
-            print(f"{variant} {stage}: current {current * 1e3:.1f} us ({gbps(nbytes, current):.0f} GB/s) | best "
-                  f"{best[0] * 1e3:.1f} us ({gbps(nbytes, best[0]):.0f} GB/s) at {best[1:]} | next "
-                  + ", ".join(f"{t * 1e3:.1f}@{c}" for t, *c in timings[1:4]), flush=True)
+            print(f"{variant} {stage}: current {current:.1f} us ({gbps(nbytes, current):.0f} GB/s) | best "
+                  f"{best[0]:.1f} us ({gbps(nbytes, best[0]):.0f} GB/s) at {best[1]} | next "
+                  + ", ".join(f"{t:.1f}@{c}" for t, c in timings[1:4]), flush=True)
     for name, (N, K) in PROJECTIONS.items() if args.only != "experts" else ():
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        n = copies_for(N * K * 2)
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n)]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        cublas = do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=40)
-        timings = sorted((do_bench(lambda: td._gemv_launch(x, w, None, 1, False, bn, bk, nw), warmup=5, rep=40),
-                          bn, bk, nw) for bn, bk, nw in configs)
+        cublas = graph_us(lambda i: lambda: torch.nn.functional.linear(x, ws[i]), n)
+        timings = sorted((graph_us(lambda i: lambda: td._gemv_launch(x, ws[i], None, 1, False, *c), n), c)
+                         for c in configs)
         best = timings[0]
-        print(f"{name}: cuBLAS {cublas * 1e3:.1f} us ({gbps(N * K * 2, cublas):.0f} GB/s) | gemv best "
-              f"{best[0] * 1e3:.1f} us ({gbps(N * K * 2, best[0]):.0f} GB/s) at {best[1:]}", flush=True)
-
+        print(f"{name}: cuBLAS {cublas:.1f} us ({gbps(N * K * 2, cublas):.0f} GB/s) | gemv best "
+              f"{best[0]:.1f} us ({gbps(N * K * 2, best[0]):.0f} GB/s) at {best[1]}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python benchmarks/profile_decode.py --variant tiny --batch 1
 
 Prints the wall time of a replayed step, the GPU kernel time inside it (so the rest is launch
-gaps and idle), the host-side time of a whole generate step, and the kernels that cost most.
+gaps and idle), and the kernels that cost most; with --host-top, the host ops that cost most.
 """
 import argparse
 import statistics
@@ -25,6 +25,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--prefill", action="store_true", help="profile the prompt forward instead")
+    parser.add_argument("--host-top", type=int, default=0, help="also list the host (CPU) ops that cost most")
     args = parser.parse_args()
     model = build_model(args.variant)
     lm = model.language
@@ -77,6 +78,13 @@ def main():
     print(f"{'us/step':>9} {'n/step':>7}  kernel")
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{total / args.steps:9.1f} {count / args.steps:7.1f}  {name[:110]}")
+    if args.host_top:
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.host_top]
+        print(f"host time per step: {sum(e.self_cpu_time_total for e in prof.key_averages()) / args.steps:.0f} us "
+              "(under the profiler, which adds its own)")
+        print(f"{'self us':>9} {'n/step':>7}  host op")
+        for e in ops:
+            print(f"{e.self_cpu_time_total / args.steps:9.1f} {e.count / args.steps:7.1f}  {e.key[:110]}")
 
 
 if __name__ == "__main__":
