@@ -21,8 +21,9 @@ from deepseek_vl2.models.rope import apply_rotary  # noqa: E402
 
 
 def close(got, want, tol, what):
-    err = (got.float() - want.float()).abs().max().item()
-    scale = want.float().abs().max().item()
+    got, want = got.float().cpu(), want.float().cpu()
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
     assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g}, tol {tol})"
 
 

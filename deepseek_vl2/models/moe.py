@@ -118,7 +118,7 @@ class RoutedExperts(nn.Module):
         Expert outputs are combined in float32, as the reference does."""
         k = ids.shape[1]
         flat_ids = ids.flatten()
-        if triton_decode.decode_sized(x, triton_decode.MAX_EXPERT_TOKENS):
+        if triton_decode.decode_sized(x, triton_decode.MAX_GEMV_TOKENS):
             act = triton_decode.gemv(x, self.gate_up_proj, flat_ids, k, True)
             return _combine(triton_decode.gemv(act, self.down_proj, flat_ids, 1, False), weights)
         # stable sort by expert; one-byte keys make the GPU radix sort a single pass

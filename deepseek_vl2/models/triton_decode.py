@@ -34,8 +34,9 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
 
 # Token counts up to which these kernels beat the general path (H100 measurements). The expert gemv
 # reads an expert once per token that picks it (the shared experts once per token), so from a few
-# tokens on, sorting by expert and a grouped GEMM that reads each expert once wins.
-MAX_EXPERT_TOKENS = 2
+# tokens on, sorting by expert and a grouped GEMM that reads each expert once wins; the LM head
+# gemv reads its weight once per row, as the experts' do.
+MAX_GEMV_TOKENS = 2
 MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
 
 
@@ -118,9 +119,22 @@ if triton is not None:
             tl.store(ids_ptr + row + TOP_K + i, (n_experts + i).to(tl.int64))
             tl.store(weights_ptr + row + TOP_K + i, 1.0)
 
-    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=4, block_k=128, num_warps=2, out_dtype=None):
-        """Default tiles measured on an H100 (benchmarks/gemv_configs.py): 4 output rows per program
-        and 2 warps were at or near the best for the expert shapes of tiny, small and base."""
+    def _gemv_tiles(weight, ids, silu_mul):
+        """(output rows per program, K block, warps) measured best in a CUDA graph on an H100
+        (benchmarks/gemv_configs.py) for the expert gate/up and down shapes of tiny, small and base
+        and for the LM heads; the default for the rest (router logits)."""
+        if silu_mul:
+            return 4, 256, 4
+        if ids is not None:
+            return 4, 512, 2
+        if weight.shape[0] >= 32768:
+            return 16, 256, 8
+        return 4, 128, 2
+
+    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=None, num_warps=None,
+                     out_dtype=None):
+        if block_n is None:
+            block_n, block_k, num_warps = _gemv_tiles(weight, ids, silu_mul)
         N = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
         K = weight.shape[-1]
         rows = ids.numel() if ids is not None else x.shape[0]
@@ -318,10 +332,11 @@ def mha_decode_applies(q: torch.Tensor) -> bool:
 if triton is not None:
 
     def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
-                   programs: int = 264, min_blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
+                   programs: int = 1056, min_blocks: int = 1, num_warps: int = 2) -> torch.Tensor:
         """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]
-        additive -> [B, H, D] = softmax(scale * q.k + mask) . v. The tile arguments are for
-        benchmarks/attention_configs.py."""
+        additive -> [B, H, D] = softmax(scale * q.k + mask) . v. The default tiles measured best at
+        tiny's shapes on an H100 (benchmarks/attention_configs.py: 9.9 us against SDPA's 13.4 us
+        at batch 1, the same at batch 8)."""
         B, H, D = q.shape
         kv_heads, kv_len = keys_values.shape[2], keys_values.shape[3]
         if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
