@@ -1,6 +1,6 @@
 """Host (CPU) microseconds per eager call of the Triton kernels used outside CUDA graphs (prefill):
-through the torch custom op, through the plain Python wrapper, the bare Triton launch, and the
-PyTorch formula it replaces. Tiny inputs, so the GPU is never the limit.
+through the plain Python launcher, the bare Triton launch, the torch custom op (what compiled
+regions call), and the PyTorch formula replaced. Tiny inputs, so the GPU is never the limit.
 
     python benchmarks/host_overhead.py
 """
@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from deepseek_vl2.models import triton_norm_rope as tnr
+from deepseek_vl2.models import triton_moe, triton_norm_rope as tnr
 from deepseek_vl2.models.rms_norm import RMSNorm
 
 
@@ -28,15 +28,17 @@ def main():
     x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
     w = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
+    gate_up = torch.randn(4, 2816, device="cuda", dtype=torch.bfloat16)
     norm = RMSNorm(2048).cuda().to(torch.bfloat16)
     with torch.no_grad():
-        print(f"custom op        {host_us(lambda: tnr.rms_norm(x, w, 1e-6)):.1f} us")
-        print(f"torch.ops        {host_us(lambda: torch.ops.deepseek_vl2.rms_norm(x, w, 1e-6)):.1f} us")
+        print(f"rms_norm launcher           {host_us(lambda: tnr.rms_norm(x, w, 1e-6)):.1f} us")
         launch = lambda: tnr._rms_norm_kernel[(4,)](x, w, out, 2048, 2048, 2048, 1e-6, BLOCK=2048, num_warps=4)  # noqa: E731
-        print(f"bare launch      {host_us(launch):.1f} us")
-        print(f"torch.empty      {host_us(lambda: torch.empty_like(x)):.1f} us")
-        print(f"PyTorch formula  {host_us(lambda: norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)):.1f} us")
-        print(f"one aten add     {host_us(lambda: x + x):.1f} us")
+        print(f"rms_norm bare Triton launch {host_us(launch):.1f} us")
+        formula = lambda: norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)  # noqa: E731
+        print(f"rms_norm PyTorch formula    {host_us(formula):.1f} us")
+        print(f"silu_mul launcher           {host_us(lambda: triton_moe.silu_mul(gate_up)):.1f} us")
+        print(f"silu_mul custom op          {host_us(lambda: torch.ops.deepseek_vl2.silu_mul(gate_up)):.1f} us")
+        print(f"one aten add                {host_us(lambda: x + x):.1f} us")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ expert before a grouped GEMM. These kernels spread each weight over many program
   mha_decode
            the same for plain multi-head attention (tiny): one program per (row, head, key slice).
 
-They run as torch custom ops, so compiled regions and CUDA graphs treat them as single kernels.
+Those called inside compiled regions are torch custom ops there (`kernel_op`).
 `decode_sized(x, rows)` says when to use them (the router takes any number of rows); everything
 else (the plain projections too, where cuBLAS measured as fast) uses the plain PyTorch ops.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -38,6 +39,26 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
 # gemv reads its weight once per row, as the experts' do.
 MAX_GEMV_TOKENS = 2
 MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
+
+
+def kernel_op(name: str, fake):
+    """Register the decorated launcher as the custom op deepseek_vl2::`name` (with `fake` for shape
+    inference), so that torch.compile treats it as one opaque kernel, and return a function that
+    calls the op while compiling and the launcher directly otherwise: through the dispatcher a call
+    costs ~25 us more host time (an H100 host, benchmarks/host_overhead.py), which adds up over the
+    hundreds of kernel calls of an eager prefill."""
+
+    def wrap(launcher):
+        op = torch.library.custom_op(f"deepseek_vl2::{name}", mutates_args=())(launcher)
+        op.register_fake(fake)
+
+        @functools.wraps(launcher)
+        def call(*args, **kwargs):
+            return op(*args, **kwargs) if torch.compiler.is_compiling() else launcher(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def half_on_cuda(x: torch.Tensor) -> bool:
@@ -146,19 +167,22 @@ if triton is not None:
                            num_warps=num_warps)
         return out
 
-    @torch.library.custom_op("deepseek_vl2::gemv", mutates_args=())
+    def _gemv_fake(x, weight, ids, rows_per_id, silu_mul, float32_out=False):
+        rows = ids.numel() if ids is not None else x.shape[0]
+        n = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
+        return x.new_empty(rows, n, dtype=torch.float32 if float32_out else x.dtype)
+
+    @kernel_op("gemv", _gemv_fake)
     def gemv(x: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], rows_per_id: int,
              silu_mul: bool, float32_out: bool = False) -> torch.Tensor:
         return _gemv_launch(x.contiguous(), weight, ids, rows_per_id, silu_mul,
                             out_dtype=torch.float32 if float32_out else None)
 
-    @gemv.register_fake
-    def _(x, weight, ids, rows_per_id, silu_mul, float32_out=False):
-        rows = ids.numel() if ids is not None else x.shape[0]
-        n = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
-        return x.new_empty(rows, n, dtype=torch.float32 if float32_out else x.dtype)
+    def _route_fake(x, weight, bias, top_k, sigmoid, normalize, scale, always_on=0):
+        return (torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.long),
+                torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.float32))
 
-    @torch.library.custom_op("deepseek_vl2::route", mutates_args=())
+    @kernel_op("route", _route_fake)
     def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
               normalize: bool, scale: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         T, E = x.shape[0], weight.shape[0]
@@ -172,11 +196,6 @@ if triton is not None:
                             ALWAYS_ON=always_on, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
                             BLOCK_E=triton.next_power_of_2(E), num_warps=1)
         return ids, weights
-
-    @route.register_fake
-    def _(x, weight, bias, top_k, sigmoid, normalize, scale, always_on=0):
-        return (torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.long),
-                torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.float32))
 
 
 

@@ -7,10 +7,12 @@ on CUDA), where plain PyTorch ops make several passes over [tokens x k, width] t
                   weight * output over its k (token, expert) pairs, gathered through their sorted
                   slots: no unsorting copy and no float32 [N, k, h] temporaries.
 
-Both run as torch custom ops (single kernels inside compiled regions and CUDA graphs).
+Inside compiled regions (batched decode) both are torch custom ops (`triton_decode.kernel_op`).
 `applies(x)` says when to use them; the CPU path keeps the equivalent PyTorch ops in moe.py.
 """
 import torch
+
+from .triton_decode import kernel_op
 
 try:
     import triton
@@ -49,7 +51,7 @@ if triton is not None:
             acc += weight * tl.load(src_ptr + slot * stride_src + offs, mask=valid, other=0.0).to(tl.float32)
         tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
-    @torch.library.custom_op("deepseek_vl2::silu_mul", mutates_args=())
+    @kernel_op("silu_mul", lambda gate_up: gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2))
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [M, 2I] (gate columns first) -> silu(gate) * up [M, I]."""
         M, width = gate_up.shape[0], gate_up.shape[1] // 2
@@ -61,11 +63,7 @@ if triton is not None:
                                                              BLOCK=block, num_warps=4)
         return out
 
-    @silu_mul.register_fake
-    def _(gate_up):
-        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-
-    @torch.library.custom_op("deepseek_vl2::combine_sorted", mutates_args=())
+    @kernel_op("combine_sorted", lambda outputs, slots, weights: outputs.new_empty(weights.shape[0], outputs.shape[1]))
     def combine_sorted(outputs: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """outputs [N*k, h] in sorted order, slots [N*k] (where pair (n, j) = n*k + j sits in
         `outputs`), weights [N, k] float32 -> [N, h] in outputs' dtype."""
@@ -79,7 +77,3 @@ if triton is not None:
                 outputs, slots.contiguous(), weights.float().contiguous(), out, width, outputs.stride(0),
                 out.stride(0), K=k, BLOCK=block, num_warps=4)
         return out
-
-    @combine_sorted.register_fake
-    def _(outputs, slots, weights):
-        return outputs.new_empty(weights.shape[0], outputs.shape[1])

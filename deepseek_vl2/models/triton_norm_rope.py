@@ -12,7 +12,8 @@ to float32 reduction order.
             rope dims, the `deinterleave` of rope.py)
 
 Inside torch.compile (the CUDA-graph decode regions) the PyTorch formulas are used instead, so the
-compiler can fuse them with their neighbours; with autograd recording, too (no backward here).
+compiler can fuse them with their neighbours (hence no custom ops here); with autograd recording,
+too (no backward here).
 """
 import torch
 
@@ -69,7 +70,6 @@ if triton is not None:
         tl.store(out_row + i, first.to(out_type))
         tl.store(out_row + HALF + i, second.to(out_type))
 
-    @torch.library.custom_op("deepseek_vl2::rms_norm", mutates_args=())
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         width = x.shape[-1]
         rows = x.reshape(-1, width)
@@ -81,11 +81,6 @@ if triton is not None:
                                                BLOCK=triton.next_power_of_2(width), num_warps=4 if width <= 2048 else 8)
         return out
 
-    @rms_norm.register_fake
-    def _(x, weight, eps):
-        return torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
-
-    @torch.library.custom_op("deepseek_vl2::rotary", mutates_args=())
     def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
         """x [B, H, S, D], cos/sin [B or 1, S, D] -> [B, H, S, D] (contiguous)."""
         B, H, S, D = x.shape
@@ -100,7 +95,3 @@ if triton is not None:
                                          cos.stride(0), cos.stride(1), HALF=D // 2, INTERLEAVED=interleaved,
                                          num_warps=1)
         return out
-
-    @rotary.register_fake
-    def _(x, cos, sin, interleaved):
-        return x.new_empty(x.shape)
