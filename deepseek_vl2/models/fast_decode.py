@@ -50,6 +50,23 @@ def _last_logits(lm, x):
     return lm.lm_head(h).float()
 
 
+def _greedy_advance(logits, state):
+    """Greedy mode's end of a step on the device state (`StaticDecoder._greedy_state`): choose the
+    next token of every row (EOS suppressed before min_new_tokens, pad for finished rows), record
+    it, update the finished rows and advance positions."""
+    tokens, positions, slot, unfinished, count, chosen, alive, is_eos, pad, min_new = state
+    logits = logits.masked_fill((count < min_new) & is_eos, float("-inf"))
+    choice = torch.where(unfinished, logits.argmax(dim=-1), pad)
+    chosen[:, count] = choice[:, None]
+    unfinished &= ~is_eos[choice]
+    alive[count] = unfinished.any()
+    tokens.copy_(choice)
+    positions.add_(1)
+    slot.add_(1)
+    count.add_(1)
+
+
+_PLAIN = (_pre_attention, _post_attention, _last_logits, _greedy_advance)
 _COMPILED = {}
 
 
@@ -87,7 +104,7 @@ class StaticDecoder:
         self.chosen = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.alive = torch.zeros(self.capacity, dtype=torch.bool, device=device)  # any row going after step i
         self.use_graphs = use_graphs
-        self.functions = (_pre_attention, _post_attention, _last_logits)
+        self.functions = _PLAIN
         if compile:
             self.functions = tuple(_compiled(fn) for fn in self.functions)
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -152,7 +169,7 @@ class StaticDecoder:
 
     def _run(self, kv_len: int) -> torch.Tensor:
         """One decode step on the static buffers (what a graph captures)."""
-        pre, post, last_logits = self.functions
+        pre, post, last_logits, _ = self.functions
         model = self.lm.model
         x = model.embed_tokens(self.tokens[:, None])
         cos, sin = model.rope.lookup(self.positions[:, None], x.dtype)
@@ -164,17 +181,12 @@ class StaticDecoder:
 
     def _run_greedy(self, kv_len: int) -> torch.Tensor:
         """A decode step that also picks and records the next token and advances the state."""
-        logits = self._run(kv_len)
-        logits = logits.masked_fill((self.count < self.min_new) & self.is_eos, float("-inf"))
-        chosen = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad)
-        self.chosen.index_copy_(1, self.count, chosen[:, None])
-        self.unfinished &= ~self.is_eos[chosen]
-        self.alive.index_copy_(0, self.count, self.unfinished.any()[None])
-        self.tokens.copy_(chosen)
-        self.positions.add_(1)
-        self.slot.add_(1)
-        self.count.add_(1)
-        return chosen
+        self.functions[3](self._run(kv_len), self._greedy_state())
+        return self.tokens
+
+    def _greedy_state(self):
+        return (self.tokens, self.positions, self.slot, self.unfinished, self.count, self.chosen, self.alive,
+                self.is_eos, self.pad, self.min_new)
 
     def _capture(self, key, run, kv_len: int) -> None:
         state = [t.clone() for t in self._state()]  # warm-up runs advance the greedy state: put it back
@@ -186,10 +198,10 @@ class StaticDecoder:
                 for _ in range(2):  # warm-up outside the graph (compiles on first use)
                     run(kv_len)
         except Exception as err:  # noqa: BLE001  (a compiler problem must not stop generation)
-            if self.functions[0] is _pre_attention:
+            if self.functions is _PLAIN:
                 raise
             logger.warning("torch.compile of the decode step failed (%s); using plain kernels", err)
-            self.functions = (_pre_attention, _post_attention, _last_logits)
+            self.functions = _PLAIN
             current.wait_stream(side)
             self._restore(state)
             return self._capture(key, run, kv_len)
