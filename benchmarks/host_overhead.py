@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from deepseek_vl2.models import triton_moe, triton_norm as tnr
+from deepseek_vl2.models import triton_moe, triton_norm_rope as tnr
 from deepseek_vl2.models.rms_norm import RMSNorm
 
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepseek_vl2.models import triton_decode, triton_moe, triton_norm  # noqa: E402
+from deepseek_vl2.models import triton_decode, triton_moe, triton_norm_rope  # noqa: E402
 from deepseek_vl2.models.configuration_deepseek import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.models.moe import Router, _combine  # noqa: E402
 from deepseek_vl2.models.rms_norm import RMSNorm  # noqa: E402
+from deepseek_vl2.models.rope import apply_rotary  # noqa: E402
 
 
 def close(got, want, tol, what):
@@ -120,7 +121,7 @@ def check_moe_glue(device, dtype, tol):
     assert triton_moe.silu_mul(gate_up[:0]).shape == (0, 96)
 
 
-def check_rms_norm(device, dtype, tol):
+def check_norm_rope(device, dtype, tol):
     g = torch.Generator().manual_seed(6)
     norm = RMSNorm(80, eps=1e-5)
     torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
@@ -128,11 +129,31 @@ def check_rms_norm(device, dtype, tol):
     x = wide[..., :80]  # a strided view, as MLA normalises part of a projection
     with torch.no_grad():
         want = norm.to(dtype)(x)  # the PyTorch formula (CPU)
-        got = triton_norm.rms_norm(x.to(device), norm.weight.to(device), 1e-5)
+        got = triton_norm_rope.rms_norm(x.to(device), norm.weight.to(device), 1e-5)
     close(got, want, tol, "rms_norm")
+    B, H, S, D = 2, 3, 5, 64
+    cos = torch.randn(B, S, D, generator=g).to(dtype)
+    sin = torch.randn(B, S, D, generator=g).to(dtype)
+    full = torch.randn(B, S, H, D + 16, generator=g).to(dtype)
+    x = full[..., 16:].transpose(1, 2)  # [B, H, S, D] with the strides of a head split
+    for interleaved in (False, True):
+        with torch.no_grad():
+            want = apply_rotary(x, cos, sin, interleaved)  # CPU: the PyTorch formula
+            got = triton_norm_rope.rotary(x.to(device), cos.to(device), sin.to(device), interleaved)
+        close(got, want, tol, f"rotary interleaved={interleaved}")
+        if device == "cuda":  # with recording autograd the PyTorch formulas run on CUDA too: same bits
+            with torch.enable_grad():
+                formula = apply_rotary(x.to(device), cos.to(device), sin.to(device), interleaved)
+            assert torch.equal(got, formula), f"rotary: {(got != formula).sum()} elements differ from PyTorch's"
+    if device == "cuda":
+        with torch.enable_grad():
+            formula = norm.to(device, dtype)(x[0, 0].to(device))
+        assert torch.equal(triton_norm_rope.rms_norm(x[0, 0].to(device), norm.weight, 1e-5), formula.detach())
+    one_row = triton_norm_rope.rotary(x.to(device), cos[:1].to(device), sin[:1].to(device), False)
+    close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_rms_norm)
+CHECKS = (check_gemv, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def run_all(device, dtype, tol):

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from . import triton_norm_rope
+
 
 class RotaryEmbedding:
     """cos/sin for `dim` rotary dims; `lookup(position_ids, dtype)` gives two [B, S, dim] tensors."""
@@ -86,7 +88,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate-half RoPE on the last dim of x [B, H, S, D] with cos/sin [B, S, D]; `interleaved`: x
-    holds its dims as pairs (2i, 2i+1) (MLA), which are `deinterleave`d first."""
+    holds its dims as pairs (2i, 2i+1) (MLA), which are `deinterleave`d first. One kernel on CUDA."""
+    D = x.shape[-1]
+    if triton_norm_rope.applies(x) and D >= 4 and D & (D - 1) == 0:
+        return triton_norm_rope.rotary(x, cos, sin, interleaved)
     if interleaved:
         x = deinterleave(x)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
