@@ -5,7 +5,7 @@ Per layer it holds one tensor for the whole batch:
     latent c_kv followed by the rotated shared rope key k_pe (576 values per token for the releases);
   * MHA (tiny): keys (after RoPE) and values stacked, [B, 2, heads, capacity, head_dim].
 
-Writes go to absolute positions (`index_copy_` with a device tensor), so a decode step with a
+Writes go to absolute positions (indexed by a device tensor), so a decode step with a
 fixed capacity needs no host synchronisation and can be captured in a CUDA graph.
 
 For code written against the reference's legacy format (a tuple over layers of 2-tuples, the
