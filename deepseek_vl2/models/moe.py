@@ -90,8 +90,7 @@ class Router(nn.Module):
         """The fused router (float32 logits, then one kernel for the top-k and weights) covers CUDA
         inference without group limits."""
         one_group = self.method == "greedy" or self.n_group == 1
-        return (one_group and not self.training and not torch.is_grad_enabled()
-                and triton_decode.half_on_cuda(x))
+        return one_group and not self.training and triton_decode.half_on_cuda(x)
 
     def _keep_top_groups(self, scores, group_scores):
         """Zero (not -inf, as the reference) the scores of experts outside the best groups."""

@@ -62,7 +62,9 @@ def kernel_op(name: str, fake):
 
 
 def half_on_cuda(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    """bf16/fp16 CUDA inference (the kernels have no backward)."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled())
 
 
 def decode_sized(x: torch.Tensor, max_rows: int) -> bool:
@@ -210,8 +212,7 @@ def mla_decode_applies(q_nope: torch.Tensor, kv_rank: int, rope_dim: int) -> boo
     at least 16: every release; not the tiny test fixtures)."""
     B, H, S, _ = q_nope.shape
     dims_ok = all(d >= 16 and d & (d - 1) == 0 for d in (H, kv_rank, rope_dim))
-    return (triton is not None and q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16)
-            and S == 1 and dims_ok)
+    return half_on_cuda(q_nope) and S == 1 and dims_ok
 
 
 if triton is not None:
@@ -344,8 +345,7 @@ if triton is not None:
 def mha_decode_applies(q: torch.Tensor) -> bool:
     """q [B, H, 1, head_dim] on CUDA in bf16/fp16 with a power-of-two head_dim (every release)."""
     B, H, S, D = q.shape
-    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and S == 1
-            and D >= 16 and D & (D - 1) == 0)
+    return half_on_cuda(q) and S == 1 and D >= 16 and D & (D - 1) == 0
 
 
 if triton is not None:

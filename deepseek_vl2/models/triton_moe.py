@@ -22,7 +22,8 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
 
 
 def applies(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+    """CUDA inference (the kernels have no backward)."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
 if triton is not None:
