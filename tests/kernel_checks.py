@@ -100,6 +100,9 @@ def check_mla_decode(device, dtype, tol):
     probs = (scores + mask.float()[:, None]).softmax(-1)
     want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
     close(triton_decode.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, "mla_decode")
+    one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
+    close(triton_decode.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
+          torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, "mla_decode, one mask row")
 
 
 def check_moe_glue(device, dtype, tol):
