@@ -4,8 +4,9 @@ multi-head latent attention (small and base). Spec: language_model.md §4-§6.
 Each is split in three: `project` (norm output -> queries and the new tokens' cache entries, with
 RoPE applied; fixed shapes), `store` (write the entries into this layer's cache tensor at absolute
 positions; the GPU decode path compiles these two together) and `attend` (store unless already
-stored, then attend over `kv_len` keys). `o_proj` is applied by the decoder layer. With a prepared `AttentionInputs` the same code serves prefill,
-chunked prefill and fixed-shape (CUDA-graph) decode steps.
+stored, then attend over `kv_len` keys). `o_proj` is applied by the decoder layer. With a prepared
+`AttentionInputs` the same code serves prefill, chunked prefill and fixed-shape (CUDA-graph)
+decode steps.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -42,8 +43,9 @@ def build_attention_inputs(
 
     `attention_mask` is the 2-D padding mask over cached + new tokens ([B, >= past_length+seq_len],
     1/True = real token) or None. `cache_positions` (default: past_length onwards) may be a device
-    tensor, as in CUDA-graph decode steps; with one new token nothing here reads device values. Masked entries get finfo(dtype).min (a fully masked row, a padding
-    query, then attends uniformly, as in the reference, instead of producing NaN).
+    tensor, as in CUDA-graph decode steps; with one new token nothing here reads device values.
+    Masked entries get finfo(dtype).min (a fully masked row, a padding query, then attends
+    uniformly, as in the reference, instead of producing NaN).
     """
     if cache_positions is None:
         cache_positions = torch.arange(past_length, past_length + seq_len, device=device)

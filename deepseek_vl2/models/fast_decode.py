@@ -8,8 +8,8 @@ they, not the memory traffic, set the speed. So for each batch size:
   * each step runs as one replayed CUDA graph. Attention reads the cache up to a length bucket
     (a multiple of 256 tokens, one graph per bucket in use) with a mask for the slots not yet written;
   * the fixed-shape parts of every layer (norms, projections, RoPE and the cache write, the MoE
-    block, the LM head) go through torch.compile, which fuses their elementwise work. Layers share one compiled
-    graph per kind (dense / MoE), since their parameters are graph inputs.
+    block, the LM head) go through torch.compile, which fuses their elementwise work. Layers share
+    one compiled graph per kind (dense / MoE), since their parameters are graph inputs.
 
 Greedy decoding goes further: the graph also picks the token (argmax, EOS suppressed before
 min_new_tokens), records it, updates the finished rows and advances positions, so a step is one
@@ -185,8 +185,7 @@ class StaticDecoder:
         return self.tokens
 
     def _greedy_state(self):
-        return (self.tokens, self.positions, self.slot, self.unfinished, self.count, self.chosen, self.alive,
-                self.is_eos, self.pad, self.min_new)
+        return self._state() + (self.is_eos, self.pad, self.min_new)
 
     def _capture(self, key, run, kv_len: int) -> None:
         state = [t.clone() for t in self._state()]  # warm-up runs advance the greedy state: put it back

@@ -8,8 +8,8 @@ expert before a grouped GEMM. These kernels spread each weight over many program
            weight is the expert `ids[a]` of a stacked [E, N, K] tensor (no sorting, each selected
            expert read once per token), with `silu_mul` the rows [0, N) and [N, 2N) are the gate
            and up halves and the output is silu(gate) * up, rounded like the bf16 reference ops.
-  route    the MoE router: float32 logits (gemv for few tokens), then per token softmax or sigmoid, optional
-           correction bias for the choice, top-k by repeated argmax, renormalisation and scaling
+  route    the MoE router: float32 logits (gemv for few tokens), then per token softmax or
+           sigmoid, optional correction bias for the choice, top-k by repeated argmax, renormalisation and scaling
            (topk_method greedy, or the n_group == 1 forms of the others); the always-on shared
            experts are appended with weight 1.
   mla_decode
@@ -61,10 +61,14 @@ def kernel_op(name: str, fake):
     return wrap
 
 
+def cuda_inference(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels (here and in triton_moe / triton_norm_rope) may take x: on CUDA,
+    with grad mode off (they have no backward)."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
+
+
 def half_on_cuda(x: torch.Tensor) -> bool:
-    """bf16/fp16 CUDA inference (the kernels have no backward)."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and not torch.is_grad_enabled())
+    return cuda_inference(x) and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def decode_sized(x: torch.Tensor, max_rows: int) -> bool:
@@ -215,6 +219,12 @@ def mla_decode_applies(q_nope: torch.Tensor, kv_rank: int, rope_dim: int) -> boo
     return half_on_cuda(q_nope) and S == 1 and dims_ok
 
 
+def mha_decode_applies(q: torch.Tensor) -> bool:
+    """q [B, H, 1, head_dim] on CUDA in bf16/fp16 with a power-of-two head_dim (every release)."""
+    B, H, S, D = q.shape
+    return half_on_cuda(q) and S == 1 and D >= 16 and D & (D - 1) == 0
+
+
 if triton is not None:
 
     @triton.jit
@@ -317,6 +327,12 @@ if triton is not None:
         split_len = -(-split_len // block_n) * block_n
         return -(-kv_len // split_len), split_len
 
+    def _split_buffers(rows: int, n_splits: int, H: int, D: int, device):
+        """float32 partial outputs [rows * n_splits * H, D], running maxima and sums of the splits."""
+        part = torch.empty(rows * n_splits * H, D, device=device, dtype=torch.float32)
+        maxes = torch.empty(rows * n_splits * H, device=device, dtype=torch.float32)
+        return part, maxes, torch.empty_like(maxes)
+
     def _combine(part, maxes, sums, out, n_splits, H, D):
         _combine_kernel[(out.shape[0] * H,)](part, maxes, sums, out, n_splits, H=H, D=D,
                                              BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
@@ -324,16 +340,14 @@ if triton is not None:
 
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
                    scale: float) -> torch.Tensor:
-        """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask [B or 1, kv_len]
-        additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
+        """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
+        [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
         block_n = 32
         n_splits, split_len = _splits(B, kv_len, block_n)
-        part = torch.empty(B * n_splits * H, R, device=latent.device, dtype=torch.float32)
-        maxes = torch.empty(B * n_splits * H, device=latent.device, dtype=torch.float32)
-        sums = torch.empty_like(maxes)
+        part, maxes, sums = _split_buffers(B, n_splits, H, R, latent.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
         _mla_decode_kernel[(B, n_splits)](
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
@@ -341,14 +355,6 @@ if triton is not None:
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
-
-def mha_decode_applies(q: torch.Tensor) -> bool:
-    """q [B, H, 1, head_dim] on CUDA in bf16/fp16 with a power-of-two head_dim (every release)."""
-    B, H, S, D = q.shape
-    return half_on_cuda(q) and S == 1 and D >= 16 and D & (D - 1) == 0
-
-
-if triton is not None:
 
     def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
                    programs: int = 1056, min_blocks: int = 1, num_warps: int = 2) -> torch.Tensor:
@@ -361,9 +367,7 @@ if triton is not None:
         if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
             raise ValueError("mha_decode needs the head dimension contiguous")
         n_splits, split_len = _splits(B * H, kv_len, block_n, programs, min_blocks)
-        part = torch.empty(B * n_splits * H, D, device=q.device, dtype=torch.float32)
-        maxes = torch.empty(B * n_splits * H, device=q.device, dtype=torch.float32)
-        sums = torch.empty_like(maxes)
+        part, maxes, sums = _split_buffers(B, n_splits, H, D, q.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
         _mha_decode_kernel[(B * H, n_splits)](
             q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),

@@ -12,7 +12,7 @@ Inside compiled regions (batched decode) both are torch custom ops (`triton_deco
 """
 import torch
 
-from .triton_decode import kernel_op
+from .triton_decode import cuda_inference, kernel_op
 
 try:
     import triton
@@ -21,9 +21,7 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
     triton = None
 
 
-def applies(x: torch.Tensor) -> bool:
-    """CUDA inference (the kernels have no backward)."""
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
+applies = cuda_inference
 
 
 if triton is not None:

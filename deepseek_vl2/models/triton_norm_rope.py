@@ -19,6 +19,8 @@ too (no backward here).
 """
 import torch
 
+from .triton_decode import cuda_inference
+
 try:
     import triton
     import triton.language as tl
@@ -27,8 +29,7 @@ except ImportError:  # CPU-only installs: the callers never get here without CUD
 
 
 def applies(x: torch.Tensor) -> bool:
-    return (triton is not None and x.is_cuda and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+    return cuda_inference(x) and not torch.compiler.is_compiling()
 
 
 if triton is not None:
