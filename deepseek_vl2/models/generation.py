@@ -12,14 +12,11 @@ What it returns follows the reference's recipes: with `input_ids` given, the pro
 by the new tokens; with only `inputs_embeds`, the new tokens only. `return_dict_in_generate`
 gives an object with `.sequences` and `.scores` (one [B, vocab] tensor per step).
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
 import torch
-from transformers.utils import ModelOutput
 
 from .fast_decode import decoder_for
 from .kv_cache import KVCache
+from .outputs import GenerateOutput
 from .sampling import SamplingSettings, choose_next, process_logits
 
 SYNC_EVERY = 8  # decode steps between host reads of "is any row still generating"
@@ -27,14 +24,6 @@ PREFILL_CHUNK_TOKENS = 16384  # prompt tokens (batch x length) per prefill forwa
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "assistant_model": None}
 IGNORED = ("output_attentions", "output_hidden_states", "synced_gpus", "position_ids", "cache_position",
            "num_logits_to_keep", "logits_to_keep", "return_legacy_cache", "tokenizer")
-
-
-@dataclass
-class GenerateOutput(ModelOutput):
-    sequences: torch.LongTensor = None
-    scores: Optional[Tuple[torch.FloatTensor, ...]] = None
-    logits: Optional[Tuple[torch.FloatTensor, ...]] = None
-    past_key_values: Optional[KVCache] = None
 
 
 class GenerationMixin:

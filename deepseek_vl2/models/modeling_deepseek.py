@@ -17,13 +17,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import AttentionInputs, build_attention_inputs, make_attention
 from .configuration_deepseek import DeepseekV2Config
 from .generation import GenerationMixin
 from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
+from .outputs import CausalLMOutput
 from .rms_norm import RMSNorm
 from .rope import rope_for
 
@@ -146,7 +146,7 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        out = CausalLMOutputWithPast(
+        out = CausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=cache if use_cache else None,
