@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from deepseek_vl2.models import triton_moe, triton_norm_rope as tnr
+from deepseek_vl2.models import triton_decode, triton_moe, triton_norm_rope as tnr
 from deepseek_vl2.models.rms_norm import RMSNorm
 
 
@@ -37,6 +37,7 @@ def main():
         formula = lambda: norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)  # noqa: E731
         print(f"rms_norm PyTorch formula    {host_us(formula):.1f} us")
         print(f"silu_mul launcher           {host_us(lambda: triton_moe.silu_mul(gate_up)):.1f} us")
+        triton_decode.register_kernel_ops()
         print(f"silu_mul custom op          {host_us(lambda: torch.ops.deepseek_vl2.silu_mul(gate_up)):.1f} us")
         print(f"one aten add                {host_us(lambda: x + x):.1f} us")
 

@@ -85,9 +85,6 @@ class DeepseekVLV2Config(PretrainedConfig):
         self.candidate_resolutions = candidate_resolutions
         super().__init__(**kwargs)
 
-    def get_text_config(self, *args, **kwargs):
-        return self.language_config
-
 
 def _sub_config(config_class, value):
     if isinstance(value, config_class):

@@ -75,6 +75,7 @@ def _compiled(fn):
     if fn not in _COMPILED:
         import torch._dynamo
 
+        triton_decode.register_kernel_ops()
         # one graph per (model, batch size, layer kind): allow more than the default 8 entries
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
