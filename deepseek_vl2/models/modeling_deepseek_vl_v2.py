@@ -179,11 +179,11 @@ def _real_crops(row) -> List[tuple]:
 
 def _register() -> None:
     """Register with the Auto classes, leaving alone any model type transformers already knows."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     for config_class in (VisionEncoderConfig, MlpProjectorConfig, DeepseekVLV2Config):
-        if config_class.model_type not in CONFIG_MAPPING:
+        try:
             AutoConfig.register(config_class.model_type, config_class)
+        except ValueError:  # a model type transformers has (or this module was reloaded)
+            pass
     try:
         AutoModelForCausalLM.register(DeepseekVLV2Config, DeepseekVLV2ForCausalLM)
     except ValueError:  # already registered (module reloaded)
