@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import AttentionInputs, build_attention_inputs, make_attention
 from .configuration_deepseek import DeepseekV2Config
+from .fast_decode import release_decoders
 from .generation import GenerationMixin
 from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
@@ -96,6 +97,12 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cpu() / .half() ... (also when called on the VL model): the fast path's static
+        # caches and graphs belong to the old tensors; free them now rather than at the next generate
+        release_decoders(self)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(
         self,
