@@ -1,10 +1,14 @@
 """GPU checks (skipped without CUDA): bf16 CUDA logits against the official fp32 goldens, the fast
 decode path (static cache, CUDA graphs, compiled regions) against the plain path, and a
-random-weight model at the real `small` shapes on a 1024x1024 image."""
+random-weight model at the real `small` shapes on a 1024x1024 image, and the fast path's lifetime
+(memory given back on `del model`, no stale graph after a move or new weights)."""
+import gc
+import weakref
+
 import pytest
 import torch
 
-from goldens import CASES, FIXTURES, SINGLE_CASES, fixture_model, golden_inputs, tensors
+from goldens import CASES, CHECKPOINTS, FIXTURES, SINGLE_CASES, fixture_model, golden_inputs, tensors
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -70,9 +74,11 @@ def test_bf16_cuda_logits_match_fp32_goldens(name):
     assert rel <= BF16_LOGITS_REL, f"bf16 CUDA vs fp32 official logits: rel err {rel:.3e}"
 
 
+@pytest.mark.parametrize("compile_after", [0, 16, 2048], ids=["compiled", "compiled-mid-answer", "plain-graphs"])
 @pytest.mark.parametrize("name", SINGLE_CASES)
-def test_fast_path_matches_plain_path_on_fixtures(name):
+def test_fast_path_matches_plain_path_on_fixtures(name, compile_after):
     model = cuda_model(CASES[name]["checkpoint"])
+    model.language.compile_decode_after = compile_after
     t = tensors(name)
     inputs = {k: v.cuda() for k, v in golden_inputs(name).items()}
     mask = t["attention_mask"].bool().cuda()
@@ -135,4 +141,99 @@ def test_real_small_shapes_on_a_1024_image(real_small, tmp_path):
     assert logits.shape == (1, 1, 129280) and torch.isfinite(logits).all()
     fast = greedy(real_small.language, embeds, batch.attention_mask, 64, graphs=True)
     plain = greedy(real_small.language, embeds, batch.attention_mask, 64, graphs=False)
+    assert_same_or_near_tie(fast, plain)
+
+
+# ---- lifetime: memory given back at `del model`, decoders remade for moved or replaced weights -------
+
+def fresh_cuda_model(dtype=torch.bfloat16):
+    """A tiny fixture model of its own on the GPU (cuda_model's are cached for the session)."""
+    from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+
+    return DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS["tiny_mha"]), dtype=dtype, device_map="cuda",
+                                                   progress=False)
+
+
+def batch_prompt(model):
+    t = tensors("p09_batch_left_pad")
+    with torch.no_grad():
+        embeds = model.language.get_input_embeddings()(t["batch_input_ids"].cuda())
+    return embeds, t["batch_attention_mask"].bool().cuda()
+
+
+def finite_scale(scores) -> float:
+    """Largest |score| over finite entries (EOS is -inf before min_new_tokens)."""
+    return scores[torch.isfinite(scores)].abs().max().item()
+
+
+def allocated() -> int:
+    """Bytes allocated by tensors, less the workspace cuBLAS keeps per stream (process state that
+    belongs to no model)."""
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+def load_and_generate():
+    """Load a model, decode with batch sizes 1 and 2 (static caches, CUDA graphs of both kinds,
+    compiled regions); return a weak reference to it and the bytes allocated while it was there."""
+    from deepseek_vl2.models import fast_decode
+
+    model = fresh_cuda_model()
+    embeds, mask = batch_prompt(model)
+    greedy(model.language, embeds[:1], mask[:1], 16, graphs=True)
+    greedy(model.language, embeds, mask, 16, graphs=True)
+    decoders = fast_decode._DECODERS[model.language][1]
+    assert sorted(decoders) == [1, 2] and all(d.graphs and d.codes for d in decoders.values())
+    return weakref.ref(model), torch.cuda.memory_allocated()
+
+
+def test_deleting_a_model_gives_back_all_its_gpu_memory():
+    load_and_generate()  # once first, for one-time process state (CUDA-graph RNG state, kernels)
+    before = allocated()
+    gc.disable()  # no cycle collector: a reference cycle would keep the model, as until a collection
+    try:
+        model, held = load_and_generate()  # its last reference is gone when this returns
+        assert model() is None
+        after = allocated()
+    finally:
+        gc.enable()
+    assert held - before > 8 * 2**20  # weights, two static caches, graph pools: what a leak would keep
+    assert after - before < 2**20, f"{(after - before) / 2**20:.1f} MiB still allocated after del"
+
+
+def test_moved_or_reloaded_model_decodes_with_its_current_weights():
+    from deepseek_vl2.models.random_init import init_random_weights
+
+    model = fresh_cuda_model()
+    lm = model.language
+    embeds, mask = batch_prompt(model)
+    first = greedy(lm, embeds, mask, 16, graphs=True)
+
+    def assert_same(out, expected):
+        assert torch.equal(out.sequences, expected.sequences)
+        assert all(_finite_difference(a, b) <= 1e-2 * finite_scale(b) for a, b in zip(out.scores, expected.scores))
+
+    # moved away and back, with junk taking the old weights' addresses: a stale graph would read it
+    shapes = [(p.shape, p.dtype) for p in model.parameters()]
+    model.cpu()
+    junk = [torch.full(shape, 7.0, dtype=dtype, device="cuda") for shape, dtype in shapes]
+    model.cuda()
+    assert_same(greedy(lm, embeds, mask, 16, graphs=True), first)
+    del junk
+
+    # new tensors with other weights (load_state_dict(assign=True)): as a model loaded with them
+    other = init_random_weights(fresh_cuda_model(), seed=1)
+    expected = greedy(other.language, embeds, mask, 16, graphs=True)
+    assert _finite_difference(expected.scores[0], first.scores[0]) > 0.1 * finite_scale(first.scores[0])
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    assert_same(greedy(lm, embeds, mask, 16, graphs=True), expected)
+
+    # cast: the fast path agrees with the plain path in the new dtype
+    model.half()
+    fast = greedy(lm, embeds.half(), mask, 16, graphs=True)
+    plain = greedy(lm, embeds.half(), mask, 16, graphs=False)
+    assert _finite_difference(fast.scores[0], plain.scores[0]) <= BF16_LOGITS_REL * finite_scale(plain.scores[0])
     assert_same_or_near_tie(fast, plain)

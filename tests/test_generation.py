@@ -1,11 +1,15 @@
 """generate / incremental_prefilling behaviour (official greedy parity is in test_modeling_parity.py),
 and the GPU fast path's decoding logic run eagerly on the CPU."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
-from deepseek_vl2.models import DeepseekVLV2Processor, generation
+from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, fast_decode, generation
 from deepseek_vl2.models.fast_decode import StaticDecoder
+from deepseek_vl2.models.random_init import init_random_weights
 from goldens import CASES, CHECKPOINTS, fixture_model, golden_inputs, tensors
 
 CASE = "p02_single_1024_square"  # small_mla: MLA, 2036 prompt tokens
@@ -261,3 +265,82 @@ def test_fast_path_logic_eos_min_new_tokens_streaming_and_stopping(prompt, eager
     stopped = greedy(model.language, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=20,
                      stopping_criteria=[StopAfter(5)])
     assert torch.equal(stopped, free[:, :5])
+
+
+# ---- the fast path's decoders: freed with their model, remade when its tensors change (CPU, eager) ----
+
+def _fresh(checkpoint="tiny_mha", dtype=torch.float32):
+    """A model of its own (fixture_model's are shared and cached)."""
+    return DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[checkpoint]), dtype=dtype, progress=False)
+
+
+def _decode_kwargs(lm):
+    t = tensors("p09_batch_left_pad")
+    embeds = lm.get_input_embeddings()(t["batch_input_ids"][:, -40:]).detach()
+    return dict(inputs_embeds=embeds, attention_mask=t["batch_attention_mask"][:, -40:].bool(), max_new_tokens=8,
+                do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+
+def _through_registry(monkeypatch, compile=False):
+    monkeypatch.setattr(generation, "static_decoder", lambda lm, batch, settings, device: fast_decode.decoder_for(
+        lm, batch, use_graphs=False, compile=compile))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_deleted_model_goes_at_once_with_its_decoders(monkeypatch, compiled):
+    """`del model` frees the model, its decoders and their compiled steps without the cycle collector."""
+    if compiled:  # dynamo's tracing and guards (what could hold on to a model) without inductor's slow CPU build
+        monkeypatch.setattr(fast_decode, "COMPILE_OPTIONS", dict(fast_decode.COMPILE_OPTIONS, backend="eager"))
+    _through_registry(monkeypatch, compile=compiled)
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
+    model = _fresh(dtype=torch.bfloat16)  # bf16: CPU float32 has no grouped_mm for the compiler
+    kw = _decode_kwargs(model.language)
+    gc.disable()  # a reference cycle would then keep the model alive, as it does until a collection
+    try:
+        model.language.generate(**kw)
+        model.language.generate(**dict(kw, return_dict_in_generate=False, output_scores=False))  # in-graph greedy
+        decoder = fast_decode._DECODERS[model.language][1][2]
+        codes = decoder.codes
+        assert len(codes) == (4 if compiled else 0) and all(entries(code) for code in codes)
+        alive = [weakref.ref(x) for x in (model, model.language, model.language.lm_head.weight, decoder,
+                                           decoder.cache.layers[0])]
+        del model, decoder
+        assert [ref() for ref in alive] == [None] * len(alive)
+        assert not any(entries(code) for code in codes)  # dynamo's compiled entries went too
+    finally:
+        gc.enable()
+
+
+def test_decoders_are_remade_when_the_weights_move_or_are_replaced(monkeypatch):
+    model = _fresh()
+    lm = model.language
+    kw = _decode_kwargs(lm)
+    other = init_random_weights(_fresh(), seed=1)  # same shapes, different weights
+    expected = {"first": lm.generate(**kw), "other": other.language.generate(**kw)}  # the plain path
+    assert not torch.equal(expected["first"].scores[0], expected["other"].scores[0])
+    first_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _through_registry(monkeypatch)
+
+    def generate(weights):
+        out = lm.generate(**kw)
+        assert torch.equal(out.sequences, expected[weights].sequences)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(out.scores, expected[weights].scores))
+        entry = fast_decode._DECODERS[lm][1]
+        assert list(entry) == [2]  # one batch size in use: stale decoders are not kept
+        return entry[2]
+
+    decoder = generate("first")
+    assert generate("first") is decoder  # reused while the tensors stay
+    model.load_state_dict(other.state_dict())  # copied into the same tensors: graphs would read the new values
+    assert generate("other") is decoder
+    old = weakref.ref(decoder)
+    del decoder
+    model.load_state_dict(first_weights, assign=True)  # new tensors: a graph would read freed memory
+    decoder = generate("first")
+    assert old() is None
+    lm.lm_head.weight.data = lm.lm_head.weight.data.clone()
+    assert generate("first") is not decoder
+    model.to(torch.bfloat16)  # .to / .cpu / .cuda free the decoders at once
+    assert lm not in fast_decode._DECODERS
+    lm.generate(**_decode_kwargs(lm))
+    assert fast_decode._DECODERS[lm][1][2].cache.dtype == torch.bfloat16

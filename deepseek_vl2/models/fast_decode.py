@@ -18,8 +18,18 @@ graph replay and the host only reads "is any row still going" now and then.
 Compilation or capture problems are not fatal: the decoder falls back to plain kernels (and, if
 capture fails, to eager steps), with a warning. With `use_graphs=False` and `compile=False` the
 same code runs eagerly on any device, which is how the CPU tests check its logic.
+
+Lifetime (`decoder_for`): a model's decoders live in a registry keyed weakly by the model, and
+refer to the model weakly, so `del model` frees the model, its static caches and graphs at once
+(no reference cycle waiting for the garbage collector). A decoder is reused only while the
+model's tensors are the ones its graphs captured: the registry keeps a fingerprint of their
+storages and starts afresh when it changes (moved, cast, or given new tensors). Each decoder
+compiles its own copies of the step functions, so what torch.compile caches for it dies with it.
 """
+import itertools
 import logging
+import types
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -67,27 +77,43 @@ def _greedy_advance(logits, state):
 
 
 _PLAIN = (_pre_attention, _post_attention, _last_logits, _greedy_advance)
-_COMPILED = {}
+COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 
 
-def _compiled(fn):
-    """torch.compile'd version of `fn` (shared by all layers and models)."""
-    if fn not in _COMPILED:
-        import torch._dynamo
+def _compiled_copies(functions):
+    """torch.compile'd private copies of `functions` and their code objects.
 
-        triton_decode.register_kernel_ops()
-        # one graph per (model, batch size, layer kind): allow more than the default 8 entries
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[fn]
+    Dynamo keeps compiled entries (guards, graphs) on the function's code object. Shared functions
+    would collect entries for every model, batch size and layer kind the process ever used, up to
+    a recompile limit past which they silently run uncompiled. Fresh code objects give each decoder
+    its own few entries (one per layer kind, within dynamo's default limit), which `_forget` drops."""
+    triton_decode.register_kernel_ops()
+    codes = tuple(fn.__code__.replace() for fn in functions)
+    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **COMPILE_OPTIONS)
+                   for fn, code in zip(functions, codes))
+    return copies, codes
+
+
+def _forget(codes) -> None:
+    """Drop dynamo's entries for a dead decoder's code copies. Dynamo maps each compiled code back
+    to its source code, which holds the entries: a cycle through C++ that the garbage collector
+    cannot break, so without this every decoder's compiled steps would stay for good."""
+    from torch._dynamo import eval_frame, utils
+
+    for code in codes:
+        if hasattr(eval_frame, "reset_code"):
+            eval_frame.reset_code(code)
+        getattr(utils, "guard_failures", {}).pop(code, None)
 
 
 class StaticDecoder:
     """Static cache and per-bucket decode steps for one model and batch size."""
 
-    def __init__(self, lm, batch_size: int, use_graphs: bool = True, compile: bool = True):
+    def __init__(self, lm, batch_size: int, use_graphs: bool = True, compile: bool = True, compile_after: int = 0):
+        """`compile_after`: decode steps run on plain kernels (in CUDA graphs) before the step
+        functions are compiled; compiling costs seconds once, and saves some microseconds a step."""
         config = lm.config
-        self.lm = lm
+        self._lm = weakref.ref(lm)  # the model owns its decoders (see decoder_for), not the reverse
         self.batch_size = batch_size
         self.capacity = config.max_position_embeddings
         device, dtype = lm.device, lm.dtype
@@ -106,11 +132,28 @@ class StaticDecoder:
         self.alive = torch.zeros(self.capacity, dtype=torch.bool, device=device)  # any row going after step i
         self.use_graphs = use_graphs
         self.functions = _PLAIN
-        if compile:
-            self.functions = tuple(_compiled(fn) for fn in self.functions)
+        self.codes = ()  # the compiled copies' code objects (where dynamo keeps their entries)
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[tuple, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.steps_until_compile = compile_after if compile else None  # None: never compile
+        if compile and compile_after <= 0:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Switch to compiled step functions; graphs of the plain ones are recaptured as used."""
+        self.steps_until_compile = None
+        self.functions, self.codes = _compiled_copies(_PLAIN)
+        weakref.finalize(self, _forget, self.codes).atexit = False
+        self.graphs.clear()
+        self.outputs.clear()
+
+    @property
+    def lm(self):
+        lm = self._lm()
+        if lm is None:
+            raise RuntimeError("the model of this StaticDecoder has been deleted")
+        return lm
 
     def start(self, attention_mask: torch.Tensor, past: Optional[KVCache] = None) -> KVCache:
         """Begin a generation: `attention_mask` [B, n] marks real tokens over prompt + new tokens.
@@ -158,6 +201,10 @@ class StaticDecoder:
         kv_len = min(next((b for b in BUCKETS if b > slot), self.capacity), self.capacity)
         self.cache.length = slot + 1
         run = self._run if kind == "logits" else self._run_greedy
+        if self.steps_until_compile is not None:
+            self.steps_until_compile -= 1
+            if self.steps_until_compile < 0:
+                self._compile()
         if not self.use_graphs:
             return run(kv_len)
         key = (kind, kv_len)
@@ -191,7 +238,7 @@ class StaticDecoder:
     def _capture(self, key, run, kv_len: int) -> None:
         state = [t.clone() for t in self._state()]  # warm-up runs advance the greedy state: put it back
         current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
+        side = _warmup_stream(current.device)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
@@ -225,16 +272,49 @@ class StaticDecoder:
             live.copy_(copy)
 
 
-def decoder_for(lm, batch_size: int, keep: int = 3) -> StaticDecoder:
-    """The model's StaticDecoder for this batch size (the `keep` most recent sizes are kept)."""
-    decoders = lm.__dict__.setdefault("_static_decoders", {})
-    stale = batch_size in decoders and (decoders[batch_size].cache.device != lm.device
-                                        or decoders[batch_size].cache.dtype != lm.dtype)
-    if stale:
-        del decoders[batch_size]
+_WARMUP_STREAMS = {}
+
+
+def _warmup_stream(device) -> torch.cuda.Stream:
+    """One warm-up stream per GPU for all captures: cuBLAS keeps a workspace per stream it has
+    run on, so a new stream per capture would leave a workspace behind for each of the pool's
+    streams (up to 32, several MiB each) that no model deletion gives back."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
+# model -> (fingerprint of its tensors, {batch size: StaticDecoder}); an entry goes with its model
+_DECODERS = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(lm) -> tuple:
+    """Where the model's tensors live: a CUDA graph reads its weights at the addresses it captured,
+    so a decoder stays valid exactly as long as this is unchanged. In-place updates (load_state_dict
+    copying into the parameters) keep it, and the graphs then read the new values."""
+    tensors = itertools.chain.from_iterable(
+        itertools.chain(m._parameters.values(), m._buffers.values()) for m in lm.modules())  # one walk
+    return (lm.device, lm.dtype, tuple(t.data_ptr() for t in tensors if t is not None))
+
+
+def decoder_for(lm, batch_size: int, keep: int = 3, **options) -> StaticDecoder:
+    """The model's StaticDecoder for this batch size (the `keep` most recent sizes are kept); a new
+    one gets `options` (StaticDecoder's use_graphs / compile). All are dropped when the model's
+    tensors have moved or been replaced since they were made."""
+    fingerprint = weights_fingerprint(lm)
+    entry = _DECODERS.get(lm)
+    if entry is None or entry[0] != fingerprint:
+        _DECODERS.pop(lm, None)  # free the stale decoders' caches before making new ones
+        entry = _DECODERS[lm] = (fingerprint, {})
+    decoders = entry[1]
     if batch_size not in decoders:
         while len(decoders) >= keep:
             decoders.pop(next(iter(decoders)))
-        decoders[batch_size] = StaticDecoder(lm, batch_size)
+        decoders[batch_size] = StaticDecoder(lm, batch_size, **options)
     decoders[batch_size] = decoders.pop(batch_size)  # most recently used last
     return decoders[batch_size]
+
+
+def release_decoders(lm) -> None:
+    """Free the model's static caches, graphs and compiled steps now (the next generate remakes them)."""
+    _DECODERS.pop(lm, None)

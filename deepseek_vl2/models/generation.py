@@ -170,7 +170,7 @@ def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torc
     `cuda_graphs` is off, and when there is more than one token to make."""
     if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2:
         return None
-    return decoder_for(lm, batch_size)
+    return decoder_for(lm, batch_size, compile_after=lm.compile_decode_after)
 
 
 def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, do_sample, generator, streamer,

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import AttentionInputs, build_attention_inputs, make_attention
 from .configuration_deepseek import DeepseekV2Config
+from .fast_decode import release_decoders
 from .generation import GenerationMixin
 from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
@@ -79,6 +80,9 @@ class DeepseekV2Model(nn.Module):
 
 class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
     cuda_graphs = True  # generate on CUDA decodes with CUDA graphs (fast_decode.py); False: plain kernels
+    # decode steps (per batch size) on plain kernels before the steps are compiled: a first answer
+    # needs no compilation; a process that keeps decoding pays for it once (0: compile at once)
+    compile_decode_after = 2048
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
@@ -96,6 +100,12 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cpu() / .half() ... (also when called on the VL model): the fast path's static
+        # caches and graphs belong to the old tensors; free them now rather than at the next generate
+        release_decoders(self)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(
         self,
