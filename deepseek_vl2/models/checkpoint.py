@@ -18,6 +18,7 @@ model ever exists in host memory.
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import urllib.error
@@ -236,9 +237,18 @@ def _progress(files: Iterable, enabled: bool):
     return tqdm(files, desc="Loading checkpoint shards", unit="shard")
 
 
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 1024**3,
                  dtype: Optional[torch.dtype] = None) -> None:
-    """Write the model's parameters under their official names (sharded above `max_shard_bytes`)."""
+    """Write the model's parameters under their official names (sharded above `max_shard_bytes`),
+    replacing any checkpoint already in `save_dir` (its weight files and index; nothing else).
+
+    Files are written under temporary names first and renamed into place, the old index removed
+    before that, so an interrupted save leaves the old checkpoint, the new one, or one that fails to
+    load, never a silent mix of the two. Renaming also replaces a symlink (a hub cache snapshot)
+    rather than writing through it into the cache's blob."""
     params = dict(model.named_parameters())
     shards, current, size = [], {}, 0
     for key, entry in checkpoint_layout(model).items():
@@ -252,15 +262,32 @@ def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 10
         size += nbytes
     shards.append(current)
     save_dir.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(save_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(save_dir / name), metadata={"format": "pt"})
-        for key, tensor in shard.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (save_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                      for i in range(1, len(shards) + 1)]
+    old_files = _checkpoint_files(save_dir)
+    for name, shard in zip(names, shards):
+        save_file(shard, str(save_dir / f".{name}.tmp"), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (save_dir / f".{INDEX_NAME}.tmp").write_text(json.dumps(index, indent=2, sort_keys=True))
+    if (save_dir / INDEX_NAME).exists() or (save_dir / INDEX_NAME).is_symlink():
+        (save_dir / INDEX_NAME).unlink()  # first: from here on the old shards are never read
+    for name in names + ([INDEX_NAME] if len(shards) > 1 else []):  # the index last: the shards are in place
+        os.replace(save_dir / f".{name}.tmp", save_dir / name)
+    for stale in old_files - set(names) - {INDEX_NAME}:
+        (save_dir / stale).unlink(missing_ok=True)
+
+
+def _checkpoint_files(folder: Path) -> set:
+    """Names of the weight files of a checkpoint in `folder`: model.safetensors, shards named the
+    standard way, and whatever its index lists."""
+    found = {p.name for p in folder.iterdir() if p.name == WEIGHTS_NAME or SHARD_NAME.fullmatch(p.name)}
+    try:
+        weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+        found |= {name for name in weight_map.values()
+                  if Path(name).name == name and name.endswith(".safetensors") and (folder / name).exists()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or one that names nothing usable
+    return found
