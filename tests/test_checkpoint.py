@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import deepseek_vl2  # noqa: F401
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.models.checkpoint import CheckpointError, official_shapes
+from deepseek_vl2.models.random_init import init_random_weights
 from goldens import CHECKPOINTS, FIXTURES
 from transformers import AutoModelForCausalLM
 
@@ -141,3 +142,53 @@ def test_device_map_dict_places_modules():
     model = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS["tiny_mha"]), dtype=torch.float32,
                                                     device_map={"": "cpu"})
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def _saved(folder, name, shard_size=None):
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[name]), dtype=torch.float32)
+    model.save_pretrained(folder, **({"max_shard_size": shard_size} if shard_size else {}))
+    return model
+
+
+def _assert_reloads_to(model, folder):
+    reloaded = DeepseekVLV2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    assert reloaded.config.language_config.to_dict() == model.config.language_config.to_dict()
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert sorted(loaded) == sorted(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("old,new", [(("base_noaux", 600_000), ("tiny_mha", None)),
+                                     (("tiny_mha", None), ("base_noaux", 600_000))],
+                         ids=["sharded-then-one-file", "one-file-then-sharded"])
+def test_save_over_an_older_checkpoint_replaces_its_weight_files(tmp_path, old, new):
+    (tmp_path / "notes.txt").write_text("not a checkpoint file: stays")
+    _saved(tmp_path, *old)
+    model = _saved(tmp_path, *new)
+    files = {p.name for p in tmp_path.iterdir()}
+    if new[1]:  # sharded: exactly the shards its index lists
+        listed = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        assert len(listed) > 1 and files == {"notes.txt", "config.json", "model.safetensors.index.json"} | listed
+    else:
+        assert files == {"notes.txt", "config.json", "model.safetensors"}
+    _assert_reloads_to(model, tmp_path)
+
+
+def test_save_into_the_directory_the_model_came_from(tmp_path):
+    """Weights are copied out of the files at load, so the files can be replaced; a symlinked file
+    (a hub cache snapshot) is replaced, not written through into its target."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINTS["tiny_mha"], target)
+    blob = tmp_path / "blob"
+    (target / "model.safetensors").rename(blob)
+    (target / "model.safetensors").symlink_to(blob)
+    original = blob.read_bytes()
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    init_random_weights(model, seed=3)
+    model.save_pretrained(target, max_shard_size=600_000)
+    assert blob.read_bytes() == original and not (target / "model.safetensors").exists()
+    assert (target / "tokenizer.json").is_file() and (target / "processor_config.json").is_file()
+    _assert_reloads_to(model, target)
+    init_random_weights(model, seed=4)
+    model.save_pretrained(target)  # and back to one file, from the sharded one it was just saved as
+    assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]
+    _assert_reloads_to(model, target)

@@ -70,7 +70,8 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                                        device_map=device_map, **kwargs)
 
     def save_pretrained(self, save_directory, max_shard_size: int = 5 * 1024**3, **unused) -> None:
-        """Write config.json and the weights in the official format."""
+        """Write config.json and the weights in the official format; the weight files and index of a
+        checkpoint already in `save_directory` are replaced (other files are left alone)."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.torch_dtype = str(self.dtype).replace("torch.", "")

@@ -223,12 +223,12 @@ class DeepseekVLV2Processor:
         from transformers import PreTrainedTokenizerFast
 
         path_or_hub_id = os.fspath(path_or_hub_id)
-        if os.path.isdir(path_or_hub_id):
-            config_path = os.path.join(path_or_hub_id, PROCESSOR_CONFIG_NAME)
-        else:
-            from huggingface_hub import hf_hub_download
+        if not os.path.isdir(path_or_hub_id):
+            # a hub id: fetched as the model's files are (the local cache when offline), same errors
+            from .checkpoint import PROCESSOR_PATTERNS, resolve_checkpoint_dir
 
-            config_path = hf_hub_download(path_or_hub_id, PROCESSOR_CONFIG_NAME)
+            path_or_hub_id = str(resolve_checkpoint_dir(path_or_hub_id, allow_patterns=PROCESSOR_PATTERNS))
+        config_path = os.path.join(path_or_hub_id, PROCESSOR_CONFIG_NAME)
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
 
