@@ -281,13 +281,13 @@ class DeepseekVLV2Processor:
         try:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path_or_hub_id)
         except Exception as error:  # the tokenizers library raises a bare Exception on bad JSON
-            tokenizer_file = os.path.join(path_or_hub_id, "tokenizer.json")
             if not local:
-                raise ValueError(f"cannot load the tokenizer of {path_or_hub_id!r}: {error}") from error
+                raise
+            tokenizer_file = os.path.join(path_or_hub_id, "tokenizer.json")
             if not os.path.isfile(tokenizer_file):
                 raise FileNotFoundError(f"cannot load the tokenizer: {tokenizer_file} does not exist") from error
             raise ValueError(f"cannot load the tokenizer from {path_or_hub_id!r}: "
-                             f"{_tokenizer_file_problem(tokenizer_file) or error}") from error
+                             f"{_tokenizer_files_problem(path_or_hub_id) or error}") from error
         return cls(tokenizer, **kwargs)
 
     def save_pretrained(self, save_directory):
@@ -661,15 +661,19 @@ class DeepseekVLV2Processor:
         )
 
 
-def _tokenizer_file_problem(path):
-    """Why `tokenizer.json` at `path` cannot be a tokenizer file, or None when it is a JSON object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except (OSError, ValueError) as error:
-        return f"the tokenizer file {path} cannot be parsed as JSON ({error})"
-    if not isinstance(content, dict) or "model" not in content:
-        return f"the tokenizer file {path} cannot be parsed: it is JSON but has no tokenizer 'model'"
+def _tokenizer_files_problem(directory):
+    """Which tokenizer file in `directory` cannot be parsed, and why; None when all look sound."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+        except (OSError, ValueError) as error:
+            return f"the tokenizer file {path} cannot be parsed as JSON ({error})"
+        if name == "tokenizer.json" and not (isinstance(content, dict) and "model" in content):
+            return f"the tokenizer file {path} cannot be parsed: it is JSON but has no tokenizer 'model'"
     return None
 
 
