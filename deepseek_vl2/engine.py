@@ -13,8 +13,10 @@ gets the prompt ids too, so the repetition penalty covers them (P-GEN-1).
 `chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
 it); `chat` is a batch of one.
 """
+import math
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -37,6 +39,20 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: Optional[int] = None
     stop: Sequence[str] = ()
+
+    def __post_init__(self):
+        """Refuse settings generate would refuse later (or misread: a NaN temperature is not greedy,
+        a str `stop` is not a list of one-character stop strings), naming the field."""
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"GenerationParams.{name} must be a finite number, got {value!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 1:
+            raise ValueError(f"GenerationParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
+            raise ValueError(f"GenerationParams.seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"GenerationParams.stop must be a list of strings, got {self.stop!r}")
 
 
 @dataclass

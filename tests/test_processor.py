@@ -2,7 +2,6 @@
 
 import functools
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -369,14 +368,14 @@ def test_more_than_two_images_disable_tiling(proc):
     assert two.num_image_tokens == [1023, 1023]
 
 
-def test_unused_images_count_for_tiling(proc, caplog):
-    # P-PROC-3 (kept): every image passed counts for the <= 2 rule, even ones without a tag
+def test_unused_images_are_refused(proc):
+    # The reference ignores images beyond the <image> tags on the conversation path (and, P-PROC-3,
+    # still counts them for the <= 2 tiling rule). Issue 9 makes that an error, as on the prompt
+    # path, so the tiling rule now always counts the images that are used.
     images = [Image.new("RGB", (640, 480)) for _ in range(3)]
     conversation = [{"role": USER, "content": "<image>\nhi"}, {"role": ASSISTANT, "content": ""}]
-    with caplog.at_level(logging.WARNING):
-        out = proc(conversations=conversation, images=images, force_batchify=False)
-    assert out.num_image_tokens == [421]
-    assert "extra images are unused" in caplog.text
+    with pytest.raises(ValueError, match=r"1 <image> tags but 3 images were given"):
+        proc(conversations=conversation, images=images, force_batchify=False)
 
 
 # --------------------------------------------------------------------------- other behaviour

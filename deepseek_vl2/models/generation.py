@@ -17,7 +17,8 @@ import torch
 from .fast_decode import decoder_for
 from .kv_cache import KVCache
 from .outputs import GenerateOutput
-from .sampling import SamplingSettings, choose_next, process_logits
+from .input_checks import check_input_ids, check_inputs_embeds
+from .sampling import SamplingSettings, as_int, choose_next, process_logits, unusable_rows
 
 SYNC_EVERY = 8  # decode steps between host reads of "is any row still generating"
 PREFILL_CHUNK_TOKENS = 16384  # prompt tokens (batch x length) per prefill forward
@@ -33,9 +34,12 @@ class GenerationMixin:
         return getattr(self, "language", self)
 
     def _embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None):
+        """Prompt embeddings (images merged); checks input_ids (and the image inputs)."""
         if hasattr(self, "prepare_inputs_embeds"):
             return self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        return self.get_input_embeddings()(input_ids)
+        embedding = self.get_input_embeddings()
+        check_input_ids(input_ids, embedding.num_embeddings)
+        return embedding(input_ids)
 
     @torch.inference_mode()
     def incremental_prefilling(self, input_ids=None, attention_mask=None, inputs_embeds=None, images=None,
@@ -52,6 +56,7 @@ class GenerationMixin:
                 raise ValueError("pass input_ids (with images) or inputs_embeds")
             inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
         lm = self._decoder()
+        check_inputs_embeds(inputs_embeds, lm.config.hidden_size)
         B, T, _ = inputs_embeds.shape
         attention_mask = _mask_or_ones(attention_mask, B, T, inputs_embeds.device)
         positions = padding_aware_positions(attention_mask)
@@ -71,7 +76,15 @@ class GenerationMixin:
                  output_scores=False, output_logits=False, generation_config=None, generator=None, **kwargs):
         """Greedy or sampled generation with the arguments transformers' generate takes (see the
         module docstring for what is returned). `generator` (a torch.Generator) makes sampling
-        reproducible per call."""
+        reproducible per call.
+
+        Bad arguments raise before any compute, naming the argument: `max_new_tokens` must be
+        >= 1 (0 is refused, as transformers' GenerationConfig does; there is no "prompt only"
+        result), `max_length` must leave room for one new token, token ids (`input_ids`,
+        `eos_token_id`, `pad_token_id`) must lie in the vocabulary (`eos_token_id=[]` turns EOS
+        stopping off), and the sampling settings must be finite numbers in range (sampling.py).
+        Should the model produce scores from which no token can be chosen (NaN logits), a
+        ValueError names the step and batch rows."""
         for name, allowed in UNSUPPORTED.items():
             if name in kwargs and kwargs.pop(name) != allowed:
                 raise NotImplementedError(f"{name} is not supported by this generate (only {name}={allowed})")
@@ -86,24 +99,38 @@ class GenerationMixin:
             raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
         if not use_cache:
             raise ValueError("use_cache=False is not supported: generation always uses the KV cache")
+        _check_hooks(streamer, stopping_criteria, logits_processor, generator)
 
         lm = self._decoder()
+        vocab_size = lm.get_input_embeddings().num_embeddings
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("generate needs input_ids or inputs_embeds")
             inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
+        elif input_ids is not None:
+            check_input_ids(input_ids, vocab_size)
+        check_inputs_embeds(inputs_embeds, lm.config.hidden_size)
         B, T, _ = inputs_embeds.shape
         device = inputs_embeds.device
         if input_ids is not None and tuple(input_ids.shape) != (B, T):
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
                              f"disagree on batch size or length")
-        eos = _as_list(eos_token_id if eos_token_id is not None else lm.config.eos_token_id)
-        if max_new_tokens is None:
-            max_new_tokens = (max_length - (T if input_ids is not None else 0)) if max_length is not None else 20
+        eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else lm.config.eos_token_id,
+                         vocab_size)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        _token_ids("pad_token_id", pad_token_id, vocab_size)
+        if max_new_tokens is None and max_length is not None:
+            prompt_tokens = T if input_ids is not None else 0
+            max_new_tokens = as_int("max_length", max_length) - prompt_tokens
+            if max_new_tokens < 1:
+                raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {prompt_tokens}-"
+                                 f"token prompt; pass max_new_tokens, or a max_length above {prompt_tokens}")
         settings = SamplingSettings(
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-            eos_token_ids=tuple(eos), pad_token_id=pad_token_id if pad_token_id is not None else (eos[0] if eos else 0),
+            max_new_tokens=20 if max_new_tokens is None else max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p, top_k=top_k,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            eos_token_ids=tuple(eos), pad_token_id=pad_token_id,
         )
         limit = lm.config.max_position_embeddings
         if T + settings.max_new_tokens > limit:
@@ -184,8 +211,9 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
     scores_out, logits_out = [], []
     # Whether any row is still going after each step, kept on the device: reading it costs a host
     # synchronisation, so it is read every SYNC_EVERY steps (every step when streaming) and the CPU
-    # meanwhile queues the next steps. Steps past the end are cut off below.
-    alive = []
+    # meanwhile queues the next steps. Steps past the end are cut off below. `unusable` (the rows
+    # whose scores allow no choice, e.g. NaN logits) is read at the same times and raises.
+    alive, unusable = [], []
     sync_every = 1 if streamer is not None else SYNC_EVERY
     generated = 0
     while True:
@@ -197,6 +225,7 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
             scores_out.append(scores)
         if output_logits:
             logits_out.append(logits)
+        unusable.append(unusable_rows(scores, do_sample) & unfinished)
         tokens = torch.where(unfinished, choose_next(scores, do_sample, generator), settings.pad_token_id)
         sequence[:, prompt_len + generated] = tokens
         generated += 1
@@ -209,14 +238,31 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
         alive.append(unfinished.any())
         if generated == settings.max_new_tokens:
             break
-        if generated % sync_every == 0 and not all(torch.stack(alive[-sync_every:]).tolist()):
-            break
+        if generated % sync_every == 0:
+            _raise_if_unusable(unusable, generated - sync_every)
+            if not all(torch.stack(alive[-sync_every:]).tolist()):
+                break
         logits = step(tokens, positions, T + generated - 1)
         positions = positions + 1
+    _raise_if_unusable(unusable, 0)
     flags = torch.stack(alive).tolist()
     if False in flags:  # generation ended when no row was left going
         generated = flags.index(False) + 1
     return generated, scores_out[:generated], logits_out[:generated]
+
+
+def _raise_if_unusable(unusable, first_step) -> None:
+    """ValueError naming the first step (from `first_step` on) and its batch rows whose scores allowed
+    no choice of token."""
+    flags = torch.stack(unusable[first_step:])
+    if not bool(flags.any()):
+        return
+    step = first_step + int(flags.any(dim=1).nonzero()[0])
+    rows = unusable[step].nonzero().flatten().tolist()
+    raise ValueError(f"generation step {step}: the scores of batch rows {rows} hold NaN or inf, or mask every "
+                     "token, so no next token can be chosen. The logits were not finite (NaN in inputs_embeds or "
+                     "images? float16 overflow? try bfloat16 or float32) or a logits_processor set every score "
+                     "to -inf")
 
 
 def _greedy_on_device(decoder, logits, positions, T, sequence, prompt_len, settings, streamer, criteria) -> int:
@@ -269,19 +315,50 @@ def padding_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_or_ones(attention_mask, B, T, device):
+    """The [B, T] bool prompt mask (all ones when None); every row must keep at least one token."""
     if attention_mask is None:
         return torch.ones(B, T, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor of shape {(B, T)}, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
-    return attention_mask.to(device=device, dtype=torch.bool)
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} are all zeros: every batch row needs at least one prompt token")
+    return mask
 
 
-def _as_list(ids):
+def _token_ids(name, ids, vocab_size) -> list:
+    """`ids` (None, an int, a list or a tensor of ints) as a list of ids in [0, vocab_size)."""
     if ids is None:
         return []
     if isinstance(ids, torch.Tensor):
-        return ids.flatten().tolist()
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        ids = ids.flatten().tolist()
+    ids = [as_int(name, i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"{name} {outside[0] if len(outside) == 1 else outside} is outside the vocabulary "
+                         f"[0, {vocab_size})"
+                         + ("; pass eos_token_id=[] to generate without stopping at EOS" if name == "eos_token_id"
+                            else ""))
+    return ids
+
+
+def _check_hooks(streamer, stopping_criteria, logits_processor, generator) -> None:
+    """TypeError naming the argument when a hook has the wrong type."""
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put() and end() methods, got {type(streamer).__name__}")
+    for name, hooks in (("stopping_criteria", stopping_criteria), ("logits_processor", logits_processor)):
+        if hooks is None:
+            continue
+        if not isinstance(hooks, (list, tuple)):
+            raise TypeError(f"{name} must be a list of callables, got {type(hooks).__name__}")
+        for index, hook in enumerate(hooks):
+            if not callable(hook):
+                raise TypeError(f"{name}[{index}] is a {type(hook).__name__}, not a callable")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
 def _stop_flags(criteria, history, scores, B, device) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .attention import AttentionInputs, build_attention_inputs, make_attention
 from .configuration_deepseek import DeepseekV2Config
 from .fast_decode import release_decoders
 from .generation import GenerationMixin
+from .input_checks import check_input_ids, check_inputs_embeds, check_legacy_cache
 from .kv_cache import KVCache
 from .moe import MoE, GatedMLP
 from .outputs import CausalLMOutput
@@ -131,7 +132,9 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.model.embed_tokens.num_embeddings)
             inputs_embeds = self.model.embed_tokens(input_ids)
+        check_inputs_embeds(inputs_embeds, self.config.hidden_size)
         B, S, _ = inputs_embeds.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = self.prepare_cache(past_key_values, B, S, inputs_embeds) if (use_cache or past_key_values is not None) else None
@@ -144,6 +147,11 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=inputs_embeds.device).unsqueeze(0).expand(B, S)
+        elif not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) not in ((B, S), (1, S), (S,)):
+            raise ValueError(f"position_ids has shape {tuple(getattr(position_ids, 'shape', ()))}; expected {(B, S)}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, S)):
+            raise ValueError(f"labels has shape {tuple(getattr(labels, 'shape', ()))}; expected {(B, S)} (one label "
+                             "per input position)")
         attn = build_attention_inputs(attention_mask, past, S, past + S, inputs_embeds.dtype, inputs_embeds.device)
         all_hidden = [] if output_hidden_states else None
         hidden = self.model.run_layers(inputs_embeds, position_ids, attn, cache, all_hidden)
@@ -172,6 +180,7 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         if isinstance(past_key_values, KVCache):
             cache = past_key_values
         else:
+            check_legacy_cache(past_key_values, self.config)
             cache = KVCache.from_legacy(past_key_values, self.config, extra_capacity=new_tokens)
         if cache.batch_size != batch_size:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {batch_size}")

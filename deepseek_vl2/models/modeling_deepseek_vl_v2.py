@@ -24,6 +24,7 @@ from . import loading
 from .checkpoint import save_weights
 from .configuration_deepseek_vl_v2 import DeepseekVLV2Config, MlpProjectorConfig, VisionEncoderConfig
 from .generation import GenerationMixin
+from .input_checks import check_image_inputs, check_input_ids
 from .modeling_deepseek import DeepseekV2ForCausalLM
 from .projector import MlpProjector
 from .siglip_vit import build_vision_tower
@@ -91,13 +92,24 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
     def prepare_inputs_embeds(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None,
                               **ignored):
         """Token embeddings with the image vectors written, in order, at the True positions of
-        `images_seq_mask` (one row per batch row)."""
-        embeds = self.language.get_input_embeddings()(input_ids)
-        if images is None or images_spatial_crop is None or images_seq_mask is None:
+        `images_seq_mask` (one row per batch row). Shapes (the processor's batch): input_ids [B, T],
+        images [B, tiles, 3, 384, 384], images_seq_mask [B, T], images_spatial_crop [B, images, 2].
+        A ValueError names the argument whose shape or content does not fit."""
+        embedding = self.language.get_input_embeddings()
+        check_input_ids(input_ids, embedding.num_embeddings)
+        has_image_slots = check_image_inputs(input_ids.shape, images, images_seq_mask, images_spatial_crop)
+        embeds = embedding(input_ids)
+        if not has_image_slots:
             return embeds
         crops = images_spatial_crop.tolist()
         tiles_per_row = [sum(1 + w * h for w, h in _real_crops(row)) for row in crops]
+        for b, tiles in enumerate(tiles_per_row):
+            if tiles > images.shape[1]:
+                raise ValueError(f"batch row {b}: images_spatial_crop {_real_crops(crops[b])} needs {tiles} tiles "
+                                 f"but images holds {images.shape[1]} per row")
         if sum(tiles_per_row) == 0:
+            if bool(images_seq_mask.any()):
+                raise ValueError("images_seq_mask marks image positions but images_spatial_crop lists no image")
             return embeds
         tiles = torch.cat([images[b, :n] for b, n in enumerate(tiles_per_row) if n])
         if tiles.shape[0] and tuple(tiles.shape[1:]) != (3, self.vision.patch_embed.img_size[0],
@@ -111,6 +123,9 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         start = 0
         for b, row in enumerate(crops):
             if not tiles_per_row[b]:
+                if bool(seq_mask[b].any()):
+                    raise ValueError(f"batch row {b}: images_seq_mask marks image positions but "
+                                     "images_spatial_crop lists no image for this row")
                 continue
             vectors = self._image_sequence(projected[start : start + tiles_per_row[b]], _real_crops(row))
             start += tiles_per_row[b]

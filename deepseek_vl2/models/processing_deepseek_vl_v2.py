@@ -19,6 +19,12 @@ Deviations from the reference implementation (all allowed by the spec):
 * Reference assertions are ValueErrors with messages that name the problem (image tag count,
   unknown role, misplaced system message, `<image>` in an answer, missing final assistant
   turn, bad image objects). Non-RGB PIL images are converted to RGB instead of failing later.
+* Bad input is refused up front, naming the argument and the message or image index: a
+  conversation that is not a list of {"role": str, "content": str} dicts (TypeError, or
+  ValueError for a missing key), one without a user message, a non-str `prompt`, images of zero
+  width or height, and more images than `<image>` tags (the reference silently ignores the
+  extra images on the conversation path; the prompt path already refused them). Unreadable
+  `processor_config.json` / `tokenizer.json` files are reported with their path.
 * The class is a plain class rather than a transformers `ProcessorMixin`; `from_pretrained`
   loads the tokenizer with `PreTrainedTokenizerFast` (under transformers 5.x the
   `LlamaTokenizerFast` class named in the checkpoints re-tokenizes their byte-level
@@ -32,6 +38,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,9 +155,23 @@ class BatchCollateOutput(DictOutput):
         return self
 
 
+def _check_images(images) -> list:
+    """`images` (None, or a list / tuple of PIL images) as a list; errors name the image index."""
+    if images is None:
+        return []
+    if isinstance(images, Image.Image):
+        raise ValueError("`images` must be a list of PIL images, got a single image; wrap it in a list")
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"`images` must be a list of PIL images (or None), got {type(images).__name__}")
+    return [_as_rgb(image, i) for i, image in enumerate(images)]
+
+
 def _as_rgb(image, index):
     if not isinstance(image, Image.Image):
         raise ValueError(f"image {index} is a {type(image).__name__}, expected a PIL.Image.Image")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image {index} is {image.width}x{image.height} pixels; width and height must be at "
+                         "least 1")
     if image.mode == "RGB":
         return image
     try:
@@ -179,6 +200,10 @@ class DeepseekVLV2Processor:
         ignore_id=-100,
     ):
         self.candidate_resolutions = [tuple(resolution) for resolution in candidate_resolutions]
+        if not self.candidate_resolutions or any(len(r) != 2 or min(r) < 1 for r in self.candidate_resolutions):
+            raise ValueError("candidate_resolutions must be a non-empty list of (width, height) pairs, got "
+                             f"{candidate_resolutions!r}")
+        get_conv_template(sft_format)  # an unknown template name raises here, listing the known ones
         self.image_size = self.candidate_resolutions[0][0]
         self.patch_size = patch_size
         self.downsample_ratio = downsample_ratio
@@ -222,6 +247,9 @@ class DeepseekVLV2Processor:
         the constructor arguments (`overrides` replace them), the tokenizer files the tokenizer."""
         from transformers import PreTrainedTokenizerFast
 
+        if not isinstance(path_or_hub_id, (str, os.PathLike)):
+            raise TypeError("from_pretrained needs a directory path or a hub id (str), got "
+                            f"{type(path_or_hub_id).__name__}")
         path_or_hub_id = os.fspath(path_or_hub_id)
         if not os.path.isdir(path_or_hub_id):
             # a hub id: fetched as the model's files are (the local cache when offline), same errors
@@ -230,7 +258,16 @@ class DeepseekVLV2Processor:
             path_or_hub_id = str(resolve_checkpoint_dir(path_or_hub_id, allow_patterns=PROCESSOR_PATTERNS))
         config_path = os.path.join(path_or_hub_id, PROCESSOR_CONFIG_NAME)
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+            try:
+                config = json.load(f)
+            except ValueError as error:
+                raise ValueError(f"cannot parse the processor config {config_path}: {error}") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, not a {type(config).__name__}")
+        missing = [key for key in ("candidate_resolutions", "patch_size", "downsample_ratio")
+                   if key not in config and key not in overrides]
+        if missing:
+            raise ValueError(f"{config_path} lacks the required keys {missing}")
 
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
         ignored = sorted(set(config) - accepted - {"processor_class"})
@@ -238,7 +275,14 @@ class DeepseekVLV2Processor:
             logger.warning("ignoring unknown keys in %s: %s", PROCESSOR_CONFIG_NAME, ignored)
         kwargs = {key: value for key, value in config.items() if key in accepted}
         kwargs.update(overrides)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path_or_hub_id)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path_or_hub_id)
+        except Exception as error:  # the tokenizers library raises a bare Exception on bad JSON
+            tokenizer_file = os.path.join(path_or_hub_id, "tokenizer.json")
+            if not os.path.isfile(tokenizer_file):
+                raise FileNotFoundError(f"cannot load the tokenizer: {tokenizer_file} does not exist") from error
+            raise ValueError(f"cannot load the tokenizer from {path_or_hub_id!r}: "
+                             f"{_tokenizer_files_problem(path_or_hub_id) or error}") from error
         return cls(tokenizer, **kwargs)
 
     def save_pretrained(self, save_directory):
@@ -293,6 +337,41 @@ class DeepseekVLV2Processor:
     def new_chat_template(self):
         return get_conv_template(self.sft_format)
 
+    def check_conversations(self, conversations) -> None:
+        """Raise TypeError / ValueError, naming the message index, unless `conversations` is a
+        non-empty list of {"role": str, "content": str} dicts with known roles and a user message."""
+        if not isinstance(conversations, (list, tuple)):
+            raise TypeError("`conversations` must be a list of {'role': ..., 'content': ...} dicts, got "
+                            f"{type(conversations).__name__}")
+        if len(conversations) == 0:
+            raise ValueError("`conversations` is empty")
+        user_roles, assistant_roles = self._roles()
+        allowed = list(user_roles + assistant_roles + SYSTEM_ROLES)
+        for index, message in enumerate(conversations):
+            if not isinstance(message, Mapping):
+                raise TypeError(f"message {index} of `conversations` is a {type(message).__name__}, expected a "
+                                "dict with 'role' and 'content'")
+            for key in ("role", "content"):
+                if key not in message:
+                    raise ValueError(f"message {index} of `conversations` has no {key!r} key")
+                if not isinstance(message[key], str):
+                    raise TypeError(f"message {index} of `conversations`: {key!r} must be a str, got "
+                                    f"{type(message[key]).__name__}" + (" (use '' for the turn to be generated)"
+                                                                        if key == "content" else ""))
+            if message["role"] not in allowed:
+                raise ValueError(f"message {index} has unknown role {message['role']!r}; allowed roles: {allowed}")
+            if message["role"] not in user_roles and self.image_token in message["content"]:
+                raise ValueError(f"message {index} ({message['role']!r}) contains {self.image_token}; images may "
+                                 "only appear in user messages")
+        if not any(message["role"] in user_roles for message in conversations):
+            raise ValueError(f"the conversation has no user message (role {user_roles[0]!r} or 'user'); "
+                             "there is nothing to answer")
+
+    def _roles(self):
+        """(user roles, assistant roles) of the chat template, each with its plain alias."""
+        user_role, assistant_role = self.new_chat_template().roles
+        return (user_role, "user"), (assistant_role, "assistant")
+
     def format_messages(self, conversations, sft_format="deepseek", system_prompt=""):
         """The display string of a whole conversation (roles used verbatim), stripped."""
         conv = get_conv_template(sft_format)
@@ -319,22 +398,17 @@ class DeepseekVLV2Processor:
         conv = self.new_chat_template()
         template_system_message = conv.system_message
         user_role, assistant_role = conv.roles
-        user_roles = (user_role, "user")
-        assistant_roles = (assistant_role, "assistant")
+        user_roles, assistant_roles = self._roles()
         cropping = len(pil_images) <= 2
         tag = self.image_token
 
         total_tags = sum(str(m["content"]).count(tag) for m in messages
                          if m["role"] in user_roles)
-        if total_tags > len(pil_images):
+        if total_tags != len(pil_images):
             raise ValueError(
                 f"the conversation has {total_tags} {tag} tags but {len(pil_images)} "
                 f"images were given; pass one image per {tag} tag"
             )
-        if total_tags < len(pil_images):
-            logger.warning("%d images given but only %d %s tags; the extra images are unused "
-                           "(they still count for the <= 2 images tiling rule)",
-                           len(pil_images), total_tags, tag)
 
         ids, labels, seq_mask = [], [], []
         tiles, spatial_crops, num_image_tokens = [], [], []
@@ -465,11 +539,15 @@ class DeepseekVLV2Processor:
         if (prompt is None) == (conversations is None):
             raise ValueError("pass exactly one of `prompt` and `conversations`"
                              + (" (both were given)" if prompt is not None else " (neither was given)"))
-        if conversations is not None and len(conversations) == 0:
-            raise ValueError("`conversations` is empty")
-        if isinstance(images, Image.Image):
-            raise ValueError("`images` must be a list of PIL images, got a single image; wrap it in a list")
-        images = [_as_rgb(image, i) for i, image in enumerate(images or [])]
+        if conversations is not None:
+            self.check_conversations(conversations)
+        elif not isinstance(prompt, str):
+            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
+        if system_prompt is None:
+            system_prompt = ""
+        elif not isinstance(system_prompt, str):
+            raise TypeError(f"`system_prompt` must be a str, got {type(system_prompt).__name__}")
+        images = _check_images(images)
 
         if conversations is not None:
             sft_format = self.format_messages(conversations, self.sft_format, system_prompt)
@@ -529,8 +607,14 @@ class DeepseekVLV2Processor:
         spatial-crop rows are padded with zeros."""
         if padding not in ("left", "right"):
             raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+        if not isinstance(samples, (list, tuple)):
+            raise TypeError(f"batchify takes a list of samples from process_one, got {type(samples).__name__}")
         if not samples:
             raise ValueError("batchify needs at least one sample")
+        for index, sample in enumerate(samples):
+            if not isinstance(sample, VLChatProcessorOutput):
+                raise TypeError(f"batchify: sample {index} is a {type(sample).__name__}, expected a "
+                                "VLChatProcessorOutput (from process_one, or __call__ with force_batchify=False)")
 
         seq_lens = [len(sample) for sample in samples]
         batch_size, max_len = len(samples), max(seq_lens)
@@ -570,6 +654,22 @@ class DeepseekVLV2Processor:
             images_spatial_crop=images_spatial_crop,
             seq_lens=seq_lens,
         )
+
+
+def _tokenizer_files_problem(directory):
+    """Which tokenizer file in `directory` cannot be parsed, and why; None when all look sound."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+        except (OSError, ValueError) as error:
+            return f"the tokenizer file {path} cannot be parsed as JSON ({error})"
+        if name == "tokenizer.json" and not (isinstance(content, dict) and "model" in content):
+            return f"the tokenizer file {path} cannot be parsed: it is JSON but has no tokenizer 'model'"
+    return None
 
 
 def _special(token: str) -> AddedToken:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 from PIL import Image, ImageOps
@@ -17,13 +18,24 @@ from PIL import Image, ImageOps
 def load_pil_images(conversations) -> list:
     """RGB PIL images of every message's "images" list, in order, as one flat list.
 
-    Entries are file paths or PIL images (used as they are, converted to RGB).
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable one, naming the
-    path and the index of the message that lists it.
+    Entries are file paths or PIL images (used as they are, converted to RGB); a missing or None
+    "images" means none. Raises FileNotFoundError for a missing file, ValueError for an unreadable
+    one, and TypeError for values of the wrong type, naming the message (and image) index.
     """
+    if not isinstance(conversations, (list, tuple)):
+        raise TypeError(f"`conversations` must be a list of message dicts, got {type(conversations).__name__}")
     images = []
     for index, message in enumerate(conversations):
-        for entry in message.get("images", []):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"message {index} of `conversations` is a {type(message).__name__}, expected a dict")
+        entries = message.get("images") or []
+        if not isinstance(entries, (list, tuple)):
+            raise TypeError(f"message {index}: 'images' must be a list of file paths or PIL images, got "
+                            f"{type(entries).__name__}")
+        for number, entry in enumerate(entries):
+            if not (isinstance(entry, (Image.Image, str, bytes, os.PathLike)) or hasattr(entry, "read")):
+                raise TypeError(f"message {index}, image {number}: expected a file path or a PIL image, got "
+                                f"{type(entry).__name__}")
             if isinstance(entry, Image.Image):
                 images.append(entry if entry.mode == "RGB" else entry.convert("RGB"))
             else:
@@ -38,10 +50,14 @@ def _open_rgb(path, message_index) -> Image.Image:
             return image if image.mode == "RGB" else image.convert("RGB")
     except FileNotFoundError as error:
         raise FileNotFoundError(
-            f"image file not found: {os.fspath(path)!r} (listed in message {message_index})") from error
+            f"image file not found: {_name(path)} (listed in message {message_index})") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(
-            f"cannot read image {os.fspath(path)!r} (listed in message {message_index}): {error}") from error
+            f"cannot read image {_name(path)} (listed in message {message_index}): {error}") from error
+
+
+def _name(path) -> str:
+    return repr(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else f"<{type(path).__name__}>"
 
 
 def load_json(path):
