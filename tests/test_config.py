@@ -52,7 +52,8 @@ def test_release_values():
 def test_registration():
     for model_type in ("deepseek_vl_v2", "vision", "mlp_projector"):
         assert model_type in CONFIG_MAPPING
-    assert CONFIG_MAPPING["deepseek_v2"].__module__.startswith("transformers.")  # left to transformers
+    if "deepseek_v2" in CONFIG_MAPPING:  # transformers >= 4.5x has its own: left alone
+        assert CONFIG_MAPPING["deepseek_v2"].__module__.startswith("transformers.")
     assert AutoModelForCausalLM._model_mapping[DeepseekVLV2Config] is DeepseekVLV2ForCausalLM
 
 
