@@ -25,9 +25,11 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,17 +60,23 @@ def reset_peaks() -> None:
 
 
 def greedy(model, batch, new_tokens: int):
-    """Greedy tokens and per-step scores (plain path), and the seconds taken."""
+    """Greedy tokens and per-step scores (plain path) of a second run, the seconds it took (the
+    first run pays for kernel compilation), and whether both runs chose the same tokens."""
     model.language.cuda_graphs = False
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         return_dict_in_generate=True, output_scores=True)
-    for i in range(torch.cuda.device_count()):
-        torch.cuda.synchronize(i)
-    seconds = time.perf_counter() - start
+    runs = []
+    for _ in range(2):
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, output_scores=True)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+        runs.append((out, time.perf_counter() - start))
+    (first, _), (out, seconds) = runs
     T = batch["input_ids"].shape[1]
-    return out.sequences[0, T:].tolist(), [s[0].float().cpu() for s in out.scores], seconds
+    repeatable = torch.equal(first.sequences, out.sequences)
+    return out.sequences[0, T:].tolist(), [s[0].float().cpu() for s in out.scores], seconds, repeatable
 
 
 def compare(ref_tokens, ref_scores, tokens, scores) -> dict:
@@ -104,10 +112,29 @@ def main():
     gpus = torch.cuda.device_count()
     if gpus < 2:
         sys.exit(f"multi_gpu.py needs at least 2 CUDA GPUs; {gpus} visible")
+    result = {}
+    try:
+        failures = run(args, gpus, result)
+    except Exception:  # noqa: BLE001  (keep what was measured, with the error, for diagnosis)
+        result["error"] = traceback.format_exc()
+        result["memory_at_error"] = gpu_memory()
+        log(result["error"])
+        failures = ["error: " + result["error"].strip().splitlines()[-1]]
+    result["failures"] = failures
+    result["total_s"] = time.perf_counter() - STARTED
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        log(f"wrote {args.out}")
+    log("OK" if not failures else "FAILED: " + "; ".join(failures))
+    sys.exit(1 if failures else 0)
+
+
+def run(args, gpus: int, result: dict) -> list:
+    """The measurements (into `result`); returns the failed checks."""
     max_memory = {i: args.max_memory for i in range(gpus)}
     if args.cpu_memory:
         max_memory["cpu"] = args.cpu_memory
-    result = dict(variant=args.variant, gpus=[torch.cuda.get_device_name(i) for i in range(gpus)],
+    result.update(variant=args.variant, gpus=[torch.cuda.get_device_name(i) for i in range(gpus)],
                   torch=torch.__version__, device_map=args.device_map, max_memory=dict(max_memory),
                   new_tokens=args.new_tokens, seed=args.seed, command=" ".join(sys.argv))
     log(f"{gpus} GPUs: {result['gpus']}; torch {torch.__version__}")
@@ -132,8 +159,8 @@ def main():
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask",
                                         "images_spatial_crop")}
         reset_peaks()
-        ref_tokens, ref_scores, ref_s = greedy(model, inputs, args.new_tokens)
-        result["single_gpu"] = dict(tokens=ref_tokens, generate_s=ref_s, memory=gpu_memory())
+        ref_tokens, ref_scores, ref_s, repeatable = greedy(model, inputs, args.new_tokens)
+        result["single_gpu"] = dict(tokens=ref_tokens, generate_s=ref_s, repeatable=repeatable, memory=gpu_memory())
         log(f"one GPU: {args.new_tokens} tokens in {ref_s:.2f} s; peak {gpu_memory()['cuda:0']['peak_gib']} GiB")
         del model
         gc.collect()
@@ -149,8 +176,6 @@ def main():
     placement = describe_placement(split)
     result["placement"] = {device: dict(gib=round(e["gib"], 3), modules=e["modules"]) for device, e in placement.items()}
     result["hf_device_map"] = getattr(split, "hf_device_map", None)
-    from accelerate.utils import convert_file_size_to_int
-
     budget = {f"cuda:{i}": convert_file_size_to_int(args.max_memory) / GiB for i in range(gpus)}
     if args.cpu_memory:
         budget["cpu"] = convert_file_size_to_int(args.cpu_memory) / GiB
@@ -163,8 +188,8 @@ def main():
     result["split_memory_after_load"] = gpu_memory()
 
     ref_inputs = {k: v.to(split.device) for k, v in inputs.items()}
-    tokens, scores, split_s = greedy(split, ref_inputs, args.new_tokens)
-    result["split"] = dict(tokens=tokens, generate_s=split_s, memory=gpu_memory())
+    tokens, scores, split_s, repeatable = greedy(split, ref_inputs, args.new_tokens)
+    result["split"] = dict(tokens=tokens, generate_s=split_s, repeatable=repeatable, memory=gpu_memory())
     log(f"split: {args.new_tokens} tokens in {split_s:.2f} s; peak per GPU "
         f"{ {d: m['peak_gib'] for d, m in result['split']['memory'].items()} } GiB")
     result["comparison"] = compare(ref_tokens, ref_scores, tokens, scores)
@@ -182,30 +207,24 @@ def main():
     if difference is not None and not difference["near_tie"]:
         failures.append(f"tokens differ at step {difference['step']} where the margin "
                         f"{difference['reference_margin']:.4f} is more than twice the noise {difference['noise']:.4f}")
-    result["failures"] = failures
-    result["total_s"] = time.perf_counter() - STARTED
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        log(f"wrote {args.out}")
-    log("OK" if not failures else "FAILED: " + "; ".join(failures))
-    sys.exit(1 if failures else 0)
+    return failures
 
 
 def compress(modules) -> str:
     """'language.model.layers.0' ... 'language.model.layers.12' shown as one range."""
-    out, run = [], []
+    out, streak = [], []
     for name in modules + [None]:
         prefix, _, index = (name or "").rpartition(".")
-        if name is not None and index.isdigit() and run and run[-1][0] == prefix and int(index) == run[-1][1] + 1:
-            run.append((prefix, int(index)))
+        if name is not None and index.isdigit() and streak and streak[-1][0] == prefix and int(index) == streak[-1][1] + 1:
+            streak.append((prefix, int(index)))
             continue
-        if run:
-            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
-            run = []
+        if streak:
+            out.append(f"{streak[0][0]}.{streak[0][1]}" + (f"-{streak[-1][1]}" if len(streak) > 1 else ""))
+            streak = []
         if name is None:
             break
         if index.isdigit():
-            run = [(prefix, int(index))]
+            streak = [(prefix, int(index))]
         else:
             out.append(name)
     return ", ".join(out)

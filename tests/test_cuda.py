@@ -251,3 +251,21 @@ def test_model_on_the_second_gpu_uses_the_fast_path_there():
     _, plain = run_case(model, name, 32, graphs=False)
     assert model.language.__dict__.get("_static_decoders"), "the fast path was not taken"
     assert_same_or_near_tie(fast, plain)
+
+
+@pytest.mark.parametrize("checkpoint", ["small_mla", "tiny_mha"])
+def test_gpu_and_cpu_split_matches_one_gpu(checkpoint):
+    """Units placed on "cpu" run on the CPU (no offload hooks): the last layer, norm and head there."""
+    single = load_placed(checkpoint, torch.float32, device_map="cuda:0")
+    n = len(single.language.model.layers)
+    split = load_placed(checkpoint, torch.float32, device_map={"": 0, f"language.model.layers.{n - 1}": "cpu",
+                                                               "language.model.norm": "cpu", "language.lm_head": "cpu"})
+    print(f"{checkpoint}: placement {placement_report(split)}")
+    assert split.language.is_split and split.language.lm_head.weight.device.type == "cpu"
+    name = case_of(checkpoint)
+    logits, out = run_case(split, name, 16)
+    ref_logits, ref_out = run_case(single, name, 16)
+    diff = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    print(f"{checkpoint}: GPU+CPU vs one GPU logits rel diff {diff:.2e}")
+    assert logits.device == torch.device("cuda:0") and diff <= 1e-4
+    assert_same_or_near_tie(out, ref_out)

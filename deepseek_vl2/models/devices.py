@@ -83,9 +83,10 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def launch(x, *args, **kwargs):
-        if x.device.index == torch.cuda.current_device():
+        device = x.device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():  # CPU: Triton's interpreter
             return launcher(x, *args, **kwargs)
-        with torch.cuda.device(x.device):
+        with torch.cuda.device(device):
             return launcher(x, *args, **kwargs)
 
     return launch

@@ -198,7 +198,7 @@ def memory_budgets(max_memory: dict, gpus: int) -> Dict[Union[int, str], int]:
             raise ValueError(f"{err} (max_memory keys: GPU indices (0, 1, ...), 'cuda:N' or 'cpu')") from None
         name = "cpu" if device.type == "cpu" else device.index
         try:
-            size = convert_file_size_to_int(value)
+            size = convert_file_size_to_int(int(value) if isinstance(value, float) else value)
         except (ValueError, AttributeError, TypeError):
             raise ValueError(f"max_memory[{key!r}] = {value!r} is not a size: use bytes or a string like '18GiB'") \
                 from None
