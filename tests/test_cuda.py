@@ -237,3 +237,138 @@ def test_moved_or_reloaded_model_decodes_with_its_current_weights():
     plain = greedy(lm, embeds.half(), mask, 16, graphs=False)
     assert _finite_difference(fast.scores[0], plain.scores[0]) <= BF16_LOGITS_REL * finite_scale(plain.scores[0])
     assert_same_or_near_tie(fast, plain)
+
+
+# ---- a model spread over two GPUs (device_map) ----------------------------------------------------
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+def load_placed(checkpoint, dtype, **kw):
+    from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+
+    return DeepseekVLV2ForCausalLM.from_pretrained(str(FIXTURES / f"ckpt_{checkpoint}"), dtype=dtype, progress=False,
+                                                   **kw)
+
+
+def layer_split_map(model):
+    """Vision, embeddings and the first half of the layers on GPU 0; the rest, norm and head on GPU 1."""
+    n = len(model.language.model.layers)
+    return {"": 0, **{f"language.model.layers.{i}": 1 for i in range(n // 2, n)}, "language.model.norm": 1,
+            "language.lm_head": 1}
+
+
+def placement_report(model):
+    from deepseek_vl2.models.loading import describe_placement
+
+    return {device: (round(e["gib"] * 2**30), e["modules"]) for device, e in describe_placement(model).items()}
+
+
+def assert_units_whole(model):
+    for i, layer in enumerate(model.language.model.layers):
+        devices = {p.device for p in layer.parameters()}
+        assert len(devices) == 1, f"decoder layer {i} is split over {devices}: {placement_report(model)}"
+    assert len({p.device for p in model.vision.parameters()}) == 1, f"vision tower split: {placement_report(model)}"
+
+
+def run_case(model, name, n, graphs=False):
+    """fp32 logits of a whole-prompt forward and greedy generate (tokens and per-step scores) of an
+    image case, inputs on the model's (first) device."""
+    t = tensors(name)
+    inputs = {k: v.to(model.device) for k, v in golden_inputs(name).items()}
+    mask = t["attention_mask"].bool().to(model.device)
+    model.language.cuda_graphs = graphs
+    try:
+        with torch.no_grad():
+            logits = model(attention_mask=mask, use_cache=False, **inputs).logits.float()
+        out = model.generate(**inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             return_dict_in_generate=True, output_scores=True)
+    finally:
+        model.language.cuda_graphs = True
+    return logits, out
+
+
+def case_of(checkpoint):
+    return next(n for n in SINGLE_CASES if CASES[n]["checkpoint"] == checkpoint)
+
+
+def compare_split(split, single, checkpoint, n=32, exact=True):
+    name = case_of(checkpoint)
+    print(f"{checkpoint}: placement {placement_report(split)}")
+    assert_units_whole(split)
+    assert split.language.is_split and {p.device.index for p in split.parameters()} == {0, 1}
+    logits, out = run_case(split, name, n)
+    ref_logits, ref_out = run_case(single, name, n)
+    assert logits.device == ref_logits.device == torch.device("cuda:0")
+    diff = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    print(f"{checkpoint}: split vs one GPU logits rel diff {diff:.2e}; tokens {out.sequences[0, -n:].tolist()}")
+    # the same kernels run on either GPU, so both should be (nearly) bit-identical; tokens must be
+    # equal, or differ first at a recorded near-tie of the one-GPU run
+    assert diff <= (1e-5 if exact else BF16_LOGITS_REL), f"split logits differ from one GPU's: rel {diff:.3e}"
+    assert_same_or_near_tie(out, ref_out)
+
+
+@two_gpus
+@pytest.mark.parametrize("checkpoint", ["small_mla", "tiny_mha"])
+def test_two_gpu_dict_split_matches_one_gpu_fp32(checkpoint):
+    single = load_placed(checkpoint, torch.float32, device_map="cuda:0")
+    split = load_placed(checkpoint, torch.float32, device_map=layer_split_map(single))
+    n = len(split.language.model.layers)
+    assert [layer.input_layernorm.weight.device.index for layer in split.language.model.layers] == \
+        [0] * (n // 2) + [1] * (n - n // 2)
+    compare_split(split, single, checkpoint)
+
+
+@two_gpus
+@pytest.mark.parametrize("checkpoint", ["small_mla", "tiny_mha"])
+def test_two_gpu_dict_split_matches_one_gpu_bf16(checkpoint):
+    """bf16 takes the Triton decode kernels (gemv, router, decode attention) on GPU 1 too."""
+    single = load_placed(checkpoint, torch.bfloat16, device_map="cuda:0")
+    split = load_placed(checkpoint, torch.bfloat16, device_map=layer_split_map(single))
+    compare_split(split, single, checkpoint, exact=False)
+
+
+@two_gpus
+@pytest.mark.parametrize("checkpoint", ["small_mla", "tiny_mha"])
+def test_auto_with_small_max_memory_splits_and_matches_one_gpu(checkpoint):
+    single = load_placed(checkpoint, torch.float32, device_map="cuda:0")
+    total = sum(p.numel() * p.element_size() for p in single.parameters())
+    budgets = {0: int(0.6 * total), 1: total}  # GPU 0 cannot hold it all: "auto" balances
+    split = load_placed(checkpoint, torch.float32, device_map="auto", max_memory=budgets)
+    print(f"{checkpoint}: hf_device_map {split.hf_device_map}")
+    for device, (size, _) in placement_report(split).items():
+        assert size <= budgets[torch.device(device).index], f"{device} holds {size} bytes, over its budget"
+    compare_split(split, single, checkpoint)
+
+
+@two_gpus
+def test_model_on_the_second_gpu_uses_the_fast_path_there():
+    """device_map="cuda:1" (cuda:0 current): graphs, compiled regions and Triton kernels on GPU 1."""
+    model = load_placed("small_mla", torch.bfloat16, device_map="cuda:1")
+    assert torch.cuda.current_device() == 0 and model.device == torch.device("cuda:1")
+    assert not model.language.is_split
+    name = case_of("small_mla")
+    _, fast = run_case(model, name, 32, graphs=True)
+    _, plain = run_case(model, name, 32, graphs=False)
+    from deepseek_vl2.models import fast_decode
+
+    assert fast_decode._DECODERS.get(model.language), "the fast path was not taken"
+    assert_same_or_near_tie(fast, plain)
+
+
+@pytest.mark.parametrize("checkpoint", ["small_mla", "tiny_mha"])
+def test_gpu_and_cpu_split_matches_one_gpu(checkpoint):
+    """Units placed on "cpu" run on the CPU (no offload hooks): the last layer, norm and head there."""
+    single = load_placed(checkpoint, torch.float32, device_map="cuda:0")
+    n = len(single.language.model.layers)
+    split = load_placed(checkpoint, torch.float32, device_map={"": 0, f"language.model.layers.{n - 1}": "cpu",
+                                                               "language.model.norm": "cpu", "language.lm_head": "cpu"})
+    print(f"{checkpoint}: placement {placement_report(split)}")
+    assert split.language.is_split and split.language.lm_head.weight.device.type == "cpu"
+    name = case_of(checkpoint)
+    logits, out = run_case(split, name, 16)
+    ref_logits, ref_out = run_case(single, name, 16)
+    diff = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    print(f"{checkpoint}: GPU+CPU vs one GPU logits rel diff {diff:.2e}")
+    assert logits.device == torch.device("cuda:0") and diff <= 1e-4
+    assert_same_or_near_tie(out, ref_out)

@@ -14,6 +14,7 @@ gives an object with `.sequences` and `.scores` (one [B, vocab] tensor per step)
 """
 import torch
 
+from .devices import on_model_device
 from .fast_decode import decoder_for
 from .kv_cache import KVCache
 from .outputs import GenerateOutput
@@ -41,6 +42,7 @@ class GenerationMixin:
         check_input_ids(input_ids, embedding.num_embeddings)
         return embedding(input_ids)
 
+    @on_model_device
     @torch.inference_mode()
     def incremental_prefilling(self, input_ids=None, attention_mask=None, inputs_embeds=None, images=None,
                                images_seq_mask=None, images_spatial_crop=None, chunk_size: int = 1024):
@@ -60,13 +62,14 @@ class GenerationMixin:
         B, T, _ = inputs_embeds.shape
         attention_mask = _mask_or_ones(attention_mask, B, T, inputs_embeds.device)
         positions = padding_aware_positions(attention_mask)
-        cache = KVCache(lm.config, B, T, inputs_embeds.device, inputs_embeds.dtype)
+        cache = KVCache(lm.config, B, T, lm.cache_devices(inputs_embeds.device), inputs_embeds.dtype)
         for start in range(0, T - 1, chunk_size):
             end = min(start + chunk_size, T - 1)
             lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=attention_mask[:, :end],
                position_ids=positions[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
         return inputs_embeds, cache
 
+    @on_model_device
     @torch.inference_mode()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, images=None, images_seq_mask=None,
                  images_spatial_crop=None, past_key_values=None, max_new_tokens=None, max_length=None,
@@ -147,8 +150,8 @@ class GenerationMixin:
         if decoder is not None:
             cache = decoder.start(full_mask, given)
         else:
-            cache = given if given is not None else KVCache(lm.config, B, T + settings.max_new_tokens, device,
-                                                            inputs_embeds.dtype)
+            cache = given if given is not None else KVCache(lm.config, B, T + settings.max_new_tokens,
+                                                            lm.cache_devices(device), inputs_embeds.dtype)
         past = cache.length
         if past >= T:
             raise ValueError(f"past_key_values already holds {past} tokens of this {T}-token prompt: nothing is left "
@@ -194,8 +197,9 @@ class GenerationMixin:
 
 def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torch.device):
     """The GPU fast path's StaticDecoder for this call (fast_decode.py): on CUDA unless the model's
-    `cuda_graphs` is off, and when there is more than one token to make."""
-    if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2:
+    `cuda_graphs` is off, and when there is more than one token to make; not for a model spread over
+    several devices (its graphs would span GPUs): that one decodes with plain kernels."""
+    if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2 or lm.is_split:
         return None
     return decoder_for(lm, batch_size, compile_after=lm.compile_decode_after)
 

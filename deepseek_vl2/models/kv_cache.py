@@ -22,12 +22,20 @@ from .configuration_deepseek import DeepseekV2Config
 
 class KVCache:
     def __init__(self, config: DeepseekV2Config, batch_size: int, capacity: int, device, dtype):
+        """`device`: one device for every layer, or a sequence with each layer's device (a model
+        spread over several devices keeps each layer's cache next to the layer)."""
         self.config = config
         self.batch_size = batch_size
-        self.device = torch.device(device)
+        if isinstance(device, (list, tuple)):
+            if len(device) != config.num_hidden_layers:
+                raise ValueError(f"KVCache got {len(device)} devices for {config.num_hidden_layers} layers")
+            self.layer_devices = [torch.device(d) for d in device]
+        else:
+            self.layer_devices = [torch.device(device)] * config.num_hidden_layers
+        self.device = self.layer_devices[0]
         self.dtype = dtype
         self.length = 0  # tokens written (the same for every row; padding is masked, not skipped)
-        self.layers = [self._allocate(capacity) for _ in range(config.num_hidden_layers)]
+        self.layers = [self._allocate(capacity, d) for d in self.layer_devices]
 
     @property
     def seq_dim(self) -> int:
@@ -37,11 +45,11 @@ class KVCache:
     def capacity(self) -> int:
         return self.layers[0].shape[self.seq_dim]
 
-    def _allocate(self, capacity: int) -> torch.Tensor:
+    def _allocate(self, capacity: int, device: torch.device) -> torch.Tensor:
         # zeros, not empty: unwritten slots are read (and masked) by fixed-capacity decode steps,
         # and masked garbage could still be NaN, which survives multiplication by a zero weight
         c, B = self.config, self.batch_size
-        kw = dict(device=self.device, dtype=self.dtype)
+        kw = dict(device=device, dtype=self.dtype)
         if c.use_mla:
             return torch.zeros(B, capacity, c.kv_lora_rank + c.qk_rope_head_dim, **kw)
         head_dim = c.hidden_size // c.num_attention_heads
@@ -54,7 +62,7 @@ class KVCache:
         new_capacity = max(needed, 2 * self.capacity)
         grown = []
         for old in self.layers:
-            fresh = self._allocate(new_capacity)
+            fresh = self._allocate(new_capacity, old.device)
             fresh.narrow(self.seq_dim, 0, self.length).copy_(old.narrow(self.seq_dim, 0, self.length))
             grown.append(fresh)
         self.layers = grown
@@ -112,7 +120,8 @@ class KVCache:
             )
         first = past[0][0]
         length = first.shape[2]
-        cache = cls(config, first.shape[0], length + extra_capacity, first.device, first.dtype)
+        devices = [layer[0].device for layer in past]  # each layer's cache stays where it was
+        cache = cls(config, first.shape[0], length + extra_capacity, devices, first.dtype)
         for i, (elem0, elem1) in enumerate(past):
             if config.use_mla:
                 expected = (first.shape[0], 1, length)

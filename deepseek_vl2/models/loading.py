@@ -1,7 +1,15 @@
 """`from_pretrained`: build a model from its config on the meta device, allocate it once in the
-target dtype on the target device(s), and fill it strictly from the checkpoint."""
+target dtype on the target device(s), and fill it strictly from the checkpoint.
+
+Placement is decided here and only here (`resolve_device_map`): the model is cut into placement
+units that always stay whole (each decoder layer, the vision tower, the projector, the embeddings,
+the final norm, the LM head, the two image-layout vectors) and each unit gets one device, either
+from a user's dict or from accelerate's planning (`infer_auto_device_map`, with
+`get_balanced_memory` for the balanced strategies) within `max_memory`. Each unit is then allocated
+directly on its device. No accelerate hooks are installed: the model code moves activations across
+device boundaries itself (devices.py), and units placed on the CPU run on the CPU."""
 import logging
-from typing import Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -14,7 +22,7 @@ HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_downl
 IGNORED_KWARGS = (
     "trust_remote_code", "_from_auto", "adapter_kwargs", "low_cpu_mem_usage", "use_safetensors",
     "attn_implementation", "code_revision", "offload_folder", "offload_state_dict", "_fast_init",
-    "resume_download", "use_auth_token", "output_loading_info", "max_memory",
+    "resume_download", "use_auth_token", "output_loading_info",
 )
 
 DeviceMap = Union[None, str, int, torch.device, dict]
@@ -43,29 +51,215 @@ def check_dtype_for_device(dtype: torch.dtype, device: torch.device) -> None:
         raise ValueError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use torch.float16")
 
 
-def resolve_device_map(device_map: DeviceMap, model: nn.Module, dtype: torch.dtype) -> Union[torch.device, dict]:
-    """One torch.device, or a {module name: device} split for several GPUs.
+PLANNED = ("auto", "balanced", "balanced_low_0", "sequential")  # device_map strategies planned by accelerate
+NO_SPLIT = ("DecoderLayer", "VisionTransformer", "MlpProjector")  # modules kept whole on one device
+WITH_VISION = ("projector", "image_newline", "view_seperator")  # planned onto the vision tower's device
 
-    "auto": the first GPU if the model fits there, else a split over all GPUs (through accelerate),
-    else the CPU."""
+
+def resolve_device_map(device_map: DeviceMap, model: nn.Module, dtype: torch.dtype, max_memory: Optional[dict] = None,
+                       gpu_count: Optional[int] = None) -> Union[torch.device, Dict[str, torch.device]]:
+    """Where each part of `model` (built on the meta device) goes: one torch.device, or a
+    {unit name: device} dict over the placement units (`placement_units`) when it spans devices.
+
+    device_map:
+      None / "cpu" / "cuda" / "cuda:N" / N / torch.device   everything on that device;
+      "auto"            the first GPU if the model fits in its budget there (the CUDA-graph fast path
+                        needs one device), else as "balanced";
+      "balanced"        spread evenly over the GPUs (accelerate's get_balanced_memory), within max_memory;
+      "balanced_low_0"  the same with as little as possible on GPU 0;
+      "sequential"      fill GPU 0 up to its budget, then GPU 1, ...;
+      {name: device}    modules or parameters by name ("" is the whole model; the longest name wins).
+    The strategies plan through accelerate's infer_auto_device_map with `max_memory` ({0: "18GiB",
+    1: "18GiB", "cpu": "64GiB"}; default: the free memory of every GPU and the CPU); what does not
+    fit the GPUs goes to the CPU when max_memory allows it (and runs there). Disk offload is refused.
+    `gpu_count` (default: the visible GPUs) lets the planning be checked without GPUs."""
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    planned = isinstance(device_map, str) and device_map in PLANNED
+    if max_memory is not None and not planned:
+        logger.warning("max_memory is only used with device_map in %s; ignored for device_map=%r", PLANNED, device_map)
     if isinstance(device_map, dict):
-        return {name: torch.device(_device_name(dev)) for name, dev in device_map.items()}
-    if device_map != "auto":
-        device = torch.device(_device_name(device_map if device_map is not None else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} was requested but CUDA is not available here")
-        return device
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    needed = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(0)
-    if needed < 0.9 * free or torch.cuda.device_count() == 1:
-        return torch.device("cuda", 0)
-    from accelerate import infer_auto_device_map
+        placement = place_units(model, device_map, gpus)
+    elif planned:
+        placement = plan_placement(model, device_map, max_memory, dtype, gpus)
+    else:
+        return parse_device(device_map if device_map is not None else "cpu", gpus, "device_map")
+    devices = set(placement.values())
+    return devices.pop() if len(devices) == 1 else placement
 
-    no_split = list({type(m).__name__ for m in model.modules() if type(m).__name__ in ("DecoderLayer", "Block")})
-    return {k: torch.device(_device_name(v)) for k, v in
-            infer_auto_device_map(model, no_split_module_classes=no_split, dtype=dtype).items()}
+
+def parse_device(value, gpus: int, what: str) -> torch.device:
+    """A device_map value as a torch.device: "cpu", "cuda", "cuda:N", N or a torch.device; cuda
+    devices must exist."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, torch.device)):
+        raise ValueError(f"{what} = {value!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or a GPU index")
+    if value == "disk":
+        raise ValueError(f"{what} = 'disk': offloading weights to disk is not supported; place them on 'cpu' "
+                         f"(they then run on the CPU) or on a GPU")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what} = {value}: GPU indices start at 0")
+        value = f"cuda:{value}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} = {value!r} is not understood: use {', '.join(repr(s) for s in PLANNED)}, "
+                         f"'cpu', 'cuda', 'cuda:N', a GPU index or a {{module name: device}} dict") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"{what} = {value!r}: only 'cpu' and CUDA devices are supported")
+    if gpus == 0:
+        raise ValueError(f"device {device} was requested ({what}) but CUDA is not available here")
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if index >= gpus:
+        raise ValueError(f"{what} asks for cuda:{index}, but only {gpus} GPU(s) are visible "
+                         f"(cuda:0 to cuda:{gpus - 1})")
+    return torch.device("cuda", index)
+
+
+def placement_units(model: nn.Module) -> Dict[str, List[str]]:
+    """The parts that go to a device as a whole, in model order, with their parameter names: every
+    module of a NO_SPLIT class (decoder layers, the vision tower, the projector), every other module
+    with parameters and no submodules (embeddings, final norm, LM head), and parameters held
+    directly by a container (image_newline, view_seperator)."""
+    units: Dict[str, List[str]] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, _ in module.named_parameters(recurse=False):
+            units[prefix + name] = [prefix + name]
+        for name, child in module.named_children():
+            full = prefix + name
+            if type(child).__name__ in NO_SPLIT or next(child.children(), None) is None:
+                params = [f"{full}.{n}" for n, _ in child.named_parameters()]
+                if params:
+                    units[full] = params
+            else:
+                visit(full + ".", child)
+
+    visit("", model)
+    return units
+
+
+def place_units(model: nn.Module, device_map: dict, gpus: int) -> Dict[str, torch.device]:
+    """A {module or parameter name: device} map checked and turned into {unit: device}: every name
+    must exist, every parameter must be placed, and no unit may be split over devices."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    entries = {}
+    for key, value in device_map.items():
+        if not isinstance(key, str) or (key != "" and key not in modules and key not in params):
+            top = [name for name, _ in model.named_children()] + [name for name, _ in model.named_parameters(recurse=False)]
+            raise ValueError(f"device_map names {key!r}, which is not a module or parameter of "
+                             f"{type(model).__name__} (its top-level parts: {', '.join(top)}; \"\" is the whole model)")
+        entries[key] = parse_device(value, gpus, f"device_map[{key!r}]")
+    where, unplaced = {}, []
+    for name in params:
+        parts = name.split(".")
+        for depth in range(len(parts), -1, -1):  # the longest entry containing the parameter
+            key = ".".join(parts[:depth])
+            if key in entries:
+                where[name] = entries[key]
+                break
+        else:
+            unplaced.append(name)
+    if unplaced:
+        raise ValueError(f"device_map leaves {len(unplaced)} parameter(s) unplaced, e.g. {unplaced[:3]}; add entries "
+                         f"for them (a \"\" entry places everything not named)")
+    placement = {}
+    for unit, names in placement_units(model).items():
+        devices = {where[name] for name in names}
+        if len(devices) > 1:
+            kind = type(model.get_submodule(unit)).__name__ if unit in modules else "parameter"
+            raise ValueError(f"device_map splits {unit} ({kind}) over {', '.join(sorted(map(str, devices)))}; "
+                             f"each decoder layer, the vision tower, the projector and each other leaf module "
+                             f"must be whole on one device")
+        placement[unit] = devices.pop()
+    return placement
+
+
+def memory_budgets(max_memory: dict, gpus: int) -> Dict[Union[int, str], int]:
+    """max_memory checked and in accelerate's form: {GPU index: bytes, ..., "cpu": bytes}, GPUs first.
+    Keys: GPU indices, "cuda:N" (or torch.device) and "cpu"; values: bytes or sizes like "18GiB"."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise ValueError(f"max_memory must be a non-empty dict like {{0: '18GiB', 1: '18GiB'}}, not {max_memory!r}")
+    budgets = {}
+    for key, value in max_memory.items():
+        if key == "disk":
+            raise ValueError("max_memory['disk']: offloading weights to disk is not supported")
+        if isinstance(key, bool) or not isinstance(key, (int, str, torch.device)):
+            raise ValueError(f"max_memory key {key!r} is not a device: use GPU indices (0, 1, ...), 'cuda:N' or 'cpu'")
+        try:
+            device = parse_device(key, gpus, f"max_memory key {key!r}")
+        except ValueError as err:
+            raise ValueError(f"{err} (max_memory keys: GPU indices (0, 1, ...), 'cuda:N' or 'cpu')") from None
+        name = "cpu" if device.type == "cpu" else device.index
+        try:
+            size = convert_file_size_to_int(int(value) if isinstance(value, float) else value)
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"max_memory[{key!r}] = {value!r} is not a size: use bytes or a string like '18GiB'") \
+                from None
+        if name in budgets:
+            raise ValueError(f"max_memory gives {device} twice")
+        budgets[name] = size
+    gpu_keys = sorted(k for k in budgets if k != "cpu")
+    return {**{k: budgets[k] for k in gpu_keys}, **({"cpu": budgets["cpu"]} if "cpu" in budgets else {})}
+
+
+def plan_placement(model: nn.Module, strategy: str, max_memory: Optional[dict], dtype: torch.dtype,
+                   gpus: int) -> Dict[str, torch.device]:
+    """{unit: device} for a device_map strategy (see resolve_device_map), through accelerate."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_balanced_memory
+
+    units = placement_units(model)
+    budgets = memory_budgets(max_memory, gpus) if max_memory is not None else None
+    if budgets is None and gpus == 0:
+        return {unit: torch.device("cpu") for unit in units}
+    size = compute_module_sizes(model, dtype=dtype)[""]
+    if strategy == "auto":
+        if budgets is None:
+            first, room = 0, 0.9 * torch.cuda.mem_get_info(0)[0]
+        else:
+            first = next((k for k in budgets if k != "cpu" and budgets[k] > 0), None)
+            room = budgets[first] if first is not None else 0
+        if first is not None and size <= room:
+            return {unit: torch.device("cuda", first) for unit in units}
+        strategy = "balanced"
+    if strategy.startswith("balanced"):
+        budgets = get_balanced_memory(model, dict(budgets) if budgets is not None else None, list(NO_SPLIT), dtype,
+                                      low_zero=strategy == "balanced_low_0")
+    plan = infer_auto_device_map(model, dict(budgets) if budgets is not None else None, list(NO_SPLIT), dtype)
+    on_disk = [name for name, device in plan.items() if device == "disk"]
+    if on_disk:
+        shown = {k: f"{v / 2**30:.1f}GiB" for k, v in (budgets or {}).items()}
+        raise ValueError(f"the model ({size / 2**30:.1f} GiB in {dtype}) does not fit: with max_memory={max_memory} "
+                         f"the {strategy!r} plan's per-device budgets are {shown or 'the free memory'} (accelerate "
+                         f"also keeps room for the largest layer on the first GPU), and {len(on_disk)} part(s) "
+                         f"({', '.join(on_disk[:3])}...) would be offloaded to disk, which is not supported; give "
+                         f"the GPUs more memory or allow the CPU (max_memory['cpu'])")
+    placement = place_units(model, {name: _device_name(device) for name, device in plan.items()}, gpus)
+    vision = placement.get("vision")
+    if vision is not None:  # the image path stays on one device (these are a few MB)
+        for name in WITH_VISION:
+            if name in placement:
+                placement[name] = vision
+    return placement
+
+
+def describe_placement(model: nn.Module) -> Dict[str, dict]:
+    """{device: {"modules": [unit names], "gib": parameter GiB}} from where the parameters are now."""
+    params = dict(model.named_parameters())
+    summary: Dict[str, dict] = {}
+    for unit, names in placement_units(model).items():
+        device = str(params[names[0]].device)
+        entry = summary.setdefault(device, {"modules": [], "gib": 0.0})
+        entry["modules"].append(unit)
+        entry["gib"] += sum(params[n].numel() * params[n].element_size() for n in names) / 2**30
+    return summary
 
 
 def _device_name(dev) -> str:
@@ -83,7 +277,7 @@ def split_kwargs(kwargs: dict) -> dict:
 
 
 def from_pretrained(model_class, path, config=None, dtype=None, device_map: DeviceMap = None,
-                    progress: bool = True, **kwargs):
+                    max_memory: Optional[dict] = None, progress: bool = True, **kwargs):
     hub = split_kwargs(kwargs)
     checkpoint_dir = resolve_checkpoint_dir(path, **hub)
     if config is None:
@@ -92,7 +286,7 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
     with torch.device("meta"):
         model = model_class(config)
     model = model.to(dtype)
-    placement = resolve_device_map(device_map, model, dtype)
+    placement = resolve_device_map(device_map, model, dtype, max_memory)
     if isinstance(placement, dict):
         for device in set(placement.values()):
             check_dtype_for_device(dtype, device)
@@ -101,21 +295,26 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
         check_dtype_for_device(dtype, placement)
         model.to_empty(device=placement)
     load_weights(model, checkpoint_dir, progress=progress)
-    if isinstance(placement, dict):
-        from accelerate import dispatch_model
-
-        model = dispatch_model(model, device_map={k: str(v) for k, v in placement.items()})
+    if isinstance(device_map, dict) or device_map in PLANNED:
+        units = placement if isinstance(placement, dict) else {"": placement}
+        model.hf_device_map = {name: str(device) for name, device in units.items()}  # as transformers names it
     model.name_or_path = str(path)
     return model.eval()
 
 
-def _materialize_split(model: nn.Module, placement: dict) -> None:
-    """Allocate each parameter on the device of the longest device_map entry that contains it."""
-    for name, param in list(model.named_parameters()):
-        owners = [k for k in placement if k == "" or name == k or name.startswith(k + ".")]
-        if not owners:
-            raise ValueError(f"device_map does not place parameter {name}")
-        device = placement[max(owners, key=len)]
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        setattr(module, attr, nn.Parameter(torch.empty_like(param, device=device)))
+def _materialize_split(model: nn.Module, placement: Dict[str, torch.device]) -> None:
+    """Allocate each placement unit on its device, then let the models find their split."""
+    for unit, device in placement.items():
+        module_name, _, attr = unit.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        if attr in owner._parameters:
+            setattr(owner, attr, nn.Parameter(torch.empty_like(owner._parameters[attr], device=device),
+                                              requires_grad=owner._parameters[attr].requires_grad))
+        else:
+            model.get_submodule(unit).to_empty(device=device)
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: parameters left on the meta device after placement: {left[:3]}")
+    for module in model.modules():
+        if hasattr(module, "refresh_placement"):
+            module.refresh_placement()

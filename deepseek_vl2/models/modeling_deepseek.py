@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import AttentionInputs, build_attention_inputs, make_attention
 from .configuration_deepseek import DeepseekV2Config
+from .devices import current, find_split, hop
 from .fast_decode import release_decoders
 from .generation import GenerationMixin
 from .input_checks import check_input_ids, check_inputs_embeds, check_legacy_cache
@@ -65,15 +66,39 @@ class DeepseekV2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = rope_for(config)
+        self.split = None  # a devices.Split when spread over several devices (set by the parent model)
 
     def run_layers(self, hidden, position_ids, attn: AttentionInputs, cache: Optional[KVCache], all_hidden=None):
         """The decoder stack on embeddings `hidden` [B, S, h]; returns the final-normed states."""
+        if self.split is not None:
+            return self._run_split(hidden, position_ids, attn, cache, all_hidden)
         rope = self.rope.lookup(position_ids, hidden.dtype, seq_len=attn.kv_len)
         for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(hidden)
             hidden = layer(hidden, rope, attn, cache.layers[i] if cache is not None else None)
         hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return hidden
+
+    def _run_split(self, hidden, position_ids, attn: AttentionInputs, cache: Optional[KVCache], all_hidden):
+        """run_layers over several devices: each run of consecutive layers on one device gets the
+        hidden states moved there once, its own rope rows and attention mask, and that device
+        current (for the Triton kernels)."""
+        for device, start, end in self.split.segments:
+            hidden = hop(hidden, device)
+            rope = self.rope.lookup(hop(position_ids, device), hidden.dtype, seq_len=attn.kv_len)
+            local = AttentionInputs(hop(attn.cache_positions, device), attn.kv_len,
+                                    None if attn.mask is None else hop(attn.mask, device))
+            with current(device):
+                for i in range(start, end):
+                    if all_hidden is not None:
+                        all_hidden.append(hidden)
+                    hidden = self.layers[i](hidden, rope, local, cache.layers[i] if cache is not None else None)
+        hidden = hop(hidden, self.split.norm)
+        with current(self.split.norm):
+            hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
         return hidden
@@ -93,7 +118,21 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where inputs go: the device of the input embeddings (the first one of a split model)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the decoder is spread over several devices (then generate takes the plain path)."""
+        return self.model.split is not None
+
+    def refresh_placement(self) -> None:
+        """Find again which device each part is on (after loading, and after every `.to()`)."""
+        self.model.split = find_split(self)
+
+    def cache_devices(self, default: torch.device):
+        """The device(s) for a new KV cache: each layer's own on a split model, else `default`."""
+        return self.model.split.layers if self.model.split is not None else default
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,7 +145,9 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         # .to() / .cpu() / .half() ... (also when called on the VL model): the fast path's static
         # caches and graphs belong to the old tensors; free them now rather than at the next generate
         release_decoders(self)
-        return super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
+        self.refresh_placement()
+        return result
 
     def forward(
         self,
@@ -157,7 +198,11 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         hidden = self.model.run_layers(inputs_embeds, position_ids, attn, cache, all_hidden)
         if cache is not None:
             cache.length = past + S
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).float()
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        if self.model.split is not None:  # the head may sit elsewhere; logits come back to the input's device
+            logits = hop(self.lm_head(hop(hidden, self.model.split.head)).float(), inputs_embeds.device)
+        else:
+            logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -176,7 +221,7 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         """A KVCache with room for `new_tokens` more: the given one, one built from legacy tuples,
         or a fresh one."""
         if past_key_values is None:
-            return KVCache(self.config, batch_size, new_tokens, like.device, like.dtype)
+            return KVCache(self.config, batch_size, new_tokens, self.cache_devices(like.device), like.dtype)
         if isinstance(past_key_values, KVCache):
             cache = past_key_values
         else:

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from . import loading
 from .checkpoint import save_weights
 from .configuration_deepseek_vl_v2 import DeepseekVLV2Config, MlpProjectorConfig, VisionEncoderConfig
+from .devices import hop, module_device
 from .generation import GenerationMixin
 from .input_checks import check_image_inputs, check_input_ids
 from .modeling_deepseek import DeepseekV2ForCausalLM
@@ -37,7 +38,7 @@ __all__ = [
 class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
     config_class = DeepseekVLV2Config
     base_model_prefix = "deepseek_vl_v2"
-    _no_split_modules = ["DecoderLayer", "Block"]
+    _no_split_modules = ["DecoderLayer", "VisionTransformer", "MlpProjector"]  # kept whole by device maps
 
     def __init__(self, config: DeepseekVLV2Config):
         super().__init__()
@@ -62,8 +63,9 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         """Load an official checkpoint (local directory or hub id) strictly.
 
         dtype / torch_dtype: torch.float32, torch.bfloat16, torch.float16 or "auto" (default: the
-        checkpoint's, bfloat16). device_map: "cpu" (default), "cuda", "cuda:N", "auto" or a
-        {module name: device} dict."""
+        checkpoint's, bfloat16). device_map: "cpu" (default), "cuda", "cuda:N", a GPU index, "auto",
+        "balanced", "balanced_low_0", "sequential" (spread over the GPUs, within `max_memory`) or a
+        {module name: device} dict; see loading.py."""
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args}")
         return loading.from_pretrained(cls, pretrained_model_name_or_path, config=config,
@@ -118,6 +120,9 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                              f"(3, {self.vision.patch_embed.img_size[0]}, {self.vision.patch_embed.img_size[1]})")
         vision_weight = self.vision.patch_embed.proj.weight
         features = self.vision.forward_features(tiles.to(device=vision_weight.device, dtype=vision_weight.dtype))
+        projector_device = module_device(self.projector)
+        if projector_device is not None:  # a device_map may put the projector elsewhere
+            features = hop(features, projector_device)
         projected = self.projector(features).to(device=embeds.device, dtype=embeds.dtype)
         seq_mask = images_seq_mask.to(device=embeds.device, dtype=torch.bool)
         start = 0
@@ -146,7 +151,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
             global_view = self._close_rows(projected[tile].view(side, side, width))
             local = projected[tile + 1 : tile + 1 + w * h].view(h, w, side, side, width)
             local = self._close_rows(local.permute(0, 2, 1, 3, 4).reshape(h * side, w * side, width))
-            separator = self.view_seperator[None].to(projected.dtype)
+            separator = self.view_seperator[None].to(device=projected.device, dtype=projected.dtype)
             if self.config.global_view_pos == "head":
                 pieces += [global_view, separator, local]
             else:
@@ -156,7 +161,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
 
     def _close_rows(self, grid: torch.Tensor) -> torch.Tensor:
         rows = grid.shape[0]
-        newline = self.image_newline.to(grid.dtype).view(1, 1, -1).expand(rows, 1, -1)
+        newline = self.image_newline.to(device=grid.device, dtype=grid.dtype).view(1, 1, -1).expand(rows, 1, -1)
         return torch.cat((grid, newline), dim=1).reshape(-1, grid.shape[-1])
 
     # ---- forward ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ expert before a grouped GEMM. These kernels spread each weight over many program
   mha_decode
            the same for plain multi-head attention (tiny): one program per (row, head, key slice).
 
-Those called inside compiled regions are torch custom ops there (`kernel_op`).
+Those called inside compiled regions are torch custom ops there (`kernel_op`). Every launcher
+launches on its first tensor's GPU (`devices.on_tensor_device`), whichever device is current.
 `decode_sized(x, rows)` says when to use them (the router takes any number of rows); everything
 else (the plain projections too, where cuBLAS measured as fast) uses the plain PyTorch ops.
 """
@@ -26,6 +27,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from .devices import on_tensor_device
 
 try:
     import triton
@@ -54,10 +57,11 @@ def kernel_op(name: str, fake):
 
     def wrap(launcher):
         entry = _KERNEL_OPS.setdefault(name, [launcher, fake, None])
+        eager = on_tensor_device(launcher)  # compiled regions run on one device, made current by generate
 
         @functools.wraps(launcher)
         def call(*args, **kwargs):
-            return entry[2](*args, **kwargs) if torch.compiler.is_compiling() else launcher(*args, **kwargs)
+            return entry[2](*args, **kwargs) if torch.compiler.is_compiling() else eager(*args, **kwargs)
 
         return call
 
@@ -351,6 +355,7 @@ if triton is not None:
                                              BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
         return out
 
+    @on_tensor_device
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
                    scale: float) -> torch.Tensor:
         """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
@@ -369,6 +374,7 @@ if triton is not None:
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
 
+    @on_tensor_device
     def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
                    programs: int = 1056, min_blocks: int = 1, num_warps: int = 2) -> torch.Tensor:
         """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]

@@ -19,6 +19,7 @@ too (no backward here).
 """
 import torch
 
+from .devices import on_tensor_device
 from .triton_decode import cuda_inference
 
 try:
@@ -73,6 +74,7 @@ if triton is not None:
         tl.store(out_row + i, first.to(out_type))
         tl.store(out_row + HALF + i, second.to(out_type))
 
+    @on_tensor_device
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         width = x.shape[-1]
         rows = x.reshape(-1, width)
@@ -84,6 +86,7 @@ if triton is not None:
                                                BLOCK=triton.next_power_of_2(width), num_warps=4 if width <= 2048 else 8)
         return out
 
+    @on_tensor_device
     def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
         """x [B, H, S, D], cos/sin [B or 1, S, D] -> [B, H, S, D] (contiguous)."""
         B, H, S, D = x.shape
