@@ -256,7 +256,9 @@ class StaticDecoder:
         self._restore(state)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # on the warm-up stream: torch.cuda.graph's default capture stream belongs to whichever
+            # GPU was current when it was first made, and a capture for another GPU records nothing
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 self.outputs[key] = run(kv_len)
         except RuntimeError as err:
             logger.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", err)
