@@ -63,13 +63,17 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
-def build_model(variant: str) -> DeepseekVLV2ForCausalLM:
+def build_model(variant: str, compile_at_once: bool = True) -> DeepseekVLV2ForCausalLM:
+    """Random bf16 weights at the release's shapes on the GPU. `compile_at_once`: the decode steps
+    are compiled from the first step (the steady state this script measures), not after
+    `compile_decode_after` steps as by default."""
     config = DeepseekVLV2Config.from_pretrained(str(CONFIGS / variant))
     with torch.device("meta"):
         model = DeepseekVLV2ForCausalLM(config)
     model = model.to(torch.bfloat16).to_empty(device="cuda")
     model = init_random_weights(model, seed=0).eval()
-    model.language.compile_decode_after = 0  # the steady state: compiled decode steps from the start
+    if compile_at_once:
+        model.language.compile_decode_after = 0
     return model
 
 
