@@ -47,7 +47,8 @@ class GenerationParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
                 raise ValueError(f"GenerationParams.{name} must be a finite number, got {value!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 1:
+        count = self.max_new_tokens
+        if isinstance(count, bool) or not isinstance(count, Integral) or count < 1:
             raise ValueError(f"GenerationParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
             raise ValueError(f"GenerationParams.seed must be an int or None, got {self.seed!r}")

@@ -175,7 +175,8 @@ def test_corrupt_tokenizer_file_is_named(tmp_path, content, message):
     (lambda d: (d / "processor_config.json").write_text(
         '{"candidate_resolutions": [], "patch_size": 14, "downsample_ratio": 2}'), ValueError,
      r"candidate_resolutions must be a non-empty list of \(width, height\) pairs"),
-], ids=["tokenizer-missing", "tokenizer-config-truncated", "config-not-json", "config-a-list", "config-missing-key", "config-no-resolutions"])
+], ids=["tokenizer-missing", "tokenizer-config-truncated", "config-not-json", "config-a-list",
+        "config-missing-key", "config-no-resolutions"])
 def test_broken_processor_directory(tmp_path, edit, error, message):
     directory = copy_of_checkpoint(tmp_path)
     edit(directory)

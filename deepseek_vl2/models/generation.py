@@ -351,7 +351,7 @@ def _token_ids(name, ids, vocab_size) -> list:
 
 def _check_hooks(streamer, stopping_criteria, logits_processor, generator) -> None:
     """TypeError naming the argument when a hook has the wrong type."""
-    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
         raise TypeError(f"streamer must have put() and end() methods, got {type(streamer).__name__}")
     for name, hooks in (("stopping_criteria", stopping_criteria), ("logits_processor", logits_processor)):
         if hooks is None:
