@@ -76,6 +76,15 @@ class _NoContext:
 _NO_CONTEXT = _NoContext()
 
 
+def _call_on(device: torch.device, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with `device` current when it is a CUDA device other than the current
+    one (no device switch, and no cost beyond one check, in the usual one-GPU case)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():  # CPU: Triton's interpreter
+        return fn(*args, **kwargs)
+    with torch.cuda.device(device):
+        return fn(*args, **kwargs)
+
+
 def on_tensor_device(launcher):
     """Wrap a Triton kernel launcher whose first argument is a CUDA tensor so that it launches on
     that tensor's device: Triton uses the current device and its stream, and a kernel on cuda:1
@@ -83,11 +92,7 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def launch(x, *args, **kwargs):
-        device = x.device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():  # CPU: Triton's interpreter
-            return launcher(x, *args, **kwargs)
-        with torch.cuda.device(device):
-            return launcher(x, *args, **kwargs)
+        return _call_on(x.device, launcher, x, *args, **kwargs)
 
     return launch
 
@@ -99,10 +104,6 @@ def on_model_device(method):
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        device = self.device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():
-            return method(self, *args, **kwargs)
-        with torch.cuda.device(device):
-            return method(self, *args, **kwargs)
+        return _call_on(self.device, method, self, *args, **kwargs)
 
     return run

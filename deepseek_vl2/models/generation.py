@@ -218,6 +218,7 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
     # meanwhile queues the next steps. Steps past the end are cut off below. `unusable` (the rows
     # whose scores allow no choice, e.g. NaN logits) is read at the same times and raises.
     alive, unusable = [], []
+    checked = 0  # steps whose `unusable` flags have been read
     sync_every = 1 if streamer is not None else SYNC_EVERY
     generated = 0
     while True:
@@ -243,12 +244,13 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
         if generated == settings.max_new_tokens:
             break
         if generated % sync_every == 0:
-            _raise_if_unusable(unusable, generated - sync_every)
+            _raise_if_unusable(unusable, checked)
+            checked = generated
             if not all(torch.stack(alive[-sync_every:]).tolist()):
                 break
         logits = step(tokens, positions, T + generated - 1)
         positions = positions + 1
-    _raise_if_unusable(unusable, 0)
+    _raise_if_unusable(unusable, checked)
     flags = torch.stack(alive).tolist()
     if False in flags:  # generation ended when no row was left going
         generated = flags.index(False) + 1
@@ -258,6 +260,8 @@ def _decode_on_host(step, logits, positions, T, sequence, prompt_len, settings, 
 def _raise_if_unusable(unusable, first_step) -> None:
     """ValueError naming the first step (from `first_step` on) and its batch rows whose scores allowed
     no choice of token."""
+    if first_step >= len(unusable):
+        return
     flags = torch.stack(unusable[first_step:])
     if not bool(flags.any()):
         return

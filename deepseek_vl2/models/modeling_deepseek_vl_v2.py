@@ -105,13 +105,15 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
             return embeds
         crops = images_spatial_crop.tolist()
         tiles_per_row = [sum(1 + w * h for w, h in _real_crops(row)) for row in crops]
+        rows_with_slots = images_seq_mask.any(dim=1).tolist()
         for b, tiles in enumerate(tiles_per_row):
             if tiles > images.shape[1]:
                 raise ValueError(f"batch row {b}: images_spatial_crop {_real_crops(crops[b])} needs {tiles} tiles "
                                  f"but images holds {images.shape[1]} per row")
+            if not tiles and rows_with_slots[b]:
+                raise ValueError(f"batch row {b}: images_seq_mask marks image positions but "
+                                 "images_spatial_crop lists no image for this row")
         if sum(tiles_per_row) == 0:
-            if bool(images_seq_mask.any()):
-                raise ValueError("images_seq_mask marks image positions but images_spatial_crop lists no image")
             return embeds
         tiles = torch.cat([images[b, :n] for b, n in enumerate(tiles_per_row) if n])
         if tiles.shape[0] and tuple(tiles.shape[1:]) != (3, self.vision.patch_embed.img_size[0],
@@ -128,9 +130,6 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         start = 0
         for b, row in enumerate(crops):
             if not tiles_per_row[b]:
-                if bool(seq_mask[b].any()):
-                    raise ValueError(f"batch row {b}: images_seq_mask marks image positions but "
-                                     "images_spatial_crop lists no image for this row")
                 continue
             vectors = self._image_sequence(projected[start : start + tiles_per_row[b]], _real_crops(row))
             start += tiles_per_row[b]
