@@ -8,8 +8,10 @@ directories (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, made empty for the first
   (a) cold   empty compile caches: everything torch.compile and Triton build is built now
   (b) warm   a second process: what (a) left on disk is reused
 
-Each process builds the model at the real shapes with random bf16 weights on the GPU (load time is
-excluded and reported apart), then answers the bench prompt (a 1024x1024 image and a question,
+Each process builds the model at the real shapes with random bf16 weights on the GPU and warms it
+up as `from_pretrained` does on a GPU (deepseek_vl2/models/warmup.py; load and warm-up times are
+excluded from the answer and reported apart; `--no-warm-up` measures a model moved to the GPU
+without it, as `model.cuda()` after a CPU load gives), then answers the bench prompt (a 1024x1024 image and a question,
 2054 tokens) the way `inference.py` does: processor, prepare_inputs_embeds, generate with a
 streamer, greedy, 128 new tokens (EOS suppressed so every run makes 128). Reported per process:
 
@@ -72,19 +74,25 @@ def answer(model, processor, conversation, images):
     return streamer.first - started, done - started
 
 
-def child(variant: str) -> dict:
+def child(variant: str, warm: bool) -> dict:
     import torch
 
     from bench import build_model, make_prompt
-    from deepseek_vl2.models import DeepseekVLV2Processor
+    from deepseek_vl2.models import DeepseekVLV2Processor, warmup
     from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    background = warmup.start_background_work(torch.device("cuda")) if warm else None  # as from_pretrained
     model = build_model(variant, compile_at_once=False)  # the library's default policy
     torch.cuda.synchronize()
     load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    if warm:
+        background.join()
+        warmup.warm_up(model)
+    warm_up_s = time.perf_counter() - started
     conversation, images = make_prompt(processor)
     profile_to = os.environ.get("COLD_START_PROFILE")  # a path: where the first answer's profile goes
     if profile_to:
@@ -98,11 +106,12 @@ def child(variant: str) -> dict:
     else:
         first_token_s, answer_s = answer(model, processor, conversation, images)
     then_first_s, then_answer_s = answer(model, processor, conversation, images)
-    return dict(variant=variant, load_s=load_s, first_token_s=first_token_s, answer_s=answer_s,
+    return dict(variant=variant, warm_up=warm, load_s=load_s, warm_up_s=warm_up_s, first_token_s=first_token_s, answer_s=answer_s,
                 then_first_token_s=then_first_s, then_answer_s=then_answer_s)
 
 
-def run_process(variant: str, cache_dir: Path, bytecode_dir: Path, profile_dir=None, run: str = "") -> dict:
+def run_process(variant: str, cache_dir: Path, bytecode_dir: Path, warm: bool, profile_dir=None,
+                run: str = "") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),
                TRITON_CACHE_DIR=str(cache_dir / "triton"), PYTHONPYCACHEPREFIX=str(bytecode_dir),
@@ -110,7 +119,8 @@ def run_process(variant: str, cache_dir: Path, bytecode_dir: Path, profile_dir=N
     if profile_dir:
         env["COLD_START_PROFILE"] = str(Path(profile_dir) / f"profile_{variant}_{run.split()[-1]}.txt")
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", variant], env=env, capture_output=True, text=True)
+    flags = [] if warm else ["--no-warm-up"]
+    out = subprocess.run([sys.executable, __file__, "--child", variant, *flags], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the {variant} process failed:\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,10 +133,11 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile-dir", help="write a cProfile summary of each process's first answer here")
+    parser.add_argument("--no-warm-up", action="store_true", help="skip the load-time warm-up")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)), flush=True)
+        print(json.dumps(child(args.child, warm=not args.no_warm_up)), flush=True)
         return
     import torch
 
@@ -137,18 +148,20 @@ def main():
     print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as bytecode, tempfile.TemporaryDirectory() as throwaway:
-        run_process(args.variants[0], Path(throwaway), Path(bytecode))  # fills the bytecode cache only
+        run_process(args.variants[0], Path(throwaway), Path(bytecode), False)  # fills the bytecode cache only
         for variant in args.variants:
             with tempfile.TemporaryDirectory() as caches:
                 for run in ("a cold", "b warm"):
-                    result = dict(run=run, **run_process(variant, Path(caches), Path(bytecode), args.profile_dir, run))
+                    result = dict(run=run, **run_process(variant, Path(caches), Path(bytecode), not args.no_warm_up,
+                                                         args.profile_dir, run))
                     rows.append(result)
                     print(json.dumps(result), flush=True)
-    print("| variant | process | first token s | 128-token answer s | then: first token s | then: answer s |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | process | load s | warm-up s | first token s | 128-token answer s | then: first token s "
+          "| then: answer s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['run']} | {r['first_token_s']:.2f} | {r['answer_s']:.2f} | "
-              f"{r['then_first_token_s']:.3f} | {r['then_answer_s']:.3f} |")
+        print(f"| {r['variant']} | {r['run']} | {r['load_s']:.2f} | {r['warm_up_s']:.2f} | {r['first_token_s']:.2f} | "
+              f"{r['answer_s']:.2f} | {r['then_first_token_s']:.3f} | {r['then_answer_s']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header, results=rows), indent=2))
 

@@ -148,12 +148,13 @@ def test_real_small_shapes_on_a_1024_image(real_small, tmp_path):
 
 # ---- lifetime: memory given back at `del model`, decoders remade for moved or replaced weights -------
 
-def fresh_cuda_model(dtype=torch.bfloat16):
-    """A tiny fixture model of its own on the GPU (cuda_model's are cached for the session)."""
+def fresh_cuda_model(dtype=torch.bfloat16, warm_up=False):
+    """A tiny fixture model of its own on the GPU (cuda_model's are cached for the session); no
+    warm-up, so the decoders the tests make are made by the tests."""
     from deepseek_vl2.models import DeepseekVLV2ForCausalLM
 
     return DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS["tiny_mha"]), dtype=dtype, device_map="cuda",
-                                                   progress=False)
+                                                   progress=False, warm_up=warm_up)
 
 
 def batch_prompt(model):

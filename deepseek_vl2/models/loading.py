@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from . import warmup
 from .checkpoint import load_weights, resolve_checkpoint_dir
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,8 @@ def split_kwargs(kwargs: dict) -> dict:
 
 
 def from_pretrained(model_class, path, config=None, dtype=None, device_map: DeviceMap = None,
-                    max_memory: Optional[dict] = None, progress: bool = True, **kwargs):
+                    max_memory: Optional[dict] = None, progress: bool = True, warm_up: bool = True, **kwargs):
+    """`warm_up`: on a GPU, pay the first answer's one-time costs now (warmup.py)."""
     hub = split_kwargs(kwargs)
     checkpoint_dir = resolve_checkpoint_dir(path, **hub)
     if config is None:
@@ -294,12 +296,19 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
     else:
         check_dtype_for_device(dtype, placement)
         model.to_empty(device=placement)
+    devices = set(placement.values()) if isinstance(placement, dict) else {placement}
+    gpus = sorted((d for d in devices if d.type == "cuda"), key=str)
+    background = warmup.start_background_work(gpus[0]) if warm_up and gpus else None
     load_weights(model, checkpoint_dir, progress=progress)
     if isinstance(device_map, dict) or device_map in PLANNED:
         units = placement if isinstance(placement, dict) else {"": placement}
         model.hf_device_map = {name: str(device) for name, device in units.items()}  # as transformers names it
     model.name_or_path = str(path)
-    return model.eval()
+    model.eval()
+    if background is not None:
+        background.join()
+        warmup.warm_up(model)
+    return model
 
 
 def _materialize_split(model: nn.Module, placement: Dict[str, torch.device]) -> None:

@@ -65,7 +65,9 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         dtype / torch_dtype: torch.float32, torch.bfloat16, torch.float16 or "auto" (default: the
         checkpoint's, bfloat16). device_map: "cpu" (default), "cuda", "cuda:N", a GPU index, "auto",
         "balanced", "balanced_low_0", "sequential" (spread over the GPUs, within `max_memory`) or a
-        {module name: device} dict; see loading.py."""
+        {module name: device} dict; see loading.py. On a GPU the first answer's one-time costs
+        (kernel loading, library set-up, graph capture) are paid here; `warm_up=False` skips that
+        (see warmup.py)."""
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args}")
         return loading.from_pretrained(cls, pretrained_model_name_or_path, config=config,
