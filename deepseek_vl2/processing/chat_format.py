@@ -106,8 +106,8 @@ def tokenize_conversation(messages, pil_images, tokens: ImageTextTokenizer, sft_
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
         if index == 0:
-            ids.append(tokens.bos_id)
-            labels.append(tokens.bos_id)
+            ids.append(tokens.tokenizer.bos_token_id)
+            labels.append(tokens.tokenizer.bos_token_id)
             seq_mask.append(False)
 
         if role in user_roles:

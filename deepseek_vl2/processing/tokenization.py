@@ -22,24 +22,12 @@ class ImageTextTokenizer:
         self.token_info = token_info
         self.tiler = tiler
 
-    @property
-    def bos_id(self):
-        return self.tokenizer.bos_token_id
-
-    @property
-    def eos_id(self):
-        return self.tokenizer.eos_token_id
-
-    @property
-    def pad_id(self):
-        return self.tokenizer.pad_token_id
-
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if bos:
-            ids = [self.bos_id] + ids
+            ids = [self.tokenizer.bos_token_id] + ids
         if eos:
-            ids = ids + [self.eos_id]
+            ids = ids + [self.tokenizer.eos_token_id]
         return ids
 
     def decode(self, ids, **kwargs) -> str:
@@ -81,9 +69,9 @@ class ImageTextTokenizer:
         ids += last_ids
         seq_mask += [False] * len(last_ids)
         if bos:
-            ids = [self.bos_id] + ids
+            ids = [self.tokenizer.bos_token_id] + ids
             seq_mask = [False] + seq_mask
         if eos:
-            ids = ids + [self.eos_id]
+            ids = ids + [self.tokenizer.eos_token_id]
             seq_mask = seq_mask + [False]
         return ids, tiles, seq_mask, spatial_crops, num_image_tokens
