@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--model_path", required=True, help="hub id (e.g. deepseek-ai/deepseek-vl2-tiny) or directory")
     add_engine_arguments(p)
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    p.add_argument("--prompt", help="the question; <image> tags are added in front if it has none")
+    p.add_argument("--prompt", help="the question; <image> tags missing for the images are added in front")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.4, help="0 for greedy decoding")
     p.add_argument("--top_p", type=float, default=0.9)
@@ -40,12 +40,12 @@ def parse_args(argv=None):
 
 
 def build_conversation(prompt, image_paths):
+    """The engine's conversation for one question about `image_paths` (tags placed by the engine's rule)."""
+    from deepseek_vl2.engine import chat_conversation
+
     if prompt is None:
         prompt = "Describe this image." if image_paths else "Hello! What can you do?"
-    if image_paths and "<image>" not in prompt:
-        prompt = "<image>\n" * len(image_paths) + prompt
-    return [{"role": "<|User|>", "content": prompt, "images": [str(p) for p in image_paths]},
-            {"role": "<|Assistant|>", "content": ""}]
+    return chat_conversation([{"role": "user", "content": prompt, "images": [str(p) for p in image_paths]}])
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ MODEL_IDS = {
     "DeepSeek-VL2-small": "deepseek-ai/deepseek-vl2-small",
     "DeepSeek-VL2": "deepseek-ai/deepseek-vl2",
 }
-IMAGE_TAG = "<image>"
 TITLE = "DeepSeek-VL2 Chatbot"
 HINT = ("Attach images and ask about them. Special tokens: `<image>` (where an image goes; added in front "
         "when missing), visual grounding: `<|ref|>{query}<|/ref|>`, grounded conversation: `<|grounding|>{question}`.")
@@ -44,14 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def user_turn_text(text: str, image_count: int) -> str:
-    """The user's text with one `<image>` tag per attached image (missing tags go in front)."""
-    missing = image_count - text.count(IMAGE_TAG)
-    if missing < 0:
-        raise ValueError(f"the text has {text.count(IMAGE_TAG)} {IMAGE_TAG} tags but {image_count} images are attached")
-    return (IMAGE_TAG + "\n") * missing + text
-
-
 class Demo:
     """The chat logic behind the page; `history` is the engine's conversation (image paths included)."""
 
@@ -62,12 +53,13 @@ class Demo:
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
         if not text and not files:
             raise gr.Error("Type a question or attach an image first.")
+        from deepseek_vl2.engine import ImageTagError, chat_conversation
+
         try:
-            content = user_turn_text(text, len(files))
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
-        history = history + [{"role": "<|User|>", "content": content, "images": list(files)},
-                             {"role": "<|Assistant|>", "content": ""}]
+            turn = chat_conversation([{"role": "user", "content": text, "images": list(files)}])
+        except ImageTagError as error:
+            raise gr.Error(error.detail) from error
+        history = history + turn
         chat = chat + [{"role": "user", "content": {"path": path}} for path in files]
         chat = chat + [{"role": "user", "content": html.escape(text) or "(image)"}]
         return gr.MultimodalTextbox(value=None, interactive=False), chat, history

@@ -1,38 +1,25 @@
 """Checked chat messages plus their decoded images -> the engine's DeepSeek-VL2 conversation.
 
-A user message's images go where its text has `<image>` tags; images without a tag get one in front
-of the text ("<image>\\n" each, as the official demo does). More tags than images is an error. A
-system message becomes the conversation's first ("system") message; an empty assistant turn closes
-the conversation for the answer.
+The `<image>` placement is the engine's one rule (`deepseek_vl2.engine.chat_conversation`): a user
+message's images go where its text has `<image>` tags, images without a tag get one in front. Its
+errors become 400s naming the message's content.
 """
 from typing import List
 
 from PIL import Image
 
+from ..engine import ImageTagError, chat_conversation
 from .errors import APIError
 from .schemas import Message
-
-IMAGE_TAG = "<image>"
-ROLE_NAMES = {"system": "system", "user": "<|User|>", "assistant": "<|Assistant|>"}
 
 
 def build_conversation(messages: List[Message], images: List[Image.Image]) -> list:
     """`images` are the decoded images of all messages, in order."""
-    conversation = []
     image_iter = iter(images)
-    for index, message in enumerate(messages):
-        text = message.text
-        tags = text.count(IMAGE_TAG)
-        if message.role != "user" and tags:
-            raise APIError(400, f"messages[{index}]: {IMAGE_TAG} tags are only allowed in user messages",
-                           param=f"messages[{index}].content")
-        if tags > len(message.images):
-            raise APIError(400, f"messages[{index}] has {tags} {IMAGE_TAG} tags but {len(message.images)} images",
-                           param=f"messages[{index}].content", code="image_tag_mismatch")
-        text = (IMAGE_TAG + "\n") * (len(message.images) - tags) + text
-        turn = {"role": ROLE_NAMES[message.role], "content": text}
-        if message.role == "user":
-            turn["images"] = [next(image_iter) for _ in message.images]
-        conversation.append(turn)
-    conversation.append({"role": ROLE_NAMES["assistant"], "content": ""})
-    return conversation
+    chat = [{"role": message.role, "content": message.text, "images": [next(image_iter) for _ in message.images]}
+            for message in messages]
+    try:
+        return chat_conversation(chat)
+    except ImageTagError as error:
+        raise APIError(400, f"messages[{error.index}]: {error.detail}", param=f"messages[{error.index}].content",
+                       code=None if error.misplaced else "image_tag_mismatch") from error

@@ -68,18 +68,13 @@ def load_json(path):
 def load_pretrained_model(model_path, dtype=torch.bfloat16, device=None):
     """Load `(tokenizer, processor, model)` from a local directory or hub id.
 
-    The weights are loaded directly in `dtype` (bf16 by default). Unlike the reference, which
-    loads in float32 and then casts, this keeps the rotary-embedding buffers in float32
-    (pitfall P-LM-1). The model is moved to `device` (CUDA when available, else CPU) and put in
-    eval mode.
+    The same loading path as `ChatEngine.load` (`deepseek_vl2.engine.load_model_and_processor`),
+    with the reference's bf16 default: the weights are loaded directly in `dtype`. Unlike the
+    reference, which loads in float32 and then casts, this keeps the rotary-embedding buffers in
+    float32 (pitfall P-LM-1). The model is placed on `device` (CUDA when available, else CPU) and
+    put in eval mode.
     """
-    from transformers import AutoModelForCausalLM
+    from deepseek_vl2.engine.loading import load_model_and_processor
 
-    import deepseek_vl2  # noqa: F401  (registers the model classes with transformers)
-    from deepseek_vl2.models.processing_deepseek_vl_v2 import DeepseekVLV2Processor
-
-    processor = DeepseekVLV2Processor.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, torch_dtype=dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    processor, model = load_model_and_processor(model_path, device=device, dtype=dtype)
     return processor.tokenizer, processor, model

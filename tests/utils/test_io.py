@@ -9,7 +9,7 @@ from PIL import Image
 
 from deepseek_vl2.utils.io import load_json, load_pil_images
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SPEC = json.loads((FIXTURES / "cases.json").read_text(encoding="utf-8"))
 
 

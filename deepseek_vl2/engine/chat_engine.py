@@ -13,47 +13,23 @@ gets the prompt ids too, so the repetition penalty covers them (P-GEN-1).
 `chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
 it); `chat` is a batch of one.
 """
-import math
 import time
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from PIL import Image
 
-from .grounding import GroundedBox, parse_grounding
-from .models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-from .models.processing_deepseek_vl_v2 import VLChatProcessorOutput
+from ..grounding import GroundedBox, parse_grounding
+from ..models import DeepseekVLV2ForCausalLM
+from ..processing import DeepseekVLV2Processor, VLChatProcessorOutput
+from .loading import load_model_and_processor
+from .params import GenerationParams, sampling_key
+from .streaming import BatchStream, RowsEnd, TextStream
 
 
 class PromptTooLongError(ValueError):
     """The prompt (text and image tokens) does not fit the model's context."""
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int = 512
-    temperature: float = 0.4  # <= 0 means greedy
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    seed: Optional[int] = None
-    stop: Sequence[str] = ()
-
-    def __post_init__(self):
-        """Refuse settings generate would refuse later (or misread: a NaN temperature is not greedy,
-        a str `stop` is not a list of one-character stop strings), naming the field."""
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise ValueError(f"GenerationParams.{name} must be a finite number, got {value!r}")
-        count = self.max_new_tokens
-        if isinstance(count, bool) or not isinstance(count, Integral) or count < 1:
-            raise ValueError(f"GenerationParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
-            raise ValueError(f"GenerationParams.seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"GenerationParams.stop must be a list of strings, got {self.stop!r}")
 
 
 @dataclass
@@ -77,47 +53,6 @@ class ChatResult:
     timings: Timings = field(default_factory=Timings)
 
 
-class TextStream:
-    """The transformers streamer protocol (`put` / `end`) for one sequence: keeps the generated ids,
-    decodes them incrementally, hands each new piece of text to `on_text`, cuts at stop strings."""
-
-    def __init__(self, tokenizer, hidden_ids: Sequence[int], stop: Sequence[str] = (),
-                 on_text: Optional[Callable[[str], None]] = None):
-        self.tokenizer = tokenizer
-        self.hidden_ids = set(hidden_ids)
-        self.stop = [s for s in stop if s]
-        self.on_text = on_text
-        self.ids: List[int] = []
-        self.text = ""
-        self.stopped = False
-        self.first_token_time = None
-        self.end_time = None
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first put is the prompt
-            self._prompt_seen = True
-            return
-        if self.first_token_time is None:
-            self.first_token_time = time.perf_counter()
-        if self.stopped:
-            return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        shown = [t for t in self.ids if t not in self.hidden_ids]
-        text = self.tokenizer.decode(shown, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        if len(text) > len(self.text) and self.on_text is not None:
-            self.on_text(text[len(self.text):])
-        self.text = text
-
-    def end(self) -> None:
-        self.end_time = time.perf_counter()
-
-
 class ChatEngine:
     def __init__(self, model: DeepseekVLV2ForCausalLM, processor: DeepseekVLV2Processor, chunk_size: int = -1):
         if chunk_size == 0 or chunk_size < -1:
@@ -135,17 +70,9 @@ class ChatEngine:
 
     @classmethod
     def load(cls, model_path: str, device: Optional[str] = None, dtype=None, chunk_size: int = -1) -> "ChatEngine":
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        processor = DeepseekVLV2Processor.from_pretrained(model_path)
-        model = DeepseekVLV2ForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device)
+        """Processor and model through `load_model_and_processor` (CUDA when available; bf16 there, else fp32)."""
+        processor, model = load_model_and_processor(model_path, device=device, dtype=dtype)
         return cls(model, processor, chunk_size)
-
-    def prepare(self, conversation: list, images: List[Image.Image]):
-        """Processor output for one conversation, as a batch of one on the model's device (images in its dtype)."""
-        batch = self.processor.batchify([self.prepare_one(conversation, images)])
-        return batch.to(self.model.device, dtype=self.model.dtype)
 
     def prepare_one(self, conversation: list, images: List[Image.Image]):
         """One processed (unbatched) sample for `chat_batch`; ValueError when the prompt does not fit
@@ -226,61 +153,3 @@ class BatchRow:
     params: GenerationParams
     on_text: Optional[Callable[[str], None]] = None
     is_cancelled: Callable[[], bool] = lambda: False
-
-
-def sampling_key(params: GenerationParams) -> tuple:
-    """What must be equal for two requests to share a batch (greedy ignores top_p and the penalty)."""
-    if params.temperature <= 0:
-        return ("greedy",)
-    return (params.temperature, params.top_p, params.repetition_penalty)
-
-
-class RowsEnd:
-    """Stopping criterion of a batch: per row, ends it at EOS, at a stop string, after its own
-    max_new_tokens or on cancellation, and remembers how many tokens each row generated."""
-
-    def __init__(self, rows: Sequence[BatchRow], streams: Sequence[TextStream], prompt_len: int, eos_id: int):
-        self.rows = rows
-        self.streams = streams
-        self.prompt_len = prompt_len
-        self.eos_id = eos_id
-        self.done = [False] * len(rows)
-        self.lengths = [0] * len(rows)  # tokens generated by each row, its last (EOS, stop) included
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        generated = input_ids.shape[1] - self.prompt_len
-        last_tokens = input_ids[:, -1].tolist()
-        for index, (row, stream) in enumerate(zip(self.rows, self.streams)):
-            if self.done[index]:
-                continue
-            self.lengths[index] = generated
-            self.done[index] = (last_tokens[index] == self.eos_id or stream.stopped
-                                or generated >= row.params.max_new_tokens or row.is_cancelled())
-        return torch.tensor(self.done)
-
-
-class BatchStream:
-    """The streamer protocol for a batch: hands row i of every step's [B] tokens to stream i, skipping
-    rows that have ended (the first put, the [B, T] prompt, goes to every stream)."""
-
-    def __init__(self, streams: Sequence[TextStream], rows_end: RowsEnd):
-        self.streams = streams
-        self.rows_end = rows_end
-
-    def put(self, value: torch.Tensor) -> None:
-        for index, stream in enumerate(self.streams):
-            if not self.rows_end.done[index]:
-                stream.put(value[index])
-
-    def end(self) -> None:
-        for stream in self.streams:
-            stream.end()
-
-
-def add_engine_arguments(parser) -> None:
-    """--chunk_size, --dtype and --device, as inference.py, the server and the web demo take them."""
-    parser.add_argument("--chunk_size", type=int, default=-1,
-                        help="prefill the prompt in chunks of this many tokens (-1: in one go; 512 bounds the memory)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")

@@ -1,0 +1,32 @@
+"""Loading: a checkpoint directory or hub id -> (processor, model), the model on one device in one dtype.
+
+The one loading path: `ChatEngine.load` and `deepseek_vl2.utils.io.load_pretrained_model` both come
+here. The weights are allocated directly in `dtype` on `device` (no float32 copy first; the
+rotary-embedding buffers stay float32, P-LM-1) and the model is in eval mode.
+"""
+from typing import Optional
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bfloat16 on a GPU, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """`(processor, model)` of `model_path`; `device` defaults to CUDA when available, `dtype` to
+    `default_dtype(device)`."""
+    from ..models import DeepseekVLV2ForCausalLM
+    from ..processing import DeepseekVLV2Processor
+
+    device = device or default_device()
+    if dtype is None:
+        dtype = default_dtype(device)
+    processor = DeepseekVLV2Processor.from_pretrained(model_path)
+    model = DeepseekVLV2ForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device)
+    return processor, model

@@ -1,0 +1,42 @@
+"""Streaming without a model: `TextStream` skips the prompt, hides EOS/pad, waits out incomplete UTF-8,
+cuts at stop strings; `RowsEnd` and `BatchStream` end rows one by one."""
+import torch
+
+from deepseek_vl2.engine import BatchRow, BatchStream, GenerationParams, RowsEnd, TextStream
+
+EOS, PAD = 1, 2
+PIECES = {3: "Hel", 4: "lo", 5: " wor", 6: "ld", 7: "\ufffd", 8: "é", EOS: "<eos>", PAD: "<pad>"}
+
+
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=False):
+        text = "".join(PIECES[i] for i in ids)
+        return text.replace("\ufffdé", "é")  # id 7 alone is half a character; with 8 it completes
+
+
+def test_text_stream_pieces_stop_strings_and_hidden_ids():
+    pieces = []
+    stream = TextStream(FakeTokenizer(), hidden_ids=[EOS, PAD], stop=["wor"], on_text=pieces.append)
+    stream.put(torch.tensor([[3, 4]]))  # the prompt: ignored
+    for token in [3, 4, 7, 8, 5, 6, EOS]:
+        stream.put(torch.tensor([token]))
+    stream.end()
+    assert pieces == ["Hel", "lo", "é", " "]  # nothing for the half character; cut before "wor"
+    assert stream.text == "Helloé " and stream.stopped
+    assert stream.first_token_time is not None and stream.end_time >= stream.first_token_time
+
+
+def test_rows_end_each_row_on_its_own():
+    rows = [BatchRow(None, GenerationParams(max_new_tokens=2)), BatchRow(None, GenerationParams(max_new_tokens=5))]
+    streams = [TextStream(FakeTokenizer(), [EOS, PAD]) for _ in rows]
+    rows_end = RowsEnd(rows, streams, prompt_len=2, eos_id=EOS)
+    batch_stream = BatchStream(streams, rows_end)
+    ids = torch.tensor([[3, 4], [3, 4]])
+    batch_stream.put(ids)
+    for step in ([3, 3], [4, EOS], [5, 5]):
+        ids = torch.cat([ids, torch.tensor(step)[:, None]], dim=1)
+        batch_stream.put(torch.tensor(step))
+        done = rows_end(ids, None)
+    assert done.tolist() == [True, True]
+    assert rows_end.lengths == [2, 2]  # row 0: max_new_tokens; row 1: EOS at its second token
+    assert [s.text for s in streams] == ["Hello", "Hel"]
