@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import deepseek_vl2  # noqa: F401
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
-from deepseek_vl2.models.checkpoint import CheckpointError, official_shapes
-from deepseek_vl2.models.random_init import init_random_weights
+from deepseek_vl2.weights.hub import CheckpointError
+from deepseek_vl2.weights.layout import official_shapes
+from deepseek_vl2.weights.random_init import init_random_weights
 from goldens import CHECKPOINTS, FIXTURES
 from transformers import AutoModelForCausalLM
 

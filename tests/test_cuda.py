@@ -111,7 +111,7 @@ def test_fast_path_left_padded_batch_rows_match_single_rows():
 def real_small():
     """deepseek-vl2-small's real shapes with random bf16 weights, built directly on the GPU."""
     from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
-    from deepseek_vl2.models.random_init import init_random_weights
+    from deepseek_vl2.weights.random_init import init_random_weights
 
     config = DeepseekVLV2Config.from_pretrained(str(FIXTURES / "real_shapes" / "small"))
     with torch.device("meta"):
@@ -181,14 +181,14 @@ def allocated() -> int:
 def load_and_generate():
     """Load a model, decode with batch sizes 1 and 2 (static caches, CUDA graphs of both kinds,
     compiled regions); return a weak reference to it and the bytes allocated while it was there."""
-    from deepseek_vl2.models import fast_decode
+    from deepseek_vl2.generation import cuda_graphs
 
     model = fresh_cuda_model()
     model.language.compile_decode_after = 0  # compiled regions from the first step
     embeds, mask = batch_prompt(model)
     greedy(model.language, embeds[:1], mask[:1], 16, graphs=True)
     greedy(model.language, embeds, mask, 16, graphs=True)
-    decoders = fast_decode._DECODERS[model.language][1]
+    decoders = cuda_graphs._DECODERS[model.language][1]
     assert sorted(decoders) == [1, 2] and all(d.graphs and d.codes for d in decoders.values())
     return weakref.ref(model), torch.cuda.memory_allocated()
 
@@ -208,7 +208,7 @@ def test_deleting_a_model_gives_back_all_its_gpu_memory():
 
 
 def test_moved_or_reloaded_model_decodes_with_its_current_weights():
-    from deepseek_vl2.models.random_init import init_random_weights
+    from deepseek_vl2.weights.random_init import init_random_weights
 
     model = fresh_cuda_model()
     lm = model.language
@@ -262,7 +262,7 @@ def layer_split_map(model):
 
 
 def placement_report(model):
-    from deepseek_vl2.models.loading import describe_placement
+    from deepseek_vl2.weights.placement import describe_placement
 
     return {device: (round(e["gib"] * 2**30), e["modules"]) for device, e in describe_placement(model).items()}
 
@@ -356,9 +356,9 @@ def test_model_on_the_second_gpu_uses_the_fast_path_there():
     name = case_of("small_mla")
     _, fast = run_case(model, name, 32, graphs=True)
     _, plain = run_case(model, name, 32, graphs=False)
-    from deepseek_vl2.models import fast_decode
+    from deepseek_vl2.generation import cuda_graphs
 
-    assert fast_decode._DECODERS.get(model.language), "the fast path was not taken"
+    assert cuda_graphs._DECODERS.get(model.language), "the fast path was not taken"
     assert_same_or_near_tie(fast, plain)
 
 

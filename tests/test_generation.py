@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
-from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor, fast_decode, generation
-from deepseek_vl2.models.fast_decode import StaticDecoder
-from deepseek_vl2.models.random_init import init_random_weights
+from deepseek_vl2.generation import cuda_graphs, generate as generation
+from deepseek_vl2.generation.cuda_graphs import StaticDecoder
+from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl2.weights.random_init import init_random_weights
 from goldens import CASES, CHECKPOINTS, fixture_model, golden_inputs, tensors
 
 CASE = "p02_single_1024_square"  # small_mla: MLA, 2036 prompt tokens
@@ -282,7 +283,7 @@ def _decode_kwargs(lm):
 
 
 def _through_registry(monkeypatch, compile=False):
-    monkeypatch.setattr(generation, "static_decoder", lambda lm, batch, settings, device: fast_decode.decoder_for(
+    monkeypatch.setattr(generation, "static_decoder", lambda lm, batch, settings, device: cuda_graphs.decoder_for(
         lm, batch, use_graphs=False, compile=compile))
 
 
@@ -290,7 +291,7 @@ def _through_registry(monkeypatch, compile=False):
 def test_deleted_model_goes_at_once_with_its_decoders(monkeypatch, compiled):
     """`del model` frees the model, its decoders and their compiled steps without the cycle collector."""
     if compiled:  # dynamo's tracing and guards (what could hold on to a model) without inductor's slow CPU build
-        monkeypatch.setattr(fast_decode, "COMPILE_OPTIONS", dict(fast_decode.COMPILE_OPTIONS, backend="eager"))
+        monkeypatch.setattr(cuda_graphs, "COMPILE_OPTIONS", dict(cuda_graphs.COMPILE_OPTIONS, backend="eager"))
     _through_registry(monkeypatch, compile=compiled)
     entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
     model = _fresh(dtype=torch.bfloat16)  # bf16: CPU float32 has no grouped_mm for the compiler
@@ -299,11 +300,11 @@ def test_deleted_model_goes_at_once_with_its_decoders(monkeypatch, compiled):
     try:
         model.language.generate(**kw)
         model.language.generate(**dict(kw, return_dict_in_generate=False, output_scores=False))  # in-graph greedy
-        decoder = fast_decode._DECODERS[model.language][1][2]
+        decoder = cuda_graphs._DECODERS[model.language][1][2]
         codes = decoder.codes
         assert len(codes) == (4 if compiled else 0) and all(entries(code) for code in codes)
         alive = [weakref.ref(x) for x in (model, model.language, model.language.lm_head.weight, decoder,
-                                           decoder.cache.layers[0])]
+                                           decoder.cache.storage[0])]
         del model, decoder
         assert [ref() for ref in alive] == [None] * len(alive)
         assert not any(entries(code) for code in codes)  # dynamo's compiled entries went too
@@ -325,7 +326,7 @@ def test_decoders_are_remade_when_the_weights_move_or_are_replaced(monkeypatch):
         out = lm.generate(**kw)
         assert torch.equal(out.sequences, expected[weights].sequences)
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(out.scores, expected[weights].scores))
-        entry = fast_decode._DECODERS[lm][1]
+        entry = cuda_graphs._DECODERS[lm][1]
         assert list(entry) == [2]  # one batch size in use: stale decoders are not kept
         return entry[2]
 
@@ -341,6 +342,6 @@ def test_decoders_are_remade_when_the_weights_move_or_are_replaced(monkeypatch):
     lm.lm_head.weight.data = lm.lm_head.weight.data.clone()
     assert generate("first") is not decoder
     model.to(torch.bfloat16)  # .to / .cpu / .cuda free the decoders at once
-    assert lm not in fast_decode._DECODERS
+    assert lm not in cuda_graphs._DECODERS
     lm.generate(**_decode_kwargs(lm))
-    assert fast_decode._DECODERS[lm][1][2].cache.dtype == torch.bfloat16
+    assert cuda_graphs._DECODERS[lm][1][2].cache.dtype == torch.bfloat16

@@ -22,7 +22,7 @@ import contextlib, io, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import inference
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-from deepseek_vl2.models.checkpoint import CheckpointError
+from deepseek_vl2.weights.hub import CheckpointError
 
 results = {}
 for repo_id in sys.argv[2:]:
@@ -108,7 +108,7 @@ def test_hub_probe_tells_silence_from_an_answer():
     import threading
     import time
 
-    from deepseek_vl2.models.checkpoint import _hub_answers
+    from deepseek_vl2.weights.hub import _hub_answers
 
     assert not _hub_answers(f"http://127.0.0.1:{closed_port()}", 2.0)
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) but never replies

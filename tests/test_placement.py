@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
-from deepseek_vl2.models.devices import Split
-from deepseek_vl2.models.kv_cache import KVCache
-from deepseek_vl2.models.loading import describe_placement, placement_units, resolve_device_map
+from deepseek_vl2.modeling.devices import Split
+from deepseek_vl2.modeling.kv_cache import KVCache
+from deepseek_vl2.weights.placement import describe_placement, placement_units, resolve_device_map
 from goldens import CASES, CHECKPOINTS, FIXTURES, golden_inputs, tensors
 
 GiB = 2**30

@@ -10,7 +10,7 @@ from functools import partial
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .configuration_deepseek_vl_v2 import VisionEncoderConfig
+from .vl_config import VisionEncoderConfig
 
 
 def build_vision_tower(config: VisionEncoderConfig) -> VisionTransformer:

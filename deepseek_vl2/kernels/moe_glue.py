@@ -7,21 +7,12 @@ on CUDA), where plain PyTorch ops make several passes over [tokens x k, width] t
                   weight * output over its k (token, expert) pairs, gathered through their sorted
                   slots: no unsorting copy and no float32 [N, k, h] temporaries.
 
-Inside compiled regions (batched decode) both are torch custom ops (`triton_decode.kernel_op`).
-`applies(x)` says when to use them; the CPU path keeps the equivalent PyTorch ops in moe.py.
+Inside compiled regions (batched decode) both are torch custom ops (`custom_ops.kernel_op`).
+dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops.
 """
 import torch
 
-from .triton_decode import cuda_inference, kernel_op
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the callers never get here without CUDA
-    triton = None
-
-
-applies = cuda_inference
+from .custom_ops import kernel_op, tl, triton
 
 
 if triton is not None:

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import triton_norm_rope
+from ..kernels import dispatch
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +14,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_norm_rope.applies(x):  # one kernel instead of eight
-            return triton_norm_rope.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return dispatch.rms_norm(x, self.weight, self.eps)

@@ -11,26 +11,16 @@ multiply-add that skips the first rounding (a quarter of the bf16 results differ
   rms_norm  x [..., d] -> weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
   rotary    x [B, H, S, D] (any strides, last dim contiguous) -> rotate-half RoPE with cos/sin
             [B, S, D], optionally reading x's pairs (2i, 2i+1) as halves (MLA's interleaved
-            rope dims, the `deinterleave` of rope.py)
+            rope dims, the `deinterleave` of reference.py)
 
-Inside torch.compile (the CUDA-graph decode regions) the PyTorch formulas are used instead, so the
-compiler can fuse them with their neighbours (hence no custom ops here); with autograd recording,
-too (no backward here).
+Inside torch.compile (the CUDA-graph decode regions) dispatch.py picks the PyTorch formulas instead,
+so the compiler can fuse them with their neighbours (hence no custom ops here); with autograd
+recording, too (no backward here).
 """
 import torch
 
-from .devices import on_tensor_device
-from .triton_decode import cuda_inference
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the callers never get here without CUDA
-    triton = None
-
-
-def applies(x: torch.Tensor) -> bool:
-    return cuda_inference(x) and not torch.compiler.is_compiling()
+from ..modeling.devices import on_tensor_device
+from .custom_ops import tl, triton
 
 
 if triton is not None:

@@ -1,12 +1,17 @@
-"""Key/value cache for the decoder, preallocated and written in place.
+"""The decoder's key/value cache: the one owner of its layout and length, preallocated and written in place.
 
-Per layer it holds one tensor for the whole batch:
+Attention produces each new token's entries and reads back what `update` returns; only this class
+knows where entries live. Per layer it holds one tensor for the whole batch:
   * MLA (small, base): one [B, capacity, kv_lora_rank + qk_rope_head_dim] tensor: the normalised
     latent c_kv followed by the rotated shared rope key k_pe (576 values per token for the releases);
   * MHA (tiny): keys (after RoPE) and values stacked, [B, 2, heads, capacity, head_dim].
 
 Writes go to absolute positions (indexed by a device tensor), so a decode step with a
-fixed capacity needs no host synchronisation and can be captured in a CUDA graph.
+fixed capacity needs no host synchronisation and can be captured in a CUDA graph:
+
+    entries = cache.update(layer, positions, new, kv_len)   # write, then the first kv_len slots
+    view = cache.layer(i)   # the same for one layer (write / read / update), for code compiled per
+                            # layer kind: a LayerCache is a plain object, so one graph serves all layers
 
 For code written against the reference's legacy format (a tuple over layers of 2-tuples, the
 sequence on dim 2) the cache also behaves like one: `cache[i]` is `(k_pe [B,1,L,64], c_kv
@@ -17,7 +22,28 @@ from typing import Sequence
 
 import torch
 
-from .configuration_deepseek import DeepseekV2Config
+from .language_config import DeepseekV2Config
+
+
+class LayerCache:
+    """One layer's cache tensor and its sequence dim: where new entries go and what attention reads."""
+
+    __slots__ = ("storage", "seq_dim")
+
+    def __init__(self, storage: torch.Tensor, seq_dim: int):
+        self.storage, self.seq_dim = storage, seq_dim
+
+    def write(self, positions: torch.Tensor, new: torch.Tensor) -> None:
+        """Store `new` (entries of S tokens) at cache slots `positions` [S]."""
+        self.storage[(slice(None),) * self.seq_dim + (positions,)] = new.to(self.storage.dtype)
+
+    def read(self, length: int) -> torch.Tensor:
+        """The entries of the first `length` slots (a view)."""
+        return self.storage.narrow(self.seq_dim, 0, length)
+
+    def update(self, positions: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
+        self.write(positions, new)
+        return self.read(length)
 
 
 class KVCache:
@@ -35,7 +61,7 @@ class KVCache:
         self.device = self.layer_devices[0]
         self.dtype = dtype
         self.length = 0  # tokens written (the same for every row; padding is masked, not skipped)
-        self.layers = [self._allocate(capacity, d) for d in self.layer_devices]
+        self.storage = [self._allocate(capacity, d) for d in self.layer_devices]  # one tensor per layer
 
     @property
     def seq_dim(self) -> int:
@@ -43,7 +69,15 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.layers[0].shape[self.seq_dim]
+        return self.storage[0].shape[self.seq_dim]
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self.storage[index], self.seq_dim)
+
+    def update(self, layer: int, positions: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
+        """Write `new` (the entries attention made for S tokens) at slots `positions` [S] of `layer`;
+        return that layer's entries for the first `length` slots, which attention reads."""
+        return self.layer(layer).update(positions, new, length)
 
     def _allocate(self, capacity: int, device: torch.device) -> torch.Tensor:
         # zeros, not empty: unwritten slots are read (and masked) by fixed-capacity decode steps,
@@ -61,16 +95,16 @@ class KVCache:
             return
         new_capacity = max(needed, 2 * self.capacity)
         grown = []
-        for old in self.layers:
+        for old in self.storage:
             fresh = self._allocate(new_capacity, old.device)
             fresh.narrow(self.seq_dim, 0, self.length).copy_(old.narrow(self.seq_dim, 0, self.length))
             grown.append(fresh)
-        self.layers = grown
+        self.storage = grown
 
     def copy_from(self, other: "KVCache") -> "KVCache":
         """Take over `other`'s tokens (same model and batch size; capacity permitting)."""
         self.reserve(other.length)
-        for mine, theirs in zip(self.layers, other.layers):
+        for mine, theirs in zip(self.storage, other.storage):
             mine.narrow(self.seq_dim, 0, other.length).copy_(theirs.narrow(self.seq_dim, 0, other.length))
         self.length = other.length
         return self
@@ -78,15 +112,15 @@ class KVCache:
     # ---- the legacy tuple-of-tuples view -------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.storage)
 
     def __getitem__(self, layer_idx: int):
         L = self.length
         if self.config.use_mla:
-            latent = self.layers[layer_idx]
+            latent = self.storage[layer_idx]
             r = self.config.kv_lora_rank
             return latent[:, None, :L, r:], latent[:, None, :L, :r]
-        keys_values = self.layers[layer_idx]
+        keys_values = self.storage[layer_idx]
         return keys_values[:, 0, :, :L], keys_values[:, 1, :, :L]
 
     def __iter__(self):
@@ -107,8 +141,8 @@ class KVCache:
 
     def reorder(self, beam_idx: torch.Tensor) -> "KVCache":
         """Select batch rows (beam search's `_reorder_cache`)."""
-        self.layers = [t.index_select(0, beam_idx.to(t.device)) for t in self.layers]
-        self.batch_size = self.layers[0].shape[0]
+        self.storage = [t.index_select(0, beam_idx.to(t.device)) for t in self.storage]
+        self.batch_size = self.storage[0].shape[0]
         return self
 
     @classmethod
@@ -128,8 +162,8 @@ class KVCache:
                 if tuple(elem0.shape[:3]) != expected or tuple(elem1.shape[:3]) != expected:
                     raise ValueError(f"past_key_values[{i}] has shapes {tuple(elem0.shape)}, {tuple(elem1.shape)}; "
                                      f"expected (k_pe [B,1,L,{config.qk_rope_head_dim}], c_kv [B,1,L,{config.kv_lora_rank}])")
-                cache.layers[i][:, :length] = torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1)
+                cache.storage[i][:, :length] = torch.cat((elem1[:, 0], elem0[:, 0]), dim=-1)
             else:
-                cache.layers[i][:, :, :, :length] = torch.stack((elem0, elem1), dim=1)
+                cache.storage[i][:, :, :, :length] = torch.stack((elem0, elem1), dim=1)
         cache.length = length
         return cache

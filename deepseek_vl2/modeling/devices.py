@@ -1,5 +1,5 @@
 """The runtime side of a model spread over several devices (where each module goes is decided once,
-in loading.py; this file only follows the parameters).
+in weights/placement.py; this file only follows the parameters).
 
 A decoder whose embeddings, layers, final norm and LM head are not all on one device has a
 `Split` (found from where the parameters are, again after every `.to()`): `run_layers` then runs

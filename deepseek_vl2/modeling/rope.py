@@ -1,4 +1,5 @@
-"""Rotary position embeddings: cos/sin tables for the plain, linear, dynamic-NTK and YaRN variants.
+"""Rotary position embeddings: cos/sin tables for the plain, linear, dynamic-NTK and YaRN variants
+(applying them is `dispatch.rotary`).
 
 Tables are computed in float32 from float32 positions and cast to the activation dtype at use
 (the reference behaviour under `torch_dtype=bfloat16`, spec language_model.md §3 and P-LM-1).
@@ -9,8 +10,6 @@ import math
 from typing import Optional
 
 import torch
-
-from . import triton_norm_rope
 
 
 class RotaryEmbedding:
@@ -79,30 +78,6 @@ def rope_for(config) -> RotaryEmbedding:
     """The one rotary table of a decoder: over qk_rope_head_dim for MLA, the whole head for MHA."""
     dim = config.qk_rope_head_dim if config.use_mla else config.hidden_size // config.num_attention_heads
     return RotaryEmbedding(dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotate-half RoPE on the last dim of x [B, H, S, D] with cos/sin [B, S, D]; `interleaved`: x
-    holds its dims as pairs (2i, 2i+1) (MLA), which are `deinterleave`d first. One kernel on CUDA."""
-    D = x.shape[-1]
-    if triton_norm_rope.applies(x) and D >= 4 and D & (D - 1) == 0:
-        return triton_norm_rope.rotary(x, cos, sin, interleaved)
-    if interleaved:
-        x = deinterleave(x)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
-def deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...] on the last dim: MLA keeps its rope dims as
-    interleaved pairs, and this makes rotate-half rotate each pair (2i, 2i+1)."""
-    *lead, d = x.shape
-    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:

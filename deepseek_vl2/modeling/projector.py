@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from .configuration_deepseek_vl_v2 import MlpProjectorConfig
+from .vl_config import MlpProjectorConfig
 
 PROJECTOR_TYPES = ("identity", "linear", "mlp_gelu", "downsample_mlp_gelu")
 

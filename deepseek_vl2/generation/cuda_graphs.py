@@ -1,4 +1,4 @@
-"""The GPU fast path for decoding (used by `generate` on CUDA; nothing to switch on).
+"""The CUDA-graph decode runner: the GPU fast path of `generate` (on CUDA; nothing to switch on).
 
 A decode step of a MoE decoder is thousands of small kernels; launched one by one from Python
 they, not the memory traffic, set the speed. So for each batch size:
@@ -10,6 +10,11 @@ they, not the memory traffic, set the speed. So for each batch size:
   * the fixed-shape parts of every layer (norms, projections, RoPE and the cache write, the MoE
     block, the LM head) go through torch.compile, which fuses their elementwise work. Layers share
     one compiled graph per kind (dense / MoE), since their parameters are graph inputs.
+
+The runner reaches into no layer: the model hands it a step (`decode_step`) and the plain
+functions of its fixed-shape parts (`decode_pieces`); the runner compiles private copies of those,
+passes them back to the step, and captures / replays the step (gpt-fast's `decode_one_token`,
+compiled from outside the model).
 
 Greedy decoding goes further: the graph also picks the token (argmax, EOS suppressed before
 min_new_tokens), records it, updates the finished rows and advances positions, so a step is one
@@ -34,30 +39,12 @@ from typing import Dict, Optional
 
 import torch
 
-from . import triton_decode
-from .attention import build_attention_inputs
-from .kv_cache import KVCache
+from ..kernels.custom_ops import register_kernel_ops
+from ..modeling.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = tuple(range(256, 8192 + 1, 256))  # attended lengths a decode graph is made for
-
-
-def _pre_attention(layer, x, cos, sin, kv, slot):
-    query, new_entries = layer.pre_attention(x, cos, sin)
-    layer.self_attn.store(kv, new_entries, slot)
-    return query
-
-
-def _post_attention(layer, x, context):
-    return layer.post_attention(x, context)
-
-
-def _last_logits(lm, x):
-    h = lm.model.norm(x[:, -1])
-    if triton_decode.decode_sized(h, triton_decode.MAX_GEMV_TOKENS):  # gemv: ~9% faster than cuBLAS here
-        return triton_decode.gemv(h, lm.lm_head.weight, None, 1, False).float()
-    return lm.lm_head(h).float()
 
 
 def _greedy_advance(logits, state):
@@ -76,7 +63,6 @@ def _greedy_advance(logits, state):
     count.add_(1)
 
 
-_PLAIN = (_pre_attention, _post_attention, _last_logits, _greedy_advance)
 COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 
 
@@ -87,7 +73,7 @@ def _compiled_copies(functions):
     would collect entries for every model, batch size and layer kind the process ever used, up to
     a recompile limit past which they silently run uncompiled. Fresh code objects give each decoder
     its own few entries (one per layer kind, within dynamo's default limit), which `_forget` drops."""
-    triton_decode.register_kernel_ops()
+    register_kernel_ops()
     codes = tuple(fn.__code__.replace() for fn in functions)
     copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **COMPILE_OPTIONS)
                    for fn, code in zip(functions, codes))
@@ -114,6 +100,8 @@ class StaticDecoder:
         functions are compiled; compiling costs seconds once, and saves some microseconds a step."""
         config = lm.config
         self._lm = weakref.ref(lm)  # the model owns its decoders (see decoder_for), not the reverse
+        self._step = type(lm).decode_step  # called with the model: no reference to it kept here
+        self._plain = (*type(lm).decode_pieces, _greedy_advance)
         self.batch_size = batch_size
         self.capacity = config.max_position_embeddings
         device, dtype = lm.device, lm.dtype
@@ -131,7 +119,7 @@ class StaticDecoder:
         self.chosen = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.alive = torch.zeros(self.capacity, dtype=torch.bool, device=device)  # any row going after step i
         self.use_graphs = use_graphs
-        self.functions = _PLAIN
+        self.functions = self._plain
         self.codes = ()  # the compiled copies' code objects (where dynamo keeps their entries)
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[tuple, torch.Tensor] = {}
@@ -143,7 +131,7 @@ class StaticDecoder:
     def _compile(self) -> None:
         """Switch to compiled step functions; graphs of the plain ones are recaptured as used."""
         self.steps_until_compile = None
-        self.functions, self.codes = _compiled_copies(_PLAIN)
+        self.functions, self.codes = _compiled_copies(self._plain)
         weakref.finalize(self, _forget, self.codes).atexit = False
         self.graphs.clear()
         self.outputs.clear()
@@ -217,15 +205,8 @@ class StaticDecoder:
 
     def _run(self, kv_len: int) -> torch.Tensor:
         """One decode step on the static buffers (what a graph captures)."""
-        pre, post, last_logits, _ = self.functions
-        model = self.lm.model
-        x = model.embed_tokens(self.tokens[:, None])
-        cos, sin = model.rope.lookup(self.positions[:, None], x.dtype)
-        attn = build_attention_inputs(self.visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=self.slot)
-        for layer, kv in zip(model.layers, self.cache.layers):
-            query = pre(layer, x, cos, sin, kv, self.slot)
-            x = post(layer, x, layer.self_attn.attend(query, None, attn, kv))
-        return last_logits(self.lm, x)
+        return self._step(self.lm, self.tokens, self.positions, self.slot, self.visible, kv_len, self.cache,
+                          self.functions[:3])
 
     def _run_greedy(self, kv_len: int) -> torch.Tensor:
         """A decode step that also picks and records the next token and advances the state."""
@@ -245,10 +226,10 @@ class StaticDecoder:
                 for _ in range(2):  # warm-up outside the graph (compiles on first use)
                     run(kv_len)
         except Exception as err:  # noqa: BLE001  (a compiler problem must not stop generation)
-            if self.functions is _PLAIN:
+            if self.functions is self._plain:
                 raise
             logger.warning("torch.compile of the decode step failed (%s); using plain kernels", err)
-            self.functions = _PLAIN
+            self.functions = self._plain
             current.wait_stream(side)
             self._restore(state)
             return self._capture(key, run, kv_len)

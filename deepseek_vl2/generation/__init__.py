@@ -1,0 +1,1 @@
+"""Generation: the HF-compatible generate / incremental_prefilling, decode loops, sampling, and the CUDA-graph runner."""
