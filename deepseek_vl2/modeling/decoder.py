@@ -190,7 +190,6 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-        cache_position=None,
         logits_to_keep: int = 0,
         **unused,
     ):

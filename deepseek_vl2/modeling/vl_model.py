@@ -145,7 +145,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, images=None, images_seq_mask=None, images_spatial_crop=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                cache_position=None, logits_to_keep: int = 0, **unused):
+                logits_to_keep: int = 0, **unused):
         """As the reference: builds inputs_embeds from ids + images when not given, then runs the
         language model. `use_cache` defaults to the language config's (the reference raises, P-MODEL-3)."""
         if inputs_embeds is None:
@@ -157,7 +157,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         return self.language(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, labels=labels, use_cache=use_cache,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                             return_dict=return_dict, cache_position=cache_position, logits_to_keep=logits_to_keep)
+                             return_dict=return_dict, logits_to_keep=logits_to_keep)
 
     @staticmethod
     def _reorder_cache(past_key_values, beam_idx):

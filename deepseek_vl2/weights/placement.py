@@ -1,5 +1,5 @@
-"""Device placement planning: where each part of a model goes for a `device_map` (today's loading
-decides it here and only here).
+"""Device placement planning: where each part of a model goes for a `device_map` (decided here and
+only here; modeling/devices.py follows the parameters at run time).
 
 The model is cut into placement units that always stay whole (each decoder layer, the vision
 tower, the projector, the embeddings, the final norm, the LM head, the two image-layout vectors) and

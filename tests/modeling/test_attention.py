@@ -1,7 +1,6 @@
 """Attention on its own: the additive mask `build_attention_inputs` makes, attention through the KV
 cache one token at a time equal to attention over the whole sequence, and MLA's absorbed and
 expanded forms equal."""
-import pytest
 import torch
 
 from deepseek_vl2.kernels import reference

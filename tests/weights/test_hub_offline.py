@@ -11,7 +11,7 @@ from pathlib import Path
 
 from goldens import CHECKPOINTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MISSING = "deepseek-ai/deepseek-vl2-tiny"
 CACHED = "fixture-org/tiny-mha"
 

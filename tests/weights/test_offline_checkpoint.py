@@ -12,7 +12,7 @@ from PIL import Image
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl2.offline_checkpoint import main, make_offline_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "ckpt_tiny_mha"
 FILES = {"config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "model.safetensors"}
