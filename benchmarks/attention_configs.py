@@ -1,6 +1,6 @@
 """Time one-token MHA decode attention at tiny's shapes (10 heads x 128, a 2304-key bucket, the
 cache strided as the static cache holds it) inside a CUDA graph (kernel_timing.py): PyTorch SDPA
-with the additive mask against triton_decode.mha_decode over tile configurations.
+with the additive mask against decode_attention.mha_decode over tile configurations.
 
     python benchmarks/attention_configs.py
 """
@@ -9,7 +9,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from deepseek_vl2.models import triton_decode as td
+from deepseek_vl2.kernels import decode_attention as td
 from kernel_timing import copies_for, graph_us
 
 

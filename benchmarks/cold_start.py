@@ -9,7 +9,7 @@ directories (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, made empty for the first
   (b) warm   a second process: what (a) left on disk is reused
 
 Each process builds the model at the real shapes with random bf16 weights on the GPU and warms it
-up as `from_pretrained` does on a GPU (deepseek_vl2/models/warmup.py; load and warm-up times are
+up as `from_pretrained` does on a GPU (deepseek_vl2/generation/warmup.py; load and warm-up times are
 excluded from the answer and reported apart; `--no-warm-up` measures a model moved to the GPU
 without it, as `model.cuda()` after a CPU load gives), then answers the bench prompt (a 1024x1024 image and a question,
 2054 tokens) the way `inference.py` does: processor, prepare_inputs_embeds, generate with a
@@ -78,7 +78,8 @@ def child(variant: str, warm: bool) -> dict:
     import torch
 
     from bench import build_model, make_prompt
-    from deepseek_vl2.models import DeepseekVLV2Processor, warmup
+    from deepseek_vl2.generation import warmup
+    from deepseek_vl2.models import DeepseekVLV2Processor
     from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
 
     started = time.perf_counter()

@@ -1,5 +1,5 @@
 """Time the decode expert gemv (one token: 6 routed + 2 shared experts) at the real expert shapes
-over tile configurations, gate/up and down separately, to set triton_decode's heuristics; then the
+over tile configurations, gate/up and down separately, to set kernels/gemv.py's heuristics; then the
 plain one-token projections (attention, LM head) through cuBLAS (F.linear) against the gemv kernel.
 Timings are per call inside a CUDA graph, with weights from HBM (kernel_timing.py).
 
@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from deepseek_vl2.models import triton_decode as td
+from deepseek_vl2.kernels import gemv as td
 from kernel_timing import copies_for, graph_us
 
 EXPERTS = {"tiny": (64, 896, 1280), "small": (64, 1408, 2048), "base": (72, 1536, 2560)}
@@ -38,7 +38,7 @@ def main():
         for stage, run, nbytes in (
                 ("gate_up", lambda i, c: lambda: td._gemv_launch(x, w13, ids[i], 8, True, *c), 8 * 2 * I * h * 2),
                 ("down", lambda i, c: lambda: td._gemv_launch(act, w2, ids[i], 1, False, *c), 8 * I * h * 2)):
-            current = graph_us(lambda i: run(i, (None, None, None)), n)  # triton_decode's choice
+            current = graph_us(lambda i: run(i, (None, None, None)), n)  # gemv.py's choice
             timings = sorted((graph_us(lambda i: run(i, c), n), c) for c in configs)
             best = timings[0]
             print(f"{variant} {stage}: current {current:.1f} us ({gbps(nbytes, current):.0f} GB/s) | best "

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from deepseek_vl2.models import triton_decode, triton_moe, triton_norm_rope as tnr
-from deepseek_vl2.models.rms_norm import RMSNorm
+from deepseek_vl2.kernels import custom_ops, moe_glue, norm_rope as tnr
+from deepseek_vl2.modeling.rms_norm import RMSNorm
 
 
 def host_us(fn, n=2000):
@@ -36,8 +36,8 @@ def main():
         print(f"rms_norm bare Triton launch {host_us(launch):.1f} us")
         formula = lambda: norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)  # noqa: E731
         print(f"rms_norm PyTorch formula    {host_us(formula):.1f} us")
-        print(f"silu_mul launcher           {host_us(lambda: triton_moe.silu_mul(gate_up)):.1f} us")
-        triton_decode.register_kernel_ops()
+        print(f"silu_mul launcher           {host_us(lambda: moe_glue.silu_mul(gate_up)):.1f} us")
+        custom_ops.register_kernel_ops()
         print(f"silu_mul custom op          {host_us(lambda: torch.ops.deepseek_vl2.silu_mul(gate_up)):.1f} us")
         print(f"one aten add                {host_us(lambda: x + x):.1f} us")
 

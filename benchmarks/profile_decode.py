@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import build_model
-from deepseek_vl2.models.fast_decode import decoder_for
+from deepseek_vl2.generation.cuda_graphs import decoder_for
 
 
 def main():

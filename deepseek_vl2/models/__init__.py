@@ -1,9 +1,9 @@
-"""Public model API: `from deepseek_vl2.models import DeepseekVLV2Processor, DeepseekVLV2ForCausalLM`."""
-from .configuration_deepseek import DeepseekV2Config
-from .configuration_deepseek_vl_v2 import DeepseekVLV2Config, MlpProjectorConfig, VisionEncoderConfig
-from .kv_cache import KVCache
-from .modeling_deepseek import DeepseekV2ForCausalLM, DeepseekV2Model
-from .modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM
+"""Public model API (the official import paths): `from deepseek_vl2.models import DeepseekVLV2Processor, DeepseekVLV2ForCausalLM`."""
+from ..modeling.decoder import DeepseekV2ForCausalLM, DeepseekV2Model
+from ..modeling.kv_cache import KVCache
+from ..modeling.language_config import DeepseekV2Config
+from ..modeling.vl_config import DeepseekVLV2Config, MlpProjectorConfig, VisionEncoderConfig
+from ..modeling.vl_model import DeepseekVLV2ForCausalLM
 from .processing_deepseek_vl_v2 import BatchCollateOutput, DeepseekVLV2Processor, VLChatProcessorOutput
 
 __all__ = [

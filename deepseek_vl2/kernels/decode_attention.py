@@ -1,0 +1,166 @@
+"""Decode attention kernels: one query token per row over the KV cache, split over the cached keys
+(flash decoding), for MLA (over the latent cache, each latent slice read once for all heads) and
+for plain multi-head attention (tiny: one program per (row, head, key slice)).
+
+Each program takes one slice of the keys, keeps a running max and sum of the softmax, and writes
+an unnormalised partial output; a second kernel combines the slices. Scores and the softmax are
+float32; probabilities enter the value product in the activation dtype. Strided cache views need
+no copies. When they apply is decided in dispatch.py.
+"""
+import torch
+
+from ..modeling.devices import on_tensor_device
+from .custom_ops import tl, triton
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, latent_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len,
+                           scale, stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_ln, stride_mb,
+                           H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        heads = tl.arange(0, H)
+        offs_r = tl.arange(0, R)
+        offs_p = tl.arange(0, P)
+        q_lat = tl.load(q_lat_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_r[None, :])
+        q_pe = tl.load(q_pe_ptr + b * stride_pb + heads[:, None] * stride_ph + offs_p[None, :])
+        running_max = tl.full((H,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((H,), dtype=tl.float32)
+        acc = tl.zeros((H, R), dtype=tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            rows = latent_ptr + b * stride_lb + offs_n[:, None] * stride_ln
+            k_lat = tl.load(rows + offs_r[None, :], mask=valid[:, None], other=0.0)
+            k_pe = tl.load(rows + R + offs_p[None, :], mask=valid[:, None], other=0.0)
+            scores = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_pe, tl.trans(k_pe))
+            bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
+            scores = tl.where(valid[None, :], scores * scale + bias[None, :], float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            probs = tl.exp(scores - new_max[:, None])
+            alpha = tl.exp(running_max - new_max)
+            running_sum = running_sum * alpha + tl.sum(probs, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(k_lat.dtype), k_lat)
+            running_max = new_max
+        base = (b * n_splits + split) * H + heads
+        tl.store(part_ptr + base[:, None] * R + offs_r[None, :], acc)
+        tl.store(max_ptr + base, running_max)
+        tl.store(sum_ptr + base, running_sum)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, n_splits, H: tl.constexpr, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        splits = tl.arange(0, BLOCK_S)
+        valid = splits < n_splits
+        index = (b * n_splits + splits) * H + h
+        maxes = tl.load(max_ptr + index, mask=valid, other=float("-inf"))
+        overall = tl.max(maxes, axis=0)
+        factors = tl.where(valid, tl.exp(maxes - overall), 0.0)
+        total = tl.sum(tl.load(sum_ptr + index, mask=valid, other=0.0) * factors, axis=0)
+        offs_d = tl.arange(0, D)
+        parts = tl.load(part_ptr + index[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        out = tl.sum(parts * factors[:, None], axis=0) / total
+        tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
+                           stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
+                           H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32)
+        keys = kv_ptr + b * stride_kb + (h // GROUP) * stride_kh
+        running_max = float("-inf")
+        running_sum = 0.0
+        acc = tl.zeros((D,), dtype=tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            rows = offs_n[:, None] * stride_kn + offs_d[None, :]
+            k = tl.load(keys + rows, mask=valid[:, None], other=0.0)
+            v = tl.load(keys + stride_kv + rows, mask=valid[:, None], other=0.0)
+            bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale + bias
+            scores = tl.where(valid, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            probs = tl.exp(scores - new_max)
+            alpha = tl.exp(running_max - new_max)
+            running_sum = running_sum * alpha + tl.sum(probs, axis=0)
+            acc = acc * alpha + tl.sum(probs[:, None] * v.to(tl.float32), axis=0)
+            running_max = new_max
+        base = (b * n_splits + split) * H + h
+        tl.store(part_ptr + base * D + offs_d, acc)
+        tl.store(max_ptr + base, running_max)
+        tl.store(sum_ptr + base, running_sum)
+
+    def _splits(rows: int, kv_len: int, block_n: int, programs: int = 264, min_blocks: int = 4):
+        """Key slices per row: about `programs` programs in all (to fill the GPU), at least
+        `min_blocks` blocks of keys each."""
+        wanted = max(1, -(-programs // rows))
+        split_len = max(min_blocks * block_n, -(-kv_len // wanted))
+        split_len = -(-split_len // block_n) * block_n
+        return -(-kv_len // split_len), split_len
+
+    def _split_buffers(rows: int, n_splits: int, H: int, D: int, device):
+        """float32 partial outputs [rows * n_splits * H, D], running maxima and sums of the splits."""
+        part = torch.empty(rows * n_splits * H, D, device=device, dtype=torch.float32)
+        maxes = torch.empty(rows * n_splits * H, device=device, dtype=torch.float32)
+        return part, maxes, torch.empty_like(maxes)
+
+    def _combine(part, maxes, sums, out, n_splits, H, D):
+        _combine_kernel[(out.shape[0] * H,)](part, maxes, sums, out, n_splits, H=H, D=D,
+                                             BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
+        return out
+
+    @on_tensor_device
+    def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+        """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
+        [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
+        B, H, R = q_latent.shape
+        P = q_pe.shape[-1]
+        kv_len = latent.shape[1]
+        block_n = 32
+        n_splits, split_len = _splits(B, kv_len, block_n)
+        part, maxes, sums = _split_buffers(B, n_splits, H, R, latent.device)
+        mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
+        _mla_decode_kernel[(B, n_splits)](
+            q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
+            q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
+            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
+        return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
+
+
+    @on_tensor_device
+    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
+                   programs: int = 1056, min_blocks: int = 1, num_warps: int = 2) -> torch.Tensor:
+        """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]
+        additive -> [B, H, D] = softmax(scale * q.k + mask) . v. The default tiles measured best at
+        tiny's shapes on an H100 (benchmarks/attention_configs.py: 9.9 us against SDPA's 13.4 us
+        at batch 1, the same at batch 8)."""
+        B, H, D = q.shape
+        kv_heads, kv_len = keys_values.shape[2], keys_values.shape[3]
+        if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
+            raise ValueError("mha_decode needs the head dimension contiguous")
+        n_splits, split_len = _splits(B * H, kv_len, block_n, programs, min_blocks)
+        part, maxes, sums = _split_buffers(B, n_splits, H, D, q.device)
+        mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
+        _mha_decode_kernel[(B * H, n_splits)](
+            q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),
+            keys_values.stride(0), keys_values.stride(1), keys_values.stride(2), keys_values.stride(3),
+            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=num_warps)
+        return _combine(part, maxes, sums, q.new_empty(B, H, D), n_splits, H, D)

@@ -1,0 +1,192 @@
+"""The one place that decides which implementation of an op runs (a Triton kernel or the PyTorch
+reference) for a tensor's device, dtype and shape. Model code calls these ops and never checks
+which backend applies.
+
+    op               Triton kernel, when                                  else (reference.py)
+    rms_norm         CUDA inference, outside torch.compile                formula
+    rotary           the same, and a power-of-two rope dim >= 4           formula
+    silu_mul         CUDA inference                                       formula
+    route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
+    experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
+                     on CUDA                                              combine_sorted kernel on CUDA
+    lm_head          gemv for <= MAX_GEMV_TOKENS bf16/fp16 CUDA rows      F.linear
+    mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
+                     power-of-two head_dim >= 16
+    mla_attention    mla_decode: as above, power-of-two heads, rank and   absorbed latent attention;
+                     rope dims >= 16; CUDA prefill: expanded + SDPA
+
+"CUDA inference": Triton installed, a CUDA tensor, grad mode off (the kernels have no backward).
+Every condition is a plain Python test of device, dtype and shape, so the compiled decode regions
+trace through them without graph breaks; inside torch.compile the kernels called there are custom
+ops (custom_ops.py).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import decode_attention, gemv, moe_glue, norm_rope, reference, router
+from .custom_ops import triton
+from .reference import Routing
+
+MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
+
+
+def _cuda_inference(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    return _cuda_inference(x) and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _decode_sized(x: torch.Tensor, max_rows: int) -> bool:
+    return _half_on_cuda(x) and x.numel() // x.shape[-1] <= max_rows
+
+
+def _pow2(*dims: int, least: int) -> bool:
+    return all(d >= least and d & (d - 1) == 0 for d in dims)
+
+
+def _eager_cuda(x: torch.Tensor) -> bool:
+    """Norm and RoPE kernels: eager CUDA forwards only (inside torch.compile the formulas fuse)."""
+    return _cuda_inference(x) and not torch.compiler.is_compiling()
+
+
+# ---- norms, RoPE ------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _eager_cuda(x):  # one kernel instead of eight
+        return norm_rope.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    if _eager_cuda(x) and _pow2(x.shape[-1], least=4):
+        return norm_rope.rotary(x, cos, sin, interleaved)
+    return reference.rotary(x, cos, sin, interleaved)
+
+
+# ---- MoE --------------------------------------------------------------------------------------------
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _cuda_inference(gate_up):
+        return moe_glue.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
+    return reference.silu_mul(gate_up)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
+          training: bool):
+    """Expert ids and weights of every token (see reference.route)."""
+    one_group = routing.method == "greedy" or routing.n_group == 1
+    if one_group and not training and _half_on_cuda(x):  # float32 logits, then one kernel for the top-k
+        return router.route(x, weight, bias, routing.top_k, routing.scoring == "sigmoid",
+                            routing.top_k > 1 and routing.normalize, float(routing.scale), always_on)
+    return reference.route(x, weight, bias, routing, always_on)
+
+
+def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:
+    """Stacked expert MLPs ([E, 2I, h] gate+up, [E, h, I] down) on x [N, h] for the (token, expert)
+    pairs `ids` [N, k] -> sum_k weights * expert(x), [N, h] in x's dtype (combined in float32)."""
+    k = ids.shape[1]
+    flat_ids = ids.flatten()
+    if _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
+        act = gemv.gemv(x, gate_up, flat_ids, k, True)
+        return reference.combine(gemv.gemv(act, down, flat_ids, 1, False), weights)
+    # stable sort by expert; one-byte keys make the GPU radix sort a single pass
+    num_experts = gate_up.shape[0]
+    keys = flat_ids.to(torch.uint8) if num_experts <= 256 else flat_ids
+    order = keys.argsort(stable=True)
+    rows = x[order // k]
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    ends = counts.cumsum(0, dtype=torch.int32)
+    if grouped_mm_supported(x):
+        act = silu_mul(torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=ends))
+        out_sorted = torch._grouped_mm(act, down.transpose(1, 2), offs=ends)
+    else:
+        out_sorted = _per_expert(rows, ends, gate_up, down)
+    if _cuda_inference(out_sorted):  # gather-combine in one kernel
+        slots = torch.empty_like(order)
+        slots[order] = torch.arange(len(order), device=order.device)
+        return moe_glue.combine_sorted(out_sorted, slots, weights)
+    out = torch.empty_like(out_sorted)
+    out[order] = out_sorted
+    return reference.combine(out, weights)
+
+
+def _per_expert(rows, ends, gate_up, down):
+    """Fallback for a torch without grouped GEMM on this device: one expert at a time (this reads the
+    group boundaries on the host)."""
+    out = torch.empty_like(rows)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > start:
+            act = silu_mul(F.linear(rows[start:end], gate_up[e]))
+            out[start:end] = F.linear(act, down[e])
+        start = end
+    return out
+
+
+_GROUPED_MM_SUPPORT = {}
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for x's device and dtype (probed once per pair)."""
+    key = (x.device.type, x.device.index, x.dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.ones(16, 16, device=x.device, dtype=x.dtype)
+                b = torch.ones(2, 16, 16, device=x.device, dtype=x.dtype)
+                offs = torch.tensor([8, 16], device=x.device, dtype=torch.int32)
+                ok = bool(torch._grouped_mm(a, b.transpose(1, 2), offs=offs)[0, 0] == 16)
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_SUPPORT[key] = ok
+    return _GROUPED_MM_SUPPORT[key]
+
+
+# ---- output head ------------------------------------------------------------------------------------
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [rows, h] @ weight.T (no bias)."""
+    if _decode_sized(x, MAX_GEMV_TOKENS):  # gemv: ~9% faster than cuBLAS here
+        return gemv.gemv(x, weight, None, 1, False)
+    return F.linear(x, weight)
+
+
+# ---- attention over the cache -----------------------------------------------------------------------
+
+def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """q [B, H, S, D] over keys_values [B, 2, kv_heads, kv_len, D], additive mask [B, 1, S, kv_len]
+    (None: plain causal) -> [B, S, H * D]."""
+    B, H, S, D = q.shape
+    if mask is not None and S == 1 and _half_on_cuda(q) and _pow2(D, least=16):
+        return decode_attention.mha_decode(q[:, :, 0], keys_values, mask[:, 0, 0], D**-0.5).view(B, 1, -1)
+    return reference.mha_attention(q, keys_values, mask)
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: Optional[torch.Tensor],
+                  kv_b_weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """Multi-head latent attention: q_nope [B, H, S, nope] and q_pe [B, H, S, rope] (after RoPE) over
+    the cached latents [B, kv_len, rank + rope] -> [B, H, S, v].
+
+    Multi-token CUDA calls (prefill) expand the latents to per-head keys and values and use SDPA.
+    Otherwise queries are absorbed into the latent space through the key half of kv_b_proj, scores
+    are taken against the latents directly (the decode kernel for one token), and the value half of
+    kv_b_proj is applied after the softmax."""
+    B, H, S, nope = q_nope.shape
+    if q_nope.is_cuda and S > 1:
+        return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
+    w_uk, w_uv = reference.kv_b_halves(kv_b_weight, H, nope)
+    q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
+    rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
+    if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
+        out_latent = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale)
+        out_latent = out_latent[:, :, None]
+    else:
+        out_latent = reference.latent_attention(q_absorbed, q_pe, latent, mask, scale)
+    return reference.per_head_matmul(out_latent, w_uv.transpose(1, 2))

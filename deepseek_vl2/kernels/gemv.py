@@ -1,0 +1,99 @@
+"""The gemv kernel for decode-sized work on CUDA: a few token rows times a large (optionally expert-stacked) weight.
+
+At decode time every projection is a matrix-vector product, bound by reading the weights. For
+such shapes cuBLAS picks tiles that occupy few SMs, and the MoE block pays for sorting tokens by
+expert before a grouped GEMM. This kernel spreads each weight over many programs instead:
+
+  gemv     out[a] = W[e(a)] @ x[row(a)], one program per (output block, row a); with `ids` the
+           weight is the expert `ids[a]` of a stacked [E, N, K] tensor (no sorting, each selected
+           expert read once per token), with `silu_mul` the rows [0, N) and [N, 2N) are the gate
+           and up halves and the output is silu(gate) * up, rounded like the bf16 reference ops.
+
+Inside compiled regions it is the torch custom op deepseek_vl2::gemv (`custom_ops.kernel_op`). It
+launches on its first tensor's GPU, whichever device is current. When it is used (up to
+MAX_GEMV_TOKENS rows; the LM head and the experts) is decided in dispatch.py.
+"""
+from typing import Optional
+
+import torch
+
+from .custom_ops import kernel_op, tl, triton
+
+# Token counts up to which these kernels beat the general path (H100 measurements). The expert gemv
+# reads an expert once per token that picks it (the shared experts once per token), so from a few
+# tokens on, sorting by expert and a grouped GEMM that reads each expert once wins; the LM head
+# gemv reads its weight once per row, as the experts' do.
+MAX_GEMV_TOKENS = 2
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_we, stride_wn, stride_out,
+                     HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        row = a // rows_per_id
+        w_base = w_ptr
+        if HAS_IDS:
+            w_base = w_ptr + tl.load(ids_ptr + a).to(tl.int64) * stride_we
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            tile_mask = n_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=tile_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if SILU_MUL:
+                w_up = tl.load(w_base + (offs_n[:, None] + N) * stride_wn + offs_k[None, :], mask=tile_mask, other=0.0)
+                acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+        out_type = out_ptr.dtype.element_ty
+        if SILU_MUL:  # round where the reference's bf16 ops round: gate, up, silu(gate), product
+            gate = acc.to(out_type).to(tl.float32)
+            up = acc_up.to(out_type).to(tl.float32)
+            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+        else:
+            result = acc
+        tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
+
+    def _gemv_tiles(weight, ids, silu_mul):
+        """(output rows per program, K block, warps) measured best in a CUDA graph on an H100
+        (benchmarks/gemv_configs.py) for the expert gate/up and down shapes of tiny, small and base
+        and for the LM heads; the default for the rest (router logits)."""
+        if silu_mul:
+            return 4, 256, 4
+        if ids is not None:
+            return 4, 512, 2
+        if weight.shape[0] >= 32768:
+            return 16, 256, 8
+        return 4, 128, 2
+
+    def _gemv_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=None, num_warps=None,
+                     out_dtype=None):
+        if block_n is None:
+            block_n, block_k, num_warps = _gemv_tiles(weight, ids, silu_mul)
+        N = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
+        K = weight.shape[-1]
+        rows = ids.numel() if ids is not None else x.shape[0]
+        out = torch.empty(rows, N, device=x.device, dtype=out_dtype or x.dtype)
+        grid = (triton.cdiv(N, block_n), rows)
+        _gemv_kernel[grid](x, weight, ids if ids is not None else x, out, N, K, rows_per_id, x.stride(0),
+                           weight.stride(0) if ids is not None else 0, weight.stride(-2), out.stride(0),
+                           HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
+                           num_warps=num_warps)
+        return out
+
+    def _gemv_fake(x, weight, ids, rows_per_id, silu_mul, float32_out=False):
+        rows = ids.numel() if ids is not None else x.shape[0]
+        n = weight.shape[-2] // 2 if silu_mul else weight.shape[-2]
+        return x.new_empty(rows, n, dtype=torch.float32 if float32_out else x.dtype)
+
+    @kernel_op("gemv", _gemv_fake)
+    def gemv(x: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor], rows_per_id: int,
+             silu_mul: bool, float32_out: bool = False) -> torch.Tensor:
+        return _gemv_launch(x.contiguous(), weight, ids, rows_per_id, silu_mul,
+                            out_dtype=torch.float32 if float32_out else None)

@@ -1,0 +1,69 @@
+"""Triton kernels for the memory-bound steps around the MoE grouped GEMMs (prefill and batched decode
+on CUDA), where plain PyTorch ops make several passes over [tokens x k, width] tensors:
+
+  silu_mul        the gate+up GEMM output [M, 2I] -> silu(gate) * up [M, I] in one pass, rounded
+                  where the reference's bf16 ops round (silu(gate), then the product);
+  combine_sorted  expert outputs in expert-sorted order [N*k, h] -> per token the float32 sum of
+                  weight * output over its k (token, expert) pairs, gathered through their sorted
+                  slots: no unsorting copy and no float32 [N, k, h] temporaries.
+
+Inside compiled regions (batched decode) both are torch custom ops (`custom_ops.kernel_op`).
+dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops.
+"""
+import torch
+
+from .custom_ops import kernel_op, tl, triton
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_mul_kernel(in_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < width
+        gate = tl.load(in_ptr + row * stride_in + offs, mask=valid, other=0.0).to(tl.float32)
+        up = tl.load(in_ptr + row * stride_in + width + offs, mask=valid, other=0.0).to(tl.float32)
+        out_type = out_ptr.dtype.element_ty
+        result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+        tl.store(out_ptr + row * stride_out + offs, result.to(out_type), mask=valid)
+
+    @triton.jit
+    def _combine_sorted_kernel(src_ptr, slots_ptr, weights_ptr, out_ptr, width, stride_src, stride_out,
+                               K: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < width
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            slot = tl.load(slots_ptr + token * K + j).to(tl.int64)
+            weight = tl.load(weights_ptr + token * K + j)
+            acc += weight * tl.load(src_ptr + slot * stride_src + offs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
+
+    @kernel_op("silu_mul", lambda gate_up: gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2))
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [M, 2I] (gate columns first) -> silu(gate) * up [M, I]."""
+        M, width = gate_up.shape[0], gate_up.shape[1] // 2
+        gate_up = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
+        out = gate_up.new_empty(M, width)
+        block = min(1024, triton.next_power_of_2(width))
+        if M:
+            _silu_mul_kernel[(M, triton.cdiv(width, block))](gate_up, out, width, gate_up.stride(0), out.stride(0),
+                                                             BLOCK=block, num_warps=4)
+        return out
+
+    @kernel_op("combine_sorted", lambda outputs, slots, weights: outputs.new_empty(weights.shape[0], outputs.shape[1]))
+    def combine_sorted(outputs: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """outputs [N*k, h] in sorted order, slots [N*k] (where pair (n, j) = n*k + j sits in
+        `outputs`), weights [N, k] float32 -> [N, h] in outputs' dtype."""
+        N, k = weights.shape
+        width = outputs.shape[1]
+        outputs = outputs if outputs.stride(-1) == 1 else outputs.contiguous()
+        out = outputs.new_empty(N, width)
+        block = min(1024, triton.next_power_of_2(width))
+        if N:
+            _combine_sorted_kernel[(N, triton.cdiv(width, block))](
+                outputs, slots.contiguous(), weights.float().contiguous(), out, width, outputs.stride(0),
+                out.stride(0), K=k, BLOCK=block, num_warps=4)
+        return out

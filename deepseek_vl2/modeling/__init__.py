@@ -1,0 +1,1 @@
+"""The DeepSeek-VL2 model: configs, vision tower, projector, tile layout, decoder and its layers, KV cache."""

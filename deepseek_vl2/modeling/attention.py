@@ -1,0 +1,153 @@
+"""Self-attention of the decoder: plain multi-head attention (tiny, `use_mla: false`) and
+multi-head latent attention (small and base). Spec: language_model.md §4-§6.
+
+Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
+RoPE applied; fixed shapes) and `attend` (queries over the entries the KV cache returns for
+`kv_len` keys, or over the new entries alone without a cache). Where the entries are kept is the
+KV cache's business (kv_cache.py); which kernel attends is dispatch.py's. `o_proj` is applied by
+the decoder layer. With a prepared `AttentionInputs` the same code serves prefill, chunked
+prefill and fixed-shape (CUDA-graph) decode steps.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import dispatch
+from ..weights.layout import OfficialSlice
+from .language_config import DeepseekV2Config
+from .rms_norm import RMSNorm
+from .rope import rope_for
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward shares."""
+
+    cache_positions: torch.Tensor  # [S] cache slots of the new tokens
+    kv_len: int  # key positions attended to: cached + new (a fixed bucket in graph decode)
+    mask: Optional[torch.Tensor]  # additive [B, 1, S, kv_len]; None means plain causal with kv_len == S
+
+
+def build_attention_inputs(
+    attention_mask: Optional[torch.Tensor],
+    past_length: int,
+    seq_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    device,
+    cache_positions: Optional[torch.Tensor] = None,
+) -> AttentionInputs:
+    """Key j is visible to query i when j <= i's cache slot and `attention_mask[b, j]` is set.
+
+    `attention_mask` is the 2-D padding mask over cached + new tokens ([B, >= past_length+seq_len],
+    1/True = real token) or None. `cache_positions` (default: past_length onwards) may be a device
+    tensor, as in CUDA-graph decode steps; with one new token nothing here reads device values.
+    Masked entries get finfo(dtype).min (a fully masked row, a padding query, then attends
+    uniformly, as in the reference, instead of producing NaN).
+    """
+    if cache_positions is None:
+        cache_positions = torch.arange(past_length, past_length + seq_len, device=device)
+    no_padding = attention_mask is None or (seq_len > 1 and bool(attention_mask.bool().all()))
+    if no_padding and past_length == 0 and kv_len == seq_len:
+        return AttentionInputs(cache_positions, kv_len, None)
+    keys = torch.arange(kv_len, device=device)
+    visible = keys[None, :] <= cache_positions[:, None]  # [S, kv_len]
+    if attention_mask is not None:
+        padding = attention_mask[:, :kv_len].to(device=device, dtype=torch.bool)
+        if padding.shape[1] < kv_len:  # slots past the mask are unwritten: hidden by causality anyway
+            padding = F.pad(padding, (0, kv_len - padding.shape[1]), value=False)
+        visible = visible[None] & padding[:, None, :]
+    else:
+        visible = visible[None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return AttentionInputs(cache_positions, kv_len, mask.unsqueeze(1))
+
+
+class MultiHeadAttention(nn.Module):
+    """Llama-style attention with rotate-half RoPE over the whole head (the tiny release).
+    Entries per token: keys (after RoPE) and values stacked, [B, 2, kv_heads, S, head_dim]."""
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+
+    def checkpoint_keys(self):
+        """Official names of the fused q/k/v projection's rows."""
+        keys, start = {}, 0
+        for name, size in zip(("q_proj", "k_proj", "v_proj"), self.split_sizes):
+            rows = slice(start, start + size)
+            keys[f"{name}.weight"] = OfficialSlice("qkv_proj.weight", (rows,))
+            if self.qkv_proj.bias is not None:
+                keys[f"{name}.bias"] = OfficialSlice("qkv_proj.bias", (rows,))
+            start += size
+        return keys
+
+    def project(self, x, cos, sin):
+        B, S, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = dispatch.rotary(q, cos, sin), dispatch.rotary(k, cos, sin)
+        return q, torch.stack((k, v), dim=1)
+
+    def attend(self, q, keys_values, attn: AttentionInputs):
+        """q [B, H, S, head_dim] over `keys_values` [B, 2, kv_heads, kv_len, head_dim] -> [B, S, H * head_dim]."""
+        return dispatch.mha_attention(q, keys_values, attn.mask)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2 MLA. Keys and values are entered as one low-rank latent per token: c_kv after
+    kv_a_layernorm followed by the rope key shared by all heads, [B, S, kv_lora_rank + rope_dim].
+    `dispatch.mla_attention` attends in the absorbed form (decode, any CPU call) or, for multi-token
+    CUDA calls, with the latents expanded to per-head keys and values."""
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_rank = c.kv_lora_rank
+        q_out = self.num_heads * (self.nope_dim + self.rope_dim)
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # default eps, as the reference (P-LM-5)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.softmax_scale = (self.nope_dim + self.rope_dim) ** -0.5 * rope_for(c).attention_scale
+
+    def project(self, x, cos, sin):
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
+        q_pe = dispatch.rotary(q_pe, cos, sin, interleaved=True)
+        k_pe = dispatch.rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
+        return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
+
+    def attend(self, q, latent, attn: AttentionInputs):
+        """(q_nope, q_pe) [B, H, S, *] over `latent` [B, kv_len, rank + rope] -> [B, S, H * v_dim]."""
+        q_nope, q_pe = q
+        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale)
+        B, H, S, _ = out.shape
+        return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
+
+
+def make_attention(config: DeepseekV2Config) -> nn.Module:
+    return MultiHeadLatentAttention(config) if config.use_mla else MultiHeadAttention(config)

@@ -1,0 +1,1 @@
+"""Checkpoints: official tensor names and layout, strict loading and saving, hub resolution, device placement, random init."""

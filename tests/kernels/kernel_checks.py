@@ -1,0 +1,199 @@
+"""Each Triton kernel of deepseek_vl2 against the PyTorch ops it replaces.
+
+Used by the test files beside it (one per kernel module): on CUDA in bf16, and on the CPU through
+Triton's interpreter (`interpreted(name)` runs `TRITON_INTERPRET=1 python kernel_checks.py NAME`;
+the variable must be set before triton is imported, hence the separate process). The interpreter
+has no bf16 tensor-core dots, so the CPU run uses float16.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deepseek_vl2.kernels import decode_attention, gemv, moe_glue, norm_rope, router as router_kernel  # noqa: E402
+from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
+from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
+from deepseek_vl2.modeling.moe import Router  # noqa: E402
+from deepseek_vl2.modeling.rms_norm import RMSNorm  # noqa: E402
+
+
+def close(got, want, tol, what):
+    got, want = got.float().cpu(), want.float().cpu()
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g}, tol {tol})"
+
+
+def check_gemv(device, dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    E, N, K = 5, 48, 80
+    x = torch.randn(2, K, generator=g).to(device, dtype)
+    w13 = (torch.randn(E, 2 * N, K, generator=g) * 0.1).to(device, dtype)
+    w2 = (torch.randn(E, K, N, generator=g) * 0.1).to(device, dtype)
+    ids = torch.tensor([3, 0, 4, 1, 1, 2], device=device)  # 3 experts for each of 2 rows
+    act = gemv.gemv(x, w13, ids, 3, True)
+    rows = x.repeat_interleave(3, dim=0)
+    gate_up = torch.einsum("ak,ank->an", rows.float(), w13[ids].float()).to(dtype)
+    want_act = F.silu(gate_up[:, :N]) * gate_up[:, N:]
+    close(act, want_act, tol, "expert gemv with silu_mul")
+    out = gemv.gemv(act, w2, ids, 1, False)
+    close(out, torch.einsum("an,akn->ak", act.float(), w2[ids].float()), tol, "expert gemv")
+    plain = gemv.gemv(x, w2[0].T.contiguous(), None, 1, False, True)
+    assert plain.dtype == torch.float32
+    close(plain, x.float() @ w2[0].float(), tol, "plain gemv with float32 output")
+
+
+def check_route(device, dtype, tol):
+    torch.manual_seed(2)
+    for scoring, method, bias in (("softmax", "greedy", False), ("sigmoid", "noaux_tc", True)):
+        config = DeepseekV2Config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
+                                  scoring_func=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                  n_group=1, topk_group=1)
+        router = Router(config).eval()
+        torch.nn.init.normal_(router.weight, std=0.3)
+        router.weight.data = router.weight.data.to(dtype).float()  # both sides see the same weights
+        if bias:
+            torch.nn.init.normal_(router.e_score_correction_bias, std=0.1)
+        x = torch.randn(6 if method == "greedy" else 70, 64).to(dtype)  # 70: logits by GEMM, not gemv
+        with torch.no_grad():
+            want_ids, want_w = router.float()(x.float(), always_on=2)
+            bias_t = router.e_score_correction_bias.to(device) if bias else None
+            ids, w = router_kernel.route(x.to(device), router.weight.to(device, dtype), bias_t, 3,
+                                         scoring == "sigmoid", True, 2.5, 2)
+        assert ids.shape == (len(x), 5) and (ids[:, 3:].cpu() == torch.tensor([16, 17])).all()
+        order, want_order = ids.cpu().argsort(dim=1), want_ids.argsort(dim=1)
+        assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order)), f"{method} experts"
+        close(w.cpu().gather(1, order), want_w.gather(1, want_order), tol, f"{method} weights")
+
+
+def check_mha_decode(device, dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    for B, H, kv_heads, L, D in ((1, 10, 10, 300, 128), (3, 4, 2, 77, 64)):
+        cache = torch.randn(B, 2, kv_heads, L + 40, D, generator=g).to(device, dtype)
+        q = torch.randn(B, H, D, generator=g).to(device, dtype)
+        mask = torch.zeros(B, L)
+        mask[0, :5] = torch.finfo(dtype).min  # a padded row
+        mask = mask.to(device, dtype)
+        keys_values = cache[:, :, :, :L]  # a strided view, as the cache is read
+        k = keys_values[:, 0].repeat_interleave(H // kv_heads, 1).float()
+        v = keys_values[:, 1].repeat_interleave(H // kv_heads, 1).float()
+        for rows in (mask, mask[:1]):  # per-row mask, and one mask row for the whole batch
+            want = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=rows.float()[:, None, None])
+            close(decode_attention.mha_decode(q, keys_values, rows, D**-0.5), want[:, :, 0], tol, f"mha_decode B={B}")
+
+
+def check_mla_decode(device, dtype, tol):
+    g = torch.Generator().manual_seed(4)
+    B, H, R, P, L = 2, 16, 64, 16, 150
+    cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
+    q_latent = torch.randn(B, H, R, generator=g).to(device, dtype)
+    q_pe = torch.randn(B, H, P, generator=g).to(device, dtype)
+    mask = torch.zeros(B, L)
+    mask[1, :7] = torch.finfo(dtype).min
+    mask = mask.to(device, dtype)
+    latent = cache[:, :L]
+    scale = (R + P) ** -0.5
+    scores = torch.einsum("bhr,bnr->bhn", torch.cat((q_latent, q_pe), -1).float(), latent.float()) * scale
+    probs = (scores + mask.float()[:, None]).softmax(-1)
+    want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
+    close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, "mla_decode")
+    one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
+    close(decode_attention.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
+          torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, "mla_decode, one mask row")
+
+
+def check_moe_glue(device, dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(37, 2 * 96, generator=g).to(device, dtype)
+    want = F.silu(gate_up[:, :96]) * gate_up[:, 96:]
+    close(moe_glue.silu_mul(gate_up), want, tol, "silu_mul")
+    N, k, h = 9, 4, 200
+    ids = torch.randint(0, 5, (N, k), generator=g)
+    order = ids.flatten().argsort(stable=True)
+    outputs = torch.randn(N * k, h, generator=g).to(device, dtype)
+    weights = torch.rand(N, k, generator=g).to(device)
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(N * k)
+    unsorted = torch.empty_like(outputs)
+    unsorted[order.to(device)] = outputs
+    close(moe_glue.combine_sorted(outputs, slots.to(device), weights), _combine(unsorted, weights), tol,
+          "combine_sorted")
+    assert moe_glue.silu_mul(gate_up[:0]).shape == (0, 96)
+
+
+def check_norm_rope(device, dtype, tol):
+    g = torch.Generator().manual_seed(6)
+    norm = RMSNorm(80, eps=1e-5)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
+    wide = torch.randn(2, 3, 96, generator=g).to(dtype)
+    rows = wide[..., :80]  # a strided view, as MLA normalises part of a projection
+    with torch.no_grad():
+        want = norm.to(dtype)(rows)  # the PyTorch formula (CPU)
+        got = norm_rope.rms_norm(rows.to(device), norm.weight.to(device), 1e-5)
+    close(got, want, tol, "rms_norm")
+    if device == "cuda":  # with recording autograd the PyTorch formulas run on CUDA too: same bits
+        with torch.enable_grad():
+            formula = norm.to(device)(rows.to(device)).detach()
+        assert torch.equal(got, formula), f"rms_norm: {(got != formula).sum()} elements differ from PyTorch's"
+    B, H, S, D = 2, 3, 5, 64
+    cos = torch.randn(B, S, D, generator=g).to(dtype)
+    sin = torch.randn(B, S, D, generator=g).to(dtype)
+    full = torch.randn(B, S, H, D + 16, generator=g).to(dtype)
+    x = full[..., 16:].transpose(1, 2)  # [B, H, S, D] with the strides of a head split
+    for interleaved in (False, True):
+        with torch.no_grad():
+            want = apply_rotary(x, cos, sin, interleaved)  # CPU: the PyTorch formula
+            got = norm_rope.rotary(x.to(device), cos.to(device), sin.to(device), interleaved)
+        close(got, want, tol, f"rotary interleaved={interleaved}")
+        if device == "cuda":
+            with torch.enable_grad():
+                formula = apply_rotary(x.to(device), cos.to(device), sin.to(device), interleaved)
+            assert torch.equal(got, formula), f"rotary: {(got != formula).sum()} elements differ from PyTorch's"
+    one_row = norm_rope.rotary(x.to(device), cos[:1].to(device), sin[:1].to(device), False)
+    close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
+
+
+CHECKS = (check_gemv, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
+
+
+def interpreted(*names: str) -> None:
+    """Run the named checks on the CPU in Triton's interpreter (needs a recent Triton: the 3.6
+    interpreter fails on loops bounded by kernel arguments)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(f"ok {name}" in done.stdout for name in names), done.stdout
+
+
+def kernel_tests(*names: str):
+    """The two tests of a kernel file: the named checks in Triton's interpreter (CPU-only hosts) and on
+    CUDA in bf16 (skipped without CUDA)."""
+    import pytest
+
+    checks = [check for check in CHECKS if check.__name__ in names]
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the compiled kernels are checked instead")
+    def in_triton_interpreter():
+        pytest.importorskip("triton")
+        interpreted(*names)
+
+    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    @pytest.mark.parametrize("check", checks, ids=lambda c: c.__name__)
+    def on_cuda(check):
+        pytest.importorskip("triton")
+        check("cuda", torch.bfloat16, 2e-2)
+
+    return in_triton_interpreter, on_cuda
+
+
+if __name__ == "__main__":
+    for check in CHECKS:
+        if check.__name__ in sys.argv[1:]:
+            check("cpu", torch.float16, 2e-3)
+            print("ok", check.__name__, flush=True)
