@@ -18,6 +18,7 @@ streamer, greedy, 128 new tokens (EOS suppressed so every run makes 128). Report
   first_token_s   from the processor call to the streamer receiving the first new token
   answer_s        from the processor call to the 128th token (CUDA synchronised)
   then_*          the same answer asked again in the same process (the steady state)
+  other_length_*  then a prompt of another length (2041 tokens): what a new shape costs
 
 Python's bytecode cache counts as installed, not as a compile cache: an installed package has its
 .pyc files, but a read-only site-packages (as on the lent GPU machines) has none, and then every
@@ -38,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 NEW_TOKENS = 128
+OTHER_LENGTH = 2041  # a prompt length the process has not seen (the same image, a shorter question)
 
 
 class FirstToken:
@@ -107,8 +109,11 @@ def child(variant: str, warm: bool) -> dict:
     else:
         first_token_s, answer_s = answer(model, processor, conversation, images)
     then_first_s, then_answer_s = answer(model, processor, conversation, images)
+    other_conversation, other_images = make_prompt(processor, OTHER_LENGTH)
+    other_first_s, other_answer_s = answer(model, processor, other_conversation, other_images)
     return dict(variant=variant, warm_up=warm, load_s=load_s, warm_up_s=warm_up_s, first_token_s=first_token_s, answer_s=answer_s,
-                then_first_token_s=then_first_s, then_answer_s=then_answer_s)
+                then_first_token_s=then_first_s, then_answer_s=then_answer_s, other_length_first_token_s=other_first_s,
+                other_length_answer_s=other_answer_s)
 
 
 def run_process(variant: str, cache_dir: Path, bytecode_dir: Path, warm: bool, profile_dir=None,
@@ -157,12 +162,13 @@ def main():
                                                          args.profile_dir, run))
                     rows.append(result)
                     print(json.dumps(result), flush=True)
-    print("| variant | process | load s | warm-up s | first token s | 128-token answer s | then: first token s "
-          "| then: answer s |")
+    print("| variant | process | load s | warm-up s | first token s | 128-token answer s | then: first token / answer s "
+          "| other length: first token / answer s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['run']} | {r['load_s']:.2f} | {r['warm_up_s']:.2f} | {r['first_token_s']:.2f} | "
-              f"{r['answer_s']:.2f} | {r['then_first_token_s']:.3f} | {r['then_answer_s']:.3f} |")
+              f"{r['answer_s']:.2f} | {r['then_first_token_s']:.3f} / {r['then_answer_s']:.3f} | "
+              f"{r['other_length_first_token_s']:.3f} / {r['other_length_answer_s']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header, results=rows), indent=2))
 

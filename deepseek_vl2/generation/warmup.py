@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import dispatch
 from ..modeling.tile_layout import image_sequence
 
 DUMMY_NEW_TOKENS = 4
@@ -83,7 +84,7 @@ def _image_prompt(model, vocab: int):
     dtype = model.vision.patch_embed.proj.weight.dtype
     images = torch.zeros(1, 2, 3, size[0], size[1], device=model.device, dtype=dtype)
     crop = torch.tensor([[[1, 1]]], device=model.device)
-    with torch.inference_mode():  # the image's vector count, by the model's own layout
+    with torch.inference_mode(), dispatch.sdpa_backends(images):  # the image's vector count, by the model's layout
         projected = model.projector(model.vision.forward_features(images[0]))
         image_tokens = len(image_sequence(projected, [(1, 1)], model.image_newline, model.view_seperator))
     before, after = 3, 14

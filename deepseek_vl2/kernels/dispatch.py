@@ -14,16 +14,20 @@ which backend applies.
                      power-of-two head_dim >= 16
     mla_attention    mla_decode: as above, power-of-two heads, rank and   absorbed latent attention;
                      rope dims >= 16; CUDA prefill: expanded + SDPA
+    sdpa_backends    every SDPA on CUDA (prefill, vision tower): flash,   (CPU: PyTorch's choice)
+                     memory-efficient or math attention, never cuDNN's
 
 "CUDA inference": Triton installed, a CUDA tensor, grad mode off (the kernels have no backward).
 Every condition is a plain Python test of device, dtype and shape, so the compiled decode regions
 trace through them without graph breaks; inside torch.compile the kernels called there are custom
 ops (custom_ops.py).
 """
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_attention, gemv, moe_glue, norm_rope, reference, router
 from .custom_ops import triton
@@ -160,13 +164,26 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # ---- attention over the cache -----------------------------------------------------------------------
 
+# PyTorch prefers cuDNN's attention on Hopper GPUs, which builds an execution plan for every new
+# shape: about 50 ms on an H200 (torch 2.11) the first time a prompt length or an image's tile count
+# is seen, several times the whole prefill. Flash and memory-efficient attention need no plan and
+# cost ~0.06 ms more per layer at 2k tokens (benchmarks/RESULTS.md, 2026-11-29).
+PLAN_FREE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(x: torch.Tensor):
+    """The context every SDPA call on x's device runs in (the vision tower's too)."""
+    return sdpa_kernel(PLAN_FREE_SDPA) if x.is_cuda else contextlib.nullcontext()
+
+
 def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """q [B, H, S, D] over keys_values [B, 2, kv_heads, kv_len, D], additive mask [B, 1, S, kv_len]
     (None: plain causal) -> [B, S, H * D]."""
     B, H, S, D = q.shape
     if mask is not None and S == 1 and _half_on_cuda(q) and _pow2(D, least=16):
         return decode_attention.mha_decode(q[:, :, 0], keys_values, mask[:, 0, 0], D**-0.5).view(B, 1, -1)
-    return reference.mha_attention(q, keys_values, mask)
+    with sdpa_backends(q):
+        return reference.mha_attention(q, keys_values, mask)
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: Optional[torch.Tensor],
@@ -180,7 +197,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     kv_b_proj is applied after the softmax."""
     B, H, S, nope = q_nope.shape
     if q_nope.is_cuda and S > 1:
-        return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
+        with sdpa_backends(q_nope):
+            return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
     w_uk, w_uv = reference.kv_b_halves(kv_b_weight, H, nope)
     q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
     rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]

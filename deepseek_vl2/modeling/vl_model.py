@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..generation.generate import GenerationMixin
+from ..kernels import dispatch
 from ..weights import loading
 from ..weights.checkpoint import save_weights
 from .decoder import DeepseekV2ForCausalLM
@@ -122,7 +123,9 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
             raise ValueError(f"image tiles have shape {tuple(tiles.shape[1:])}; expected "
                              f"(3, {self.vision.patch_embed.img_size[0]}, {self.vision.patch_embed.img_size[1]})")
         vision_weight = self.vision.patch_embed.proj.weight
-        features = self.vision.forward_features(tiles.to(device=vision_weight.device, dtype=vision_weight.dtype))
+        tiles = tiles.to(device=vision_weight.device, dtype=vision_weight.dtype)
+        with dispatch.sdpa_backends(tiles):
+            features = self.vision.forward_features(tiles)
         projector_device = module_device(self.projector)
         if projector_device is not None:  # a device_map may put the projector elsewhere
             features = hop(features, projector_device)
