@@ -14,7 +14,6 @@ import html
 import queue
 import threading
 
-
 try:
     import gradio as gr
 except ImportError:

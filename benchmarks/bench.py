@@ -31,11 +31,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
 from deepseek_vl2.generation.cuda_graphs import release_decoders  # noqa: E402
 from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
-from deepseek_vl2.weights.random_init import init_random_weights  # noqa: E402
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
 from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
+from deepseek_vl2.weights.random_init import init_random_weights  # noqa: E402
 
 CONFIGS = REPO / "tests" / "fixtures" / "real_shapes"
 QUESTION = "Describe everything you can see in this picture: the objects, their colours and the whole scene."

@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from bench import CONFIGS, make_prompt  # noqa: E402
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
+from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
 from deepseek_vl2.weights.placement import describe_placement  # noqa: E402
 from deepseek_vl2.weights.random_init import init_random_weights  # noqa: E402
-from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
 
 GiB = 2**30
 STARTED = time.perf_counter()

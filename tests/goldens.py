@@ -24,7 +24,7 @@ def expected_ids(checkpoint: str) -> dict:
     return SPEC["checkpoints"][checkpoint]["expected_ids"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tensors(case_name: str) -> dict:
     return load_file(str(FIXTURES / CASES[case_name]["expected_file"]))
 
@@ -66,11 +66,12 @@ def assert_tokens_match(candidate, gold, margins, scale):
     return len(gold)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fixture_model(checkpoint: str, dtype: torch.dtype = torch.float32):
     """A fixture checkpoint loaded through the public Auto API (cached; eval mode)."""
-    import deepseek_vl2  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import deepseek_vl2  # noqa: F401  (registers the Auto classes)
 
     return AutoModelForCausalLM.from_pretrained(str(CHECKPOINTS[checkpoint]), trust_remote_code=True, dtype=dtype)
 

@@ -69,7 +69,7 @@ def start_process(args, health_path: str, log_path: Path):
         wait_until_up(base + health_path, process)
     except Exception:
         stop_process(process)
-        raise RuntimeError(f"{args} did not start; its log:\n{log_path.read_text()}")
+        raise RuntimeError(f"{args} did not start; its log:\n{log_path.read_text()}") from None
     return process, base
 
 

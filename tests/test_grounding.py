@@ -1,7 +1,6 @@
 """deepseek_vl2.grounding: parsing ref/det spans (well-formed and malformed), pixels, drawing."""
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from deepseek_vl2.grounding import (

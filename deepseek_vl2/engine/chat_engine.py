@@ -84,8 +84,9 @@ class ChatEngine:
                                      "use fewer or smaller images or a shorter conversation")
         return sample
 
-    def chat(self, conversation: list, images: List[Image.Image], params: GenerationParams = GenerationParams(),
+    def chat(self, conversation: list, images: List[Image.Image], params: Optional[GenerationParams] = None,
              on_text: Optional[Callable[[str], None]] = None) -> ChatResult:
+        params = params if params is not None else GenerationParams()
         return self.chat_batch([BatchRow(self.prepare_one(conversation, images), params, on_text)])[0]
 
     def chat_batch(self, rows: Sequence["BatchRow"]) -> List[ChatResult]:

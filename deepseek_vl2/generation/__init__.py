@@ -1,1 +1,1 @@
-"""Generation: the HF-compatible generate / incremental_prefilling, decode loops, sampling, the CUDA-graph runner and the load-time warm-up."""
+"""Generation: HF-compatible generate, decode loops, sampling, the CUDA-graph runner, the load-time warm-up."""

@@ -14,7 +14,6 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-
 if triton is not None:
 
     @triton.jit

@@ -22,7 +22,6 @@ import torch
 from ..modeling.devices import on_tensor_device
 from .custom_ops import tl, triton
 
-
 if triton is not None:
 
     @triton.jit

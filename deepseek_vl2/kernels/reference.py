@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
 # ---- RMSNorm and RoPE (spec language_model.md §2-§3) -----------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

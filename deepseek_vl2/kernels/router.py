@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, tl, triton
 from . import gemv
+from .custom_ops import kernel_op, tl, triton
 
 MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
 
@@ -37,7 +37,7 @@ if triton is not None:
         if NORMALIZE:
             remaining = choice
             total = 0.0
-            for i in tl.static_range(TOP_K):
+            for _ in tl.static_range(TOP_K):
                 best = tl.argmax(remaining, axis=0)
                 total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
                 remaining = tl.where(offs_e == best, float("-inf"), remaining)

@@ -28,7 +28,7 @@ from .devices import current, find_split, hop
 from .input_checks import check_input_ids, check_inputs_embeds, check_legacy_cache
 from .kv_cache import KVCache, LayerCache
 from .language_config import DeepseekV2Config
-from .moe import MoE, GatedMLP
+from .moe import GatedMLP, MoE
 from .outputs import CausalLMOutput
 from .rms_norm import RMSNorm
 from .rope import rope_for

@@ -7,8 +7,8 @@ the MAP attention-pool head is built (its weights are in every checkpoint) but n
 """
 from functools import partial
 
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from .vl_config import VisionEncoderConfig
 

@@ -1,4 +1,4 @@
-"""Public model API (the official import paths): `from deepseek_vl2.models import DeepseekVLV2Processor, DeepseekVLV2ForCausalLM`."""
+"""The official import paths: `from deepseek_vl2.models import DeepseekVLV2Processor, DeepseekVLV2ForCausalLM`."""
 from ..modeling.decoder import DeepseekV2ForCausalLM, DeepseekV2Model
 from ..modeling.kv_cache import KVCache
 from ..modeling.language_config import DeepseekV2Config

@@ -124,7 +124,7 @@ class Conversation:
                 result.append({"role": "assistant", "content": message})
         return result
 
-    def copy(self) -> "Conversation":
+    def copy(self) -> Conversation:
         """An independent copy: fresh [role, message] lists and fresh stop lists."""
         return dataclasses.replace(
             self,

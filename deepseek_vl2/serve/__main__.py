@@ -49,7 +49,7 @@ def main(argv=None) -> None:
             max_images=args.max_images, max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
     engine = ChatEngine.from_args(args.model_path, args)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)

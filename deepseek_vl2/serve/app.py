@@ -133,7 +133,7 @@ async def next_event(job: Job, deadline: float):
     """The job's next ("text", piece) or ("done", result); its error as an APIError."""
     try:
         kind, value = await asyncio.wait_for(job.events.get(), deadline - asyncio.get_running_loop().time())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise APIError(504, "the answer took longer than the server's request timeout", code="timeout") from None
     if kind == "error":
         raise APIError(500, f"generation failed: {type(value).__name__}: {value}", code="generation_failed")

@@ -3,10 +3,9 @@ paths without leaving anything a caller sees (the global RNG, later answers)."""
 import pytest
 import torch
 
-from goldens import checkpoint_dir, fixture_model, golden_inputs
-
 from deepseek_vl2.generation import cuda_graphs, warmup
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+from goldens import checkpoint_dir, fixture_model, golden_inputs
 
 
 def test_dummy_answers_leave_the_global_rng_alone():

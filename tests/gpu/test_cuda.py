@@ -126,8 +126,8 @@ def real_small():
 def test_real_small_shapes_on_a_1024_image(real_small, tmp_path):
     from PIL import Image
 
-    from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
     from deepseek_vl2.models import DeepseekVLV2Processor
+    from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
 
     processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(tmp_path / "ckpt")))
     image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")

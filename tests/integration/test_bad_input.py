@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.models import DeepseekVLV2Processor
 from deepseek_vl2.generation.sampling import SamplingSettings, choose_next, process_logits, unusable_rows
+from deepseek_vl2.models import DeepseekVLV2Processor
 from deepseek_vl2.utils.io import load_pil_images
 from goldens import CHECKPOINTS, fixture_model
 

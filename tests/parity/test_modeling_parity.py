@@ -4,8 +4,20 @@ per-step logits), incremental prefilling + generate, and the left-padded batch."
 import pytest
 import torch
 
-from goldens import (CASES, MAX_NEW, SINGLE_CASES, TOL, assert_tokens_match, expected_ids, fixture_model,
-                     golden_inputs, golden_tiles, margin_threshold, rel_err, tensors)
+from goldens import (
+    CASES,
+    MAX_NEW,
+    SINGLE_CASES,
+    TOL,
+    assert_tokens_match,
+    expected_ids,
+    fixture_model,
+    golden_inputs,
+    golden_tiles,
+    margin_threshold,
+    rel_err,
+    tensors,
+)
 
 
 def greedy_kwargs(checkpoint):

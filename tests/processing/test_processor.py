@@ -34,7 +34,7 @@ def checkpoint_dir(checkpoint):
     return FIXTURES / SPEC["checkpoints"][checkpoint]["dir"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_processor(checkpoint):
     return DeepseekVLV2Processor.from_pretrained(str(checkpoint_dir(checkpoint)))
 
@@ -73,7 +73,7 @@ def max_abs_err(a, b):
     return (a - b).abs().max().item()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_case_outputs(name):
     """(batched output, unbatched output, golden tensors, golden pixels) of a single case."""
     case = CASES[name]

@@ -12,7 +12,7 @@ from goldens import CHECKPOINTS, SPEC
 TOKENIZER_CASE = next(c for c in SPEC["cases"] if c["kind"] == "tokenizer")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_processor(checkpoint):
     return DeepseekVLV2Processor.from_pretrained(str(CHECKPOINTS[checkpoint]))
 

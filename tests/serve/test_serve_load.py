@@ -100,7 +100,7 @@ async def load(base: str) -> list:
             async with semaphore:
                 try:
                     return await asyncio.wait_for(run_one(client, kind, rng), REQUEST_TIMEOUT_S)
-                except (asyncio.TimeoutError, httpx.TimeoutException):
+                except (TimeoutError, httpx.TimeoutException):
                     return kind, "hung", None
 
         return await asyncio.gather(*(bounded(kind) for kind in plan(rng)))

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 import deepseek_vl2  # noqa: F401
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
@@ -13,7 +14,6 @@ from deepseek_vl2.weights.hub import CheckpointError
 from deepseek_vl2.weights.layout import official_shapes
 from deepseek_vl2.weights.random_init import init_random_weights
 from goldens import CHECKPOINTS, FIXTURES
-from transformers import AutoModelForCausalLM
 
 
 @pytest.mark.parametrize("variant,count,params", [("tiny", 2582, 3_370_501_440), ("small", 5639, 16_258_449_984),

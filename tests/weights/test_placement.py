@@ -4,9 +4,9 @@ count), its errors, CPU placement end to end, and the split code path run on one
 import pytest
 import torch
 
-from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.modeling.devices import Split
 from deepseek_vl2.modeling.kv_cache import KVCache
+from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.weights.placement import describe_placement, placement_units, resolve_device_map
 from goldens import CASES, CHECKPOINTS, FIXTURES, golden_inputs, tensors
 
