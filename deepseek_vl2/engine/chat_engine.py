@@ -77,12 +77,8 @@ class ChatEngine:
     def prepare_one(self, conversation: list, images: List[Image.Image]):
         """One processed (unbatched) sample for `chat_batch`; ValueError when the prompt does not fit
         the context or the conversation is malformed."""
-        sample = self.processor.process_one(conversations=conversation, images=images, system_prompt="")
-        limit = self.model.config.language_config.max_position_embeddings
-        if len(sample) >= limit:
-            raise PromptTooLongError(f"the prompt is {len(sample)} tokens, beyond the model's context of {limit}; "
-                                     "use fewer or smaller images or a shorter conversation")
-        return sample
+        return prepare_sample(self.processor, conversation, images,
+                              self.model.config.language_config.max_position_embeddings)
 
     def chat(self, conversation: list, images: List[Image.Image], params: Optional[GenerationParams] = None,
              on_text: Optional[Callable[[str], None]] = None) -> ChatResult:
@@ -101,7 +97,8 @@ class ChatEngine:
             raise ValueError("chat_batch needs at least one row")
         params = rows[0].params
         if any(sampling_key(row.params) != sampling_key(params) for row in rows):
-            raise ValueError("the rows of a batch must share temperature, top_p and repetition_penalty")
+            raise ValueError("the rows of a batch must share temperature, top_p, repetition_penalty, top_k and "
+                             "min_new_tokens")
         if len(rows) > 1 and any(row.params.seed is not None for row in rows):
             raise ValueError("a row with a seed must be alone in its batch")
         started = time.perf_counter()
@@ -130,6 +127,7 @@ class ChatEngine:
             past_key_values=past, max_new_tokens=max_new, do_sample=sampling,
             temperature=params.temperature if sampling else 1.0, top_p=params.top_p if sampling else 1.0,
             repetition_penalty=params.repetition_penalty if sampling else 1.0,
+            top_k=params.top_k, min_new_tokens=params.min_new_tokens,
             pad_token_id=self.processor.eos_id, bos_token_id=self.processor.bos_id,
             eos_token_id=self.processor.eos_id, streamer=BatchStream(streams, rows_end), stopping_criteria=[rows_end],
             generator=generator, use_cache=True, **image_inputs)
@@ -144,6 +142,16 @@ class ChatEngine:
                                       finish_reason="stop" if finished else "length",
                                       boxes=parse_grounding(stream.text), timings=timings))
         return results
+
+
+def prepare_sample(processor: DeepseekVLV2Processor, conversation: list, images: List[Image.Image], limit: int):
+    """One processed sample of `conversation`; PromptTooLongError when it leaves no room for an answer
+    within `limit` tokens."""
+    sample = processor.process_one(conversations=conversation, images=images, system_prompt="")
+    if len(sample) >= limit:
+        raise PromptTooLongError(f"the prompt is {len(sample)} tokens, beyond the model's context of {limit}; "
+                                 "use fewer or smaller images or a shorter conversation")
+    return sample
 
 
 @dataclass

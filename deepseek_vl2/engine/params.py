@@ -13,6 +13,8 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: Optional[int] = None
     stop: Sequence[str] = ()
+    top_k: int = 50  # when sampling (generate's default); 0 turns it off
+    min_new_tokens: int = 0  # EOS is suppressed before this many new tokens
 
     def __post_init__(self):
         """Refuse settings generate would refuse later (or misread: a NaN temperature is not greedy,
@@ -24,6 +26,10 @@ class GenerationParams:
         count = self.max_new_tokens
         if isinstance(count, bool) or not isinstance(count, Integral) or count < 1:
             raise ValueError(f"GenerationParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name in ("top_k", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise ValueError(f"GenerationParams.{name} must be an int >= 0, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
             raise ValueError(f"GenerationParams.seed must be an int or None, got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
@@ -33,8 +39,8 @@ class GenerationParams:
 def sampling_key(params: GenerationParams) -> tuple:
     """What must be equal for two requests to share a batch (greedy ignores top_p and the penalty)."""
     if params.temperature <= 0:
-        return ("greedy",)
-    return (params.temperature, params.top_p, params.repetition_penalty)
+        return ("greedy", params.min_new_tokens)
+    return (params.temperature, params.top_p, params.repetition_penalty, params.top_k, params.min_new_tokens)
 
 
 def add_engine_arguments(parser) -> None:

@@ -67,6 +67,16 @@ def build_attention_inputs(
     return AttentionInputs(cache_positions, kv_len, mask.unsqueeze(1))
 
 
+def row_attention_inputs(visible: torch.Tensor, slots: torch.Tensor, kv_len: int, dtype: torch.dtype) -> AttentionInputs:
+    """A one-token decode step whose rows write to slots of their own (`slots` [B, 1], a device
+    tensor): key j is visible to row b when j <= slots[b] and `visible[b, j]` is set ([B, >= kv_len]).
+    Fixed shapes, no host read."""
+    keys = torch.arange(kv_len, device=slots.device)
+    seen = visible[:, :kv_len].to(torch.bool) & (keys[None, :] <= slots)  # [B, kv_len]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=slots.device).masked_fill_(~seen, torch.finfo(dtype).min)
+    return AttentionInputs(slots, kv_len, mask[:, None, None, :])
+
+
 class MultiHeadAttention(nn.Module):
     """Llama-style attention with rotate-half RoPE over the whole head (the tiny release).
     Entries per token: keys (after RoPE) and values stacked, [B, 2, kv_heads, S, head_dim]."""

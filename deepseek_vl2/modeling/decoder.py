@@ -23,7 +23,7 @@ from torch import nn
 from ..generation.cuda_graphs import release_decoders
 from ..generation.generate import GenerationMixin
 from ..kernels import dispatch
-from .attention import AttentionInputs, build_attention_inputs, make_attention
+from .attention import AttentionInputs, build_attention_inputs, make_attention, row_attention_inputs
 from .devices import current, find_split, hop
 from .input_checks import check_input_ids, check_inputs_embeds, check_legacy_cache
 from .kv_cache import KVCache, LayerCache
@@ -250,15 +250,19 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
     def decode_step(self, tokens, positions, slot, visible, kv_len: int, cache: KVCache,
                     pieces: Optional[DecodePieces] = None) -> torch.Tensor:
         """Logits [B, vocab] (float32) of one token per row: `tokens` [B] at rope `positions` [B], written
-        to cache slot `slot` ([1], a device tensor), attending to the first `kv_len` slots where
-        `visible` [B, >= kv_len] is set. All shapes are fixed for a given kv_len and nothing is read
-        back to the host, so a runner can capture this in a CUDA graph; `pieces` (default
-        `decode_pieces`) are what it may hand in compiled."""
+        to cache slot `slot` ([1], a device tensor, the same for every row; or [B, 1], each row its own
+        slot, as the continuous-batching engine's rows of different lengths), attending to the first
+        `kv_len` slots up to its slot where `visible` [B, >= kv_len] is set. All shapes are fixed for
+        a given kv_len and nothing is read back to the host, so a runner can capture this in a CUDA
+        graph; `pieces` (default `decode_pieces`) are what it may hand in compiled."""
         pre_attention, post_attention, last_logits = pieces or self.decode_pieces
         model = self.model
         x = model.embed_tokens(tokens[:, None])
         cos, sin = model.rope.lookup(positions[:, None], x.dtype)
-        attn = build_attention_inputs(visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=slot)
+        if slot.dim() == 2:
+            attn = row_attention_inputs(visible, slot, kv_len, x.dtype)
+        else:
+            attn = build_attention_inputs(visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=slot)
         for i, layer in enumerate(model.layers):
             kv = cache.layer(i)
             query = pre_attention(layer, x, cos, sin, kv, slot)

@@ -34,8 +34,21 @@ class LayerCache:
         self.storage, self.seq_dim = storage, seq_dim
 
     def write(self, positions: torch.Tensor, new: torch.Tensor) -> None:
-        """Store `new` (entries of S tokens) at cache slots `positions` [S]."""
+        """Store `new` (entries of S tokens) at cache slots `positions`: [S], the same slots for every
+        row, or [B, S], each row its own slots (continuous batching: rows of different lengths)."""
+        if positions.dim() == 2:
+            self.write_rows(positions, new)
+            return
         self.storage[(slice(None),) * self.seq_dim + (positions,)] = new.to(self.storage.dtype)
+
+    def write_rows(self, positions: torch.Tensor, new: torch.Tensor) -> None:
+        """Store `new` (S tokens' entries per row) at slots `positions` [B, S] of each row: a scatter
+        along the sequence dim, fixed shapes and no host read (CUDA-graph safe)."""
+        B, S = positions.shape
+        shape = [B] + [1] * (new.dim() - 1)
+        shape[self.seq_dim] = S
+        index = positions.reshape(shape).expand(new.shape)
+        self.storage.scatter_(self.seq_dim, index, new.to(self.storage.dtype))
 
     def read(self, length: int) -> torch.Tensor:
         """The entries of the first `length` slots (a view)."""
@@ -100,6 +113,18 @@ class KVCache:
             fresh.narrow(self.seq_dim, 0, self.length).copy_(old.narrow(self.seq_dim, 0, self.length))
             grown.append(fresh)
         self.storage = grown
+
+    def rows(self, start: int, count: int) -> "KVCache":
+        """A cache over rows [start, start + count) that shares this one's storage (writes go through),
+        with its own length (0). It must stay within the capacity: `reserve` beyond it would give the
+        view storage of its own. The continuous-batching engine prefills a request into its row and
+        decodes the rows in use through such views."""
+        view = object.__new__(KVCache)
+        view.config, view.layer_devices, view.device, view.dtype = (self.config, self.layer_devices, self.device,
+                                                                    self.dtype)
+        view.batch_size, view.length = count, 0
+        view.storage = [t.narrow(0, start, count) for t in self.storage]
+        return view
 
     def copy_from(self, other: "KVCache") -> "KVCache":
         """Take over `other`'s tokens (same model and batch size; capacity permitting)."""

@@ -1,0 +1,330 @@
+"""The continuous-batching engine: requests join the running batch after their prefill and leave it
+when they end, step by step, instead of waiting for a whole static batch to finish.
+
+    engine = ContinuousEngine(model, processor, max_num_seqs=8)
+    engine.start()                                   # the loop thread (or drive `engine.step()`)
+    handle = engine.submit(engine.prepare_one(conversation, images), GenerationParams(...))
+    handle.result()                                  # or events: on_event(kind, value), handle.events
+    handle.cancel()
+
+One iteration (`step`): admit waiting requests while KV slots are free (prompt embeddings, images
+merged, through `model.prepare_inputs_embeds`); prefill up to `prefill_chunk` prompt tokens, chunk
+by chunk, each a batch-1 forward writing straight into the request's slot row (slots.py); a request
+whose prompt is in picks its first token and joins the running rows; then one decode step for all
+running rows: the model's `decode_step` with per-row write slots, rope positions and masks,
+attending over a 256-multiple bucket covering the longest row. Each row then picks its token with
+its own settings (row_sampling.py). The model exposes the steps; this module runs them.
+
+A request ends at EOS, at a stop string, after its max_new_tokens (capped by what its prompt leaves
+of the slot capacity), or when cancelled; its slot is freed at once. An error in one request's
+prefill or sampling fails that request; an error in a decode step fails the rows of that step.
+"""
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, List, Optional
+
+import torch
+
+from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
+from .params import GenerationParams
+from .requests import ActiveRequest, Handle
+from .row_sampling import RowSampler
+from .slots import SlotCache, device_tensor, kv_bucket
+from .streaming import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStats:
+    """Counters, written by the engine's thread."""
+
+    def __init__(self):
+        self.decode_steps = 0
+        self.max_running = 0
+        self.finished = 0  # requests ended with a result (cancelled ones included)
+        self.failed = 0
+        self.generated_tokens = 0
+
+
+class ContinuousEngine:
+    def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
+                 prefill_chunk: int = 512):
+        """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
+        `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
+        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps."""
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer if processor is not None else None
+        self.lm = getattr(model, "language", model)
+        self.device = self.lm.device
+        capacity = max_length or self.lm.config.max_position_embeddings
+        self.slots = SlotCache(self.lm, max_num_seqs, capacity)
+        self.prefill_chunk = prefill_chunk
+        self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
+        self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
+        self.vocab_size = self.lm.get_input_embeddings().num_embeddings
+        self.stats = EngineStats()
+        self._waiting: deque = deque()
+        self._prefilling: List[ActiveRequest] = []
+        self._running: List[ActiveRequest] = []
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- the caller's side (any thread) ---------------------------------------------------------
+
+    def prepare_one(self, conversation: list, images: list):
+        """One processed sample for `submit` (PromptTooLongError when it does not fit a slot)."""
+        return prepare_sample(self.processor, conversation, images, self.slots.capacity)
+
+    def submit(self, sample, params: GenerationParams,
+               on_event: Optional[Callable[[str, object], None]] = None) -> Handle:
+        """Queue a request: `sample` from `prepare_one` (or a 1-D tensor of token ids for a bare
+        decoder). Its events go to `on_event(kind, value)`, called on the engine's thread, or to
+        `handle.events`."""
+        handle = Handle(sample, params, on_event)
+        with self._condition:
+            if self._closing:
+                raise RuntimeError("the engine is shutting down")
+            self._waiting.append(handle)
+            self._condition.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        handle.cancel()
+        with self._condition:
+            self._condition.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def start(self) -> None:
+        """Run `step` on a background thread until `close`."""
+        self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop; waiting and unfinished requests get an error event."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if not self.alive:
+            self._fail_all(RuntimeError("the engine is shutting down"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closing and not self.has_work():
+                    self._condition.wait()
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # keep serving: the requests in flight fail, later ones go on
+                logger.exception("engine step failed")
+                self._fail_all(error, waiting=False)
+
+    # ---- one iteration (the engine's thread) ----------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row."""
+        self._drop_cancelled()
+        self._admit()
+        budget = self.prefill_chunk
+        for request in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill(request, budget)
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._condition:
+            cancelled = [h for h in self._waiting if h.cancelled]
+            for handle in cancelled:
+                self._waiting.remove(handle)
+        for handle in cancelled:
+            self.stats.finished += 1
+            handle.emit("done", _never_started(handle))
+        for request in [r for r in self._prefilling + self._running if r.handle.cancelled]:
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        while self.slots.free_count:
+            with self._condition:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            slot = self.slots.allocate()
+            try:
+                request = self._start(handle, slot)
+            except Exception as error:
+                self.slots.free(slot)
+                self._fail(handle, error)
+                continue
+            self._prefilling.append(request)
+
+    def _start(self, handle: Handle, slot: int) -> ActiveRequest:
+        """The request's prompt embeddings (images merged), sampler and text stream, in `slot`."""
+        sample = handle.sample
+        if isinstance(sample, torch.Tensor):  # token ids for a bare decoder
+            input_ids = sample.reshape(1, -1).to(self.device)
+            embeds = self.lm.get_input_embeddings()(input_ids)
+        else:
+            batch = self.processor.batchify([sample]).to(self.device, dtype=self.lm.dtype)
+            input_ids = batch.input_ids
+            embeds = self.model.prepare_inputs_embeds(input_ids, batch.images, batch.images_seq_mask,
+                                                      batch.images_spatial_crop)
+        T = input_ids.shape[1]
+        capacity = self.slots.capacity
+        if T >= capacity:
+            raise PromptTooLongError(f"the prompt is {T} tokens; a slot holds {capacity} (prompt and answer)")
+        max_new = min(handle.params.max_new_tokens, capacity - T)
+        sampler = RowSampler(handle.params, input_ids[0], max_new, self.eos_id, self.vocab_size, self.device)
+        stream = TextStream(self.tokenizer, self.hidden_ids, handle.params.stop,
+                            lambda piece: handle.emit("text", piece)) if self.tokenizer is not None else _NoText()
+        stream.put(input_ids[0])  # the first put is the prompt
+        return ActiveRequest(handle, slot, input_ids[0], embeds, self.slots.row(slot), sampler, stream)
+
+    def _prefill(self, request: ActiveRequest, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens of `request` into its slot; returns how many.
+        With the whole prompt in, the request picks its first token and joins the running rows."""
+        start = request.prefilled
+        end = min(request.prompt_len, start + budget)
+        try:
+            logits = self.lm(inputs_embeds=request.embeds[:, start:end], past_key_values=request.cache,
+                             use_cache=True, logits_to_keep=1).logits[:, -1]
+            request.prefilled = request.length = end
+            if end < request.prompt_len:
+                return end - start
+            request.embeds = None
+            self._prefilling.remove(request)
+            token, unusable = request.sampler.choose(logits)
+            if bool(unusable):
+                raise _unusable(request)
+            reason = request.take(int(token), self.eos_id)
+        except Exception as error:
+            self._remove(request)
+            self._fail(request.handle, error)
+            return end - start
+        if reason is not None:
+            self._finish(request, reason)
+        else:
+            self._running.append(request)
+        return end - start
+
+    def _decode(self) -> None:
+        """One token for every running row, over the rows up to the highest one in use."""
+        running = self._running
+        rows = max(r.slot for r in running) + 1
+        tokens, slots, active = [0] * rows, [0] * rows, [False] * rows
+        for request in self._prefilling:  # a row still prefilling: the dummy write lands where its
+            if request.slot < rows:       # next chunk will write
+                slots[request.slot] = request.prefilled
+        for request in running:
+            tokens[request.slot], slots[request.slot], active[request.slot] = (
+                request.next_token, request.length, True)
+        kv_len = kv_bucket(max(r.length for r in running) + 1, self.slots.capacity)
+        positions = device_tensor(slots, self.device)  # one unpadded prompt per row: position == slot
+        visible = device_tensor(active, self.device, torch.bool)[:, None].expand(rows, kv_len)
+        try:
+            logits = self.lm.decode_step(device_tensor(tokens, self.device), positions, positions[:, None],
+                                         visible, kv_len, self.slots.prefix(rows))
+        except Exception as error:
+            for request in list(running):
+                self._remove(request)
+                self._fail(request.handle, error)
+            return
+        self.stats.decode_steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(running))
+        chosen, flags = [], []
+        for request in running:
+            request.length += 1
+            token, unusable = request.sampler.choose(logits[request.slot:request.slot + 1])
+            chosen.append(token)
+            flags.append(unusable)
+        tokens_now = torch.cat(chosen).tolist()
+        unusable_now = torch.cat(flags).tolist()
+        for request, token, bad in zip(list(running), tokens_now, unusable_now):
+            if bad:
+                self._remove(request)
+                self._fail(request.handle, _unusable(request))
+                continue
+            reason = request.take(token, self.eos_id)
+            if reason is not None:
+                self._finish(request, reason)
+
+    # ---- endings ----------------------------------------------------------------------------------
+
+    def _remove(self, request: ActiveRequest) -> None:
+        for group in (self._prefilling, self._running):
+            if request in group:
+                group.remove(request)
+        self.slots.free(request.slot)
+
+    def _finish(self, request: ActiveRequest, reason: str) -> None:
+        self._remove(request)
+        self.stats.finished += 1
+        self.stats.generated_tokens += len(request.token_ids)
+        request.handle.emit("done", request.result(reason))
+
+    def _fail(self, handle: Handle, error: Exception) -> None:
+        self.stats.failed += 1
+        handle.emit("error", error)
+
+    def _fail_all(self, error: Exception, waiting: bool = True) -> None:
+        for request in self._prefilling + self._running:
+            self._remove(request)
+            self._fail(request.handle, error)
+        if waiting:
+            with self._condition:
+                handles = list(self._waiting)
+                self._waiting.clear()
+            for handle in handles:
+                self._fail(handle, error)
+
+
+class _NoText:
+    """The text stream of an engine without a tokenizer: no text, no stop strings."""
+
+    text, stopped, first_token_time, end_time = "", False, None, None
+
+    def __init__(self):
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen and self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        self.end_time = time.perf_counter()
+
+
+def _never_started(handle: Handle) -> ChatResult:
+    return ChatResult(text="", token_ids=[], prompt_tokens=len(handle.sample), finish_reason="cancelled")
+
+
+def _unusable(request: ActiveRequest) -> ValueError:
+    return ValueError(f"generation step {len(request.token_ids)}: the scores hold NaN or inf, or mask every token, "
+                      "so no next token can be chosen (NaN in the inputs or images? float16 overflow?)")
