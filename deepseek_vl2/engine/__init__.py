@@ -1,10 +1,13 @@
-"""Engine: chat messages and images in, streamed answers out (ChatEngine, settings, streaming, the `<image>` rule, loading)."""
+"""Engine: chat messages and images in, streamed answers out (ChatEngine, the continuous-batching ContinuousEngine,
+settings, streaming, the `<image>` rule, loading)."""
 from .chat_engine import BatchRow, ChatEngine, ChatResult, PromptTooLongError, Timings
+from .continuous import ContinuousEngine
 from .loading import load_model_and_processor
 from .messages import IMAGE_TAG, ImageTagError, chat_conversation, tagged_text
 from .params import GenerationParams, add_engine_arguments, sampling_key
 from .streaming import BatchStream, RowsEnd, TextStream
 
-__all__ = ["BatchRow", "ChatEngine", "ChatResult", "PromptTooLongError", "Timings", "load_model_and_processor",
+__all__ = ["BatchRow", "ChatEngine", "ChatResult", "PromptTooLongError", "Timings", "ContinuousEngine",
+           "load_model_and_processor",
            "IMAGE_TAG", "ImageTagError", "chat_conversation", "tagged_text", "GenerationParams", "add_engine_arguments",
            "sampling_key", "BatchStream", "RowsEnd", "TextStream"]

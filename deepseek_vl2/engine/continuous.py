@@ -60,6 +60,9 @@ class ContinuousEngine:
         self.processor = processor
         self.tokenizer = processor.tokenizer if processor is not None else None
         self.lm = getattr(model, "language", model)
+        if self.lm.is_split:
+            raise NotImplementedError("the continuous engine runs a decoder on one device; this one is spread over "
+                                      "several (load it on one device, or answer with ChatEngine)")
         self.device = self.lm.device
         capacity = max_length or self.lm.config.max_position_embeddings
         self.slots = SlotCache(self.lm, max_num_seqs, capacity)
@@ -177,15 +180,16 @@ class ContinuousEngine:
                 handle = self._waiting.popleft()
             slot = self.slots.allocate()
             try:
-                request = self._start(handle, slot)
+                request = self.admit_request(handle, slot)
             except Exception as error:
                 self.slots.free(slot)
                 self._fail(handle, error)
                 continue
             self._prefilling.append(request)
 
-    def _start(self, handle: Handle, slot: int) -> ActiveRequest:
-        """The request's prompt embeddings (images merged), sampler and text stream, in `slot`."""
+    def admit_request(self, handle: Handle, slot: int) -> ActiveRequest:
+        """The request's prompt embeddings (images merged), sampler and text stream, in `slot`. An
+        exception here fails this request alone (a subclass may refuse requests by raising)."""
         sample = handle.sample
         if isinstance(sample, torch.Tensor):  # token ids for a bare decoder
             input_ids = sample.reshape(1, -1).to(self.device)

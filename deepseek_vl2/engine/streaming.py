@@ -11,7 +11,8 @@ import torch
 
 class TextStream:
     """The transformers streamer protocol (`put` / `end`) for one sequence: keeps the generated ids,
-    decodes them incrementally, hands each new piece of text to `on_text`, cuts at stop strings."""
+    decodes them incrementally, hands each new piece of text to `on_text`, cuts at stop strings. Text
+    that could be the start of a stop string is held back until it is known not to be one (or `end`)."""
 
     def __init__(self, tokenizer, hidden_ids: Sequence[int], stop: Sequence[str] = (),
                  on_text: Optional[Callable[[str], None]] = None):
@@ -25,6 +26,7 @@ class TextStream:
         self.first_token_time = None
         self.end_time = None
         self._prompt_seen = False
+        self._shown = 0  # characters of `text` handed to on_text
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the first put is the prompt
@@ -42,11 +44,21 @@ class TextStream:
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.stopped = text[:cut], True
-        if len(text) > len(self.text) and self.on_text is not None:
-            self.on_text(text[len(self.text):])
         self.text = text
+        self._show(len(text) if self.stopped else len(text) - self._stop_prefix(text))
+
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest end of `text` that begins a stop string."""
+        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+
+    def _show(self, upto: int) -> None:
+        if upto > self._shown and self.on_text is not None:
+            self.on_text(self.text[self._shown:upto])
+        self._shown = max(self._shown, upto)
 
     def end(self) -> None:
+        self._show(len(self.text))  # text held back for a stop string that never came
         self.end_time = time.perf_counter()
 
 

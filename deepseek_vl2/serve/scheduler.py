@@ -1,25 +1,25 @@
-"""The batch scheduler: one thread owns the model and answers waiting requests in batches.
+"""The scheduler: the server's requests go to one continuous-batching engine, which owns the model.
 
-Requests (`Job`s) wait in a queue. Whenever the model is free, the scheduler takes the oldest waiting
-job and every other waiting job with the same sampling settings (greedy, or equal temperature, top_p
-and repetition_penalty), up to `max_batch_size`, and runs them as one left-padded batch through
-`ChatEngine.chat_batch`. A seeded job runs alone, so that its seed gives the single-request result.
-Within a batch every row ends on its own (EOS, its stop strings, its max_tokens, or its client going
-away). Jobs that arrive while a batch decodes wait for the next batch: the engine keeps one cache
-length for the whole batch, so a request cannot join mid-decode.
+Each request (`Job`) is submitted to a `ContinuousEngine` (engine/continuous.py) running on its own
+thread: it joins the running batch as soon as a KV slot is free and its prompt is prefilled (chunk
+by chunk, between decode steps), and leaves it when it ends (EOS, one of its stop strings, its
+max_tokens, or its client going away), so a short request no longer waits for a long batch. Rows
+of one batch may have different sampling settings; a seeded request gives its single-request result.
 
-Each job's text, result or error travels from the scheduler thread to the asyncio side as events
-on the job's asyncio queue (`loop.call_soon_threadsafe`). An exception in a batch fails that batch's
-jobs; the scheduler goes on with the next batch.
+Each job's text, result or error travels from the engine thread to the asyncio side as events on
+the job's asyncio queue (`loop.call_soon_threadsafe`): ("text", piece), then ("done", ChatResult)
+or ("error", exception). An exception in one request's prefill fails that request; one in a decode
+step fails the requests of that step; the engine goes on with the others.
 """
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
-from ..engine import BatchRow, ChatResult, GenerationParams, sampling_key
+from ..engine import GenerationParams
+from ..engine.continuous import ContinuousEngine
+from ..engine.requests import Handle
 
 logger = logging.getLogger(__name__)
 
@@ -34,104 +34,70 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.handle: Optional[Handle] = None
 
     def cancel(self) -> None:
         """Give up on this job: it is dropped if it still waits, or its row ends at the next step."""
         self.cancelled.set()
+        if self.handle is not None:
+            self.handle.cancel()
 
     def emit(self, kind: str, value) -> None:
-        """Called from the scheduler thread."""
+        """Called from the engine thread."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop has closed: nobody is waiting any more
             pass
 
-    def row(self) -> BatchRow:
-        return BatchRow(self.sample, self.params, on_text=lambda piece: self.emit("text", piece),
-                        is_cancelled=self.cancelled.is_set)
-
 
 @dataclass
 class SchedulerStats:
-    batches: int = 0
-    requests: int = 0
-    failed_batches: int = 0
-    max_batch_size_seen: int = 0
+    batches: int = 0  # decode steps of the engine
+    requests: int = 0  # requests answered (cancelled ones included)
+    failed_batches: int = 0  # requests that failed (the name kept for /health's readers)
+    max_batch_size_seen: int = 0  # the most rows one decode step ran
     generated_tokens: int = 0
 
 
 class BatchScheduler:
     def __init__(self, engine, max_batch_size: int):
+        """`engine`: a ContinuousEngine, or a ChatEngine whose model and processor get one with
+        `max_batch_size` KV slots."""
+        if not isinstance(engine, ContinuousEngine):
+            engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_batch_size)
         self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.stats = SchedulerStats()
-        self._waiting: List[Job] = []
-        self._condition = threading.Condition()
+        self.max_batch_size = engine.slots.max_num_seqs
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        counts = self.engine.stats
+        return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
+                              max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens)
 
     def start(self) -> None:
-        self._thread.start()
+        self.engine.start()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        with self._condition:
-            self._closing = True
-            for job in self._waiting:
-                job.emit("error", RuntimeError("the server is shutting down"))
-            self._waiting.clear()
-            self._condition.notify()
-        self._thread.join(timeout_s)
+        self._closing = True
+        self.engine.close(timeout_s)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.engine.alive
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self.engine.waiting
 
     def submit(self, job: Job) -> None:
-        with self._condition:
-            if self._closing:
-                raise RuntimeError("the server is shutting down")
-            self._waiting.append(job)
-            self._condition.notify()
+        if self._closing:
+            raise RuntimeError("the server is shutting down")
 
-    def _next_batch(self) -> Optional[List[Job]]:
-        """The oldest waiting job and the compatible jobs behind it; None once closing."""
-        with self._condition:
-            while True:
-                self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
-                if self._closing:
-                    return None
-                if self._waiting:
-                    break
-                self._condition.wait()
-            head = self._waiting[0]
-            if head.params.seed is not None:
-                batch = [head]
-            else:
-                key = sampling_key(head.params)
-                batch = [job for job in self._waiting
-                         if job.params.seed is None and sampling_key(job.params) == key][:self.max_batch_size]
-            self._waiting = [job for job in self._waiting if job not in batch]
-            return batch
+        def forward(kind, value):
+            if kind != "token":  # the Job protocol: text, done, error
+                job.emit(kind, value)
 
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            started = time.perf_counter()
-            try:
-                results: List[ChatResult] = self.engine.chat_batch([job.row() for job in batch])
-            except Exception as error:  # fail this batch's requests, keep serving the next ones
-                logger.exception("a batch of %d request(s) failed", len(batch))
-                self.stats.failed_batches += 1
-                for job in batch:
-                    job.emit("error", error)
-                continue
-            self.stats.batches += 1
-            self.stats.requests += len(batch)
-            self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(batch))
-            self.stats.generated_tokens += sum(len(result.token_ids) for result in results)
-            logger.info("batch of %d answered in %.2f s", len(batch), time.perf_counter() - started)
-            for job, result in zip(batch, results):
-                job.emit("done", result)
+        job.handle = self.engine.submit(job.sample, job.params, on_event=forward)
+        if job.cancelled.is_set():
+            job.handle.cancel()

@@ -40,3 +40,16 @@ def test_rows_end_each_row_on_its_own():
     assert done.tolist() == [True, True]
     assert rows_end.lengths == [2, 2]  # row 0: max_new_tokens; row 1: EOS at its second token
     assert [s.text for s in streams] == ["Hello", "Hel"]
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string():
+    pieces = []
+    stream = TextStream(FakeTokenizer(), hidden_ids=[EOS], stop=["low"], on_text=pieces.append)
+    stream.put(torch.tensor([[3]]))
+    for token in [3, 4, 6]:  # "Hel" ("l" may begin "low": held), "lo" ("lo" held), "ld" (not a start)
+        stream.put(torch.tensor([token]))
+    assert pieces == ["He", "l", "lold"] and not stream.stopped
+    stream.put(torch.tensor([4]))  # "lo" held again; the stream ends without "low": shown at the end
+    assert pieces == ["He", "l", "lold"]
+    stream.end()
+    assert "".join(pieces) == stream.text == "Helloldlo"

@@ -85,3 +85,39 @@ def test_copy_from_and_per_layer_devices(make_config):
     assert target.length == 2 and torch.equal(target.layer(1).read(2), entries(config, 1, 2))
     with pytest.raises(ValueError, match="3 devices for 2 layers"):
         KVCache(config, 1, 2, ["cpu"] * 3, torch.float32)
+
+
+@pytest.mark.parametrize("use_mla", [True, False])
+def test_per_row_write_equals_plain_writes_row_by_row(use_mla, make_config):
+    """write([B, S] positions) puts each row's entries at that row's own slots: the same as a plain
+    write of that row alone at its slots; the other slots stay as they were."""
+    config = make_config(use_mla=use_mla)
+    B, S = 3, 2
+    rows_cache, plain = KVCache(config, B, 16, "cpu", torch.float32), KVCache(config, B, 16, "cpu", torch.float32)
+    new = entries(config, B, S, start=7.0)
+    positions = torch.tensor([[0, 1], [5, 6], [14, 15]])
+    rows_cache.layer(1).write(positions, new)
+    for b in range(B):
+        plain.rows(b, 1).layer(1).write(positions[b], new[b:b + 1])
+    assert torch.equal(rows_cache.storage[1], plain.storage[1])
+    for b in range(B):
+        got = seq(config, rows_cache.storage[1][b:b + 1], int(positions[b, 0]), S)
+        assert torch.equal(got, new[b:b + 1])
+    assert not rows_cache.storage[0].any()  # other layers untouched
+    untouched = torch.ones(B, 16, dtype=torch.bool)
+    untouched[torch.arange(B)[:, None], positions] = False
+    other = rows_cache.storage[1].movedim(rows_cache.seq_dim, 1)[untouched]
+    assert not other.any()
+
+
+def test_row_views_share_storage_and_keep_their_own_length(make_config):
+    config = make_config()
+    cache = KVCache(config, 4, 8, "cpu", torch.float32)
+    view = cache.rows(2, 1)
+    assert view.batch_size == 1 and view.length == 0 and view.capacity == 8
+    new = entries(config, 1, 3, start=1.0)
+    view.update(0, torch.arange(3), new, 3)
+    view.length = 3
+    assert torch.equal(seq(config, cache.storage[0][2:3], 0, 3), new)
+    assert not cache.storage[0][:2].any() and not cache.storage[0][3:].any() and cache.length == 0
+    assert cache.rows(0, 3).storage[0].data_ptr() == cache.storage[0].data_ptr()

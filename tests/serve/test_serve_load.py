@@ -12,27 +12,28 @@ import pytest
 import torch
 
 from deepseek_vl2.engine import ChatEngine
+from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.settings import ServerSettings
 from serve_helpers import ServerThread, data_url, png_bytes, tiny_checkpoint
 
-FAULT_SEED = 666  # a request with this seed makes the engine raise (seeded requests run alone)
+FAULT_SEED = 666  # a request with this seed makes the engine raise (for that request alone)
 REQUESTS = 200
 CONCURRENCY = 16
 REQUEST_TIMEOUT_S = 30.0
 
 
-class FaultInjectingEngine(ChatEngine):
-    def chat_batch(self, rows):
-        if any(row.params.seed == FAULT_SEED for row in rows):
+class FaultInjectingEngine(ContinuousEngine):
+    def admit_request(self, handle, slot):
+        if handle.params.seed == FAULT_SEED:
             raise RuntimeError("injected fault")
-        return super().chat_batch(rows)
+        return super().admit_request(handle, slot)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     loaded = ChatEngine.load(str(tiny_checkpoint(tmp_path_factory)), device="cpu", dtype=torch.float32)
-    engine = FaultInjectingEngine(loaded.model, loaded.processor)
+    engine = FaultInjectingEngine(loaded.model, loaded.processor, max_num_seqs=8)
     app = create_app(engine, ServerSettings(model_id="tiny", max_batch_size=8))
     with ServerThread(app) as running:
         yield running.base

@@ -1,0 +1,113 @@
+"""The continuous-batching engine on the fixture checkpoints (CPU, float32): requests submitted at
+different steps, with different prompts, images, settings and lengths, give exactly what
+`ChatEngine.chat` gives for each alone (greedy and seeded); cancellations free every slot; the
+loop thread streams events; a short request is not held up by a long one."""
+import functools
+
+import pytest
+import torch
+from PIL import Image
+
+from deepseek_vl2.engine import ChatEngine, GenerationParams
+from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.engine.slots import kv_bucket
+from goldens import CHECKPOINTS
+
+
+@functools.cache
+def chat_engine(checkpoint: str) -> ChatEngine:
+    return ChatEngine.load(str(CHECKPOINTS[checkpoint]), device="cpu", dtype=torch.float32)
+
+
+def conversation(text: str, images) -> list:
+    return [{"role": "<|User|>", "content": "<image>\n" * len(images) + text}, {"role": "<|Assistant|>", "content": ""}]
+
+
+RED, GREEN = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (300, 500), (0, 90, 0))
+# (text, images, params, steps to run before the next submission)
+REQUESTS = [
+    ("Describe the image.", [RED], GenerationParams(max_new_tokens=30, temperature=0), 2),
+    ("Hello, who are you?", [], GenerationParams(max_new_tokens=12, temperature=0), 0),
+    ("Tell a story about a cat.", [], GenerationParams(max_new_tokens=25, temperature=0.8, top_p=0.9, seed=7), 3),
+    ("Compare.", [GREEN], GenerationParams(max_new_tokens=20, temperature=0.7, seed=3, repetition_penalty=1.3,
+                                           top_k=5), 1),
+    ("Count to ten.", [], GenerationParams(max_new_tokens=9, temperature=1.3, top_p=0.5, seed=11, top_k=0,
+                                           min_new_tokens=9), 0),
+    ("What now?", [RED, GREEN], GenerationParams(max_new_tokens=17, temperature=0), 5),
+]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_equal_their_single_answers(checkpoint):
+    chat = chat_engine(checkpoint)
+    singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
+    # more requests than slots, a small prefill chunk: requests wait, prefill over several steps
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=100)
+    handles = []
+    for text, images, params, steps in REQUESTS:
+        handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
+        for _ in range(steps):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    for handle, single in zip(handles, singles):
+        result = handle.result(timeout=0)
+        assert result.token_ids == single.token_ids
+        assert result.text == single.text
+        assert (result.finish_reason, result.prompt_tokens) == (single.finish_reason, single.prompt_tokens)
+    assert engine.slots.free_count == 3 and engine.stats.max_running == 3
+    assert engine.stats.generated_tokens == sum(len(s.token_ids) for s in singles)
+
+
+def test_stop_strings_and_events():
+    chat = chat_engine("tiny_mha")
+    conv = conversation("Hello there, tell me more.", [])
+    full = chat.chat(conv, [], GenerationParams(max_new_tokens=24, temperature=0))
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), f"no usable stop string in {full.text!r}"
+    expected = chat.chat(conv, [], GenerationParams(max_new_tokens=24, temperature=0, stop=[stop]))
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2)
+    events = []
+    handle = engine.submit(engine.prepare_one(conv, []), GenerationParams(max_new_tokens=24, temperature=0,
+                                                                           stop=[stop]),
+                           on_event=lambda kind, value: events.append((kind, value)))
+    while engine.has_work():
+        engine.step()
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"token", "text"}
+    result = events[-1][1]
+    assert result.finish_reason == "stop" and result.text == expected.text == full.text[:full.text.index(stop)]
+    assert result.token_ids == expected.token_ids
+    assert "".join(value for kind, value in events if kind == "text") == result.text
+    assert [value for kind, value in events if kind == "token"] == result.token_ids
+    assert handle.finished
+
+
+def test_cancellations_free_every_slot():
+    chat = chat_engine("tiny_mha")
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill_chunk=8)
+    sample = engine.prepare_one(conversation("A long answer please.", [RED]), [RED])
+    params = GenerationParams(max_new_tokens=50, temperature=0, min_new_tokens=50)
+    running, prefilling, waiting, done = (engine.submit(sample, params) for _ in range(4))
+    for _ in range(60):  # the image prompt takes many 8-token chunks: `running` gets its first token
+        engine.step()
+        if running.events.qsize():
+            break
+    assert engine.active == 2 and engine.waiting == 2
+    running.cancel()
+    prefilling.cancel()
+    waiting.cancel()
+    engine.step()
+    results = [h.result(0) for h in (running, prefilling, waiting)]
+    assert [r.finish_reason for r in results] == ["cancelled"] * 3
+    assert len(results[0].token_ids) >= 1 and results[1].token_ids == results[2].token_ids == []
+    while engine.has_work():
+        engine.step()
+    last = done.result(0)
+    assert last.finish_reason == "length" and len(last.token_ids) == 50
+    assert engine.slots.free_count == 2 and not engine.slots.used and engine.active == 0
+
+
+def test_kv_bucket():
+    assert [kv_bucket(n, 4096) for n in (1, 256, 257, 4000, 4096)] == [256, 256, 512, 4096, 4096]
+    assert kv_bucket(300, 300) == 300

@@ -1,0 +1,57 @@
+"""The scheduler batches at the level of steps (the continuous-batching engine): on the CPU with the
+tiny fixture checkpoint, a short request (16 new tokens) sent 0.3 s after a long one (400 new
+tokens) takes at most 3 times what it takes alone, and both get their own full answers."""
+import asyncio
+import statistics
+import time
+
+import torch
+
+from deepseek_vl2.engine import ChatEngine, GenerationParams
+from deepseek_vl2.serve.scheduler import BatchScheduler, Job
+from goldens import CHECKPOINTS
+
+LONG = GenerationParams(max_new_tokens=400, min_new_tokens=400, temperature=0)
+SHORT = GenerationParams(max_new_tokens=16, min_new_tokens=16, temperature=0)
+
+
+async def answer(scheduler, sample, params, delay: float = 0.0):
+    """(seconds from submission to the result, the ChatResult, when it ended)."""
+    await asyncio.sleep(delay)
+    job = Job(sample, params, asyncio.get_running_loop())
+    started = time.perf_counter()
+    scheduler.submit(job)
+    while True:
+        kind, value = await job.events.get()
+        if kind == "error":
+            raise value
+        if kind == "done":
+            ended = time.perf_counter()
+            return ended - started, value, ended
+
+
+def test_short_request_is_not_held_up_by_a_long_one():
+    chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cpu", dtype=torch.float32)
+    scheduler = BatchScheduler(chat, max_batch_size=4)
+    scheduler.start()
+    try:
+        def conversation(text):
+            return [{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
+
+        long_sample = chat.prepare_one(conversation("Write a very long story about the sea."), [])
+        short_sample = chat.prepare_one(conversation("Say hi."), [])
+
+        async def scenario():
+            alone = [(await answer(scheduler, short_sample, SHORT))[0] for _ in range(3)]  # the first warms up
+            (_, long_result, long_end), (short_s, short_result, short_end) = await asyncio.gather(
+                answer(scheduler, long_sample, LONG), answer(scheduler, short_sample, SHORT, delay=0.3))
+            return statistics.median(alone), long_result, long_end, short_s, short_result, short_end
+
+        alone_s, long_result, long_end, short_s, short_result, short_end = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    print(f"short alone {alone_s:.3f} s, next to a long one {short_s:.3f} s")
+    assert len(long_result.token_ids) == 400 and len(short_result.token_ids) == 16
+    assert short_end < long_end, "the long request ended first: nothing was measured"
+    assert short_s <= 3 * alone_s, f"the short request took {short_s:.3f} s next to a long one, {alone_s:.3f} s alone"
+    assert scheduler.engine.slots.free_count == 4
