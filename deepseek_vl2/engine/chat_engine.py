@@ -8,7 +8,8 @@
 
 It prepares the prompt with the processor, prefills (chunked with `chunk_size`, as
 `incremental_prefilling`), and generates with the reference's `inference.py` recipe: `generate`
-gets the prompt ids too, so the repetition penalty covers them (P-GEN-1).
+gets the prompt ids too, so the repetition penalty covers them (kept from the official package:
+docs/deviations.md#kept-on-purpose).
 
 `chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
 it); `chat` is a batch of one.

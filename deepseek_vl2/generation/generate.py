@@ -1,6 +1,6 @@
 """Generation: `generate` and `incremental_prefilling`, owned by this library rather than borrowed
-from transformers, so they work the same on transformers 4.5x and 5.x (spec:
-generation_and_prefill.md §2-§3).
+from transformers, so they work the same on transformers 4.5x and 5.x
+(docs/deviations.md#generate-is-implemented-here).
 
     generate(...)
       prompt embeddings (images merged)      prepare_inputs_embeds, or the given inputs_embeds
@@ -48,7 +48,8 @@ class GenerationMixin:
         `(inputs_embeds, cache)` for `generate(inputs_embeds=..., input_ids=..., past_key_values=cache)`.
 
         Activation memory is bounded by the chunk. Unlike the reference, this accepts
-        attention_mask=None and one-token prompts, and uses padding-aware positions (P-GEN-2/3)."""
+        attention_mask=None and one-token prompts, and uses padding-aware positions
+        (docs/deviations.md#incremental_prefilling-positions-skip-left-padding)."""
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if inputs_embeds is None:
