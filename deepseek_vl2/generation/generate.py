@@ -14,6 +14,7 @@ gives an object with `.sequences` and `.scores` (one [B, vocab] tensor per step)
 """
 import torch
 
+from ..kernels import dispatch
 from ..modeling.devices import on_model_device
 from ..modeling.input_checks import check_input_ids, check_inputs_embeds
 from ..modeling.kv_cache import KVCache
@@ -168,8 +169,11 @@ class GenerationMixin:
 def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torch.device):
     """The GPU fast path's StaticDecoder for this call (cuda_graphs.py): on CUDA unless the model's
     `cuda_graphs` is off, and when there is more than one token to make; not for a model spread over
-    several devices (its graphs would span GPUs): that one decodes with plain kernels."""
+    several devices (its graphs would span GPUs) or whose decode step reads back to the host
+    (float32 experts): those decode with plain kernels."""
     if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2 or lm.is_split:
+        return None
+    if not dispatch.decode_is_capturable(device, lm.dtype):
         return None
     return decoder_for(lm, batch_size, compile_after=lm.compile_decode_after)
 

@@ -120,6 +120,14 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     return reference.combine(out, weights)
 
 
+def decode_is_capturable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a decode step runs without reading anything back to the host, as a CUDA graph
+    needs: the expert gemv (half dtypes on CUDA) and grouped GEMMs do; the one-expert-at-a-time
+    fallback (float32 on CUDA, where torch has no grouped GEMM) reads the group sizes."""
+    x = torch.empty(0, device=device, dtype=dtype)
+    return _half_on_cuda(x) or grouped_mm_supported(x)
+
+
 def _per_expert(rows, ends, gate_up, down):
     """Fallback for a torch without grouped GEMM on this device: one expert at a time (this reads the
     group boundaries on the host)."""
