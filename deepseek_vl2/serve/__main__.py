@@ -2,6 +2,8 @@
 import argparse
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -12,6 +14,9 @@ from .app import create_app
 from .settings import ServerSettings
 
 DEFAULTS = ServerSettings(model_id="")
+API_KEY_ENV = "DEEPSEEK_VL2_API_KEY"
+FATAL_EXIT_DELAY_S = 2.0  # after a fatal device error, /health reports it this long before the process exits
+FATAL_EXIT_CODE = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +36,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="request body size; also the size of one local or fetched image file")
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s,
                    help="seconds from a request's arrival to its last token")
+    p.add_argument("--max-text-chars", type=int, default=DEFAULTS.max_text_chars,
+                   help="characters of text in one message and in all messages of a request")
+    p.add_argument("--max-concurrent-requests", type=int, default=DEFAULTS.max_concurrent_requests,
+                   help="chat requests in flight (read, queued or answering); beyond them: 429 with Retry-After")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}, "
+                        "else no key)")
     return p.parse_args(argv)
 
 
@@ -47,12 +59,29 @@ def main(argv=None) -> None:
             model_id=model_id(args.model_path), allowed_local_media_path=args.allowed_local_media_path,
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
             max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-            max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
+            max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
+            max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,
+            api_key=args.api_key)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
     engine = ChatEngine.from_args(args.model_path, args)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
+    fatal = threading.Event()
+    app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+
+    def stop_after_fatal():
+        fatal.wait()
+        time.sleep(FATAL_EXIT_DELAY_S)  # long enough for a supervisor or client to read /health
+        server.should_exit = True
+
+    threading.Thread(target=stop_after_fatal, daemon=True, name="fatal-exit").start()
+    server.run()
+    if fatal.is_set():
+        # the device is unusable: exit non-zero at once (a normal interpreter exit could wait on it)
+        logging.getLogger(__name__).critical("exiting after an unrecoverable device error")
+        logging.shutdown()
+        os._exit(FATAL_EXIT_CODE)
 
 
 if __name__ == "__main__":

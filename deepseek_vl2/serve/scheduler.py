@@ -2,8 +2,9 @@
 
 Requests (`Job`s) wait in a queue. Whenever the model is free, the scheduler takes the oldest waiting
 job and every other waiting job with the same sampling settings (greedy, or equal temperature, top_p
-and repetition_penalty), up to `max_batch_size`, and runs them as one left-padded batch through
-`ChatEngine.chat_batch`. A seeded job runs alone, so that its seed gives the single-request result.
+and repetition_penalty) whose answers fit the context together with it, up to `max_batch_size`,
+and runs them as one left-padded batch through `ChatEngine.chat_batch`. A seeded job runs alone,
+so that its seed gives the single-request result.
 Within a batch every row ends on its own (EOS, its stop strings, its max_tokens, or its client going
 away). Jobs that arrive while a batch decodes wait for the next batch: the engine keeps one cache
 length for the whole batch, so a request cannot join mid-decode.
@@ -61,9 +62,13 @@ class SchedulerStats:
 
 
 class BatchScheduler:
-    def __init__(self, engine, max_batch_size: int):
+    def __init__(self, engine, max_batch_size: int, context_length: Optional[int] = None):
+        """`context_length`: jobs share a batch only while the longest prompt plus the largest
+        max_new_tokens fits it (a left-padded batch has one length), so no job's answer is cut by
+        another job's prompt; None: no such check."""
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.context_length = context_length
         self.stats = SchedulerStats()
         self._waiting: List[Job] = []
         self._condition = threading.Condition()
@@ -112,10 +117,19 @@ class BatchScheduler:
                 batch = [head]
             else:
                 key = sampling_key(head.params)
-                batch = [job for job in self._waiting
-                         if job.params.seed is None and sampling_key(job.params) == key][:self.max_batch_size]
+                batch = [head]  # the oldest job goes first, whatever its size
+                for job in self._waiting[1:]:
+                    if (len(batch) < self.max_batch_size and job.params.seed is None
+                            and sampling_key(job.params) == key and self._fits(batch + [job])):
+                        batch.append(job)
             self._waiting = [job for job in self._waiting if job not in batch]
             return batch
+
+    def _fits(self, jobs: List[Job]) -> bool:
+        if self.context_length is None:
+            return True
+        longest = max(len(job.sample) for job in jobs)
+        return longest + max(job.params.max_new_tokens for job in jobs) <= self.context_length
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
