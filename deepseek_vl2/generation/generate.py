@@ -170,7 +170,7 @@ def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torc
     """The GPU fast path's StaticDecoder for this call (cuda_graphs.py): on CUDA unless the model's
     `cuda_graphs` is off, and when there is more than one token to make; not for a model spread over
     several devices (its graphs would span GPUs) or whose decode step reads back to the host
-    (float32 experts): those decode with plain kernels."""
+    (float32 on CUDA): those decode with plain kernels."""
     if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2 or lm.is_split:
         return None
     if not dispatch.decode_is_capturable(device, lm.dtype):

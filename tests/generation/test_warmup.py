@@ -47,8 +47,8 @@ def test_loading_on_the_gpu_warms_up_and_answers_as_without():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float32_on_the_gpu_decodes_with_plain_kernels_without_a_failed_capture(caplog):
-    """float32 experts have no grouped GEMM on CUDA: their decode step reads back to the host, so no
-    graph is attempted (an attempt would fail and warn)."""
+    """float32 grouped GEMMs on CUDA read back to the host, so no graph is attempted (an attempt
+    would fail and warn)."""
     model = DeepseekVLV2ForCausalLM.from_pretrained(str(checkpoint_dir("p01_single_640x480")), dtype=torch.float32,
                                                     device_map="cuda", progress=False)
     assert model.language not in cuda_graphs._DECODERS

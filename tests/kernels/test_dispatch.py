@@ -48,7 +48,3 @@ def test_cuda_sdpa_avoids_cudnn_and_matches_the_default_choice():
         assert choice != torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value
         assert (got.float() - expected).abs().max().item() < 2e-2
 
-
-def test_cpu_decode_is_capturable_where_grouped_gemm_runs():
-    assert dispatch.decode_is_capturable(torch.device("cpu"), torch.float32) == dispatch.grouped_mm_supported(
-        torch.empty(0))
