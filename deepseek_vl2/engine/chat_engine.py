@@ -8,7 +8,8 @@
 
 It prepares the prompt with the processor, prefills (chunked with `chunk_size`, as
 `incremental_prefilling`), and generates with the reference's `inference.py` recipe: `generate`
-gets the prompt ids too, so the repetition penalty covers them (P-GEN-1).
+gets the prompt ids too, so the repetition penalty covers them (kept from the official package:
+docs/deviations.md#kept-on-purpose).
 
 `chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
 it); `chat` is a batch of one.
@@ -92,7 +93,9 @@ class ChatEngine:
         otherwise), and a seeded row must be alone, so that its seed reproduces the single-row result.
         Each row ends on its own: at EOS, at one of its stop strings, after its max_new_tokens, or when
         its `is_cancelled()` turns true; a row that has ended is padded while the others go on.
-        `max_new_tokens` is capped by what the longest prompt leaves of the context."""
+        A row's `max_new_tokens` is capped by what its own prompt leaves of the context; rows whose
+        answers would not fit the context together (the longest prompt plus the largest capped
+        max_new_tokens; the batch has one length) are a ValueError, never cut short."""
         if not rows:
             raise ValueError("chat_batch needs at least one row")
         params = rows[0].params
@@ -105,7 +108,10 @@ class ChatEngine:
         batch = self.processor.batchify([row.sample for row in rows]).to(self.model.device, dtype=self.model.dtype)
         prompt_len = batch.input_ids.shape[1]
         limit = self.model.config.language_config.max_position_embeddings
-        max_new = min(max(row.params.max_new_tokens for row in rows), limit - prompt_len)
+        max_new = max(min(row.params.max_new_tokens, limit - len(row.sample)) for row in rows)
+        if max_new > limit - prompt_len:
+            raise ValueError(f"these rows do not fit the context of {limit} tokens together: the longest prompt is "
+                             f"{prompt_len} tokens and a row asks for {max_new} new tokens; batch them apart")
         hidden = [self.processor.eos_id, self.processor.pad_id]
         streams = [TextStream(self.tokenizer, hidden, row.params.stop, row.on_text) for row in rows]
         rows_end = RowsEnd(rows, streams, prompt_len, self.processor.eos_id)

@@ -2,7 +2,8 @@
 
 The one loading path: `ChatEngine.load` and `deepseek_vl2.utils.io.load_pretrained_model` both come
 here. The weights are allocated directly in `dtype` on `device` (no float32 copy first; the
-rotary-embedding buffers stay float32, P-LM-1) and the model is in eval mode.
+rotary-embedding buffers stay float32: docs/deviations.md#rope-tables-stay-float32-however-the-model-is-cast)
+and the model is in eval mode.
 """
 from typing import Optional
 

@@ -8,11 +8,21 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+WINDOW_CONTEXT_IDS = 4  # decoded ids kept in front of the new ones (see TextStream)
+MAX_PENDING_IDS = 8  # a UTF-8 character is at most 4 bytes: ids that stay undecodable longer are shown as U+FFFD
+
 
 class TextStream:
     """The transformers streamer protocol (`put` / `end`) for one sequence: keeps the generated ids,
-    decodes them incrementally, hands each new piece of text to `on_text`, cuts at stop strings. Text
-    that could be the start of a stop string is held back until it is known not to be one (or `end`)."""
+    decodes them incrementally, hands each new piece of text to `on_text`, cuts at stop strings.
+
+    Decoding looks only at a short window of recent ids: the text of `ids[prefix:]` minus the text
+    of `ids[prefix:read]` is what the newest ids added (the window starts a few ids back, so that
+    tokenizers that decode a leading space differently at the start of a sequence agree), and a
+    window whose text ends in an incomplete UTF-8 sequence (U+FFFD) waits for the next id. Text that
+    could be the start of a stop string is held back until it either completes the stop string
+    (then it is never shown) or stops matching; what is still held when the row ends is shown then.
+    `text` is the whole answer, cut before the first stop string."""
 
     def __init__(self, tokenizer, hidden_ids: Sequence[int], stop: Sequence[str] = (),
                  on_text: Optional[Callable[[str], None]] = None):
@@ -26,7 +36,11 @@ class TextStream:
         self.first_token_time = None
         self.end_time = None
         self._prompt_seen = False
-        self._shown = 0  # characters of `text` handed to on_text
+        self._shown: List[int] = []  # the ids that are decoded (hidden ids left out)
+        self._prefix = 0  # the decode window: _shown[_prefix:_read] is decoded text, _shown[_read:] not yet
+        self._read = 0
+        self._emitted = 0  # characters of `text` handed to on_text
+        self._searched = 0  # `text` before this has no stop string starting in it
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the first put is the prompt
@@ -36,29 +50,52 @@ class TextStream:
             self.first_token_time = time.perf_counter()
         if self.stopped:
             return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        shown = [t for t in self.ids if t not in self.hidden_ids]
-        text = self.tokenizer.decode(shown, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        new_ids = [int(t) for t in value.reshape(-1).tolist()]
+        self.ids.extend(new_ids)
+        self._shown.extend(t for t in new_ids if t not in self.hidden_ids)
+        if len(self._shown) == self._read:
             return
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        self.text = text
-        self._show(len(text) if self.stopped else len(text) - self._stop_prefix(text))
+        decode = self.tokenizer.decode
+        before = decode(self._shown[self._prefix:self._read], skip_special_tokens=False)
+        after = decode(self._shown[self._prefix:], skip_special_tokens=False)
+        waiting = len(self._shown) - self._read < MAX_PENDING_IDS
+        if waiting and (after.endswith("\ufffd") or not after.startswith(before)):
+            return  # an incomplete UTF-8 sequence (or a window that does not agree yet): wait
+        if not after.startswith(before):  # never seen with byte-level BPE; show the new window whole
+            before = ""
+        self._prefix, self._read = max(self._read - WINDOW_CONTEXT_IDS, 0), len(self._shown)
+        self._add(after[len(before):])
 
-    def _stop_prefix(self, text: str) -> int:
-        """The length of the longest end of `text` that begins a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
+    def _add(self, piece: str) -> None:
+        self.text += piece
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest:
+            start = max(self._searched - longest + 1, 0)
+            found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if found:
+                self.text, self.stopped = self.text[:min(found)], True
+                self._show(len(self.text))
+                return
+            self._searched = len(self.text)
+        self._show(len(self.text) - self._held_back())
 
-    def _show(self, upto: int) -> None:
-        if upto > self._shown and self.on_text is not None:
-            self.on_text(self.text[self._shown:upto])
-        self._shown = max(self._shown, upto)
+    def _held_back(self) -> int:
+        """The length of the longest end of `text` that is the start of a stop string."""
+        for length in range(min(max((len(s) for s in self.stop), default=1) - 1, len(self.text)), 0, -1):
+            tail = self.text[-length:]
+            if any(s.startswith(tail) for s in self.stop):
+                return length
+        return 0
+
+    def _show(self, end: int) -> None:
+        if end > self._emitted:
+            if self.on_text is not None:
+                self.on_text(self.text[self._emitted:end])
+            self._emitted = end
 
     def end(self) -> None:
-        self._show(len(self.text))  # text held back for a stop string that never came
+        """The row has ended: show what was held back for a stop string that never came."""
+        self._show(len(self.text))
         self.end_time = time.perf_counter()
 
 

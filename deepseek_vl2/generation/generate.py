@@ -1,6 +1,6 @@
 """Generation: `generate` and `incremental_prefilling`, owned by this library rather than borrowed
-from transformers, so they work the same on transformers 4.5x and 5.x (spec:
-generation_and_prefill.md §2-§3).
+from transformers, so they work the same on transformers 4.5x and 5.x
+(docs/deviations.md#generate-is-implemented-here).
 
     generate(...)
       prompt embeddings (images merged)      prepare_inputs_embeds, or the given inputs_embeds
@@ -14,6 +14,7 @@ gives an object with `.sequences` and `.scores` (one [B, vocab] tensor per step)
 """
 import torch
 
+from ..kernels import dispatch
 from ..modeling.devices import on_model_device
 from ..modeling.input_checks import check_input_ids, check_inputs_embeds
 from ..modeling.kv_cache import KVCache
@@ -48,7 +49,8 @@ class GenerationMixin:
         `(inputs_embeds, cache)` for `generate(inputs_embeds=..., input_ids=..., past_key_values=cache)`.
 
         Activation memory is bounded by the chunk. Unlike the reference, this accepts
-        attention_mask=None and one-token prompts, and uses padding-aware positions (P-GEN-2/3)."""
+        attention_mask=None and one-token prompts, and uses padding-aware positions
+        (docs/deviations.md#incremental_prefilling-positions-skip-left-padding)."""
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if inputs_embeds is None:
@@ -167,8 +169,11 @@ class GenerationMixin:
 def static_decoder(lm, batch_size: int, settings: SamplingSettings, device: torch.device):
     """The GPU fast path's StaticDecoder for this call (cuda_graphs.py): on CUDA unless the model's
     `cuda_graphs` is off, and when there is more than one token to make; not for a model spread over
-    several devices (its graphs would span GPUs): that one decodes with plain kernels."""
+    several devices (its graphs would span GPUs) or whose decode step reads back to the host
+    (float32 on CUDA): those decode with plain kernels."""
     if device.type != "cuda" or not lm.cuda_graphs or settings.max_new_tokens < 2 or lm.is_split:
+        return None
+    if not dispatch.decode_is_capturable(device, lm.dtype):
         return None
     return decoder_for(lm, batch_size, compile_after=lm.compile_decode_after)
 

@@ -2,7 +2,7 @@
 (the reference's generation path): repetition penalty, min_new_tokens, then for sampling
 temperature, top-k and top-p, then argmax or a multinomial draw.
 
-Extreme settings never put NaN into the scores (item 7 of issue 9; on CUDA `torch.multinomial`
+Extreme settings never put NaN into the scores (on CUDA `torch.multinomial`
 on NaN fires a device-side assert that breaks every later CUDA call of the process):
 
 * `SamplingSettings` refuses what has no meaning up front, with a ValueError (or TypeError)

@@ -24,8 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import dispatch
-from ..modeling.tile_layout import image_sequence
+from ..processing.image_tokens import ImageTokenInfo
 
 DUMMY_NEW_TOKENS = 4
 
@@ -80,17 +79,16 @@ def dummy_answers(model) -> None:
 def _image_prompt(model, vocab: int):
     """One image of one local tile (plus its global view) in a short prompt, as the processor
     lays it out: some text, the image's positions, more text (an odd total length)."""
-    size = model.vision.patch_embed.img_size
-    dtype = model.vision.patch_embed.proj.weight.dtype
-    images = torch.zeros(1, 2, 3, size[0], size[1], device=model.device, dtype=dtype)
+    vision, projector = model.config.vision_config, model.config.projector_config
+    size = vision.image_size
+    images = torch.zeros(1, 2, 3, size, size, device=model.device, dtype=model.dtype)
     crop = torch.tensor([[[1, 1]]], device=model.device)
-    with torch.inference_mode(), dispatch.sdpa_backends(images):  # the image's vector count, by the model's layout
-        projected = model.projector(model.vision.forward_features(images[0]))
-        image_tokens = len(image_sequence(projected, [(1, 1)], model.image_newline, model.view_seperator))
+    counts = ImageTokenInfo(((size, size),), vision.patch_size, projector.downsample_ratio)
+    image_tokens = counts.tokens_for_grid(1, 1)
     before, after = 3, 14
     length = before + image_tokens + after
     length += 1 - length % 2
-    ids = (torch.arange(length, device=model.device)[None] % vocab)
+    ids = torch.arange(length, device=model.device)[None] % vocab
     seq_mask = torch.zeros(1, length, dtype=torch.bool, device=model.device)
     seq_mask[0, before:before + image_tokens] = True
     return ids, images, seq_mask, crop

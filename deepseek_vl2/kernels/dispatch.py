@@ -120,6 +120,13 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     return reference.combine(out, weights)
 
 
+def decode_is_capturable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a CUDA decode step can be captured in a CUDA graph: in bfloat16 / float16 (expert gemv,
+    native grouped GEMMs), not in float32, where torch's grouped GEMM reads the group offsets back to
+    the host (capture fails; seen on an H200 with torch 2.11)."""
+    return device.type != "cuda" or dtype in (torch.bfloat16, torch.float16)
+
+
 def _per_expert(rows, ends, gate_up, down):
     """Fallback for a torch without grouped GEMM on this device: one expert at a time (this reads the
     group boundaries on the host)."""

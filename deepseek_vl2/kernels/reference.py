@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# ---- RMSNorm and RoPE (spec language_model.md §2-§3) -----------------------------------------------
+# ---- RMSNorm and RoPE ----------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in float32, cast back to the input dtype, then scale by `weight` in that dtype."""
@@ -38,7 +38,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return x * cos + rotate_half(x) * sin
 
 
-# ---- MoE: router, expert activation, combination (spec language_model.md §7) ---------------------
+# ---- MoE: router, expert activation, combination -------------------------------------------------
 
 @dataclass(frozen=True)
 class Routing:
@@ -105,7 +105,7 @@ def combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (outputs.view(N, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(outputs.dtype)
 
 
-# ---- attention over cached entries (spec language_model.md §4-§6) --------------------------------
+# ---- attention over cached entries ---------------------------------------------------------------
 
 def causal_mask(seq_len: int, dtype, device) -> torch.Tensor:
     mask = torch.full((seq_len, seq_len), torch.finfo(dtype).min, dtype=dtype, device=device)

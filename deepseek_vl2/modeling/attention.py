@@ -1,5 +1,5 @@
 """Self-attention of the decoder: plain multi-head attention (tiny, `use_mla: false`) and
-multi-head latent attention (small and base). Spec: language_model.md §4-§6.
+multi-head latent attention (small and base).
 
 Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
 RoPE applied; fixed shapes) and `attend` (queries over the entries the KV cache returns for
@@ -133,7 +133,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
         else:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # default eps, as the reference (P-LM-5)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # default eps, as the official model
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_rank + self.rope_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank)

@@ -1,4 +1,4 @@
-"""The DeepSeek-V2 / DeepSeekMoE decoder of DeepSeek-VL2 (spec: language_model.md).
+"""The DeepSeek-V2 / DeepSeekMoE decoder of DeepSeek-VL2.
 
     DeepseekV2ForCausalLM
       model: DeepseekV2Model

@@ -1,8 +1,8 @@
 """Configuration of the DeepSeek-V2 / DeepSeekMoE language model inside DeepSeek-VL2.
 
-The field names and defaults are those of the released `language_config` block of config.json
-(spec: checkpoints.md §4.4-§5), so that configs round-trip unchanged. Defaults describe
-DeepSeek-V2, not any VL2 release: the releases set every field that matters explicitly.
+The field names and defaults are those of the released `language_config` block of config.json,
+so that configs round-trip unchanged. Defaults describe DeepSeek-V2, not any VL2 release: the
+releases set every field that matters explicitly.
 """
 from transformers import PretrainedConfig
 
@@ -36,7 +36,7 @@ class DeepseekV2Config(PretrainedConfig):
         qk_rope_head_dim=64,
         v_head_dim=128,
         qk_nope_head_dim=128,
-        topk_method="gready",  # sic: the reference default (P-CFG-2); the releases set it
+        topk_method="gready",  # sic: the official default (docs/deviations.md#kept-on-purpose); the releases set it
         n_group=None,
         topk_group=None,
         num_experts_per_tok=None,

@@ -1,7 +1,8 @@
 """Feed-forward blocks of the decoder: the gated MLP (dense layer 0, shared experts) and the
-DeepSeekMoE block with its router (spec language_model.md §7).
+DeepSeekMoE block with its router.
 
-Experts (the shared ones included, as extra experts) are stored stacked per layer ([E, 2*I, h]
+Experts (the shared ones included, as extra experts:
+docs/deviations.md#shared-experts-run-as-extra-routed-experts) are stored stacked per layer ([E, 2*I, h]
 gate+up and [E, h, I] down) and run by `dispatch.experts` (a grouped GEMM over the tokens sorted by
 expert, or a gemv kernel over the chosen experts for decode-sized inputs on CUDA; no host
 synchronisation either way). The checkpoint keeps the official names; `checkpoint_keys` maps them

@@ -1,4 +1,4 @@
-"""The projector from vision features to the language model's embedding space (spec: vision.md §3).
+"""The projector from vision features to the language model's embedding space.
 
 `downsample_mlp_gelu` (every release): the 27x27 feature grid is zero-padded on the bottom and right
 to 28x28, each 2x2 window is concatenated channel-major (element c*4 + dr*2 + dc, the order

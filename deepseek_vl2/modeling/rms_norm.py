@@ -1,4 +1,4 @@
-"""RMSNorm as the reference computes it (spec language_model.md §2)."""
+"""RMSNorm as the official model computes it."""
 import torch
 from torch import nn
 

@@ -2,7 +2,8 @@
 (applying them is `dispatch.rotary`).
 
 Tables are computed in float32 from float32 positions and cast to the activation dtype at use
-(the reference behaviour under `torch_dtype=bfloat16`, spec language_model.md §3 and P-LM-1).
+(the reference behaviour under `torch_dtype=bfloat16`;
+docs/deviations.md#rope-tables-stay-float32-however-the-model-is-cast).
 They are cached per device for `max_position_embeddings` positions and looked up by position id,
 so a decode step does no table work and can be captured in a CUDA graph.
 """

@@ -1,5 +1,4 @@
-"""The image tile layout: how one image's projected tiles become its sequence of embeddings
-(spec: vision.md §1, §4, §5).
+"""The image tile layout: how one image's projected tiles become its sequence of embeddings.
 
 Per image: the global view's grid rows each closed by `image_newline`, `view_seperator`, then the
 local tiles stitched into one grid whose rows are each closed by `image_newline` (with

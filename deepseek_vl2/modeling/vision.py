@@ -1,9 +1,10 @@
 """The SigLIP vision tower: timm's VisionTransformer, whose parameter names are the checkpoint's
 (`vision.patch_embed.proj`, `vision.blocks.{i}.attn.qkv`, ..., `vision.norm`, `vision.attn_pool.*`).
 
-Spec: vision.md §2. Pre-norm blocks with tanh-approximate GELU, no class token, LayerNorm eps
-1e-6, attention through SDPA (timm's fused path). Features are taken after the final LayerNorm;
-the MAP attention-pool head is built (its weights are in every checkpoint) but never run.
+Pre-norm blocks with tanh-approximate GELU, no class token, LayerNorm eps 1e-6, attention through
+SDPA (timm's fused path; docs/deviations.md#attention-runs-through-pytorch-sdpa). Features are
+taken after the final LayerNorm; the MAP attention-pool head is built (its weights are in every
+checkpoint) but never run.
 """
 from functools import partial
 

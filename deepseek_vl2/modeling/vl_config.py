@@ -1,7 +1,7 @@
 """Configurations of the DeepSeek-VL2 wrapper: vision tower, projector, and the top level.
 
-Nesting and defaults follow the released config.json (spec: checkpoints.md §2, §4, §5). The
-vision defaults describe SigLIP-L/16 (a reference quirk, P-CFG-4); every release overrides them.
+Nesting and defaults follow the released config.json. The vision defaults describe SigLIP-L/16
+(kept from the official package: docs/deviations.md#kept-on-purpose); every release overrides them.
 """
 from transformers import PretrainedConfig
 
@@ -69,7 +69,9 @@ class DeepseekVLV2Config(PretrainedConfig):
 
     def __init__(
         self,
-        tile_tag="2D",  # the reference default is the string "tile_tag" (P-CFG-1); "2D" is what works
+        # The reference default is the string "tile_tag"; "2D" is what works
+        # (docs/deviations.md#tile_tag-defaults-to-2d).
+        tile_tag="2D",
         global_view_pos="head",
         candidate_resolutions=((384, 384),),
         vision_config=None,

@@ -3,7 +3,7 @@ into the text embeddings at the `<image>` positions, and the DeepSeek-V2 decoder
 
     prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
         tiles of every image -> SigLIP tower -> projector -> per-image layout with image_newline /
-        view_seperator (tile_layout.py; spec: vision.md §1, §4, §5) -> written into embed_tokens(input_ids)
+        view_seperator (tile_layout.py) -> written into embed_tokens(input_ids)
     forward(...)            -> language model forward (float32 logits)
     incremental_prefilling  -> chunked prefill returning (inputs_embeds, cache) (generation/generate.py)
     generate(...)           -> generation/generate.py
@@ -152,7 +152,8 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep: int = 0, **unused):
         """As the reference: builds inputs_embeds from ids + images when not given, then runs the
-        language model. `use_cache` defaults to the language config's (the reference raises, P-MODEL-3)."""
+        language model. `use_cache` defaults to the language config's (the reference raises;
+        docs/deviations.md#use_cache-defaults-to-the-config)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with images) or inputs_embeds")

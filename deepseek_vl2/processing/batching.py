@@ -1,8 +1,9 @@
 """Samples and batches: the token lists of one call as a `VLChatProcessorOutput`, samples padded into a batch.
 
-P-PROC-4: `batchify` pads with torch itself (not `tokenizer.pad`), so `images_seq_mask` and
+`batchify` pads with torch itself (not `tokenizer.pad`), so `images_seq_mask` and
 `attention_mask` are always bool, also for left-padded batches of unequal lengths (the reference
-returns an int64 `images_seq_mask` there, which the model cannot use).
+returns an int64 `images_seq_mask` there, which the model cannot use;
+docs/deviations.md#padded-batches-keep-boolean-masks).
 """
 
 from __future__ import annotations

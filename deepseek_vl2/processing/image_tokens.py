@@ -4,7 +4,8 @@ An image becomes `N_img = h*(w+1) + 1 + (nh*h)*(nw*w+1)` ids: the global view's 
 vectors plus a newline each, one view separator, then the local grid's nh*h rows of nw*w vectors
 plus a newline each (h = w = 14 for the released checkpoints: ceil((384 // 14) / 2)). The grid
 (nw, nh) comes from `select_best_resolution`; tiling applies only when the whole call has at most
-two images (P-PROC-3), otherwise every image is one tile of `image_size` (421 ids).
+two images (kept from the official processor: docs/deviations.md#kept-on-purpose), otherwise every
+image is one tile of `image_size` (421 ids).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ImageTokenInfo:
 
     @property
     def image_size(self) -> int:
-        """Side of one tile: the width of the first candidate (P-PROC-9)."""
+        """Side of one tile: the width of the first candidate, as in the official processor."""
         return self.candidate_resolutions[0][0]
 
     @property

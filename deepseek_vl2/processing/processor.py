@@ -4,16 +4,19 @@
 tokenizer changes and files (`tokenizer_setup`), tile grids and views (`image_tokens`, `tiling`),
 ids (`tokenization`), chat turns (`chat_format`, `conversation`), tensors (`batching`).
 
-Deviations from the reference implementation (all allowed by the spec):
+Deviations from the official package (docs/deviations.md):
 
-* P-PROC-13: `images=None` means "no images" on both the prompt and the conversations path
-  (the reference crashes on the prompt path).
+* `images=None` means "no images" on both the prompt and the conversations path
+  (the reference crashes on the prompt path; docs/deviations.md#images-set-to-none-means-no-images).
 * Bad input is refused up front, naming the argument and the message or image index: a non-str
   `prompt`, images of zero width or height, and more images than `<image>` tags (the reference
   silently ignores the extra images on the conversation path; the prompt path already refused
-  them). The missing final assistant turn is a ValueError.
+  them). The missing final assistant turn is a ValueError
+  (docs/deviations.md#bad-input-raises-errors-that-name-it,
+  docs/deviations.md#more-images-than-image-tags-are-refused).
 * The class is a plain class rather than a transformers `ProcessorMixin`; `from_pretrained`
-  loads the tokenizer with `PreTrainedTokenizerFast` (see `tokenizer_setup`).
+  loads the tokenizer with `PreTrainedTokenizerFast` (see `tokenizer_setup`;
+  docs/deviations.md#the-processor-is-a-plain-class).
 """
 
 from __future__ import annotations

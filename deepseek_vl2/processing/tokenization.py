@@ -1,8 +1,8 @@
 """Tokenization with images: text with `<image>` tags + PIL images -> ids, image mask, tiles, grids.
 
 Each tag becomes the image's block of `image_token_id` copies (its count from `ImageTokenInfo`);
-the text pieces between tags are tokenized separately (P-PROC-6: BPE merges never cross an image).
-The newline and separator slots of a block carry the same id (P-PROC-5).
+the text pieces between tags are tokenized separately, so BPE merges never cross an image. The
+newline and separator slots of a block carry the same id. Both are as in the official processor.
 """
 
 from __future__ import annotations

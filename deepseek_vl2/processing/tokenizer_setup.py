@@ -1,7 +1,8 @@
-"""Tokenizer set-up: the special tokens the processor adds, and the processor's files (local or hub).
+"""Tokenizer set-up: special tokens the processor adds, and the processor's files (local or hub).
 
 `add_processor_tokens` changes a tokenizer in the reference's order (ids depend on it). The
-special-token ids found or added are reported through `logging` (P-PROC-14), not printed.
+special-token ids found or added are reported through `logging`, not printed
+(docs/deviations.md#token-ids-go-to-logging).
 `from_pretrained` reads `processor_config.json` and the tokenizer files of a directory or a hub id;
 unreadable files are reported with their path. The tokenizer is loaded with
 `PreTrainedTokenizerFast`: under transformers 5.x the `LlamaTokenizerFast` class named in the

@@ -2,6 +2,8 @@
 import argparse
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -12,6 +14,9 @@ from .app import create_app
 from .settings import ServerSettings
 
 DEFAULTS = ServerSettings(model_id="")
+API_KEY_ENV = "DEEPSEEK_VL2_API_KEY"
+FATAL_EXIT_DELAY_S = 2.0  # after a fatal device error, /health reports it this long before the process exits
+FATAL_EXIT_CODE = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-local-media-path", type=Path,
                    help="allow file:// image URLs, for files below this directory only (default: none)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refuse)")
-    p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size)
+    batching = p.add_argument_group("batching", "static batching when the model is on CUDA (the continuous engine "
+                                     "has no CUDA graphs yet), the continuous-batching engine elsewhere")
+    for flag, name, text in (("--max-batch-size", "max_batch_size", "rows of one static batch (on CUDA)"),
+                             ("--max-num-seqs", "max_num_seqs", "rows decoding at once in the continuous engine"),
+                             ("--prefill-chunk", "prefill_chunk", "prompt tokens the continuous engine prefills "
+                                                                  "between two decode steps")):
+        batching.add_argument(flag, type=int, default=getattr(DEFAULTS, name), help=text)
+    batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
+                          help="auto: by the device, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULTS.max_image_pixels,
                    help="width x height of one image")
@@ -31,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="request body size; also the size of one local or fetched image file")
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s,
                    help="seconds from a request's arrival to its last token")
+    p.add_argument("--max-text-chars", type=int, default=DEFAULTS.max_text_chars,
+                   help="characters of text in one message and in all messages of a request")
+    p.add_argument("--max-concurrent-requests", type=int, default=DEFAULTS.max_concurrent_requests,
+                   help="chat requests in flight (read, queued or answering); beyond them: 429 with Retry-After")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}, "
+                        "else no key)")
     return p.parse_args(argv)
 
 
@@ -46,13 +66,31 @@ def main(argv=None) -> None:
         settings = ServerSettings(
             model_id=model_id(args.model_path), allowed_local_media_path=args.allowed_local_media_path,
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
+            max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk, scheduler=args.scheduler,
             max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-            max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
+            max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
+            max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,
+            api_key=args.api_key)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
     engine = ChatEngine.from_args(args.model_path, args)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port)
+    fatal = threading.Event()
+    app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+
+    def stop_after_fatal():
+        fatal.wait()
+        time.sleep(FATAL_EXIT_DELAY_S)  # long enough for a supervisor or client to read /health
+        server.should_exit = True
+
+    threading.Thread(target=stop_after_fatal, daemon=True, name="fatal-exit").start()
+    server.run()
+    if fatal.is_set():
+        # the device is unusable: exit non-zero at once (a normal interpreter exit could wait on it)
+        logging.getLogger(__name__).critical("exiting after an unrecoverable device error")
+        logging.shutdown()
+        os._exit(FATAL_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ an image). OpenAI clients ignore the extra field.
 import json
 import time
 import uuid
-from typing import List, Optional
-
-from PIL import Image
+from typing import List, Optional, Tuple
 
 from ..engine import ChatResult
 from ..grounding import boxes_to_json
@@ -19,11 +17,13 @@ from ..grounding import boxes_to_json
 class Completion:
     """The ids and names one answer's body or chunks share."""
 
-    def __init__(self, model_id: str, images: List[Image.Image]):
+    def __init__(self, model_id: str, image_sizes: List[Tuple[int, int]]):
+        """`image_sizes`: (width, height) of the request's images, in order (the images themselves are
+        not kept)."""
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_id = model_id
-        self.images = images
+        self.image_sizes = list(image_sizes)
 
     def _envelope(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
@@ -32,11 +32,11 @@ class Completion:
     def grounding(self, result: ChatResult) -> Optional[list]:
         if not result.boxes:
             return None
-        if not self.images:
+        if not self.image_sizes:
             return [{"label": b.label, "box": list(b.box), "box_pixels": None, "image_index": None}
                     for b in result.boxes]
-        image = self.images[-1]
-        return [{**box, "image_index": len(self.images) - 1} for box in boxes_to_json(result.boxes, *image.size)]
+        return [{**box, "image_index": len(self.image_sizes) - 1}
+                for box in boxes_to_json(result.boxes, *self.image_sizes[-1])]
 
     def body(self, result: ChatResult) -> dict:
         message = {"role": "assistant", "content": result.text}

@@ -1,27 +1,44 @@
-"""The scheduler: the server's requests go to one continuous-batching engine, which owns the model.
+"""The schedulers: one thread owns the model and answers the server's requests (`Job`s).
 
-Each request (`Job`) is submitted to a `ContinuousEngine` (engine/continuous.py) running on its own
-thread: it joins the running batch as soon as a KV slot is free and its prompt is prefilled (chunk
-by chunk, between decode steps), and leaves it when it ends (EOS, one of its stop strings, its
-max_tokens, or its client going away), so a short request no longer waits for a long batch. Rows
-of one batch may have different sampling settings; a seeded request gives its single-request result.
+The rule (`uses_continuous_engine`): a model on CUDA is served by static batching (`BatchScheduler`),
+any other device by the continuous-batching engine (`ContinuousScheduler`), because the continuous
+engine has no CUDA graphs yet (on a GPU it decodes several times slower per row than the static
+path's graphs). `--scheduler static|continuous` overrides the rule.
 
-Each job's text, result or error travels from the engine thread to the asyncio side as events on
-the job's asyncio queue (`loop.call_soon_threadsafe`): ("text", piece), then ("done", ChatResult)
-or ("error", exception). An exception in one request's prefill fails that request; one in a decode
-step fails the requests of that step; the engine goes on with the others.
+Static batching (`BatchScheduler`): whenever the model is free, the scheduler takes the oldest waiting
+job and every other waiting job with the same sampling settings (greedy, or equal temperature, top_p
+and repetition_penalty) whose answers fit the context together with it, up to `max_batch_size`, and
+runs them as one left-padded batch through `ChatEngine.chat_batch`. A seeded job runs alone, so that
+its seed gives the single-request result. Within a batch every row ends on its own; jobs that arrive
+while a batch decodes wait for the next batch (the batch has one cache length). An exception in a
+batch fails that batch's jobs; the scheduler goes on with the next batch.
+
+Continuous batching (`ContinuousScheduler`): each job is submitted to a `ContinuousEngine`
+(engine/continuous.py) running on its own thread: it joins the running batch as soon as a KV slot is
+free and its prompt is prefilled (chunk by chunk, between decode steps), and leaves it when it ends,
+so a short request does not wait for a long one. Rows may have different sampling settings; a seeded
+request gives its single-request result. An exception in one request's prefill fails that request;
+one in a decode step fails the requests of that step.
+
+Both keep the same protocol: each job's events travel from the model's thread to the asyncio side on
+the job's asyncio queue (`loop.call_soon_threadsafe`): ("text", piece), then ("done", ChatResult) or
+("error", exception); `Job.cancel` drops a waiting job or ends its row at the next step; `stats`,
+`alive` and `waiting` feed /health.
 """
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional
 
-from ..engine import GenerationParams
+from ..engine import BatchRow, ChatResult, GenerationParams, sampling_key
 from ..engine.continuous import ContinuousEngine
 from ..engine.requests import Handle
 
 logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("auto", "static", "continuous")
 
 
 class Job:
@@ -34,7 +51,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.handle: Optional[Handle] = None
+        self.handle: Optional[Handle] = None  # set once submitted to a ContinuousEngine
 
     def cancel(self) -> None:
         """Give up on this job: it is dropped if it still waits, or its row ends at the next step."""
@@ -43,30 +60,160 @@ class Job:
             self.handle.cancel()
 
     def emit(self, kind: str, value) -> None:
-        """Called from the engine thread."""
+        """Called from the scheduler's (or engine's) thread."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop has closed: nobody is waiting any more
             pass
 
+    def row(self) -> BatchRow:
+        return BatchRow(self.sample, self.params, on_text=lambda piece: self.emit("text", piece),
+                        is_cancelled=self.cancelled.is_set)
+
 
 @dataclass
 class SchedulerStats:
-    batches: int = 0  # decode steps of the engine
-    requests: int = 0  # requests answered (cancelled ones included)
-    failed_batches: int = 0  # requests that failed (the name kept for /health's readers)
-    max_batch_size_seen: int = 0  # the most rows one decode step ran
+    batches: int = 0  # static: batches run; continuous: decode steps
+    requests: int = 0  # requests answered (continuous: cancelled ones included)
+    failed_batches: int = 0  # static: batches that failed; continuous: requests that failed
+    max_batch_size_seen: int = 0  # the most rows one batch (decode step) ran
     generated_tokens: int = 0
 
 
+def model_device_type(engine) -> str:
+    """"cuda", "cpu", ... : where the engine's model holds its (first) parameters."""
+    parameter = next(engine.model.parameters(), None)
+    return parameter.device.type if parameter is not None else "cpu"
+
+
+def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
+    """The rule: "auto" serves a model on CUDA with static batching (the continuous engine has no
+    CUDA graphs yet) and any other with the continuous engine; "static" / "continuous" force one."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if scheduler != "auto":
+        return scheduler == "continuous"
+    return isinstance(engine, ContinuousEngine) or model_device_type(engine) != "cuda"
+
+
+def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] = None, scheduler: str = "auto",
+                     max_num_seqs: Optional[int] = None, prefill_chunk: int = 512,
+                     batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
+    """The server's scheduler for `engine` by the rule of `uses_continuous_engine`. Static batching
+    runs `batch_engine` (default `engine`; the app passes its device guard) with `max_batch_size` and
+    `context_length`; the continuous engine gets `max_num_seqs` rows (default `max_batch_size`),
+    `prefill_chunk`, and reports failed requests' errors to `on_error`."""
+    if uses_continuous_engine(engine, scheduler):
+        return ContinuousScheduler(engine, max_num_seqs or max_batch_size, prefill_chunk, on_error=on_error)
+    if isinstance(engine, ContinuousEngine):
+        raise ValueError("static batching needs a ChatEngine (chat_batch), not a ContinuousEngine")
+    return BatchScheduler(batch_engine or engine, max_batch_size, context_length=context_length)
+
+
 class BatchScheduler:
-    def __init__(self, engine, max_batch_size: int):
+    """Static batching (see the module's docstring); `engine` has `chat_batch` (a ChatEngine)."""
+
+    def __init__(self, engine, max_batch_size: int, context_length: Optional[int] = None):
+        """`context_length`: jobs share a batch only while the longest prompt plus the largest
+        max_new_tokens fits it (a left-padded batch has one length), so no job's answer is cut by
+        another job's prompt; None: no such check."""
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length
+        self.stats = SchedulerStats()
+        self._waiting: List[Job] = []
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._condition:
+            self._closing = True
+            for job in self._waiting:
+                job.emit("error", RuntimeError("the server is shutting down"))
+            self._waiting.clear()
+            self._condition.notify()
+        self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        with self._condition:
+            if self._closing:
+                raise RuntimeError("the server is shutting down")
+            self._waiting.append(job)
+            self._condition.notify()
+
+    def _next_batch(self) -> Optional[List[Job]]:
+        """The oldest waiting job and the compatible jobs behind it; None once closing."""
+        with self._condition:
+            while True:
+                self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
+                if self._closing:
+                    return None
+                if self._waiting:
+                    break
+                self._condition.wait()
+            head = self._waiting[0]
+            if head.params.seed is not None:
+                batch = [head]
+            else:
+                key = sampling_key(head.params)
+                batch = [head]  # the oldest job goes first, whatever its size
+                for job in self._waiting[1:]:
+                    if (len(batch) < self.max_batch_size and job.params.seed is None
+                            and sampling_key(job.params) == key and self._fits(batch + [job])):
+                        batch.append(job)
+            self._waiting = [job for job in self._waiting if job not in batch]
+            return batch
+
+    def _fits(self, jobs: List[Job]) -> bool:
+        if self.context_length is None:
+            return True
+        longest = max(len(job.sample) for job in jobs)
+        return longest + max(job.params.max_new_tokens for job in jobs) <= self.context_length
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            started = time.perf_counter()
+            try:
+                results: List[ChatResult] = self.engine.chat_batch([job.row() for job in batch])
+            except Exception as error:  # fail this batch's requests, keep serving the next ones
+                logger.exception("a batch of %d request(s) failed", len(batch))
+                self.stats.failed_batches += 1
+                for job in batch:
+                    job.emit("error", error)
+                continue
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(batch))
+            self.stats.generated_tokens += sum(len(result.token_ids) for result in results)
+            logger.info("batch of %d answered in %.2f s", len(batch), time.perf_counter() - started)
+            for job, result in zip(batch, results):
+                job.emit("done", result)
+
+
+class ContinuousScheduler:
+    def __init__(self, engine, max_num_seqs: int = 8, prefill_chunk: int = 512,
+                 on_error: Optional[Callable[[BaseException], None]] = None):
         """`engine`: a ContinuousEngine, or a ChatEngine whose model and processor get one with
-        `max_batch_size` KV slots."""
+        `max_num_seqs` KV slots and `prefill_chunk`. `on_error(exception)`: called on the engine's
+        thread for each failed request (the app's device guard)."""
         if not isinstance(engine, ContinuousEngine):
-            engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_batch_size)
+            engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs,
+                                      prefill_chunk=prefill_chunk)
         self.engine = engine
         self.max_batch_size = engine.slots.max_num_seqs
+        self.on_error = on_error
         self._closing = False
 
     @property
@@ -95,6 +242,8 @@ class BatchScheduler:
             raise RuntimeError("the server is shutting down")
 
         def forward(kind, value):
+            if kind == "error" and self.on_error is not None:
+                self.on_error(value)
             if kind != "token":  # the Job protocol: text, done, error
                 job.emit(kind, value)
 

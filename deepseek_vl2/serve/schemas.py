@@ -3,7 +3,10 @@
 Accepted: `messages` (system/developer first, then user and assistant turns alternating, ending with
 a user turn; content a string or a list of `text` and `image_url` parts, images in user turns only),
 `model`, `stream`, `stream_options.include_usage`, `temperature` (0: greedy), `top_p`, `max_tokens` /
-`max_completion_tokens`, `stop`, `seed`, and the extension `repetition_penalty`. Parameters the model
+`max_completion_tokens`, `stop`, `seed`, and the extension `repetition_penalty`. Out-of-range values
+are refused with the range (temperature 0..2, top_p above 0 up to 1, repetition_penalty 0.01..10,
+seed within 64 bits, stop strings up to 256 characters), and so is message text longer than the
+server's limit, before anything is tokenized. Parameters the model
 cannot honour (`n` > 1, tools, logprobs, ...) are refused naming the parameter; other unknown fields
 are ignored, as OpenAI clients send some that do not matter here (`user`, `metadata`, ...).
 """
@@ -15,6 +18,12 @@ from .errors import APIError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # one stop string
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what a torch.Generator takes
+# the sampling settings a request may ask for (inclusive); 0 < top_p, and temperature 0 means greedy
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_P_RANGE = (0.0, 1.0)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 # parameter -> test of the values that ask for nothing this server cannot do
 UNSUPPORTED = {
@@ -55,13 +64,15 @@ class ChatRequest:
     model: Optional[str] = None
     stream: bool = False
     include_usage: bool = False
+    max_tokens_param: Optional[str] = None  # "max_tokens" / "max_completion_tokens" when the request set it
 
     @property
     def images(self) -> List[ImageRef]:
         return [image for message in self.messages for image in message.images]
 
 
-def parse_chat_request(body: Any, max_images: int) -> ChatRequest:
+def parse_chat_request(body: Any, max_images: int, max_text_chars: int) -> ChatRequest:
+    """`max_text_chars` bounds the text of each message, and of all messages together."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     for name, harmless in UNSUPPORTED.items():
@@ -69,6 +80,7 @@ def parse_chat_request(body: Any, max_images: int) -> ChatRequest:
             raise APIError(400, f"'{name}' is not supported by this server (value {body[name]!r})", param=name,
                            code="unsupported_parameter")
     messages = _messages(body.get("messages"))
+    _check_text_length(messages, max_text_chars)
     image_count = sum(len(message.images) for message in messages)
     if image_count > max_images:
         raise APIError(400, f"the request has {image_count} images; this server takes at most {max_images}",
@@ -80,26 +92,41 @@ def parse_chat_request(body: Any, max_images: int) -> ChatRequest:
     include_usage = (stream_options or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise APIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
+    max_tokens_param = next((name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None),
+                            None)
     return ChatRequest(messages=messages, params=_generation_params(body), model=_optional(body, "model", str, None),
-                       stream=stream, include_usage=include_usage)
+                       stream=stream, include_usage=include_usage, max_tokens_param=max_tokens_param)
+
+
+def _check_text_length(messages: List[Message], limit: int) -> None:
+    for index, message in enumerate(messages):
+        if len(message.text) > limit:
+            raise APIError(400, f"messages[{index}]: the text is {len(message.text)} characters; this server takes "
+                                f"at most {limit} per message", param=f"messages[{index}].content",
+                           code="message_too_long")
+    total = sum(len(message.text) for message in messages)
+    if total > limit:
+        raise APIError(400, f"the messages' text is {total} characters together; this server takes at most {limit}",
+                       param="messages", code="message_too_long")
 
 
 def _generation_params(body: dict) -> GenerationParams:
     defaults = GenerationParams()
     max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _optional(body, max_tokens_name, int, defaults.max_new_tokens)
-    temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
-    top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0)
-    repetition_penalty = _number(body, "repetition_penalty", defaults.repetition_penalty, 0.0, 10.0)
+    temperature = _number(body, "temperature", defaults.temperature, *TEMPERATURE_RANGE)
+    top_p = _number(body, "top_p", defaults.top_p, *TOP_P_RANGE)
+    repetition_penalty = _number(body, "repetition_penalty", defaults.repetition_penalty, *REPETITION_PENALTY_RANGE)
     if max_tokens < 1:
         raise APIError(400, f"'{max_tokens_name}' must be at least 1, got {max_tokens}", param=max_tokens_name)
     if top_p == 0:
         raise APIError(400, "'top_p' must be above 0", param="top_p")
-    if repetition_penalty == 0:
-        raise APIError(400, "'repetition_penalty' must be above 0", param="repetition_penalty")
+    seed = _optional(body, "seed", int, None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise APIError(400, f"'seed' must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}",
+                       param="seed")
     return GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=_optional(body, "seed", int, None),
-                            stop=_stop(body.get("stop")))
+                            repetition_penalty=repetition_penalty, seed=seed, stop=_stop(body.get("stop")))
 
 
 def _messages(raw: Any) -> List[Message]:
@@ -162,6 +189,8 @@ def _stop(raw: Any) -> tuple:
     stops = [raw] if isinstance(raw, str) else raw
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long", param="stop")
     return tuple(s for s in stops if s)
 
 
@@ -178,6 +207,6 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN too
         raise APIError(400, f"'{name}' must be a number from {low} to {high}, got {value!r}", param=name)
     return float(value)

@@ -1,5 +1,5 @@
 """The operator's limits and media policy for one server (set by the command-line flags)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -9,14 +9,26 @@ class ServerSettings:
     model_id: str  # the name /v1/models lists and requests must use
     allowed_local_media_path: Optional[Path] = None  # file:// images only below this directory; None: none
     allow_remote_media: bool = False  # fetch http(s) image URLs
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # rows of one static batch (the CUDA path)
+    max_num_seqs: int = 8  # rows decoding at once in the continuous engine (the non-CUDA path)
+    prefill_chunk: int = 512  # prompt tokens the continuous engine prefills between two decode steps
+    scheduler: str = "auto"  # "auto": static batching on CUDA, else the continuous engine; or "static", "continuous"
     max_images: int = 4  # per request
     max_image_pixels: int = 36_000_000  # width * height, checked before an image is decoded
     max_request_bytes: int = 32 * 1024 * 1024  # request body; also one fetched or local image file
     request_timeout_s: float = 600.0  # from arrival to the last token
+    max_text_chars: int = 1_000_000  # characters of text in one message, and in all of a request's messages
+    max_concurrent_requests: int = 64  # chat requests in flight (read, queued or answering); more get 429
+    api_key: Optional[str] = field(default=None, repr=False)  # a Bearer token every /v1 route requires; None: open
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_images", "max_image_pixels", "max_request_bytes", "request_timeout_s"):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty")
+        if self.scheduler not in ("auto", "static", "continuous"):
+            raise ValueError(f"scheduler must be auto, static or continuous, got {self.scheduler!r}")
+        for name in ("max_batch_size", "max_num_seqs", "prefill_chunk", "max_images", "max_image_pixels",
+                     "max_request_bytes", "request_timeout_s",
+                     "max_text_chars", "max_concurrent_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.allowed_local_media_path is not None:

@@ -71,8 +71,8 @@ def load_pretrained_model(model_path, dtype=torch.bfloat16, device=None):
     The same loading path as `ChatEngine.load` (`deepseek_vl2.engine.load_model_and_processor`),
     with the reference's bf16 default: the weights are loaded directly in `dtype`. Unlike the
     reference, which loads in float32 and then casts, this keeps the rotary-embedding buffers in
-    float32 (pitfall P-LM-1). The model is placed on `device` (CUDA when available, else CPU) and
-    put in eval mode.
+    float32 (docs/deviations.md#load_pretrained_model-loads-directly-in-bfloat16). The model is
+    placed on `device` (CUDA when available, else CPU) and put in eval mode.
     """
     from deepseek_vl2.engine.loading import load_model_and_processor
 

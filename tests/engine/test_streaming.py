@@ -42,6 +42,66 @@ def test_rows_end_each_row_on_its_own():
     assert [s.text for s in streams] == ["Hello", "Hel"]
 
 
+def stream_pieces(tokenizer, ids, stop=()):
+    pieces = []
+    stream = TextStream(tokenizer, hidden_ids=[EOS, PAD], stop=stop, on_text=pieces.append)
+    stream.put(torch.tensor([[3]]))
+    for token in ids:
+        stream.put(torch.tensor([token]))
+    stream.end()
+    return pieces, stream
+
+
+def test_text_that_may_start_a_stop_string_is_held_back():
+    # " wor" could begin "world": held back, and never shown once "world" completes
+    pieces, stream = stream_pieces(FakeTokenizer(), [3, 4, 5, 6], stop=["world"])
+    assert pieces == ["Hel", "lo", " "] and stream.text == "Hello " and stream.stopped
+    # "wor" could begin "worx", then "ld" shows it was not a stop string: it is shown after all
+    pieces, stream = stream_pieces(FakeTokenizer(), [3, 4, 5, 6], stop=["worx"])
+    assert pieces == ["Hel", "lo", " ", "world"] and stream.text == "Hello world" and not stream.stopped
+    # held back when the row ends without the stop string completing: shown at the end
+    pieces, stream = stream_pieces(FakeTokenizer(), [3, 4, 5], stop=["world"])
+    assert "".join(pieces) == stream.text == "Hello wor" and pieces[-1] == "wor"
+    # a stop string spread over several pieces, and one inside a single piece
+    pieces, stream = stream_pieces(FakeTokenizer(), [3, 4, 5, 6], stop=["lo wo"])
+    assert "".join(pieces) == stream.text == "Hel"
+    pieces, stream = stream_pieces(FakeTokenizer(), [3, 4, 5, 6], stop=["o"])
+    assert pieces == ["Hel", "l"] and stream.text == "Hell"
+
+
+class CountingTokenizer:
+    """Byte-level ids (id = byte + 10) decoded as UTF-8; records the longest window decoded."""
+
+    def __init__(self):
+        self.longest = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.longest = max(self.longest, len(ids))
+        return bytes(i - 10 for i in ids).decode("utf-8", errors="replace")
+
+
+def test_decoding_is_incremental_and_keeps_multibyte_characters_whole():
+    answer = "naïve 東京 🙂 " * 300
+    ids = [b + 10 for b in answer.encode()]
+    tokenizer = CountingTokenizer()
+    pieces, stream = stream_pieces(tokenizer, ids)
+    assert stream.text == "".join(pieces) == answer
+    assert "\ufffd" not in "".join(pieces)
+    assert tokenizer.longest <= 12, "the streamer decodes more than a window of recent ids"
+
+
+def test_streamed_text_equals_a_full_decode_with_the_fixture_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from goldens import FIXTURES
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(FIXTURES / "tokenizer"))
+    text = "Ein Bär aß 寿司 🍣🍣 at 3:00 — naïve café, \n\n  <|ref|>cat<|/ref|> 😀👍🏽 done."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces, stream = stream_pieces(tokenizer, ids)
+    assert "".join(pieces) == stream.text == tokenizer.decode(ids)
+
+
 def test_text_stream_holds_back_what_may_start_a_stop_string():
     pieces = []
     stream = TextStream(FakeTokenizer(), hidden_ids=[EOS], stop=["low"], on_text=pieces.append)

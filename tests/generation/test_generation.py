@@ -68,7 +68,8 @@ def test_legacy_tuple_cache_is_accepted(prompt):
 
 
 def test_left_padded_incremental_prefill_matches_single_rows():
-    """Positions in incremental_prefilling skip the left padding (the reference's P-GEN-2 is fixed)."""
+    """Positions in incremental_prefilling skip the left padding, unlike the reference's
+    (docs/deviations.md#incremental_prefilling-positions-skip-left-padding)."""
     model = fixture_model("small_mla")
     t = tensors("p09_batch_left_pad")
     ids, mask = t["batch_input_ids"], t["batch_attention_mask"].bool()

@@ -42,3 +42,14 @@ def test_loading_on_the_gpu_warms_up_and_answers_as_without():
     inputs["images"] = inputs["images"].bfloat16()
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(warmed.generate(**inputs, **kw), cold.generate(**inputs, **kw))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float32_on_the_gpu_decodes_with_plain_kernels_without_a_failed_capture(caplog):
+    """float32 grouped GEMMs on CUDA read back to the host, so no graph is attempted (an attempt
+    would fail and warn)."""
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(checkpoint_dir("p01_single_640x480")), dtype=torch.float32,
+                                                    device_map="cuda", progress=False)
+    assert model.language not in cuda_graphs._DECODERS
+    assert not [r for r in caplog.records if "capture" in r.getMessage()]

@@ -1,5 +1,5 @@
-"""Bad input through the public Python API (issue 9, item 6) and sampling with extreme settings
-(item 7): every case raises a TypeError / ValueError / FileNotFoundError whose message names the
+"""Bad input through the public Python API and sampling with extreme settings: every case raises a
+TypeError / ValueError / FileNotFoundError whose message names the
 argument, the message or image index and what was expected, or (for extreme but meaningful
 sampling settings) gives finite probabilities and valid tokens."""
 import shutil

@@ -47,3 +47,4 @@ def test_cuda_sdpa_avoids_cudnn_and_matches_the_default_choice():
             got = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
         assert choice != torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value
         assert (got.float() - expected).abs().max().item() < 2e-2
+

@@ -88,8 +88,8 @@ def test_incremental_prefill_then_generate(case):
 
 
 def test_left_padded_batch_matches_single_runs():
-    """The official batched path crashes on unequal lengths (P-PROC-4); each row of ours equals the
-    official single-sample results."""
+    """The official batched path crashes on unequal lengths; each row of ours equals the official
+    single-sample results (docs/deviations.md#left-padded-batches-generate-like-single-rows)."""
     name = "p09_batch_left_pad"
     case = CASES[name]
     t = tensors(name)

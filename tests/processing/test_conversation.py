@@ -1,4 +1,4 @@
-"""Conversation templates: rendering rules, the worked strings of conversation.md §4, registry."""
+"""Conversation templates: rendering rules, the worked prompt strings of the official templates, registry."""
 
 import pytest
 

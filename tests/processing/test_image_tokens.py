@@ -1,4 +1,4 @@
-"""Image-token counting without pixels (`ImageTokenInfo`): the spec's counts per candidate resolution and
+"""Image-token counting without pixels (`ImageTokenInfo`): the official processor's counts per candidate resolution and
 per worked example, the tiling rule, other patch sizes, and agreement with the tensors the processor builds."""
 import json
 
@@ -13,7 +13,7 @@ CONFIG = json.loads((CHECKPOINTS["tiny_mha"] / "processor_config.json").read_tex
 INFO = ImageTokenInfo(tuple(tuple(r) for r in CONFIG["candidate_resolutions"]), CONFIG["patch_size"],
                       CONFIG["downsample_ratio"])
 
-# processor.md §5: image tokens per candidate resolution
+# Image tokens per candidate resolution (the official processor's counts)
 TOKENS_PER_CANDIDATE = {
     (384, 384): 421, (384, 768): 631, (768, 384): 617, (384, 1152): 841, (1152, 384): 813,
     (384, 1536): 1051, (1536, 384): 1009, (768, 768): 1023, (384, 1920): 1261, (1920, 384): 1205,
@@ -33,7 +33,7 @@ def test_token_count_per_candidate():
     assert max(TOKENS_PER_CANDIDATE.values()) == 2101
 
 
-# processor.md §3 worked examples: original (W, H) -> grid (nw, nh) and image tokens
+# Worked examples of the official tiling: original (W, H) -> grid (nw, nh) and image tokens
 WORKED_EXAMPLES = [
     ((300, 200), (1, 1), 421), ((384, 384), (1, 1), 421), ((640, 480), (2, 2), 1023), ((800, 600), (3, 2), 1415),
     ((1024, 1024), (3, 3), 2017), ((1280, 720), (4, 2), 1807), ((1920, 1080), (4, 2), 1807),
@@ -50,7 +50,7 @@ def test_worked_examples(size, grid, tokens):
 
 
 def test_layout_of_the_count():
-    # 14 x (14 + 1) global, 1 separator, (14 nh) x (14 nw + 1) local, processor.md §5
+    # 14 x (14 + 1) global, 1 separator, (14 nh) x (14 nw + 1) local, as the official processor counts
     assert (INFO.image_size, INFO.side) == (384, 14)
     assert INFO.tokens_for_grid(2, 2) == 14 * 15 + 1 + 28 * 29
     assert INFO.tokens_for_grid(8, 1) == 210 + 1 + 14 * 113

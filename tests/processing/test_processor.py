@@ -166,7 +166,7 @@ def test_batch_case(name):
     assert torch.equal(batch.input_ids, gold["batch_input_ids"])
     assert batch.attention_mask.dtype == torch.bool
     assert torch.equal(batch.attention_mask, gold["batch_attention_mask"].bool())
-    assert batch.images_seq_mask.dtype == torch.bool  # P-PROC-4 fixed
+    assert batch.images_seq_mask.dtype == torch.bool  # docs/deviations.md#padded-batches-keep-boolean-masks
     assert torch.equal(batch.images_seq_mask, gold["batch_images_seq_mask"].bool())
     assert torch.equal(batch.images_spatial_crop, gold["batch_images_spatial_crop"])
     assert torch.equal(batch.labels, gold["batch_labels"])
@@ -206,7 +206,8 @@ def test_right_padding():
 
 
 def test_left_padding_masks_every_pad_label(proc):
-    # P-PROC-12 (kept): after left padding, every label equal to pad_id becomes ignore_id
+    # Kept from the official package (docs/deviations.md#kept-on-purpose): after left padding,
+    # every label equal to pad_id becomes ignore_id
     with_pad = proc(prompt="a<｜▁pad▁｜>b", force_batchify=False)
     assert proc.pad_id in with_pad.target_ids.tolist()
     longer = proc(prompt="a much longer prompt than the other one", force_batchify=False)
@@ -218,9 +219,10 @@ def test_left_padding_masks_every_pad_label(proc):
 
 
 def test_unused_images_are_refused(proc):
-    # The reference ignores images beyond the <image> tags on the conversation path (and, P-PROC-3,
-    # still counts them for the <= 2 tiling rule). Issue 9 makes that an error, as on the prompt
-    # path, so the tiling rule now always counts the images that are used.
+    # The reference ignores images beyond the <image> tags on the conversation path (and still
+    # counts them for the <= 2 tiling rule). This package makes that an error, as on the prompt
+    # path, so the tiling rule now always counts the images that are used
+    # (docs/deviations.md#more-images-than-image-tags-are-refused).
     images = [Image.new("RGB", (640, 480)) for _ in range(3)]
     conversation = [{"role": USER, "content": "<image>\nhi"}, {"role": ASSISTANT, "content": ""}]
     with pytest.raises(ValueError, match=r"1 <image> tags but 3 images were given"):
@@ -245,7 +247,8 @@ def test_prompt_path_matches_conversation_path():
 
 
 def test_prompt_without_images(proc):
-    out = proc(prompt="Hello world!", images=None, force_batchify=False)  # P-PROC-13 fixed
+    # docs/deviations.md#images-set-to-none-means-no-images
+    out = proc(prompt="Hello world!", images=None, force_batchify=False)
     assert out.input_ids.tolist() == [proc.bos_id] + proc.encode("Hello world!", bos=False)
     assert out.images.shape == (1, 3, 384, 384) and torch.count_nonzero(out.images) == 0
     assert out.images_spatial_crop.tolist() == [[0, 0]]
@@ -257,7 +260,7 @@ def test_inference_mode_false_keeps_eos(proc):
     out = proc(conversations=conversation, inference_mode=False, force_batchify=False)
     assert out.input_ids[-1].item() == proc.eos_id
     answer = proc.encode("Hello.", bos=False, eos=True)
-    assert out.input_ids[-len(answer):].tolist() == answer  # no space before the answer (P-PROC-2)
+    assert out.input_ids[-len(answer):].tolist() == answer  # no space before the answer (kept on purpose)
     assert out.target_ids[-len(answer):].tolist() == answer
 
 

@@ -1,4 +1,4 @@
-"""Image tiling: the tile resolution of each spec example, views (global, then row-major local crops,
+"""Image tiling: the tile resolution of each worked example, views (global, then row-major local crops,
 grey padding), the <= 2 images tiling rule, and non-RGB input."""
 import pytest
 import torch
@@ -14,7 +14,7 @@ def proc():
     return DeepseekVLV2Processor.from_pretrained(str(CHECKPOINTS["tiny_mha"]))
 
 
-# processor.md §3: (W, H) -> best, (nw, nh), tiles incl. global, tokens, global content, local content
+# The official tiling examples: (W, H) -> best, (nw, nh), tiles incl. global, tokens, global content, local content
 TILING_TABLE = [
     ((300, 200), (384, 384), (1, 1), 2, 421, (384, 256), (384, 256)),
     ((384, 384), (384, 384), (1, 1), 2, 421, (384, 384), (384, 384)),
@@ -109,7 +109,7 @@ def test_image_transform_maps_to_minus_one_one():
 
 def test_tiler_pads_with_the_truncated_mean_colour():
     tiler = ImageTiler(384)
-    assert tiler.pad_color == (127, 127, 127)  # int(0.5 * 255), processor.md §4.2
+    assert tiler.pad_color == (127, 127, 127)  # int(0.5 * 255) from the mean, as the official processor
     views = tiler.views(Image.new("RGB", (384, 192), (255, 255, 255)), (384, 384))
     assert len(views) == 2 and all(view.shape == (3, 384, 384) for view in views)
     assert torch.equal(views[0], views[1])  # a 1x1 grid: the local tile is the global view

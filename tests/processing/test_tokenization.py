@@ -81,7 +81,8 @@ def test_constructor_adds_missing_pad_and_image_tokens():
 
 
 def test_text_pieces_are_tokenized_apart(proc):
-    """P-PROC-6: the text on either side of a tag is encoded on its own, BPE never merges across it."""
+    """The text on either side of a tag is encoded on its own, BPE never merges across it (as the
+    official processor does)."""
     image = Image.new("RGB", (10, 10))
     ids, tiles, seq_mask, crops, counts = proc.tokenize_with_images("ab<image>cd", [image], bos=True, eos=True)
     assert counts == [421] and crops == [[1, 1]] and len(tiles) == 2

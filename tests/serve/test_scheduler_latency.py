@@ -1,4 +1,4 @@
-"""The scheduler batches at the level of steps (the continuous-batching engine): on the CPU with the
+"""Off CUDA the server schedules with the continuous-batching engine, which batches step by step: on the CPU with the
 tiny fixture checkpoint, a short request (16 new tokens) sent 0.3 s after a long one (400 new
 tokens) takes at most 3 times what it takes alone, and both get their own full answers."""
 import asyncio
@@ -8,7 +8,7 @@ import time
 import torch
 
 from deepseek_vl2.engine import ChatEngine, GenerationParams
-from deepseek_vl2.serve.scheduler import BatchScheduler, Job
+from deepseek_vl2.serve.scheduler import ContinuousScheduler, Job, create_scheduler
 from goldens import CHECKPOINTS
 
 LONG = GenerationParams(max_new_tokens=400, min_new_tokens=400, temperature=0)
@@ -32,7 +32,8 @@ async def answer(scheduler, sample, params, delay: float = 0.0):
 
 def test_short_request_is_not_held_up_by_a_long_one():
     chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cpu", dtype=torch.float32)
-    scheduler = BatchScheduler(chat, max_batch_size=4)
+    scheduler = create_scheduler(chat, max_batch_size=4)  # on the CPU: the continuous engine
+    assert isinstance(scheduler, ContinuousScheduler)
     scheduler.start()
     try:
         def conversation(text):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from deepseek_vl2.engine import BatchRow, ChatEngine, ChatResult, GenerationParams
 from deepseek_vl2.grounding import GroundedBox
+from deepseek_vl2.serve import media as media_module
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.app_modules import utils
 from deepseek_vl2.serve.responses import Completion
@@ -188,10 +189,10 @@ def test_grounding_boxes_are_returned_with_pixels():
 
     result = ChatResult(text="<|ref|>cat<|/ref|><|det|>[[0, 0, 999, 499]]<|/det|>", token_ids=[1, 2], prompt_tokens=5,
                         finish_reason="stop", boxes=[GroundedBox("cat", (0, 0, 999, 499))])
-    body = Completion("tiny", images).body(result)
+    body = Completion("tiny", [image.size for image in images]).body(result)
     assert body["choices"][0]["message"]["grounding"] == [
         {"label": "cat", "box": [0, 0, 999, 499], "box_pixels": [0, 0, 999, 998], "image_index": 1}]
-    plain = Completion("tiny", images).body(ChatResult("plain", [1], 5, "stop"))
+    plain = Completion("tiny", [image.size for image in images]).body(ChatResult("plain", [1], 5, "stop"))
     assert "grounding" not in plain["choices"][0]["message"]
 
 
@@ -316,15 +317,21 @@ def test_allowed_local_file_is_used(server, client, engine, media):
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "image_not_found"
 
 
-def test_remote_images_when_allowed(engine, tmp_path):
-    """--allow-remote-media: an image from a loopback HTTP server is fetched; a missing one and one over the
-    size limit are 400s."""
+def test_remote_images_on_loopback_are_refused(engine, tmp_path):
+    """--allow-remote-media: an image URL on a loopback HTTP server is refused (after resolution, by name or
+    address, IPv4-mapped IPv6 too) and the server never sees a request; a public one (resolver and network
+    replaced) is fetched from the address that was checked."""
     (tmp_path / "small.png").write_bytes(png_bytes((64, 48), (90, 20, 160)))
-    (tmp_path / "big.png").write_bytes(encoded(Image.effect_noise((400, 400), 80)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    seen = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            super().do_GET()
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    files_url = f"http://127.0.0.1:{files.server_address[1]}"
+    port = files.server_address[1]
     settings = ServerSettings(model_id="tiny", allow_remote_media=True, max_request_bytes=50_000)
     try:
         with ServerThread(create_app(engine, settings)) as running:
@@ -332,12 +339,27 @@ def test_remote_images_when_allowed(engine, tmp_path):
                 return httpx.post(running.base + "/v1/chat/completions", timeout=30, json={
                     "max_tokens": 6, "temperature": 0, "messages": image_message("Which colour?", url)})
 
-            expected = direct(engine, "Which colour?", [Image.new("RGB", (64, 48), (90, 20, 160))], max_new_tokens=6,
-                              temperature=0)
-            assert ask(files_url + "/small.png").json()["choices"][0]["message"]["content"] == expected.text
-            assert ask(files_url + "/missing.png").json()["error"]["code"] == "image_fetch_failed"
-            too_big = ask(files_url + "/big.png")
-            assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "image_too_large"
+            for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "127.1"]:
+                refused = ask(f"http://{host}:{port}/small.png")
+                assert refused.status_code == 400, refused.text
+                assert refused.json()["error"]["code"] in ("remote_media_forbidden", "image_fetch_failed")
+            assert seen == []
+
+            def public(request: httpx.Request):
+                assert request.url.host == "93.184.216.34" and request.headers["host"] == "images.example"
+                return httpx.Response(200, content=(tmp_path / "small.png").read_bytes())
+
+            async def resolve(host, port):
+                return ["93.184.216.34"]
+
+            running_app = running.server.config.app
+            running_app.state.media.transport = httpx.MockTransport(public)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(media_module, "resolve_host", resolve)
+                expected = direct(engine, "Which colour?", [Image.new("RGB", (64, 48), (90, 20, 160))],
+                                  max_new_tokens=6, temperature=0)
+                reply = ask("http://images.example/small.png").json()
+            assert reply["choices"][0]["message"]["content"] == expected.text
     finally:
         files.shutdown()
 

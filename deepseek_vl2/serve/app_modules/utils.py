@@ -2,7 +2,8 @@
 `parse_ref_bbox` and `strip_stop_words` (from `deepseek_vl2.grounding`) and `pil_to_base64`.
 
 Deviation from the reference: `pil_to_base64` labels the data with the format it was encoded in
-(`data:image/jpeg` for the default JPEG; the reference said image/png, P-DEMO-8).
+(`data:image/jpeg` for the default JPEG; the reference said image/png;
+docs/deviations.md#pil_to_base64-labels-jpeg-data-as-jpeg).
 """
 import base64
 import html

@@ -1,0 +1,86 @@
+"""The server's scheduling rule: static batching for a model on CUDA (the continuous engine has no
+CUDA graphs yet), the continuous engine elsewhere, either forced by `scheduler`; on the continuous
+path a request's unrecoverable device error still makes the server unhealthy."""
+import httpx
+import pytest
+import torch
+
+from deepseek_vl2.engine import ChatEngine
+from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.serve.app import create_app
+from deepseek_vl2.serve.scheduler import BatchScheduler, ContinuousScheduler, create_scheduler, uses_continuous_engine
+from deepseek_vl2.serve.settings import ServerSettings
+from serve_helpers import ServerThread, tiny_checkpoint
+
+URL = "/v1/chat/completions"
+
+
+class FakeDevice:
+    def __init__(self, kind):
+        self.type = kind
+
+
+class FakeParameter:
+    def __init__(self, kind):
+        self.device = FakeDevice(kind)
+
+
+class FakeModel:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def parameters(self):
+        return iter([FakeParameter(self.kind)])
+
+
+class FakeEngine:
+    def __init__(self, kind):
+        self.model = FakeModel(kind)
+
+
+def test_the_rule_by_device():
+    assert not uses_continuous_engine(FakeEngine("cuda"))
+    assert uses_continuous_engine(FakeEngine("cpu")) and uses_continuous_engine(FakeEngine("mps"))
+    assert uses_continuous_engine(FakeEngine("cuda"), "continuous")
+    assert not uses_continuous_engine(FakeEngine("cpu"), "static")
+    with pytest.raises(ValueError, match="scheduler must be"):
+        uses_continuous_engine(FakeEngine("cpu"), "dynamic")
+    static = create_scheduler(FakeEngine("cuda"), max_batch_size=3, context_length=100)
+    assert isinstance(static, BatchScheduler) and (static.max_batch_size, static.context_length) == (3, 100)
+    with pytest.raises(ValueError, match="scheduler must be"):
+        ServerSettings(model_id="tiny", scheduler="dynamic")
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return ChatEngine.load(str(tiny_checkpoint(tmp_path_factory)), device="cpu", dtype=torch.float32)
+
+
+def test_cpu_engines_get_the_continuous_engine_with_its_settings(chat):
+    scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=3, prefill_chunk=64)
+    assert isinstance(scheduler, ContinuousScheduler)
+    assert (scheduler.engine.slots.max_num_seqs, scheduler.engine.prefill_chunk) == (3, 64)
+    assert isinstance(create_scheduler(chat, max_batch_size=8, scheduler="static"), BatchScheduler)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2)
+    assert create_scheduler(engine, max_batch_size=8).engine is engine
+    with pytest.raises(ValueError, match="needs a ChatEngine"):
+        create_scheduler(engine, max_batch_size=8, scheduler="static")
+
+
+class BrokenDevice(ContinuousEngine):
+    def admit_request(self, handle, slot):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_a_device_error_on_the_continuous_path_makes_the_server_unhealthy(chat):
+    reasons = []
+    app = create_app(BrokenDevice(chat.model, chat.processor, max_num_seqs=2), ServerSettings(model_id="tiny"),
+                     on_fatal=reasons.append)
+    assert isinstance(app.state.scheduler, ContinuousScheduler)
+    with ServerThread(app) as running:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(running.base + URL, json=body, timeout=60).status_code == 500
+        health = httpx.get(running.base + "/health", timeout=10)
+        assert health.status_code == 503 and "CUDA error" in health.json()["reason"]
+        assert len(reasons) == 1 and "device-side assert" in reasons[0]
+        assert httpx.post(running.base + URL, json=body, timeout=60).status_code == 503
