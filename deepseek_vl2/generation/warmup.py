@@ -19,12 +19,15 @@ untouched) and leave no state behind but the kernels, libraries and the batch-1 
 first real answer would have made. A model moved to the GPU after loading (`model.cuda()`) can be
 warmed with `warm_up(model)`; without it, the first answer pays as before.
 """
+import logging
 import threading
 from typing import Optional
 
 import torch
 
 from ..processing.image_tokens import ImageTokenInfo
+
+logger = logging.getLogger(__name__)
 
 DUMMY_NEW_TOKENS = 4
 
@@ -39,18 +42,23 @@ def start_background_work(device: torch.device) -> Optional[threading.Thread]:
 
 
 def _set_up_libraries(device: torch.device) -> None:
+    """Only saves time: whatever fails here (an old GPU, a Triton without this function) is left to
+    the first real call, which reports it properly."""
     try:
         from triton.runtime.cache import triton_key
 
         triton_key()  # cached for the process: every kernel lookup needs it
-    except ImportError:  # Triton is optional: the kernels fall back to PyTorch ops without it
-        pass
-    with torch.cuda.device(device):
-        x = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
-        (x @ x).sum().item()  # cuBLAS
-        image = torch.ones(1, 3, 28, 28, device=device, dtype=torch.bfloat16)
-        torch.nn.functional.conv2d(image, torch.ones(8, 3, 14, 14, device=device, dtype=torch.bfloat16),
-                                   stride=14).sum().item()  # cuDNN
+    except Exception as error:  # noqa: BLE001  (Triton is optional; the kernels fall back without it)
+        logger.debug("warm-up: Triton's cache key not computed ahead (%s)", error)
+    try:
+        with torch.cuda.device(device):
+            x = torch.ones(64, 64, device=device, dtype=torch.float16)
+            (x @ x).sum().item()  # cuBLAS
+            image = torch.ones(1, 3, 28, 28, device=device, dtype=torch.float16)
+            torch.nn.functional.conv2d(image, torch.ones(8, 3, 14, 14, device=device, dtype=torch.float16),
+                                       stride=14).sum().item()  # cuDNN
+    except Exception as error:  # noqa: BLE001
+        logger.debug("warm-up: CUDA libraries not set up ahead (%s)", error)
 
 
 def warm_up(model) -> None:
