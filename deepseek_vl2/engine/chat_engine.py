@@ -118,7 +118,6 @@ class ChatEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        sampling = params.temperature > 0
         image_inputs = dict(images=batch.images, images_seq_mask=batch.images_seq_mask,
                             images_spatial_crop=batch.images_spatial_crop)
         if self.chunk_size > 0:
@@ -130,10 +129,7 @@ class ChatEngine:
                 embeds, past = self.model.prepare_inputs_embeds(batch.input_ids, **image_inputs), None
         output = self.model.generate(
             inputs_embeds=embeds, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            past_key_values=past, max_new_tokens=max_new, do_sample=sampling,
-            temperature=params.temperature if sampling else 1.0, top_p=params.top_p if sampling else 1.0,
-            repetition_penalty=params.repetition_penalty if sampling else 1.0,
-            top_k=params.top_k, min_new_tokens=params.min_new_tokens,
+            past_key_values=past, max_new_tokens=max_new, **params.sampling_options(),
             pad_token_id=self.processor.eos_id, bos_token_id=self.processor.bos_id,
             eos_token_id=self.processor.eos_id, streamer=BatchStream(streams, rows_end), stopping_criteria=[rows_end],
             generator=generator, use_cache=True, **image_inputs)

@@ -35,6 +35,15 @@ class GenerationParams:
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"GenerationParams.stop must be a list of strings, got {self.stop!r}")
 
+    def sampling_options(self) -> dict:
+        """These settings as `generate` takes them (greedy when temperature <= 0: then top_p and the
+        repetition penalty are off, as the reference's inference.py does)."""
+        sampling = self.temperature > 0
+        return dict(do_sample=sampling, temperature=self.temperature if sampling else 1.0,
+                    top_p=self.top_p if sampling else 1.0,
+                    repetition_penalty=self.repetition_penalty if sampling else 1.0,
+                    top_k=self.top_k, min_new_tokens=self.min_new_tokens)
+
 
 def sampling_key(params: GenerationParams) -> tuple:
     """What must be equal for two requests to share a batch (greedy ignores top_p and the penalty)."""

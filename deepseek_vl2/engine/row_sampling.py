@@ -21,14 +21,10 @@ class RowSampler:
 
     def __init__(self, params: GenerationParams, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int,
                  vocab_size: int, device: torch.device):
-        sampling = params.temperature > 0
         T = prompt_ids.shape[-1]
         # what ChatEngine.chat_batch hands to generate for one row
-        options = GenerateSettings(
-            max_new_tokens=max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=sampling,
-            temperature=params.temperature if sampling else 1.0, top_p=params.top_p if sampling else 1.0,
-            top_k=params.top_k, repetition_penalty=params.repetition_penalty if sampling else 1.0,
-            eos_token_id=eos_id, pad_token_id=eos_id)
+        options = GenerateSettings(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id,
+                                   **params.sampling_options())
         self.settings = options.sampling(T, eos_id, vocab_size)
         self.generator: Optional[torch.Generator] = None
         if params.seed is not None:
