@@ -27,10 +27,12 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
+from .decode_steps import DecodeSteps
 from .params import GenerationParams
 from .requests import ActiveRequest, Handle
-from .row_sampling import RowSampler
+from .row_sampling import Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
 from .streaming import TextStream
 
@@ -50,10 +52,13 @@ class EngineStats:
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, compile: bool = False):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps."""
+        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
+        `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
+        float16, where `kernels.dispatch.decode_is_capturable` allows them); `compile`: compile the
+        steps' fixed-shape pieces first (seconds more at start-up, a little faster per step)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
@@ -66,6 +71,12 @@ class ContinuousEngine:
         self.device = self.lm.device
         capacity = max_length or self.lm.config.max_position_embeddings
         self.slots = SlotCache(self.lm, max_num_seqs, capacity)
+        self.histories = Histories(max_num_seqs, capacity, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
+        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, compile=compile)
+        # what was captured and compiled before the first request, and how long it took
+        self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
         self.prefill_chunk = prefill_chunk
         self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
@@ -204,7 +215,8 @@ class ContinuousEngine:
         if T >= capacity:
             raise PromptTooLongError(f"the prompt is {T} tokens; a slot holds {capacity} (prompt and answer)")
         max_new = min(handle.params.max_new_tokens, capacity - T)
-        sampler = RowSampler(handle.params, input_ids[0], max_new, self.eos_id, self.vocab_size, self.device)
+        sampler = RowSampler(handle.params, T, max_new, self.eos_id, self.vocab_size, self.device)
+        self.histories.start(slot, input_ids[0])
         stream = TextStream(self.tokenizer, self.hidden_ids, handle.params.stop,
                             lambda piece: handle.emit("text", piece)) if self.tokenizer is not None else _NoText()
         stream.put(input_ids[0])  # the first put is the prompt
@@ -223,7 +235,7 @@ class ContinuousEngine:
                 return end - start
             request.embeds = None
             self._prefilling.remove(request)
-            token, unusable = request.sampler.choose(logits)
+            token, unusable = choose_tokens(logits, [request.sampler], [request.slot], self.histories)
             if bool(unusable):
                 raise _unusable(request)
             reason = request.take(int(token), self.eos_id)
@@ -238,22 +250,26 @@ class ContinuousEngine:
         return end - start
 
     def _decode(self) -> None:
-        """One token for every running row, over the rows up to the highest one in use."""
+        """One token for every running row, over the rows up to the highest one in use (padded up to
+        a captured graph's row count)."""
         running = self._running
-        rows = max(r.slot for r in running) + 1
-        tokens, slots, active = [0] * rows, [0] * rows, [False] * rows
+        rows = self.steps.rows_for(max(r.slot for r in running) + 1)
+        tokens, positions, active = [0] * rows, [0] * rows, [False] * rows
         for request in self._prefilling:  # a row still prefilling: the dummy write lands where its
-            if request.slot < rows:       # next chunk will write
-                slots[request.slot] = request.prefilled
-        for request in running:
-            tokens[request.slot], slots[request.slot], active[request.slot] = (
+            if request.slot < rows:       # next chunk will write (a free row's lands in its slot 0)
+                positions[request.slot] = request.prefilled
+        for request in running:  # one unpadded prompt per row: rope position == cache slot
+            tokens[request.slot], positions[request.slot], active[request.slot] = (
                 request.next_token, request.length, True)
         kv_len = kv_bucket(max(r.length for r in running) + 1, self.slots.capacity)
-        positions = device_tensor(slots, self.device)  # one unpadded prompt per row: position == slot
-        visible = device_tensor(active, self.device, torch.bool)[:, None].expand(rows, kv_len)
         try:
-            logits = self.lm.decode_step(device_tensor(tokens, self.device), positions, positions[:, None],
-                                         visible, kv_len, self.slots.prefix(rows))
+            self.steps.load(tokens, positions, active)
+            logits = self.steps.run(rows, kv_len)
+            slots = [r.slot for r in running]
+            if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
+                logits = logits.index_select(0, device_tensor(slots, self.device))
+            chosen, unusable = choose_tokens(logits, [r.sampler for r in running], slots, self.histories)
+            tokens_now, unusable_now = chosen.tolist(), unusable.tolist()
         except Exception as error:
             for request in list(running):
                 self._remove(request)
@@ -261,15 +277,8 @@ class ContinuousEngine:
             return
         self.stats.decode_steps += 1
         self.stats.max_running = max(self.stats.max_running, len(running))
-        chosen, flags = [], []
-        for request in running:
-            request.length += 1
-            token, unusable = request.sampler.choose(logits[request.slot:request.slot + 1])
-            chosen.append(token)
-            flags.append(unusable)
-        tokens_now = torch.cat(chosen).tolist()
-        unusable_now = torch.cat(flags).tolist()
         for request, token, bad in zip(list(running), tokens_now, unusable_now):
+            request.length += 1
             if bad:
                 self._remove(request)
                 self._fail(request.handle, _unusable(request))

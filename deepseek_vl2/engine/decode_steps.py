@@ -1,0 +1,115 @@
+"""The continuous engine's decode step, run eagerly or, on CUDA, as CUDA graphs captured before the
+first request.
+
+A step decodes one token for each row of a prefix of the KV slots and attends over a number of
+cache slots; both vary from step to step. With graphs, both are padded up to fixed sizes: rows to
+the next of `row_sizes` (1, 2, 4, ... up to max_num_seqs), cache slots to the next multiple of
+KV_BUCKET (`kv_bucket`), and `capture_all` captures one graph per pair at start-up, so no request
+ever waits for a capture or a compilation. Padding rows are inactive (masked; the engine points
+their cache writes where nothing is read).
+
+The step reads its inputs from one static buffer (`load`: tokens, rope positions = cache slots,
+active flags) and writes its logits into one static buffer, whatever the pair, so the outputs'
+memory is paid once. With `compile=True` the fixed-shape pieces of the step (the model's
+`decode_pieces`) are compiled, one private copy per row size: one shared copy would be recompiled
+for every size, past dynamo's recompile limit.
+"""
+import logging
+import time
+import weakref
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+from ..generation.cuda_graphs import compiled_copies, forget_compiled, warmup_stream
+from .slots import KV_BUCKET, SlotCache
+
+logger = logging.getLogger(__name__)
+
+ROW_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows a decode graph is made for (max_num_seqs is added)
+
+
+def row_sizes(max_num_seqs: int) -> Tuple[int, ...]:
+    return tuple(size for size in ROW_SIZES if size < max_num_seqs) + (max_num_seqs,)
+
+
+def kv_sizes(capacity: int) -> Tuple[int, ...]:
+    """Every value `slots.kv_bucket` can give for this capacity."""
+    return tuple(range(KV_BUCKET, capacity, KV_BUCKET)) + (capacity,)
+
+
+class DecodeSteps:
+    """Decode steps over the first rows of `slots`; CUDA graphs when `use_graphs`."""
+
+    def __init__(self, lm, slots: SlotCache, use_graphs: bool, compile: bool = False):
+        if (use_graphs or compile) and lm.device.type != "cuda":
+            raise ValueError(f"CUDA graphs and compiled decode steps need a model on CUDA, not {lm.device}")
+        self._lm = weakref.ref(lm)
+        self.slots = slots
+        self.use_graphs = use_graphs
+        R = slots.max_num_seqs
+        self.row_sizes = row_sizes(R) if use_graphs else tuple(range(1, R + 1))
+        self.kv_sizes = kv_sizes(slots.capacity)
+        self.inputs = torch.zeros(3, R, dtype=torch.long, device=lm.device)  # tokens, positions, active
+        self.logits = torch.zeros(R, lm.config.vocab_size, dtype=torch.float32, device=lm.device)
+        self.pieces: Dict[int, tuple] = {}
+        if compile:
+            for rows in self.row_sizes:
+                self.pieces[rows], codes = compiled_copies(type(lm).decode_pieces)
+                weakref.finalize(self, forget_compiled, codes).atexit = False
+        self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.eager_steps = 0  # steps of a graph engine that found no graph (none, when capture_all ran)
+
+    def rows_for(self, rows: int) -> int:
+        """The row count a step over `rows` rows runs with (padded up to a graph's size)."""
+        return next(size for size in self.row_sizes if size >= rows)
+
+    def load(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[bool]) -> None:
+        """The next step's inputs for its first len(tokens) rows (one host-to-device copy)."""
+        host = torch.tensor([list(tokens), list(positions), [int(a) for a in active]], dtype=torch.long)
+        self.inputs[:, : host.shape[1]].copy_(host, non_blocking=True)
+
+    def run(self, rows: int, kv_len: int) -> torch.Tensor:
+        """Logits [rows, vocab] of the loaded inputs; `rows` from `rows_for`, `kv_len` a kv_sizes value."""
+        graph = self.graphs.get((rows, kv_len))
+        if graph is not None:
+            graph.replay()
+        else:
+            self.eager_steps += self.use_graphs
+            self._step(rows, kv_len)
+        return self.logits[:rows]
+
+    def _step(self, rows: int, kv_len: int) -> None:
+        lm = self._lm()
+        tokens, positions, active = self.inputs[0, :rows], self.inputs[1, :rows], self.inputs[2, :rows]
+        visible = active.bool()[:, None].expand(rows, kv_len)
+        logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows),
+                                self.pieces.get(rows))
+        self.logits[:rows].copy_(logits)
+
+    def capture_all(self) -> str:
+        """Capture a graph for every (row size, kv size) pair, while no slot is in use (the warm-up
+        runs write to slot 0 of every row); returns what was done, for the start-up log."""
+        if self.slots.used:
+            raise RuntimeError("decode graphs are captured before any request is admitted")
+        started = time.perf_counter()
+        self.inputs.zero_()
+        current = torch.cuda.current_stream(self._lm().device)
+        side = warmup_stream(current.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for rows in self.row_sizes:
+                for kv_len in self.kv_sizes:
+                    self._step(rows, kv_len)  # warm-up: compiles, cuBLAS workspaces, Triton autotuning
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                        self._step(rows, kv_len)
+                    self.graphs[(rows, kv_len)] = graph
+        current.wait_stream(side)
+        torch.cuda.synchronize(current.device)
+        summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
+                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]}"
+                   f"{', compiled step pieces' if self.pieces else ''}) in {time.perf_counter() - started:.1f} s")
+        logger.info(summary)
+        return summary
