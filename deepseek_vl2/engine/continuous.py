@@ -29,7 +29,7 @@ import torch
 
 from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
-from .decode_steps import DecodeSteps
+from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
 from .requests import ActiveRequest, Handle
 from .row_sampling import Histories, RowSampler, choose_tokens
@@ -48,6 +48,7 @@ class EngineStats:
         self.finished = 0  # requests ended with a result (cancelled ones included)
         self.failed = 0
         self.generated_tokens = 0
+        self.compilations_at_start = 0  # torch.compile graphs in the process once the engine was ready
 
 
 class ContinuousEngine:
@@ -82,6 +83,7 @@ class ContinuousEngine:
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
         self.stats = EngineStats()
+        self.stats.compilations_at_start = compilations()
         self._waiting: deque = deque()
         self._prefilling: List[ActiveRequest] = []
         self._running: List[ActiveRequest] = []

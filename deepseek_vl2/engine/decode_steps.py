@@ -15,6 +15,7 @@ memory is paid once. With `compile=True` the fixed-shape pieces of the step (the
 for every size, past dynamo's recompile limit.
 """
 import logging
+import sys
 import time
 import weakref
 from typing import Dict, Sequence, Tuple
@@ -27,6 +28,12 @@ from .slots import KV_BUCKET, SlotCache
 logger = logging.getLogger(__name__)
 
 ROW_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows a decode graph is made for (max_num_seqs is added)
+
+
+def compilations() -> int:
+    """Graphs torch.compile has compiled in this process so far (0 while dynamo was never loaded)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
 
 
 def row_sizes(max_num_seqs: int) -> Tuple[int, ...]:

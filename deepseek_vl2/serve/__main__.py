@@ -28,15 +28,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-local-media-path", type=Path,
                    help="allow file:// image URLs, for files below this directory only (default: none)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refuse)")
-    batching = p.add_argument_group("batching", "static batching when the model is on CUDA (the continuous engine "
-                                     "has no CUDA graphs yet), the continuous-batching engine elsewhere")
-    for flag, name, text in (("--max-batch-size", "max_batch_size", "rows of one static batch (on CUDA)"),
+    batching = p.add_argument_group("batching", "the continuous-batching engine (on CUDA: decode steps as CUDA "
+                                     "graphs, captured at start-up), or static batching for a model spread "
+                                     "over several GPUs")
+    for flag, name, text in (("--max-batch-size", "max_batch_size", "rows of one static batch"),
                              ("--max-num-seqs", "max_num_seqs", "rows decoding at once in the continuous engine"),
                              ("--prefill-chunk", "prefill_chunk", "prompt tokens the continuous engine prefills "
                                                                   "between two decode steps")):
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS, name), help=text)
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
-                          help="auto: by the device, as above (default); static or continuous: that one")
+                          help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULTS.max_image_pixels,
                    help="width x height of one image")

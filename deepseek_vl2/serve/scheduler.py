@@ -1,9 +1,9 @@
 """The schedulers: one thread owns the model and answers the server's requests (`Job`s).
 
-The rule (`uses_continuous_engine`): a model on CUDA is served by static batching (`BatchScheduler`),
-any other device by the continuous-batching engine (`ContinuousScheduler`), because the continuous
-engine has no CUDA graphs yet (on a GPU it decodes several times slower per row than the static
-path's graphs). `--scheduler static|continuous` overrides the rule.
+The rule (`uses_continuous_engine`): the continuous-batching engine (`ContinuousScheduler`; on CUDA
+its decode steps are CUDA graphs captured at start-up) serves every model on one device; a model
+spread over several GPUs is served by static batching (`BatchScheduler`), whose `generate` runs
+split models. `--scheduler static|continuous` overrides the rule.
 
 Static batching (`BatchScheduler`): whenever the model is free, the scheduler takes the oldest waiting
 job and every other waiting job with the same sampling settings (greedy, or equal temperature, top_p
@@ -34,6 +34,7 @@ from typing import Callable, List, Optional
 
 from ..engine import BatchRow, ChatResult, GenerationParams, sampling_key
 from ..engine.continuous import ContinuousEngine
+from ..engine.decode_steps import compilations
 from ..engine.requests import Handle
 
 logger = logging.getLogger(__name__)
@@ -78,22 +79,19 @@ class SchedulerStats:
     failed_batches: int = 0  # static: batches that failed; continuous: requests that failed
     max_batch_size_seen: int = 0  # the most rows one batch (decode step) ran
     generated_tokens: int = 0
-
-
-def model_device_type(engine) -> str:
-    """"cuda", "cpu", ... : where the engine's model holds its (first) parameters."""
-    parameter = next(engine.model.parameters(), None)
-    return parameter.device.type if parameter is not None else "cpu"
+    decode_graphs: int = 0  # continuous on CUDA: graphs captured at start-up
+    steps_without_graph: int = 0  # continuous on CUDA: decode steps that found no captured graph (0)
+    compilations_after_start: int = 0  # continuous: torch.compile graphs compiled since start-up (0)
 
 
 def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
-    """The rule: "auto" serves a model on CUDA with static batching (the continuous engine has no
-    CUDA graphs yet) and any other with the continuous engine; "static" / "continuous" force one."""
+    """The rule: "auto" serves with the continuous engine unless the model is spread over several
+    devices (the engine decodes on one), which static batching serves; "static" / "continuous" force one."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     if scheduler != "auto":
         return scheduler == "continuous"
-    return isinstance(engine, ContinuousEngine) or model_device_type(engine) != "cuda"
+    return isinstance(engine, ContinuousEngine) or not getattr(engine.model, "language", engine.model).is_split
 
 
 def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] = None, scheduler: str = "auto",
@@ -212,6 +210,8 @@ class ContinuousScheduler:
             engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs,
                                       prefill_chunk=prefill_chunk)
         self.engine = engine
+        logger.info("continuous engine ready: %d KV slots of %d tokens; %s", engine.slots.max_num_seqs,
+                    engine.slots.capacity, engine.startup_summary)
         self.max_batch_size = engine.slots.max_num_seqs
         self.on_error = on_error
         self._closing = False
@@ -219,8 +219,11 @@ class ContinuousScheduler:
     @property
     def stats(self) -> SchedulerStats:
         counts = self.engine.stats
+        steps = self.engine.steps
         return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
-                              max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens)
+                              max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
+                              decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
+                              compilations_after_start=compilations() - counts.compilations_at_start)
 
     def start(self) -> None:
         self.engine.start()

@@ -9,10 +9,10 @@ class ServerSettings:
     model_id: str  # the name /v1/models lists and requests must use
     allowed_local_media_path: Optional[Path] = None  # file:// images only below this directory; None: none
     allow_remote_media: bool = False  # fetch http(s) image URLs
-    max_batch_size: int = 8  # rows of one static batch (the CUDA path)
-    max_num_seqs: int = 8  # rows decoding at once in the continuous engine (the non-CUDA path)
+    max_batch_size: int = 8  # rows of one static batch (a model spread over several GPUs)
+    max_num_seqs: int = 8  # rows decoding at once in the continuous engine (KV slots)
     prefill_chunk: int = 512  # prompt tokens the continuous engine prefills between two decode steps
-    scheduler: str = "auto"  # "auto": static batching on CUDA, else the continuous engine; or "static", "continuous"
+    scheduler: str = "auto"  # "auto": the continuous engine, static batching for a split model; or "static", "continuous"
     max_images: int = 4  # per request
     max_image_pixels: int = 36_000_000  # width * height, checked before an image is decoded
     max_request_bytes: int = 32 * 1024 * 1024  # request body; also one fetched or local image file

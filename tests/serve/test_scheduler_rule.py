@@ -1,6 +1,8 @@
-"""The server's scheduling rule: static batching for a model on CUDA (the continuous engine has no
-CUDA graphs yet), the continuous engine elsewhere, either forced by `scheduler`; on the continuous
+"""The server's scheduling rule: the continuous engine for a model on one device, static batching for
+a model spread over several, either forced by `scheduler`; on the continuous
 path a request's unrecoverable device error still makes the server unhealthy."""
+import types
+
 import httpx
 import pytest
 import torch
@@ -15,37 +17,19 @@ from serve_helpers import ServerThread, tiny_checkpoint
 URL = "/v1/chat/completions"
 
 
-class FakeDevice:
-    def __init__(self, kind):
-        self.type = kind
-
-
-class FakeParameter:
-    def __init__(self, kind):
-        self.device = FakeDevice(kind)
-
-
-class FakeModel:
-    def __init__(self, kind):
-        self.kind = kind
-
-    def parameters(self):
-        return iter([FakeParameter(self.kind)])
-
-
 class FakeEngine:
-    def __init__(self, kind):
-        self.model = FakeModel(kind)
+    def __init__(self, split: bool):
+        self.model = types.SimpleNamespace(language=types.SimpleNamespace(is_split=split))
 
 
-def test_the_rule_by_device():
-    assert not uses_continuous_engine(FakeEngine("cuda"))
-    assert uses_continuous_engine(FakeEngine("cpu")) and uses_continuous_engine(FakeEngine("mps"))
-    assert uses_continuous_engine(FakeEngine("cuda"), "continuous")
-    assert not uses_continuous_engine(FakeEngine("cpu"), "static")
+def test_the_rule_by_placement():
+    assert uses_continuous_engine(FakeEngine(split=False))
+    assert not uses_continuous_engine(FakeEngine(split=True))
+    assert uses_continuous_engine(FakeEngine(split=True), "continuous")
+    assert not uses_continuous_engine(FakeEngine(split=False), "static")
     with pytest.raises(ValueError, match="scheduler must be"):
-        uses_continuous_engine(FakeEngine("cpu"), "dynamic")
-    static = create_scheduler(FakeEngine("cuda"), max_batch_size=3, context_length=100)
+        uses_continuous_engine(FakeEngine(split=False), "dynamic")
+    static = create_scheduler(FakeEngine(split=True), max_batch_size=3, context_length=100)
     assert isinstance(static, BatchScheduler) and (static.max_batch_size, static.context_length) == (3, 100)
     with pytest.raises(ValueError, match="scheduler must be"):
         ServerSettings(model_id="tiny", scheduler="dynamic")

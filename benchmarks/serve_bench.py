@@ -1,0 +1,259 @@
+"""Benchmark the HTTP server under load on one CUDA GPU, with a model of the release's shapes.
+
+    python benchmarks/serve_bench.py --variant tiny --schedulers static continuous --json serve.json
+
+For each scheduler a server process is started (`--serve`: random bf16 weights at the release's
+shapes built on the GPU, as bench.py builds them, and the offline tokenizer; LM-head rows of ids the
+tokenizer lacks, and of EOS, are zeroed so every answer runs its full length in decodable text) and
+driven over HTTP with streamed requests, each a 1024x1024 image, a question and max_tokens=128,
+greedy:
+
+  closed loop   N clients (1, 8, 32, 64), each sending its next request when its answer is in
+  open loop     Poisson arrivals at fractions of the server's own 32-client closed-loop request rate
+
+Reported per scenario: output tok/s (completion tokens / wall time), TTFT p50/p99 (request sent to
+the first streamed text), inter-token latency p50/p99 (gaps between streamed chunks; one chunk per
+token here), request latency p50/p99; and from /health after the run: decode graphs captured,
+decode steps that found no graph and torch.compile graphs compiled since start-up (the engine's
+"nothing compiled or captured after start-up", counted).
+"""
+import argparse
+import http.client
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+QUESTION = "Describe everything you can see in this picture: the objects, their colours and the whole scene."
+NEW_TOKENS = 128
+
+
+# ---- the server process -------------------------------------------------------------------------
+
+def serve(variant: str, port: int, scheduler: str, slots: int) -> None:
+    import tempfile
+
+    import torch
+    import uvicorn
+
+    from bench import build_model
+    from deepseek_vl2.engine import ChatEngine
+    from deepseek_vl2.models import DeepseekVLV2Processor
+    from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
+    from deepseek_vl2.serve.app import create_app
+    from deepseek_vl2.serve.settings import ServerSettings
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    model = build_model(variant)
+    with torch.no_grad():  # only decodable, non-EOS ids can win: full-length answers with text
+        head = model.language.lm_head.weight
+        head[len(processor.tokenizer):] = 0
+        head[processor.eos_id] = 0
+    settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
+                              max_concurrent_requests=4 * slots, request_timeout_s=1800)
+    app = create_app(ChatEngine(model, processor), settings)
+    print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- the clients ------------------------------------------------------------------------------------
+
+def request_body(image_url: str) -> bytes:
+    return json.dumps({
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                  {"type": "text", "text": QUESTION}]}],
+        "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}}).encode()
+
+
+def image_url() -> str:
+    import base64
+
+    from PIL import Image
+
+    image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
+    buffer = BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def one_request(port: int, body: bytes) -> dict:
+    """Send one streamed request; its timings (seconds) and completion tokens."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    sent = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    chunks, tokens = [], None
+    for line in response:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        if any(choice.get("delta", {}).get("content") for choice in event.get("choices", [])):
+            chunks.append(time.perf_counter())
+    connection.close()
+    done = time.perf_counter()
+    return dict(sent=sent, ttft=(chunks[0] - sent) if chunks else None, gaps=[b - a for a, b in zip(chunks, chunks[1:])],
+                latency=done - sent, tokens=tokens or 0, done=done)
+
+
+def closed_loop(port: int, body: bytes, clients: int, requests_each: int) -> list:
+    results, lock = [], threading.Lock()
+
+    def client():
+        for _ in range(requests_each):
+            result = one_request(port, body)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def open_loop(port: int, body: bytes, rate: float, count: int, seed: int = 0) -> list:
+    results, lock, threads = [], threading.Lock(), []
+    arrivals = random.Random(seed)
+
+    def client():
+        result = one_request(port, body)
+        with lock:
+            results.append(result)
+
+    for _ in range(count):
+        thread = threading.Thread(target=client)
+        thread.start()
+        threads.append(thread)
+        time.sleep(arrivals.expovariate(rate))
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def summary(results: list) -> dict:
+    def pct(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+    start = min(r["sent"] for r in results)
+    end = max(r["done"] for r in results)
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    latencies = [r["latency"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return dict(requests=len(results), tokens=tokens, wall_s=end - start, tok_s=tokens / (end - start),
+                ttft_p50_ms=1e3 * pct(ttfts, 50), ttft_p99_ms=1e3 * pct(ttfts, 99),
+                itl_p50_ms=1e3 * pct(gaps, 50), itl_p99_ms=1e3 * pct(gaps, 99),
+                latency_p50_s=pct(latencies, 50), latency_p99_s=pct(latencies, 99),
+                mean_tokens=tokens / len(results))
+
+
+def get_health(port: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/health")
+    body = json.loads(connection.getresponse().read())
+    connection.close()
+    return body
+
+
+def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
+    command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
+               "--slots", str(args.slots)]
+    server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the {scheduler} server exited with {server.returncode}")
+            try:
+                get_health(port)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {scheduler} server did not start in {args.startup_timeout} s") from None
+                time.sleep(1)
+        one_request(port, body)  # the first request's one-time costs are not what this measures
+        scenarios = {}
+        for clients in args.clients:
+            scenarios[f"closed {clients}"] = summary(
+                closed_loop(port, body, clients, max(args.requests_per_client, -(-args.min_requests // clients))))
+            print(scheduler, f"closed {clients}", json.dumps(scenarios[f"closed {clients}"]), flush=True)
+        closed32 = scenarios.get("closed 32")
+        rate_base = closed32["tok_s"] / NEW_TOKENS if closed32 else None  # this server's own request rate
+        if rate_base:
+            for fraction in args.open_fractions:
+                rate = fraction * rate_base
+                count = max(8, int(rate * args.open_seconds))
+                name = f"open {fraction:g}x ({rate:.1f} req/s)"
+                scenarios[name] = dict(summary(open_loop(port, body, rate, count)), rate=rate)
+                print(scheduler, name, json.dumps(scenarios[name]), flush=True)
+        health = get_health(port)
+        return dict(scheduler=scheduler, scenarios=scenarios, health=health, rate_base=rate_base)
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--schedulers", nargs="+", default=["static", "continuous"], choices=["static", "continuous"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=4, help="per closed-loop scenario")
+    parser.add_argument("--open-fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75],
+                        help="open-loop rates, as fractions of the 32-client closed-loop request rate")
+    parser.add_argument("--open-seconds", type=float, default=10.0, help="arrivals span about this long")
+    parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
+    parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
+    parser.add_argument("--scheduler", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        serve(args.serve, args.port, args.scheduler, args.slots)
+        return
+    import torch
+
+    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  variant=args.variant, command=" ".join(sys.argv))
+    print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}, {args.variant}", flush=True)
+    body = request_body(image_url())
+    runs = []
+    for index, scheduler in enumerate(args.schedulers):
+        runs.append(run_scheduler(args, scheduler, args.port + index, body))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(header, runs=runs), indent=2))
+    print("| scheduler | scenario | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | latency p50 / p99 s |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        for name, s in run["scenarios"].items():
+            print(f"| {run['scheduler']} | {name} | {s['tok_s']:.0f} | {s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} "
+                  f"| {s['itl_p50_ms']:.1f} / {s['itl_p99_ms']:.1f} | {s['latency_p50_s']:.2f} / "
+                  f"{s['latency_p99_s']:.2f} |")
+        print(f"| {run['scheduler']} | /health after the run | {json.dumps(run['health']['scheduler'])} |")
+
+
+if __name__ == "__main__":
+    main()
