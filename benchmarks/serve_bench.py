@@ -37,20 +37,17 @@ NEW_TOKENS = 128
 
 # ---- the server process -------------------------------------------------------------------------
 
-def serve(variant: str, port: int, scheduler: str, slots: int) -> None:
+def build_chat_engine(variant: str):
+    """A ChatEngine on a random-weight model of the release's shapes, with the offline processor."""
     import tempfile
 
     import torch
-    import uvicorn
 
     from bench import build_model
     from deepseek_vl2.engine import ChatEngine
     from deepseek_vl2.models import DeepseekVLV2Processor
     from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
-    from deepseek_vl2.serve.app import create_app
-    from deepseek_vl2.serve.settings import ServerSettings
 
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
     model = build_model(variant)
@@ -58,9 +55,20 @@ def serve(variant: str, port: int, scheduler: str, slots: int) -> None:
         head = model.language.lm_head.weight
         head[len(processor.tokenizer):] = 0
         head[processor.eos_id] = 0
+    return ChatEngine(model, processor)
+
+
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int) -> None:
+    import uvicorn
+
+    from deepseek_vl2.serve.app import create_app
+    from deepseek_vl2.serve.settings import ServerSettings
+
+    started = time.perf_counter()
+    chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
-                              max_concurrent_requests=4 * slots, request_timeout_s=1800)
-    app = create_app(ChatEngine(model, processor), settings)
+                              prefill_chunk=prefill_chunk, max_concurrent_requests=4 * slots, request_timeout_s=1800)
+    app = create_app(chat, settings)
     print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -174,7 +182,7 @@ def get_health(port: int) -> dict:
 
 def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
-               "--slots", str(args.slots)]
+               "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk)]
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -213,6 +221,69 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             server.kill()
 
 
+def in_process(args) -> None:
+    """The continuous engine without HTTP: the same closed loops, clients submitting to the engine
+    directly (what the server adds on top is the difference); `--profile` prints where the engine's
+    thread spends its time."""
+    import cProfile
+    import pstats
+
+    from PIL import Image
+
+    from deepseek_vl2.engine import GenerationParams
+    from deepseek_vl2.engine.continuous import ContinuousEngine
+
+    chat = build_chat_engine(args.variant)
+    started = time.perf_counter()
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill_chunk=args.prefill_chunk)
+    print(f"engine ready in {time.perf_counter() - started:.1f} s: {engine.startup_summary}", flush=True)
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        step = engine.step
+        engine.step = lambda: profiler.runcall(step)
+    engine.start()
+    image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
+    conversation = [{"role": "<|User|>", "content": "<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0)
+
+    def request():
+        sent = time.perf_counter()
+        handle = engine.submit(engine.prepare_one(conversation, [image]), params)
+        times, tokens = [], 0
+        while True:
+            kind, value = handle.events.get()
+            if kind == "token":
+                times.append(time.perf_counter())
+            elif kind == "done":
+                tokens = len(value.token_ids)
+                break
+            elif kind == "error":
+                raise value
+        done = time.perf_counter()
+        return dict(sent=sent, ttft=times[0] - sent, gaps=[b - a for a, b in zip(times, times[1:])],
+                    latency=done - sent, tokens=tokens, done=done)
+
+    request()
+    for clients in args.clients:
+        results, lock = [], threading.Lock()
+
+        def client():
+            for _ in range(max(args.requests_per_client, -(-args.min_requests // clients))):
+                result = request()
+                with lock:
+                    results.append(result)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("in-process", f"closed {clients}", json.dumps(summary(results)), flush=True)
+    engine.close()
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="tiny", choices=["tiny", "small", "base"])
@@ -224,15 +295,23 @@ def main():
                         help="open-loop rates, as fractions of the 32-client closed-loop request rate")
     parser.add_argument("--open-seconds", type=float, default=10.0, help="arrivals span about this long")
     parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="drive the continuous engine directly (no HTTP server), closed loops only")
+    parser.add_argument("--profile", action="store_true", help="with --in-process: profile the engine's thread")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        serve(args.serve, args.port, args.scheduler, args.slots)
+        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk)
+        return
+    if args.in_process:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        in_process(args)
         return
     import torch
 

@@ -53,13 +53,13 @@ class EngineStats:
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, compile: bool = False):
+                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
         `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them); `compile`: compile the
-        steps' fixed-shape pieces first (seconds more at start-up, a little faster per step)."""
+        steps' fixed-shape pieces first (default: with graphs; seconds at start-up, steps 2-3x faster)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
@@ -75,7 +75,8 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, compile=compile)
+        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs,
+                                 compile=cuda_graphs if compile is None else compile)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
         self.prefill_chunk = prefill_chunk
@@ -163,12 +164,15 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row."""
+        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row.
+        A prompt that fits in a chunk is prefilled whole, in one forward: when what is left of this
+        iteration's budget cannot take the rest of it, it waits for the next iteration's."""
         self._drop_cancelled()
         self._admit()
         budget = self.prefill_chunk
         for request in list(self._prefilling):
-            if budget <= 0:
+            left = request.prompt_len - request.prefilled
+            if budget <= 0 or (left > budget and budget < self.prefill_chunk):
                 break
             budget -= self._prefill(request, budget)
         if self._running:
@@ -201,17 +205,16 @@ class ContinuousEngine:
             self._prefilling.append(request)
 
     def admit_request(self, handle: Handle, slot: int) -> ActiveRequest:
-        """The request's prompt embeddings (images merged), sampler and text stream, in `slot`. An
-        exception here fails this request alone (a subclass may refuse requests by raising)."""
+        """The request's prompt ids, sampler and text stream, in `slot` (its embeddings are made at
+        its first prefill chunk, so that admitting many requests at once does not run all their
+        images through the vision tower between two decode steps). An exception here fails this
+        request alone (a subclass may refuse requests by raising)."""
         sample = handle.sample
         if isinstance(sample, torch.Tensor):  # token ids for a bare decoder
-            input_ids = sample.reshape(1, -1).to(self.device)
-            embeds = self.lm.get_input_embeddings()(input_ids)
+            inputs = input_ids = sample.reshape(1, -1).to(self.device)
         else:
-            batch = self.processor.batchify([sample]).to(self.device, dtype=self.lm.dtype)
-            input_ids = batch.input_ids
-            embeds = self.model.prepare_inputs_embeds(input_ids, batch.images, batch.images_seq_mask,
-                                                      batch.images_spatial_crop)
+            inputs = self.processor.batchify([sample]).to(self.device, dtype=self.lm.dtype)
+            input_ids = inputs.input_ids
         T = input_ids.shape[1]
         capacity = self.slots.capacity
         if T >= capacity:
@@ -222,7 +225,14 @@ class ContinuousEngine:
         stream = TextStream(self.tokenizer, self.hidden_ids, handle.params.stop,
                             lambda piece: handle.emit("text", piece)) if self.tokenizer is not None else _NoText()
         stream.put(input_ids[0])  # the first put is the prompt
-        return ActiveRequest(handle, slot, input_ids[0], embeds, self.slots.row(slot), sampler, stream)
+        return ActiveRequest(handle, slot, input_ids[0], inputs, self.slots.row(slot), sampler, stream)
+
+    def embeddings(self, inputs) -> torch.Tensor:
+        """Prompt embeddings [1, T, hidden] (images merged, through the vision tower and projector)."""
+        if isinstance(inputs, torch.Tensor):
+            return self.lm.get_input_embeddings()(inputs)
+        return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                                inputs.images_spatial_crop)
 
     def _prefill(self, request: ActiveRequest, budget: int) -> int:
         """Prefill up to `budget` more prompt tokens of `request` into its slot; returns how many.
@@ -230,6 +240,8 @@ class ContinuousEngine:
         start = request.prefilled
         end = min(request.prompt_len, start + budget)
         try:
+            if request.embeds is None:
+                request.embeds, request.inputs = self.embeddings(request.inputs), None
             logits = self.lm(inputs_embeds=request.embeds[:, start:end], past_key_values=request.cache,
                              use_cache=True, logits_to_keep=1).logits[:, -1]
             request.prefilled = request.length = end

@@ -11,14 +11,16 @@ their cache writes where nothing is read).
 The step reads its inputs from one static buffer (`load`: tokens, rope positions = cache slots,
 active flags) and writes its logits into one static buffer, whatever the pair, so the outputs'
 memory is paid once. With `compile=True` the fixed-shape pieces of the step (the model's
-`decode_pieces`) are compiled, one private copy per row size: one shared copy would be recompiled
-for every size, past dynamo's recompile limit.
+`decode_pieces`) are compiled first, which fuses their elementwise work (inside a graph a step is
+still hundreds of small kernels; fewer of them is most of what is left to gain). One private
+compiled copy serves every row size: dynamo compiles the first sizes as they are and, at the
+next, makes the row count a symbolic size, so a few compilations per layer kind cover them all.
 """
 import logging
 import sys
 import time
 import weakref
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,11 +61,10 @@ class DecodeSteps:
         self.kv_sizes = kv_sizes(slots.capacity)
         self.inputs = torch.zeros(3, R, dtype=torch.long, device=lm.device)  # tokens, positions, active
         self.logits = torch.zeros(R, lm.config.vocab_size, dtype=torch.float32, device=lm.device)
-        self.pieces: Dict[int, tuple] = {}
+        self.pieces: Optional[tuple] = None  # None: the model's plain decode_pieces
         if compile:
-            for rows in self.row_sizes:
-                self.pieces[rows], codes = compiled_copies(type(lm).decode_pieces)
-                weakref.finalize(self, forget_compiled, codes).atexit = False
+            self.pieces, codes = compiled_copies(type(lm).decode_pieces, dynamic=None)
+            weakref.finalize(self, forget_compiled, codes).atexit = False
         self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.eager_steps = 0  # steps of a graph engine that found no graph (none, when capture_all ran)
@@ -92,7 +93,7 @@ class DecodeSteps:
         tokens, positions, active = self.inputs[0, :rows], self.inputs[1, :rows], self.inputs[2, :rows]
         visible = active.bool()[:, None].expand(rows, kv_len)
         logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows),
-                                self.pieces.get(rows))
+                                self.pieces)
         self.logits[:rows].copy_(logits)
 
     def capture_all(self) -> str:

@@ -78,10 +78,11 @@ class ActiveRequest:
     handle: Handle
     slot: int
     prompt_ids: torch.Tensor  # [T] on the model's device
-    embeds: Optional[torch.Tensor]  # [1, T, hidden] until prefilled
+    inputs: Optional[object]  # what its embeddings are made from (a processed batch, or ids), until then
     cache: KVCache  # a one-row view of the slot
     sampler: RowSampler
     stream: TextStream
+    embeds: Optional[torch.Tensor] = None  # [1, T, hidden] from its first prefill chunk until its last
     admitted: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the slot's cache (prompt + fed generated tokens)
