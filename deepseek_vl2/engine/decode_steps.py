@@ -120,7 +120,9 @@ class DecodeSteps:
         current = torch.cuda.current_stream(self._lm().device)
         side = warmup_stream(current.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        # inference mode, as the engine's steps run: the dispatcher picks the Triton kernels only
+        # without autograd (captured with it, a graph would hold the slower reference ops)
+        with torch.inference_mode(), torch.cuda.stream(side):
             for rows in self.row_sizes:
                 for kv_len in self.kv_sizes:
                     self._warm_up(rows, kv_len)

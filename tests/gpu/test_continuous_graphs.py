@@ -28,6 +28,7 @@ def conversation(text: str, images) -> list:
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+@torch.inference_mode()  # as the engine steps
 def test_graph_step_gives_the_eager_step(checkpoint):
     chat = chat_engine(checkpoint)
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=5, max_length=600)
