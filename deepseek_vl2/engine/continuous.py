@@ -53,13 +53,12 @@ class EngineStats:
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None, compile: Optional[bool] = None):
+                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
         `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
-        float16, where `kernels.dispatch.decode_is_capturable` allows them); `compile`: compile the
-        steps' fixed-shape pieces first (default: with graphs; seconds at start-up, steps 2-3x faster)."""
+        float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
@@ -75,8 +74,7 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs,
-                                 compile=cuda_graphs if compile is None else compile)
+        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
         self.prefill_chunk = prefill_chunk

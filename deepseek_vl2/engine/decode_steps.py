@@ -10,12 +10,8 @@ their cache writes where nothing is read).
 
 The step reads its inputs from one static buffer (`load`: tokens, rope positions = cache slots,
 active flags) and writes its logits into one static buffer, whatever the pair, so the outputs'
-memory is paid once. With `compile=True` the fixed-shape pieces of the step (the model's
-`decode_pieces`) are compiled first, which fuses their elementwise work (inside a graph a step is
-still hundreds of small kernels; fewer of them is most of what is left to gain), one private
-compiled copy per row size (dynamo would recompile a shared one for every size, past its recompile
-limit; a symbolic row count does not compile: the expert routing has data-dependent sizes). A row
-size whose compilation fails runs its graphs on the plain pieces, with a warning.
+memory is paid once. The steps run the plain pieces (no torch.compile): measured on an H200, graphs of
+compiled pieces replayed slower at 8 and more rows, and compiling took half a minute at start-up.
 """
 import logging
 import sys
@@ -25,7 +21,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from ..generation.cuda_graphs import compiled_copies, forget_compiled, warmup_stream
+from ..generation.cuda_graphs import warmup_stream
 from .slots import KV_BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
@@ -51,9 +47,9 @@ def kv_sizes(capacity: int) -> Tuple[int, ...]:
 class DecodeSteps:
     """Decode steps over the first rows of `slots`; CUDA graphs when `use_graphs`."""
 
-    def __init__(self, lm, slots: SlotCache, use_graphs: bool, compile: bool = False):
-        if (use_graphs or compile) and lm.device.type != "cuda":
-            raise ValueError(f"CUDA graphs and compiled decode steps need a model on CUDA, not {lm.device}")
+    def __init__(self, lm, slots: SlotCache, use_graphs: bool):
+        if use_graphs and lm.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on CUDA, not {lm.device}")
         self._lm = weakref.ref(lm)
         self.slots = slots
         self.use_graphs = use_graphs
@@ -62,11 +58,6 @@ class DecodeSteps:
         self.kv_sizes = kv_sizes(slots.capacity)
         self.inputs = torch.zeros(3, R, dtype=torch.long, device=lm.device)  # tokens, positions, active
         self.logits = torch.zeros(R, lm.config.vocab_size, dtype=torch.float32, device=lm.device)
-        self.pieces: Dict[int, tuple] = {}  # row size -> compiled pieces (absent: the model's plain ones)
-        if compile:
-            for rows in self.row_sizes:
-                self.pieces[rows], codes = compiled_copies(type(lm).decode_pieces)
-                weakref.finalize(self, forget_compiled, codes).atexit = False
         self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.eager_steps = 0  # steps of a graph engine that found no graph (none, when capture_all ran)
@@ -94,21 +85,8 @@ class DecodeSteps:
         lm = self._lm()
         tokens, positions, active = self.inputs[0, :rows], self.inputs[1, :rows], self.inputs[2, :rows]
         visible = active.bool()[:, None].expand(rows, kv_len)
-        logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows),
-                                self.pieces.get(rows))
+        logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows))
         self.logits[:rows].copy_(logits)
-
-    def _warm_up(self, rows: int, kv_len: int) -> None:
-        """One step outside a graph: compiles, cuBLAS workspaces, Triton autotuning."""
-        try:
-            self._step(rows, kv_len)
-        except Exception as error:  # noqa: BLE001  (a compiler problem must not stop serving)
-            if rows not in self.pieces:
-                raise
-            logger.warning("torch.compile of the decode step for %d rows failed (%s); using plain kernels", rows,
-                           error)
-            del self.pieces[rows]
-            self._step(rows, kv_len)
 
     def capture_all(self) -> str:
         """Capture a graph for every (row size, kv size) pair, while no slot is in use (the warm-up
@@ -125,16 +103,15 @@ class DecodeSteps:
         with torch.inference_mode(), torch.cuda.stream(side):
             for rows in self.row_sizes:
                 for kv_len in self.kv_sizes:
-                    self._warm_up(rows, kv_len)
+                    self._step(rows, kv_len)  # warm-up: cuBLAS workspaces, Triton autotuning
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self.pool, stream=side):
                         self._step(rows, kv_len)
                     self.graphs[(rows, kv_len)] = graph
         current.wait_stream(side)
         torch.cuda.synchronize(current.device)
-        compiled = f", compiled for {len(self.pieces)} row sizes" if self.pieces else ""
         summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
-                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]}{compiled}) in "
+                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]}) in "
                    f"{time.perf_counter() - started:.1f} s")
         logger.info(summary)
         return summary

@@ -66,18 +66,16 @@ def _greedy_advance(logits, state):
 COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 
 
-def compiled_copies(functions, **options):
-    """torch.compile'd private copies of `functions` and their code objects (`options` override
-    COMPILE_OPTIONS).
+def compiled_copies(functions):
+    """torch.compile'd private copies of `functions` and their code objects.
 
     Dynamo keeps compiled entries (guards, graphs) on the function's code object. Shared functions
     would collect entries for every model, batch size and layer kind the process ever used, up to
     a recompile limit past which they silently run uncompiled. Fresh code objects give each decoder
     its own few entries (one per layer kind, within dynamo's default limit), which `forget_compiled` drops."""
     register_kernel_ops()
-    options = dict(COMPILE_OPTIONS, **options)
     codes = tuple(fn.__code__.replace() for fn in functions)
-    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **options)
+    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **COMPILE_OPTIONS)
                    for fn, code in zip(functions, codes))
     return copies, codes
 
