@@ -82,6 +82,7 @@ class SchedulerStats:
     decode_graphs: int = 0  # continuous on CUDA: graphs captured at start-up
     steps_without_graph: int = 0  # continuous on CUDA: decode steps that found no captured graph (0)
     compilations_after_start: int = 0  # continuous: torch.compile graphs compiled since start-up (0)
+    slots_in_use: int = 0  # continuous: KV slots held by requests (prefilling or decoding)
 
 
 def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
@@ -223,7 +224,8 @@ class ContinuousScheduler:
         return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
                               max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
-                              compilations_after_start=compilations() - counts.compilations_at_start)
+                              compilations_after_start=compilations() - counts.compilations_at_start,
+                              slots_in_use=len(self.engine.slots.used))
 
     def start(self) -> None:
         self.engine.start()

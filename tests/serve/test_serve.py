@@ -153,6 +153,51 @@ def test_concurrent_requests_equal_single_answers(server, engine):
         assert replies[index]["usage"]["completion_tokens"] == 6 + 2 * index
 
 
+def test_concurrent_mixed_requests_with_the_openai_client_equal_single_answers(client, engine):
+    """Through the continuous engine (the server's default): greedy and seeded sampled requests, a stop
+    string, different max_tokens, streamed and not, all at once, each give what it gives alone."""
+    full = direct(engine, "Say something long.", [], max_new_tokens=16, temperature=0)
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), f"no usable stop string in {full.text!r}"
+    red, blue = data_url(png_bytes(color=RED)), data_url(png_bytes(color=(20, 30, 200)))
+    cases = [  # (text, image colour or None, settings, streamed)
+        ("Picture one?", RED, dict(max_new_tokens=10, temperature=0.0, top_p=1.0), False),
+        ("Tell a tale.", None, dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5), True),
+        ("Say something long.", None, dict(max_new_tokens=16, temperature=0.0, top_p=1.0, stop=[stop]), False),
+        ("Picture two?", (20, 30, 200), dict(max_new_tokens=7, temperature=0.6, top_p=0.8, seed=9), False),
+        ("Count.", None, dict(max_new_tokens=20, temperature=0.0, top_p=1.0), True),
+    ]
+    replies = [None] * len(cases)
+
+    def ask(index):
+        text, colour, settings, streamed = cases[index]
+        url = {RED: red, (20, 30, 200): blue}.get(colour)
+        messages = image_message(text, url) if url else [{"role": "user", "content": text}]
+        options = dict(model="tiny", messages=messages, max_tokens=settings["max_new_tokens"],
+                       temperature=settings["temperature"], top_p=settings["top_p"], seed=settings.get("seed"),
+                       stop=settings.get("stop"))
+        if not streamed:
+            reply = client.chat.completions.create(**options)
+            replies[index] = (reply.choices[0].message.content, reply.choices[0].finish_reason)
+            return
+        pieces, reason = [], None
+        for chunk in client.chat.completions.create(**options, stream=True):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                reason = chunk.choices[0].finish_reason or reason
+        replies[index] = ("".join(pieces), reason)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (text, colour, settings, _), reply in zip(cases, replies):
+        images = [Image.new("RGB", (64, 48), colour)] if colour else []
+        expected = direct(engine, text, images, **settings)
+        assert reply == (expected.text, expected.finish_reason), text
+
+
 def test_engine_batch_equals_single_rows(engine):
     """chat_batch: left-padded rows of different lengths, images and max_new_tokens give each row's
     single answer (greedy), and a row with a seed must run alone."""

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from deepseek_vl2.engine import BatchRow, ChatEngine, GenerationParams
+from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.serve.__main__ import API_KEY_ENV, parse_args
-from deepseek_vl2.serve.app import create_app
+from deepseek_vl2.serve.app import DISCONNECT_POLL_S, create_app
 from deepseek_vl2.serve.scheduler import BatchScheduler, Job
 from deepseek_vl2.serve.settings import ServerSettings
 from serve_helpers import ServerThread, data_url, png_bytes, start_process, stop_process, tiny_checkpoint
@@ -70,9 +71,43 @@ def server(engine, local_dir):
         yield running
 
 
+class GatedEngine(ContinuousEngine):
+    """The continuous engine with a `gate`: while it is clear, the engine's steps wait."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def step(self):
+        assert self.gate.wait(60)
+        super().step()
+
+
+@pytest.fixture(scope="module")
+def continuous(engine):
+    return GatedEngine(engine.model, engine.processor, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def continuous_server(continuous, local_dir):
+    """The same limits, served by the continuous engine."""
+    settings = ServerSettings(model_id="tiny", scheduler="continuous", max_text_chars=10_000,
+                              max_concurrent_requests=2, allowed_local_media_path=local_dir)
+    with ServerThread(create_app(continuous, settings)) as running:
+        yield running
+
+
+@pytest.fixture(params=["static", "continuous"])
+def any_server(request):
+    """Each server in turn: the checks that do not hook the engine run against both schedulers."""
+    return request.getfixturevalue("server" if request.param == "static" else "continuous_server")
+
+
 @pytest.fixture(autouse=True)
-def reset(engine):
+def reset(engine, continuous):
     engine.gate.set()
+    continuous.gate.set()
     engine.entered.clear()
     engine.fail_with = None
     yield
@@ -95,7 +130,8 @@ def error_of(response, status):
     return error
 
 
-def test_only_json_bodies_are_accepted(server):
+def test_only_json_bodies_are_accepted(any_server):
+    server = any_server
     body = json.dumps({"messages": user()})
     for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]:
         headers = {"Content-Type": content_type} if content_type else {}
@@ -221,7 +257,8 @@ def test_max_tokens_per_row_from_its_own_prompt(server, engine):
 
 
 @pytest.mark.parametrize("token", CONTROL_TOKENS)
-def test_control_tokens_typed_in_text_are_refused(server, token):
+def test_control_tokens_typed_in_text_are_refused(any_server, token):
+    server = any_server
     for messages, index in [(user(f"hello {token} there"), 0),
                             ([{"role": "system", "content": f"be nice{token}"}] + user(), 0),
                             (user("a") + [{"role": "assistant", "content": "b"}] + user(f"{token}c"), 2)]:
@@ -260,7 +297,8 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("body,status,param,code", [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
-def test_hostile_values_get_a_clear_400(server, body, status, param, code):
+def test_hostile_values_get_a_clear_400(any_server, body, status, param, code):
+    server = any_server
     content = body if isinstance(body, bytes) else json.dumps({"max_tokens": 3, **body}).encode()
     response = httpx.post(server.base + URL, content=content, headers={"Content-Type": "application/json"},
                           timeout=30)
@@ -272,9 +310,10 @@ def test_hostile_values_get_a_clear_400(server, body, status, param, code):
         assert param.split(".")[0] in error["message"]
 
 
-def test_extreme_but_valid_sampling_values_are_computed_stably(server):
+def test_extreme_but_valid_sampling_values_are_computed_stably(any_server):
     """temperature 1e-39 is greedy in effect (generation/sampling.py divides stably); top_p 5e-324 keeps
     the most likely token."""
+    server = any_server
     greedy = post(server.base, {"messages": user("Count:"), "max_tokens": 6})
     assert greedy.status_code == 200
     for extra in [{"temperature": 1e-39}, {"temperature": 0.7, "top_p": 5e-324}]:
@@ -327,7 +366,8 @@ def test_the_process_exits_after_a_device_error(tmp_path_factory):
             stop_process(process)
 
 
-def test_after_a_burst_of_hostile_requests_a_normal_request_is_answered(server, engine):
+def test_after_a_burst_of_hostile_requests_a_normal_request_is_answered(any_server):
+    server = any_server
     bodies = [case[1] for case in HOSTILE] * 3
     with httpx.Client(timeout=30) as client:
         for body in bodies:
@@ -340,3 +380,33 @@ def test_after_a_burst_of_hostile_requests_a_normal_request_is_answered(server, 
     assert health["status"] == "ok" and health["in_flight"] == 0
     reply = post(server.base, {"messages": user("Hello"), "max_tokens": 4})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_the_continuous_engine_path_limits_and_cancels(continuous_server, continuous):
+    """Against the continuous engine: two answers held in the engine fill --max-concurrent-requests (a
+    third request gets 429); their clients hang up, which ends their rows at the engine's next step;
+    afterwards every KV slot is free and the server answers."""
+    base = continuous_server.base
+    before = httpx.get(base + "/health").json()["scheduler"]
+    body = {"messages": user("Tell me a very long story."), "max_tokens": 400, "temperature": 0, "stream": True}
+    continuous.gate.clear()
+    try:
+        with httpx.Client(timeout=60) as first, httpx.Client(timeout=60) as second:
+            streams = [client.stream("POST", base + URL, json=body) for client in (first, second)]
+            responses = [stream.__enter__() for stream in streams]
+            for response in responses:
+                assert response.status_code == 200
+            busy = post(base, {"messages": user()})
+            assert error_of(busy, 429)["code"] == "too_many_requests" and busy.headers["Retry-After"]
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        time.sleep(2 * DISCONNECT_POLL_S)  # the server notices the departures
+    finally:
+        continuous.gate.set()
+    deadline = time.monotonic() + 30
+    while (time.monotonic() < deadline and
+           ((stats := httpx.get(base + "/health").json())["in_flight"] or stats["scheduler"]["slots_in_use"])):
+        time.sleep(0.1)
+    assert stats["in_flight"] == 0 and stats["scheduler"]["slots_in_use"] == 0
+    assert stats["scheduler"]["generated_tokens"] - before["generated_tokens"] < 50, "departed rows kept going"
+    assert post(base, {"messages": user("Hello"), "max_tokens": 4}).status_code == 200

@@ -1,7 +1,8 @@
 """A bounded load test of the server on loopback: 200 requests, 16 at a time, mixing good requests
 (plain and streaming, greedy and sampled, with and without images), malformed ones, streaming
-clients that hang up mid-answer, and injected engine faults. Nothing may hang or fail with a 5xx
-other than the injected faults, every good request is answered, and requests were batched."""
+clients that hang up mid-answer, and injected engine faults, against the continuous engine. Nothing
+may hang or fail with a 5xx other than the injected faults, every good request is answered, requests
+were batched, and every KV slot is free afterwards."""
 import asyncio
 import json
 import random
@@ -137,6 +138,9 @@ def test_load(server):
         time.sleep(0.2)
     stats = health["scheduler"]
     assert health["status"] == "ok" and stats["waiting"] == 0
+    while (stats := httpx.get(server + "/health").json()["scheduler"])["slots_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stats["slots_in_use"] == 0, "KV slots still held after the run"
     good = sum(1 for kind, *_ in outcomes if kind in ("good", "stream", "hang_up"))
     assert stats["requests"] - before["requests"] == good
     assert stats["failed_batches"] - before["failed_batches"] == 10
