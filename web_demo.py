@@ -5,9 +5,11 @@
 
 Type a question, attach one or more images (paperclip, or drop them on the box), and the answer
 streams in. Grounding answers (`<|ref|>the cat<|/ref|>`, `<|grounding|>...`) have their boxes drawn
-on the conversation's last image, shown beside the chat. The demo answers through the same
-ChatEngine as inference.py and the server. It listens on 127.0.0.1 and never opens a public share
-link; pass --host 0.0.0.0 to reach it from other machines.
+on the conversation's last image, shown beside the chat. The demo answers through the server's
+continuous-batching engine (browser sessions answering at the same time share the decode steps,
+up to --max-num-seqs; a model spread over several GPUs answers through ChatEngine.chat_batch, one
+answer at a time). It listens on 127.0.0.1 and never opens a public share link; pass --host 0.0.0.0
+to reach it from other machines.
 """
 import argparse
 import html
@@ -38,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model_path", help="a local checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=37913)
+    p.add_argument("--max-num-seqs", type=int, default=4, help="answers decoding at once")
     add_engine_arguments(p)
     return p.parse_args(argv)
 
@@ -45,8 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Demo:
     """The chat logic behind the page; `history` is the engine's conversation (image paths included)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, max_num_seqs: int = 4):
+        from deepseek_vl2.engine.continuous import ContinuousEngine
+
         self.engine = engine
+        self.continuous = None  # the continuous-batching engine, on its own thread (one-device models)
+        if not engine.model.language.is_split:
+            self.continuous = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs)
+            self.continuous.start()
 
     def add_user_turn(self, message: dict, chat: list, history: list):
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
@@ -65,7 +74,7 @@ class Demo:
 
     def answer(self, chat: list, history: list, temperature: float, top_p: float, max_new_tokens: int):
         """Stream the answer to the last user turn into the chat; then draw any grounding boxes."""
-        from deepseek_vl2.engine import BatchRow, GenerationParams
+        from deepseek_vl2.engine import GenerationParams
         from deepseek_vl2.grounding import draw_boxes
         from deepseek_vl2.utils.io import load_pil_images
 
@@ -75,22 +84,15 @@ class Demo:
         except (ValueError, FileNotFoundError) as error:
             raise gr.Error(str(error)) from error
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
-        pieces: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        row = BatchRow(sample, params, on_text=lambda piece: pieces.put(("text", piece)), is_cancelled=stop.is_set)
-
-        def generate():
-            try:
-                pieces.put(("done", self.engine.chat_batch([row])[0]))
-            except Exception as error:  # shown to the user below
-                pieces.put(("error", error))
-
-        threading.Thread(target=generate, daemon=True).start()
+        events: queue.Queue = queue.Queue()  # ("text", piece), then ("done", result) or ("error", exception)
+        stop = self._start(sample, params, lambda kind, value: events.put((kind, value)))
         chat = chat + [{"role": "assistant", "content": ""}]
         text = ""
         try:
             while True:
-                kind, value = pieces.get()
+                kind, value = events.get()
+                if kind == "token":
+                    continue
                 if kind == "error":
                     raise gr.Error(f"generation failed: {value}")
                 if kind == "done":
@@ -99,12 +101,30 @@ class Demo:
                 chat[-1] = {"role": "assistant", "content": html.escape(text)}
                 yield chat, history, gr.skip()
         finally:
-            stop.set()  # the user pressed Stop or left: end the generation
+            stop()  # the user pressed Stop or left: end the generation
         result = value
         history = history[:-1] + [{"role": "<|Assistant|>", "content": result.text}]
         chat[-1] = {"role": "assistant", "content": html.escape(result.text) or "(empty answer)"}
         drawn = draw_boxes(images[-1], result.boxes) if result.boxes and images else None
         yield chat, history, drawn
+
+    def _start(self, sample, params, on_event):
+        """Start answering; returns the function that ends the answer early."""
+        from deepseek_vl2.engine import BatchRow
+
+        if self.continuous is not None:
+            return self.continuous.submit(sample, params, on_event=on_event).cancel
+        stopped = threading.Event()
+        row = BatchRow(sample, params, on_text=lambda piece: on_event("text", piece), is_cancelled=stopped.is_set)
+
+        def generate():
+            try:
+                on_event("done", self.engine.chat_batch([row])[0])
+            except Exception as error:  # shown to the user
+                on_event("error", error)
+
+        threading.Thread(target=generate, daemon=True).start()
+        return stopped.set
 
     def build(self):
         with gr.Blocks(title=TITLE) as page:
@@ -140,8 +160,8 @@ def main(argv=None) -> None:
 
     model = args.model_path or MODEL_IDS.get(args.model_name, args.model_name)
     engine = ChatEngine.from_args(model, args)
-    page = Demo(engine).build()
-    page.queue(default_concurrency_limit=1, max_size=16).launch(server_name=args.host, server_port=args.port,
+    page = Demo(engine, max_num_seqs=args.max_num_seqs).build()
+    page.queue(default_concurrency_limit=args.max_num_seqs, max_size=16).launch(server_name=args.host, server_port=args.port,
                                                                 share=False, show_error=True)
 
 
