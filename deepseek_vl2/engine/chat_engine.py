@@ -11,8 +11,11 @@ It prepares the prompt with the processor, prefills (chunked with `chunk_size`, 
 gets the prompt ids too, so the repetition penalty covers them (kept from the official package:
 docs/deviations.md#kept-on-purpose).
 
-`chat_batch` answers several conversations as one left-padded batch (the server's scheduler uses
-it); `chat` is a batch of one.
+`chat` answers one conversation through `generate` (its CUDA fast path, warmed up at load).
+`chat_batch` answers several at once: on one device through a continuous-batching engine
+(engine/continuous.py) kept on this ChatEngine, so rows may differ in every setting; a model spread
+over several GPUs answers them as one left-padded `generate` batch (rows with one set of sampling
+settings, a seeded row alone).
 """
 import time
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ class ChatResult:
     text: str
     token_ids: List[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (chat_batch's is_cancelled)
     boxes: List[GroundedBox] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
 
@@ -62,6 +65,7 @@ class ChatEngine:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.chunk_size = chunk_size
+        self._continuous = None  # chat_batch's continuous-batching engine, made at its first call
 
     @classmethod
     def from_args(cls, model_path: str, args) -> "ChatEngine":
@@ -84,10 +88,63 @@ class ChatEngine:
     def chat(self, conversation: list, images: List[Image.Image], params: Optional[GenerationParams] = None,
              on_text: Optional[Callable[[str], None]] = None) -> ChatResult:
         params = params if params is not None else GenerationParams()
-        return self.chat_batch([BatchRow(self.prepare_one(conversation, images), params, on_text)])[0]
+        return self.generate_batch([BatchRow(self.prepare_one(conversation, images), params, on_text)])[0]
 
     def chat_batch(self, rows: Sequence["BatchRow"]) -> List[ChatResult]:
-        """Answer several prepared conversations as one left-padded batch.
+        """Answer several prepared conversations at once, each as `chat` would answer it alone (greedy
+        and seeded rows exactly on the CPU; on a GPU up to bf16 near-ties).
+
+        On one device the rows go through the continuous-batching engine (made at the first call with
+        room for the rows, on CUDA with its decode graphs, and kept for later calls); rows may differ
+        in every setting. Each row ends on its own: at EOS, at one of its stop strings, after its
+        max_new_tokens (capped by what its own prompt leaves of the context), or at the step after
+        its `is_cancelled()` turns true (finish_reason "cancelled"). An error in one row is raised
+        after the others have ended. A model spread over several devices answers through
+        `generate_batch`, with its rules."""
+        if not rows:
+            raise ValueError("chat_batch needs at least one row")
+        if self.model.language.is_split:
+            return self.generate_batch(rows)
+        engine = self.continuous_engine(len(rows))
+        results: List[Optional[ChatResult]] = [None] * len(rows)
+        errors = {}
+
+        def events_of(index: int, row: "BatchRow"):
+            def on_event(kind, value):
+                if kind == "text" and row.on_text is not None:
+                    row.on_text(value)
+                elif kind == "done":
+                    results[index] = value
+                elif kind == "error":
+                    errors[index] = value
+            return on_event
+
+        handles = [engine.submit(row.sample, row.params, events_of(i, row)) for i, row in enumerate(rows)]
+        while engine.has_work():
+            for row, handle in zip(rows, handles):
+                if not handle.finished and row.is_cancelled():
+                    handle.cancel()
+            engine.step()
+        if errors:
+            raise errors[min(errors)]
+        return results
+
+    def continuous_engine(self, rows: int):
+        """The continuous-batching engine `chat_batch` runs on, with at least `rows` KV slots (a power
+        of two, at least 8; made anew only when a call needs more)."""
+        from .continuous import ContinuousEngine
+
+        engine = self._continuous
+        if engine is None or engine.slots.max_num_seqs < rows:
+            self._continuous = None  # free the old engine's cache before making the new one
+            slots = max(8, 1 << (rows - 1).bit_length())
+            prefill_chunk = self.chunk_size if self.chunk_size > 0 else self.model.config.language_config.max_position_embeddings
+            self._continuous = ContinuousEngine(self.model, self.processor, max_num_seqs=slots,
+                                                prefill_chunk=prefill_chunk)
+        return self._continuous
+
+    def generate_batch(self, rows: Sequence["BatchRow"]) -> List[ChatResult]:
+        """Answer several prepared conversations as one left-padded `generate` batch.
 
         The rows share one set of sampling settings (temperature, top_p, repetition_penalty; a ValueError
         otherwise), and a seeded row must be alone, so that its seed reproduces the single-row result.
@@ -97,7 +154,7 @@ class ChatEngine:
         answers would not fit the context together (the longest prompt plus the largest capped
         max_new_tokens; the batch has one length) are a ValueError, never cut short."""
         if not rows:
-            raise ValueError("chat_batch needs at least one row")
+            raise ValueError("generate_batch needs at least one row")
         params = rows[0].params
         if any(sampling_key(row.params) != sampling_key(params) for row in rows):
             raise ValueError("the rows of a batch must share temperature, top_p, repetition_penalty, top_k and "

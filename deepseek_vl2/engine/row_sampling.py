@@ -30,7 +30,7 @@ class RowSampler:
 
     def __init__(self, params: GenerationParams, prompt_len: int, max_new_tokens: int, eos_id: int,
                  vocab_size: int, device: torch.device):
-        # what ChatEngine.chat_batch hands to generate for one row
+        # what ChatEngine.generate_batch hands to generate for one row
         options = GenerateSettings(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id,
                                    **params.sampling_options())
         self.settings = options.sampling(prompt_len, eos_id, vocab_size)

@@ -8,8 +8,9 @@ split models. `--scheduler static|continuous` overrides the rule.
 Static batching (`BatchScheduler`): whenever the model is free, the scheduler takes the oldest waiting
 job and every other waiting job with the same sampling settings (greedy, or equal temperature, top_p
 and repetition_penalty) whose answers fit the context together with it, up to `max_batch_size`, and
-runs them as one left-padded batch through `ChatEngine.chat_batch`. A seeded job runs alone, so that
-its seed gives the single-request result. Within a batch every row ends on its own; jobs that arrive
+runs them as one batch through `ChatEngine.chat_batch` (for a split model one left-padded `generate`
+batch, whose rules the grouping follows). A seeded job runs alone, so that its seed gives the
+single-request result. Within a batch every row ends on its own; jobs that arrive
 while a batch decodes wait for the next batch (the batch has one cache length). An exception in a
 batch fails that batch's jobs; the scheduler goes on with the next batch.
 

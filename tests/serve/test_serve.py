@@ -199,8 +199,9 @@ def test_concurrent_mixed_requests_with_the_openai_client_equal_single_answers(c
 
 
 def test_engine_batch_equals_single_rows(engine):
-    """chat_batch: left-padded rows of different lengths, images and max_new_tokens give each row's
-    single answer (greedy), and a row with a seed must run alone."""
+    """chat_batch (the continuous engine) and generate_batch (one left-padded batch): rows of different
+    lengths, images and max_new_tokens give each row's single answer; chat_batch also takes rows with
+    different settings and seeds, generate_batch refuses seeded rows together."""
     cases = [("Describe the image.", [Image.new("RGB", (64, 48), RED)], 9),
              ("Hello, who are you?", [], 5),
              ("Compare them.", [Image.new("RGB", (300, 500), (0, 90, 0)), Image.new("RGB", (900, 300), (0, 0, 255))],
@@ -216,9 +217,18 @@ def test_engine_batch_equals_single_rows(engine):
     assert [r.text for r in batched] == [s.text for s in singles]
     assert [r.token_ids for r in batched] == [s.token_ids for s in singles]
     assert [r.prompt_tokens for r in batched] == [s.prompt_tokens for s in singles]
-    seeded = [BatchRow(row.sample, GenerationParams(max_new_tokens=4, temperature=0.5, seed=1)) for row in rows[:2]]
+    # rows with their own settings and seeds, in one call (the continuous engine)
+    mixed = [BatchRow(rows[0].sample, GenerationParams(max_new_tokens=6, temperature=0.5, seed=1)),
+             BatchRow(rows[1].sample, GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.7, seed=2)),
+             rows[2]]
+    alone = [engine.generate_batch([row])[0] for row in mixed]
+    assert [r.token_ids for r in engine.chat_batch(mixed)] == [r.token_ids for r in alone]
+    # one left-padded generate batch: one set of settings, a seeded row alone
+    assert [r.token_ids for r in engine.generate_batch(rows)] == [s.token_ids for s in singles]
     with pytest.raises(ValueError, match="seed"):
-        engine.chat_batch(seeded)
+        engine.generate_batch([mixed[0], BatchRow(rows[1].sample, mixed[0].params)])
+    with pytest.raises(ValueError, match="share temperature"):
+        engine.generate_batch(mixed[:2])
 
 
 def test_models_and_health(server):

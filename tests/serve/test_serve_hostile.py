@@ -241,12 +241,16 @@ def test_max_tokens_per_row_from_its_own_prompt(server, engine):
     assert f"at most {room} tokens" in error["message"]
     clamped = httpx.post(server.base + URL, json={"messages": user(text), "temperature": 0}, timeout=60).json()
     assert clamped["usage"]["completion_tokens"] <= room  # the default max_tokens, clamped to what is left
-    # the engine never cuts a row because of another row's prompt: such rows are refused together ...
+    # no row is cut because of another row's prompt: chat_batch caps each row by its own prompt ...
     long_row = BatchRow(engine.prepare_one(conversation, []), GenerationParams(max_new_tokens=room, temperature=0))
     short = engine.prepare_one([{"role": "<|User|>", "content": "hi"}, {"role": "<|Assistant|>", "content": ""}], [])
     short_row = BatchRow(short, GenerationParams(max_new_tokens=50, temperature=0))
+    together = engine.chat_batch([long_row, short_row])
+    assert [r.token_ids for r in together] == [engine.generate_batch([row])[0].token_ids
+                                               for row in (long_row, short_row)]
+    # ... one left-padded generate batch refuses them together ...
     with pytest.raises(ValueError, match="do not fit"):
-        engine.chat_batch([long_row, short_row])
+        engine.generate_batch([long_row, short_row])
     # ... and the scheduler batches them apart
     scheduler = BatchScheduler(engine, max_batch_size=8, context_length=limit)
     jobs = [Job(row.sample, row.params, None) for row in (long_row, short_row, long_row)]
