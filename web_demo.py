@@ -49,13 +49,21 @@ class Demo:
     """The chat logic behind the page; `history` is the engine's conversation (image paths included)."""
 
     def __init__(self, engine, max_num_seqs: int = 4):
+        self.engine = engine
+        self.max_num_seqs = max_num_seqs
+        self._continuous = None  # the continuous-batching engine on its own thread, made at the first answer
+        self._lock = threading.Lock()
+
+    def continuous(self):
+        """The running continuous-batching engine, or None for a model spread over several GPUs."""
         from deepseek_vl2.engine.continuous import ContinuousEngine
 
-        self.engine = engine
-        self.continuous = None  # the continuous-batching engine, on its own thread (one-device models)
-        if not engine.model.language.is_split:
-            self.continuous = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs)
-            self.continuous.start()
+        with self._lock:
+            if self._continuous is None and not self.engine.model.language.is_split:
+                self._continuous = ContinuousEngine(self.engine.model, self.engine.processor,
+                                                    max_num_seqs=self.max_num_seqs)
+                self._continuous.start()
+            return self._continuous
 
     def add_user_turn(self, message: dict, chat: list, history: list):
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
@@ -112,8 +120,9 @@ class Demo:
         """Start answering; returns the function that ends the answer early."""
         from deepseek_vl2.engine import BatchRow
 
-        if self.continuous is not None:
-            return self.continuous.submit(sample, params, on_event=on_event).cancel
+        continuous = self.continuous()
+        if continuous is not None:
+            return continuous.submit(sample, params, on_event=on_event).cancel
         stopped = threading.Event()
         row = BatchRow(sample, params, on_text=lambda piece: on_event("text", piece), is_cancelled=stopped.is_set)
 

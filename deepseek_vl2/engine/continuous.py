@@ -7,13 +7,19 @@ when they end, step by step, instead of waiting for a whole static batch to fini
     handle.result()                                  # or events: on_event(kind, value), handle.events
     handle.cancel()
 
-One iteration (`step`): admit waiting requests while KV slots are free (prompt embeddings, images
-merged, through `model.prepare_inputs_embeds`); prefill up to `prefill_chunk` prompt tokens, chunk
-by chunk, each a batch-1 forward writing straight into the request's slot row (slots.py); a request
-whose prompt is in picks its first token and joins the running rows; then one decode step for all
-running rows: the model's `decode_step` with per-row write slots, rope positions and masks,
-attending over a 256-multiple bucket covering the longest row. Each row then picks its token with
-its own settings (row_sampling.py). The model exposes the steps; this module runs them.
+On CUDA (bfloat16 / float16) the engine is built with its decode steps captured as CUDA graphs
+(decode_steps.py: one per row count x cache length, `startup_summary` says how many and how long),
+so no request ever waits for a capture; elsewhere the same steps run eagerly.
+
+One iteration (`step`): admit waiting requests while KV slots are free (prompt ids, sampler, text
+stream); prefill up to `prefill_chunk` prompt tokens, chunk by chunk, each a batch-1 forward writing
+straight into the request's slot row (slots.py; a request's images go through the vision tower at
+its first chunk, and a prompt that fits a chunk is prefilled whole); a request whose prompt is in
+picks its first token and joins the running rows; then one decode step for all running rows: the
+model's `decode_step` with per-row write slots, rope positions and masks, attending over a
+256-multiple bucket covering the longest row. Every row then picks its token with its own settings,
+rows with equal settings together (row_sampling.py). The model exposes the steps; this module runs
+them.
 
 A request ends at EOS, at a stop string, after its max_new_tokens (capped by what its prompt leaves
 of the slot capacity), or when cancelled; its slot is freed at once. An error in one request's
