@@ -118,12 +118,13 @@ def one_request(port: int, body: bytes) -> dict:
                 latency=done - sent, tokens=tokens or 0, done=done)
 
 
-def closed_loop(port: int, body: bytes, clients: int, requests_each: int) -> list:
+def closed_loop(send, clients: int, requests_each: int) -> list:
+    """`clients` threads, each calling `send()` (one request, its timings) `requests_each` times."""
     results, lock = [], threading.Lock()
 
     def client():
         for _ in range(requests_each):
-            result = one_request(port, body)
+            result = send()
             with lock:
                 results.append(result)
 
@@ -133,6 +134,11 @@ def closed_loop(port: int, body: bytes, clients: int, requests_each: int) -> lis
     for thread in threads:
         thread.join()
     return results
+
+
+def requests_each(args, clients: int) -> int:
+    """Requests per closed-loop client: --requests-per-client, more when the scenario needs --min-requests."""
+    return max(args.requests_per_client, -(-args.min_requests // clients))
 
 
 def open_loop(port: int, body: bytes, rate: float, count: int, seed: int = 0) -> list:
@@ -200,7 +206,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
         scenarios = {}
         for clients in args.clients:
             scenarios[f"closed {clients}"] = summary(
-                closed_loop(port, body, clients, max(args.requests_per_client, -(-args.min_requests // clients))))
+                closed_loop(lambda: one_request(port, body), clients, requests_each(args, clients)))
             print(scheduler, f"closed {clients}", json.dumps(scenarios[f"closed {clients}"]), flush=True)
         closed32 = scenarios.get("closed 32")
         rate_base = closed32["tok_s"] / NEW_TOKENS if closed32 else None  # this server's own request rate
@@ -265,19 +271,7 @@ def in_process(args) -> None:
 
     request()
     for clients in args.clients:
-        results, lock = [], threading.Lock()
-
-        def client():
-            for _ in range(max(args.requests_per_client, -(-args.min_requests // clients))):
-                result = request()
-                with lock:
-                    results.append(result)
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = closed_loop(request, clients, requests_each(args, clients))
         print("in-process", f"closed {clients}", json.dumps(summary(results)), flush=True)
     engine.close()
     if profiler is not None:
