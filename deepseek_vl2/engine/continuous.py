@@ -21,6 +21,12 @@ model's `decode_step` with per-row write slots, rope positions and masks, attend
 rows with equal settings together (row_sampling.py). The model exposes the steps; this module runs
 them.
 
+The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
+and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
+work on them (events, streamed text, stop strings, ends) overlaps the device's next step instead of
+leaving the device idle. A request that ends therefore runs one step more than it needs; that
+token is dropped (it changes nothing the request returns).
+
 A request ends at EOS, at a stop string, after its max_new_tokens (capped by what its prompt leaves
 of the slot capacity), or when cancelled; its slot is freed at once. An error in one request's
 prefill or sampling fails that request; an error in a decode step fails the rows of that step.
@@ -92,6 +98,8 @@ class ContinuousEngine:
         self._waiting: deque = deque()
         self._prefilling: List[ActiveRequest] = []
         self._running: List[ActiveRequest] = []
+        self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
+        self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -130,7 +138,7 @@ class ContinuousEngine:
         return len(self._prefilling) + len(self._running)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._running or self._pending)
 
     def start(self) -> None:
         """Run `step` on a background thread until `close`."""
@@ -168,19 +176,26 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row.
-        A prompt that fits in a chunk is prefilled whole, in one forward: when what is left of this
+        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row,
+        then take the tokens chosen in the previous iteration (see the module's docstring). A prompt
+        that fits in a chunk is prefilled whole, in one forward: when what is left of this
         iteration's budget cannot take the rest of it, it waits for the next iteration's."""
         self._drop_cancelled()
         self._admit()
+        launched = []
         budget = self.prefill_chunk
         for request in list(self._prefilling):
             left = request.prompt_len - request.prefilled
             if budget <= 0 or (left > budget and budget < self.prefill_chunk):
                 break
-            budget -= self._prefill(request, budget)
+            used, first = self._prefill(request, budget)
+            budget -= used
+            launched += [first] if first is not None else []
         if self._running:
-            self._decode()
+            launched += [chosen for chosen in [self._decode()] if chosen is not None]
+        previous, self._pending = self._pending, launched
+        for chosen in previous:
+            self._take(chosen)
 
     def _drop_cancelled(self) -> None:
         with self._condition:
@@ -238,9 +253,10 @@ class ContinuousEngine:
         return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                                 inputs.images_spatial_crop)
 
-    def _prefill(self, request: ActiveRequest, budget: int) -> int:
-        """Prefill up to `budget` more prompt tokens of `request` into its slot; returns how many.
-        With the whole prompt in, the request picks its first token and joins the running rows."""
+    def _prefill(self, request: ActiveRequest, budget: int):
+        """Prefill up to `budget` more prompt tokens of `request` into its slot; returns how many, and,
+        once the whole prompt is in, its first token (chosen on the device, read back later): the
+        request then joins the running rows."""
         start = request.prefilled
         end = min(request.prompt_len, start + budget)
         try:
@@ -250,53 +266,67 @@ class ContinuousEngine:
                              use_cache=True, logits_to_keep=1).logits[:, -1]
             request.prefilled = request.length = end
             if end < request.prompt_len:
-                return end - start
+                return end - start, None
             request.embeds = None
-            self._prefilling.remove(request)
             token, unusable = choose_tokens(logits, [request.sampler], [request.slot], self.histories)
-            if bool(unusable):
-                raise _unusable(request)
-            reason = request.take(int(token), self.eos_id)
+            self.next_tokens[request.slot:request.slot + 1] = token
+            first = Chosen([request], token, unusable)
         except Exception as error:
             self._remove(request)
             self._fail(request.handle, error)
-            return end - start
-        if reason is not None:
-            self._finish(request, reason)
-        else:
-            self._running.append(request)
-        return end - start
+            return end - start, None
+        self._prefilling.remove(request)
+        self._running.append(request)
+        return end - start, first
 
-    def _decode(self) -> None:
-        """One token for every running row, over the rows up to the highest one in use (padded up to
-        a captured graph's row count)."""
-        running = self._running
+    def _decode(self) -> Optional["Chosen"]:
+        """Launch one decode step for every running row, over the rows up to the highest one in use
+        (padded up to a captured graph's row count). Each row is fed its last chosen token straight
+        from the device (`next_tokens`): the step does not wait for the host to read it."""
+        running = list(self._running)
         rows = self.steps.rows_for(max(r.slot for r in running) + 1)
-        tokens, positions, active = [0] * rows, [0] * rows, [False] * rows
+        positions, active = [0] * rows, [False] * rows
         for request in self._prefilling:  # a row still prefilling: the dummy write lands where its
             if request.slot < rows:       # next chunk will write (a free row's lands in its slot 0)
                 positions[request.slot] = request.prefilled
         for request in running:  # one unpadded prompt per row: rope position == cache slot
-            tokens[request.slot], positions[request.slot], active[request.slot] = (
-                request.next_token, request.length, True)
+            positions[request.slot], active[request.slot] = request.length, True
         kv_len = kv_bucket(max(r.length for r in running) + 1, self.slots.capacity)
+        slots = [r.slot for r in running]
         try:
-            self.steps.load(tokens, positions, active)
+            self.steps.load(self.next_tokens[:rows], positions, active)
             logits = self.steps.run(rows, kv_len)
-            slots = [r.slot for r in running]
+            index = device_tensor(slots, self.device)
             if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
-                logits = logits.index_select(0, device_tensor(slots, self.device))
-            chosen, unusable = choose_tokens(logits, [r.sampler for r in running], slots, self.histories)
-            tokens_now, unusable_now = chosen.tolist(), unusable.tolist()
+                logits = logits.index_select(0, index)
+            tokens, unusable = choose_tokens(logits, [r.sampler for r in running], slots, self.histories)
+            self.next_tokens.index_copy_(0, index, tokens)
+            chosen = Chosen(running, tokens, unusable)
         except Exception as error:
-            for request in list(running):
+            for request in running:
                 self._remove(request)
                 self._fail(request.handle, error)
-            return
+            return None
+        for request in running:
+            request.length += 1
         self.stats.decode_steps += 1
         self.stats.max_running = max(self.stats.max_running, len(running))
-        for request, token, bad in zip(list(running), tokens_now, unusable_now):
-            request.length += 1
+        return chosen
+
+    def _take(self, chosen: "Chosen") -> None:
+        """Hand the tokens of an earlier launch to their requests (a request that ended since is
+        skipped: its row ran one step more than it needed, and that token is dropped)."""
+        try:
+            values = chosen.values()
+        except Exception as error:
+            values = []
+            for request in chosen.requests:
+                if not request.done:
+                    self._remove(request)
+                    self._fail(request.handle, error)
+        for request, token, bad in values:
+            if request.done:
+                continue
             if bad:
                 self._remove(request)
                 self._fail(request.handle, _unusable(request))
@@ -308,6 +338,7 @@ class ContinuousEngine:
     # ---- endings ----------------------------------------------------------------------------------
 
     def _remove(self, request: ActiveRequest) -> None:
+        request.done = True
         for group in (self._prefilling, self._running):
             if request in group:
                 group.remove(request)
@@ -324,6 +355,7 @@ class ContinuousEngine:
         handle.emit("error", error)
 
     def _fail_all(self, error: Exception, waiting: bool = True) -> None:
+        self._pending = []
         for request in self._prefilling + self._running:
             self._remove(request)
             self._fail(request.handle, error)
@@ -333,6 +365,30 @@ class ContinuousEngine:
                 self._waiting.clear()
             for handle in handles:
                 self._fail(handle, error)
+
+
+class Chosen:
+    """Tokens chosen on the device for `requests` (row i for requests[i]), copied to the host without
+    waiting; `values()` waits for that copy only, not for work launched after it."""
+
+    def __init__(self, requests: List[ActiveRequest], tokens: torch.Tensor, unusable: torch.Tensor):
+        self.requests = requests
+        both = torch.stack([tokens, unusable.long()])
+        self.ready = None
+        if both.is_cuda:
+            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            self.host.copy_(both, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = both
+
+    def values(self):
+        """(request, token, unusable) for each row."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens, unusable = self.host.tolist()
+        return list(zip(self.requests, tokens, unusable))
 
 
 class _NoText:

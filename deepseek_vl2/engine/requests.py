@@ -85,9 +85,9 @@ class ActiveRequest:
     embeds: Optional[torch.Tensor] = None  # [1, T, hidden] from its first prefill chunk until its last
     admitted: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens in the cache
-    length: int = 0  # tokens in the slot's cache (prompt + fed generated tokens)
-    next_token: int = -1  # the last chosen token, fed at the next decode step
+    length: int = 0  # tokens in the slot's cache (prompt + generated tokens fed to launched steps)
     token_ids: List[int] = field(default_factory=list)
+    done: bool = False  # ended (finished, failed or cancelled): tokens still in flight for it are dropped
 
     @property
     def prompt_len(self) -> int:
@@ -96,7 +96,6 @@ class ActiveRequest:
     def take(self, token: int, eos_id: int) -> Optional[str]:
         """Record a chosen token, stream it; the finish reason if the request ends with it."""
         self.token_ids.append(token)
-        self.next_token = token
         self.handle.emit("token", token)
         self.stream.put(torch.tensor([token]))
         if token == eos_id or self.stream.stopped:

@@ -97,7 +97,9 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: S
         else:
             tokens.index_copy_(0, index, chosen)
             unusable.index_copy_(0, index, bad)
-    histories.ids[device_tensor(list(slots), device), device_tensor([s.seen for s in samplers], device)] = tokens
+    # (a row that has ended may run one step more, see continuous.py: its write stays inside the row)
+    last = histories.ids.shape[1] - 1
+    histories.ids[device_tensor(list(slots), device), device_tensor([min(s.seen, last) for s in samplers], device)] = tokens
     for sampler in samplers:
         sampler.generated += 1
     return tokens, unusable

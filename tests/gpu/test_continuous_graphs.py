@@ -39,7 +39,7 @@ def test_graph_step_gives_the_eager_step(checkpoint):
     cache = engine.slots.cache
     for layer in cache.storage:
         layer.copy_(torch.randn(layer.shape, generator=generator).to(layer))
-    tokens = torch.randint(0, engine.vocab_size, (4,), generator=generator).tolist()
+    tokens = torch.randint(0, engine.vocab_size, (4,), generator=generator).cuda()
     positions, active = [300, 17, 511, 5], [True, True, True, False]
     steps.load(tokens, positions, active)
     graph = steps.run(4, 512).clone()
