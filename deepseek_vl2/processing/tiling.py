@@ -40,28 +40,22 @@ class ImageTransform:
     """PIL RGB image -> float32 [3, H, W] tensor in [0, 1], then `(x - mean) / std` per channel.
 
     The arithmetic (uint8 -> float32, divide by 255, subtract, divide) is the one of
-    torchvision's ToTensor + Normalize, so the values are bit-identical to it. It is done once per
-    channel and byte value, into a [3, 256] table that each pixel then looks up: one pass over the
-    image instead of five.
+    torchvision's ToTensor + Normalize, so the values are bit-identical to it.
     """
 
     def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), normalize=True):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.normalize = normalize
-        table = torch.arange(256, dtype=torch.uint8).to(torch.float32).div_(255).expand(3, 256).clone()
-        if normalize:
-            mean_column = torch.tensor(self.mean, dtype=torch.float32).view(3, 1)
-            std_column = torch.tensor(self.std, dtype=torch.float32).view(3, 1)
-            table.sub_(mean_column).div_(std_column)
-        self._table = table.numpy()
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = np.asarray(image, dtype=np.uint8)
-        out = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
-        for channel in range(3):
-            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
-        return torch.from_numpy(out)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        tensor = pixels.to(torch.float32).div_(255)
+        if self.normalize:
+            tensor.sub_(self._mean).div_(self._std)
+        return tensor
 
 
 class ImageTiler:
