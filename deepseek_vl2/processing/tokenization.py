@@ -3,9 +3,15 @@
 Each tag becomes the image's block of `image_token_id` copies (its count from `ImageTokenInfo`);
 the text pieces between tags are tokenized separately, so BPE merges never cross an image. The
 newline and separator slots of a block carry the same id. Both are as in the official processor.
+
+The processor may be called from several threads at once (the server prepares requests in a thread
+pool): the tokenizer is used under a lock (transformers' fast tokenizers are not safe for
+concurrent calls), the images are tiled outside it.
 """
 
 from __future__ import annotations
+
+import threading
 
 from .image_tokens import ImageTokenInfo
 from .tiling import ImageTiler
@@ -21,9 +27,11 @@ class ImageTextTokenizer:
         self.image_token_id = image_token_id
         self.token_info = token_info
         self.tiler = tiler
+        self._lock = threading.Lock()  # around every call into the tokenizer
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        with self._lock:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         if bos:
             ids = [self.tokenizer.bos_token_id] + ids
         if eos:
@@ -31,7 +39,8 @@ class ImageTextTokenizer:
         return ids
 
     def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
+        with self._lock:
+            return self.tokenizer.decode(ids, **kwargs)
 
     def image_block(self, image, tiling: bool = True):
         """(views, [nw, nh], image-token count) of one PIL image."""

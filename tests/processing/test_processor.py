@@ -404,3 +404,32 @@ def test_error_bad_images(proc, monkeypatch):
     monkeypatch.setattr(broken, "convert", refuse)
     with pytest.raises(ValueError, match=r"image 0 \(mode 'L'\) cannot be converted to RGB"):
         proc(prompt="<image>", images=[broken])
+
+
+def test_process_one_from_several_threads_equals_one_at_a_time(proc):
+    """The server prepares requests in a thread pool: calls from several threads at once give what
+    each gives alone (the tokenizer calls take turns, the tiling runs side by side)."""
+    import threading
+
+    cases = [(f"Describe picture {i} in {i + 2} words.", Image.new("RGB", (200 + 90 * i, 300), (40 * i, 90, 200)))
+             for i in range(6)]
+
+    def prepare(text, image):
+        conversation = [{"role": "<|User|>", "content": "<image>\n" + text}, {"role": "<|Assistant|>", "content": ""}]
+        return proc.process_one(conversations=conversation, images=[image], system_prompt="")
+
+    alone = [prepare(*case) for case in cases]
+    together = [None] * len(cases)
+    barrier = threading.Barrier(len(cases))
+
+    def run(index):
+        barrier.wait()
+        together[index] = prepare(*cases[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for one, other in zip(alone, together):
+        assert torch.equal(one.input_ids, other.input_ids) and torch.equal(one.images, other.images)
