@@ -80,7 +80,7 @@ class ContinuousEngine:
         if self.lm.is_split:
             raise NotImplementedError("the continuous engine runs a decoder on one device; this one is spread over "
                                       "several (load it on one device, or answer with ChatEngine)")
-        self.device = self.lm.device
+        self.device, self.dtype = self.lm.device, self.lm.dtype
         capacity = max_length or self.lm.config.max_position_embeddings
         self.slots = SlotCache(self.lm, max_num_seqs, capacity)
         self.histories = Histories(max_num_seqs, capacity, self.device)
@@ -180,6 +180,9 @@ class ContinuousEngine:
         then take the tokens chosen in the previous iteration (see the module's docstring). A prompt
         that fits in a chunk is prefilled whole, in one forward: when what is left of this
         iteration's budget cannot take the rest of it, it waits for the next iteration's."""
+        if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
+            self._fail_all(self._moved_error())
+            return
         self._drop_cancelled()
         self._admit()
         launched = []
@@ -196,6 +199,13 @@ class ContinuousEngine:
         previous, self._pending = self._pending, launched
         for chosen in previous:
             self._take(chosen)
+
+    def _moved_error(self) -> RuntimeError:
+        """The KV slots and decode graphs belong to the model's device and dtype when the engine was
+        built: a model moved or cast since cannot run here (a clear error for every request, not a
+        device mismatch deep in a layer)."""
+        return RuntimeError(f"the model was moved or cast to {self.lm.device} / {self.lm.dtype} after this engine "
+                            f"was built for {self.device} / {self.dtype}; build a new ContinuousEngine")
 
     def _drop_cancelled(self) -> None:
         with self._condition:

@@ -111,3 +111,16 @@ def test_cancellations_free_every_slot():
 def test_kv_bucket():
     assert [kv_bucket(n, 4096) for n in (1, 256, 257, 4000, 4096)] == [256, 256, 512, 4096, 4096]
     assert kv_bucket(300, 300) == 300
+
+
+def test_a_model_moved_after_the_engine_was_built_fails_requests_clearly():
+    chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cpu", dtype=torch.float32)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2)
+    conv = conversation("Hello.", [])
+    handle = engine.submit(engine.prepare_one(conv, []), GenerationParams(max_new_tokens=3, temperature=0))
+    chat.model.to(torch.float64)
+    while engine.has_work():
+        engine.step()
+    with pytest.raises(RuntimeError, match="moved or cast to cpu / torch.float64 after this engine was built"):
+        handle.result(timeout=0)
+    assert engine.slots.free_count == 2
