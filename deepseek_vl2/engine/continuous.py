@@ -278,8 +278,9 @@ class ContinuousEngine:
             if end < request.prompt_len:
                 return end - start, None
             request.embeds = None
-            token, unusable = choose_tokens(logits, [request.sampler], [request.slot], self.histories)
-            self.next_tokens[request.slot:request.slot + 1] = token
+            slot = device_tensor([request.slot], self.device)
+            token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)
+            self.next_tokens.index_copy_(0, slot, token)
             first = Chosen([request], token, unusable)
         except Exception as error:
             self._remove(request)
@@ -309,7 +310,7 @@ class ContinuousEngine:
             index = device_tensor(slots, self.device)
             if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
                 logits = logits.index_select(0, index)
-            tokens, unusable = choose_tokens(logits, [r.sampler for r in running], slots, self.histories)
+            tokens, unusable = choose_tokens(logits, [r.sampler for r in running], index, self.histories)
             self.next_tokens.index_copy_(0, index, tokens)
             chosen = Chosen(running, tokens, unusable)
         except Exception as error:

@@ -68,10 +68,10 @@ class Histories:
         self.ids[slot, : prompt_ids.shape[0]] = prompt_ids
 
 
-def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: Sequence[int], histories: Histories):
-    """`logits` [n, vocab] (float32), row i for `samplers[i]` in KV slot `slots[i]` -> (tokens [n],
-    unusable [n] bool), both on the device. Each token enters its row's history and the row's count;
-    nothing is read back to the host here."""
+def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: torch.Tensor, histories: Histories):
+    """`logits` [n, vocab] (float32), row i for `samplers[i]` in KV slot `slots[i]` (a long tensor on
+    the device) -> (tokens [n], unusable [n] bool), both on the device. Each token enters its row's
+    history and the row's count; nothing is read back to the host here."""
     n = len(samplers)
     device = logits.device
     tokens = torch.empty(n, dtype=torch.long, device=device)
@@ -86,7 +86,7 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: S
         settings = first.settings
         seen = None
         if settings.repetition_penalty != 1.0:
-            rows = histories.ids.index_select(0, device_tensor([slots[i] for i in members], device))
+            rows = histories.ids.index_select(0, slots if index is None else slots.index_select(0, index))
             seen = rows[:, : max(samplers[i].seen for i in members)]
         scores = process_logits(scores, seen, first.generated, settings)
         bad = unusable_rows(scores, settings.do_sample)
@@ -99,7 +99,7 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: S
             unusable.index_copy_(0, index, bad)
     # (a row that has ended may run one step more, see continuous.py: its write stays inside the row)
     last = histories.ids.shape[1] - 1
-    histories.ids[device_tensor(list(slots), device), device_tensor([min(s.seen, last) for s in samplers], device)] = tokens
+    histories.ids[slots, device_tensor([min(s.seen, last) for s in samplers], device)] = tokens
     for sampler in samplers:
         sampler.generated += 1
     return tokens, unusable

@@ -66,13 +66,13 @@ def _greedy_advance(logits, state):
 COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 
 
-def compiled_copies(functions):
+def _compiled_copies(functions):
     """torch.compile'd private copies of `functions` and their code objects.
 
     Dynamo keeps compiled entries (guards, graphs) on the function's code object. Shared functions
     would collect entries for every model, batch size and layer kind the process ever used, up to
     a recompile limit past which they silently run uncompiled. Fresh code objects give each decoder
-    its own few entries (one per layer kind, within dynamo's default limit), which `forget_compiled` drops."""
+    its own few entries (one per layer kind, within dynamo's default limit), which `_forget` drops."""
     register_kernel_ops()
     codes = tuple(fn.__code__.replace() for fn in functions)
     copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **COMPILE_OPTIONS)
@@ -80,7 +80,7 @@ def compiled_copies(functions):
     return copies, codes
 
 
-def forget_compiled(codes) -> None:
+def _forget(codes) -> None:
     """Drop dynamo's entries for a dead decoder's code copies. Dynamo maps each compiled code back
     to its source code, which holds the entries: a cycle through C++ that the garbage collector
     cannot break, so without this every decoder's compiled steps would stay for good."""
@@ -131,8 +131,8 @@ class StaticDecoder:
     def _compile(self) -> None:
         """Switch to compiled step functions; graphs of the plain ones are recaptured as used."""
         self.steps_until_compile = None
-        self.functions, self.codes = compiled_copies(self._plain)
-        weakref.finalize(self, forget_compiled, self.codes).atexit = False
+        self.functions, self.codes = _compiled_copies(self._plain)
+        weakref.finalize(self, _forget, self.codes).atexit = False
         self.graphs.clear()
         self.outputs.clear()
 
