@@ -52,7 +52,7 @@ class Demo:
         self.engine = engine
         self.max_num_seqs = max_num_seqs
         self._continuous = None  # the continuous-batching engine on its own thread, made at the first answer
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards making the engine; on a split model, each answer
 
     def continuous(self):
         """The running continuous-batching engine, or None for a model spread over several GPUs."""
@@ -128,7 +128,9 @@ class Demo:
 
         def generate():
             try:
-                on_event("done", self.engine.chat_batch([row])[0])
+                with self._lock:  # one answer at a time on a split model (the page lets several sessions in)
+                    result = self.engine.chat_batch([row])[0]
+                on_event("done", result)
             except Exception as error:  # shown to the user
                 on_event("error", error)
 
@@ -170,8 +172,8 @@ def main(argv=None) -> None:
     model = args.model_path or MODEL_IDS.get(args.model_name, args.model_name)
     engine = ChatEngine.from_args(model, args)
     page = Demo(engine, max_num_seqs=args.max_num_seqs).build()
-    page.queue(default_concurrency_limit=args.max_num_seqs, max_size=16).launch(server_name=args.host, server_port=args.port,
-                                                                share=False, show_error=True)
+    page.queue(default_concurrency_limit=args.max_num_seqs, max_size=16).launch(
+        server_name=args.host, server_port=args.port, share=False, show_error=True)
 
 
 if __name__ == "__main__":
