@@ -11,15 +11,17 @@ On CUDA (bfloat16 / float16) the engine is built with its decode steps captured 
 (decode_steps.py: one per row count x cache length, `startup_summary` says how many and how long),
 so no request ever waits for a capture; elsewhere the same steps run eagerly.
 
-One iteration (`step`): admit waiting requests while KV slots are free (prompt ids, sampler, text
-stream); prefill up to `prefill_chunk` prompt tokens, chunk by chunk, each a batch-1 forward writing
-straight into the request's slot row (slots.py; a request's images go through the vision tower at
-its first chunk, and a prompt that fits a chunk is prefilled whole); a request whose prompt is in
-picks its first token and joins the running rows; then one decode step for all running rows: the
-model's `decode_step` with per-row write slots, rope positions and masks, attending over a
-256-multiple bucket covering the longest row. Every row then picks its token with its own settings,
-rows with equal settings together (row_sampling.py). The model exposes the steps; this module runs
-them.
+`submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
+images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
+without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
+(prompt ids, sampler, text stream) and hand them to the prefill (prefill.py: each a batch-1 forward
+writing straight into the request's slot row, its images through the vision tower at its first
+chunk; on CUDA on a worker thread and stream of its own, beside the decode steps; elsewhere on this
+thread, `prefill_chunk` prompt tokens per iteration); a request whose prefill ended joins the running
+rows with its first token; then one decode step for all running rows: the model's `decode_step`
+with per-row write slots, rope positions and masks, attending over a 256-multiple bucket covering
+the longest row. Every row then picks its token with its own settings, rows with equal settings
+together (row_sampling.py). The model exposes the steps; this module runs them.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -31,6 +33,7 @@ A request ends at EOS, at a stop string, after its max_new_tokens (capped by wha
 of the slot capacity), or when cancelled; its slot is freed at once. An error in one request's
 prefill or sampling fails that request; an error in a decode step fails the rows of that step.
 """
+import contextlib
 import logging
 import threading
 import time
@@ -43,8 +46,9 @@ from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
+from .prefill import InlinePrefill, PrefillWork, StreamPrefill
 from .requests import ActiveRequest, Handle
-from .row_sampling import Histories, RowSampler, choose_tokens
+from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
 from .streaming import TextStream
 
@@ -68,7 +72,8 @@ class ContinuousEngine:
                  prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
+        `prefill_chunk`: prompt tokens per prefill forward (on the engine's thread: per iteration,
+        between two decode steps);
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         if prefill_chunk < 1:
@@ -96,11 +101,17 @@ class ContinuousEngine:
         self.stats = EngineStats()
         self.stats.compilations_at_start = compilations()
         self._waiting: deque = deque()
-        self._prefilling: List[ActiveRequest] = []
+        self._prefilling: List[ActiveRequest] = []  # admitted, handed to the prefill
         self._running: List[ActiveRequest] = []
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
+        # on CUDA the decode steps run on a stream of the highest priority, the prefill on its own
+        self.stream = (torch.cuda.Stream(self.device, priority=torch.cuda.Stream.priority_range()[1])
+                       if self.device.type == "cuda" else None)
+        work = PrefillWork(self)
+        self.prefill = (StreamPrefill(work, prefill_chunk, self.device, self._wake) if self.stream is not None
+                        else InlinePrefill(work, prefill_chunk))
         self._closing = False
         self._thread: Optional[threading.Thread] = None
 
@@ -116,12 +127,30 @@ class ContinuousEngine:
         decoder). Its events go to `on_event(kind, value)`, called on the engine's thread, or to
         `handle.events`."""
         handle = Handle(sample, params, on_event)
+        handle.inputs = self.host_inputs(sample)
         with self._condition:
             if self._closing:
                 raise RuntimeError("the engine is shutting down")
             self._waiting.append(handle)
             self._condition.notify()
         return handle
+
+    def host_inputs(self, sample):
+        """What the engine copies to the device for `sample`: token ids [1, T], or the processor's
+        batch of one with its images in the model's dtype; pinned for a GPU (an asynchronous copy)."""
+        if isinstance(sample, torch.Tensor):
+            inputs = sample.reshape(1, -1)
+            return inputs.pin_memory() if self.stream is not None else inputs
+        batch = self.processor.batchify([sample])
+        batch.images = batch.images.to(self.dtype)
+        if self.stream is not None:
+            for name in ("input_ids", "images"):
+                setattr(batch, name, getattr(batch, name).pin_memory())
+        return batch
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._condition.notify()
 
     def cancel(self, handle: Handle) -> None:
         handle.cancel()
@@ -140,6 +169,10 @@ class ContinuousEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._pending)
 
+    def _runnable(self) -> bool:
+        """Work for this thread (not only prefills running on the worker's)."""
+        return bool(self._waiting or self._running or self._pending or self.prefill.runnable)
+
     def start(self) -> None:
         """Run `step` on a background thread until `close`."""
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
@@ -157,12 +190,13 @@ class ContinuousEngine:
         if self._thread is not None:
             self._thread.join(timeout_s)
         if not self.alive:
+            self.prefill.close()
             self._fail_all(RuntimeError("the engine is shutting down"))
 
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._closing and not self.has_work():
+                while not self._closing and not self._runnable():
                     self._condition.wait()
                 if self._closing:
                     return
@@ -176,29 +210,43 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row,
-        then take the tokens chosen in the previous iteration (see the module's docstring). A prompt
-        that fits in a chunk is prefilled whole, in one forward: when what is left of this
-        iteration's budget cannot take the rest of it, it waits for the next iteration's."""
+        """Admit, prefill (or take the prefills the worker ended), decode one token for every running
+        row, then take the tokens chosen in the previous iteration (see the module's docstring).
+        Driven from outside, with only the worker's prefills in flight, it waits briefly for one."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
-        self._drop_cancelled()
-        self._admit()
-        launched = []
-        budget = self.prefill_chunk
-        for request in list(self._prefilling):
-            left = request.prompt_len - request.prefilled
-            if budget <= 0 or (left > budget and budget < self.prefill_chunk):
-                break
-            used, first = self._prefill(request, budget)
-            budget -= used
-            launched += [first] if first is not None else []
-        if self._running:
-            launched += [chosen for chosen in [self._decode()] if chosen is not None]
-        previous, self._pending = self._pending, launched
-        for chosen in previous:
-            self._take(chosen)
+        if self._prefilling and not self._runnable():
+            self.prefill.wait(0.05)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            self._drop_cancelled()
+            self._admit()
+            launched = [prefilled.first for prefilled in self.prefill.run() if self._join(prefilled)]
+            if self._running:
+                launched += [chosen for chosen in [self._decode()] if chosen is not None]
+            previous, self._pending = self._pending, launched
+            for chosen in previous:
+                self._take(chosen)
+
+    def _join(self, prefilled) -> bool:
+        """A request whose prefill ended joins the running rows (True: its first token is in flight);
+        a failed or cancelled one ends."""
+        request = prefilled.request
+        if request.done:  # failed meanwhile (the engine was closing): its slot was kept for the prefill
+            self.slots.free(request.slot)
+            return False
+        if prefilled.error is not None:
+            self._remove(request)
+            self._fail(request.handle, prefilled.error)
+            return False
+        if prefilled.first is None or request.handle.cancelled:
+            self._finish(request, "cancelled")
+            return False
+        if self.stream is not None:  # its slot and first token were written on the prefill's stream
+            self.stream.wait_event(prefilled.first.ready)
+        self._prefilling.remove(request)
+        self._running.append(request)
+        return True
 
     def _moved_error(self) -> RuntimeError:
         """The KV slots and decode graphs belong to the model's device and dtype when the engine was
@@ -215,8 +263,11 @@ class ContinuousEngine:
         for handle in cancelled:
             self.stats.finished += 1
             handle.emit("done", _never_started(handle))
-        for request in [r for r in self._prefilling + self._running if r.handle.cancelled]:
+        for request in [r for r in self._running if r.handle.cancelled]:
             self._finish(request, "cancelled")
+        for request in [r for r in self._prefilling if r.handle.cancelled]:
+            if self.prefill.withdraw(request):  # else the prefill hands it back, cancelled
+                self._finish(request, "cancelled")
 
     def _admit(self) -> None:
         while self.slots.free_count:
@@ -232,18 +283,15 @@ class ContinuousEngine:
                 self._fail(handle, error)
                 continue
             self._prefilling.append(request)
+            self.prefill.add(request)
 
     def admit_request(self, handle: Handle, slot: int) -> ActiveRequest:
         """The request's prompt ids, sampler and text stream, in `slot` (its embeddings are made at
         its first prefill chunk, so that admitting many requests at once does not run all their
         images through the vision tower between two decode steps). An exception here fails this
         request alone (a subclass may refuse requests by raising)."""
-        sample = handle.sample
-        if isinstance(sample, torch.Tensor):  # token ids for a bare decoder
-            inputs = input_ids = sample.reshape(1, -1).to(self.device)
-        else:
-            inputs = self.processor.batchify([sample]).to(self.device, dtype=self.lm.dtype)
-            input_ids = inputs.input_ids
+        inputs, handle.inputs = handle.inputs, None
+        input_ids = inputs if isinstance(inputs, torch.Tensor) else inputs.input_ids  # [1, T] on the host
         T = input_ids.shape[1]
         capacity = self.slots.capacity
         if T >= capacity:
@@ -256,50 +304,15 @@ class ContinuousEngine:
         stream.put(input_ids[0])  # the first put is the prompt
         return ActiveRequest(handle, slot, input_ids[0], inputs, self.slots.row(slot), sampler, stream)
 
-    def embeddings(self, inputs) -> torch.Tensor:
-        """Prompt embeddings [1, T, hidden] (images merged, through the vision tower and projector)."""
-        if isinstance(inputs, torch.Tensor):
-            return self.lm.get_input_embeddings()(inputs)
-        return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                                inputs.images_spatial_crop)
-
-    def _prefill(self, request: ActiveRequest, budget: int):
-        """Prefill up to `budget` more prompt tokens of `request` into its slot; returns how many, and,
-        once the whole prompt is in, its first token (chosen on the device, read back later): the
-        request then joins the running rows."""
-        start = request.prefilled
-        end = min(request.prompt_len, start + budget)
-        try:
-            if request.embeds is None:
-                request.embeds, request.inputs = self.embeddings(request.inputs), None
-            logits = self.lm(inputs_embeds=request.embeds[:, start:end], past_key_values=request.cache,
-                             use_cache=True, logits_to_keep=1).logits[:, -1]
-            request.prefilled = request.length = end
-            if end < request.prompt_len:
-                return end - start, None
-            request.embeds = None
-            slot = device_tensor([request.slot], self.device)
-            token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)
-            self.next_tokens.index_copy_(0, slot, token)
-            first = Chosen([request], token, unusable)
-        except Exception as error:
-            self._remove(request)
-            self._fail(request.handle, error)
-            return end - start, None
-        self._prefilling.remove(request)
-        self._running.append(request)
-        return end - start, first
-
     def _decode(self) -> Optional["Chosen"]:
         """Launch one decode step for every running row, over the rows up to the highest one in use
         (padded up to a captured graph's row count). Each row is fed its last chosen token straight
         from the device (`next_tokens`): the step does not wait for the host to read it."""
         running = list(self._running)
         rows = self.steps.rows_for(max(r.slot for r in running) + 1)
-        positions, active = [0] * rows, [False] * rows
-        for request in self._prefilling:  # a row still prefilling: the dummy write lands where its
-            if request.slot < rows:       # next chunk will write (a free row's lands in its slot 0)
-                positions[request.slot] = request.prefilled
+        # a row not decoding writes its dummy entry at its last position, which no prefill writes
+        # (a prompt leaves room for one token), so a prefill beside this step keeps its entries
+        positions, active = [self.slots.capacity - 1] * rows, [False] * rows
         for request in running:  # one unpadded prompt per row: rope position == cache slot
             positions[request.slot], active[request.slot] = request.length, True
         kv_len = kv_bucket(max(r.length for r in running) + 1, self.slots.capacity)
@@ -367,8 +380,12 @@ class ContinuousEngine:
 
     def _fail_all(self, error: Exception, waiting: bool = True) -> None:
         self._pending = []
-        for request in self._prefilling + self._running:
+        for request in self._running + [r for r in self._prefilling if self.prefill.withdraw(r)]:
             self._remove(request)
+            self._fail(request.handle, error)
+        for request in list(self._prefilling):  # on the prefill's worker: its slot is freed when it is back
+            self._prefilling.remove(request)
+            request.done = True
             self._fail(request.handle, error)
         if waiting:
             with self._condition:
@@ -376,30 +393,6 @@ class ContinuousEngine:
                 self._waiting.clear()
             for handle in handles:
                 self._fail(handle, error)
-
-
-class Chosen:
-    """Tokens chosen on the device for `requests` (row i for requests[i]), copied to the host without
-    waiting; `values()` waits for that copy only, not for work launched after it."""
-
-    def __init__(self, requests: List[ActiveRequest], tokens: torch.Tensor, unusable: torch.Tensor):
-        self.requests = requests
-        both = torch.stack([tokens, unusable.long()])
-        self.ready = None
-        if both.is_cuda:
-            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-            self.host.copy_(both, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.host = both
-
-    def values(self):
-        """(request, token, unusable) for each row."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        tokens, unusable = self.host.tolist()
-        return list(zip(self.requests, tokens, unusable))
 
 
 class _NoText:
@@ -420,7 +413,7 @@ class _NoText:
 
 
 def _never_started(handle: Handle) -> ChatResult:
-    return ChatResult(text="", token_ids=[], prompt_tokens=len(handle.sample), finish_reason="cancelled")
+    return ChatResult(text="", token_ids=[], prompt_tokens=handle.prompt_tokens, finish_reason="cancelled")
 
 
 def _unusable(request: ActiveRequest) -> ValueError:

@@ -30,7 +30,8 @@ class Handle:
 
     def __init__(self, sample, params: GenerationParams, on_event: Optional[Callable[[str, object], None]] = None):
         self.id = next(_ids)
-        self.sample = sample
+        self.prompt_tokens = len(sample)
+        self.inputs = None  # the engine's host tensors for the request, until it is admitted
         self.params = params
         self.events: queue.Queue = queue.Queue()
         self._on_event = on_event
@@ -77,8 +78,8 @@ class ActiveRequest:
 
     handle: Handle
     slot: int
-    prompt_ids: torch.Tensor  # [T] on the model's device
-    inputs: Optional[object]  # what its embeddings are made from (a processed batch, or ids), until then
+    prompt_ids: torch.Tensor  # [T] on the host
+    inputs: Optional[object]  # host tensors its embeddings are made from (a processed batch, or ids), until then
     cache: KVCache  # a one-row view of the slot
     sampler: RowSampler
     stream: TextStream

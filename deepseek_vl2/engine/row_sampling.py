@@ -13,6 +13,9 @@ in one call; only seeded sampled rows draw one by one. Histories live in one buf
 slot (`Histories`), where what lies past a row's length is its first prompt token: a token it has
 seen already, so a group can read its rows up to the longest one and the repetition penalty (a
 gather and a scatter of the same values) comes out as for the row alone.
+
+The chosen tokens stay on the device; `Chosen` copies them to the host without waiting, for the
+engine to read one iteration later.
 """
 from collections import defaultdict
 from typing import List, Optional, Sequence
@@ -63,7 +66,7 @@ class Histories:
         self.ids = torch.zeros(slots, capacity, dtype=torch.long, device=device)
 
     def start(self, slot: int, prompt_ids: torch.Tensor) -> None:
-        prompt_ids = prompt_ids.reshape(-1).to(self.ids.device)
+        prompt_ids = prompt_ids.reshape(-1).to(self.ids.device, non_blocking=True)
         self.ids[slot] = prompt_ids[0]
         self.ids[slot, : prompt_ids.shape[0]] = prompt_ids
 
@@ -119,3 +122,27 @@ def _draw(scores: torch.Tensor, generators: List[Optional[torch.Generator]], do_
         if generator is not None:
             chosen[i:i + 1] = choose_next(scores[i:i + 1], True, generator)
     return chosen
+
+
+class Chosen:
+    """Tokens chosen on the device for `requests` (row i for requests[i]), copied to the host without
+    waiting; `values()` waits for that copy only, not for work launched after it."""
+
+    def __init__(self, requests: list, tokens: torch.Tensor, unusable: torch.Tensor):
+        self.requests = requests
+        both = torch.stack([tokens, unusable.long()])
+        self.ready = None
+        if both.is_cuda:
+            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            self.host.copy_(both, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = both
+
+    def values(self):
+        """(request, token, unusable) for each row."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens, unusable = self.host.tolist()
+        return list(zip(self.requests, tokens, unusable))

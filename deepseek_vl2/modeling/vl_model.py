@@ -98,16 +98,20 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         """Token embeddings with the image vectors written, in order, at the True positions of
         `images_seq_mask` (one row per batch row). Shapes (the processor's batch): input_ids [B, T],
         images [B, tiles, 3, 384, 384], images_seq_mask [B, T], images_spatial_crop [B, images, 2].
-        A ValueError names the argument whose shape or content does not fit."""
+        A ValueError names the argument whose shape or content does not fit. The inputs may be on the
+        host for a model on a GPU: they are copied without waiting for it."""
         embedding = self.language.get_input_embeddings()
         check_input_ids(input_ids, embedding.num_embeddings)
         has_image_slots = check_image_inputs(input_ids.shape, images, images_seq_mask, images_spatial_crop)
-        embeds = embedding(input_ids)
+        embeds = embedding(input_ids.to(embedding.weight.device, non_blocking=True))
         if not has_image_slots:
             return embeds
+        # the layout is read on the host: free for inputs given there (the continuous engine's), one
+        # read back each for inputs on the device
         crops = images_spatial_crop.tolist()
+        seq_mask = images_seq_mask.to("cpu", torch.bool)
         tiles_per_row = [sum(1 + w * h for w, h in real_crops(row)) for row in crops]
-        rows_with_slots = images_seq_mask.any(dim=1).tolist()
+        rows_with_slots = seq_mask.any(dim=1).tolist()
         for b, tiles in enumerate(tiles_per_row):
             if tiles > images.shape[1]:
                 raise ValueError(f"batch row {b}: images_spatial_crop {real_crops(crops[b])} needs {tiles} tiles "
@@ -117,20 +121,20 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                                  "images_spatial_crop lists no image for this row")
         if sum(tiles_per_row) == 0:
             return embeds
-        tiles = torch.cat([images[b, :n] for b, n in enumerate(tiles_per_row) if n])
+        parts = [images[b, :n] for b, n in enumerate(tiles_per_row) if n]
+        tiles = parts[0] if len(parts) == 1 else torch.cat(parts)  # one row: its (maybe pinned) memory as is
         if tiles.shape[0] and tuple(tiles.shape[1:]) != (3, self.vision.patch_embed.img_size[0],
                                                          self.vision.patch_embed.img_size[1]):
             raise ValueError(f"image tiles have shape {tuple(tiles.shape[1:])}; expected "
                              f"(3, {self.vision.patch_embed.img_size[0]}, {self.vision.patch_embed.img_size[1]})")
         vision_weight = self.vision.patch_embed.proj.weight
-        tiles = tiles.to(device=vision_weight.device, dtype=vision_weight.dtype)
+        tiles = tiles.to(device=vision_weight.device, dtype=vision_weight.dtype, non_blocking=True)
         with dispatch.sdpa_backends(tiles):
             features = self.vision.forward_features(tiles)
         projector_device = module_device(self.projector)
         if projector_device is not None:  # a device_map may put the projector elsewhere
             features = hop(features, projector_device)
         projected = self.projector(features).to(device=embeds.device, dtype=embeds.dtype)
-        seq_mask = images_seq_mask.to(device=embeds.device, dtype=torch.bool)
         start = 0
         for b, row in enumerate(crops):
             if not tiles_per_row[b]:
@@ -138,11 +142,12 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
             vectors = image_sequence(projected[start : start + tiles_per_row[b]], real_crops(row), self.image_newline,
                                      self.view_seperator, self.config.global_view_pos)
             start += tiles_per_row[b]
-            slots = int(seq_mask[b].sum())
-            if slots != len(vectors):
-                raise ValueError(f"batch row {b}: images_seq_mask marks {slots} image positions but its images "
-                                 f"give {len(vectors)} vectors (was the prompt made by this checkpoint's processor?)")
-            embeds[b, seq_mask[b]] = vectors
+            positions = seq_mask[b].nonzero().squeeze(1)
+            if positions.numel() != len(vectors):
+                raise ValueError(f"batch row {b}: images_seq_mask marks {positions.numel()} image positions but its "
+                                 f"images give {len(vectors)} vectors (was the prompt made by this checkpoint's "
+                                 "processor?)")
+            embeds[b].index_copy_(0, positions.to(embeds.device, non_blocking=True), vectors)
         return embeds
 
     # ---- forward ----------------------------------------------------------------------------------

@@ -254,5 +254,6 @@ class ContinuousScheduler:
                 job.emit(kind, value)
 
         job.handle = self.engine.submit(job.sample, job.params, on_event=forward)
+        job.sample = None  # the engine holds what it needs of it (its own host tensors)
         if job.cancelled.is_set():
             job.handle.cancel()
