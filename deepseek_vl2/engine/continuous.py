@@ -14,11 +14,10 @@ so no request ever waits for a capture; elsewhere the same steps run eagerly.
 `submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
 without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
-(prompt ids, sampler, text stream) and hand them to the prefill (prefill.py: each a batch-1 forward
-writing straight into the request's slot row, its images through the vision tower at its first
-chunk; on CUDA on a worker thread and stream of its own, beside the decode steps; elsewhere on this
-thread, `prefill_chunk` prompt tokens per iteration); a request whose prefill ended joins the running
-rows with its first token; then one decode step for all running rows: the model's `decode_step`
+(prompt ids, sampler, text stream); prefill up to `prefill_chunk` prompt tokens (prefill.py: batch-1
+forwards writing straight into the requests' slot rows, a request's images through the vision tower
+at its first chunk, a prompt that fits a chunk prefilled whole); a request whose prefill ended joins
+the running rows with its first token; then one decode step for all running rows: the model's `decode_step`
 with per-row write slots, rope positions and masks, attending over a 256-multiple bucket covering
 the longest row. Every row then picks its token with its own settings, rows with equal settings
 together (row_sampling.py). The model exposes the steps; this module runs them.
@@ -33,8 +32,8 @@ A request ends at EOS, at a stop string, after its max_new_tokens (capped by wha
 of the slot capacity), or when cancelled; its slot is freed at once. An error in one request's
 prefill or sampling fails that request; an error in a decode step fails the rows of that step.
 """
-import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -46,13 +45,15 @@ from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
-from .prefill import InlinePrefill, PrefillWork, StreamPrefill
+from .prefill import Prefill
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
 from .streaming import TextStream
 
 logger = logging.getLogger(__name__)
+
+ENGINE_SWITCH_INTERVAL_S = 0.0005  # how long another thread may hold the GIL while the loop waits for it
 
 
 class EngineStats:
@@ -72,8 +73,7 @@ class ContinuousEngine:
                  prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens per prefill forward (on the engine's thread: per iteration,
-        between two decode steps);
+        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         if prefill_chunk < 1:
@@ -101,17 +101,12 @@ class ContinuousEngine:
         self.stats = EngineStats()
         self.stats.compilations_at_start = compilations()
         self._waiting: deque = deque()
-        self._prefilling: List[ActiveRequest] = []  # admitted, handed to the prefill
         self._running: List[ActiveRequest] = []
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
-        # on CUDA the decode steps run on a stream of the highest priority, the prefill on its own
-        self.stream = (torch.cuda.Stream(self.device, priority=torch.cuda.Stream.priority_range()[1])
-                       if self.device.type == "cuda" else None)
-        work = PrefillWork(self)
-        self.prefill = (StreamPrefill(work, prefill_chunk, self.device, self._wake) if self.stream is not None
-                        else InlinePrefill(work, prefill_chunk))
+        self.prefill = Prefill(self, prefill_chunk)
+        self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._closing = False
         self._thread: Optional[threading.Thread] = None
 
@@ -140,17 +135,13 @@ class ContinuousEngine:
         batch of one with its images in the model's dtype; pinned for a GPU (an asynchronous copy)."""
         if isinstance(sample, torch.Tensor):
             inputs = sample.reshape(1, -1)
-            return inputs.pin_memory() if self.stream is not None else inputs
+            return inputs.pin_memory() if self.device.type == "cuda" else inputs
         batch = self.processor.batchify([sample])
         batch.images = batch.images.to(self.dtype)
-        if self.stream is not None:
+        if self.device.type == "cuda":
             for name in ("input_ids", "images"):
                 setattr(batch, name, getattr(batch, name).pin_memory())
         return batch
-
-    def _wake(self) -> None:
-        with self._condition:
-            self._condition.notify()
 
     def cancel(self, handle: Handle) -> None:
         handle.cancel()
@@ -169,12 +160,16 @@ class ContinuousEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._pending)
 
-    def _runnable(self) -> bool:
-        """Work for this thread (not only prefills running on the worker's)."""
-        return bool(self._waiting or self._running or self._pending or self.prefill.runnable)
-
     def start(self) -> None:
-        """Run `step` on a background thread until `close`."""
+        """Run `step` on a background thread until `close`.
+
+        The loop shares the interpreter with the caller's threads (a server's event loop streaming
+        tokens, its threads preparing requests). It gives up the GIL at every GPU call and, while
+        another thread runs Python, gets it back only when that thread is made to drop it, after
+        the switch interval (5 ms by default): so this lowers the process's interval to
+        ENGINE_SWITCH_INTERVAL_S unless it is lower already."""
+        if sys.getswitchinterval() > ENGINE_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
 
@@ -190,13 +185,12 @@ class ContinuousEngine:
         if self._thread is not None:
             self._thread.join(timeout_s)
         if not self.alive:
-            self.prefill.close()
             self._fail_all(RuntimeError("the engine is shutting down"))
 
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._closing and not self._runnable():
+                while not self._closing and not self.has_work():
                     self._condition.wait()
                 if self._closing:
                     return
@@ -210,41 +204,28 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill (or take the prefills the worker ended), decode one token for every running
-        row, then take the tokens chosen in the previous iteration (see the module's docstring).
-        Driven from outside, with only the worker's prefills in flight, it waits briefly for one."""
+        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row,
+        then take the tokens chosen in the previous iteration (see the module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
-        if self._prefilling and not self._runnable():
-            self.prefill.wait(0.05)
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            self._drop_cancelled()
-            self._admit()
-            launched = [prefilled.first for prefilled in self.prefill.run() if self._join(prefilled)]
-            if self._running:
-                launched += [chosen for chosen in [self._decode()] if chosen is not None]
-            previous, self._pending = self._pending, launched
-            for chosen in previous:
-                self._take(chosen)
+        self._drop_cancelled()
+        self._admit()
+        launched = [prefilled.first for prefilled in self.prefill.run() if self._join(prefilled)]
+        if self._running:
+            launched += [chosen for chosen in [self._decode()] if chosen is not None]
+        previous, self._pending = self._pending, launched
+        for chosen in previous:
+            self._take(chosen)
 
     def _join(self, prefilled) -> bool:
         """A request whose prefill ended joins the running rows (True: its first token is in flight);
-        a failed or cancelled one ends."""
+        a failed one ends."""
         request = prefilled.request
-        if request.done:  # failed meanwhile (the engine was closing): its slot was kept for the prefill
-            self.slots.free(request.slot)
-            return False
         if prefilled.error is not None:
             self._remove(request)
             self._fail(request.handle, prefilled.error)
             return False
-        if prefilled.first is None or request.handle.cancelled:
-            self._finish(request, "cancelled")
-            return False
-        if self.stream is not None:  # its slot and first token were written on the prefill's stream
-            self.stream.wait_event(prefilled.first.ready)
-        self._prefilling.remove(request)
         self._running.append(request)
         return True
 
@@ -263,11 +244,8 @@ class ContinuousEngine:
         for handle in cancelled:
             self.stats.finished += 1
             handle.emit("done", _never_started(handle))
-        for request in [r for r in self._running if r.handle.cancelled]:
+        for request in [r for r in self._prefilling + self._running if r.handle.cancelled]:
             self._finish(request, "cancelled")
-        for request in [r for r in self._prefilling if r.handle.cancelled]:
-            if self.prefill.withdraw(request):  # else the prefill hands it back, cancelled
-                self._finish(request, "cancelled")
 
     def _admit(self) -> None:
         while self.slots.free_count:
@@ -283,7 +261,6 @@ class ContinuousEngine:
                 self._fail(handle, error)
                 continue
             self._prefilling.append(request)
-            self.prefill.add(request)
 
     def admit_request(self, handle: Handle, slot: int) -> ActiveRequest:
         """The request's prompt ids, sampler and text stream, in `slot` (its embeddings are made at
@@ -310,8 +287,8 @@ class ContinuousEngine:
         from the device (`next_tokens`): the step does not wait for the host to read it."""
         running = list(self._running)
         rows = self.steps.rows_for(max(r.slot for r in running) + 1)
-        # a row not decoding writes its dummy entry at its last position, which no prefill writes
-        # (a prompt leaves room for one token), so a prefill beside this step keeps its entries
+        # a row not decoding (free, or prefilling) writes its dummy entry at its last position, which
+        # no prompt reaches (it leaves room for a token) and a decoding row writes before reading
         positions, active = [self.slots.capacity - 1] * rows, [False] * rows
         for request in running:  # one unpadded prompt per row: rope position == cache slot
             positions[request.slot], active[request.slot] = request.length, True
@@ -380,12 +357,8 @@ class ContinuousEngine:
 
     def _fail_all(self, error: Exception, waiting: bool = True) -> None:
         self._pending = []
-        for request in self._running + [r for r in self._prefilling if self.prefill.withdraw(r)]:
+        for request in self._prefilling + self._running:
             self._remove(request)
-            self._fail(request.handle, error)
-        for request in list(self._prefilling):  # on the prefill's worker: its slot is freed when it is back
-            self._prefilling.remove(request)
-            request.done = True
             self._fail(request.handle, error)
         if waiting:
             with self._condition:
