@@ -33,7 +33,6 @@ of the slot capacity), or when cancelled; its slot is freed at once. An error in
 prefill or sampling fails that request; an error in a decode step fails the rows of that step.
 """
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -52,8 +51,6 @@ from .slots import SlotCache, device_tensor, kv_bucket
 from .streaming import TextStream
 
 logger = logging.getLogger(__name__)
-
-ENGINE_SWITCH_INTERVAL_S = 0.0005  # how long another thread may hold the GIL while the loop waits for it
 
 
 class EngineStats:
@@ -161,15 +158,7 @@ class ContinuousEngine:
         return bool(self._waiting or self._prefilling or self._running or self._pending)
 
     def start(self) -> None:
-        """Run `step` on a background thread until `close`.
-
-        The loop shares the interpreter with the caller's threads (a server's event loop streaming
-        tokens, its threads preparing requests). It gives up the GIL at every GPU call and, while
-        another thread runs Python, gets it back only when that thread is made to drop it, after
-        the switch interval (5 ms by default): so this lowers the process's interval to
-        ENGINE_SWITCH_INTERVAL_S unless it is lower already."""
-        if sys.getswitchinterval() > ENGINE_SWITCH_INTERVAL_S:
-            sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
+        """Run `step` on a background thread until `close`."""
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
 
