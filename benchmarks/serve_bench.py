@@ -27,7 +27,6 @@ import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,8 +58,7 @@ def build_chat_engine(variant: str):
     return ChatEngine(model, processor)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int,
-          switch_interval: Optional[float] = None) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -71,8 +69,6 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: in
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill_chunk=prefill_chunk, max_concurrent_requests=4 * slots, request_timeout_s=1800)
     app = create_app(chat, settings)
-    if switch_interval is not None:  # after the engine's start, which sets its own
-        sys.setswitchinterval(switch_interval)
     print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -193,8 +189,6 @@ def get_health(port: int) -> dict:
 def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk)]
-    if args.switch_interval is not None:
-        command += ["--switch-interval", str(args.switch_interval)]
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -302,15 +296,12 @@ def main():
     parser.add_argument("--in-process", action="store_true",
                         help="drive the continuous engine directly (no HTTP server), closed loops only")
     parser.add_argument("--profile", action="store_true", help="with --in-process: profile the engine's thread")
-    parser.add_argument("--switch-interval", type=float,
-                        help="the server's sys.setswitchinterval, set after its engine started (which lowers it to "
-                             "0.5 ms); 0.005 is Python's default")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk, args.switch_interval)
+        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))
