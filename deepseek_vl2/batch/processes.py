@@ -3,7 +3,9 @@ over one input: the parent reads the rows into a shared queue, each engine proce
 whenever it has room for one (no static split: an engine that runs ahead takes more, and none sits
 idle at the end while rows wait), and the parent writes every record into the one output file.
 
-Processes are started with `spawn` (CUDA cannot be used in a forked child). A worker whose engine
+Processes are started with `spawn` (CUDA cannot be used in a forked child), each GPU worker seeing
+its GPU alone (CUDA_VISIBLE_DEVICES, so that every thread of it, the engine's included, has that GPU
+as its current device: "cuda:1" of this process is "cuda:0" there). A worker whose engine
 cannot be built reports why and exits; the others go on. A worker that dies mid-run loses only its
 rows in flight: they are not in the output, and a rerun answers them.
 """
@@ -67,9 +69,7 @@ def worker_main(index: int, device: str, settings: ProcessSettings, work, result
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        if device.startswith("cuda:"):
-            torch.cuda.set_device(int(device.split(":")[1]))  # capture the decode graphs on this GPU
-        engine = settings.spec.build(device)
+        engine = settings.spec.build("cuda:0" if device.startswith("cuda") else device)
         report.startup = engine.startup_summary
         results.put(("ready", index, report))
         runner = EngineRunner(engine, settings.defaults, settings.in_flight, settings.image_workers)
@@ -104,8 +104,8 @@ def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[
     results = context.Queue()
     workers = [context.Process(target=worker_main, args=(i, device, settings, work, results), daemon=True,
                                name=f"batch-engine-{device}") for i, device in enumerate(devices)]
-    for worker in workers:
-        worker.start()
+    for worker, device in zip(workers, devices):
+        start_seeing(worker, device)
     reports = [WorkerReport(i, device) for i, device in enumerate(devices)]
     ended = [False] * len(devices)
     stop, all_fed = threading.Event(), threading.Event()
@@ -154,6 +154,26 @@ def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[
         raise WorkersFailed("the engine processes ended before the rows did:\n" +
                             "\n".join(report.line() for report in reports if report.error))
     return reports
+
+
+def start_seeing(worker, device: str) -> None:
+    """Start `worker` with only the GPU of `device` ("cuda:N": the N-th GPU this process sees) visible."""
+    if not device.startswith("cuda"):
+        worker.start()
+        return
+    index = int(device.partition(":")[2] or 0)
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [v.strip() for v in saved.split(",")] if saved is not None else [str(i) for i in range(index + 1)]
+    if index >= len(visible):
+        raise ValueError(f"{device}: CUDA_VISIBLE_DEVICES={saved!r} shows {len(visible)} GPU(s)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index]  # a spawned child takes this environment
+    try:
+        worker.start()
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def _put(work, item, stop: threading.Event) -> bool:
