@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ..engine import GenerationParams, add_engine_arguments
-from .driver import report, run_dataset
+from .driver import EngineFailed, report, run_dataset
 from .engine_spec import EngineSpec
 from .output import OutputFileError
 from .rows import run_settings
@@ -118,8 +118,14 @@ def local_executor(args, spec: EngineSpec, defaults: GenerationParams):
     return execute
 
 
-class EngineFailed(RuntimeError):
-    pass
+def check_args(args) -> None:
+    """What argparse cannot check, named by flag."""
+    if args.ray and (args.gpus is not None or args.workers is not None):
+        raise ValueError("--gpus and --workers place local engines; with --ray use --ray_actors")
+    for flag in ("max_num_seqs", "image_workers", "ray_actors"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
 
 
 def main(argv=None) -> int:
@@ -127,6 +133,7 @@ def main(argv=None) -> int:
     from ..models.checkpoint import CheckpointError
 
     try:
+        check_args(args)
         spec = EngineSpec(args.model_path, args.dtype, args.chunk_size, args.max_num_seqs)
         defaults = run_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)

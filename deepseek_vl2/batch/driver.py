@@ -3,7 +3,8 @@ holds, write the records of bad lines and rows at once, stream the good rows to 
 engine, engine processes, a Ray Data stage) and write its records as they come, with a progress bar.
 
 An executor is `execute(rows, emit)`: it answers every Row of the iterable `rows` and calls
-`emit(row, record)` for each, from the thread that called it.
+`emit(row, record)` for each, from the thread that called it; EngineFailed when its engines could not
+answer them all (the rows without a record are answered by a rerun).
 """
 import sys
 import threading
@@ -15,6 +16,11 @@ from typing import Callable, Iterable, Iterator
 from .output import OutputFile
 from .progress import Progress
 from .rows import BadLine, BadRow, Row, read_rows
+
+
+class EngineFailed(RuntimeError):
+    """An engine (process, Ray actor) failed: the rows it held have no record."""
+
 
 Executor = Callable[[Iterable[Row], Callable[[Row, dict], None]], None]
 

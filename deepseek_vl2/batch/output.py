@@ -32,6 +32,8 @@ class OutputFile:
         self.dropped_errors = 0  # error records removed by retry_errors
         if self.path.exists():
             self._resume(retry_errors)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _resume(self, retry_errors: bool) -> None:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional
 
 from ..engine import GenerationParams
+from .driver import EngineFailed
 from .engine_spec import EngineSpec
 from .rows import Row
 
 POLL_S = 1.0  # how often the parent checks that its workers are alive while waiting for records
 
 
-class WorkersFailed(RuntimeError):
+class WorkersFailed(EngineFailed):
     """No engine process is left to answer the remaining rows."""
 
 
@@ -86,6 +87,10 @@ def worker_main(index: int, device: str, settings: ProcessSettings, work, result
         report.rows, report.tokens, report.busy_s = stats.rows, stats.tokens, stats.busy_s
         report.decode_steps, report.max_running = engine.stats.decode_steps, engine.stats.max_running
         runner.close()
+    except (ValueError, OSError) as error:  # an unusable checkpoint or setting (CheckpointError is a ValueError)
+        report.error = f"{type(error).__name__}: {error}"
+        results.put(("failed", index, report))
+        return
     except BaseException:  # noqa: B036  (reported to the parent: the worker's end)
         report.error = traceback.format_exc(limit=8).strip()
         results.put(("failed", index, report))

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from .driver import EngineFailed
 from .engine_spec import SLOTS_CPU, SLOTS_CUDA, EngineSpec
 from .rows import SETTINGS, Row, row_from_fields, run_settings
 
@@ -113,9 +114,13 @@ def ray_executor(spec: EngineSpec, defaults, options: RayOptions):
                 num_cpus=options.cpus_per_actor, fn_constructor_kwargs=dict(
                     model_path=spec.model_path, device=device, dtype=spec.dtype, chunk_size=spec.chunk_size,
                     max_num_seqs=spec.max_num_seqs, settings=asdict(defaults), image_workers=options.image_workers))
-            for values in answers.iter_rows():
-                row = rows[values["id"]]
-                emit(row, record_of(values, row.id))
+            try:
+                for values in answers.iter_rows():
+                    row = rows[values["id"]]
+                    emit(row, record_of(values, row.id))
+            except ray.exceptions.RayError as error:  # an actor could not build its engine, or died
+                raise EngineFailed(f"the Ray stage failed (a rerun answers the rows without a record): "
+                                   f"{error}") from error
         finally:
             if started_here:
                 ray.shutdown()
