@@ -117,6 +117,8 @@ def test_the_ray_route_gives_the_same_records(reference, tmp_path):
     (["--workers", "0"], "--workers must be >= 1"),
     (["--chunk_size", "0"], "--chunk_size must be -1"),
     (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--image_workers", "0"], "--image_workers must be >= 1, got 0"),
+    (["--ray", "--workers", "2"], "with --ray use --ray_actors"),
 ])
 def test_unusable_arguments_are_named(tmp_path, capsys, args, message):
     rows = tmp_path / "rows.jsonl"
@@ -131,3 +133,16 @@ def test_a_missing_input_is_named(tmp_path, capsys):
     status = main(["--model_path", str(CHECKPOINT), "--input", str(tmp_path / "none.jsonl"), "--output",
                    str(tmp_path / "out.jsonl"), "--device", "cpu"])
     assert status == 2 and "--input: no file at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_processes_that_cannot_start_end_the_run(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": 1, "prompt": "hi"}\nnot json\n')
+    status = main(["--model_path", str(tmp_path / "missing"), "--input", str(rows), "--output",
+                   str(tmp_path / "out.jsonl"), "--device", "cpu", "--workers", "2", "--no_progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and "the engine processes ended before the rows did" in err
+    assert err.count("CheckpointError: checkpoint directory") == 2
+    assert read_output(tmp_path / "out.jsonl") == [{"line": 2, "error": "line 2: not valid JSON (Expecting value: "
+                                                                        "line 1 column 1 (char 0))"}]
