@@ -87,7 +87,7 @@ def worker_main(index: int, device: str, settings: ProcessSettings, work, result
         report.rows, report.tokens, report.busy_s = stats.rows, stats.tokens, stats.busy_s
         report.decode_steps, report.max_running = engine.stats.decode_steps, engine.stats.max_running
         runner.close()
-    except (ValueError, OSError) as error:  # an unusable checkpoint or setting (CheckpointError is a ValueError)
+    except (ValueError, OSError, EngineFailed) as error:  # an unusable checkpoint (a ValueError), failed rows
         report.error = f"{type(error).__name__}: {error}"
         results.put(("failed", index, report))
         return

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ..engine import ChatResult, GenerationParams
+from .driver import EngineFailed
 from .prepare import Prepared, Preparer
 from .rows import Row
 
@@ -60,11 +61,15 @@ class EngineRunner:
 
     def run(self, rows: Iterable[Row], emit: Callable[[Row, dict], None]) -> None:
         """Answer every row of `rows`; `emit(row, record)` is called on this thread for each, in the
-        order they finish. An exception from `rows` is raised here once the rows in flight are out."""
-        results: queue.Queue = queue.Queue()
+        order they finish. A row the engine fails for a reason of its own (a ValueError: its scores
+        unusable, its prompt too long) gets an error record; any other engine error (the device's:
+        out of memory, a CUDA error) gives no record, and once the rows in flight are out,
+        EngineFailed says how many rows have none (after `in_flight` such failures in a row no more
+        rows are taken). An exception from `rows` is raised here too."""
+        results: queue.Queue = queue.Queue()  # (row, record or None, engine failure or None); None: fed
         taken = [0]
         feeder_error = []
-        fed = threading.Event()
+        fed, abort = threading.Event(), threading.Event()
 
         def feed():
             try:
@@ -72,8 +77,10 @@ class EngineRunner:
                 while True:
                     self._room.acquire()
                     try:
-                        row = next(iterator)
+                        row = None if abort.is_set() else next(iterator)
                     except StopIteration:
+                        row = None
+                    if row is None:
                         self._room.release()
                         return
                     taken[0] += 1
@@ -85,31 +92,45 @@ class EngineRunner:
                 results.put(None)  # wake the caller to see that feeding is over
 
         threading.Thread(target=feed, name="batch-feeder", daemon=True).start()
-        emitted = 0
+        emitted, failures, streak = 0, [], 0
         while not (fed.is_set() and emitted == taken[0]):
             item = results.get()
             if item is None:
                 continue
-            row, record = item
+            row, record, failure = item
             self._room.release()
-            self._count(record)
             emitted += 1
+            if failure is not None:
+                failures.append((row, failure))
+                streak += 1
+                if streak >= self.in_flight:
+                    abort.set()
+                continue
+            streak = 0
+            self._count(record)
             emit(row, record)
         if feeder_error:
             raise feeder_error[0]
+        if failures:
+            row, error = failures[0]
+            raise EngineFailed(f"{len(failures)} row(s) failed in the engine and have no record (a rerun answers "
+                               f"them){'; it stopped taking rows' if abort.is_set() else ''}; the first, "
+                               f"{row.id!r}: {type(error).__name__}: {error}")
 
     def _submit(self, prepared: Prepared, results: queue.Queue) -> None:
         """On an image worker's thread: the prepared row into the engine, or its error out."""
         row = prepared.row
         if prepared.error is not None:
-            results.put((row, {"id": row.id, "error": prepared.error}))
+            results.put((row, {"id": row.id, "error": prepared.error}, None))
             return
 
         def on_event(kind, value):  # on the engine's thread
             if kind == "done":
-                results.put((row, answer_record(row, value)))
+                results.put((row, answer_record(row, value), None))
+            elif kind == "error" and isinstance(value, ValueError):
+                results.put((row, {"id": row.id, "error": str(value) or type(value).__name__}, None))
             elif kind == "error":
-                results.put((row, {"id": row.id, "error": str(value) or type(value).__name__}))
+                results.put((row, None, value))
 
         with self._stats_lock:
             if self.stats.first_submit is None:
@@ -117,7 +138,7 @@ class EngineRunner:
         try:
             self.engine.submit(prepared.sample, prepared.params, on_event)
         except RuntimeError as error:  # the engine is shutting down
-            results.put((row, {"id": row.id, "error": str(error)}))
+            results.put((row, None, error))
 
     def _count(self, record: dict) -> None:
         with self._stats_lock:

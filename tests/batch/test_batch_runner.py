@@ -3,8 +3,11 @@ record; answers are what `ChatEngine.chat` gives each row alone; bad rows and li
 records naming the problem; a rerun skips everything; the in-flight bound holds."""
 import json
 
+import pytest
+
 from batch_helpers import BAD_ROWS, GOOD_ROWS, MAX_NEW, by_key
 from deepseek_vl2.batch import EngineRunner, EngineSpec, run_dataset
+from deepseek_vl2.batch.driver import EngineFailed
 from deepseek_vl2.batch.rows import Row, run_settings
 from deepseek_vl2.batch.runner import answer_record
 from deepseek_vl2.engine import ChatResult, chat_conversation
@@ -99,6 +102,41 @@ def test_rows_in_flight_stay_within_the_bound(chat_engine):
         runner.close()
     assert emitted[0] == 10 and most[0] == 3
     assert engine.stats.max_running == 2
+
+
+def test_engine_errors_of_a_row_are_records_and_of_the_device_end_the_run(chat_engine):
+    engine = EngineSpec("unused", max_num_seqs=2).engine_for(chat_engine.model, chat_engine.processor)
+    runner = EngineRunner(engine, run_settings(max_new_tokens=3), in_flight=3, image_workers=1)
+    submit, calls = engine.submit, [0]
+
+    def failing_submit(sample, params, on_event):  # every other row: the row's error, then all: the device's
+        calls[0] += 1
+        if calls[0] > 6:
+            on_event("error", RuntimeError("CUDA error: an illegal memory access was encountered"))
+        elif calls[0] % 2 == 0:
+            on_event("error", ValueError("generation step 0: the scores hold NaN or inf"))
+        else:
+            return submit(sample, params, on_event)
+
+    engine.submit = failing_submit
+    taken, records = [0], []
+
+    def rows():
+        for index in range(40):
+            taken[0] += 1
+            yield Row(index, f"Question {index}?", [])
+
+    try:
+        with pytest.raises(EngineFailed, match=r"row\(s\) failed in the engine and have no record .*; it stopped "
+                                               r"taking rows; the first, 6: RuntimeError: CUDA error"):
+            runner.run(rows(), lambda row, record: records.append(record))
+    finally:
+        runner.close()
+    records.sort(key=lambda record: record["id"])  # one image worker: rows reach the engine in order
+    assert [record["id"] for record in records] == list(range(6))
+    assert [("error" in record) for record in records] == [False, True] * 3
+    assert records[1]["error"] == "generation step 0: the scores hold NaN or inf"
+    assert taken[0] <= 6 + 2 * 3  # stopped after in_flight failures in a row, not at the end of the rows
 
 
 def test_answer_record_carries_grounding_boxes():
