@@ -78,6 +78,8 @@ def local_devices(device, gpus, workers) -> list:
                 raise ValueError(f"--device {device} names one GPU; --gpus {gpus} needs --device cuda")
             return [str(target)]
         visible = torch.cuda.device_count()
+        if not visible:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible")
         count = visible if gpus is None else gpus
         if not 1 <= count <= visible:
             raise ValueError(f"--gpus {gpus}: {visible} GPU(s) visible")
@@ -135,8 +137,8 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         spec = EngineSpec(args.model_path, args.dtype, args.chunk_size, args.max_num_seqs)
-        defaults = run_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        defaults = run_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
         if args.ray:
             from .ray_stage import RayOptions, ray_executor
 

@@ -13,8 +13,8 @@
 Output columns: id, text, finish_reason, prompt_tokens, completion_tokens, boxes (a list of
 {"label", "box"}, empty when none) and error (None, or why the row has no answer; the other
 columns are then None). An actor may run several batches at once (they share its engine; see
-`actor_pool`). Image paths must be readable from every node
-(relative ones are taken from `base_dir`).
+`actor_pool`). Image paths must be readable from every node (relative ones are taken from
+`base_dir`).
 
 `ray_executor` is what `--ray` runs: the driver reads and checks the input and resumes (driver.py),
 sends the rows to do through the stage and writes the answers as they stream back, so the output

@@ -89,11 +89,12 @@ def valid_id(value) -> bool:
 
 def parse_row(data, base_dir: Path, line: int = 0) -> Union[Row, BadRow, BadLine]:
     """A decoded JSON value -> a Row, or what is wrong with it."""
+    where = f"line {line}: " if line else ""  # rows from columns (Ray) have no line
     if not isinstance(data, dict):
-        return BadLine(line, f"line {line}: expected a JSON object, got {type(data).__name__}")
+        return BadLine(line, f"{where}expected a JSON object, got {type(data).__name__}")
     row_id = data.get("id")
     if not valid_id(row_id):
-        return BadLine(line, f"line {line}: 'id' must be a non-empty string or an integer, got {row_id!r}")
+        return BadLine(line, f"{where}'id' must be a non-empty string or an integer, got {row_id!r}")
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
         return BadRow(row_id, f"'prompt' must be a string, got {_kind(prompt)}", line)
