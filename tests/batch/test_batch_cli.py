@@ -1,8 +1,9 @@
 """`python -m deepseek_vl2.batch` as a user runs it (subprocesses, tiny_mha, CPU): killed with SIGKILL in
-the middle and rerun, it completes the file with the same records as an uninterrupted run; two CPU
-engine processes give the same records; so does the Ray Data route on a local Ray instance, both
-`--ray` and the example's `read_json(...).map_batches(BatchPredictor, ...)`. Every subprocess runs in
-its own process group under a deadline, killed whole when it passes (nothing can hang the suite)."""
+the middle and rerun, it completes the file with the same records as an uninterrupted run, with one
+engine and with two CPU engine processes (which end with their killed parent); the Ray Data route on
+a local Ray instance gives the same records, both `--ray` and the example's
+`read_json(...).map_batches(BatchPredictor, ...)`. Every subprocess runs in its own process group
+under a deadline, killed whole when it passes (nothing can hang the suite)."""
 import json
 import os
 import signal
@@ -44,25 +45,45 @@ def answered(path: Path) -> int:
     return path.read_text().count('"text": ') if path.exists() else 0
 
 
+def kill_after_answers(args: list, output: Path, answers: int = 2) -> list:
+    """Start `args`, SIGKILL its main process once `output` holds `answers` answers; the child
+    processes it had (engine processes) must end by themselves. Returns their pids."""
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while answered(output) < answers:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no answers before the deadline"
+            time.sleep(0.02)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        process.kill()
+        process.wait(30)
+        deadline = time.monotonic() + 30
+        while alive := [pid for pid in children if running(pid)]:
+            assert time.monotonic() < deadline, f"processes {alive} outlived the killed run"
+            time.sleep(0.1)
+        return children
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group (nothing, if all went well)
+        except ProcessLookupError:
+            pass
+        process.stderr.close()
+
+
+def running(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.slow
 def test_killed_and_rerun_gives_the_complete_file(reference, tmp_path):
     rows, expected, _ = reference
     output = tmp_path / "out.jsonl"
-    # one row at a time, so that the kill lands between answers
-    process = subprocess.Popen(command(rows, output, "--max_num_seqs", "1"), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while answered(output) < 2:
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no answers before the deadline"
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stderr.close()
+    kill_after_answers(command(rows, output, "--max_num_seqs", "1"), output)  # one row at a time
     killed = read_output(output)
     assert 2 <= answered(output) < len(GOOD_ROWS), "the kill did not land in the middle"
     torn = b'{"id": "story", "text": "Once up'
@@ -78,16 +99,22 @@ def test_killed_and_rerun_gives_the_complete_file(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_engine_processes_give_the_same_records(reference, tmp_path):
+def test_two_cpu_engine_processes_killed_and_rerun_give_the_same_records(reference, tmp_path):
     rows, expected, _ = reference
     output = tmp_path / "out.jsonl"
+    children = kill_after_answers(command(rows, output, "--workers", "2", "--max_num_seqs", "1"), output)
+    assert len(children) >= 2  # the engine processes (and multiprocessing's resource tracker)
+    killed = read_output(output)
+    assert 2 <= answered(output) < len(GOOD_ROWS), "the kill did not land in the middle"
     result = run(command(rows, output, "--workers", "2", "--max_num_seqs", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert by_key(read_output(output)) == by_key(expected)
+    records = read_output(output)
+    assert records[:len(killed)] == killed and by_key(records) == by_key(expected)
     reports = [line for line in result.stderr.splitlines() if line.startswith("engine ")]
     assert sorted(line.split(":")[0] for line in reports) == ["engine 0 (cpu)", "engine 1 (cpu)"]
     engine_rows = len(GOOD_ROWS) + len(BAD_ROWS) - 1  # "bad-setting" fails in the reader, before any engine
-    assert sum(int(line.split(": ")[1].split(" rows")[0]) for line in reports) == engine_rows
+    done = sum(record.get("id") not in (None, "bad-setting") for record in killed)
+    assert sum(int(line.split(": ")[1].split(" rows")[0]) for line in reports) == engine_rows - done
 
 
 @pytest.mark.slow
