@@ -136,7 +136,9 @@ class Chosen:
             self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
             self.host.copy_(both, non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            # on the stream the copy runs on (its device's), not the calling thread's current device's:
+            # the engine's thread of a model on cuda:1 has cuda:0 as its current device
+            self.ready.record(torch.cuda.current_stream(both.device))
         else:
             self.host = both
 
