@@ -1,0 +1,188 @@
+"""Gemv and dequantization kernels for quantized weights (quantization/rtn.py's layout) on CUDA.
+
+  gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
+              gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
+              per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
+              [BLOCK_N, BLOCK_K/2] packed uint8 tiles. A row's int4 dot product is taken per group
+              on the integer values: sum_k w_k x_k = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k, with
+              the group's scale and zero point loaded once per tile; an int8 row's scale is applied
+              once at the end.
+  dequantize  the full weight in the activation dtype, one pass (prefill and batched decode run
+              their bf16 GEMMs on it).
+
+Both are torch custom ops inside compiled regions (`custom_ops.kernel_op`). When they run is decided
+in dispatch.py; tile sizes can be tuned with benchmarks/quant_gemv_configs.py.
+"""
+from typing import Optional
+
+import torch
+
+from .custom_ops import kernel_op, tl, triton
+
+# Token rows up to which decode reads quantized weights through the gemv: the alternative, a
+# dequantized copy of the whole weight and a GEMM, reads and writes every expert of the layer.
+MAX_GEMV_TOKENS = 8
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int4_tile(q_base, s_base, z_base, rows, n_mask, offs_b, b_mask, offs_g, g_mask, stride_qn, stride_sn,
+                   x_even, x_odd, x_group_sums, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+        """sum over one tile's columns of w * x for the rows `rows` ([BLOCK_N], float32)."""
+        packed = tl.load(q_base + rows[:, None] * stride_qn + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :],
+                         other=0).to(tl.int32)
+        low = (packed & 15).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+        part = low * x_even[None, :] + high * x_odd[None, :]  # [BLOCK_N, BLOCK_K / 2]
+        per_group = tl.sum(tl.reshape(part, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+        s_mask = n_mask[:, None] & g_mask[None, :]
+        s_offs = rows[:, None] * stride_sn + offs_g[None, :]
+        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        return tl.sum(scale * per_group + (zero - 8.0 * scale) * x_group_sums[None, :], axis=1)
+
+    @triton.jit
+    def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
+        w = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0)
+        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+
+    @triton.jit
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_qe,
+                           stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr, GROUP: tl.constexpr,
+                           HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        row = a // rows_per_id
+        q_base = q_ptr
+        s_base = s_ptr
+        z_base = z_ptr
+        if HAS_IDS:
+            expert = tl.load(ids_ptr + a).to(tl.int64)
+            q_base = q_ptr + expert * stride_qe
+            s_base = s_ptr + expert * stride_se
+            z_base = z_ptr + expert * stride_se
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_row = x_ptr + row * stride_x
+        for k0 in range(0, K, BLOCK_K):
+            if INT4:
+                GROUPS: tl.constexpr = BLOCK_K // GROUP
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
+                b_mask = offs_b < K // 2
+                x_even = tl.load(x_row + 2 * offs_b, mask=b_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * offs_b + 1, mask=b_mask, other=0.0).to(tl.float32)
+                x_group_sums = tl.sum(tl.reshape(x_even + x_odd, (GROUPS, GROUP // 2)), axis=1)
+                offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+                g_mask = offs_g < K // GROUP
+                acc += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, offs_b, b_mask, offs_g, g_mask, stride_qn,
+                                  stride_sn, x_even, x_odd, x_group_sums, BLOCK_N, GROUPS, GROUP)
+                if SILU_MUL:
+                    acc_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, offs_b, b_mask, offs_g, g_mask,
+                                         stride_qn, stride_sn, x_even, x_odd, x_group_sums, BLOCK_N, GROUPS, GROUP)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                acc += _int8_tile(q_base, offs_n, n_mask, offs_k, k_mask, stride_qn, x)
+                if SILU_MUL:
+                    acc_up += _int8_tile(q_base, offs_n + N, n_mask, offs_k, k_mask, stride_qn, x)
+        if not INT4:  # one scale per output row
+            acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            if SILU_MUL:
+                acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        out_type = out_ptr.dtype.element_ty
+        if SILU_MUL:  # round where the reference's bf16 ops round: gate, up, silu(gate), product
+            gate = acc.to(out_type).to(tl.float32)
+            up = acc_up.to(out_type).to(tl.float32)
+            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+        else:
+            result = acc
+        tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, K, INT4: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = rows < R
+        groups = K // GROUP
+        out_type = out_ptr.dtype.element_ty
+        if INT4:
+            offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            mask = r_mask[:, None] & (offs_b < K // 2)[None, :]
+            packed = tl.load(q_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+            s_offs = rows[:, None] * groups + (2 * offs_b // GROUP)[None, :]
+            scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+            low = ((packed & 15).to(tl.float32) - 8.0) * scale + zero
+            high = ((packed >> 4).to(tl.float32) - 8.0) * scale + zero
+            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            out_mask = r_mask[:, None] & (offs_k < K)[None, :]
+            values = tl.interleave(low, high)  # columns 2j, 2j+1
+            tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], values.to(out_type), mask=out_mask)
+        else:
+            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = r_mask[:, None] & (offs_k < K)[None, :]
+            q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+            scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
+
+    def gemv_tiles(int4: bool, ids, silu_mul: bool):
+        """(output rows per program, input columns per tile, warps): starting points for H200 tuning
+        with benchmarks/quant_gemv_configs.py (not yet measured on a GPU)."""
+        if int4:
+            return (4, 512, 4) if ids is not None else (8, 512, 4)
+        return (4, 256, 4) if ids is not None or silu_mul else (8, 256, 4)
+
+    def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
+                    num_warps=None):
+        """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]."""
+        int4 = zero is not None
+        if block_n is None:
+            block_n, block_k, num_warps = gemv_tiles(int4, ids, silu_mul)
+        K = qweight.shape[-1] * (2 if int4 else 1)
+        group = K // scale.shape[-1]
+        if int4:
+            block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
+        N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
+        rows = ids.numel() if ids is not None else x.shape[0]
+        out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(N, block_n), rows)
+        _quant_gemv_kernel[grid](
+            x, qweight, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id,
+            x.stride(0), qweight.stride(0) if ids is not None else 0, qweight.stride(-2),
+            scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, GROUP=group,
+            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        return out
+
+    def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
+        rows = ids.numel() if ids is not None else x.shape[0]
+        return x.new_empty(rows, qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2])
+
+    @kernel_op("quant_gemv", _gemv_fake)
+    def gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+             ids: Optional[torch.Tensor], rows_per_id: int, silu_mul: bool) -> torch.Tensor:
+        return gemv_launch(x.contiguous(), qweight, scale, zero, ids, rows_per_id, silu_mul)
+
+    def _dequantize_fake(qweight, scale, zero, dtype):
+        K = qweight.shape[-1] * (2 if zero is not None else 1)
+        return scale.new_empty(*qweight.shape[:-1], K, dtype=dtype)
+
+    @kernel_op("dequantize", _dequantize_fake)
+    def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The full weight [..., N, K] in `dtype` (contiguous quantized storage, as QuantizedWeight keeps it)."""
+        int4 = zero is not None
+        K = qweight.shape[-1] * (2 if int4 else 1)
+        out = torch.empty(*qweight.shape[:-1], K, device=qweight.device, dtype=dtype)
+        R = out.numel() // K
+        block_r, block_k = 16, 256
+        if R:
+            _dequantize_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k))](
+                qweight, scale, zero if int4 else scale, out, R, K, INT4=int4, GROUP=K // scale.shape[-1],
+                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        return out
