@@ -4,7 +4,7 @@
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
               per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
               [BLOCK_N, BLOCK_K/2] packed uint8 tiles. A row's int4 dot product is taken per group
-              on the integer values: sum_k w_k x_k = s * sum_k q_k x_k + (z - 8 s) * sum_k x_k, with
+              on the integer values: sum_k w_k x_k = s * sum_k q_k x_k + z * sum_k x_k, with
               the group's scale and zero point loaded once per tile; an int8 row's scale is applied
               once at the end.
   dequantize  the full weight in the activation dtype, one pass (prefill and batched decode run
@@ -40,7 +40,7 @@ if triton is not None:
         s_offs = rows[:, None] * stride_sn + offs_g[None, :]
         scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
         zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        return tl.sum(scale * per_group + (zero - 8.0 * scale) * x_group_sums[None, :], axis=1)
+        return tl.sum(scale * per_group + zero * x_group_sums[None, :], axis=1)
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -118,8 +118,8 @@ if triton is not None:
             s_offs = rows[:, None] * groups + (2 * offs_b // GROUP)[None, :]
             scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
-            low = ((packed & 15).to(tl.float32) - 8.0) * scale + zero
-            high = ((packed >> 4).to(tl.float32) - 8.0) * scale + zero
+            low = (packed & 15).to(tl.float32) * scale + zero
+            high = (packed >> 4).to(tl.float32) * scale + zero
             offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
             out_mask = r_mask[:, None] & (offs_k < K)[None, :]
             values = tl.interleave(low, high)  # columns 2j, 2j+1

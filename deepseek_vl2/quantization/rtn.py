@@ -2,20 +2,19 @@
 row by row, and its inverse. Any leading dims (stacked experts) are just more rows.
 
     int8   q = clamp(round(w / s), -127, 127) int8,      s = max|w_row| / 127          w ~ q * s
-    int4   q = clamp(round((w - z) / s) + 8, 0, 15),     s = (max - min) / 15,         w ~ (q - 8) * s + z
-           per group of `group` columns, z = min + 8 s;  two q per byte, the even column in the low
+    int4   q = clamp(round((w - z) / s), 0, 15),         s = (max - min) / 15,         w ~ q * s + z
+           per group of `group` columns, z = min;        two q per byte, the even column in the low
            nibble: packed[..., j] = q[..., 2j] | q[..., 2j+1] << 4
 
-The int4 zero point is a float in the weights' domain (the midpoint form torchao's and gpt-fast's
-int4 weight-only layouts use), so dequantizing is one multiply-add. Scales and zero points are
-stored in the activation dtype and the rounding uses the stored (rounded) values, so the error of a
-weight is at most half a step away from the clamped range.
+The int4 zero point is a float in the weights' domain (as in torchao's and gpt-fast's int4
+weight-only layouts, which keep the group's midpoint where this keeps its minimum: the rounding is
+then exactly textbook min/max RTN, ties included), so dequantizing is one multiply-add. Scales and
+zero points are stored in the activation dtype and the rounding uses the stored (rounded) values,
+so the error of a weight is at most half a step away from the clamped range.
 """
 from typing import Optional, Tuple
 
 import torch
-
-INT4_MID = 8
 
 
 def quantize(weight: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype
@@ -34,8 +33,8 @@ def quantize(weight: torch.Tensor, bits: int, group: int, scale_dtype: torch.dty
     groups = w.reshape(*w.shape[:-1], K // group, group)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((high - low) / 15).to(scale_dtype)
-    zero = (low + INT4_MID * scale.float()).to(scale_dtype)
-    q = ((groups - zero.float()[..., None]) / _nonzero(scale)[..., None]).round_().add_(INT4_MID).clamp_(0, 15)
+    zero = low.to(scale_dtype)
+    q = ((groups - zero.float()[..., None]) / _nonzero(scale)[..., None]).round_().clamp_(0, 15)
     q = q.to(torch.uint8).reshape(w.shape)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, zero
 
@@ -46,7 +45,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor
         return (q.float() * scale.float()).to(dtype)
     values = unpack_int4(q).float()
     groups = values.reshape(*scale.shape, -1)
-    out = (groups - INT4_MID) * scale.float()[..., None] + zero.float()[..., None]
+    out = groups * scale.float()[..., None] + zero.float()[..., None]
     return out.reshape(values.shape).to(dtype)
 
 

@@ -104,7 +104,8 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 1024**3,
                  dtype: Optional[torch.dtype] = None) -> None:
     """Write the model's parameters under their official names (sharded above `max_shard_bytes`; a
-    quantized model's quantized weights as stored: layout.stored_layout), replacing any checkpoint already in `save_dir` (its weight files and index; nothing else).
+    quantized model's quantized weights as stored: layout.stored_layout), replacing any checkpoint
+    already in `save_dir` (its weight files and index; nothing else).
 
     Files are written under temporary names first and renamed into place, the old index removed
     before that, so an interrupted save leaves the old checkpoint, the new one, or one that fails to

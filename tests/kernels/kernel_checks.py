@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deepseek_vl2.kernels import decode_attention, gemv, moe_glue, norm_rope, quant_gemv  # noqa: E402
-from deepseek_vl2.kernels import router as router_kernel  # noqa: E402
+from deepseek_vl2.kernels import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, router as router_kernel  # noqa: E402
 from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
 from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.modeling.moe import Router  # noqa: E402
@@ -201,7 +200,8 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
+CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_route, check_mha_decode, check_mla_decode,
+          check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:
