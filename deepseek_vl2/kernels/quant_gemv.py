@@ -131,25 +131,28 @@ if triton is not None:
             scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
-    def gemv_tiles(int4: bool, ids, silu_mul: bool):
-        """(output rows per program, input columns per tile, warps): starting points for H200 tuning
-        with benchmarks/quant_gemv_configs.py (not yet measured on a GPU)."""
-        if int4:
-            return (4, 512, 4) if ids is not None else (8, 512, 4)
-        return (4, 256, 4) if ids is not None or silu_mul else (8, 256, 4)
+    def gemv_tiles(int4: bool, N: int, rows: int):
+        """(output rows per program, input columns per tile, warps): a tile of about 2 KB of weight
+        bytes, with fewer output rows per program where the grid would otherwise not give each of an
+        H200's 132 SMs two programs. Starting points: benchmarks/quant_gemv_configs.py times the
+        alternatives at the real shapes."""
+        block_n = 4
+        while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
+            block_n //= 2
+        return block_n, 1024 if int4 else 512, 4
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None):
         """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]."""
         int4 = zero is not None
+        N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
+        rows = ids.numel() if ids is not None else x.shape[0]
         if block_n is None:
-            block_n, block_k, num_warps = gemv_tiles(int4, ids, silu_mul)
+            block_n, block_k, num_warps = gemv_tiles(int4, N, rows)
         K = qweight.shape[-1] * (2 if int4 else 1)
         group = K // scale.shape[-1]
         if int4:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
-        N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
-        rows = ids.numel() if ids is not None else x.shape[0]
         out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, block_n), rows)
         _quant_gemv_kernel[grid](
