@@ -25,6 +25,7 @@ MAX_GEMV_TOKENS = 8
 
 
 if triton is not None:
+    from .gemv import store_rows
 
     @triton.jit
     def _int4_tile(q_base, s_base, z_base, rows, n_mask, offs_b, b_mask, offs_g, g_mask, stride_qn, stride_sn,
@@ -95,14 +96,7 @@ if triton is not None:
             acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        out_type = out_ptr.dtype.element_ty
-        if SILU_MUL:  # round where the reference's bf16 ops round: gate, up, silu(gate), product
-            gate = acc.to(out_type).to(tl.float32)
-            up = acc_up.to(out_type).to(tl.float32)
-            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
-        else:
-            result = acc
-        tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
+        store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
 
     @triton.jit
     def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, K, INT4: tl.constexpr, GROUP: tl.constexpr,

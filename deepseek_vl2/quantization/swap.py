@@ -4,7 +4,7 @@
 Quantized: every linear layer inside the decoder layers (attention projections, the dense MLP) and the
 stacked experts (routed and shared). Kept in the activation dtype: embeddings, norms, the MoE router,
 the LM head, the vision tower and projector, and MLA's kv_b_proj, whose weight the absorbed attention
-reads as two per-head matrices rather than running it as a linear layer (2% of small's weights).
+reads as two per-head matrices rather than running it as a linear layer (0.4% of small's weights).
 """
 import torch
 from torch import nn

@@ -116,3 +116,22 @@ def test_real_releases_load_quantized(variant):
     assert stored["language.model.layers.5.mlp.experts.9.down_proj.weight.zero"].param == experts + "down_proj.zero"
     assert len(stored) == len(expected) + 2 * sum(k.startswith("language.model.layers.") and k.endswith((
         "proj.weight", "proj_with_mqa.weight")) and "kv_b_proj" not in k for k in expected)
+
+
+def test_device_maps_plan_with_the_quantized_size():
+    """accelerate's planning counts the integer parameters at their own size: small in int4 fits two
+    6 GiB budgets, in bf16 it does not."""
+    from deepseek_vl2.weights.placement import resolve_device_map
+
+    budgets = {0: "6GiB", 1: "6GiB"}
+    for scheme in (None, "int4"):
+        with torch.device("meta"):
+            model = DeepseekVLV2ForCausalLM(DeepseekVLV2Config.from_pretrained(str(FIXTURES / "real_shapes" / "small")))
+        model = model.to(torch.bfloat16)
+        if scheme is None:
+            with pytest.raises(ValueError, match="does not fit"):
+                resolve_device_map("balanced", model, torch.bfloat16, max_memory=budgets, gpu_count=2)
+            continue
+        quantize_modules(model, QuantizationConfig(scheme), torch.bfloat16)
+        placement = resolve_device_map("balanced", model, torch.bfloat16, max_memory=budgets, gpu_count=2)
+        assert {str(d) for d in placement.values()} == {"cuda:0", "cuda:1"}
