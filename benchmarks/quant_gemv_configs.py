@@ -34,6 +34,12 @@ PROJECTIONS = {  # (N, K) of each quantized linear layer of a decode step
     "base dense gate_up": (24576, 2560), "base dense down": (2560, 12288),
 }
 CONFIGS = list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)))
+MAX_TILE_BYTES = 8192  # weight bytes of one tile; larger tiles spill the per-position accumulators
+
+
+def fits(scheme, config):
+    block_n, block_k, _ = config
+    return block_n * block_k // (2 if scheme == "int4" else 1) <= MAX_TILE_BYTES
 EXPERTS_PER_TOKEN = 8  # 6 routed + 2 shared
 
 
@@ -83,7 +89,7 @@ def experts(results, schemes, rows_list):
             per_expert = nbytes(q, s, z) // (E + 2)
             default, timings = sweep(
                 lambda i, c: lambda: quant_gemv.gemv_launch(inp, q, s, z, ids[i], per_id, silu, *c), n,
-                lambda c: scheme == "int8" or c[1] >= 128)
+                lambda c: fits(scheme, c))
             reference = graph_us(lambda i: lambda: bf16_gemv._gemv_launch(inp, w, ids[i], per_id, silu), n)
             record(results, f"{variant} experts {stage} {scheme} rows={rows} ({pairs} pairs)", distinct * per_expert,
                    default, timings, reference, "bf16 expert gemv")
@@ -96,7 +102,8 @@ def projections(results, schemes, rows_list):
         dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         default, timings = sweep(lambda i, c: lambda: quant_gemv.gemv_launch(x, *weights[i % len(weights)], None, 1,
-                                                                             False, *c), len(weights), lambda c: True)
+                                                                             False, *c), len(weights),
+                                 lambda c: fits(scheme, c))
         cublas = graph_us(lambda i: lambda: torch.nn.functional.linear(x, dense[i]), copies)
         record(results, f"{name} {scheme} rows={rows}", nbytes(*weights[0]), default, timings, cublas, "cuBLAS bf16")
 

@@ -3,10 +3,10 @@
   gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
               per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
-              [BLOCK_N, BLOCK_K/2] packed uint8 tiles. A row's int4 dot product is taken per group
-              on the integer values: sum_k w_k x_k = s * sum_k q_k x_k + z * sum_k x_k, with
-              the group's scale and zero point loaded once per tile; an int8 row's scale is applied
-              once at the end.
+              [BLOCK_N, BLOCK_K/2] packed uint8 tiles of whole int4 groups (each group's scale and
+              zero point loaded once per tile, q * s + z per value); an int8 row's scale is applied
+              once at the end. Products accumulate per tile position over the K loop and are summed
+              across threads once, at the end.
   dequantize  the full weight in the activation dtype, one pass (prefill and batched decode run
               their bf16 GEMMs on it).
 
@@ -28,32 +28,33 @@ if triton is not None:
     from .gemv import store_rows
 
     @triton.jit
-    def _int4_tile(q_base, s_base, z_base, rows, n_mask, offs_b, b_mask, offs_g, g_mask, stride_qn, stride_sn,
-                   x_even, x_odd, x_group_sums, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
-        """sum over one tile's columns of w * x for the rows `rows` ([BLOCK_N], float32)."""
-        packed = tl.load(q_base + rows[:, None] * stride_qn + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :],
+    def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
+                   x_even, x_odd):
+        """One tile's w * x terms for the rows `rows`, [BLOCK_N, GROUPS, GROUP / 2] (float32): the packed
+        bytes of whole groups, each value dequantized with its group's scale and zero point."""
+        packed = tl.load(q_base + rows[:, None, None] * stride_qn + byte_cols, mask=n_mask[:, None, None] & b_mask,
                          other=0).to(tl.int32)
-        low = (packed & 15).to(tl.float32)
-        high = (packed >> 4).to(tl.float32)
-        part = low * x_even[None, :] + high * x_odd[None, :]  # [BLOCK_N, BLOCK_K / 2]
-        per_group = tl.sum(tl.reshape(part, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+        s_offs = rows[:, None] * stride_sn + groups[None, :]
         s_mask = n_mask[:, None] & g_mask[None, :]
-        s_offs = rows[:, None] * stride_sn + offs_g[None, :]
-        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        return tl.sum(scale * per_group + zero * x_group_sums[None, :], axis=1)
+        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        low = (packed & 15).to(tl.float32) * scale + zero
+        high = (packed >> 4).to(tl.float32) * scale + zero
+        return low * x_even + high * x_odd
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
-        w = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0)
-        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        """One tile's q * x terms, [BLOCK_N, BLOCK_K] (float32; the row's scale comes at the end)."""
+        w = tl.load(q_base + rows[:, None] * stride_qn + offs_k, mask=n_mask[:, None] & k_mask, other=0)
+        return w.to(tl.float32) * x
 
     @triton.jit
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_qe,
                            stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr, GROUP: tl.constexpr,
                            HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
+        """Products are summed per tile position across the K loop and reduced once at the end (no
+        cross-thread reduction per tile)."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -67,33 +68,42 @@ if triton is not None:
             z_base = z_ptr + expert * stride_se
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_row = x_ptr + row * stride_x
-        for k0 in range(0, K, BLOCK_K):
-            if INT4:
-                GROUPS: tl.constexpr = BLOCK_K // GROUP
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
-                b_mask = offs_b < K // 2
-                x_even = tl.load(x_row + 2 * offs_b, mask=b_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_row + 2 * offs_b + 1, mask=b_mask, other=0.0).to(tl.float32)
-                x_group_sums = tl.sum(tl.reshape(x_even + x_odd, (GROUPS, GROUP // 2)), axis=1)
-                offs_g = k0 // GROUP + tl.arange(0, GROUPS)
-                g_mask = offs_g < K // GROUP
-                acc += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, offs_b, b_mask, offs_g, g_mask, stride_qn,
-                                  stride_sn, x_even, x_odd, x_group_sums, BLOCK_N, GROUPS, GROUP)
+        if INT4:
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
+            tile_groups = tl.arange(0, GROUPS)
+            # [1, GROUPS, GROUP / 2]: x is loaded in the layout of the weight tiles it multiplies
+            tile_bytes = tile_groups[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
+            for k0 in range(0, K, BLOCK_K):
+                byte_cols = k0 // 2 + tile_bytes
+                b_mask = byte_cols < K // 2
+                x_even = tl.load(x_row + 2 * byte_cols, mask=b_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * byte_cols + 1, mask=b_mask, other=0.0).to(tl.float32)
+                groups = k0 // GROUP + tile_groups
+                g_mask = groups < K // GROUP
+                acc3 += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, byte_cols, b_mask, groups, g_mask,
+                                   stride_qn, stride_sn, x_even, x_odd)
                 if SILU_MUL:
-                    acc_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, offs_b, b_mask, offs_g, g_mask,
-                                         stride_qn, stride_sn, x_even, x_odd, x_group_sums, BLOCK_N, GROUPS, GROUP)
-            else:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
+                    acc3_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, byte_cols, b_mask, groups,
+                                          g_mask, stride_qn, stride_sn, x_even, x_odd)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+            acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
+        else:
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc2_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)[None, :]
                 k_mask = offs_k < K
-                x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                acc += _int8_tile(q_base, offs_n, n_mask, offs_k, k_mask, stride_qn, x)
+                # x loaded once per tile row (from L1): in the weight tile's own layout, no conversion
+                x = tl.load(x_row + offs_k + 0 * offs_n[:, None], mask=k_mask, other=0.0).to(tl.float32)
+                acc2 += _int8_tile(q_base, offs_n, n_mask, offs_k, k_mask, stride_qn, x)
                 if SILU_MUL:
-                    acc_up += _int8_tile(q_base, offs_n + N, n_mask, offs_k, k_mask, stride_qn, x)
-        if not INT4:  # one scale per output row
-            acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+                    acc2_up += _int8_tile(q_base, offs_n + N, n_mask, offs_k, k_mask, stride_qn, x)
+            # one scale per output row
+            acc = tl.sum(acc2, axis=1) * tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            acc_up = tl.sum(acc2_up, axis=1)
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
