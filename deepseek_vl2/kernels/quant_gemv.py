@@ -115,19 +115,21 @@ if triton is not None:
         r_mask = rows < R
         groups = K // GROUP
         out_type = out_ptr.dtype.element_ty
-        if INT4:
-            offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            mask = r_mask[:, None] & (offs_b < K // 2)[None, :]
-            packed = tl.load(q_ptr + rows[:, None] * (K // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
-            s_offs = rows[:, None] * groups + (2 * offs_b // GROUP)[None, :]
-            scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+        if INT4:  # [BLOCK_R, GROUPS, GROUP / 2] bytes of whole groups, a scale and zero point per group
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+            mask = r_mask[:, None, None] & (g < groups)[None, :, None]
+            byte_cols = g[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
+            packed = tl.load(q_ptr + rows[:, None, None] * (K // 2) + byte_cols, mask=mask, other=0).to(tl.int32)
+            s_offs = rows[:, None] * groups + g[None, :]
+            s_mask = r_mask[:, None] & (g < groups)[None, :]
+            scale = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+            zero = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
             low = (packed & 15).to(tl.float32) * scale + zero
             high = (packed >> 4).to(tl.float32) * scale + zero
-            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            out_mask = r_mask[:, None] & (offs_k < K)[None, :]
             values = tl.interleave(low, high)  # columns 2j, 2j+1
-            tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], values.to(out_type), mask=out_mask)
+            cols = g[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+            tl.store(out_ptr + rows[:, None, None] * K + cols, values.to(out_type), mask=mask)
         else:
             offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
             mask = r_mask[:, None] & (offs_k < K)[None, :]
@@ -187,9 +189,10 @@ if triton is not None:
         K = qweight.shape[-1] * (2 if int4 else 1)
         out = torch.empty(*qweight.shape[:-1], K, device=qweight.device, dtype=dtype)
         R = out.numel() // K
-        block_r, block_k = 16, 256
+        group = K // scale.shape[-1]
+        block_r, block_k = 16, max(256, group) if int4 else 256  # int4: whole groups per program
         if R:
             _dequantize_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k))](
-                qweight, scale, zero if int4 else scale, out, R, K, INT4=int4, GROUP=K // scale.shape[-1],
+                qweight, scale, zero if int4 else scale, out, R, K, INT4=int4, GROUP=group,
                 BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
         return out
