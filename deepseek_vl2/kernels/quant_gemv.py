@@ -19,9 +19,13 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-# Token rows up to which decode reads quantized weights through the gemv: the alternative, a
-# dequantized copy of the whole weight and a GEMM, reads and writes every expert of the layer.
-MAX_GEMV_TOKENS = 8
+# Token rows up to which decode reads quantized weights through the gemv. The gemv reads an expert
+# once per (token, expert) pair: for small in int4, rows x 8 x 4.3 MB per MoE layer (less what L2
+# keeps: the shared experts, the attention projections). The alternative, the layer's stacks
+# dequantized and a grouped GEMM, moves about 2.6 GB per layer (int4 read, bf16 written and read
+# back): the gemv moves less up to ~70 rows in int4 and ~40 in int8 (estimates from the shapes; to
+# be measured with bench.py --batches 8 32 64).
+MAX_GEMV_TOKENS = 32
 
 
 if triton is not None:

@@ -80,14 +80,14 @@ def test_cpu_quantized_ops_are_the_reference_ops_on_dequantized_weights(scheme):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
-    """On CUDA in bf16: up to 8 rows through the quant gemv kernels, more through the dequantized
+    """On CUDA in bf16: up to QUANT_GEMV_TOKENS rows through the quant gemv kernels, more through the dequantized
     weights, both matching the reference on the dequantized weights; the decode-sized calls capture
     in a CUDA graph and replay on new inputs as they run eagerly."""
     g = torch.Generator().manual_seed(5)
     gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
     down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
     proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
-    for rows in (1, 8, 40):
+    for rows in (1, dispatch.QUANT_GEMV_TOKENS, dispatch.QUANT_GEMV_TOKENS + 1):
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
         weights = torch.rand(rows, 4, generator=g).cuda()
