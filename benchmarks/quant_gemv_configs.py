@@ -5,7 +5,7 @@ layer's expert stacks alongside. Timings are per call inside a CUDA graph, weigh
 (kernel_timing.py). Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
-        [--rows 1 8] [--only experts|projections|dequantize]
+        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize]
 """
 import argparse
 import itertools
@@ -33,7 +33,7 @@ PROJECTIONS = {  # (N, K) of each quantized linear layer of a decode step
     "base q": (6144, 2560), "base kv_a": (576, 2560), "base o": (2560, 4096),
     "base dense gate_up": (24576, 2560), "base dense down": (2560, 12288),
 }
-CONFIGS = list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)))
+CONFIGS = list(itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (2, 4, 8)))
 MAX_TILE_BYTES = 8192  # weight bytes of one tile; larger tiles spill the per-position accumulators
 
 
@@ -72,8 +72,9 @@ def record(results, name, moved, default, timings, reference_us, reference_name)
           + ", ".join(f"{t:.1f}@{c}" for t, c in timings[1:4]), flush=True)
 
 
-def experts(results, schemes, rows_list):
-    for (variant, (E, I, h)), scheme, rows in itertools.product(EXPERTS.items(), schemes, rows_list):
+def experts(results, variants, schemes, rows_list):
+    for variant, scheme, rows in itertools.product(variants, schemes, rows_list):
+        E, I, h = EXPERTS[variant]
         q13, s13, z13 = quantized((E + 2, 2 * I, h), scheme)
         q2, s2, z2 = quantized((E + 2, h, I), scheme)
         w13 = torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -95,8 +96,9 @@ def experts(results, schemes, rows_list):
                    default, timings, reference, "bf16 expert gemv")
 
 
-def projections(results, schemes, rows_list):
-    for (name, (N, K)), scheme, rows in itertools.product(PROJECTIONS.items(), schemes, rows_list):
+def projections(results, variants, schemes, rows_list):
+    shapes = [(name, shape) for name, shape in PROJECTIONS.items() if name.split()[0] in variants]
+    for (name, (N, K)), scheme, rows in itertools.product(shapes, schemes, rows_list):
         copies = copies_for(N * K * 2)
         weights = [quantized((N, K), scheme) for _ in range(copies_for(N * K // (1 if scheme == "int8" else 2)))]
         dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -108,9 +110,10 @@ def projections(results, schemes, rows_list):
         record(results, f"{name} {scheme} rows={rows}", nbytes(*weights[0]), default, timings, cublas, "cuBLAS bf16")
 
 
-def dequantize(results, schemes):
+def dequantize(results, variants, schemes):
     """The prefill's dequantization of one layer's expert stacks (the scratch its GEMMs read)."""
-    for (variant, (E, I, h)), scheme in itertools.product(EXPERTS.items(), schemes):
+    for variant, scheme in itertools.product(variants, schemes):
+        E, I, h = EXPERTS[variant]
         for stage, shape in (("gate_up", (E + 2, 2 * I, h)), ("down", (E + 2, h, I))):
             q, s, z = quantized(shape, scheme)
             us = graph_us(lambda i: lambda: quant_gemv.dequantize(q, s, z, torch.bfloat16), 1, calls=8)
@@ -124,7 +127,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["experts", "projections", "dequantize"])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="token rows of the gemv")
+    parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
+    parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "quant_gemv_configs.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -132,11 +136,11 @@ def main():
     started = time.time()
     with torch.inference_mode():
         if args.only in (None, "experts"):
-            experts(results, args.schemes, args.rows)
+            experts(results, args.variants, args.schemes, args.rows)
         if args.only in (None, "projections"):
-            projections(results, args.schemes, args.rows)
+            projections(results, args.variants, args.schemes, args.rows)
         if args.only in (None, "dequantize"):
-            dequantize(results, args.schemes)
+            dequantize(results, args.variants, args.schemes)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   seconds=time.time() - started, command=" ".join(sys.argv))
     Path(args.out).write_text(json.dumps(dict(header, results=results), indent=2))
