@@ -135,3 +135,13 @@ def test_device_maps_plan_with_the_quantized_size():
         quantize_modules(model, QuantizationConfig(scheme), torch.bfloat16)
         placement = resolve_device_map("balanced", model, torch.bfloat16, max_memory=budgets, gpu_count=2)
         assert {str(d) for d in placement.values()} == {"cuda:0", "cuda:1"}
+
+
+def test_sharded_quantized_checkpoint(tmp_path):
+    model = DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS["base_noaux"], dtype=torch.bfloat16,
+                                                    quantization="int4")
+    model.save_pretrained(tmp_path, max_shard_size=300_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert "language.model.layers.2.mlp.shared_experts.down_proj.weight.zero" in index["weight_map"]
+    assert torch.equal(logits(DeepseekVLV2ForCausalLM.from_pretrained(tmp_path)), logits(model))
