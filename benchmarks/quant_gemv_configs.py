@@ -1,11 +1,12 @@
 """Time the int8 / int4 gemv kernels (kernels/quant_gemv.py) at the real shapes of tiny, small and base
 over tile configurations, to set `quant_gemv.gemv_tiles`; with the bf16 kernels they replace (the
 expert gemv of kernels/gemv.py, cuBLAS for the projections) and the prefill's dequantization of a
-layer's expert stacks alongside. Timings are per call inside a CUDA graph, weights from HBM
-(kernel_timing.py). Prints one line per shape and writes everything as JSON.
+layer's expert stacks and one MoE layer of a 2054-token prefill (bf16 against quantized) alongside.
+Gemv timings are per call inside a CUDA graph, weights from HBM (kernel_timing.py); the prefill
+layer's are CUDA-event means over 10 calls. Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
-        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize]
+        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill]
 """
 import argparse
 import itertools
@@ -123,9 +124,48 @@ def dequantize(results, variants, schemes):
                   flush=True)
 
 
+def prefill_moe(results, variants, schemes, tokens=2054):
+    """One MoE layer of a `tokens`-token prefill through dispatch.experts: bf16 stacks against
+    quantized ones (dequantized one stack at a time into a scratch, then the same grouped GEMMs)."""
+    from deepseek_vl2.kernels import dispatch
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+
+    for variant in variants:
+        E, I, h = EXPERTS[variant]
+        x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+        routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
+        ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1)
+        weights = torch.rand(tokens, 8, device="cuda")
+        stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+                           torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
+        for scheme in schemes:
+            quantized_stacks = []
+            for full in stacks["bf16"]:
+                qw = QuantizedWeight(tuple(full.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
+                for e in range(full.shape[0]):
+                    qw.write((e,), full[e])
+                quantized_stacks.append(qw)
+            stacks[scheme] = quantized_stacks
+        times = {}
+        for name, (gate_up, down) in stacks.items():
+            run = lambda: dispatch.experts(x, gate_up, down, ids, weights)  # noqa: E731
+            for _ in range(3):
+                run()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                run()
+            end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end) / 10
+        results.append(dict(name=f"{variant} prefill MoE layer, {tokens} tokens", ms=times))
+        print(f"{variant} prefill MoE layer ({tokens} tokens): " + ", ".join(
+            f"{k} {v:.2f} ms (x{v / times['bf16']:.2f})" for k, v in times.items()), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["experts", "projections", "dequantize"])
+    parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill"])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
@@ -141,6 +181,8 @@ def main():
             projections(results, args.variants, args.schemes, args.rows)
         if args.only in (None, "dequantize"):
             dequantize(results, args.variants, args.schemes)
+        if args.only in (None, "prefill"):
+            prefill_moe(results, args.variants, args.schemes)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   seconds=time.time() - started, command=" ".join(sys.argv))
     Path(args.out).write_text(json.dumps(dict(header, results=results), indent=2))
