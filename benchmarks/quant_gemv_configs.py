@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepseek_vl2.kernels import gemv as bf16_gemv, quant_gemv  # noqa: E402
+from deepseek_vl2.kernels import gemv as bf16_gemv, quant_gemv, quant_grouped_gemm  # noqa: E402
 from deepseek_vl2.quantization import rtn  # noqa: E402
 from deepseek_vl2.quantization.config import QuantizationConfig  # noqa: E402
 from kernel_timing import copies_for, graph_us  # noqa: E402
@@ -125,8 +125,9 @@ def dequantize(results, variants, schemes):
 
 
 def prefill_moe(results, variants, schemes, tokens=2054):
-    """One MoE layer of a `tokens`-token prefill through dispatch.experts: bf16 stacks against
-    quantized ones (dequantized one stack at a time into a scratch, then the same grouped GEMMs)."""
+    """One MoE layer of a `tokens`-token prefill through dispatch.experts: bf16 stacks, quantized ones
+    (the grouped GEMM that dequantizes tile by tile), and quantized ones dequantized a stack at a
+    time into a bf16 scratch for the bf16 grouped GEMMs (the alternative dispatch could take)."""
     from deepseek_vl2.kernels import dispatch
     from deepseek_vl2.quantization.weight import QuantizedWeight
 
@@ -146,21 +147,51 @@ def prefill_moe(results, variants, schemes, tokens=2054):
                     qw.write((e,), full[e])
                 quantized_stacks.append(qw)
             stacks[scheme] = quantized_stacks
-        times = {}
-        for name, (gate_up, down) in stacks.items():
-            run = lambda: dispatch.experts(x, gate_up, down, ids, weights)  # noqa: E731
-            for _ in range(3):
-                run()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                run()
-            end.record()
-            end.synchronize()
-            times[name] = start.elapsed_time(end) / 10
+        paths = {name: (lambda gate_up=gate_up, down=down: dispatch.experts(x, gate_up, down, ids, weights))
+                 for name, (gate_up, down) in stacks.items()}
+        for scheme in schemes:  # the alternative: each stack dequantized into a bf16 scratch, then bf16 GEMMs
+            gate_up, down = stacks[scheme]
+            paths[f"{scheme} dequantized"] = lambda gate_up=gate_up, down=down: dispatch.experts(
+                x, dispatch.dense_weight(gate_up, x.dtype), dispatch.dense_weight(down, x.dtype), ids, weights)
+        times = {name: event_ms(run) for name, run in paths.items()}
         results.append(dict(name=f"{variant} prefill MoE layer, {tokens} tokens", ms=times))
         print(f"{variant} prefill MoE layer ({tokens} tokens): " + ", ".join(
             f"{k} {v:.2f} ms (x{v / times['bf16']:.2f})" for k, v in times.items()), flush=True)
+        # the grouped GEMM's tiles (quant_grouped_gemm.gemm_tiles) on the gate/up stack
+        flat = ids.flatten()
+        rows = x[flat.argsort(stable=True) // 8]
+        ends = torch.bincount(flat, minlength=E + 2).cumsum(0).to(torch.int32)
+        for scheme in schemes:
+            gate_up = stacks[scheme][0]
+            tiles = [None] + list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
+            timed = []
+            for tile in tiles:
+                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, ends)
+                launch = (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \
+                    else (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(
+                        *args, tile[0], tile[1], None, tile[2], tile[3]))
+                try:
+                    timed.append((event_ms(launch), tile or "default"))
+                except Exception as error:  # noqa: BLE001  (a tile that does not fit the shared memory)
+                    print(f"  tile {tile}: {type(error).__name__}", flush=True)
+            default = next(t for t, c in timed if c == "default")
+            timed.sort(key=lambda tc: tc[0])
+            results.append(dict(name=f"{variant} grouped gemm gate_up {scheme}", default_ms=default, best=timed[:6]))
+            print(f"{variant} grouped gemm gate_up {scheme}: default {default:.3f} ms | best "
+                  + ", ".join(f"{t:.3f}@{c}" for t, c in timed[:4]) + " (block_m, block_n, warps, stages)", flush=True)
+
+
+def event_ms(run, warmup=2, repeats=10) -> float:
+    """Mean milliseconds of `run()` between CUDA events."""
+    for _ in range(warmup):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def main():

@@ -9,8 +9,8 @@ which backend applies.
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
                      on CUDA; quantized experts: the quant_gemv pair      combine_sorted kernel on CUDA;
-                     for <= QUANT_GEMV_TOKENS rows                        quantized: on the stacks
-                                                                          dequantized one at a time
+                     for <= QUANT_GEMV_TOKENS rows, else (bf16/fp16       quantized: on the stacks
+                     CUDA) quant_grouped_gemm, dequantizing tile by tile  dequantized one at a time
     quantized_linear quant_gemv for <= QUANT_GEMV_TOKENS bf16/fp16 CUDA   F.linear on the dequantized
                      rows                                                 weight (a one-pass kernel on
                                                                           CUDA, PyTorch ops elsewhere)
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..quantization.weight import QuantizedWeight
-from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, reference, router
+from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
 from .custom_ops import triton
 from .reference import Routing
 
@@ -117,7 +117,10 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     ends = counts.cumsum(0, dtype=torch.int32)
-    if grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it
+    if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down):
+        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, ends))
+        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, ends)
+    elif grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it
         act = silu_mul(torch._grouped_mm(rows, dense_weight(gate_up, x.dtype).transpose(1, 2), offs=ends))
         out_sorted = torch._grouped_mm(act, dense_weight(down, x.dtype).transpose(1, 2), offs=ends)
     else:
@@ -147,6 +150,11 @@ def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     if _cuda_inference(weight.qweight):
         return quant_gemv.dequantize(weight.qweight, weight.scale, weight.zero, dtype)
     return weight.dequantize(dtype)
+
+
+def _tile_dequantizable(weight: QuantizedWeight) -> bool:
+    """Whether the grouped GEMM can take the stack: int4 tiles are one group wide, at least 16."""
+    return weight.bits == 8 or weight.group >= quant_grouped_gemm.MIN_GROUP
 
 
 def _quant_gemv(x, weight: QuantizedWeight, ids, rows_per_id: int, silu_mul: bool):

@@ -7,8 +7,8 @@
               zero point loaded once per tile, q * s + z per value); an int8 row's scale is applied
               once at the end. Products accumulate per tile position over the K loop and are summed
               across threads once, at the end.
-  dequantize  the full weight in the activation dtype, one pass (prefill and batched decode run
-              their bf16 GEMMs on it).
+  dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
+              multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
 
 Both are torch custom ops inside compiled regions (`custom_ops.kernel_op`). When they run is decided
 in dispatch.py; tile sizes can be tuned with benchmarks/quant_gemv_configs.py.
@@ -19,13 +19,12 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-# Token rows up to which decode reads quantized weights through the gemv. The gemv reads an expert
-# once per (token, expert) pair: for small in int4, rows x 8 x 4.3 MB per MoE layer (less what L2
-# keeps: the shared experts, the attention projections). The alternative, the layer's stacks
-# dequantized and a grouped GEMM, moves about 2.6 GB per layer (int4 read, bf16 written and read
-# back): the gemv moves less up to ~70 rows in int4 and ~40 in int8 (estimates from the shapes; to
-# be measured with bench.py --batches 8 32 64).
-MAX_GEMV_TOKENS = 32
+# Token rows up to which decode reads quantized weights through the gemv, which reads an expert once
+# per (token, expert) pair (small in int4: rows x 8 x 4.3 MB per MoE layer, less what L2 keeps).
+# Beyond, the experts go through quant_grouped_gemm, which reads each chosen expert once but sorts
+# the rows and lays out its blocks first; the dense projections through a dequantized copy and
+# cuBLAS. The crossover is to be measured (bench.py --quantization ... --batches 1 8 32).
+MAX_GEMV_TOKENS = 8
 
 
 if triton is not None:

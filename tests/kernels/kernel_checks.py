@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deepseek_vl2.kernels import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, router as router_kernel  # noqa: E402
+from deepseek_vl2.kernels import (  # noqa: E402
+    decode_attention,
+    gemv,
+    moe_glue,
+    norm_rope,
+    quant_gemv,
+    quant_grouped_gemm,
+    router as router_kernel,  # noqa: E402
+)
 from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
 from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.modeling.moe import Router  # noqa: E402
@@ -88,6 +96,25 @@ def check_dequantize(device, dtype, tol):
         got = quant_gemv.dequantize(q, s, z, dtype)
         assert got.shape == shape and got.dtype == dtype
         close(got, rtn.dequantize(q, s, z, dtype), tol, f"int{bits} dequantize {shape}")
+
+
+def check_quant_grouped_gemm(device, dtype, tol):
+    """Rows sorted by expert (one expert without rows, one with more rows than a block) times their
+    int8 / int4 experts against per-expert products with the PyTorch-dequantized weights."""
+    g = torch.Generator().manual_seed(9)
+    E, N, K = 5, 40, 96
+    counts = torch.tensor([3, 0, 21, 1, 12])
+    ends = counts.cumsum(0).to(torch.int32)
+    rows = torch.randn(int(counts.sum()), K, generator=g).to(device, dtype)
+    for bits, group in ((8, K), (4, 32)):
+        q, s, z = (t.to(device) if t is not None else None
+                   for t in rtn.quantize(torch.randn(E, N, K, generator=g) * 0.1, bits, group, dtype))
+        dense = rtn.dequantize(q, s, z, dtype).float()
+        want = torch.cat([rows[start:end].float() @ dense[e].T
+                          for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
+        for tiles in ((None,) * 5, (16, 16, 32, 2, 1)):
+            got = quant_grouped_gemm.grouped_gemm_launch(rows, q, s, z, ends.to(device), *tiles)
+            close(got, want, tol, f"int{bits} grouped gemm, tiles {tiles}")
 
 
 def check_route(device, dtype, tol):
@@ -200,8 +227,8 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_route, check_mha_decode, check_mla_decode,
-          check_moe_glue, check_norm_rope)
+CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route, check_mha_decode,
+          check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:
