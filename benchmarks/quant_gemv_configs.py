@@ -166,8 +166,10 @@ def prefill_moe(results, variants, schemes, tokens=2054):
             tiles = [None] + list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
             timed = []
             for tile in tiles:
-                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, ends)
-                launch = (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \
+                block_m = quant_grouped_gemm.BLOCK_M if tile is None else tile[0]
+                blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
+                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, blocks)
+                launch = (lambda args=args: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \
                     else (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(
                         *args, tile[0], tile[1], None, tile[2], tile[3]))
                 try:

@@ -2,12 +2,13 @@
 expert (as dispatch.experts sorts them) times each one's expert weight, dequantized tile by tile in
 registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is never written.
 
-    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], ends [E]) -> [M, N]
+    blocks = expert_blocks(ends [E], M)       once per layer: both GEMMs share the row blocks
+    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks) -> [M, N]
 
 Each program takes BLOCK_M rows of one expert and BLOCK_N output columns. The blocks are laid out
 on the device from the per-expert row counts (`expert_blocks`): at most cdiv(M, BLOCK_M) + E of
 them, a fixed grid whose surplus programs exit at once, so nothing is read back to the host and
-the call can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
+the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
 group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
 values (exact in bf16) and apply the per-column scale to the accumulator at the end.
 When it runs is decided in dispatch.py.
@@ -19,6 +20,7 @@ import torch
 from .custom_ops import kernel_op, tl, triton
 
 MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
+BLOCK_M = 64  # rows of one expert per program (the block layout depends on it)
 
 
 if triton is not None:
@@ -65,10 +67,10 @@ if triton is not None:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     def gemm_tiles(int4: bool, group: int):
-        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): starting points, not yet measured on a GPU."""
-        return 64, 128, group if int4 else 64, 4, 3
+        """(BLOCK_N, BLOCK_K, warps, stages): starting points, not yet measured on a GPU."""
+        return 128, group if int4 else 64, 4, 3
 
-    def expert_blocks(ends: torch.Tensor, rows: int, block_m: int):
+    def expert_blocks(ends: torch.Tensor, rows: int, block_m: int = BLOCK_M):
         """Per program: its expert, first row and end row (first == end: nothing to do), for `ends`
         [E] the cumulative row counts of the experts; device tensors of cdiv(rows, block_m) + E."""
         E = ends.shape[0]
@@ -81,21 +83,21 @@ if triton is not None:
         row_end = torch.where(program < block_ends[-1], ends[expert], row0)
         return expert.to(torch.int32), row0.to(torch.int32), row_end.to(torch.int32)
 
-    def grouped_gemm_launch(rows, qweight, scale, zero, ends, block_m=None, block_n=None, block_k=None,
+    def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m=BLOCK_M, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
+        """`blocks`: expert_blocks(ends, M, block_m)."""
         int4 = zero is not None
         M, K = rows.shape
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
-        defaults = gemm_tiles(int4, group)
-        block_m, block_n, block_k, num_warps, num_stages = (
+        block_n, block_k, num_warps, num_stages = (
             default if given is None else given
-            for given, default in zip((block_m, block_n, block_k, num_warps, num_stages), defaults))
+            for given, default in zip((block_n, block_k, num_warps, num_stages), gemm_tiles(int4, group)))
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)
+        expert, row0, row_end = blocks
         if M:
-            expert, row0, row_end = expert_blocks(ends, M, block_m)
             grid = (expert.shape[0], triton.cdiv(N, block_n))
             _grouped_gemm_kernel[grid](
                 rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
@@ -103,9 +105,11 @@ if triton is not None:
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
         return out
 
-    @kernel_op("quant_grouped_gemm", lambda rows, qweight, scale, zero, ends: rows.new_empty(rows.shape[0],
-                                                                                            qweight.shape[-2]))
+    def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end):
+        return rows.new_empty(rows.shape[0], qweight.shape[-2])
+
+    @kernel_op("quant_grouped_gemm", _grouped_gemm_fake)
     def grouped_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                     ends: torch.Tensor) -> torch.Tensor:
-        """rows [M, K] sorted by expert, `ends` [E] the experts' cumulative row counts -> [M, N]."""
-        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, ends)
+                     expert: torch.Tensor, row0: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+        """rows [M, K] sorted by expert, the blocks of `expert_blocks` -> [M, N]."""
+        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, (expert, row0, row_end))
