@@ -1,12 +1,16 @@
 """Benchmark DeepSeek-VL2 inference at the real tiny / small / base shapes on one CUDA GPU.
 
     python benchmarks/bench.py --variants tiny small base --json results.json
+    python benchmarks/bench.py --variants small --quantization none int8 int4 --json $OUT/quant.json
 
 Each model is built with random bf16 weights directly on the GPU (no download, no fp32 copy)
-from the release's config.json. The prompt is what the real processor makes of a 1024x1024
-image (3x3 tiles + global view: 2017 image tokens) and a ~32-token question, 2054 tokens in all
-(the tokenizer is the offline one; the released vocabulary size is kept). Timings use CUDA
-synchronisation after warm-up and report the median of repeats:
+from the release's config.json; with --quantization int8 / int4 its decoder weights are drawn
+one expert at a time and quantized (no bf16 copy of them either), and each scheme's figures are
+also given relative to the bf16 ("none") model of the same variant measured in the same call.
+The prompt is what the real processor makes of a 1024x1024 image (3x3 tiles + global view:
+2017 image tokens) and a ~32-token question, 2054 tokens in all (the tokenizer is the offline one;
+the released vocabulary size is kept). Timings use CUDA synchronisation after warm-up and report
+the median of repeats:
 
   processor      the processor on the CPU (PIL tiling, tokenisation)
   vision         prepare_inputs_embeds: SigLIP tower + projector on 10 tiles, merge
@@ -14,6 +18,7 @@ synchronisation after warm-up and report the median of repeats:
   ttft           vision + prefill + picking the first token
   decode bN      greedy decoding at batch N: tokens/s over all rows, from generate(128 new tokens)
                  minus generate(2 new tokens), so host work per step is included
+  weights        torch.cuda.memory_allocated after building the model
   peak           torch.cuda.max_memory_allocated over a batch-1 vision + generate run
   roofline       batch-1 decode tokens/s if every step only moved the active weights and the
                  KV cache once at the device-to-device copy bandwidth measured here
@@ -35,6 +40,8 @@ from deepseek_vl2.generation.cuda_graphs import release_decoders  # noqa: E402
 from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor  # noqa: E402
 from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
+from deepseek_vl2.quantization.config import QuantizationConfig  # noqa: E402
+from deepseek_vl2.quantization.swap import quantize_modules  # noqa: E402
 from deepseek_vl2.weights.random_init import init_random_weights  # noqa: E402
 
 CONFIGS = REPO / "tests" / "fixtures" / "real_shapes"
@@ -63,14 +70,17 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
-def build_model(variant: str, compile_at_once: bool = True) -> DeepseekVLV2ForCausalLM:
-    """Random bf16 weights at the release's shapes on the GPU. `compile_at_once`: the decode steps
-    are compiled from the first step (the steady state this script measures), not after
-    `compile_decode_after` steps as by default."""
+def build_model(variant: str, compile_at_once: bool = True, quantization: str = "none") -> DeepseekVLV2ForCausalLM:
+    """Random bf16 weights at the release's shapes on the GPU (the decoder's quantized with
+    `quantization` int8 / int4). `compile_at_once`: the decode steps are compiled from the first
+    step (the steady state this script measures), not after `compile_decode_after` steps as by default."""
     config = DeepseekVLV2Config.from_pretrained(str(CONFIGS / variant))
     with torch.device("meta"):
         model = DeepseekVLV2ForCausalLM(config)
-    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    model = model.to(torch.bfloat16)
+    if quantization != "none":
+        quantize_modules(model, QuantizationConfig(quantization), torch.bfloat16)
+    model = model.to_empty(device="cuda")
     model = init_random_weights(model, seed=0).eval()
     if compile_at_once:
         model.language.compile_decode_after = 0
@@ -94,28 +104,32 @@ def make_prompt(processor, total_tokens: int = 2054):
 
 
 def active_decode_bytes(model, context: int, batch: int) -> float:
-    """Bytes one decode step must read: the weights the batch activates plus its KV cache."""
+    """Bytes one decode step must read: the weights the batch activates (as stored: quantized ones
+    at their quantized size, scales included) plus its KV cache."""
     lm = model.language
     c = lm.config
-    per_param = torch.finfo(lm.dtype).bits // 8
     total = 0
     for layer in lm.model.layers:
-        total += sum(p.numel() for p in layer.self_attn.parameters())
-        total += layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
+        total += stored_bytes(layer.self_attn) + stored_bytes(layer.input_layernorm)
+        total += stored_bytes(layer.post_attention_layernorm)
         mlp = layer.mlp
         if hasattr(mlp, "experts"):
             E, k = c.n_routed_experts, c.num_experts_per_tok
             distinct = E * (1 - (1 - k / E) ** batch)  # expected routed experts hit by `batch` tokens
-            per_expert = mlp.experts.gate_up_proj[0].numel() + mlp.experts.down_proj[0].numel()
-            total += (distinct + mlp.num_shared) * per_expert + mlp.gate.weight.numel()
+            per_expert = stored_bytes(mlp.experts) / mlp.experts.num_experts
+            total += (distinct + mlp.num_shared) * per_expert + stored_bytes(mlp.gate)
         else:
-            total += sum(p.numel() for p in mlp.parameters())
-    total += lm.lm_head.weight.numel() + lm.model.norm.weight.numel()
+            total += stored_bytes(mlp)
+    total += stored_bytes(lm.lm_head) + stored_bytes(lm.model.norm)
     if c.use_mla:
         kv_per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
     else:
         kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    return (total + batch * context * kv_per_token) * per_param
+    return total + batch * context * kv_per_token * (torch.finfo(lm.dtype).bits // 8)
+
+
+def stored_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
@@ -133,11 +147,11 @@ def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
     return batch * (new_tokens - 2) / (full - two), dict(generate_2_ms=two * 1e3, generate_n_ms=full * 1e3)
 
 
-def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
+def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth, quantization="none"):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    model = build_model(variant)
+    model = build_model(variant, quantization=quantization)
     build_s = time.perf_counter() - started
     weights_gib = torch.cuda.memory_allocated() / 2**30
     conversation, images = make_prompt(processor)
@@ -171,7 +185,7 @@ def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth):
         release_decoders(lm)  # free this batch size's static cache
         torch.cuda.empty_cache()
     roofline = bandwidth / active_decode_bytes(model, T + new_tokens // 2, 1)
-    result = dict(variant=variant, prompt_tokens=T, tiles=int(batch.images.shape[1]), build_s=build_s,
+    result = dict(variant=variant, quantization=quantization, prompt_tokens=T, tiles=int(batch.images.shape[1]), build_s=build_s,
                   weights_gib=weights_gib, processor_ms=processor_s * 1e3, vision_ms=vision_s * 1e3,
                   prefill_ms=prefill_s * 1e3, ttft_ms=ttft_s * 1e3, peak_gib=peak_gib,
                   decode_tok_s={str(b): r for b, r in rates.items()},
@@ -188,6 +202,19 @@ def prefill_after_vision(model, batch, positions):
               past_key_values=cache, logits_to_keep=1).logits[:, -1]
 
 
+def relative_to_bf16(result, earlier) -> None:
+    """Add a quantized result's prefill time and decode rates as multiples of the bf16 ("none")
+    result of the same variant measured earlier in this call, if there is one."""
+    base = next((r for r in earlier if r["variant"] == result["variant"] and r["quantization"] == "none"), None)
+    if base is None or result["quantization"] == "none":
+        return
+    result["prefill_vs_bf16"] = result["prefill_ms"] / base["prefill_ms"]
+    result["decode_vs_bf16"] = {b: rate / base["decode_tok_s"][b] for b, rate in result["decode_tok_s"].items()
+                                if b in base["decode_tok_s"]}
+    if "1" in result["decode_vs_bf16"]:
+        result["decode_b1_vs_bf16"] = result["decode_vs_bf16"]["1"]
+
+
 def timed_cpu(fn):
     start = time.perf_counter()
     fn()
@@ -200,6 +227,8 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                        help="weight schemes to measure each variant in (none: bf16)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -213,19 +242,24 @@ def main():
           flush=True)
     results = []
     for variant in args.variants:
-        r = bench_variant(variant, processor, args.batches, args.new_tokens, args.repeats, bandwidth)
-        torch.cuda.empty_cache()  # the variant's model is gone with bench_variant's frame
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    cols = ["variant", "prompt", "processor ms", "vision ms", "prefill ms", "ttft ms"] + \
-        [f"decode b{b} tok/s" for b in args.batches] + ["% roofline b1", "peak GiB"]
+        for scheme in args.quantization:
+            r = bench_variant(variant, processor, args.batches, args.new_tokens, args.repeats, bandwidth, scheme)
+            torch.cuda.empty_cache()  # the variant's model is gone with bench_variant's frame
+            relative_to_bf16(r, results)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    cols = ["variant", "weights", "prompt", "processor ms", "vision ms", "prefill ms", "ttft ms"] + \
+        [f"decode b{b} tok/s" for b in args.batches] + ["% roofline b1", "weights GiB", "peak GiB",
+                                                       "prefill / bf16", "decode b1 / bf16"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
-        row = [r["variant"], str(r["prompt_tokens"]), f"{r['processor_ms']:.0f}", f"{r['vision_ms']:.1f}",
-               f"{r['prefill_ms']:.1f}", f"{r['ttft_ms']:.1f}"] + \
+        ratios = [f"{r[key]:.2f}" if key in r else "" for key in ("prefill_vs_bf16", "decode_b1_vs_bf16")]
+        row = [r["variant"], "bf16" if r["quantization"] == "none" else r["quantization"], str(r["prompt_tokens"]),
+               f"{r['processor_ms']:.0f}", f"{r['vision_ms']:.1f}", f"{r['prefill_ms']:.1f}", f"{r['ttft_ms']:.1f}"] + \
             [f"{r['decode_tok_s'][str(b)]:.0f}" for b in args.batches] + \
-            [f"{r['roofline_b1_pct']:.0f}% of {r['roofline_b1_tok_s']:.0f}", f"{r['peak_gib']:.1f}"]
+            [f"{r['roofline_b1_pct']:.0f}% of {r['roofline_b1_tok_s']:.0f}", f"{r['weights_gib']:.2f}",
+             f"{r['peak_gib']:.1f}"] + ratios
         print("| " + " | ".join(row) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))

@@ -71,12 +71,14 @@ class ChatEngine:
     def from_args(cls, model_path: str, args) -> "ChatEngine":
         """Load with the options `add_engine_arguments` put on a command line."""
         return cls.load(model_path, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                        chunk_size=args.chunk_size)
+                        chunk_size=args.chunk_size, quantization=args.quantization)
 
     @classmethod
-    def load(cls, model_path: str, device: Optional[str] = None, dtype=None, chunk_size: int = -1) -> "ChatEngine":
-        """Processor and model through `load_model_and_processor` (CUDA when available; bf16 there, else fp32)."""
-        processor, model = load_model_and_processor(model_path, device=device, dtype=dtype)
+    def load(cls, model_path: str, device: Optional[str] = None, dtype=None, chunk_size: int = -1,
+             quantization: Optional[str] = None) -> "ChatEngine":
+        """Processor and model through `load_model_and_processor` (CUDA when available; bf16 there, else
+        fp32; `quantization` "int8" / "int4" quantizes the language model while loading)."""
+        processor, model = load_model_and_processor(model_path, device=device, dtype=dtype, quantization=quantization)
         return cls(model, processor, chunk_size)
 
     def prepare_one(self, conversation: list, images: List[Image.Image]):

@@ -19,9 +19,10 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                             quantization: Optional[str] = None):
     """`(processor, model)` of `model_path`; `device` defaults to CUDA when available, `dtype` to
-    `default_dtype(device)`."""
+    `default_dtype(device)`; `quantization` (None, "int8", "int4") as from_pretrained takes it."""
     from ..models import DeepseekVLV2ForCausalLM
     from ..processing import DeepseekVLV2Processor
 
@@ -29,5 +30,5 @@ def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Op
     if dtype is None:
         dtype = default_dtype(device)
     processor = DeepseekVLV2Processor.from_pretrained(model_path)
-    model = DeepseekVLV2ForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device)
+    model = DeepseekVLV2ForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device, quantization=quantization)
     return processor, model

@@ -53,9 +53,13 @@ def sampling_key(params: GenerationParams) -> tuple:
 
 
 def add_engine_arguments(parser) -> None:
-    """--chunk_size, --dtype and --device, as inference.py, the server and the web demo take them."""
+    """--chunk_size, --dtype, --device and --quantization, as inference.py, the server and the web demo
+    take them."""
     parser.add_argument("--chunk_size", type=int, default=-1,
                         help="prefill the prompt in chunks of this many tokens (-1: in one go; 512 bounds the memory)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--quantization", choices=["int8", "int4"],
+                        help="quantize the language model's weights while loading (a checkpoint saved quantized "
+                             "loads quantized without this)")

@@ -8,7 +8,12 @@ which backend applies.
     silu_mul         CUDA inference                                       formula
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
-                     on CUDA                                              combine_sorted kernel on CUDA
+                     on CUDA; quantized experts: the quant_gemv pair      combine_sorted kernel on CUDA;
+                     for <= QUANT_GEMV_TOKENS rows, else (bf16/fp16       quantized: on the stacks
+                     CUDA) quant_grouped_gemm, dequantizing tile by tile  dequantized one at a time
+    quantized_linear quant_gemv for <= QUANT_GEMV_TOKENS bf16/fp16 CUDA   F.linear on the dequantized
+                     rows                                                 weight (a one-pass kernel on
+                                                                          CUDA, PyTorch ops elsewhere)
     lm_head          gemv for <= MAX_GEMV_TOKENS bf16/fp16 CUDA rows      F.linear
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
@@ -29,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import decode_attention, gemv, moe_glue, norm_rope, reference, router
+from ..quantization.weight import QuantizedWeight
+from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
 from .custom_ops import triton
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
+QUANT_GEMV_TOKENS = quant_gemv.MAX_GEMV_TOKENS
 
 
 def _cuda_inference(x: torch.Tensor) -> bool:
@@ -95,7 +102,11 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     pairs `ids` [N, k] -> sum_k weights * expert(x), [N, h] in x's dtype (combined in float32)."""
     k = ids.shape[1]
     flat_ids = ids.flatten()
-    if _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
+    quantized = isinstance(gate_up, QuantizedWeight)
+    if quantized and _decode_sized(x, QUANT_GEMV_TOKENS):  # int8/int4 bytes read by the gemv
+        act = _quant_gemv(x, gate_up, flat_ids, k, True)
+        return reference.combine(_quant_gemv(act, down, flat_ids, 1, False), weights)
+    if not quantized and _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
         act = gemv.gemv(x, gate_up, flat_ids, k, True)
         return reference.combine(gemv.gemv(act, down, flat_ids, 1, False), weights)
     # stable sort by expert; one-byte keys make the GPU radix sort a single pass
@@ -106,11 +117,15 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     ends = counts.cumsum(0, dtype=torch.int32)
-    if grouped_mm_supported(x):
-        act = silu_mul(torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=ends))
-        out_sorted = torch._grouped_mm(act, down.transpose(1, 2), offs=ends)
+    if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down):
+        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0])
+        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks))
+        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks)
+    elif grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it
+        act = silu_mul(torch._grouped_mm(rows, dense_weight(gate_up, x.dtype).transpose(1, 2), offs=ends))
+        out_sorted = torch._grouped_mm(act, dense_weight(down, x.dtype).transpose(1, 2), offs=ends)
     else:
-        out_sorted = _per_expert(rows, ends, gate_up, down)
+        out_sorted = _per_expert(rows, ends, dense_weight(gate_up, x.dtype), dense_weight(down, x.dtype))
     if _cuda_inference(out_sorted):  # gather-combine in one kernel
         slots = torch.empty_like(order)
         slots[order] = torch.arange(len(order), device=order.device)
@@ -118,6 +133,33 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
     return reference.combine(out, weights)
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
+    if _decode_sized(x, QUANT_GEMV_TOKENS):
+        out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False).view(*x.shape[:-1], -1)
+        return out + bias if bias is not None else out
+    return F.linear(x, dense_weight(weight, x.dtype), bias)
+
+
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a plain tensor: a QuantizedWeight dequantized to `dtype` (one kernel on CUDA),
+    anything else as it is."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight
+    if _cuda_inference(weight.qweight):
+        return quant_gemv.dequantize(weight.qweight, weight.scale, weight.zero, dtype)
+    return weight.dequantize(dtype)
+
+
+def _tile_dequantizable(weight: QuantizedWeight) -> bool:
+    """Whether the grouped GEMM can take the stack: int4 tiles are one group wide, at least 16."""
+    return weight.bits == 8 or weight.group >= quant_grouped_gemm.MIN_GROUP
+
+
+def _quant_gemv(x, weight: QuantizedWeight, ids, rows_per_id: int, silu_mul: bool):
+    return quant_gemv.gemv(x, weight.qweight, weight.scale, weight.zero, ids, rows_per_id, silu_mul)
 
 
 def decode_is_capturable(device: torch.device, dtype: torch.dtype) -> bool:

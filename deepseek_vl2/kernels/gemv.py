@@ -29,6 +29,19 @@ MAX_GEMV_TOKENS = 2
 if triton is not None:
 
     @triton.jit
+    def store_rows(out_row, offs_n, n_mask, acc, acc_up, SILU_MUL: tl.constexpr):
+        """Store a program's float32 sums in the output dtype; with SILU_MUL silu(gate) * up of the
+        gate and up sums, rounded where the reference's bf16 ops round: gate, up, silu(gate), product."""
+        out_type = out_row.dtype.element_ty
+        if SILU_MUL:
+            gate = acc.to(out_type).to(tl.float32)
+            up = acc_up.to(out_type).to(tl.float32)
+            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+        else:
+            result = acc
+        tl.store(out_row + offs_n, result.to(out_type), mask=n_mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_we, stride_wn, stride_out,
                      HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -51,14 +64,7 @@ if triton is not None:
             if SILU_MUL:
                 w_up = tl.load(w_base + (offs_n[:, None] + N) * stride_wn + offs_k[None, :], mask=tile_mask, other=0.0)
                 acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
-        out_type = out_ptr.dtype.element_ty
-        if SILU_MUL:  # round where the reference's bf16 ops round: gate, up, silu(gate), product
-            gate = acc.to(out_type).to(tl.float32)
-            up = acc_up.to(out_type).to(tl.float32)
-            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
-        else:
-            result = acc
-        tl.store(out_ptr + a * stride_out + offs_n, result.to(out_type), mask=n_mask)
+        store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
 
     def _gemv_tiles(weight, ids, silu_mul):
         """(output rows per program, K block, warps) measured best in a CUDA graph on an H100

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .hub import CheckpointError
-from .layout import checkpoint_layout, copy_from_official, official_shape, to_official
+from .layout import checkpoint_layout, copy_from_official, official_shape, stored_layout, to_official, weight_holders
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,10 +48,14 @@ def weight_files(checkpoint_dir: Path) -> list:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {checkpoint_dir}; it holds {found}{hint}")
 
 
-def load_weights(model: nn.Module, checkpoint_dir: Path, progress: bool = True) -> None:
-    """Fill every parameter of the (materialised) `model` from the checkpoint, strictly."""
-    layout = checkpoint_layout(model)
-    params = dict(model.named_parameters())
+def load_weights(model: nn.Module, checkpoint_dir: Path, progress: bool = True, stored_quantized: bool = False) -> None:
+    """Fill every parameter of the (materialised) `model` from the checkpoint, strictly.
+
+    The quantized weights of a quantized model are quantized tensor by tensor as they are read,
+    on their own device, from a full-precision checkpoint; from a quantized checkpoint
+    (`stored_quantized`) their stored parts are copied."""
+    layout = stored_layout(model) if stored_quantized else checkpoint_layout(model)
+    params = weight_holders(model)
     expected = {key: official_shape(params, where) for key, where in layout.items()}
     loaded, unexpected, misshaped = set(), [], []
     files = weight_files(checkpoint_dir)
@@ -99,8 +103,9 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 1024**3,
                  dtype: Optional[torch.dtype] = None) -> None:
-    """Write the model's parameters under their official names (sharded above `max_shard_bytes`),
-    replacing any checkpoint already in `save_dir` (its weight files and index; nothing else).
+    """Write the model's parameters under their official names (sharded above `max_shard_bytes`; a
+    quantized model's quantized weights as stored: layout.stored_layout), replacing any checkpoint
+    already in `save_dir` (its weight files and index; nothing else).
 
     Files are written under temporary names first and renamed into place, the old index removed
     before that, so an interrupted save leaves the old checkpoint, the new one, or one that fails to
@@ -108,9 +113,10 @@ def save_weights(model: nn.Module, save_dir: Path, max_shard_bytes: int = 5 * 10
     rather than writing through it into the cache's blob."""
     params = dict(model.named_parameters())
     shards, current, size = [], {}, 0
-    for key, where in checkpoint_layout(model).items():
+    for key, where in stored_layout(model).items():  # a quantized model's weights as stored
         tensor = to_official(params, where).detach()
-        tensor = (tensor.to(dtype) if dtype is not None else tensor).to("cpu").contiguous()
+        cast = dtype is not None and tensor.is_floating_point()
+        tensor = (tensor.to(dtype) if cast else tensor).to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)

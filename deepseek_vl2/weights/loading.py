@@ -1,5 +1,9 @@
 """`from_pretrained`: build a model from its config on the meta device, allocate it once in the
-target dtype on the target device(s) (placement.py), and fill it strictly from the checkpoint."""
+target dtype on the target device(s) (placement.py), and fill it strictly from the checkpoint.
+
+With `quantization` (or a quantized checkpoint, whose config.json says so) the quantized weights are
+swapped in on the meta device first, so only their quantized storage is ever allocated, and each
+checkpoint tensor is quantized on its target device as it is read (checkpoint.load_weights)."""
 import logging
 from typing import Dict, Optional
 
@@ -7,6 +11,8 @@ import torch
 from torch import nn
 
 from ..generation import warmup
+from ..quantization.config import parse_quantization
+from ..quantization.swap import quantize_modules
 from .checkpoint import load_weights
 from .hub import resolve_checkpoint_dir
 from .placement import PLANNED, DeviceMap, resolve_device_map
@@ -55,16 +61,22 @@ def split_kwargs(kwargs: dict) -> dict:
 
 
 def from_pretrained(model_class, path, config=None, dtype=None, device_map: DeviceMap = None,
-                    max_memory: Optional[dict] = None, progress: bool = True, warm_up: bool = True, **kwargs):
-    """`warm_up`: on a GPU, pay the first answer's one-time costs now (generation/warmup.py)."""
+                    max_memory: Optional[dict] = None, progress: bool = True, warm_up: bool = True,
+                    quantization=None, **kwargs):
+    """`warm_up`: on a GPU, pay the first answer's one-time costs now (generation/warmup.py).
+    `quantization`: None, "int8", "int4" or a QuantizationConfig (quantization/config.py)."""
     hub = split_kwargs(kwargs)
     checkpoint_dir = resolve_checkpoint_dir(path, **hub)
     if config is None:
         config = model_class.config_class.from_pretrained(str(checkpoint_dir))
     dtype = resolve_dtype(dtype, config)
+    scheme, stored_quantized = resolve_quantization(quantization, config, checkpoint_dir)
     with torch.device("meta"):
         model = model_class(config)
     model = model.to(dtype)
+    if scheme is not None:
+        quantize_modules(model, scheme, dtype)
+        config.quantization_config = scheme.to_dict()  # what save_pretrained records
     placement = resolve_device_map(device_map, model, dtype, max_memory)
     if isinstance(placement, dict):
         for device in set(placement.values()):
@@ -76,7 +88,7 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
     devices = set(placement.values()) if isinstance(placement, dict) else {placement}
     gpus = sorted((d for d in devices if d.type == "cuda"), key=str)
     background = warmup.start_background_work(gpus[0]) if warm_up and gpus else None
-    load_weights(model, checkpoint_dir, progress=progress)
+    load_weights(model, checkpoint_dir, progress=progress, stored_quantized=stored_quantized)
     if isinstance(device_map, dict) or device_map in PLANNED:
         units = placement if isinstance(placement, dict) else {"": placement}
         model.hf_device_map = {name: str(device) for name, device in units.items()}  # as transformers names it
@@ -86,6 +98,19 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
         background.join()
         warmup.warm_up(model)
     return model
+
+
+def resolve_quantization(requested, config, checkpoint_dir):
+    """(the scheme to load with or None, whether the checkpoint is stored quantized): the requested
+    one, or the one a quantized checkpoint's config.json records (asking for another is an error)."""
+    requested = parse_quantization(requested)
+    stored = parse_quantization(getattr(config, "quantization_config", None),
+                                f"{checkpoint_dir}/config.json: quantization_config")
+    if stored is not None and requested is not None and requested != stored:
+        raise ValueError(f"{checkpoint_dir} holds a {stored.scheme} checkpoint (group size {stored.group_size}); "
+                         f"it cannot be loaded as {requested.scheme} (group size {requested.group_size}): load "
+                         f"it without `quantization`, or quantize the full-precision checkpoint")
+    return stored or requested, stored is not None
 
 
 def _materialize_split(model: nn.Module, placement: Dict[str, torch.device]) -> None:

@@ -34,3 +34,28 @@ def test_defaults():
     # load_pretrained_model keeps the reference's bf16 default
     *_, model = load_pretrained_model(PATH, device="cpu")
     assert placement(model) == {("cpu", torch.bfloat16)}
+
+
+def test_quantization_from_the_command_lines():
+    """--quantization of inference.py, the server and the web demo (with gradio installed) reaches
+    from_pretrained: all three parse it through add_engine_arguments and load through from_args."""
+    import importlib.util
+
+    import inference
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+    from deepseek_vl2.serve.__main__ import parse_args as serve_args
+
+    parsers = [inference.parse_args, serve_args]
+    if importlib.util.find_spec("gradio") is not None:
+        import web_demo
+
+        parsers.append(web_demo.parse_args)
+    for parse in parsers:
+        args = parse(["--model_path", PATH, "--device", "cpu", "--quantization", "int4"])
+        assert args.quantization == "int4"
+    assert inference.parse_args(["--model_path", PATH]).quantization is None
+    engine = ChatEngine.from_args(PATH, args)
+    experts = engine.model.language.model.layers[1].mlp.experts
+    assert isinstance(experts.gate_up_proj, QuantizedWeight) and experts.gate_up_proj.scheme == "int4"
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--model_path", PATH, "--quantization", "int2"])

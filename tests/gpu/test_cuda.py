@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+from decode_paths import assert_same_or_near_tie, finite_difference, finite_scale, greedy
 from goldens import CASES, CHECKPOINTS, FIXTURES, SINGLE_CASES, fixture_model, golden_inputs, tensors
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -17,47 +18,6 @@ BF16_LOGITS_REL = 3e-2  # bf16 noise after a few layers of random tiny weights (
 
 def cuda_model(checkpoint):
     return fixture_model(checkpoint, torch.bfloat16).to("cuda")
-
-
-def first_divergence(a, b):
-    diff = (a != b).nonzero()
-    return None if not len(diff) else diff[0, -1].item()
-
-
-def greedy(lm, embeds, mask, n, graphs, check_in_graph=True):
-    """Greedy tokens and per-step scores (graphs: the fast path's host loop, which returns scores;
-    its sequences are also checked against the in-graph greedy loop, which does not)."""
-    lm.cuda_graphs = graphs
-    try:
-        kw = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        out = lm.generate(**kw, return_dict_in_generate=True, output_scores=True)
-        if graphs and check_in_graph:
-            assert torch.equal(lm.generate(**kw), out.sequences), "in-graph greedy differs from the host loop"
-        return out
-    finally:
-        lm.cuda_graphs = True
-
-
-def _finite_difference(a, b) -> float:
-    """Largest |a - b| over entries finite in both (suppressed tokens are -inf in both)."""
-    a, b = a.float(), b.float()
-    both = torch.isfinite(a) & torch.isfinite(b)
-    return (a[both] - b[both]).abs().max().item()
-
-
-def assert_same_or_near_tie(fast, plain):
-    """Fast-path tokens equal the plain path's, or first differ at a near-tie: a step whose plain-path
-    top-2 margin is within twice the numerical noise between the two paths, measured as the largest
-    logit difference over the steps before (same tokens so far, so any difference is rounding)."""
-    for row in range(plain.sequences.shape[0]):
-        i = first_divergence(fast.sequences[row], plain.sequences[row])
-        if i is None:
-            continue
-        noise = max(_finite_difference(fast.scores[s][row], plain.scores[s][row]) for s in range(i + 1))
-        top = plain.scores[i][row].float().topk(2).values
-        margin = (top[0] - top[1]).item()
-        print(f"row {row}: first difference at step {i}, plain margin {margin:.3f}, path noise {noise:.3f}")
-        assert margin <= 2 * noise, f"row {row} differs at step {i}: margin {margin:.4f} > 2 x noise {noise:.4f}"
 
 
 @pytest.mark.parametrize("name", SINGLE_CASES)
@@ -164,11 +124,6 @@ def batch_prompt(model):
     return embeds, t["batch_attention_mask"].bool().cuda()
 
 
-def finite_scale(scores) -> float:
-    """Largest |score| over finite entries (EOS is -inf before min_new_tokens)."""
-    return scores[torch.isfinite(scores)].abs().max().item()
-
-
 def allocated() -> int:
     """Bytes allocated by tensors, less the workspace cuBLAS keeps per stream (process state that
     belongs to no model)."""
@@ -218,7 +173,7 @@ def test_moved_or_reloaded_model_decodes_with_its_current_weights():
 
     def assert_same(out, expected):
         assert torch.equal(out.sequences, expected.sequences)
-        assert all(_finite_difference(a, b) <= 1e-2 * finite_scale(b) for a, b in zip(out.scores, expected.scores))
+        assert all(finite_difference(a, b) <= 1e-2 * finite_scale(b) for a, b in zip(out.scores, expected.scores))
 
     # moved away and back, with junk taking the old weights' addresses: a stale graph would read it
     shapes = [(p.shape, p.dtype) for p in model.parameters()]
@@ -231,7 +186,7 @@ def test_moved_or_reloaded_model_decodes_with_its_current_weights():
     # new tensors with other weights (load_state_dict(assign=True)): as a model loaded with them
     other = init_random_weights(fresh_cuda_model(), seed=1)
     expected = greedy(other.language, embeds, mask, 16, graphs=True)
-    assert _finite_difference(expected.scores[0], first.scores[0]) > 0.1 * finite_scale(first.scores[0])
+    assert finite_difference(expected.scores[0], first.scores[0]) > 0.1 * finite_scale(first.scores[0])
     model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
     assert_same(greedy(lm, embeds, mask, 16, graphs=True), expected)
 
@@ -239,7 +194,7 @@ def test_moved_or_reloaded_model_decodes_with_its_current_weights():
     model.half()
     fast = greedy(lm, embeds.half(), mask, 16, graphs=True)
     plain = greedy(lm, embeds.half(), mask, 16, graphs=False)
-    assert _finite_difference(fast.scores[0], plain.scores[0]) <= BF16_LOGITS_REL * finite_scale(plain.scores[0])
+    assert finite_difference(fast.scores[0], plain.scores[0]) <= BF16_LOGITS_REL * finite_scale(plain.scores[0])
     assert_same_or_near_tie(fast, plain)
 
 

@@ -15,11 +15,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deepseek_vl2.kernels import decode_attention, gemv, moe_glue, norm_rope, router as router_kernel  # noqa: E402
+from deepseek_vl2.kernels import (  # noqa: E402
+    decode_attention,
+    gemv,
+    moe_glue,
+    norm_rope,
+    quant_gemv,
+    quant_grouped_gemm,
+    router as router_kernel,  # noqa: E402
+)
 from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
 from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.modeling.moe import Router  # noqa: E402
 from deepseek_vl2.modeling.rms_norm import RMSNorm  # noqa: E402
+from deepseek_vl2.quantization import rtn  # noqa: E402
 
 
 def close(got, want, tol, what):
@@ -46,6 +55,69 @@ def check_gemv(device, dtype, tol):
     plain = gemv.gemv(x, w2[0].T.contiguous(), None, 1, False, True)
     assert plain.dtype == torch.float32
     close(plain, x.float() @ w2[0].float(), tol, "plain gemv with float32 output")
+
+
+def check_quant_gemv(device, dtype, tol):
+    """Expert (with silu_mul) and plain gemv on int8 and int4 weights against einsum products with the
+    PyTorch-dequantized weights, at shapes that leave partial output blocks, partial K tiles and (int4)
+    groups smaller and larger than a tile."""
+    g = torch.Generator().manual_seed(7)
+    E, N, K = 4, 20, 320  # int4 groups of 64 and 32; the default tile (512 columns) is past K
+    x = torch.randn(2, K, generator=g).to(device, dtype)
+    ids = torch.tensor([3, 0, 1, 1], device=device)  # 2 experts for each of 2 rows
+    rows = x.repeat_interleave(2, dim=0)
+    for bits, group in ((8, K), (4, 64), (4, 32)):
+        w13 = torch.randn(E, 2 * N, K, generator=g) * 0.1
+        w2 = torch.randn(E, K, N, generator=g) * 0.1
+        q13, s13, z13 = (t.to(device) if t is not None else None for t in rtn.quantize(w13, bits, group, dtype))
+        q2, s2, z2 = (t.to(device) if t is not None else None
+                      for t in rtn.quantize(w2, bits, N if bits == 8 else 4, dtype))
+        d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
+        for tiles in ((None, None, None), (4, 64, 2)):  # the default, and 64-column tiles (1 or 2 int4 groups)
+            act = quant_gemv.gemv_launch(x, q13, s13, z13, ids, 2, True, *tiles)
+            gate_up = torch.einsum("ak,ank->an", rows.float(), d13[ids]).to(dtype)
+            want = F.silu(gate_up[:, :N]) * gate_up[:, N:]
+            close(act, want, tol, f"int{bits} expert gemv with silu_mul, group {group}, tiles {tiles}")
+            out = quant_gemv.gemv_launch(act, q2, s2, z2, ids, 1, False, *tiles)
+            close(out, torch.einsum("an,akn->ak", act.float(), d2[ids]), tol, f"int{bits} expert gemv, tiles {tiles}")
+            plain = quant_gemv.gemv_launch(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1, False,
+                                           *tiles)
+            close(plain, x.float() @ d13[1].T, tol, f"int{bits} plain gemv, tiles {tiles}")
+        assert torch.equal(quant_gemv.gemv(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1, False),
+                           quant_gemv.gemv_launch(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1,
+                                                  False))
+
+
+def check_dequantize(device, dtype, tol):
+    g = torch.Generator().manual_seed(8)
+    for bits, shape, group in ((8, (3, 40, 300), 300), (4, (3, 40, 320), 64), (4, (37, 96), 32)):
+        q, s, z = (t.to(device) if t is not None else None
+                   for t in rtn.quantize(torch.randn(*shape, generator=g), bits, group, dtype))
+        got = quant_gemv.dequantize(q, s, z, dtype)
+        assert got.shape == shape and got.dtype == dtype
+        close(got, rtn.dequantize(q, s, z, dtype), tol, f"int{bits} dequantize {shape}")
+
+
+def check_quant_grouped_gemm(device, dtype, tol):
+    """Rows sorted by expert (one expert without rows, one with more rows than a block) times their
+    int8 / int4 experts against per-expert products with the PyTorch-dequantized weights."""
+    g = torch.Generator().manual_seed(9)
+    E, N, K = 5, 40, 96
+    counts = torch.tensor([3, 0, 21, 1, 12])
+    ends = counts.cumsum(0).to(torch.int32)
+    rows = torch.randn(int(counts.sum()), K, generator=g).to(device, dtype)
+    for bits, group in ((8, K), (4, 32)):
+        q, s, z = (t.to(device) if t is not None else None
+                   for t in rtn.quantize(torch.randn(E, N, K, generator=g) * 0.1, bits, group, dtype))
+        dense = rtn.dequantize(q, s, z, dtype).float()
+        want = torch.cat([rows[start:end].float() @ dense[e].T
+                          for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
+        blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows))
+        close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks), want, tol, f"int{bits} grouped gemm")
+        small = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), 16)
+        assert small[0].tolist()[:6] == [0, 2, 2, 3, 4, 4] and small[1].tolist()[:6] == [0, 3, 19, 24, 25, 41]
+        got = quant_grouped_gemm.grouped_gemm_launch(rows, q, s, z, small, 16, 16, 32, 2, 1)
+        close(got, want, tol, f"int{bits} grouped gemm, 16-row blocks")
 
 
 def check_route(device, dtype, tol):
@@ -158,7 +230,8 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
+CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route, check_mha_decode,
+          check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:

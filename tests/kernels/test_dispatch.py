@@ -48,3 +48,73 @@ def test_cuda_sdpa_avoids_cudnn_and_matches_the_default_choice():
         assert choice != torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value
         assert (got.float() - expected).abs().max().item() < 2e-2
 
+
+
+
+def quantized(shape, scheme, device="cpu", dtype=torch.float32, seed=1):
+    """A QuantizedWeight of random normal(0, 0.1) weights of `shape` (int4 in groups of 32)."""
+    from deepseek_vl2.quantization.config import QuantizationConfig
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+
+    weight = QuantizedWeight(shape, QuantizationConfig(scheme, 32), dtype, device)
+    weight.write((), torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return weight
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cpu_quantized_ops_are_the_reference_ops_on_dequantized_weights(scheme):
+    g = torch.Generator().manual_seed(2)
+    gate_up, down, proj = quantized((6, 64, 64), scheme), quantized((6, 64, 32), scheme, seed=3), \
+        quantized((48, 64), scheme, seed=4)
+    x = torch.randn(5, 64, generator=g)
+    ids = torch.randint(0, 6, (5, 2), generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    want = dispatch.experts(x, gate_up.dequantize(), down.dequantize(), ids, weights)
+    assert torch.equal(dispatch.experts(x, gate_up, down, ids, weights), want)
+    bias = torch.randn(48, generator=g)
+    assert torch.equal(dispatch.quantized_linear(x[None, :2], proj, bias),
+                       torch.nn.functional.linear(x[None, :2], proj.dequantize(), bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
+    """On CUDA in bf16: up to QUANT_GEMV_TOKENS rows through the quant gemv kernels, more through the dequantized
+    weights, both matching the reference on the dequantized weights; the decode-sized calls capture
+    in a CUDA graph and replay on new inputs as they run eagerly."""
+    g = torch.Generator().manual_seed(5)
+    gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
+    down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
+    proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
+    for rows in (1, dispatch.QUANT_GEMV_TOKENS, dispatch.QUANT_GEMV_TOKENS + 1):
+        x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
+        ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
+        weights = torch.rand(rows, 4, generator=g).cuda()
+        with torch.inference_mode():
+            got = dispatch.experts(x, gate_up, down, ids, weights)
+            want = dispatch.experts(x, gate_up.dequantize(), down.dequantize(), ids, weights)
+            assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+            got = dispatch.quantized_linear(x, proj, None)
+            want = torch.nn.functional.linear(x, proj.dequantize())
+            assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+    x = torch.randn(2, 256, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda()
+    weights = torch.rand(2, 4, generator=g).cuda()
+
+    def step():
+        return dispatch.quantized_linear(dispatch.experts(x, gate_up, down, ids, weights), proj, None)
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        x.copy_(torch.randn(2, 256, generator=g).to("cuda", torch.bfloat16))
+        ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda())
+        graph.replay()
+        assert torch.equal(out, step())

@@ -1,0 +1,201 @@
+"""Gemv and dequantization kernels for quantized weights (quantization/rtn.py's layout) on CUDA.
+
+  gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
+              gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
+              per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
+              [BLOCK_N, BLOCK_K/2] packed uint8 tiles of whole int4 groups (each group's scale and
+              zero point loaded once per tile, q * s + z per value); an int8 row's scale is applied
+              once at the end. Products accumulate per tile position over the K loop and are summed
+              across threads once, at the end.
+  dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
+              multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
+
+Both are torch custom ops inside compiled regions (`custom_ops.kernel_op`). When they run is decided
+in dispatch.py; tile sizes can be tuned with benchmarks/quant_gemv_configs.py.
+"""
+from typing import Optional
+
+import torch
+
+from .custom_ops import kernel_op, tl, triton
+
+# Token rows up to which decode reads quantized weights through the gemv, which reads an expert once
+# per (token, expert) pair (small in int4: rows x 8 x 4.3 MB per MoE layer, less what L2 keeps).
+# Beyond, the experts go through quant_grouped_gemm, which reads each chosen expert once but sorts
+# the rows and lays out its blocks first; the dense projections through a dequantized copy and
+# cuBLAS. The crossover is to be measured (bench.py --quantization ... --batches 1 8 32).
+MAX_GEMV_TOKENS = 8
+
+
+if triton is not None:
+    from .gemv import store_rows
+
+    @triton.jit
+    def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
+                   x_even, x_odd):
+        """One tile's w * x terms for the rows `rows`, [BLOCK_N, GROUPS, GROUP / 2] (float32): the packed
+        bytes of whole groups, each value dequantized with its group's scale and zero point."""
+        packed = tl.load(q_base + rows[:, None, None] * stride_qn + byte_cols, mask=n_mask[:, None, None] & b_mask,
+                         other=0).to(tl.int32)
+        s_offs = rows[:, None] * stride_sn + groups[None, :]
+        s_mask = n_mask[:, None] & g_mask[None, :]
+        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        low = (packed & 15).to(tl.float32) * scale + zero
+        high = (packed >> 4).to(tl.float32) * scale + zero
+        return low * x_even + high * x_odd
+
+    @triton.jit
+    def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
+        """One tile's q * x terms, [BLOCK_N, BLOCK_K] (float32; the row's scale comes at the end)."""
+        w = tl.load(q_base + rows[:, None] * stride_qn + offs_k, mask=n_mask[:, None] & k_mask, other=0)
+        return w.to(tl.float32) * x
+
+    @triton.jit
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_qe,
+                           stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr, GROUP: tl.constexpr,
+                           HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        """Products are summed per tile position across the K loop and reduced once at the end (no
+        cross-thread reduction per tile)."""
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        row = a // rows_per_id
+        q_base = q_ptr
+        s_base = s_ptr
+        z_base = z_ptr
+        if HAS_IDS:
+            expert = tl.load(ids_ptr + a).to(tl.int64)
+            q_base = q_ptr + expert * stride_qe
+            s_base = s_ptr + expert * stride_se
+            z_base = z_ptr + expert * stride_se
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        x_row = x_ptr + row * stride_x
+        if INT4:
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
+            tile_groups = tl.arange(0, GROUPS)
+            # [1, GROUPS, GROUP / 2]: x is loaded in the layout of the weight tiles it multiplies
+            tile_bytes = tile_groups[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
+            for k0 in range(0, K, BLOCK_K):
+                byte_cols = k0 // 2 + tile_bytes
+                b_mask = byte_cols < K // 2
+                x_even = tl.load(x_row + 2 * byte_cols, mask=b_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * byte_cols + 1, mask=b_mask, other=0.0).to(tl.float32)
+                groups = k0 // GROUP + tile_groups
+                g_mask = groups < K // GROUP
+                acc3 += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, byte_cols, b_mask, groups, g_mask,
+                                   stride_qn, stride_sn, x_even, x_odd)
+                if SILU_MUL:
+                    acc3_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, byte_cols, b_mask, groups,
+                                          g_mask, stride_qn, stride_sn, x_even, x_odd)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+            acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
+        else:
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc2_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)[None, :]
+                k_mask = offs_k < K
+                # x loaded once per tile row (from L1): in the weight tile's own layout, no conversion
+                x = tl.load(x_row + offs_k + 0 * offs_n[:, None], mask=k_mask, other=0.0).to(tl.float32)
+                acc2 += _int8_tile(q_base, offs_n, n_mask, offs_k, k_mask, stride_qn, x)
+                if SILU_MUL:
+                    acc2_up += _int8_tile(q_base, offs_n + N, n_mask, offs_k, k_mask, stride_qn, x)
+            # one scale per output row
+            acc = tl.sum(acc2, axis=1) * tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            acc_up = tl.sum(acc2_up, axis=1)
+            if SILU_MUL:
+                acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, K, INT4: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = rows < R
+        groups = K // GROUP
+        out_type = out_ptr.dtype.element_ty
+        if INT4:  # [BLOCK_R, GROUPS, GROUP / 2] bytes of whole groups, a scale and zero point per group
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+            mask = r_mask[:, None, None] & (g < groups)[None, :, None]
+            byte_cols = g[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
+            packed = tl.load(q_ptr + rows[:, None, None] * (K // 2) + byte_cols, mask=mask, other=0).to(tl.int32)
+            s_offs = rows[:, None] * groups + g[None, :]
+            s_mask = r_mask[:, None] & (g < groups)[None, :]
+            scale = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+            zero = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+            low = (packed & 15).to(tl.float32) * scale + zero
+            high = (packed >> 4).to(tl.float32) * scale + zero
+            values = tl.interleave(low, high)  # columns 2j, 2j+1
+            cols = g[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+            tl.store(out_ptr + rows[:, None, None] * K + cols, values.to(out_type), mask=mask)
+        else:
+            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = r_mask[:, None] & (offs_k < K)[None, :]
+            q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+            scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
+
+    def gemv_tiles(int4: bool, N: int, rows: int):
+        """(output rows per program, input columns per tile, warps): a tile of about 2 KB of weight
+        bytes, with fewer output rows per program where the grid would otherwise not give each of an
+        H200's 132 SMs two programs. Starting points: benchmarks/quant_gemv_configs.py times the
+        alternatives at the real shapes."""
+        block_n = 4
+        while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
+            block_n //= 2
+        return block_n, 1024 if int4 else 512, 4
+
+    def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
+                    num_warps=None):
+        """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]."""
+        int4 = zero is not None
+        N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
+        rows = ids.numel() if ids is not None else x.shape[0]
+        if block_n is None:
+            block_n, block_k, num_warps = gemv_tiles(int4, N, rows)
+        K = qweight.shape[-1] * (2 if int4 else 1)
+        group = K // scale.shape[-1]
+        if int4:
+            block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
+        out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(N, block_n), rows)
+        _quant_gemv_kernel[grid](
+            x, qweight, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id,
+            x.stride(0), qweight.stride(0) if ids is not None else 0, qweight.stride(-2),
+            scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, GROUP=group,
+            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        return out
+
+    def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
+        rows = ids.numel() if ids is not None else x.shape[0]
+        return x.new_empty(rows, qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2])
+
+    @kernel_op("quant_gemv", _gemv_fake)
+    def gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+             ids: Optional[torch.Tensor], rows_per_id: int, silu_mul: bool) -> torch.Tensor:
+        return gemv_launch(x.contiguous(), qweight, scale, zero, ids, rows_per_id, silu_mul)
+
+    def _dequantize_fake(qweight, scale, zero, dtype):
+        K = qweight.shape[-1] * (2 if zero is not None else 1)
+        return scale.new_empty(*qweight.shape[:-1], K, dtype=dtype)
+
+    @kernel_op("dequantize", _dequantize_fake)
+    def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The full weight [..., N, K] in `dtype` (contiguous quantized storage, as QuantizedWeight keeps it)."""
+        int4 = zero is not None
+        K = qweight.shape[-1] * (2 if int4 else 1)
+        out = torch.empty(*qweight.shape[:-1], K, device=qweight.device, dtype=dtype)
+        R = out.numel() // K
+        group = K // scale.shape[-1]
+        block_r, block_k = 16, max(256, group) if int4 else 256  # int4: whole groups per program
+        if R:
+            _dequantize_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k))](
+                qweight, scale, zero if int4 else scale, out, R, K, INT4=int4, GROUP=group,
+                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        return out

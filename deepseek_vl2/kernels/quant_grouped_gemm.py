@@ -1,0 +1,115 @@
+"""Grouped GEMM over quantized expert stacks for prefill-sized inputs on CUDA: the rows sorted by
+expert (as dispatch.experts sorts them) times each one's expert weight, dequantized tile by tile in
+registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is never written.
+
+    blocks = expert_blocks(ends [E], M)       once per layer: both GEMMs share the row blocks
+    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks) -> [M, N]
+
+Each program takes BLOCK_M rows of one expert and BLOCK_N output columns. The blocks are laid out
+on the device from the per-expert row counts (`expert_blocks`): at most cdiv(M, BLOCK_M) + E of
+them, a fixed grid whose surplus programs exit at once, so nothing is read back to the host and
+the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
+group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
+values (exact in bf16) and apply the per-column scale to the accumulator at the end.
+When it runs is decided in dispatch.py.
+"""
+from typing import Optional
+
+import torch
+
+from .custom_ops import kernel_op, tl, triton
+
+MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
+BLOCK_M = 64  # rows of one expert per program (the block layout depends on it)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, N, K, stride_a,
+                             stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        row0 = tl.load(row0_ptr + pid_m)
+        row_end = tl.load(row_end_ptr + pid_m)
+        if row0 < row_end:
+            expert = tl.load(expert_ptr + pid_m).to(tl.int64)
+            q_base = q_ptr + expert * stride_qe
+            s_base = s_ptr + expert * stride_se
+            z_base = z_ptr + expert * stride_se
+            rows = row0 + tl.arange(0, BLOCK_M)
+            m_mask = rows < row_end
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = cols < N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < K
+                a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + ks[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                if INT4:  # one group: a scale and zero point per output column
+                    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                    packed = tl.load(q_base + cols[:, None] * stride_qn + byte_cols[None, :],
+                                     mask=n_mask[:, None] & (byte_cols < K // 2)[None, :], other=0).to(tl.int32)
+                    values = tl.interleave(packed & 15, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+                    group = k0 // BLOCK_K
+                    scale = tl.load(s_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                    zero = tl.load(z_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                    w = (values * scale[:, None] + zero[:, None]).to(a.dtype)
+                else:
+                    w = tl.load(q_base + cols[:, None] * stride_qn + ks[None, :],
+                                mask=n_mask[:, None] & k_mask[None, :], other=0).to(a.dtype)
+                acc += tl.dot(a, tl.trans(w))
+            if not INT4:
+                acc *= tl.load(s_base + cols * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    def gemm_tiles(int4: bool, group: int):
+        """(BLOCK_N, BLOCK_K, warps, stages): starting points, not yet measured on a GPU."""
+        return 128, group if int4 else 64, 4, 3
+
+    def expert_blocks(ends: torch.Tensor, rows: int, block_m: int = BLOCK_M):
+        """Per program: its expert, first row and end row (first == end: nothing to do), for `ends`
+        [E] the cumulative row counts of the experts; device tensors of cdiv(rows, block_m) + E."""
+        E = ends.shape[0]
+        starts = torch.cat((ends.new_zeros(1), ends[:-1]))
+        blocks = (ends - starts + block_m - 1) // block_m
+        block_ends = blocks.cumsum(0)
+        program = torch.arange(triton.cdiv(rows, block_m) + E, device=ends.device, dtype=block_ends.dtype)
+        expert = torch.searchsorted(block_ends, program, right=True).clamp_(max=E - 1)
+        row0 = starts[expert] + (program - (block_ends[expert] - blocks[expert])) * block_m
+        row_end = torch.where(program < block_ends[-1], ends[expert], row0)
+        return expert.to(torch.int32), row0.to(torch.int32), row_end.to(torch.int32)
+
+    def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m=BLOCK_M, block_n=None, block_k=None,
+                            num_warps=None, num_stages=None):
+        """`blocks`: expert_blocks(ends, M, block_m)."""
+        int4 = zero is not None
+        M, K = rows.shape
+        N = qweight.shape[-2]
+        group = K // scale.shape[-1]
+        block_n, block_k, num_warps, num_stages = (
+            default if given is None else given
+            for given, default in zip((block_n, block_k, num_warps, num_stages), gemm_tiles(int4, group)))
+        if int4:
+            block_k = group  # one group per tile
+        out = rows.new_empty(M, N)
+        expert, row0, row_end = blocks
+        if M:
+            grid = (expert.shape[0], triton.cdiv(N, block_n))
+            _grouped_gemm_kernel[grid](
+                rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
+                qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), INT4=int4,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        return out
+
+    def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end):
+        return rows.new_empty(rows.shape[0], qweight.shape[-2])
+
+    @kernel_op("quant_grouped_gemm", _grouped_gemm_fake)
+    def grouped_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                     expert: torch.Tensor, row0: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+        """rows [M, K] sorted by expert, the blocks of `expert_blocks` -> [M, N]."""
+        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, (expert, row0, row_end))
