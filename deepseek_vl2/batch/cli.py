@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     try:
         check_args(args)
-        spec = EngineSpec(args.model_path, args.dtype, args.chunk_size, args.max_num_seqs)
+        spec = EngineSpec(args.model_path, args.dtype, args.chunk_size, args.max_num_seqs, args.quantization)
         defaults = run_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)
         if args.ray:

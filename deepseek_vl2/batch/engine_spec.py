@@ -17,6 +17,7 @@ class EngineSpec:
     dtype: Optional[str] = None  # "bfloat16", "float16", "float32"; default: bfloat16 on a GPU, float32 on the CPU
     chunk_size: int = -1  # prompt tokens prefilled between two decode steps (-1: a whole prompt at once)
     max_num_seqs: Optional[int] = None  # KV slots: rows decoding at once (default SLOTS_CUDA / SLOTS_CPU)
+    quantization: Optional[str] = None  # "int8" / "int4": weights quantized while loading (from_pretrained)
 
     def __post_init__(self):
         if self.chunk_size == 0 or self.chunk_size < -1:
@@ -25,10 +26,10 @@ class EngineSpec:
             raise ValueError(f"--max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
     def load(self, device: str):
-        """(processor, model) on `device`. Issue 12's quantization goes here, applied to the loaded
-        model, with its option on this spec (one place for every route)."""
+        """(processor, model) on `device` (quantized while loading when the spec says so: one place for
+        every route)."""
         dtype = getattr(torch, self.dtype) if self.dtype else default_dtype(device)
-        return load_model_and_processor(self.model_path, device=device, dtype=dtype)
+        return load_model_and_processor(self.model_path, device=device, dtype=dtype, quantization=self.quantization)
 
     def build(self, device: str):
         """The ContinuousEngine of this spec on `device` (on CUDA with its decode graphs, captured here)."""

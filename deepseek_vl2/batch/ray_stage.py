@@ -34,14 +34,16 @@ OUTPUT_COLUMNS = ("id", "text", "finish_reason", "prompt_tokens", "completion_to
 class BatchPredictor:
     def __init__(self, model_path: str, device: Optional[str] = None, dtype: Optional[str] = None,
                  chunk_size: int = -1, max_num_seqs: Optional[int] = None, settings: Optional[dict] = None,
-                 base_dir: Optional[str] = None, image_workers: Optional[int] = None):
+                 base_dir: Optional[str] = None, image_workers: Optional[int] = None,
+                 quantization: Optional[str] = None):
         """`device`: default CUDA when the actor has a GPU, else the CPU; `settings`: the run's
         GenerationParams fields (greedy unless set); `base_dir`: where relative image paths start
-        (default: the actor's working directory)."""
+        (default: the actor's working directory); `quantization`: "int8" / "int4", quantized while
+        loading."""
         from ..engine.loading import default_device
         from .runner import EngineRunner
 
-        spec = EngineSpec(model_path, dtype, chunk_size, max_num_seqs)
+        spec = EngineSpec(model_path, dtype, chunk_size, max_num_seqs, quantization)
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
         self.runner = EngineRunner(spec.build(device or default_device()), run_settings(**(settings or {})),
                                    image_workers=image_workers)
@@ -113,7 +115,8 @@ def ray_executor(spec: EngineSpec, defaults, options: RayOptions):
                 BatchPredictor, batch_size=slots, compute=actor_pool(ray, actors), num_gpus=gpus,
                 num_cpus=options.cpus_per_actor, fn_constructor_kwargs=dict(
                     model_path=spec.model_path, device=device, dtype=spec.dtype, chunk_size=spec.chunk_size,
-                    max_num_seqs=spec.max_num_seqs, settings=asdict(defaults), image_workers=options.image_workers))
+                    max_num_seqs=spec.max_num_seqs, settings=asdict(defaults), image_workers=options.image_workers,
+                    quantization=spec.quantization))
             try:
                 for values in answers.iter_rows():
                     row = rows[values["id"]]

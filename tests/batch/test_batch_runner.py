@@ -4,13 +4,14 @@ records naming the problem; a rerun skips everything; the in-flight bound holds.
 import json
 
 import pytest
+import torch
 
-from batch_helpers import BAD_ROWS, GOOD_ROWS, MAX_NEW, by_key
+from batch_helpers import BAD_ROWS, CHECKPOINT, GOOD_ROWS, MAX_NEW, by_key
 from deepseek_vl2.batch import EngineRunner, EngineSpec, run_dataset
 from deepseek_vl2.batch.driver import EngineFailed
 from deepseek_vl2.batch.rows import Row, run_settings
 from deepseek_vl2.batch.runner import answer_record
-from deepseek_vl2.engine import ChatResult, chat_conversation
+from deepseek_vl2.engine import ChatResult, GenerationParams, chat_conversation
 from deepseek_vl2.grounding import GroundedBox
 from deepseek_vl2.utils.io import load_pil_images
 
@@ -146,3 +147,25 @@ def test_answer_record_carries_grounding_boxes():
     assert answer_record(Row("g", "", []), result) == {
         "id": "g", "text": result.text, "finish_reason": "stop", "prompt_tokens": 11, "completion_tokens": 3,
         "boxes": [{"label": "cat", "box": [1, 2, 30, 40]}]}
+
+
+def test_a_quantized_spec_answers_as_the_quantized_chat():
+    """--quantization reaches the engine through EngineSpec (every route builds its engine there):
+    rows answered by an int8 engine equal ChatEngine.chat on the same checkpoint loaded in int8."""
+    from deepseek_vl2.engine import ChatEngine
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+
+    spec = EngineSpec(str(CHECKPOINT), dtype="float32", max_num_seqs=2, quantization="int8")
+    engine = spec.build("cpu")
+    assert any(isinstance(m, QuantizedWeight) for m in engine.model.modules())
+    runner = EngineRunner(engine, run_settings(max_new_tokens=8), in_flight=2, image_workers=1)
+    records = {}
+    try:
+        runner.run([Row(i, f"Question number {i}?", []) for i in range(2)], lambda row, r: records.update({row.id: r}))
+    finally:
+        runner.close()
+    chat = ChatEngine.load(str(CHECKPOINT), device="cpu", dtype=torch.float32, quantization="int8")
+    for i in range(2):
+        conversation = chat_conversation([{"role": "user", "content": f"Question number {i}?"}])
+        alone = chat.chat(conversation, [], GenerationParams(max_new_tokens=8, temperature=0))
+        assert records[i]["text"] == alone.text and records[i]["completion_tokens"] == len(alone.token_ids)

@@ -18,6 +18,10 @@ from goldens import CHECKPOINTS, FIXTURES, rel_err
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 BF16_LOGITS_REL = 3e-2  # as tests/gpu/test_cuda.py: bf16 noise after a few layers of random tiny weights
+# the decode gemv against the prefill path: on top of that noise, the prefill's dense GEMMs read the weights
+# dequantized and rounded to bf16 while the gemv dequantizes in float32 registers (measured on an H200:
+# 0.031 for small_mla int8, the others below 0.03)
+QUANT_PATHS_REL = 5e-2
 
 
 def quantized_cuda(name, scheme, warm_up=False):
@@ -70,7 +74,7 @@ def test_decode_gemv_matches_prefill_path(name, scheme):
         whole = lm(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1]
         past = lm(inputs_embeds=embeds[:, :-1], use_cache=True).past_key_values
         step = lm(inputs_embeds=embeds[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
-    assert rel_err(step, whole) <= BF16_LOGITS_REL
+    assert rel_err(step, whole) <= QUANT_PATHS_REL
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
