@@ -140,15 +140,21 @@ if triton is not None:
             scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
-    def gemv_tiles(int4: bool, N: int, rows: int):
-        """(output rows per program, input columns per tile, warps): a tile of about 2 KB of weight
-        bytes, with fewer output rows per program where the grid would otherwise not give each of an
-        H200's 132 SMs two programs. Starting points: benchmarks/quant_gemv_configs.py times the
-        alternatives at the real shapes."""
+    def gemv_tiles(int4: bool, experts: bool, silu_mul: bool, N: int, rows: int):
+        """(output rows per program, input columns per tile, warps). The best measured for one token
+        row inside a CUDA graph on an H200 at small's shapes (benchmarks/quant_gemv_configs.py,
+        benchmarks/RESULTS.md 2026-11-30): int4 with 8 output rows per program, int8 expert gate/up
+        with 2; elsewhere (int8 down and projections) about 2 KB of weight bytes per tile, with fewer
+        output rows per program where the grid would otherwise not give each of the 132 SMs two
+        programs."""
+        if int4:
+            return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4
+        if experts and silu_mul:
+            return 2, 256, 2
         block_n = 4
         while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
             block_n //= 2
-        return block_n, 1024 if int4 else 512, 4
+        return block_n, 512, 4
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None):
@@ -157,7 +163,7 @@ if triton is not None:
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
         if block_n is None:
-            block_n, block_k, num_warps = gemv_tiles(int4, N, rows)
+            block_n, block_k, num_warps = gemv_tiles(int4, ids is not None, silu_mul, N, rows)
         K = qweight.shape[-1] * (2 if int4 else 1)
         group = K // scale.shape[-1]
         if int4:
