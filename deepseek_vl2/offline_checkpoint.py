@@ -13,6 +13,7 @@ Variants follow the three releases' language models: tiny = plain multi-head att
 greedy softmax routing; small = MLA with greedy routing; base = MLA with noaux_tc sigmoid routing.
 """
 import argparse
+import importlib.util
 import inspect
 import itertools
 import json
@@ -75,7 +76,7 @@ def training_corpus() -> list:
     """Standard-library docstrings plus sentences describing images (colours, shapes, positions)."""
     texts = []
     for name in CORPUS_MODULES:
-        module = __import__(name)
+        module = _fresh_module(name)
         texts.append(inspect.getdoc(module) or "")
         for _, member in inspect.getmembers(module):
             if inspect.isfunction(member) or inspect.isclass(member):
@@ -84,6 +85,16 @@ def training_corpus() -> list:
         article = "an" if colour[0] in "aeiou" else "a"
         texts.append(template.format(a=article, colour=colour, shape=shape, place=place))
     return [text for text in texts if text]
+
+
+def _fresh_module(name: str):
+    """A new copy of a standard-library module, not the one in sys.modules: other libraries patch
+    those (Ray replaces `inspect.isgenerator` and logging's record factory), which would change the
+    corpus, and so the tokenizer, with what the process imported before."""
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_tokenizer(vocab_size: int = 3000) -> PreTrainedTokenizerFast:

@@ -2,6 +2,7 @@
 of departed clients, no images kept while queued, max_tokens per row, control tokens, text length,
 numeric edge values, file:// NUL bytes, errors without internals, fatal device errors, and a
 normal answer after a burst of all of that. In-process servers on the tiny offline checkpoint."""
+import dataclasses
 import gc
 import json
 import os
@@ -28,7 +29,9 @@ CONTROL_TOKENS = ["<|Assistant|>", "<|User|>", "<｜begin▁of▁sentence｜>", 
 
 class HookedEngine(ChatEngine):
     """The tiny engine with hooks: `gate` (set: run; clear: chat_batch waits), `entered` (set once a
-    batch has started), `fail_with` (raised by chat_batch), and what the last batch's rows saw."""
+    batch has started), `fail_with` (raised by chat_batch), `min_new_tokens` (EOS suppressed before
+    that many tokens in every row: answers that run to their max_tokens), and what the last batch's
+    rows saw."""
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
@@ -38,6 +41,7 @@ class HookedEngine(ChatEngine):
         self.fail_with = None
         self.cancelled_at_end = []
         self.batches = []
+        self.min_new_tokens = 0
 
     def chat_batch(self, rows):
         self.entered.set()
@@ -45,6 +49,9 @@ class HookedEngine(ChatEngine):
         assert self.gate.wait(60)
         if self.fail_with is not None:
             raise self.fail_with
+        if self.min_new_tokens:
+            rows = [dataclasses.replace(row, params=dataclasses.replace(row.params, min_new_tokens=self.min_new_tokens))
+                    for row in rows]
         results = super().chat_batch(rows)
         self.cancelled_at_end = [row.is_cancelled() for row in rows]
         return results
@@ -192,13 +199,17 @@ def test_requests_beyond_the_limit_get_429(server, engine):
 
 def test_a_departed_non_streamed_client_cancels_its_row(server, engine):
     before = httpx.get(server.base + "/health").json()["scheduler"]
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.base + URL, json={"messages": user("Write a long story."), "max_tokens": 3000,
-                                           "temperature": 0, "stop": ["\x00never"]}, timeout=1.5)
-    deadline = time.monotonic() + 60
-    while (stats := httpx.get(server.base + "/health").json()["scheduler"])["requests"] == before["requests"]:
-        assert time.monotonic() < deadline, "the departed client's row kept generating"
-        time.sleep(0.1)
+    engine.min_new_tokens = 3000  # the random model's answer would end at its EOS, maybe within the timeout
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.base + URL, json={"messages": user("Write a long story."), "max_tokens": 3000,
+                                               "temperature": 0, "stop": ["\x00never"]}, timeout=1.5)
+        deadline = time.monotonic() + 60
+        while (stats := httpx.get(server.base + "/health").json()["scheduler"])["requests"] == before["requests"]:
+            assert time.monotonic() < deadline, "the departed client's row kept generating"
+            time.sleep(0.1)
+    finally:
+        engine.min_new_tokens = 0
     assert engine.cancelled_at_end == [True]
     assert stats["generated_tokens"] - before["generated_tokens"] < 3000
 
