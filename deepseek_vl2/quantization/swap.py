@@ -39,11 +39,3 @@ def quantize_modules(model: nn.Module, config: QuantizationConfig, dtype: torch.
                     module.add_module(stack, QuantizedWeight(tuple(full.shape), config, dtype, full.device))
     return model
 
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedWeight) for m in model.modules())
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter of `model` as stored (quantized ones at their quantized size)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
