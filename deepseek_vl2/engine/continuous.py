@@ -14,13 +14,14 @@ so no request ever waits for a capture; elsewhere the same steps run eagerly.
 `submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
 without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
-(prompt ids, sampler, text stream); prefill up to `prefill_chunk` prompt tokens (prefill.py: batch-1
-forwards writing straight into the requests' slot rows, a request's images through the vision tower
-at its first chunk, a prompt that fits a chunk prefilled whole); a request whose prefill ended joins
-the running rows with its first token; then one decode step for all running rows: the model's `decode_step`
-with per-row write slots, rope positions and masks, attending over a 256-multiple bucket covering
-the longest row. Every row then picks its token with its own settings, rows with equal settings
-together (row_sampling.py). The model exposes the steps; this module runs them.
+(prompt ids, sampler, text stream); with no row decoding, prefill the first admitted request whole
+(prefill.py); then one decode step for all running rows: the model's `decode_step` with per-row
+write slots, rope positions and masks, attending over a 256-multiple bucket covering the longest
+row, and carrying the next prompt's next chunk (up to min(prefill_chunk, MAX_STEP_CHUNK) tokens)
+once that prompt's images are through the vision tower, which runs `vision_blocks` of its blocks
+per iteration before the step. A request whose prefill ended joins the running rows with its first
+token. Every row then picks its token with its own settings, rows with equal settings together
+(row_sampling.py). The model exposes the steps; this module runs them.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -44,7 +45,7 @@ from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
-from .prefill import Prefill
+from .prefill import Chunk, Prefill
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
@@ -65,16 +66,23 @@ class EngineStats:
         self.compilations_at_start = 0  # torch.compile graphs in the process once the engine was ready
 
 
+MAX_STEP_CHUNK = 512  # prompt tokens a decode step carries at most (each graph's capture grows with it)
+
+
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, cuda_graphs: Optional[bool] = None):
+                 prefill_chunk: int = 512, vision_blocks: int = 2, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens prefilled per engine iteration, between two decode steps;
+        `prefill_chunk`: prompt tokens per forward: a whole prefill (no row decoding) runs chunks of
+        this size back to back; while rows decode, each decode step carries one chunk of at most
+        MAX_STEP_CHUNK tokens; `vision_blocks`: vision-tower blocks run per iteration while rows
+        decode (SigLIP has 27; one block over a 1024x1024 image's 10 tiles takes ~0.8 ms on an H200);
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        for name, value in (("prefill_chunk", prefill_chunk), ("vision_blocks", vision_blocks)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer if processor is not None else None
@@ -88,7 +96,8 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
+        step_chunk = min(prefill_chunk, MAX_STEP_CHUNK, capacity - 1)
+        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
         self.prefill_chunk = prefill_chunk
@@ -102,7 +111,7 @@ class ContinuousEngine:
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
-        self.prefill = Prefill(self, prefill_chunk)
+        self.prefill = Prefill(self, prefill_chunk, step_chunk, vision_blocks)
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -193,30 +202,38 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill up to `prefill_chunk` prompt tokens, decode one token for every running row,
+        """Admit; with no row decoding, prefill the first waiting prompt whole; then one decode step for
+        every running row, carrying a chunk of the next prompt (or after a piece of its vision tower);
         then take the tokens chosen in the previous iteration (see the module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
         self._drop_cancelled()
         self._admit()
-        launched = [prefilled.first for prefilled in self.prefill.run() if self._join(prefilled)]
+        launched = []
+        if not self._running:
+            self.prefill.whole()
+            launched += self._join_prefilled()
         if self._running:
-            launched += [chosen for chosen in [self._decode()] if chosen is not None]
+            chosen = self._decode(self.prefill.next_chunk())
+            launched += ([chosen] if chosen is not None else []) + self._join_prefilled()
         previous, self._pending = self._pending, launched
         for chosen in previous:
             self._take(chosen)
 
-    def _join(self, prefilled) -> bool:
-        """A request whose prefill ended joins the running rows (True: its first token is in flight);
-        a failed one ends."""
-        request = prefilled.request
-        if prefilled.error is not None:
-            self._remove(request)
-            self._fail(request.handle, prefilled.error)
-            return False
-        self._running.append(request)
-        return True
+    def _join_prefilled(self) -> List[Chosen]:
+        """Requests whose prefill ended join the running rows (their first tokens are in flight);
+        failed ones end."""
+        launched = []
+        for prefilled in self.prefill.take_ended():
+            request = prefilled.request
+            if prefilled.error is not None:
+                self._remove(request)
+                self._fail(request.handle, prefilled.error)
+                continue
+            self._running.append(request)
+            launched.append(prefilled.first)
+        return launched
 
     def _moved_error(self) -> RuntimeError:
         """The KV slots and decode graphs belong to the model's device and dtype when the engine was
@@ -268,12 +285,13 @@ class ContinuousEngine:
         stream = TextStream(self.tokenizer, self.hidden_ids, handle.params.stop,
                             lambda piece: handle.emit("text", piece)) if self.tokenizer is not None else _NoText()
         stream.put(input_ids[0])  # the first put is the prompt
-        return ActiveRequest(handle, slot, input_ids[0], inputs, self.slots.row(slot), sampler, stream)
+        return ActiveRequest(handle, slot, input_ids[0], inputs, sampler, stream)
 
-    def _decode(self) -> Optional["Chosen"]:
+    def _decode(self, chunk: Optional[Chunk] = None) -> Optional["Chosen"]:
         """Launch one decode step for every running row, over the rows up to the highest one in use
-        (padded up to a captured graph's row count). Each row is fed its last chosen token straight
-        from the device (`next_tokens`): the step does not wait for the host to read it."""
+        (padded up to a captured graph's row count), with `chunk` of a prompt riding along. Each row is
+        fed its last chosen token straight from the device (`next_tokens`): the step does not wait
+        for the host to read it."""
         running = list(self._running)
         rows = self.steps.rows_for(max(r.slot for r in running) + 1)
         # a row not decoding (free, or prefilling) writes its dummy entry at its last position, which
@@ -281,11 +299,15 @@ class ContinuousEngine:
         positions, active = [self.slots.capacity - 1] * rows, [False] * rows
         for request in running:  # one unpadded prompt per row: rope position == cache slot
             positions[request.slot], active[request.slot] = request.length, True
-        kv_len = kv_bucket(max(r.length for r in running) + 1, self.slots.capacity)
+        longest = max([r.length + 1 for r in running] + ([chunk.end] if chunk is not None else []))
+        kv_len = kv_bucket(longest, self.slots.capacity)
         slots = [r.slot for r in running]
         try:
             self.steps.load(self.next_tokens[:rows], positions, active)
-            logits = self.steps.run(rows, kv_len)
+            if chunk is not None:
+                self.steps.load_chunk(chunk.request.embeds[:, chunk.start : chunk.end], chunk.start)
+            logits = self.steps.run(rows, kv_len, with_chunk=chunk is not None)
+            logits, chunk_logits = logits[:rows], logits[rows:]
             index = device_tensor(slots, self.device)
             if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
                 logits = logits.index_select(0, index)
@@ -296,7 +318,14 @@ class ContinuousEngine:
             for request in running:
                 self._remove(request)
                 self._fail(request.handle, error)
+            if chunk is not None:
+                self.prefill.fail(chunk.request, error)
             return None
+        if chunk is not None:
+            try:
+                self.prefill.chunk_ran(chunk, chunk_logits)
+            except Exception as error:
+                self.prefill.fail(chunk.request, error)
         for request in running:
             request.length += 1
         self.stats.decode_steps += 1

@@ -1,9 +1,16 @@
 """Prefill for the continuous engine: a request's images through the vision tower, its prompt into
-its KV slot, then its first token; on the engine's thread, between two decode steps, up to `chunk`
-prompt tokens per iteration (a prompt that fits a chunk is prefilled whole).
+the slots' prompt row, then into its slot with its first token. One request at a time, in
+admission order, on the engine's thread.
 
-A finished prefill goes back to the engine as `Prefilled` (the request and its first token, chosen
-on the device and fed to its first decode step from there, or the error).
+While rows are decoding, a prefill advances in pieces so that no row waits long for its next
+token: each engine iteration either runs `vision_blocks` blocks of the vision tower over the
+request's tiles (vision.TowerPieces, the same features to the bit), or hands the decode step a
+chunk of up to `step_chunk` prompt tokens (`next_chunk`), which the step runs with the rows
+(decode_steps.py). While no row is decoding nobody waits, and the request is prefilled whole in
+one iteration (`whole`, in forwards of `chunk` tokens).
+
+A finished prefill goes back to the engine as `Prefilled` (`take_ended`): the request and its first
+token, chosen on the device and fed to its first decode step from there, or the error.
 
 Tried and measured slower (H200, tiny, 32 clients): a worker thread prefilling on a CUDA stream of
 its own beside decode steps on a stream of higher priority. The decode steps that shared the GPU
@@ -15,6 +22,7 @@ from typing import List, Optional
 
 import torch
 
+from ..modeling.vision import TowerPieces
 from .requests import ActiveRequest
 from .row_sampling import Chosen, choose_tokens
 from .slots import device_tensor
@@ -29,63 +37,106 @@ class Prefilled:
     error: Optional[Exception] = None
 
 
+@dataclass
+class Chunk:
+    """Prompt tokens [start, end) of `request`, run inside a decode step."""
+
+    request: ActiveRequest
+    start: int
+    end: int
+
+
 class Prefill:
-    """The admitted requests not decoding yet (`requests`, in admission order) and their prefill,
-    `chunk` prompt tokens per engine iteration."""
+    """The admitted requests not decoding yet (`requests`, in admission order) and their prefill."""
 
-    def __init__(self, engine, chunk: int):
-        self.model, self.lm = engine.model, engine.lm
+    def __init__(self, engine, chunk: int, step_chunk: int, vision_blocks: int):
+        self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
-        self.chunk = chunk
+        self.chunk, self.step_chunk, self.vision_blocks = chunk, step_chunk, vision_blocks
         self.requests: List[ActiveRequest] = []
+        self._ended: List[Prefilled] = []
 
-    def run(self) -> List[Prefilled]:
-        """One iteration's prefill: requests in admission order until `chunk` tokens are spent; a
-        prompt that fits a chunk is not split (when what is left of the budget cannot take the rest of
-        it, it waits for the next iteration). The requests returned have left `requests`."""
-        done, budget = [], self.chunk
-        for request in list(self.requests):
-            left = request.prompt_len - request.prefilled
-            if budget <= 0 or (left > budget and budget < self.chunk):
-                break
-            tokens = min(left, budget)
-            budget -= tokens
-            try:
-                logits = self.forward(request, tokens)
-                if request.prefilled < request.prompt_len:
-                    continue
-                done.append(Prefilled(request, first=self.first_token(request, logits)))
-            except Exception as error:
-                done.append(Prefilled(request, error=error))
+    def take_ended(self) -> List[Prefilled]:
+        """The prefills that ended since the last call (they have left `requests`)."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def whole(self) -> None:
+        """Prefill the first request whole (what is left of its images and prompt, in forwards of
+        `chunk` tokens)."""
+        if not self.requests:
+            return
+        request = self.requests[0]
+        try:
+            embeds = self._embeddings(request, blocks=None)
+            cache = self.slots.prompt_row(request.prefilled)
+            for start in range(request.prefilled, request.prompt_len, self.chunk):
+                logits = self.lm(inputs_embeds=embeds[:, start : start + self.chunk], past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1).logits[:, -1]
+            self._end(request, logits)
+        except Exception as error:
+            self.fail(request, error)
+
+    def next_chunk(self) -> Optional[Chunk]:
+        """The first request's next piece while rows decode: a piece of its vision tower, run now
+        (None returned), or its next prompt chunk, for the decode step to run (`chunk_ran` after)."""
+        if not self.requests:
+            return None
+        request = self.requests[0]
+        try:
+            if self._embeddings(request, blocks=self.vision_blocks) is None:
+                return None
+        except Exception as error:
+            self.fail(request, error)
+            return None
+        return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
+
+    def chunk_ran(self, chunk: Chunk, logits: torch.Tensor) -> None:
+        """The decode step ran `chunk`; `logits` [1, vocab] of its last token."""
+        request = chunk.request
+        request.prefilled = chunk.end
+        if chunk.end == request.prompt_len:
+            self._end(request, logits)
+
+    def fail(self, request: ActiveRequest, error: Exception) -> None:
+        if request in self.requests:
             self.requests.remove(request)
-        return done
+        request.embeds = request.images = None
+        self._ended.append(Prefilled(request, error=error))
 
-    def embeddings(self, inputs) -> torch.Tensor:
-        """Prompt embeddings [1, T, hidden] (images merged, through the vision tower and projector),
-        from host tensors (copied without waiting for the device)."""
+    def _embeddings(self, request: ActiveRequest, blocks: Optional[int]) -> Optional[torch.Tensor]:
+        """The request's prompt embeddings [1, T, hidden], made from its host inputs (copied without
+        waiting for the device); with `blocks`, its images advance that many tower blocks per call
+        and None is returned until the tower is through."""
+        if request.embeds is not None:
+            return request.embeds
+        inputs = request.inputs
         if isinstance(inputs, torch.Tensor):  # token ids for a bare decoder
-            return self.lm.get_input_embeddings()(inputs.to(self.lm.device, non_blocking=True))
-        return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                                inputs.images_spatial_crop)
+            request.embeds = self.lm.get_input_embeddings()(inputs.to(self.lm.device, non_blocking=True))
+        elif request.images is None:
+            prompt = self.model.image_prompt(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                             inputs.images_spatial_crop)
+            if prompt.tiles is None:
+                request.embeds = prompt.embeds
+            else:
+                request.images = (prompt, TowerPieces(self.model.vision, prompt.tiles))
+        if request.images is not None:
+            prompt, tower = request.images
+            features = tower.advance(tower.blocks_left if blocks is None else blocks)
+            if features is None:
+                return None
+            request.embeds, request.images = self.model.place_images(prompt, features), None
+        request.inputs = None
+        return request.embeds
 
-    def forward(self, request: ActiveRequest, tokens: int) -> torch.Tensor:
-        """Prefill up to `tokens` more prompt tokens into the request's slot (its images through the
-        vision tower at its first chunk); the last position's logits [1, vocab]."""
-        if request.embeds is None:
-            request.embeds, request.inputs = self.embeddings(request.inputs), None
-        start = request.prefilled
-        end = min(request.prompt_len, start + tokens)
-        logits = self.lm(inputs_embeds=request.embeds[:, start:end], past_key_values=request.cache,
-                         use_cache=True, logits_to_keep=1).logits[:, -1]
-        request.prefilled = request.length = end
-        if end == request.prompt_len:
-            request.embeds = None
-        return logits
-
-    def first_token(self, request: ActiveRequest, logits: torch.Tensor) -> Chosen:
-        """The request's first token, chosen on the device and fed to its first decode step from
-        there (`next_tokens`); the engine reads it one iteration later."""
+    def _end(self, request: ActiveRequest, logits: torch.Tensor) -> None:
+        """The prompt is in the prompt row: into the request's slot, and its first token chosen on the
+        device and fed to its first decode step from there (the engine reads it one iteration later)."""
+        self.slots.take_prompt(request.slot, request.prompt_len)
+        request.prefilled = request.length = request.prompt_len
+        request.embeds = None
         slot = device_tensor([request.slot], self.next_tokens.device)
         token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)
         self.next_tokens.index_copy_(0, slot, token)
-        return Chosen([request], token, unusable)
+        self.requests.remove(request)
+        self._ended.append(Prefilled(request, first=Chosen([request], token, unusable)))

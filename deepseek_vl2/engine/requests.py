@@ -16,7 +16,6 @@ from typing import Callable, List, Optional
 import torch
 
 from ..grounding import parse_grounding
-from ..modeling.kv_cache import KVCache
 from .chat_engine import ChatResult, Timings
 from .params import GenerationParams
 from .row_sampling import RowSampler
@@ -80,10 +79,10 @@ class ActiveRequest:
     slot: int
     prompt_ids: torch.Tensor  # [T] on the host
     inputs: Optional[object]  # host tensors its embeddings are made from (a processed batch, or ids), until then
-    cache: KVCache  # a one-row view of the slot
     sampler: RowSampler
     stream: TextStream
-    embeds: Optional[torch.Tensor] = None  # [1, T, hidden] from its first prefill chunk until its last
+    images: Optional[object] = None  # (ImagePrompt, TowerPieces) while its images go through the tower in pieces
+    embeds: Optional[torch.Tensor] = None  # [1, T, hidden] once made, until its prompt is prefilled
     admitted: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the slot's cache (prompt + generated tokens fed to launched steps)

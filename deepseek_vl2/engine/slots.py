@@ -5,6 +5,10 @@ Rows are handed out lowest-free first, so the rows in use stay packed at the fro
 step runs over the prefix of rows up to the highest one in use (`prefix`), a view of the cache
 rather than a gathered copy. Each row keeps its own length; what lies past it is garbage that the
 decode step's per-row mask hides.
+
+Prompts are prefilled into one more row, the prompt row (`prompt_row`), and copied into their slot
+when complete (`take_prompt`): a prompt prefilled in chunks inside decode steps needs a cache row
+at a fixed address for the steps' CUDA graphs.
 """
 import heapq
 from typing import List
@@ -28,6 +32,7 @@ class SlotCache:
         self.max_num_seqs = max_num_seqs
         self.capacity = capacity
         self.cache = KVCache(lm.config, max_num_seqs, capacity, lm.cache_devices(lm.device), lm.dtype)
+        self.prompt = KVCache(lm.config, 1, capacity, lm.cache_devices(lm.device), lm.dtype)
         self._free: List[int] = list(range(max_num_seqs))  # a heap: the lowest free row first
         self._used = set()
 
@@ -53,9 +58,15 @@ class SlotCache:
         self._used.remove(row)
         heapq.heappush(self._free, row)
 
-    def row(self, row: int) -> KVCache:
-        """A one-row cache over `row` (length 0): a prefill forward writes straight into the slot."""
-        return self.cache.rows(row, 1)
+    def prompt_row(self, length: int) -> KVCache:
+        """The prompt row holding `length` tokens of the prompt being prefilled (a view: writes go through)."""
+        view = self.prompt.rows(0, 1)
+        view.length = length
+        return view
+
+    def take_prompt(self, row: int, length: int) -> None:
+        """Copy the first `length` tokens of the prompt row into slot `row`."""
+        self.cache.rows(row, 1).copy_from(self.prompt_row(length))
 
     def prefix(self, count: int) -> KVCache:
         """The first `count` rows, for a decode step over them."""

@@ -77,6 +77,16 @@ def row_attention_inputs(visible: torch.Tensor, slots: torch.Tensor, kv_len: int
     return AttentionInputs(slots, kv_len, mask[:, None, None, :])
 
 
+def chunk_attention_inputs(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> AttentionInputs:
+    """Prompt tokens of one row at cache slots `positions` [C] (a device tensor, the continuous
+    engine's prompt chunk inside a decode step): key j is visible to token i when j <= positions[i].
+    Fixed shapes, no host read."""
+    keys = torch.arange(kv_len, device=positions.device)
+    hidden = keys[None, :] > positions[:, None]  # [C, kv_len]
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, torch.finfo(dtype).min)
+    return AttentionInputs(positions, kv_len, mask[None, None])
+
+
 class MultiHeadAttention(nn.Module):
     """Llama-style attention with rotate-half RoPE over the whole head (the tiny release).
     Entries per token: keys (after RoPE) and values stacked, [B, 2, kv_heads, S, head_dim]."""

@@ -5,12 +5,18 @@ Pre-norm blocks with tanh-approximate GELU, no class token, LayerNorm eps 1e-6, 
 SDPA (timm's fused path; docs/deviations.md#attention-runs-through-pytorch-sdpa). Features are
 taken after the final LayerNorm; the MAP attention-pool head is built (its weights are in every
 checkpoint) but never run.
+
+`TowerPieces` runs the same features a few blocks at a time, for a caller that interleaves other
+work between the pieces (the continuous engine's decode steps).
 """
 from functools import partial
+from typing import Optional
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..kernels import dispatch
 from .vl_config import VisionEncoderConfig
 
 
@@ -30,3 +36,43 @@ def build_vision_tower(config: VisionEncoderConfig) -> VisionTransformer:
         dynamic_img_size=False,
     )
 
+
+
+def tower_features(tower: VisionTransformer, tiles: torch.Tensor) -> torch.Tensor:
+    """Features [tiles, patches, width] after the final LayerNorm."""
+    with dispatch.sdpa_backends(tiles):
+        return tower.forward_features(tiles)
+
+
+class TowerPieces:
+    """`tower_features(tower, tiles)` in pieces: `advance(n)` runs the next n blocks (the patch and
+    position embedding before the first, the final LayerNorm after the last), the same operations in
+    the same order as timm's forward_features, so the features are the same to the bit."""
+
+    def __init__(self, tower: VisionTransformer, tiles: torch.Tensor):
+        self.tower = tower
+        self.hidden = tiles
+        self.next_block = None  # None: not embedded yet
+        self.features: Optional[torch.Tensor] = None
+
+    @property
+    def blocks_left(self) -> int:
+        return len(self.tower.blocks) - (self.next_block or 0)
+
+    def advance(self, blocks: int) -> Optional[torch.Tensor]:
+        """Run up to `blocks` (>= 1) more blocks; the features once the last has run, else None."""
+        if self.features is not None:
+            return self.features
+        tower, x = self.tower, self.hidden
+        with dispatch.sdpa_backends(x):
+            if self.next_block is None:
+                x = tower.norm_pre(tower.patch_drop(tower._pos_embed(tower.patch_embed(x))))
+                self.next_block = 0
+            end = min(self.next_block + max(blocks, 1), len(tower.blocks))
+            for block in tower.blocks[self.next_block:end]:
+                x = block(x)
+            self.next_block = end
+            if end == len(tower.blocks):
+                self.features, x = tower.norm(x), None
+        self.hidden = x
+        return self.features

@@ -12,14 +12,15 @@ Importing this module registers the configs with AutoConfig and the model with
 AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(path)` works on the official
 checkpoints (whose config.json names no code).
 """
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..generation.generate import GenerationMixin
-from ..kernels import dispatch
 from ..weights import loading
 from ..weights.checkpoint import save_weights
 from .decoder import DeepseekV2ForCausalLM
@@ -27,12 +28,23 @@ from .devices import hop, module_device
 from .input_checks import check_image_inputs, check_input_ids
 from .projector import MlpProjector
 from .tile_layout import image_sequence, real_crops
-from .vision import build_vision_tower
+from .vision import build_vision_tower, tower_features
 from .vl_config import DeepseekVLV2Config, MlpProjectorConfig, VisionEncoderConfig
 
 __all__ = [
     "VisionEncoderConfig", "MlpProjectorConfig", "DeepseekVLV2Config", "MlpProjector", "DeepseekVLV2ForCausalLM",
 ]
+
+
+@dataclass
+class ImagePrompt:
+    """A batch's token embeddings before its image vectors are written (`image_prompt`)."""
+
+    embeds: torch.Tensor  # [B, T, hidden]
+    tiles: Optional[torch.Tensor] = None  # every image tile of the batch, in row order (None: no image)
+    crops: list = field(default_factory=list)  # images_spatial_crop as lists
+    tiles_per_row: List[int] = field(default_factory=list)
+    seq_mask: Optional[torch.Tensor] = None  # images_seq_mask, bool on the host
 
 
 class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
@@ -100,12 +112,20 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         images [B, tiles, 3, 384, 384], images_seq_mask [B, T], images_spatial_crop [B, images, 2].
         A ValueError names the argument whose shape or content does not fit. The inputs may be on the
         host for a model on a GPU: they are copied without waiting for it."""
+        prompt = self.image_prompt(input_ids, images, images_seq_mask, images_spatial_crop)
+        if prompt.tiles is None:
+            return prompt.embeds
+        return self.place_images(prompt, tower_features(self.vision, prompt.tiles))
+
+    def image_prompt(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> "ImagePrompt":
+        """The first half of `prepare_inputs_embeds`: its checks, the token embeddings and the batch's
+        tiles on the tower's device (a caller may then run the tower in pieces, vision.TowerPieces)."""
         embedding = self.language.get_input_embeddings()
         check_input_ids(input_ids, embedding.num_embeddings)
         has_image_slots = check_image_inputs(input_ids.shape, images, images_seq_mask, images_spatial_crop)
         embeds = embedding(input_ids.to(embedding.weight.device, non_blocking=True))
         if not has_image_slots:
-            return embeds
+            return ImagePrompt(embeds)
         # the layout is read on the host: free for inputs given there (the continuous engine's), one
         # read back each for inputs on the device
         crops = images_spatial_crop.tolist()
@@ -120,7 +140,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                 raise ValueError(f"batch row {b}: images_seq_mask marks image positions but "
                                  "images_spatial_crop lists no image for this row")
         if sum(tiles_per_row) == 0:
-            return embeds
+            return ImagePrompt(embeds)
         parts = [images[b, :n] for b, n in enumerate(tiles_per_row) if n]
         tiles = parts[0] if len(parts) == 1 else torch.cat(parts)  # one row: its (maybe pinned) memory as is
         if tiles.shape[0] and tuple(tiles.shape[1:]) != (3, self.vision.patch_embed.img_size[0],
@@ -129,20 +149,24 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
                              f"(3, {self.vision.patch_embed.img_size[0]}, {self.vision.patch_embed.img_size[1]})")
         vision_weight = self.vision.patch_embed.proj.weight
         tiles = tiles.to(device=vision_weight.device, dtype=vision_weight.dtype, non_blocking=True)
-        with dispatch.sdpa_backends(tiles):
-            features = self.vision.forward_features(tiles)
+        return ImagePrompt(embeds, tiles, crops, tiles_per_row, seq_mask)
+
+    def place_images(self, prompt: "ImagePrompt", features: torch.Tensor) -> torch.Tensor:
+        """The second half: the tower's `features` of `prompt.tiles` through the projector, laid out per
+        image and written at the image positions of `prompt.embeds` (returned)."""
         projector_device = module_device(self.projector)
         if projector_device is not None:  # a device_map may put the projector elsewhere
             features = hop(features, projector_device)
+        embeds = prompt.embeds
         projected = self.projector(features).to(device=embeds.device, dtype=embeds.dtype)
         start = 0
-        for b, row in enumerate(crops):
-            if not tiles_per_row[b]:
+        for b, row in enumerate(prompt.crops):
+            if not prompt.tiles_per_row[b]:
                 continue
-            vectors = image_sequence(projected[start : start + tiles_per_row[b]], real_crops(row), self.image_newline,
-                                     self.view_seperator, self.config.global_view_pos)
-            start += tiles_per_row[b]
-            positions = seq_mask[b].nonzero().squeeze(1)
+            vectors = image_sequence(projected[start : start + prompt.tiles_per_row[b]], real_crops(row),
+                                     self.image_newline, self.view_seperator, self.config.global_view_pos)
+            start += prompt.tiles_per_row[b]
+            positions = prompt.seq_mask[b].nonzero().squeeze(1)
             if positions.numel() != len(vectors):
                 raise ValueError(f"batch row {b}: images_seq_mask marks {positions.numel()} image positions but its "
                                  f"images give {len(vectors)} vectors (was the prompt made by this checkpoint's "

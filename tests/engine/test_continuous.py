@@ -1,6 +1,7 @@
 """The continuous-batching engine on the fixture checkpoints (CPU, float32): requests submitted at
 different steps, with different prompts, images, settings and lengths, give exactly what
-`ChatEngine.chat` gives for each alone (greedy and seeded); cancellations free every slot; the
+`ChatEngine.chat` gives for each alone (greedy and seeded), prefilled whole or in pieces that ride
+the other rows' decode steps; cancellations free every slot; the
 loop thread streams events; a short request is not held up by a long one."""
 import functools
 
@@ -41,8 +42,9 @@ REQUESTS = [
 def test_mixed_requests_equal_their_single_answers(checkpoint):
     chat = chat_engine(checkpoint)
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
-    # more requests than slots, a small prefill chunk: requests wait, prefill over several steps
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=100)
+    # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
+    # images one tower block per step, their prompts in chunks carried by the rows' decode steps)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=100, vision_blocks=1)
     handles = []
     for text, images, params, steps in REQUESTS:
         handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
