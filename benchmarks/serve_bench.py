@@ -58,7 +58,8 @@ def build_chat_engine(variant: str):
     return ChatEngine(model, processor)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int, vision_blocks: int) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int, step_chunk: int,
+          vision_blocks: int) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -67,7 +68,7 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: in
     started = time.perf_counter()
     chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
-                              prefill_chunk=prefill_chunk, vision_blocks=vision_blocks,
+                              prefill_chunk=prefill_chunk, step_chunk=step_chunk, vision_blocks=vision_blocks,
                               max_concurrent_requests=4 * slots, request_timeout_s=1800)
     app = create_app(chat, settings)
     print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
@@ -190,7 +191,7 @@ def get_health(port: int) -> dict:
 def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
-               "--vision-blocks", str(args.vision_blocks)]
+               "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks)]
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -244,7 +245,7 @@ def in_process(args) -> None:
     chat = build_chat_engine(args.variant)
     started = time.perf_counter()
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill_chunk=args.prefill_chunk,
-                              vision_blocks=args.vision_blocks)
+                              step_chunk=args.step_chunk, vision_blocks=args.vision_blocks)
     print(f"engine ready in {time.perf_counter() - started:.1f} s: {engine.startup_summary}", flush=True)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
@@ -293,6 +294,7 @@ def main():
     parser.add_argument("--open-seconds", type=float, default=10.0, help="arrivals span about this long")
     parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
+    parser.add_argument("--step-chunk", type=int, default=256, help="--step-chunk of the server")
     parser.add_argument("--vision-blocks", type=int, default=2, help="--vision-blocks of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
@@ -305,7 +307,7 @@ def main():
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk, args.vision_blocks)
+        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk, args.step_chunk, args.vision_blocks)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

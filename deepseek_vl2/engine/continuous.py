@@ -14,14 +14,16 @@ so no request ever waits for a capture; elsewhere the same steps run eagerly.
 `submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
 without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
-(prompt ids, sampler, text stream); with no row decoding, prefill the first admitted request whole
-(prefill.py); then one decode step for all running rows: the model's `decode_step` with per-row
-write slots, rope positions and masks, attending over a 256-multiple bucket covering the longest
-row, and carrying the next prompt's next chunk (up to min(prefill_chunk, MAX_STEP_CHUNK) tokens)
-once that prompt's images are through the vision tower, which runs `vision_blocks` of its blocks
-per iteration before the step. A request whose prefill ended joins the running rows with its first
-token. Every row then picks its token with its own settings, rows with equal settings together
-(row_sampling.py). The model exposes the steps; this module runs them.
+(prompt ids, sampler, text stream); with no row decoding, or with WHOLE_PREFILL_QUEUE requests
+waiting for their prefill, prefill the first whole (prefill.py); then one decode step for all
+running rows: the model's `decode_step` with per-row write slots, rope positions and masks,
+attending over a 256-multiple bucket covering the longest row. Otherwise the step carries the
+next prompt's next `step_chunk` tokens, once that prompt's images are through the vision tower,
+which runs `vision_blocks` of its blocks per iteration before the step: the running rows wait a
+few milliseconds per step instead of a whole prefill once. A request whose prefill ended joins the
+running rows with its first token. Every row then picks its token with its own settings, rows
+with equal settings together (row_sampling.py). The model exposes the steps; this module runs
+them.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -66,21 +68,25 @@ class EngineStats:
         self.compilations_at_start = 0  # torch.compile graphs in the process once the engine was ready
 
 
-MAX_STEP_CHUNK = 512  # prompt tokens a decode step carries at most (each graph's capture grows with it)
+# with this many requests waiting for their prefill, the first is prefilled whole between two decode
+# steps rather than in pieces riding them: the queue drains faster, the running rows wait once
+WHOLE_PREFILL_QUEUE = 4
 
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, vision_blocks: int = 2, cuda_graphs: Optional[bool] = None):
+                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 2,
+                 cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens per forward: a whole prefill (no row decoding) runs chunks of
-        this size back to back; while rows decode, each decode step carries one chunk of at most
-        MAX_STEP_CHUNK tokens; `vision_blocks`: vision-tower blocks run per iteration while rows
-        decode (SigLIP has 27; one block over a 1024x1024 image's 10 tiles takes ~0.8 ms on an H200);
-        `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
-        float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
-        for name, value in (("prefill_chunk", prefill_chunk), ("vision_blocks", vision_blocks)):
+        `prefill_chunk`: prompt tokens per forward of a whole prefill;
+        `step_chunk`: prompt tokens a decode step carries while rows decode (the decode graphs are
+        captured with a chunk of this size); `vision_blocks`: vision-tower blocks run per iteration
+        while rows decode (SigLIP has 27; one block over a 1024x1024 image's 10 tiles takes ~0.8 ms
+        on an H200); `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA
+        in bfloat16 or float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
+        for name, value in (("prefill_chunk", prefill_chunk), ("step_chunk", step_chunk),
+                            ("vision_blocks", vision_blocks)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.model = model
@@ -96,7 +102,7 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        step_chunk = min(prefill_chunk, MAX_STEP_CHUNK, capacity - 1)
+        step_chunk = min(step_chunk, capacity - 1)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
@@ -202,16 +208,17 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit; with no row decoding, prefill the first waiting prompt whole; then one decode step for
-        every running row, carrying a chunk of the next prompt (or after a piece of its vision tower);
-        then take the tokens chosen in the previous iteration (see the module's docstring)."""
+        """Admit; with no row decoding or a queue, prefill the first waiting prompt whole; then one
+        decode step for every running row, carrying a chunk of the next prompt (or after a piece of
+        its vision tower); then take the tokens chosen in the previous iteration (see the module's
+        docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
         self._drop_cancelled()
         self._admit()
         launched = []
-        if not self._running:
+        if not self._running or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE:
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:

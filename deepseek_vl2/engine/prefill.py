@@ -2,14 +2,14 @@
 the slots' prompt row, then into its slot with its first token. One request at a time, in
 admission order, on the engine's thread.
 
-While rows are decoding, a prefill advances in pieces so that no row waits long for its next
-token (`next_chunk`): each engine iteration runs a few blocks of the vision tower over the tiles
-of the first request that needs it (vision.TowerPieces, the same features to the bit), and hands
-the decode step a chunk of up to `step_chunk` prompt tokens of the first request, once its
-embeddings are made; the step runs the chunk with the rows (decode_steps.py). So one request's
-images go through the tower while the one before it is prefilled. While no row is decoding
-nobody waits, and the first request is prefilled whole in one iteration (`whole`, in forwards of
-`chunk` tokens).
+While rows are decoding and few requests wait, a prefill advances in pieces so that no row waits
+long for its next token (`next_chunk`): each engine iteration either runs `vision_blocks` blocks of
+the vision tower over the request's tiles (vision.TowerPieces, the same features to the bit), or
+hands the decode step a chunk of up to `step_chunk` prompt tokens, which the step runs with the
+rows (decode_steps.py). Otherwise the first request is prefilled whole in one iteration (`whole`,
+in forwards of `chunk` tokens): nobody waits for it when no row is decoding, and when many
+requests wait, serving the queue faster matters more than the running rows' next tokens (the
+engine decides, continuous.py).
 
 A finished prefill goes back to the engine as `Prefilled` (`take_ended`): the request and its first
 token, chosen on the device and fed to its first decode step from there, or the error.
@@ -80,19 +80,18 @@ class Prefill:
             self.fail(request, error)
 
     def next_chunk(self) -> Optional[Chunk]:
-        """This iteration's prefill work while rows decode: a piece of the vision tower for the first
-        request whose images are not through it yet, run now (`vision_blocks` blocks for each request
-        waiting for its prefill, so that a queue drains faster), and the first request's next prompt
-        chunk once its embeddings are made, for the decode step to run (`chunk_ran` after)."""
-        pending = next((r for r in self.requests if r.embeds is None), None)
-        if pending is not None:
-            try:
-                self._embeddings(pending, blocks=self.vision_blocks * len(self.requests))
-            except Exception as error:
-                self.fail(pending, error)
-        if not self.requests or self.requests[0].embeds is None:
+        """The first request's next piece while rows decode: `vision_blocks` blocks of its vision
+        tower, run now (None returned), or, once its embeddings are made, its next prompt chunk for
+        the decode step to run (`chunk_ran` after)."""
+        if not self.requests:
             return None
         request = self.requests[0]
+        try:
+            if self._embeddings(request, blocks=self.vision_blocks) is None:
+                return None
+        except Exception as error:
+            self.fail(request, error)
+            return None
         return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
 
     def chunk_ran(self, chunk: Chunk, logits: torch.Tensor) -> None:

@@ -34,11 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, name, text in (("--max-batch-size", "max_batch_size", "rows of one static batch"),
                              ("--max-num-seqs", "max_num_seqs", "rows decoding at once in the continuous engine"),
                              ("--prefill-chunk", "prefill_chunk", "prompt tokens per forward of the continuous "
-                                                                  "engine; while rows decode, each decode step "
-                                                                  "carries a chunk of at most 512"),
-                             ("--vision-blocks", "vision_blocks", "vision-tower blocks (of 27) the continuous "
-                                                                  "engine runs per decode step for each request "
-                                                                  "waiting for its prefill")):
+                                                                  "engine's whole prefills"),
+                             ("--step-chunk", "step_chunk", "prompt tokens one decode step carries while rows "
+                                                            "decode (a prompt prefilled in pieces)"),
+                             ("--vision-blocks", "vision_blocks", "vision-tower blocks (of 27) run per decode "
+                                                                  "step for a prompt prefilled in pieces")):
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS, name), help=text)
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
@@ -71,7 +71,8 @@ def main(argv=None) -> None:
         settings = ServerSettings(
             model_id=model_id(args.model_path), allowed_local_media_path=args.allowed_local_media_path,
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
-            max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk, vision_blocks=args.vision_blocks,
+            max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk, step_chunk=args.step_chunk,
+            vision_blocks=args.vision_blocks,
             scheduler=args.scheduler,
             max_images=args.max_images, max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,

@@ -97,14 +97,14 @@ def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
 
 
 def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] = None, scheduler: str = "auto",
-                     max_num_seqs: Optional[int] = None, prefill_chunk: int = 512, vision_blocks: int = 2,
-                     batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
+                     max_num_seqs: Optional[int] = None, prefill_chunk: int = 512, step_chunk: int = 256,
+                     vision_blocks: int = 2, batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
     """The server's scheduler for `engine` by the rule of `uses_continuous_engine`. Static batching
     runs `batch_engine` (default `engine`; the app passes its device guard) with `max_batch_size` and
     `context_length`; the continuous engine gets `max_num_seqs` rows (default `max_batch_size`),
-    `prefill_chunk`, `vision_blocks`, and reports failed requests' errors to `on_error`."""
+    `prefill_chunk`, `step_chunk`, `vision_blocks`, and reports failed requests' errors to `on_error`."""
     if uses_continuous_engine(engine, scheduler):
-        return ContinuousScheduler(engine, max_num_seqs or max_batch_size, prefill_chunk, vision_blocks,
+        return ContinuousScheduler(engine, max_num_seqs or max_batch_size, prefill_chunk, step_chunk, vision_blocks,
                                    on_error=on_error)
     if isinstance(engine, ContinuousEngine):
         raise ValueError("static batching needs a ChatEngine (chat_batch), not a ContinuousEngine")
@@ -204,14 +204,15 @@ class BatchScheduler:
 
 
 class ContinuousScheduler:
-    def __init__(self, engine, max_num_seqs: int = 8, prefill_chunk: int = 512, vision_blocks: int = 2,
-                 on_error: Optional[Callable[[BaseException], None]] = None):
+    def __init__(self, engine, max_num_seqs: int = 8, prefill_chunk: int = 512, step_chunk: int = 256,
+                 vision_blocks: int = 2, on_error: Optional[Callable[[BaseException], None]] = None):
         """`engine`: a ContinuousEngine, or a ChatEngine whose model and processor get one with
-        `max_num_seqs` KV slots, `prefill_chunk` and `vision_blocks`. `on_error(exception)`: called on
-        the engine's thread for each failed request (the app's device guard)."""
+        `max_num_seqs` KV slots, `prefill_chunk`, `step_chunk` and `vision_blocks`. `on_error(exception)`:
+        called on the engine's thread for each failed request (the app's device guard)."""
         if not isinstance(engine, ContinuousEngine):
             engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs,
-                                      prefill_chunk=prefill_chunk, vision_blocks=vision_blocks)
+                                      prefill_chunk=prefill_chunk, step_chunk=step_chunk,
+                                      vision_blocks=vision_blocks)
         self.engine = engine
         logger.info("continuous engine ready: %d KV slots of %d tokens; %s", engine.slots.max_num_seqs,
                     engine.slots.capacity, engine.startup_summary)

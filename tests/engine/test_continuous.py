@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from deepseek_vl2.engine import ChatEngine, GenerationParams
-from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.engine.continuous import WHOLE_PREFILL_QUEUE, ContinuousEngine
 from deepseek_vl2.engine.slots import kv_bucket
 from goldens import CHECKPOINTS
 
@@ -44,7 +44,8 @@ def test_mixed_requests_equal_their_single_answers(checkpoint):
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
     # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
     # images one tower block per step, their prompts in chunks carried by the rows' decode steps)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=100, vision_blocks=1)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=64, step_chunk=100,
+                              vision_blocks=1)
     handles = []
     for text, images, params, steps in REQUESTS:
         handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
@@ -87,7 +88,7 @@ def test_stop_strings_and_events():
 
 def test_cancellations_free_every_slot():
     chat = chat_engine("tiny_mha")
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill_chunk=8)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, step_chunk=8)
     sample = engine.prepare_one(conversation("A long answer please.", [RED]), [RED])
     params = GenerationParams(max_new_tokens=50, temperature=0, min_new_tokens=50)
     running, prefilling, waiting, done = (engine.submit(sample, params) for _ in range(4))
@@ -108,6 +109,25 @@ def test_cancellations_free_every_slot():
     last = done.result(0)
     assert last.finish_reason == "length" and len(last.token_ids) == 50
     assert engine.slots.free_count == 2 and not engine.slots.used and engine.active == 0
+
+
+def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
+    chat = chat_engine("tiny_mha")
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, step_chunk=8)
+    sample = engine.prepare_one(conversation("Describe the image.", [RED]), [RED])
+    params = GenerationParams(max_new_tokens=40, temperature=0, min_new_tokens=40)
+    engine.submit(sample, params)
+    engine.step()  # no row decoding: prefilled whole, then its first decode step
+    assert not engine.prefill.requests and engine.stats.decode_steps == 1
+    engine.submit(sample, params)
+    engine.step()  # one row decoding: its images through the tower (2 blocks), 8 prompt tokens in the step
+    second = engine.prefill.requests[0]
+    assert second.prefilled == 8 and second.prompt_len > 100 and engine.stats.decode_steps == 2
+    for _ in range(WHOLE_PREFILL_QUEUE - 1):
+        engine.submit(sample, params)
+    engine.step()  # a queue: the second is prefilled whole (the third's first chunk rides the step)
+    assert second not in engine.prefill.requests and engine.stats.max_running == 2
+    assert engine.prefill.requests[0].prefilled == 8
 
 
 def test_kv_bucket():

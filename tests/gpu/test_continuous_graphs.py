@@ -31,7 +31,7 @@ def conversation(text: str, images) -> list:
 @torch.inference_mode()  # as the engine steps
 def test_graph_step_gives_the_eager_step(checkpoint):
     chat = chat_engine(checkpoint)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=5, max_length=600, prefill_chunk=48)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=5, max_length=600, step_chunk=48)
     steps = engine.steps
     assert steps.row_sizes == (1, 2, 4, 5) and steps.kv_sizes == (256, 512, 600) and steps.chunk == 48
     assert len(steps.graphs) == 24 and "captured 24 decode graphs" in engine.startup_summary
@@ -84,7 +84,7 @@ def test_mixed_requests_through_graphs(checkpoint, record_property):
                 ("What now?", [red, green], GenerationParams(max_new_tokens=300, temperature=0))]
     with torch.inference_mode():
         singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048, prefill_chunk=64)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048, step_chunk=64)
     compiled = compilations()
     handles = []
     for i, (text, images, params) in enumerate(requests):
