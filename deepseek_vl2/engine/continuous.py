@@ -15,7 +15,7 @@ so no request ever waits for a capture; elsewhere the same steps run eagerly.
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
 without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
 (prompt ids, sampler, text stream); with no row decoding, or with WHOLE_PREFILL_QUEUE requests
-waiting for their prefill, prefill the first whole (prefill.py); then one decode step for all
+waiting for their prefill, prefill the first whole (prefill.py), then one decode step for all
 running rows: the model's `decode_step` with per-row write slots, rope positions and masks,
 attending over a 256-multiple bucket covering the longest row. Otherwise the step carries the
 next prompt's next `step_chunk` tokens, once that prompt's images are through the vision tower,
@@ -209,20 +209,21 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self) -> None:
         """Admit; with no row decoding or a queue, prefill the first waiting prompt whole; then one
-        decode step for every running row, carrying a chunk of the next prompt (or after a piece of
-        its vision tower); then take the tokens chosen in the previous iteration (see the module's
-        docstring)."""
+        decode step for every running row, without a queue carrying a chunk of the next prompt (or
+        after a piece of its vision tower); then take the tokens chosen in the previous iteration
+        (see the module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
         self._drop_cancelled()
         self._admit()
         launched = []
-        if not self._running or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE:
+        queue = len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE
+        if not self._running or queue:
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:
-            chosen = self._decode(self.prefill.next_chunk())
+            chosen = self._decode(None if queue else self.prefill.next_chunk())
             launched += ([chosen] if chosen is not None else []) + self._join_prefilled()
         previous, self._pending = self._pending, launched
         for chosen in previous:

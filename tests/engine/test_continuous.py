@@ -125,9 +125,9 @@ def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
     assert second.prefilled == 8 and second.prompt_len > 100 and engine.stats.decode_steps == 2
     for _ in range(WHOLE_PREFILL_QUEUE - 1):
         engine.submit(sample, params)
-    engine.step()  # a queue: the second is prefilled whole (the third's first chunk rides the step)
+    engine.step()  # a queue: the second is prefilled whole, then a plain decode step
     assert second not in engine.prefill.requests and engine.stats.max_running == 2
-    assert engine.prefill.requests[0].prefilled == 8
+    assert engine.prefill.requests[0].prefilled == 0
 
 
 def test_kv_bucket():
