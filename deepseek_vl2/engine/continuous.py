@@ -70,12 +70,12 @@ class EngineStats:
 
 # with this many requests waiting for their prefill, the first is prefilled whole between two decode
 # steps rather than in pieces riding them: the queue drains faster, the running rows wait once
-WHOLE_PREFILL_QUEUE = 4
+WHOLE_PREFILL_QUEUE = 2
 
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 2,
+                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 4,
                  cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
