@@ -14,16 +14,16 @@ so no request ever waits for a capture; elsewhere the same steps run eagerly.
 `submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
 without waiting for it. One iteration (`step`): admit waiting requests while KV slots are free
-(prompt ids, sampler, text stream); with no row decoding, or with WHOLE_PREFILL_QUEUE requests
-waiting for their prefill, prefill the first whole (prefill.py), then one decode step for all
-running rows: the model's `decode_step` with per-row write slots, rope positions and masks,
-attending over a 256-multiple bucket covering the longest row. Otherwise the step carries the
-next prompt's next `step_chunk` tokens, once that prompt's images are through the vision tower,
-which runs `vision_blocks` of its blocks per iteration before the step: the running rows wait a
-few milliseconds per step instead of a whole prefill once. A request whose prefill ended joins the
-running rows with its first token. Every row then picks its token with its own settings, rows
-with equal settings together (row_sampling.py). The model exposes the steps; this module runs
-them.
+(prompt ids, sampler, text stream); with no row decoding, or a busy engine (PIECEWISE_ROWS rows
+decoding or WHOLE_PREFILL_QUEUE requests waiting for their prefill), prefill the first whole
+(prefill.py); then one decode step for all running rows: the model's `decode_step` with per-row
+write slots, rope positions and masks, attending over a 256-multiple bucket covering the longest
+row. On a quiet engine the step carries the next prompt's next `step_chunk` tokens, once that
+prompt's images are through the vision tower, which runs `vision_blocks` of its blocks per
+iteration before the step: the running rows wait a few milliseconds per step instead of a whole
+prefill once. A request whose prefill ended joins the running rows with its first token. Every
+row then picks its token with its own settings, rows with equal settings together
+(row_sampling.py). The model exposes the steps; this module runs them.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -68,8 +68,13 @@ class EngineStats:
         self.compilations_at_start = 0  # torch.compile graphs in the process once the engine was ready
 
 
-# with this many requests waiting for their prefill, the first is prefilled whole between two decode
-# steps rather than in pieces riding them: the queue drains faster, the running rows wait once
+# A prompt is prefilled in pieces riding the decode steps only while fewer than PIECEWISE_ROWS rows
+# decode and fewer than WHOLE_PREFILL_QUEUE requests wait for their prefill; otherwise it is
+# prefilled whole between two steps. Pieces cut the running rows' longest waits (a few ms per step
+# instead of a whole prefill), but a prompt in pieces takes longer to its first token, and under
+# load that costs throughput (H200, small, 32 clients: -15 to -20% with pieces always on;
+# benchmarks/RESULTS.md), so a busy engine serves the queue first.
+PIECEWISE_ROWS = 16
 WHOLE_PREFILL_QUEUE = 2
 
 
@@ -208,9 +213,9 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit; with no row decoding or a queue, prefill the first waiting prompt whole; then one
-        decode step for every running row, without a queue carrying a chunk of the next prompt (or
-        after a piece of its vision tower); then take the tokens chosen in the previous iteration
+        """Admit; with no row decoding or a busy engine, prefill the first waiting prompt whole; then
+        one decode step for every running row, on a quiet engine carrying a chunk of the next prompt
+        (or after a piece of its vision tower); then take the tokens chosen in the previous iteration
         (see the module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
@@ -218,12 +223,13 @@ class ContinuousEngine:
         self._drop_cancelled()
         self._admit()
         launched = []
-        queue = len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE
-        if not self._running or queue:
+        busy = (len(self._running) >= PIECEWISE_ROWS
+                or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
+        if not self._running or busy:
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:
-            chosen = self._decode(None if queue else self.prefill.next_chunk())
+            chosen = self._decode(None if busy else self.prefill.next_chunk())
             launched += ([chosen] if chosen is not None else []) + self._join_prefilled()
         previous, self._pending = self._pending, launched
         for chosen in previous:
