@@ -3,10 +3,10 @@
   gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
               per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
-              [BLOCK_N, BLOCK_K/2] packed uint8 tiles of whole int4 groups. int4: per group and
-              tile, scale * sum(q * x) + zero * sum(x) (the nibbles made floats by bit tricks, not
-              conversions); int8: products accumulate per tile position over the K loop, summed
-              across threads and scaled by the row's scale once, at the end.
+              [BLOCK_N, BLOCK_K/2] packed uint8 tiles of whole int4 groups (each group's scale and
+              zero point loaded once per tile, q * s + z per value); an int8 row's scale is applied
+              once at the end. Products accumulate per tile position over the K loop and are summed
+              across threads once, at the end.
   dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
               multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
 
@@ -31,28 +31,19 @@ if triton is not None:
     from .gemv import store_rows
 
     @triton.jit
-    def _nibbles(packed):
-        """The low and high nibbles of int32 `packed` bytes as float32, without an int-to-float
-        conversion (a quarter of the FP32 rate on Hopper): 2^23 + q has q in its mantissa."""
-        low = ((packed & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return low, high
-
-    @triton.jit
     def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
-                   x_even, x_odd, x_sums):
-        """One tile's terms for the rows `rows`, [BLOCK_N, GROUPS] (float32): per whole group of packed
-        bytes, scale * sum(q * x) + zero * sum(x), so the scale and zero point are applied once per
-        group, not once per value."""
+                   x_even, x_odd):
+        """One tile's w * x terms for the rows `rows`, [BLOCK_N, GROUPS, GROUP / 2] (float32): the packed
+        bytes of whole groups, each value dequantized with its group's scale and zero point."""
         packed = tl.load(q_base + rows[:, None, None] * stride_qn + byte_cols, mask=n_mask[:, None, None] & b_mask,
                          other=0).to(tl.int32)
-        low, high = _nibbles(packed)
-        dots = tl.sum(low * x_even + high * x_odd, axis=2)
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         s_mask = n_mask[:, None] & g_mask[None, :]
-        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        return dots * scale + zero * x_sums
+        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        low = (packed & 15).to(tl.float32) * scale + zero
+        high = (packed >> 4).to(tl.float32) * scale + zero
+        return low * x_even + high * x_odd
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -83,8 +74,8 @@ if triton is not None:
         x_row = x_ptr + row * stride_x
         if INT4:
             GROUPS: tl.constexpr = BLOCK_K // GROUP
-            acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
             tile_groups = tl.arange(0, GROUPS)
             # [1, GROUPS, GROUP / 2]: x is loaded in the layout of the weight tiles it multiplies
             tile_bytes = tile_groups[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
@@ -93,16 +84,15 @@ if triton is not None:
                 b_mask = byte_cols < K // 2
                 x_even = tl.load(x_row + 2 * byte_cols, mask=b_mask, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_row + 2 * byte_cols + 1, mask=b_mask, other=0.0).to(tl.float32)
-                x_sums = tl.sum(x_even + x_odd, axis=2)  # [1, GROUPS], for the zero points
                 groups = k0 // GROUP + tile_groups
                 g_mask = groups < K // GROUP
-                acc += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, byte_cols, b_mask, groups, g_mask,
-                                  stride_qn, stride_sn, x_even, x_odd, x_sums)
+                acc3 += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, byte_cols, b_mask, groups, g_mask,
+                                   stride_qn, stride_sn, x_even, x_odd)
                 if SILU_MUL:
-                    acc_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, byte_cols, b_mask, groups,
-                                         g_mask, stride_qn, stride_sn, x_even, x_odd, x_sums)
-            acc = tl.sum(acc, axis=1)
-            acc_up = tl.sum(acc_up, axis=1)
+                    acc3_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, byte_cols, b_mask, groups,
+                                          g_mask, stride_qn, stride_sn, x_even, x_odd)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+            acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         else:
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc2_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
