@@ -146,3 +146,32 @@ def test_a_model_moved_after_the_engine_was_built_fails_requests_clearly():
     with pytest.raises(RuntimeError, match="moved or cast to cpu / torch.float64 after this engine was built"):
         handle.result(timeout=0)
     assert engine.slots.free_count == 2
+
+
+@torch.inference_mode()
+def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_lm):
+    """Token-id prompts to an engine over a bare decoder: alone (prefilled whole) and together (the
+    later ones in 3-token chunks riding the first one's decode steps), the same greedy tokens."""
+    tiny_lm.config.eos_token_id = tiny_lm.config.vocab_size - 1  # the random config's lies outside its vocabulary
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=generator) for n in (7, 5, 9)]
+    params = GenerationParams(max_new_tokens=6, temperature=0, min_new_tokens=6)
+
+    def answers(engine, handles):
+        while engine.has_work():
+            engine.step()
+        return [handle.result(timeout=0).token_ids for handle in handles]
+
+    alone = []
+    for prompt in prompts:
+        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, step_chunk=3)
+        alone += answers(engine, [engine.submit(prompt, params)])
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, step_chunk=3)
+    first = engine.submit(prompts[0], params)
+    engine.step()
+    handles = [first] + [engine.submit(prompt, params) for prompt in prompts[1:2]]
+    engine.step()  # one row decoding, one request waiting: its first chunk rides the step
+    assert engine.prefill.requests[0].prefilled == 3
+    handles.append(engine.submit(prompts[2], params))
+    together = answers(engine, handles)
+    assert together == alone and all(len(tokens) == 6 for tokens in alone)
