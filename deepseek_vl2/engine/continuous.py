@@ -87,9 +87,10 @@ class ContinuousEngine:
         `prefill_chunk`: prompt tokens per forward of a whole prefill;
         `step_chunk`: prompt tokens a decode step carries while rows decode (the decode graphs are
         captured with a chunk of this size); `vision_blocks`: vision-tower blocks run per iteration
-        while rows decode (SigLIP has 27; all of them over a 1024x1024 image's 10 tiles took 22 ms on
-        an H200, benchmarks/RESULTS.md); `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA
-        in bfloat16 or float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
+        while rows decode (SigLIP has 27; all of them over a 1024x1024 image's 10 tiles took 22 ms
+        on an H200, benchmarks/RESULTS.md); `cuda_graphs`: decode steps as CUDA graphs, all captured
+        here (default: on CUDA in bfloat16 or float16, where `kernels.dispatch.decode_is_capturable`
+        allows them)."""
         for name, value in (("prefill_chunk", prefill_chunk), ("step_chunk", step_chunk),
                             ("vision_blocks", vision_blocks)):
             if value < 1:
