@@ -61,6 +61,8 @@ class EngineStats:
 
     def __init__(self):
         self.decode_steps = 0
+        self.chunk_steps = 0  # decode steps that carried a prompt chunk
+        self.whole_prefills = 0  # prompts prefilled whole between two decode steps
         self.max_running = 0
         self.finished = 0  # requests ended with a result (cancelled ones included)
         self.failed = 0
@@ -227,6 +229,7 @@ class ContinuousEngine:
         busy = (len(self._running) >= PIECEWISE_ROWS
                 or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
         if not self._running or busy:
+            self.stats.whole_prefills += bool(self._prefilling)
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:
@@ -344,6 +347,7 @@ class ContinuousEngine:
         for request in running:
             request.length += 1
         self.stats.decode_steps += 1
+        self.stats.chunk_steps += chunk is not None
         self.stats.max_running = max(self.stats.max_running, len(running))
         return chosen
 

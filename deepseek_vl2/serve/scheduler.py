@@ -84,6 +84,8 @@ class SchedulerStats:
     steps_without_graph: int = 0  # continuous on CUDA: decode steps that found no captured graph (0)
     compilations_after_start: int = 0  # continuous: torch.compile graphs compiled since start-up (0)
     slots_in_use: int = 0  # continuous: KV slots held by requests (prefilling or decoding)
+    whole_prefills: int = 0  # continuous: prompts prefilled whole between two decode steps
+    chunk_steps: int = 0  # continuous: decode steps that carried a prompt chunk (prefill in pieces)
 
 
 def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
@@ -228,7 +230,8 @@ class ContinuousScheduler:
                               max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
                               compilations_after_start=compilations() - counts.compilations_at_start,
-                              slots_in_use=len(self.engine.slots.used))
+                              slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
+                              chunk_steps=counts.chunk_steps)
 
     def start(self) -> None:
         self.engine.start()

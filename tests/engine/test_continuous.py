@@ -118,16 +118,18 @@ def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
     params = GenerationParams(max_new_tokens=40, temperature=0, min_new_tokens=40)
     engine.submit(sample, params)
     engine.step()  # no row decoding: prefilled whole, then its first decode step
-    assert not engine.prefill.requests and engine.stats.decode_steps == 1
+    assert not engine.prefill.requests and engine.stats.decode_steps == 1 and engine.stats.whole_prefills == 1
     engine.submit(sample, params)
     engine.step()  # one row decoding: its images through the tower (2 blocks), 8 prompt tokens in the step
     second = engine.prefill.requests[0]
     assert second.prefilled == 8 and second.prompt_len > 100 and engine.stats.decode_steps == 2
+    assert engine.stats.chunk_steps == 1 and engine.stats.whole_prefills == 1
     for _ in range(WHOLE_PREFILL_QUEUE - 1):
         engine.submit(sample, params)
     engine.step()  # a queue: the second is prefilled whole, then a plain decode step
     assert second not in engine.prefill.requests and engine.stats.max_running == 2
     assert engine.prefill.requests[0].prefilled == 0
+    assert (engine.stats.whole_prefills, engine.stats.chunk_steps, engine.stats.decode_steps) == (2, 1, 3)
 
 
 def test_kv_bucket():
