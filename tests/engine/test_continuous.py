@@ -177,3 +177,10 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     handles.append(engine.submit(prompts[2], params))
     together = answers(engine, handles)
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
+
+
+@pytest.mark.parametrize("name", ["prefill_chunk", "step_chunk", "vision_blocks"])
+def test_piece_sizes_below_one_are_refused_by_name(name):
+    chat = chat_engine("tiny_mha")
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, **{name: 0})

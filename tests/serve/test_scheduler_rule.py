@@ -33,6 +33,9 @@ def test_the_rule_by_placement():
     assert isinstance(static, BatchScheduler) and (static.max_batch_size, static.context_length) == (3, 100)
     with pytest.raises(ValueError, match="scheduler must be"):
         ServerSettings(model_id="tiny", scheduler="dynamic")
+    for name in ("step_chunk", "vision_blocks"):
+        with pytest.raises(ValueError, match=f"{name} must be positive, got 0"):
+            ServerSettings(model_id="tiny", **{name: 0})
 
 
 @pytest.fixture(scope="module")
