@@ -62,9 +62,7 @@ def build_attention_inputs(
         visible = visible[None] & padding[:, None, :]
     else:
         visible = visible[None]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return AttentionInputs(cache_positions, kv_len, mask.unsqueeze(1))
+    return AttentionInputs(cache_positions, kv_len, additive_mask(visible, dtype).unsqueeze(1))
 
 
 def row_attention_inputs(visible: torch.Tensor, slots: torch.Tensor, kv_len: int, dtype: torch.dtype) -> AttentionInputs:
@@ -73,8 +71,7 @@ def row_attention_inputs(visible: torch.Tensor, slots: torch.Tensor, kv_len: int
     Fixed shapes, no host read."""
     keys = torch.arange(kv_len, device=slots.device)
     seen = visible[:, :kv_len].to(torch.bool) & (keys[None, :] <= slots)  # [B, kv_len]
-    mask = torch.zeros(seen.shape, dtype=dtype, device=slots.device).masked_fill_(~seen, torch.finfo(dtype).min)
-    return AttentionInputs(slots, kv_len, mask[:, None, None, :])
+    return AttentionInputs(slots, kv_len, additive_mask(seen, dtype)[:, None, None, :])
 
 
 def chunk_attention_inputs(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> AttentionInputs:
@@ -82,9 +79,13 @@ def chunk_attention_inputs(positions: torch.Tensor, kv_len: int, dtype: torch.dt
     engine's prompt chunk inside a decode step): key j is visible to token i when j <= positions[i].
     Fixed shapes, no host read."""
     keys = torch.arange(kv_len, device=positions.device)
-    hidden = keys[None, :] > positions[:, None]  # [C, kv_len]
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, torch.finfo(dtype).min)
-    return AttentionInputs(positions, kv_len, mask[None, None])
+    seen = keys[None, :] <= positions[:, None]  # [C, kv_len]
+    return AttentionInputs(positions, kv_len, additive_mask(seen, dtype)[None, None])
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `visible` (bool) is set, finfo(dtype).min elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 class MultiHeadAttention(nn.Module):
