@@ -143,12 +143,13 @@ def requests_each(args, clients: int) -> int:
     return max(args.requests_per_client, -(-args.min_requests // clients))
 
 
-def open_loop(port: int, body: bytes, rate: float, count: int, seed: int = 0) -> list:
+def open_loop(send, rate: float, count: int, seed: int = 0) -> list:
+    """`count` requests (`send()`, one request, its timings) at Poisson arrivals of `rate` per second."""
     results, lock, threads = [], threading.Lock(), []
     arrivals = random.Random(seed)
 
     def client():
-        result = one_request(port, body)
+        result = send()
         with lock:
             results.append(result)
 
@@ -160,6 +161,18 @@ def open_loop(port: int, body: bytes, rate: float, count: int, seed: int = 0) ->
     for thread in threads:
         thread.join()
     return results
+
+
+def open_rates(args, closed: dict) -> dict:
+    """{scenario name: arrivals per second}: --open-rates as given, else --open-fractions of the
+    32-client closed-loop request rate in `closed` (none without that scenario)."""
+    if args.open_rates:
+        return {f"open {rate:g} req/s": rate for rate in args.open_rates}
+    closed32 = closed.get("closed 32")
+    if closed32 is None:
+        return {}
+    base = closed32["tok_s"] / NEW_TOKENS
+    return {f"open {f:g}x ({f * base:.1f} req/s)": f * base for f in args.open_fractions}
 
 
 def summary(results: list) -> dict:
@@ -192,6 +205,9 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks)]
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval"):
+        if getattr(args, flag) is not None:
+            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -211,17 +227,12 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             scenarios[f"closed {clients}"] = summary(
                 closed_loop(lambda: one_request(port, body), clients, requests_each(args, clients)))
             print(scheduler, f"closed {clients}", json.dumps(scenarios[f"closed {clients}"]), flush=True)
-        closed32 = scenarios.get("closed 32")
-        rate_base = closed32["tok_s"] / NEW_TOKENS if closed32 else None  # this server's own request rate
-        if rate_base:
-            for fraction in args.open_fractions:
-                rate = fraction * rate_base
-                count = max(8, int(rate * args.open_seconds))
-                name = f"open {fraction:g}x ({rate:.1f} req/s)"
-                scenarios[name] = dict(summary(open_loop(port, body, rate, count)), rate=rate)
-                print(scheduler, name, json.dumps(scenarios[name]), flush=True)
+        for name, rate in open_rates(args, scenarios).items():
+            count = max(8, int(rate * args.open_seconds))
+            scenarios[name] = dict(summary(open_loop(lambda: one_request(port, body), rate, count)), rate=rate)
+            print(scheduler, name, json.dumps(scenarios[name]), flush=True)
         health = get_health(port)
-        return dict(scheduler=scheduler, scenarios=scenarios, health=health, rate_base=rate_base)
+        return dict(scheduler=scheduler, scenarios=scenarios, health=health)
     finally:
         server.terminate()
         try:
@@ -230,10 +241,58 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             server.kill()
 
 
+def engine_rule(args) -> None:
+    """--piecewise-rows / --whole-prefill-queue: the continuous engine's rule for prefilling whole
+    (continuous.py's constants), for trying other values in this process."""
+    from deepseek_vl2.engine import continuous
+
+    if args.piecewise_rows is not None:
+        continuous.PIECEWISE_ROWS = args.piecewise_rows
+    if args.whole_prefill_queue is not None:
+        continuous.WHOLE_PREFILL_QUEUE = args.whole_prefill_queue
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+
+
+class IterationLog:
+    """Wraps `engine.step`: each iteration's end time, what it launched and how many rows decode.
+    Iteration i launches its work and then waits for iteration i-1's, so on a busy GPU the time
+    from the end of iteration i to the end of i+1 is what iteration i's work took on the device."""
+
+    KINDS = ("whole prefill", "chunk step", "tower piece", "plain step")
+
+    def __init__(self, engine):
+        self.engine, self.entries = engine, []
+        step = engine.step
+        engine.step = lambda: self._timed(step)
+
+    def _timed(self, step) -> None:
+        stats = self.engine.stats
+        before = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.decode_steps)
+        step()
+        after = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.decode_steps)
+        kind = next((k for k, b, a in zip(self.KINDS, before, after) if a > b), None)
+        self.entries.append((time.perf_counter(), kind, len(self.engine._running)))
+
+    def summary(self) -> dict:
+        """{kind: count, p50 and p99 ms of the work it launched, mean rows decoding}."""
+        durations = {}
+        for (end, kind, rows), (next_end, _, _) in zip(self.entries, self.entries[1:]):
+            if kind is not None:
+                durations.setdefault(kind, []).append((1e3 * (next_end - end), rows))
+        result = {}
+        for kind, values in durations.items():
+            ms = sorted(v for v, _ in values)
+            result[kind] = dict(count=len(ms), p50_ms=ms[len(ms) // 2], p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+                                mean_rows=sum(r for _, r in values) / len(values))
+        self.entries = []
+        return result
+
+
 def in_process(args) -> None:
-    """The continuous engine without HTTP: the same closed loops, clients submitting to the engine
-    directly (what the server adds on top is the difference); `--profile` prints where the engine's
-    thread spends its time."""
+    """The continuous engine without HTTP: the same closed and open loops, clients submitting to the
+    engine directly (what the server adds on top is the difference). Each scenario also reports its
+    iterations by kind (IterationLog); `--profile` prints where the engine's thread spends its time."""
     import cProfile
     import pstats
 
@@ -242,6 +301,7 @@ def in_process(args) -> None:
     from deepseek_vl2.engine import GenerationParams
     from deepseek_vl2.engine.continuous import ContinuousEngine
 
+    engine_rule(args)
     chat = build_chat_engine(args.variant)
     started = time.perf_counter()
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill_chunk=args.prefill_chunk,
@@ -251,14 +311,17 @@ def in_process(args) -> None:
     if profiler is not None:
         step = engine.step
         engine.step = lambda: profiler.runcall(step)
+    iterations = IterationLog(engine)
     engine.start()
     image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
     conversation = [{"role": "<|User|>", "content": "<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
     params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0)
+    prepared = engine.prepare_one(conversation, [image])
 
     def request():
         sent = time.perf_counter()
-        handle = engine.submit(engine.prepare_one(conversation, [image]), params)
+        sample = engine.prepare_one(conversation, [image]) if args.prepare_at_arrival else prepared
+        handle = engine.submit(sample, params)
         times, tokens = [], 0
         while True:
             kind, value = handle.events.get()
@@ -274,10 +337,20 @@ def in_process(args) -> None:
                     latency=done - sent, tokens=tokens, done=done)
 
     request()
+    iterations.summary()
+    scenarios = {}
     for clients in args.clients:
-        results = closed_loop(request, clients, requests_each(args, clients))
-        print("in-process", f"closed {clients}", json.dumps(summary(results)), flush=True)
+        scenarios[f"closed {clients}"] = summary(closed_loop(request, clients, requests_each(args, clients)))
+        scenarios[f"closed {clients}"]["iterations"] = iterations.summary()
+        print("in-process", f"closed {clients}", json.dumps(scenarios[f"closed {clients}"]), flush=True)
+    for name, rate in open_rates(args, scenarios).items():
+        scenarios[name] = dict(summary(open_loop(request, rate, max(8, int(rate * args.open_seconds)))), rate=rate,
+                               iterations=iterations.summary())
+        print("in-process", name, json.dumps(scenarios[name]), flush=True)
     engine.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(variant=args.variant, command=" ".join(sys.argv),
+                                                   scenarios=scenarios), indent=2))
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
@@ -291,6 +364,8 @@ def main():
     parser.add_argument("--min-requests", type=int, default=4, help="per closed-loop scenario")
     parser.add_argument("--open-fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75],
                         help="open-loop rates, as fractions of the 32-client closed-loop request rate")
+    parser.add_argument("--open-rates", nargs="+", type=float,
+                        help="open-loop rates in requests per second (instead of --open-fractions)")
     parser.add_argument("--open-seconds", type=float, default=10.0, help="arrivals span about this long")
     parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
@@ -302,11 +377,17 @@ def main():
     parser.add_argument("--in-process", action="store_true",
                         help="drive the continuous engine directly (no HTTP server), closed loops only")
     parser.add_argument("--profile", action="store_true", help="with --in-process: profile the engine's thread")
+    parser.add_argument("--prepare-at-arrival", action="store_true",
+                        help="with --in-process: each request runs the processor when it arrives (as the server does)")
+    parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
+    parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
+    parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
+        engine_rule(args)
         serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk, args.step_chunk, args.vision_blocks)
         return
     if args.in_process:

@@ -63,6 +63,7 @@ class EngineStats:
         self.decode_steps = 0
         self.chunk_steps = 0  # decode steps that carried a prompt chunk
         self.whole_prefills = 0  # prompts prefilled whole between two decode steps
+        self.tower_pieces = 0  # iterations that ran a few vision-tower blocks of a prompt in pieces
         self.max_running = 0
         self.finished = 0  # requests ended with a result (cancelled ones included)
         self.failed = 0

@@ -123,9 +123,19 @@ class DecodeSteps:
         """Capture a graph for every (row size, kv size, with or without a chunk), while no slot is in
         use (the warm-up runs write to slot 0 of every row and to the prompt row); returns what was
         done, for the start-up log."""
+        started = time.perf_counter()
+        self.capture([(rows, kv_len, with_chunk) for rows in self.row_sizes for kv_len in self.kv_sizes
+                      for with_chunk in (False, True)])
+        summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
+                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]} x with and without a "
+                   f"{self.chunk}-token prompt chunk) in {time.perf_counter() - started:.1f} s")
+        logger.info(summary)
+        return summary
+
+    def capture(self, keys: Sequence[Tuple[int, int, bool]]) -> None:
+        """Capture the graphs of `keys` (rows, kv_len, with_chunk), while no slot is in use."""
         if self.slots.used:
             raise RuntimeError("decode graphs are captured before any request is admitted")
-        started = time.perf_counter()
         self.inputs.zero_()
         self.chunk_index.zero_()
         current = torch.cuda.current_stream(self._lm().device)
@@ -134,18 +144,12 @@ class DecodeSteps:
         # inference mode, as the engine's steps run: the dispatcher picks the Triton kernels only
         # without autograd (captured with it, a graph would hold the slower reference ops)
         with torch.inference_mode(), torch.cuda.stream(side):
-            for rows in self.row_sizes:
-                for kv_len in self.kv_sizes:
-                    for chunk_tokens in (0, self.chunk):
-                        self._step(rows, kv_len, chunk_tokens)  # warm-up: cuBLAS workspaces, Triton autotuning
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                            self._step(rows, kv_len, chunk_tokens)
-                        self.graphs[(rows, kv_len, bool(chunk_tokens))] = graph
+            for rows, kv_len, with_chunk in keys:
+                chunk_tokens = self.chunk if with_chunk else 0
+                self._step(rows, kv_len, chunk_tokens)  # warm-up: cuBLAS workspaces, Triton autotuning
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                    self._step(rows, kv_len, chunk_tokens)
+                self.graphs[(rows, kv_len, with_chunk)] = graph
         current.wait_stream(side)
         torch.cuda.synchronize(current.device)
-        summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
-                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]} x with and without a "
-                   f"{self.chunk}-token prompt chunk) in {time.perf_counter() - started:.1f} s")
-        logger.info(summary)
-        return summary

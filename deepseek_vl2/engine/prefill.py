@@ -54,6 +54,7 @@ class Prefill:
     def __init__(self, engine, chunk: int, step_chunk: int, vision_blocks: int):
         self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
+        self.stats = engine.stats
         self.chunk, self.step_chunk, self.vision_blocks = chunk, step_chunk, vision_blocks
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
@@ -126,6 +127,7 @@ class Prefill:
         if request.images is not None:
             prompt, tower = request.images
             features = tower.advance(tower.blocks_left if blocks is None else blocks)
+            self.stats.tower_pieces += blocks is not None
             if features is None:
                 return None
             request.embeds, request.images = self.model.place_images(prompt, features), None

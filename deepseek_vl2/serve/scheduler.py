@@ -86,6 +86,7 @@ class SchedulerStats:
     slots_in_use: int = 0  # continuous: KV slots held by requests (prefilling or decoding)
     whole_prefills: int = 0  # continuous: prompts prefilled whole between two decode steps
     chunk_steps: int = 0  # continuous: decode steps that carried a prompt chunk (prefill in pieces)
+    tower_pieces: int = 0  # continuous: iterations that ran a few vision-tower blocks (prefill in pieces)
 
 
 def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
@@ -231,7 +232,7 @@ class ContinuousScheduler:
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
                               compilations_after_start=compilations() - counts.compilations_at_start,
                               slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
-                              chunk_steps=counts.chunk_steps)
+                              chunk_steps=counts.chunk_steps, tower_pieces=counts.tower_pieces)
 
     def start(self) -> None:
         self.engine.start()

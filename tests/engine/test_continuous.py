@@ -123,7 +123,7 @@ def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
     engine.step()  # one row decoding: its images through the tower (2 blocks), 8 prompt tokens in the step
     second = engine.prefill.requests[0]
     assert second.prefilled == 8 and second.prompt_len > 100 and engine.stats.decode_steps == 2
-    assert engine.stats.chunk_steps == 1 and engine.stats.whole_prefills == 1
+    assert engine.stats.chunk_steps == 1 and engine.stats.whole_prefills == 1 and engine.stats.tower_pieces == 1
     for _ in range(WHOLE_PREFILL_QUEUE - 1):
         engine.submit(sample, params)
     engine.step()  # a queue: the second is prefilled whole, then a plain decode step
