@@ -359,7 +359,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="tiny", choices=["tiny", "small", "base"])
     parser.add_argument("--schedulers", nargs="+", default=["static", "continuous"], choices=["static", "continuous"])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--clients", nargs="*", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4, help="per closed-loop scenario")
     parser.add_argument("--open-fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75],
