@@ -67,6 +67,26 @@ def event_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
+def profile_steps(lm, rows: int, chunk: int, kv_len: int) -> None:
+    """Print the GPU kernels of a decode step at `rows` rows, plain and with a `chunk`-token chunk
+    (eager steps: the kernels a graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    slots = SlotCache(lm, rows, lm.config.max_position_embeddings)
+    steps = DecodeSteps(lm, slots, use_graphs=False, chunk=chunk)
+    for tokens in (0, chunk):
+        with torch.inference_mode():
+            for _ in range(2):
+                steps._step(rows, kv_len, tokens)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    steps._step(rows, kv_len, tokens)
+                torch.cuda.synchronize()
+        print(f"  kernels of 3 steps at {rows} rows with a {tokens}-token chunk:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
 def step_costs(lm, rows: list, chunks: list, kv_len: int) -> dict:
     """{"C": {"R": ms}}: the decode step at R rows, plain (C = 0) and carrying a C-token chunk."""
     costs = {}
@@ -117,6 +137,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 32])
     parser.add_argument("--chunks", nargs="+", type=int, default=[64, 128, 256, 512])
+    parser.add_argument("--profile", type=int, metavar="CHUNK",
+                        help="also print the kernels of a step at 8 rows, plain and with a CHUNK-token chunk")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
@@ -140,6 +162,8 @@ def main():
         print(f"  tower {result['tower_ms']:.2f} ms over {result['tiles']} tiles (block median "
               f"{statistics.median(result['block_ms']):.3f} ms), place_images {result['place_images_ms']:.2f} ms, "
               f"prefill {result['prefill_ms']:.2f} ms", flush=True)
+        if args.profile:
+            profile_steps(model.language, 8, args.profile, kv_len)
         results.append(result)
         if args.json:
             Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
