@@ -29,6 +29,9 @@ class AttentionInputs:
     cache_positions: torch.Tensor  # [S] cache slots of the new tokens
     kv_len: int  # key positions attended to: cached + new (a fixed bucket in graph decode)
     mask: Optional[torch.Tensor]  # additive [B, 1, S, kv_len]; None means plain causal with kv_len == S
+    # the mask says no more than: key j is visible to query i when j <= cache_positions[i] (one row,
+    # no padding), so a kernel may attend by the positions instead of reading the mask
+    positional: bool = False
 
 
 def build_attention_inputs(
@@ -80,7 +83,7 @@ def chunk_attention_inputs(positions: torch.Tensor, kv_len: int, dtype: torch.dt
     Fixed shapes, no host read."""
     keys = torch.arange(kv_len, device=positions.device)
     seen = keys[None, :] <= positions[:, None]  # [C, kv_len]
-    return AttentionInputs(positions, kv_len, additive_mask(seen, dtype)[None, None])
+    return AttentionInputs(positions, kv_len, additive_mask(seen, dtype)[None, None], positional=True)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -124,7 +127,7 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q, keys_values, attn: AttentionInputs):
         """q [B, H, S, head_dim] over `keys_values` [B, 2, kv_heads, kv_len, head_dim] -> [B, S, H * head_dim]."""
-        return dispatch.mha_attention(q, keys_values, attn.mask)
+        return dispatch.mha_attention(q, keys_values, attn.mask, attn.cache_positions if attn.positional else None)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -165,7 +168,8 @@ class MultiHeadLatentAttention(nn.Module):
     def attend(self, q, latent, attn: AttentionInputs):
         """(q_nope, q_pe) [B, H, S, *] over `latent` [B, kv_len, rank + rope] -> [B, S, H * v_dim]."""
         q_nope, q_pe = q
-        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale)
+        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale,
+                                     attn.cache_positions if attn.positional else None)
         B, H, S, _ = out.shape
         return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
 
