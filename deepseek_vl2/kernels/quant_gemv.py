@@ -32,15 +32,21 @@ if triton is not None:
 
     @triton.jit
     def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
-                   x_even, x_odd):
+                   x_even, x_odd, EVEN: tl.constexpr):
         """One tile's w * x terms for the rows `rows`, [BLOCK_N, GROUPS, GROUP / 2] (float32): the packed
-        bytes of whole groups, each value dequantized with its group's scale and zero point."""
-        packed = tl.load(q_base + rows[:, None, None] * stride_qn + byte_cols, mask=n_mask[:, None, None] & b_mask,
-                         other=0).to(tl.int32)
+        bytes of whole groups, each value dequantized with its group's scale and zero point. EVEN: the
+        tile lies inside the weight (loads without masks)."""
+        q_ptrs = q_base + rows[:, None, None] * stride_qn + byte_cols
         s_offs = rows[:, None] * stride_sn + groups[None, :]
-        s_mask = n_mask[:, None] & g_mask[None, :]
-        scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
-        zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+        if EVEN:
+            packed = tl.load(q_ptrs).to(tl.int32)
+            scale = tl.load(s_base + s_offs).to(tl.float32)[:, :, None]
+            zero = tl.load(z_base + s_offs).to(tl.float32)[:, :, None]
+        else:
+            packed = tl.load(q_ptrs, mask=n_mask[:, None, None] & b_mask, other=0).to(tl.int32)
+            s_mask = n_mask[:, None] & g_mask[None, :]
+            scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
+            zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)[:, :, None]
         low = (packed & 15).to(tl.float32) * scale + zero
         high = (packed >> 4).to(tl.float32) * scale + zero
         return low * x_even + high * x_odd
@@ -55,7 +61,7 @@ if triton is not None:
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_qe,
                            stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr, GROUP: tl.constexpr,
                            HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile)."""
         pid_n = tl.program_id(0)
@@ -82,15 +88,19 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 byte_cols = k0 // 2 + tile_bytes
                 b_mask = byte_cols < K // 2
-                x_even = tl.load(x_row + 2 * byte_cols, mask=b_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_row + 2 * byte_cols + 1, mask=b_mask, other=0.0).to(tl.float32)
+                if EVEN:
+                    x_even = tl.load(x_row + 2 * byte_cols).to(tl.float32)
+                    x_odd = tl.load(x_row + 2 * byte_cols + 1).to(tl.float32)
+                else:
+                    x_even = tl.load(x_row + 2 * byte_cols, mask=b_mask, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_row + 2 * byte_cols + 1, mask=b_mask, other=0.0).to(tl.float32)
                 groups = k0 // GROUP + tile_groups
                 g_mask = groups < K // GROUP
                 acc3 += _int4_tile(q_base, s_base, z_base, offs_n, n_mask, byte_cols, b_mask, groups, g_mask,
-                                   stride_qn, stride_sn, x_even, x_odd)
+                                   stride_qn, stride_sn, x_even, x_odd, EVEN)
                 if SILU_MUL:
                     acc3_up += _int4_tile(q_base, s_base, z_base, offs_n + N, n_mask, byte_cols, b_mask, groups,
-                                          g_mask, stride_qn, stride_sn, x_even, x_odd)
+                                          g_mask, stride_qn, stride_sn, x_even, x_odd, EVEN)
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
             acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         else:
@@ -174,7 +184,8 @@ if triton is not None:
             x, qweight, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id,
             x.stride(0), qweight.stride(0) if ids is not None else 0, qweight.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, GROUP=group,
-            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
+            EVEN=N % block_n == 0 and K % block_k == 0, num_warps=num_warps)
         return out
 
     def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
