@@ -8,7 +8,9 @@ For each variant (random bf16 weights, as bench.py builds them) and the serve_be
 
   step          a decode step's CUDA graph (engine/decode_steps.py) at R rows attending over the
                 cache length a row of that prompt reaches (2304), replayed: plain, and carrying a
-                prompt chunk of C tokens (a graph captured with --step-chunk C)
+                prompt chunk of C tokens (a graph captured with --step-chunk C); rows of random
+                tokens and a chunk of random embeddings, so that they route over the experts as
+                served tokens do (zeros would all pick the same few)
   tower block   one SigLIP block over the 10 tiles (vision.TowerPieces.advance(1)), each of the 27
   tower         the whole tower (advance(27)), then the projector and the layout (place_images)
   prefill       the decoder over the 2054 prompt embeddings at once
@@ -87,15 +89,31 @@ def profile_steps(lm, rows: int, chunk: int, kv_len: int) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
+def load_like_a_request(steps: DecodeSteps, lm, rows: int, kv_len: int) -> None:
+    """Inputs as a served step has them (the graphs replay whatever the buffers hold): rows of random
+    tokens near the end of the cache length (each row routes to its own experts), and a chunk of
+    random embeddings at the middle of the prompt (its tokens route over all the experts)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, lm.config.vocab_size, (rows,), generator=g, device="cuda")
+    steps.load(tokens, [kv_len - NEW_TOKENS] * rows, [True] * rows)
+    if steps.chunk > 1:
+        embeds = torch.randn(1, steps.chunk, lm.config.hidden_size, generator=g, device="cuda").to(lm.dtype)
+        steps.load_chunk(embeds, kv_len // 2 - steps.chunk)
+
+
 def step_costs(lm, rows: list, chunks: list, kv_len: int) -> dict:
-    """{"C": {"R": ms}}: the decode step at R rows, plain (C = 0) and carrying a C-token chunk."""
+    """{"C": {"R": ms}}: the decode step at R rows, plain (C = 0) and carrying a C-token chunk, on
+    inputs like a served step's (`load_like_a_request`)."""
     costs = {}
     for chunk in [0] + [c for c in chunks if c]:
         slots = SlotCache(lm, max(rows), lm.config.max_position_embeddings)
         steps = DecodeSteps(lm, slots, use_graphs=True, chunk=max(chunk, 1))
         keys = [(steps.rows_for(r), kv_len, bool(chunk)) for r in rows]
         steps.capture(keys)
-        costs[str(chunk)] = {str(r): replay_ms(steps.graphs[key]) for r, key in zip(rows, keys)}
+        costs[str(chunk)] = {}
+        for r, key in zip(rows, keys):
+            load_like_a_request(steps, lm, key[0], kv_len)
+            costs[str(chunk)][str(r)] = replay_ms(steps.graphs[key])
         print(f"  chunk {chunk:4d}: " + ", ".join(f"{r} rows {ms:.2f} ms" for r, ms in costs[str(chunk)].items()),
               flush=True)
         del steps, slots
