@@ -370,7 +370,7 @@ def main():
     parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
     parser.add_argument("--step-chunk", type=int, default=256, help="--step-chunk of the server")
-    parser.add_argument("--vision-blocks", type=int, default=2, help="--vision-blocks of the server")
+    parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")

@@ -77,16 +77,18 @@ class EngineStats:
 # instead of a whole prefill), but a prompt in pieces takes longer to its first token, and under
 # load that costs throughput (H200, small, 32 clients: -15 to -20% with pieces always on;
 # benchmarks/RESULTS.md), so a busy engine serves the queue first. The queue rule counts the
-# prompt in pieces too: at 2 it whole-prefilled about half the prompts of small's open loop (4.8
-# requests/s) and the rows waited ~60 ms each time (inter-token p99 61 ms against 18 ms without the
-# rule, in-process); at 4 it only answers bursts.
+# prompt in pieces too. Measured over HTTP on H200s (serve_bench.py, small, open loop at ~5
+# requests/s; two machines, so roughly): at 2, inter-token p99 57 ms and TTFT p99 399 ms (most
+# bursts brought a second request, and its whole prefill stalled the rows); at 4, 18 ms and 665 ms.
+# Without the rule, prompts in pieces cannot keep up with 32 clients and fewer than 16 rows ever
+# decode: 599 output tok/s against 1314 (same machine).
 PIECEWISE_ROWS = 16
 WHOLE_PREFILL_QUEUE = 4
 
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 2,
+                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 4,
                  cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;

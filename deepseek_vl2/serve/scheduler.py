@@ -101,7 +101,7 @@ def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
 
 def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] = None, scheduler: str = "auto",
                      max_num_seqs: Optional[int] = None, prefill_chunk: int = 512, step_chunk: int = 256,
-                     vision_blocks: int = 2, batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
+                     vision_blocks: int = 4, batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
     """The server's scheduler for `engine` by the rule of `uses_continuous_engine`. Static batching
     runs `batch_engine` (default `engine`; the app passes its device guard) with `max_batch_size` and
     `context_length`; the continuous engine gets `max_num_seqs` rows (default `max_batch_size`),
@@ -208,7 +208,7 @@ class BatchScheduler:
 
 class ContinuousScheduler:
     def __init__(self, engine, max_num_seqs: int = 8, prefill_chunk: int = 512, step_chunk: int = 256,
-                 vision_blocks: int = 2, on_error: Optional[Callable[[BaseException], None]] = None):
+                 vision_blocks: int = 4, on_error: Optional[Callable[[BaseException], None]] = None):
         """`engine`: a ContinuousEngine, or a ChatEngine whose model and processor get one with
         `max_num_seqs` KV slots, `prefill_chunk`, `step_chunk` and `vision_blocks`. `on_error(exception)`:
         called on the engine's thread for each failed request (the app's device guard)."""

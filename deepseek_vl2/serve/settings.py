@@ -13,7 +13,7 @@ class ServerSettings:
     max_num_seqs: int = 8  # rows decoding at once in the continuous engine (KV slots)
     prefill_chunk: int = 512  # prompt tokens per forward of the continuous engine's whole prefills
     step_chunk: int = 256  # prompt tokens one of its decode steps carries while rows decode
-    vision_blocks: int = 2  # vision-tower blocks it runs per decode step for a prompt prefilled in pieces
+    vision_blocks: int = 4  # vision-tower blocks it runs per decode step for a prompt prefilled in pieces
     scheduler: str = "auto"  # "auto": the continuous engine, static batching for a split model; or "static", "continuous"
     max_images: int = 4  # per request
     max_image_pixels: int = 36_000_000  # width * height, checked before an image is decoded
