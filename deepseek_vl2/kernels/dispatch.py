@@ -35,18 +35,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..quantization.weight import QuantizedWeight
-from . import (
-    decode_attention,
-    gemv,
-    moe_glue,
-    norm_rope,
-    prefix_attention,
-    quant_gemv,
-    quant_grouped_gemm,
-    reference,
-    router,
-)
+from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
 from .custom_ops import triton
+from .prefix_attention import prefix_attention
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
@@ -247,7 +238,7 @@ def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[tor
         # by positions: no mask read, and a chunk reads keys only as far as it sees (SDPA with the
         # mask: ~4x longer at tiny's shapes, benchmarks/RESULTS.md)
         kv = keys_values[0].transpose(1, 2)  # [2, kv_len, kv_heads, D]
-        out = prefix_attention.prefix_attention(q[0].transpose(0, 1), kv[0], kv[1], positions, D**-0.5)
+        out = prefix_attention(q[0].transpose(0, 1), kv[0], kv[1], positions, D**-0.5)
         return out.view(1, S, H * D)
     with sdpa_backends(q):
         return reference.mha_attention(q, keys_values, mask)
@@ -268,7 +259,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     v_dim = kv_b_weight.shape[0] // H - nope
     if positions is not None and B == 1 and S > 1 and _half_on_cuda(q_nope) and _pow2(nope, rope, v_dim, least=16):
         k_nope, v = reference.expand_latents(latent, kv_b_weight, H, nope)
-        out = prefix_attention.prefix_attention(q_nope[0].transpose(0, 1), k_nope[0], v[0], positions, scale,
+        out = prefix_attention(q_nope[0].transpose(0, 1), k_nope[0], v[0], positions, scale,
                                                 q_pe[0].transpose(0, 1), latent[0, :, rank:])
         return out.transpose(0, 1)[None]
     if q_nope.is_cuda and S > 1:

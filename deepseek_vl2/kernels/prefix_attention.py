@@ -67,29 +67,30 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * stride_os + h * stride_oh + offs_v[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=in_chunk[:, None])
 
-    @on_tensor_device
-    def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
-                         q_pe: Optional[torch.Tensor] = None, k_pe: Optional[torch.Tensor] = None,
-                         block_m: int = 32, block_n: int = 128, num_warps: int = 4) -> torch.Tensor:
-        """q [S, H, D] over k [kv_len, kv_heads, D] and v [kv_len, kv_heads, DV] (strided views; the
-        last dimension contiguous), key j visible to query i when j <= positions[i] ([S], a device
-        tensor) -> [S, H, DV] = softmax(scale * q.k) . v. With q_pe [S, H, DPE] and k_pe [kv_len, DPE]
-        (one rope key for all heads, MLA) the scores are scale * (q.k + q_pe.k_pe). Every query must
-        see key 0 (positions >= 0). The default tiles measured best at tiny's and small's shapes on an
-        H200 (benchmarks/prefix_attention_configs.py: 22.8 us against SDPA's 109 us with the mask at
-        tiny's, 28.6 us + 17.6 us of expansion against 116 us at small's)."""
-        S, H, D = q.shape
-        kv_len, kv_heads, DV = v.shape
-        for name, t in (("q", q), ("k", k), ("v", v), ("q_pe", q_pe), ("k_pe", k_pe)):
-            if t is not None and t.stride(-1) != 1:
-                raise ValueError(f"prefix_attention needs the last dimension of {name} contiguous")
-        with_pe = q_pe is not None
-        pe_q, pe_k = (q_pe, k_pe) if with_pe else (q, k[:, 0])  # placeholders the kernel does not read
-        out = q.new_empty(S, H, DV)
-        grid = (triton.cdiv(S, block_m), H)
-        _prefix_attention_kernel[grid](
-            q, k, v, pe_q, pe_k, positions, out, S, kv_len, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), pe_q.stride(0), pe_q.stride(1) if with_pe else 0, pe_k.stride(0),
-            out.stride(0), out.stride(1), GROUP=H // kv_heads, D=D, DV=DV, DPE=q_pe.shape[-1] if with_pe else 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        return out
+
+@on_tensor_device
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
+                     q_pe: Optional[torch.Tensor] = None, k_pe: Optional[torch.Tensor] = None,
+                     block_m: int = 32, block_n: int = 128, num_warps: int = 4) -> torch.Tensor:
+    """q [S, H, D] over k [kv_len, kv_heads, D] and v [kv_len, kv_heads, DV] (strided views; the
+    last dimension contiguous), key j visible to query i when j <= positions[i] ([S], a device
+    tensor) -> [S, H, DV] = softmax(scale * q.k) . v. With q_pe [S, H, DPE] and k_pe [kv_len, DPE]
+    (one rope key for all heads, MLA) the scores are scale * (q.k + q_pe.k_pe). Every query must
+    see key 0 (positions >= 0). The default tiles measured best at tiny's and small's shapes on an
+    H200 (benchmarks/prefix_attention_configs.py: 22.8 us against SDPA's 109 us with the mask at
+    tiny's, 28.6 us + 17.6 us of expansion against 116 us at small's)."""
+    S, H, D = q.shape
+    kv_len, kv_heads, DV = v.shape
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_pe", q_pe), ("k_pe", k_pe)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"prefix_attention needs the last dimension of {name} contiguous")
+    with_pe = q_pe is not None
+    pe_q, pe_k = (q_pe, k_pe) if with_pe else (q, k[:, 0])  # placeholders the kernel does not read
+    out = q.new_empty(S, H, DV)
+    grid = (triton.cdiv(S, block_m), H)
+    _prefix_attention_kernel[grid](
+        q, k, v, pe_q, pe_k, positions, out, S, kv_len, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), pe_q.stride(0), pe_q.stride(1) if with_pe else 0, pe_k.stride(0),
+        out.stride(0), out.stride(1), GROUP=H // kv_heads, D=D, DV=DV, DPE=q_pe.shape[-1] if with_pe else 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out
