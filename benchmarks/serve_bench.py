@@ -243,7 +243,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
 
 def engine_rule(args) -> None:
     """--piecewise-rows / --whole-prefill-queue: the continuous engine's rule for prefilling whole
-    (continuous.py's constants), for trying other values in this process."""
+    (continuous.py's constants), and --switch-interval: the interpreter's thread switch interval,
+    for trying other values in this process."""
     from deepseek_vl2.engine import continuous
 
     if args.piecewise_rows is not None:

@@ -236,7 +236,7 @@ def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[tor
         return decode_attention.mha_decode(q[:, :, 0], keys_values, mask[:, 0, 0], D**-0.5).view(B, 1, -1)
     if positions is not None and B == 1 and S > 1 and _half_on_cuda(q) and _pow2(D, least=16):
         # by positions: no mask read, and a chunk reads keys only as far as it sees (SDPA with the
-        # mask: ~4x longer at tiny's shapes, benchmarks/RESULTS.md)
+        # mask: ~5x longer at tiny's shapes, benchmarks/RESULTS.md)
         kv = keys_values[0].transpose(1, 2)  # [2, kv_len, kv_heads, D]
         out = prefix_attention(q[0].transpose(0, 1), kv[0], kv[1], positions, D**-0.5)
         return out.view(1, S, H * D)
@@ -260,7 +260,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     if positions is not None and B == 1 and S > 1 and _half_on_cuda(q_nope) and _pow2(nope, rope, v_dim, least=16):
         k_nope, v = reference.expand_latents(latent, kv_b_weight, H, nope)
         out = prefix_attention(q_nope[0].transpose(0, 1), k_nope[0], v[0], positions, scale,
-                                                q_pe[0].transpose(0, 1), latent[0, :, rank:])
+                               q_pe[0].transpose(0, 1), latent[0, :, rank:])
         return out.transpose(0, 1)[None]
     if q_nope.is_cuda and S > 1:
         with sdpa_backends(q_nope):
