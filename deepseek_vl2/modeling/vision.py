@@ -37,7 +37,6 @@ def build_vision_tower(config: VisionEncoderConfig) -> VisionTransformer:
     )
 
 
-
 def tower_features(tower: VisionTransformer, tiles: torch.Tensor) -> torch.Tensor:
     """Features [tiles, patches, width] after the final LayerNorm."""
     with dispatch.sdpa_backends(tiles):

@@ -72,9 +72,8 @@ def main(argv=None) -> None:
             model_id=model_id(args.model_path), allowed_local_media_path=args.allowed_local_media_path,
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
             max_num_seqs=args.max_num_seqs, prefill_chunk=args.prefill_chunk, step_chunk=args.step_chunk,
-            vision_blocks=args.vision_blocks,
-            scheduler=args.scheduler,
-            max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+            vision_blocks=args.vision_blocks, scheduler=args.scheduler, max_images=args.max_images,
+            max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
             max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,
             api_key=args.api_key)
