@@ -43,12 +43,11 @@ def main():
     import torch
     from PIL import Image
 
-    from deepseek_vl2.engine import GenerationParams
-    from deepseek_vl2.engine.continuous import ContinuousEngine
+    from deepseek_vl2.engine import ContinuousEngine, GenerationParams, PrefillSettings
     from serve_bench import QUESTION, build_chat_engine
 
     chat = build_chat_engine(args.variant)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, prefill_chunk=4096)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, prefill=PrefillSettings(chunk=4096))
     image = Image.radial_gradient("L").resize((1024, 1024)).convert("RGB")
     conversation = [{"role": "<|User|>", "content": "<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)

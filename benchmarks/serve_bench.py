@@ -58,8 +58,14 @@ def build_chat_engine(variant: str):
     return ChatEngine(model, processor)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: int, step_chunk: int,
-          vision_blocks: int) -> None:
+def prefill_settings(args):
+    from deepseek_vl2.engine import PrefillSettings
+
+    return PrefillSettings(chunk=args.prefill_chunk, step_chunk=args.step_chunk, vision_blocks=args.vision_blocks,
+                           decoder_layers=args.decoder_layers)
+
+
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -68,7 +74,7 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill_chunk: in
     started = time.perf_counter()
     chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
-                              prefill_chunk=prefill_chunk, step_chunk=step_chunk, vision_blocks=vision_blocks,
+                              prefill=prefill,
                               max_concurrent_requests=4 * slots, request_timeout_s=1800)
     app = create_app(chat, settings)
     print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
@@ -204,7 +210,8 @@ def get_health(port: int) -> dict:
 def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
-               "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks)]
+               "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks),
+               "--decoder-layers", str(args.decoder_layers)]
     for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -260,7 +267,7 @@ class IterationLog:
     Iteration i launches its work and then waits for iteration i-1's, so on a busy GPU the time
     from the end of iteration i to the end of i+1 is what iteration i's work took on the device."""
 
-    KINDS = ("whole prefill", "chunk step", "tower piece", "plain step")
+    KINDS = ("whole prefill", "chunk step", "tower piece", "layer piece", "plain step")
 
     def __init__(self, engine):
         self.engine, self.entries = engine, []
@@ -269,9 +276,9 @@ class IterationLog:
 
     def _timed(self, step) -> None:
         stats = self.engine.stats
-        before = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.decode_steps)
+        before = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         step()
-        after = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.decode_steps)
+        after = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         kind = next((k for k, b, a in zip(self.KINDS, before, after) if a > b), None)
         self.entries.append((time.perf_counter(), kind, len(self.engine._running)))
 
@@ -305,8 +312,7 @@ def in_process(args) -> None:
     engine_rule(args)
     chat = build_chat_engine(args.variant)
     started = time.perf_counter()
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill_chunk=args.prefill_chunk,
-                              step_chunk=args.step_chunk, vision_blocks=args.vision_blocks)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill=prefill_settings(args))
     print(f"engine ready in {time.perf_counter() - started:.1f} s: {engine.startup_summary}", flush=True)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
@@ -372,6 +378,7 @@ def main():
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
     parser.add_argument("--step-chunk", type=int, default=256, help="--step-chunk of the server")
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
+    parser.add_argument("--decoder-layers", type=int, default=0, help="--decoder-layers of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")
@@ -389,7 +396,7 @@ def main():
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, args.prefill_chunk, args.step_chunk, args.vision_blocks)
+        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args))
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

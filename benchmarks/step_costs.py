@@ -14,6 +14,7 @@ For each variant (random bf16 weights, as bench.py builds them) and the serve_be
   tower block   one SigLIP block over the 10 tiles (vision.TowerPieces.advance(1)), each of the 27
   tower         the whole tower (advance(27)), then the projector and the layout (place_images)
   prefill       the decoder over the 2054 prompt embeddings at once
+  layer         one decoder layer over them (layer_pieces.LayerPieces.advance(1)), each layer
 
 A step that carries a chunk, or follows `--vision-blocks` tower blocks, delays every running row's
 next token by its difference to the plain step; the serving target compares the inter-token p99
@@ -37,6 +38,7 @@ from bench import build_model, make_prompt, timed  # noqa: E402
 from deepseek_vl2.engine.decode_steps import DecodeSteps  # noqa: E402
 from deepseek_vl2.engine.slots import SlotCache, kv_bucket  # noqa: E402
 from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
+from deepseek_vl2.modeling.layer_pieces import LayerPieces  # noqa: E402
 from deepseek_vl2.modeling.vision import TowerPieces  # noqa: E402
 from deepseek_vl2.models import DeepseekVLV2Processor  # noqa: E402
 from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
@@ -150,6 +152,18 @@ def prefill_ms(lm, embeds) -> float:
     return 1e3 * timed(run, repeats=5)
 
 
+@torch.inference_mode()
+def layer_ms(lm, embeds) -> list:
+    """Milliseconds of each decoder layer over the whole prompt, as the engine's pieces run them
+    (medians of 5 passes)."""
+    passes = []
+    for _ in range(6):
+        cache = KVCache(lm.config, 1, embeds.shape[1], "cuda", lm.dtype)
+        pieces = LayerPieces(lm, embeds, cache, embeds.shape[1])
+        passes.append([event_ms(lambda: pieces.advance(1)) for _ in range(len(lm.model.layers))])
+    return [statistics.median(times) for times in zip(*passes[1:])]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
@@ -175,11 +189,12 @@ def main():
         tower = tower_costs(model, batch)
         embeds = tower.pop("embeds")
         result = dict(variant=variant, prompt_tokens=prompt_len, kv_len=kv_len, **tower,
-                      prefill_ms=prefill_ms(model.language, embeds),
+                      prefill_ms=prefill_ms(model.language, embeds), layer_ms=layer_ms(model.language, embeds),
                       step_ms=step_costs(model.language, args.rows, args.chunks, kv_len))
         print(f"  tower {result['tower_ms']:.2f} ms over {result['tiles']} tiles (block median "
               f"{statistics.median(result['block_ms']):.3f} ms), place_images {result['place_images_ms']:.2f} ms, "
-              f"prefill {result['prefill_ms']:.2f} ms", flush=True)
+              f"prefill {result['prefill_ms']:.2f} ms (layers {', '.join(f'{t:.2f}' for t in result['layer_ms'])} ms)",
+              flush=True)
         if args.profile:
             profile_steps(model.language, 8, args.profile, kv_len)
         results.append(result)

@@ -37,10 +37,10 @@ class EngineSpec:
         return self.engine_for(model, processor)
 
     def engine_for(self, model, processor):
-        from ..engine import ContinuousEngine
+        from ..engine import ContinuousEngine, PrefillSettings
 
         device = torch.device(model.device)
         slots = self.max_num_seqs or (SLOTS_CUDA if device.type == "cuda" else SLOTS_CPU)
         capacity = model.config.language_config.max_position_embeddings
         prefill_chunk = self.chunk_size if self.chunk_size > 0 else capacity
-        return ContinuousEngine(model, processor, max_num_seqs=slots, prefill_chunk=prefill_chunk)
+        return ContinuousEngine(model, processor, max_num_seqs=slots, prefill=PrefillSettings(chunk=prefill_chunk))

@@ -5,9 +5,10 @@ from .continuous import ContinuousEngine
 from .loading import load_model_and_processor
 from .messages import IMAGE_TAG, ImageTagError, chat_conversation, tagged_text
 from .params import GenerationParams, add_engine_arguments, sampling_key
+from .prefill import PrefillSettings
 from .streaming import BatchStream, RowsEnd, TextStream
 
-__all__ = ["BatchRow", "ChatEngine", "ChatResult", "PromptTooLongError", "Timings", "ContinuousEngine",
+__all__ = ["BatchRow", "ChatEngine", "ChatResult", "PromptTooLongError", "Timings", "ContinuousEngine", "PrefillSettings",
            "load_model_and_processor",
            "IMAGE_TAG", "ImageTagError", "chat_conversation", "tagged_text", "GenerationParams", "add_engine_arguments",
            "sampling_key", "BatchStream", "RowsEnd", "TextStream"]

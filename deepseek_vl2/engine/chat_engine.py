@@ -135,6 +135,7 @@ class ChatEngine:
         """The continuous-batching engine `chat_batch` runs on, with at least `rows` KV slots (a power
         of two, at least 8; made anew only when a call needs more)."""
         from .continuous import ContinuousEngine
+        from .prefill import PrefillSettings
 
         engine = self._continuous
         if engine is None or engine.slots.max_num_seqs < rows:
@@ -142,7 +143,7 @@ class ChatEngine:
             slots = max(8, 1 << (rows - 1).bit_length())
             prefill_chunk = self.chunk_size if self.chunk_size > 0 else self.model.config.language_config.max_position_embeddings
             self._continuous = ContinuousEngine(self.model, self.processor, max_num_seqs=slots,
-                                                prefill_chunk=prefill_chunk)
+                                                prefill=PrefillSettings(chunk=prefill_chunk))
         return self._continuous
 
     def generate_batch(self, rows: Sequence["BatchRow"]) -> List[ChatResult]:

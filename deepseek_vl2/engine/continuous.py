@@ -47,7 +47,7 @@ from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
-from .prefill import Chunk, Prefill
+from .prefill import Chunk, Prefill, PrefillSettings
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
@@ -64,6 +64,7 @@ class EngineStats:
         self.chunk_steps = 0  # decode steps that carried a prompt chunk
         self.whole_prefills = 0  # prompts prefilled whole between two decode steps
         self.tower_pieces = 0  # iterations that ran a few vision-tower blocks of a prompt in pieces
+        self.layer_pieces = 0  # iterations that ran a few decoder layers of a prompt in pieces
         self.max_running = 0
         self.finished = 0  # requests ended with a result (cancelled ones included)
         self.failed = 0
@@ -88,21 +89,14 @@ WHOLE_PREFILL_QUEUE = 4
 
 class ContinuousEngine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_length: Optional[int] = None,
-                 prefill_chunk: int = 512, step_chunk: int = 256, vision_blocks: int = 4,
-                 cuda_graphs: Optional[bool] = None):
+                 prefill: Optional[PrefillSettings] = None, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill_chunk`: prompt tokens per forward of a whole prefill;
-        `step_chunk`: prompt tokens a decode step carries while rows decode (the decode graphs are
-        captured with a chunk of this size); `vision_blocks`: vision-tower blocks run per iteration
-        while rows decode (SigLIP has 27; all of them over a 1024x1024 image's 10 tiles took 22 ms
-        on an H200, benchmarks/RESULTS.md); `cuda_graphs`: decode steps as CUDA graphs, all captured
-        here (default: on CUDA in bfloat16 or float16, where `kernels.dispatch.decode_is_capturable`
-        allows them)."""
-        for name, value in (("prefill_chunk", prefill_chunk), ("step_chunk", step_chunk),
-                            ("vision_blocks", vision_blocks)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        `prefill`: how prompts are prefilled (prefill.py; the decode graphs are captured with a chunk
+        of its `step_chunk` tokens unless it runs prompts in pieces of decoder layers);
+        `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
+        float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
+        prefill = prefill or PrefillSettings()
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer if processor is not None else None
@@ -116,11 +110,10 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        step_chunk = min(step_chunk, capacity - 1)
+        step_chunk = 0 if prefill.decoder_layers else min(prefill.step_chunk, capacity - 1)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
-        self.prefill_chunk = prefill_chunk
         self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
@@ -131,7 +124,7 @@ class ContinuousEngine:
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
-        self.prefill = Prefill(self, prefill_chunk, step_chunk, vision_blocks)
+        self.prefill = Prefill(self, prefill)
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -239,7 +232,9 @@ class ContinuousEngine:
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:
-            chosen = self._decode(None if busy else self.prefill.next_chunk())
+            chunk = None if busy else self.prefill.next_piece()
+            launched += self._join_prefilled()  # a prefill may end in a piece of decoder layers
+            chosen = self._decode(chunk)
             launched += ([chosen] if chosen is not None else []) + self._join_prefilled()
         previous, self._pending = self._pending, launched
         for chosen in previous:

@@ -125,7 +125,7 @@ class DecodeSteps:
         done, for the start-up log."""
         started = time.perf_counter()
         self.capture([(rows, kv_len, with_chunk) for rows in self.row_sizes for kv_len in self.kv_sizes
-                      for with_chunk in (False, True)])
+                      for with_chunk in ((False, True) if self.chunk else (False,))])
         summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
                    f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]} x with and without a "
                    f"{self.chunk}-token prompt chunk) in {time.perf_counter() - started:.1f} s")

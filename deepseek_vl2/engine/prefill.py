@@ -3,13 +3,15 @@ the slots' prompt row, then into its slot with its first token. One request at a
 admission order, on the engine's thread.
 
 While rows are decoding and few requests wait, a prefill advances in pieces so that no row waits
-long for its next token (`next_chunk`): each engine iteration either runs `vision_blocks` blocks of
-the vision tower over the request's tiles (vision.TowerPieces, the same features to the bit), or
-hands the decode step a chunk of up to `step_chunk` prompt tokens, which the step runs with the
-rows (decode_steps.py). Otherwise the first request is prefilled whole in one iteration (`whole`,
-in forwards of `chunk` tokens): nobody waits for it when no row is decoding, and when many
-requests wait, serving the queue faster matters more than the running rows' next tokens (the
-engine decides, continuous.py).
+long for its next token (`next_piece`): each engine iteration runs `vision_blocks` blocks of the
+vision tower over the request's tiles (vision.TowerPieces, the same features to the bit), and once
+its embeddings are made, either `decoder_layers` decoder layers over its whole prompt
+(layer_pieces.LayerPieces, the same cache and logits to the bit) or, with `decoder_layers` 0, a
+chunk of up to `step_chunk` prompt tokens handed to the decode step, which runs it with the rows
+(decode_steps.py). Otherwise the first request is prefilled whole in one iteration (`whole`, in
+forwards of `chunk` tokens): nobody waits for it when no row is decoding, and when many requests
+wait, serving the queue faster matters more than the running rows' next tokens (the engine
+decides, continuous.py).
 
 A finished prefill goes back to the engine as `Prefilled` (`take_ended`): the request and its first
 token, chosen on the device and fed to its first decode step from there, or the error.
@@ -19,15 +21,32 @@ its own beside decode steps on a stream of higher priority. The decode steps tha
 with a prefill took ~5x longer, output fell from 1560 to 1408 tok/s and the open-loop inter-token
 p99 rose from 4.3 to 7.1 ms (benchmarks/RESULTS.md).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 import torch
 
+from ..modeling.layer_pieces import LayerPieces
 from ..modeling.vision import TowerPieces
 from .requests import ActiveRequest
 from .row_sampling import Chosen, choose_tokens
 from .slots import device_tensor
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """How the continuous engine prefills prompts (see the module's docstring)."""
+
+    chunk: int = 512  # prompt tokens per forward
+    step_chunk: int = 256  # with decoder_layers 0: prompt tokens a decode step carries while rows decode
+    vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
+    decoder_layers: int = 0  # decoder layers per iteration while rows decode (0: chunks ride the steps)
+
+    def __post_init__(self):
+        for field in fields(self):
+            least = 0 if field.name == "decoder_layers" else 1
+            if getattr(self, field.name) < least:
+                raise ValueError(f"{field.name} must be >= {least}, got {getattr(self, field.name)}")
 
 
 @dataclass
@@ -51,11 +70,12 @@ class Chunk:
 class Prefill:
     """The admitted requests not decoding yet (`requests`, in admission order) and their prefill."""
 
-    def __init__(self, engine, chunk: int, step_chunk: int, vision_blocks: int):
+    def __init__(self, engine, settings: PrefillSettings):
         self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
-        self.stats = engine.stats
-        self.chunk, self.step_chunk, self.vision_blocks = chunk, step_chunk, vision_blocks
+        self.stats, self.settings = engine.stats, settings
+        self.chunk, self.vision_blocks, self.decoder_layers = settings.chunk, settings.vision_blocks, settings.decoder_layers
+        self.step_chunk = min(settings.step_chunk, self.slots.capacity - 1)
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
 
@@ -71,6 +91,9 @@ class Prefill:
             return
         request = self.requests[0]
         try:
+            if request.layers is not None:
+                self._end(request, request.layers.advance(request.layers.layers_left))
+                return
             embeds = self._embeddings(request, blocks=None)
             cache = self.slots.prompt_row(request.prefilled)
             for start in range(request.prefilled, request.prompt_len, self.chunk):
@@ -80,20 +103,37 @@ class Prefill:
         except Exception as error:
             self.fail(request, error)
 
-    def next_chunk(self) -> Optional[Chunk]:
+    def next_piece(self) -> Optional[Chunk]:
         """The first request's next piece while rows decode: `vision_blocks` blocks of its vision
-        tower, run now (None returned), or, once its embeddings are made, its next prompt chunk for
-        the decode step to run (`chunk_ran` after)."""
+        tower, or then `decoder_layers` layers of the decoder over its whole prompt, run now (None
+        returned); or, with `decoder_layers` 0, once its embeddings are made, its next prompt chunk
+        for the decode step to run (`chunk_ran` after)."""
         if not self.requests:
             return None
         request = self.requests[0]
         try:
+            tower_pieces = self.stats.tower_pieces
             if self._embeddings(request, blocks=self.vision_blocks) is None:
+                return None
+            if self.decoder_layers:
+                if self.stats.tower_pieces == tower_pieces:  # one piece per iteration
+                    self._layer_piece(request)
                 return None
         except Exception as error:
             self.fail(request, error)
             return None
         return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
+
+    def _layer_piece(self, request: ActiveRequest) -> None:
+        """The next `decoder_layers` layers over the request's whole prompt (LayerPieces), in the prompt
+        row; after the last, the request's prefill ends."""
+        if request.layers is None:
+            cache = self.slots.prompt_row(request.prefilled)
+            request.layers = LayerPieces(self.lm, request.embeds[:, request.prefilled :], cache, self.chunk)
+        self.stats.layer_pieces += 1
+        logits = request.layers.advance(self.decoder_layers)
+        if logits is not None:
+            self._end(request, logits)
 
     def chunk_ran(self, chunk: Chunk, logits: torch.Tensor) -> None:
         """The decode step ran `chunk`; `logits` [1, vocab] of its last token."""
@@ -105,7 +145,7 @@ class Prefill:
     def fail(self, request: ActiveRequest, error: Exception) -> None:
         if request in self.requests:
             self.requests.remove(request)
-        request.embeds = request.images = None
+        request.embeds = request.images = request.layers = None
         self._ended.append(Prefilled(request, error=error))
 
     def _embeddings(self, request: ActiveRequest, blocks: Optional[int]) -> Optional[torch.Tensor]:
@@ -139,7 +179,7 @@ class Prefill:
         device and fed to its first decode step from there (the engine reads it one iteration later)."""
         self.slots.take_prompt(request.slot, request.prompt_len)
         request.prefilled = request.length = request.prompt_len
-        request.embeds = None
+        request.embeds = request.layers = None
         slot = device_tensor([request.slot], self.next_tokens.device)
         token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)
         self.next_tokens.index_copy_(0, slot, token)

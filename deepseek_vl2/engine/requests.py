@@ -83,6 +83,7 @@ class ActiveRequest:
     stream: TextStream
     images: Optional[object] = None  # (ImagePrompt, TowerPieces) while its images go through the tower in pieces
     embeds: Optional[torch.Tensor] = None  # [1, T, hidden] once made, until its prompt is prefilled
+    layers: Optional[object] = None  # LayerPieces while its prompt goes through the decoder in pieces
     admitted: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the slot's cache (prompt + generated tokens fed to launched steps)

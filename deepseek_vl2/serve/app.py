@@ -52,8 +52,7 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
     guarded = DeviceGuard(engine, state, on_fatal)
     limit = context_length(engine)
     scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit, scheduler=settings.scheduler,
-                                 max_num_seqs=settings.max_num_seqs, prefill_chunk=settings.prefill_chunk,
-                                 step_chunk=settings.step_chunk, vision_blocks=settings.vision_blocks,
+                                 max_num_seqs=settings.max_num_seqs, prefill=settings.prefill,
                                  batch_engine=guarded, on_error=guarded.check)
     media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_image_pixels,
                         settings.max_request_bytes)

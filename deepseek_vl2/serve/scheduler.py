@@ -36,6 +36,7 @@ from typing import Callable, List, Optional
 from ..engine import BatchRow, ChatResult, GenerationParams, sampling_key
 from ..engine.continuous import ContinuousEngine
 from ..engine.decode_steps import compilations
+from ..engine.prefill import PrefillSettings
 from ..engine.requests import Handle
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class SchedulerStats:
     whole_prefills: int = 0  # continuous: prompts prefilled whole between two decode steps
     chunk_steps: int = 0  # continuous: decode steps that carried a prompt chunk (prefill in pieces)
     tower_pieces: int = 0  # continuous: iterations that ran a few vision-tower blocks (prefill in pieces)
+    layer_pieces: int = 0  # continuous: iterations that ran a few decoder layers (prefill in pieces)
 
 
 def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
@@ -100,15 +102,14 @@ def uses_continuous_engine(engine, scheduler: str = "auto") -> bool:
 
 
 def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] = None, scheduler: str = "auto",
-                     max_num_seqs: Optional[int] = None, prefill_chunk: int = 512, step_chunk: int = 256,
-                     vision_blocks: int = 4, batch_engine=None, on_error: Optional[Callable[[BaseException], None]] = None):
+                     max_num_seqs: Optional[int] = None, prefill: Optional[PrefillSettings] = None, batch_engine=None,
+                     on_error: Optional[Callable[[BaseException], None]] = None):
     """The server's scheduler for `engine` by the rule of `uses_continuous_engine`. Static batching
     runs `batch_engine` (default `engine`; the app passes its device guard) with `max_batch_size` and
     `context_length`; the continuous engine gets `max_num_seqs` rows (default `max_batch_size`),
-    `prefill_chunk`, `step_chunk`, `vision_blocks`, and reports failed requests' errors to `on_error`."""
+    its `prefill` settings, and reports failed requests' errors to `on_error`."""
     if uses_continuous_engine(engine, scheduler):
-        return ContinuousScheduler(engine, max_num_seqs or max_batch_size, prefill_chunk, step_chunk, vision_blocks,
-                                   on_error=on_error)
+        return ContinuousScheduler(engine, max_num_seqs or max_batch_size, prefill, on_error=on_error)
     if isinstance(engine, ContinuousEngine):
         raise ValueError("static batching needs a ChatEngine (chat_batch), not a ContinuousEngine")
     return BatchScheduler(batch_engine or engine, max_batch_size, context_length=context_length)
@@ -207,15 +208,13 @@ class BatchScheduler:
 
 
 class ContinuousScheduler:
-    def __init__(self, engine, max_num_seqs: int = 8, prefill_chunk: int = 512, step_chunk: int = 256,
-                 vision_blocks: int = 4, on_error: Optional[Callable[[BaseException], None]] = None):
+    def __init__(self, engine, max_num_seqs: int = 8, prefill: Optional[PrefillSettings] = None,
+                 on_error: Optional[Callable[[BaseException], None]] = None):
         """`engine`: a ContinuousEngine, or a ChatEngine whose model and processor get one with
-        `max_num_seqs` KV slots, `prefill_chunk`, `step_chunk` and `vision_blocks`. `on_error(exception)`:
-        called on the engine's thread for each failed request (the app's device guard)."""
+        `max_num_seqs` KV slots and `prefill` settings. `on_error(exception)`: called on the engine's
+        thread for each failed request (the app's device guard)."""
         if not isinstance(engine, ContinuousEngine):
-            engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs,
-                                      prefill_chunk=prefill_chunk, step_chunk=step_chunk,
-                                      vision_blocks=vision_blocks)
+            engine = ContinuousEngine(engine.model, engine.processor, max_num_seqs=max_num_seqs, prefill=prefill)
         self.engine = engine
         logger.info("continuous engine ready: %d KV slots of %d tokens; %s", engine.slots.max_num_seqs,
                     engine.slots.capacity, engine.startup_summary)
@@ -232,7 +231,8 @@ class ContinuousScheduler:
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
                               compilations_after_start=compilations() - counts.compilations_at_start,
                               slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
-                              chunk_steps=counts.chunk_steps, tower_pieces=counts.tower_pieces)
+                              chunk_steps=counts.chunk_steps, tower_pieces=counts.tower_pieces,
+                              layer_pieces=counts.layer_pieces)
 
     def start(self) -> None:
         self.engine.start()

@@ -3,6 +3,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..engine.prefill import PrefillSettings
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -11,9 +13,7 @@ class ServerSettings:
     allow_remote_media: bool = False  # fetch http(s) image URLs
     max_batch_size: int = 8  # rows of one static batch (a model spread over several GPUs)
     max_num_seqs: int = 8  # rows decoding at once in the continuous engine (KV slots)
-    prefill_chunk: int = 512  # prompt tokens per forward of the continuous engine's whole prefills
-    step_chunk: int = 256  # prompt tokens one of its decode steps carries while rows decode
-    vision_blocks: int = 4  # vision-tower blocks it runs per decode step for a prompt prefilled in pieces
+    prefill: PrefillSettings = field(default_factory=PrefillSettings)  # how the continuous engine prefills
     scheduler: str = "auto"  # "auto": the continuous engine, static batching for a split model; or "static", "continuous"
     max_images: int = 4  # per request
     max_image_pixels: int = 36_000_000  # width * height, checked before an image is decoded
@@ -28,7 +28,7 @@ class ServerSettings:
             raise ValueError("the API key must not be empty")
         if self.scheduler not in ("auto", "static", "continuous"):
             raise ValueError(f"scheduler must be auto, static or continuous, got {self.scheduler!r}")
-        for name in ("max_batch_size", "max_num_seqs", "prefill_chunk", "step_chunk", "vision_blocks", "max_images",
+        for name in ("max_batch_size", "max_num_seqs", "max_images",
                      "max_image_pixels", "max_request_bytes", "request_timeout_s", "max_text_chars",
                      "max_concurrent_requests"):
             if getattr(self, name) <= 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.engine import ChatEngine, GenerationParams
+from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings
 from deepseek_vl2.engine.continuous import WHOLE_PREFILL_QUEUE, ContinuousEngine
 from deepseek_vl2.engine.slots import kv_bucket
 from goldens import CHECKPOINTS
@@ -38,14 +38,16 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("decoder_layers", [0, 1], ids=["chunks", "layers"])
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_equal_their_single_answers(checkpoint):
+def test_mixed_requests_equal_their_single_answers(checkpoint, decoder_layers):
     chat = chat_engine(checkpoint)
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
     # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
-    # images one tower block per step, their prompts in chunks carried by the rows' decode steps)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill_chunk=64, step_chunk=100,
-                              vision_blocks=1)
+    # images one tower block per step, their prompts in chunks carried by the rows' decode steps, or
+    # one decoder layer per step)
+    prefill = PrefillSettings(chunk=64, step_chunk=100, vision_blocks=1, decoder_layers=decoder_layers)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=prefill)
     handles = []
     for text, images, params, steps in REQUESTS:
         handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
@@ -53,6 +55,8 @@ def test_mixed_requests_equal_their_single_answers(checkpoint):
             engine.step()
     while engine.has_work():
         engine.step()
+    pieces = engine.stats.layer_pieces if decoder_layers else engine.stats.chunk_steps
+    assert pieces > 0 and engine.stats.tower_pieces > 0
     for handle, single in zip(handles, singles):
         result = handle.result(timeout=0)
         assert result.token_ids == single.token_ids
@@ -88,7 +92,7 @@ def test_stop_strings_and_events():
 
 def test_cancellations_free_every_slot():
     chat = chat_engine("tiny_mha")
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, step_chunk=8)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill=PrefillSettings(step_chunk=8))
     sample = engine.prepare_one(conversation("A long answer please.", [RED]), [RED])
     params = GenerationParams(max_new_tokens=50, temperature=0, min_new_tokens=50)
     running, prefilling, waiting, done = (engine.submit(sample, params) for _ in range(4))
@@ -113,7 +117,7 @@ def test_cancellations_free_every_slot():
 
 def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
     chat = chat_engine("tiny_mha")
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, step_chunk=8)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, prefill=PrefillSettings(step_chunk=8))
     sample = engine.prepare_one(conversation("Describe the image.", [RED]), [RED])
     params = GenerationParams(max_new_tokens=40, temperature=0, min_new_tokens=40)
     engine.submit(sample, params)
@@ -166,9 +170,9 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
 
     alone = []
     for prompt in prompts:
-        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, step_chunk=3)
+        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(step_chunk=3))
         alone += answers(engine, [engine.submit(prompt, params)])
-    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, step_chunk=3)
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(step_chunk=3))
     first = engine.submit(prompts[0], params)
     engine.step()
     handles = [first] + [engine.submit(prompt, params) for prompt in prompts[1:2]]
@@ -179,8 +183,41 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
 
 
-@pytest.mark.parametrize("name", ["prefill_chunk", "step_chunk", "vision_blocks"])
-def test_piece_sizes_below_one_are_refused_by_name(name):
-    chat = chat_engine("tiny_mha")
-    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
-        ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, **{name: 0})
+@pytest.mark.parametrize("name, value, least", [("chunk", 0, 1), ("step_chunk", 0, 1), ("vision_blocks", 0, 1),
+                                                ("decoder_layers", -1, 0)])
+def test_piece_sizes_below_their_least_are_refused_by_name(name, value, least):
+    with pytest.raises(ValueError, match=f"{name} must be >= {least}, got {value}"):
+        PrefillSettings(**{name: value})
+
+
+@torch.inference_mode()
+def test_a_prompt_half_through_the_decoder_layers_is_finished_whole_when_the_queue_fills(tiny_lm):
+    """A prompt in pieces of layers (one of tiny_lm's two) that the queue rule then prefills whole
+    gets the tokens it gets alone, as do the requests queued behind it."""
+    tiny_lm.config.eos_token_id = tiny_lm.config.vocab_size - 1
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=generator)
+               for n in (6, 8, 5, 7, 4, 9)[: 2 + WHOLE_PREFILL_QUEUE]]
+    params = GenerationParams(max_new_tokens=5, temperature=0, min_new_tokens=5)
+    settings = PrefillSettings(decoder_layers=1)
+
+    def answer(engine, handles):
+        while engine.has_work():
+            engine.step()
+        return [handle.result(timeout=0).token_ids for handle in handles]
+
+    alone = []
+    for prompt in prompts:
+        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=len(prompts), prefill=settings)
+        alone += answer(engine, [engine.submit(prompt, params)])
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=len(prompts), prefill=settings)
+    handles = [engine.submit(prompts[0], params)]
+    engine.step()  # no row decoding: prefilled whole
+    handles.append(engine.submit(prompts[1], params))
+    engine.step()  # one row decoding, one waiting: its first layer rides along
+    halfway = engine.prefill.requests[0]
+    assert halfway.layers is not None and halfway.layers.layers_left == 1 and engine.stats.layer_pieces == 1
+    handles += [engine.submit(prompt, params) for prompt in prompts[2:]]
+    engine.step()  # the queue is full: the first waiting prompt is finished whole
+    assert halfway not in engine.prefill.requests and engine.stats.whole_prefills == 2
+    assert answer(engine, handles) == alone and all(len(tokens) == 5 for tokens in alone)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.engine import ChatEngine, GenerationParams
+from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.engine.decode_steps import compilations
 from goldens import CHECKPOINTS
@@ -40,7 +40,8 @@ def conversation(text: str, images) -> list:
 @torch.inference_mode()  # as the engine steps
 def test_graph_step_gives_the_eager_step(checkpoint):
     chat = chat_engine(checkpoint)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=5, max_length=600, step_chunk=48)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=5, max_length=600,
+                              prefill=PrefillSettings(step_chunk=48))
     steps = engine.steps
     assert steps.row_sizes == (1, 2, 4, 5) and steps.kv_sizes == (256, 512, 600) and steps.chunk == 48
     assert len(steps.graphs) == 24 and "captured 24 decode graphs" in engine.startup_summary
@@ -81,8 +82,9 @@ def teacher_forced_gap(chat, conv, images, answer, index):
     return (top[0] - top[1]).item(), top[0].item()
 
 
+@pytest.mark.parametrize("decoder_layers", [0, 1], ids=["chunks", "layers"])
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_through_graphs(checkpoint, record_property):
+def test_mixed_requests_through_graphs(checkpoint, decoder_layers, record_property):
     chat = chat_engine(checkpoint)
     red, green = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (300, 500), (0, 90, 0))
     requests = [("Describe the image.", [red], GenerationParams(max_new_tokens=40, temperature=0)),
@@ -93,7 +95,8 @@ def test_mixed_requests_through_graphs(checkpoint, record_property):
                 ("What now?", [red, green], GenerationParams(max_new_tokens=300, temperature=0))]
     with torch.inference_mode():
         singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048, step_chunk=64)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048,
+                              prefill=PrefillSettings(step_chunk=64, decoder_layers=decoder_layers))
     compiled = compilations()
     handles = []
     for i, (text, images, params) in enumerate(requests):

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import torch
 
-from deepseek_vl2.engine import ChatEngine
+from deepseek_vl2.engine import ChatEngine, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.scheduler import BatchScheduler, ContinuousScheduler, create_scheduler, uses_continuous_engine
@@ -33,7 +33,7 @@ def test_the_rule_by_placement():
     assert isinstance(static, BatchScheduler) and (static.max_batch_size, static.context_length) == (3, 100)
     with pytest.raises(ValueError, match="scheduler must be"):
         ServerSettings(model_id="tiny", scheduler="dynamic")
-    for name in ("step_chunk", "vision_blocks"):
+    for name in ("max_num_seqs", "max_images"):
         with pytest.raises(ValueError, match=f"{name} must be positive, got 0"):
             ServerSettings(model_id="tiny", **{name: 0})
 
@@ -44,9 +44,10 @@ def chat(tmp_path_factory):
 
 
 def test_cpu_engines_get_the_continuous_engine_with_its_settings(chat):
-    scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=3, prefill_chunk=64)
+    prefill = PrefillSettings(chunk=64, decoder_layers=2)
+    scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=3, prefill=prefill)
     assert isinstance(scheduler, ContinuousScheduler)
-    assert (scheduler.engine.slots.max_num_seqs, scheduler.engine.prefill_chunk) == (3, 64)
+    assert (scheduler.engine.slots.max_num_seqs, scheduler.engine.prefill.settings) == (3, prefill)
     assert isinstance(create_scheduler(chat, max_batch_size=8, scheduler="static"), BatchScheduler)
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2)
     assert create_scheduler(engine, max_batch_size=8).engine is engine
