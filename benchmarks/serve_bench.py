@@ -62,7 +62,7 @@ def prefill_settings(args):
     from deepseek_vl2.engine import PrefillSettings
 
     return PrefillSettings(chunk=args.prefill_chunk, step_chunk=args.step_chunk, vision_blocks=args.vision_blocks,
-                           decoder_layers=args.decoder_layers)
+                           layer_tokens=args.layer_tokens)
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill) -> None:
@@ -211,7 +211,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks),
-               "--decoder-layers", str(args.decoder_layers)]
+               "--layer-tokens", str(args.layer_tokens)]
     for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -378,7 +378,7 @@ def main():
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
     parser.add_argument("--step-chunk", type=int, default=256, help="--step-chunk of the server")
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
-    parser.add_argument("--decoder-layers", type=int, default=0, help="--decoder-layers of the server")
+    parser.add_argument("--layer-tokens", type=int, default=0, help="--layer-tokens of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")

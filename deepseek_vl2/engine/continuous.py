@@ -110,7 +110,7 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        step_chunk = 0 if prefill.decoder_layers else min(prefill.step_chunk, capacity - 1)
+        step_chunk = 0 if prefill.layer_tokens else min(prefill.step_chunk, capacity - 1)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"

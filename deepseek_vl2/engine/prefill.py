@@ -5,8 +5,9 @@ admission order, on the engine's thread.
 While rows are decoding and few requests wait, a prefill advances in pieces so that no row waits
 long for its next token (`next_piece`): each engine iteration runs `vision_blocks` blocks of the
 vision tower over the request's tiles (vision.TowerPieces, the same features to the bit), and once
-its embeddings are made, either `decoder_layers` decoder layers over its whole prompt
-(layer_pieces.LayerPieces, the same cache and logits to the bit) or, with `decoder_layers` 0, a
+its embeddings are made, either a few decoder layers over its whole prompt (layer_pieces.LayerPieces,
+the same cache and logits to the bit; about `layer_tokens` prompt tokens x layers a piece) or, with
+`layer_tokens` 0, a
 chunk of up to `step_chunk` prompt tokens handed to the decode step, which runs it with the rows
 (decode_steps.py). Otherwise the first request is prefilled whole in one iteration (`whole`, in
 forwards of `chunk` tokens): nobody waits for it when no row is decoding, and when many requests
@@ -38,13 +39,15 @@ class PrefillSettings:
     """How the continuous engine prefills prompts (see the module's docstring)."""
 
     chunk: int = 512  # prompt tokens per forward
-    step_chunk: int = 256  # with decoder_layers 0: prompt tokens a decode step carries while rows decode
+    step_chunk: int = 256  # with layer_tokens 0: prompt tokens a decode step carries while rows decode
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
-    decoder_layers: int = 0  # decoder layers per iteration while rows decode (0: chunks ride the steps)
+    # while rows decode, a piece runs round(layer_tokens / prompt tokens) decoder layers (at least one) over
+    # the prompt: a 2054-token prompt 2 layers a piece, a short one all of them at once (0: chunks ride the steps)
+    layer_tokens: int = 0
 
     def __post_init__(self):
         for field in fields(self):
-            least = 0 if field.name == "decoder_layers" else 1
+            least = 0 if field.name == "layer_tokens" else 1
             if getattr(self, field.name) < least:
                 raise ValueError(f"{field.name} must be >= {least}, got {getattr(self, field.name)}")
 
@@ -74,7 +77,7 @@ class Prefill:
         self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
         self.stats, self.settings = engine.stats, settings
-        self.chunk, self.vision_blocks, self.decoder_layers = settings.chunk, settings.vision_blocks, settings.decoder_layers
+        self.chunk, self.vision_blocks, self.layer_tokens = settings.chunk, settings.vision_blocks, settings.layer_tokens
         self.step_chunk = min(settings.step_chunk, self.slots.capacity - 1)
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
@@ -105,8 +108,8 @@ class Prefill:
 
     def next_piece(self) -> Optional[Chunk]:
         """The first request's next piece while rows decode: `vision_blocks` blocks of its vision
-        tower, or then `decoder_layers` layers of the decoder over its whole prompt, run now (None
-        returned); or, with `decoder_layers` 0, once its embeddings are made, its next prompt chunk
+        tower, or then a few layers of the decoder over its whole prompt, run now (None returned);
+        or, with `layer_tokens` 0, once its embeddings are made, its next prompt chunk
         for the decode step to run (`chunk_ran` after)."""
         if not self.requests:
             return None
@@ -115,7 +118,7 @@ class Prefill:
             tower_pieces = self.stats.tower_pieces
             if self._embeddings(request, blocks=self.vision_blocks) is None:
                 return None
-            if self.decoder_layers:
+            if self.layer_tokens:
                 if self.stats.tower_pieces == tower_pieces:  # one piece per iteration
                     self._layer_piece(request)
                 return None
@@ -125,13 +128,14 @@ class Prefill:
         return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
 
     def _layer_piece(self, request: ActiveRequest) -> None:
-        """The next `decoder_layers` layers over the request's whole prompt (LayerPieces), in the prompt
-        row; after the last, the request's prefill ends."""
+        """The next few layers over the request's whole prompt (LayerPieces; about `layer_tokens` prompt
+        tokens x layers), in the prompt row; after the last, the request's prefill ends."""
         if request.layers is None:
             cache = self.slots.prompt_row(request.prefilled)
             request.layers = LayerPieces(self.lm, request.embeds[:, request.prefilled :], cache, self.chunk)
         self.stats.layer_pieces += 1
-        logits = request.layers.advance(self.decoder_layers)
+        tokens = request.prompt_len - request.prefilled
+        logits = request.layers.advance(max(1, round(self.layer_tokens / tokens)))
         if logits is not None:
             self._end(request, logits)
 

@@ -38,15 +38,15 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("decoder_layers", [0, 1], ids=["chunks", "layers"])
+@pytest.mark.parametrize("layer_tokens", [0, 1], ids=["chunks", "layers"])
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_equal_their_single_answers(checkpoint, decoder_layers):
+def test_mixed_requests_equal_their_single_answers(checkpoint, layer_tokens):
     chat = chat_engine(checkpoint)
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
     # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
     # images one tower block per step, their prompts in chunks carried by the rows' decode steps, or
     # one decoder layer per step)
-    prefill = PrefillSettings(chunk=64, step_chunk=100, vision_blocks=1, decoder_layers=decoder_layers)
+    prefill = PrefillSettings(chunk=64, step_chunk=100, vision_blocks=1, layer_tokens=layer_tokens)
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=prefill)
     handles = []
     for text, images, params, steps in REQUESTS:
@@ -55,7 +55,7 @@ def test_mixed_requests_equal_their_single_answers(checkpoint, decoder_layers):
             engine.step()
     while engine.has_work():
         engine.step()
-    pieces = engine.stats.layer_pieces if decoder_layers else engine.stats.chunk_steps
+    pieces = engine.stats.layer_pieces if layer_tokens else engine.stats.chunk_steps
     assert pieces > 0 and engine.stats.tower_pieces > 0
     for handle, single in zip(handles, singles):
         result = handle.result(timeout=0)
@@ -184,7 +184,7 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
 
 
 @pytest.mark.parametrize("name, value, least", [("chunk", 0, 1), ("step_chunk", 0, 1), ("vision_blocks", 0, 1),
-                                                ("decoder_layers", -1, 0)])
+                                                ("layer_tokens", -1, 0)])
 def test_piece_sizes_below_their_least_are_refused_by_name(name, value, least):
     with pytest.raises(ValueError, match=f"{name} must be >= {least}, got {value}"):
         PrefillSettings(**{name: value})
@@ -199,7 +199,7 @@ def test_a_prompt_half_through_the_decoder_layers_is_finished_whole_when_the_que
     prompts = [torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=generator)
                for n in (6, 8, 5, 7, 4, 9)[: 2 + WHOLE_PREFILL_QUEUE]]
     params = GenerationParams(max_new_tokens=5, temperature=0, min_new_tokens=5)
-    settings = PrefillSettings(decoder_layers=1)
+    settings = PrefillSettings(layer_tokens=1)  # one layer a piece
 
     def answer(engine, handles):
         while engine.has_work():
@@ -221,3 +221,19 @@ def test_a_prompt_half_through_the_decoder_layers_is_finished_whole_when_the_que
     engine.step()  # the queue is full: the first waiting prompt is finished whole
     assert halfway not in engine.prefill.requests and engine.stats.whole_prefills == 2
     assert answer(engine, handles) == alone and all(len(tokens) == 5 for tokens in alone)
+
+
+@pytest.mark.parametrize("layer_tokens, pieces", [(8, 2), (11, 2), (12, 1), (100, 1)])
+@torch.inference_mode()
+def test_a_piece_runs_about_layer_tokens_over_the_prompt(tiny_lm, layer_tokens, pieces):
+    """An 8-token prompt through tiny_lm's two layers: round(layer_tokens / 8) layers a piece."""
+    tiny_lm.config.eos_token_id = tiny_lm.config.vocab_size - 1
+    params = GenerationParams(max_new_tokens=4, temperature=0, min_new_tokens=4)
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=2, prefill=PrefillSettings(layer_tokens=layer_tokens))
+    engine.submit(torch.arange(5), params)
+    engine.step()  # no row decoding: prefilled whole
+    engine.submit(torch.arange(8), params)
+    for piece in range(1, pieces + 1):
+        engine.step()
+        assert engine.stats.layer_pieces == piece and len(engine.prefill.requests) == (piece < pieces)
+    assert engine.stats.max_running == 2 and engine.stats.whole_prefills == 1

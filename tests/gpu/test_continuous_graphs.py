@@ -82,9 +82,9 @@ def teacher_forced_gap(chat, conv, images, answer, index):
     return (top[0] - top[1]).item(), top[0].item()
 
 
-@pytest.mark.parametrize("decoder_layers", [0, 1], ids=["chunks", "layers"])
+@pytest.mark.parametrize("layer_tokens", [0, 1], ids=["chunks", "layers"])
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_through_graphs(checkpoint, decoder_layers, record_property):
+def test_mixed_requests_through_graphs(checkpoint, layer_tokens, record_property):
     chat = chat_engine(checkpoint)
     red, green = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (300, 500), (0, 90, 0))
     requests = [("Describe the image.", [red], GenerationParams(max_new_tokens=40, temperature=0)),
@@ -96,7 +96,7 @@ def test_mixed_requests_through_graphs(checkpoint, decoder_layers, record_proper
     with torch.inference_mode():
         singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048,
-                              prefill=PrefillSettings(step_chunk=64, decoder_layers=decoder_layers))
+                              prefill=PrefillSettings(step_chunk=64, layer_tokens=layer_tokens))
     compiled = compilations()
     handles = []
     for i, (text, images, params) in enumerate(requests):

@@ -44,7 +44,7 @@ def chat(tmp_path_factory):
 
 
 def test_cpu_engines_get_the_continuous_engine_with_its_settings(chat):
-    prefill = PrefillSettings(chunk=64, decoder_layers=2)
+    prefill = PrefillSettings(chunk=64, layer_tokens=2)
     scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=3, prefill=prefill)
     assert isinstance(scheduler, ContinuousScheduler)
     assert (scheduler.engine.slots.max_num_seqs, scheduler.engine.prefill.settings) == (3, prefill)
