@@ -15,6 +15,8 @@ For each variant (random bf16 weights, as bench.py builds them) and the serve_be
   tower         the whole tower (advance(27)), then the projector and the layout (place_images)
   prefill       the decoder over the 2054 prompt embeddings at once
   layer         one decoder layer over them (layer_pieces.LayerPieces.advance(1)), each layer
+  graph layer   the same from the engine's prompt graphs (prompt_graphs.GraphLayerPieces), the
+                prompt padded to its bucket
 
 A step that carries a chunk, or follows `--vision-blocks` tower blocks, delays every running row's
 next token by its difference to the plain step; the serving target compares the inter-token p99
@@ -36,6 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench import build_model, make_prompt, timed  # noqa: E402
 from deepseek_vl2.engine.decode_steps import DecodeSteps  # noqa: E402
+from deepseek_vl2.engine.prompt_graphs import GraphLayerPieces, PromptGraphs  # noqa: E402
 from deepseek_vl2.engine.slots import SlotCache, kv_bucket  # noqa: E402
 from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
 from deepseek_vl2.modeling.layer_pieces import LayerPieces  # noqa: E402
@@ -164,6 +167,19 @@ def layer_ms(lm, embeds) -> list:
     return [statistics.median(times) for times in zip(*passes[1:])]
 
 
+@torch.inference_mode()
+def graph_layer_ms(lm, embeds, kv_len: int) -> list:
+    """Milliseconds of each decoder layer's prompt graph over the prompt (medians of 5 passes)."""
+    graphs = PromptGraphs(lm, SlotCache(lm, 1, kv_len))
+    print("  " + graphs.capture_all(), flush=True)
+    passes = []
+    for _ in range(6):
+        pieces = GraphLayerPieces(graphs, embeds)
+        passes.append([event_ms(lambda: pieces.advance(1)) for _ in range(len(lm.model.layers))])
+    del graphs
+    return [statistics.median(times) for times in zip(*passes[1:])]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
@@ -190,11 +206,14 @@ def main():
         embeds = tower.pop("embeds")
         result = dict(variant=variant, prompt_tokens=prompt_len, kv_len=kv_len, **tower,
                       prefill_ms=prefill_ms(model.language, embeds), layer_ms=layer_ms(model.language, embeds),
+                      graph_layer_ms=graph_layer_ms(model.language, embeds, kv_len),
                       step_ms=step_costs(model.language, args.rows, args.chunks, kv_len))
         print(f"  tower {result['tower_ms']:.2f} ms over {result['tiles']} tiles (block median "
               f"{statistics.median(result['block_ms']):.3f} ms), place_images {result['place_images_ms']:.2f} ms, "
               f"prefill {result['prefill_ms']:.2f} ms (layers {', '.join(f'{t:.2f}' for t in result['layer_ms'])} ms)",
               flush=True)
+        print(f"  prompt graphs: {sum(result['graph_layer_ms']):.2f} ms (layers "
+              f"{', '.join(f'{t:.2f}' for t in result['graph_layer_ms'])} ms)", flush=True)
         if args.profile:
             profile_steps(model.language, 8, args.profile, kv_len)
         results.append(result)

@@ -48,6 +48,7 @@ from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
 from .prefill import Chunk, Prefill, PrefillSettings
+from .prompt_graphs import PromptGraphs
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
@@ -114,6 +115,9 @@ class ContinuousEngine:
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
+        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs and prefill.layer_tokens else None
+        if prompt_graphs is not None:
+            self.startup_summary += "; " + prompt_graphs.capture_all()
         self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
@@ -124,7 +128,7 @@ class ContinuousEngine:
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
-        self.prefill = Prefill(self, prefill)
+        self.prefill = Prefill(self, prefill, prompt_graphs)
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._closing = False
         self._thread: Optional[threading.Thread] = None

@@ -29,6 +29,7 @@ import torch
 
 from ..modeling.layer_pieces import LayerPieces
 from ..modeling.vision import TowerPieces
+from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 from .row_sampling import Chosen, choose_tokens
 from .slots import device_tensor
@@ -73,12 +74,13 @@ class Chunk:
 class Prefill:
     """The admitted requests not decoding yet (`requests`, in admission order) and their prefill."""
 
-    def __init__(self, engine, settings: PrefillSettings):
+    def __init__(self, engine, settings: PrefillSettings, graphs: Optional[PromptGraphs] = None):
         self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
         self.stats, self.settings = engine.stats, settings
         self.chunk, self.vision_blocks, self.layer_tokens = settings.chunk, settings.vision_blocks, settings.layer_tokens
         self.step_chunk = min(settings.step_chunk, self.slots.capacity - 1)
+        self.graphs = graphs  # with layer_tokens on CUDA: the decoder's layers over a prompt as graphs
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
 
@@ -94,10 +96,11 @@ class Prefill:
             return
         request = self.requests[0]
         try:
-            if request.layers is not None:
-                self._end(request, request.layers.advance(request.layers.layers_left))
-                return
             embeds = self._embeddings(request, blocks=None)
+            if self.layer_tokens:
+                pieces = self._layer_pieces(request)
+                self._end(request, pieces.advance(pieces.layers_left))
+                return
             cache = self.slots.prompt_row(request.prefilled)
             for start in range(request.prefilled, request.prompt_len, self.chunk):
                 logits = self.lm(inputs_embeds=embeds[:, start : start + self.chunk], past_key_values=cache,
@@ -128,16 +131,22 @@ class Prefill:
         return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
 
     def _layer_piece(self, request: ActiveRequest) -> None:
-        """The next few layers over the request's whole prompt (LayerPieces; about `layer_tokens` prompt
-        tokens x layers), in the prompt row; after the last, the request's prefill ends."""
-        if request.layers is None:
-            cache = self.slots.prompt_row(request.prefilled)
-            request.layers = LayerPieces(self.lm, request.embeds[:, request.prefilled :], cache, self.chunk)
+        """The next few layers over the request's whole prompt (about `layer_tokens` prompt tokens x
+        layers); after the last, the request's prefill ends."""
         self.stats.layer_pieces += 1
-        tokens = request.prompt_len - request.prefilled
-        logits = request.layers.advance(max(1, round(self.layer_tokens / tokens)))
+        logits = self._layer_pieces(request).advance(max(1, round(self.layer_tokens / request.prompt_len)))
         if logits is not None:
             self._end(request, logits)
+
+    def _layer_pieces(self, request: ActiveRequest):
+        """The request's prompt in pieces of layers, in the prompt row: replayed from the prompt graphs
+        where there are some, else eager (LayerPieces, in forwards of `chunk` tokens)."""
+        if request.layers is None:
+            if self.graphs is not None:
+                request.layers = GraphLayerPieces(self.graphs, request.embeds)
+            else:
+                request.layers = LayerPieces(self.lm, request.embeds, self.slots.prompt_row(0), self.chunk)
+        return request.layers
 
     def chunk_ran(self, chunk: Chunk, logits: torch.Tensor) -> None:
         """The decode step ran `chunk`; `logits` [1, vocab] of its last token."""

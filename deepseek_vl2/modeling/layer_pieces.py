@@ -19,6 +19,22 @@ from .attention import build_attention_inputs
 from .kv_cache import KVCache
 
 
+def prompt_layer(lm, index: int, x: torch.Tensor, past: int, cache: KVCache) -> torch.Tensor:
+    """Decoder layer `index` over prompt tokens x [1, S, hidden] at positions past .. past + S - 1,
+    attending to the `past` entries before them in `cache` and to each other causally; writes the
+    layer's entries for them. The same operations as that layer in a forward of these tokens."""
+    S = x.shape[1]
+    attn = build_attention_inputs(None, past, S, past + S, x.dtype, x.device)
+    positions = torch.arange(past, past + S, device=x.device).unsqueeze(0)
+    rope = lm.model.rope.lookup(positions, x.dtype, seq_len=attn.kv_len)
+    return lm.model.layers[index](x, rope, attn, cache.layer(index))
+
+
+def last_token_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [1, vocab] (float32) of the last token of the final layer's states [1, S, hidden]."""
+    return lm.lm_head(lm.model.norm(hidden[:, -1:])).float()[:, -1]
+
+
 class LayerPieces:
     """The decoder over one prompt row in pieces of layers (see the module's docstring)."""
 
@@ -47,23 +63,17 @@ class LayerPieces:
         are returned, else None."""
         if self.logits is not None:
             return self.logits
-        model = self.lm.model
-        end = min(self.next_layer + max(layers, 1), len(model.layers))
+        end = min(self.next_layer + max(layers, 1), len(self.lm.model.layers))
         T = self.hidden.shape[1]
         outputs = []
         for start in range(0, T, self.chunk):
             x = self.hidden[:, start : start + self.chunk]
-            past, S = self.past + start, x.shape[1]
-            attn = build_attention_inputs(None, past, S, past + S, x.dtype, x.device)
-            positions = torch.arange(past, past + S, device=x.device).unsqueeze(0)
-            rope = model.rope.lookup(positions, x.dtype, seq_len=attn.kv_len)
             for i in range(self.next_layer, end):
-                x = model.layers[i](x, rope, attn, self.cache.layer(i))
+                x = prompt_layer(self.lm, i, x, self.past + start, self.cache)
             outputs.append(x)
         self.hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         self.next_layer = end
-        if end == len(model.layers):
+        if end == len(self.lm.model.layers):
             self.cache.length = self.past + T
-            self.logits = self.lm.lm_head(model.norm(self.hidden[:, -1:])).float()[:, -1]
-            self.hidden = None
+            self.logits, self.hidden = last_token_logits(self.lm, self.hidden), None
         return self.logits
