@@ -61,8 +61,7 @@ def build_chat_engine(variant: str):
 def prefill_settings(args):
     from deepseek_vl2.engine import PrefillSettings
 
-    return PrefillSettings(chunk=args.prefill_chunk, step_chunk=args.step_chunk, vision_blocks=args.vision_blocks,
-                           layer_tokens=args.layer_tokens)
+    return PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens)
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill) -> None:
@@ -210,8 +209,7 @@ def get_health(port: int) -> dict:
 def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
-               "--step-chunk", str(args.step_chunk), "--vision-blocks", str(args.vision_blocks),
-               "--layer-tokens", str(args.layer_tokens)]
+               "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
     for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -267,7 +265,7 @@ class IterationLog:
     Iteration i launches its work and then waits for iteration i-1's, so on a busy GPU the time
     from the end of iteration i to the end of i+1 is what iteration i's work took on the device."""
 
-    KINDS = ("whole prefill", "chunk step", "tower piece", "layer piece", "plain step")
+    KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
 
     def __init__(self, engine):
         self.engine, self.entries = engine, []
@@ -276,9 +274,9 @@ class IterationLog:
 
     def _timed(self, step) -> None:
         stats = self.engine.stats
-        before = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
+        before = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         step()
-        after = (stats.whole_prefills, stats.chunk_steps, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
+        after = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         kind = next((k for k, b, a in zip(self.KINDS, before, after) if a > b), None)
         self.entries.append((time.perf_counter(), kind, len(self.engine._running)))
 
@@ -376,9 +374,8 @@ def main():
     parser.add_argument("--open-seconds", type=float, default=10.0, help="arrivals span about this long")
     parser.add_argument("--slots", type=int, default=64, help="--max-num-seqs and --max-batch-size of the server")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
-    parser.add_argument("--step-chunk", type=int, default=256, help="--step-chunk of the server")
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
-    parser.add_argument("--layer-tokens", type=int, default=0, help="--layer-tokens of the server")
+    parser.add_argument("--layer-tokens", type=int, default=4096, help="--layer-tokens of the server")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")

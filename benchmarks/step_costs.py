@@ -7,10 +7,9 @@ For each variant (random bf16 weights, as bench.py builds them) and the serve_be
 1024x1024 image and a question: 10 tiles, 2054 prompt tokens):
 
   step          a decode step's CUDA graph (engine/decode_steps.py) at R rows attending over the
-                cache length a row of that prompt reaches (2304), replayed: plain, and carrying a
-                prompt chunk of C tokens (a graph captured with --step-chunk C); rows of random
-                tokens and a chunk of random embeddings, so that they route over the experts as
-                served tokens do (zeros would all pick the same few)
+                cache length a row of that prompt reaches (2304), replayed; rows of random tokens,
+                so that they route over the experts as served tokens do (zeros would all pick the
+                same few)
   tower block   one SigLIP block over the 10 tiles (vision.TowerPieces.advance(1)), each of the 27
   tower         the whole tower (advance(27)), then the projector and the layout (place_images)
   prefill       the decoder over the 2054 prompt embeddings at once
@@ -18,9 +17,9 @@ For each variant (random bf16 weights, as bench.py builds them) and the serve_be
   graph layer   the same from the engine's prompt graphs (prompt_graphs.GraphLayerPieces), the
                 prompt padded to its bucket
 
-A step that carries a chunk, or follows `--vision-blocks` tower blocks, delays every running row's
-next token by its difference to the plain step; the serving target compares the inter-token p99
-with 3x the batch-1 plain step. Medians of repeats, with CUDA events.
+A piece of a prompt (`--vision-blocks` tower blocks, or a few decoder layers) run before a step
+delays every running row's next token by its own time; the serving target compares the
+inter-token p99 with 3x the batch-1 plain step. Medians of repeats, with CUDA events.
 """
 import argparse
 import json
@@ -74,55 +73,40 @@ def event_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
-def profile_steps(lm, rows: int, chunk: int, kv_len: int) -> None:
-    """Print the GPU kernels of a decode step at `rows` rows, plain and with a `chunk`-token chunk
-    (eager steps: the kernels a graph replays)."""
+def profile_step(lm, rows: int, kv_len: int) -> None:
+    """Print the GPU kernels of a decode step at `rows` rows (eager steps: the kernels a graph
+    replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    slots = SlotCache(lm, rows, lm.config.max_position_embeddings)
-    steps = DecodeSteps(lm, slots, use_graphs=False, chunk=chunk)
-    for tokens in (0, chunk):
-        with torch.inference_mode():
-            for _ in range(2):
-                steps._step(rows, kv_len, tokens)
+    steps = DecodeSteps(lm, SlotCache(lm, rows, lm.config.max_position_embeddings), use_graphs=False)
+    with torch.inference_mode():
+        for _ in range(2):
+            steps._step(rows, kv_len)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                steps._step(rows, kv_len)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    steps._step(rows, kv_len, tokens)
-                torch.cuda.synchronize()
-        print(f"  kernels of 3 steps at {rows} rows with a {tokens}-token chunk:")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(f"  kernels of 3 steps at {rows} rows:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
-def load_like_a_request(steps: DecodeSteps, lm, rows: int, kv_len: int) -> None:
-    """Inputs as a served step has them (the graphs replay whatever the buffers hold): rows of random
-    tokens near the end of the cache length (each row routes to its own experts), and a chunk of
-    random embeddings at the middle of the prompt (its tokens route over all the experts)."""
+def step_costs(lm, rows: list, kv_len: int) -> dict:
+    """{"R": ms}: the decode step at R rows, on rows of random tokens near the end of the cache
+    length (each row routes to its own experts, as served rows do)."""
+    slots = SlotCache(lm, max(rows), lm.config.max_position_embeddings)
+    steps = DecodeSteps(lm, slots, use_graphs=True)
+    keys = [(steps.rows_for(r), kv_len) for r in rows]
+    steps.capture(keys)
     g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, lm.config.vocab_size, (rows,), generator=g, device="cuda")
-    steps.load(tokens, [kv_len - NEW_TOKENS] * rows, [True] * rows)
-    if steps.chunk > 1:
-        embeds = torch.randn(1, steps.chunk, lm.config.hidden_size, generator=g, device="cuda").to(lm.dtype)
-        steps.load_chunk(embeds, kv_len // 2 - steps.chunk)
-
-
-def step_costs(lm, rows: list, chunks: list, kv_len: int) -> dict:
-    """{"C": {"R": ms}}: the decode step at R rows, plain (C = 0) and carrying a C-token chunk, on
-    inputs like a served step's (`load_like_a_request`)."""
     costs = {}
-    for chunk in [0] + [c for c in chunks if c]:
-        slots = SlotCache(lm, max(rows), lm.config.max_position_embeddings)
-        steps = DecodeSteps(lm, slots, use_graphs=True, chunk=max(chunk, 1))
-        keys = [(steps.rows_for(r), kv_len, bool(chunk)) for r in rows]
-        steps.capture(keys)
-        costs[str(chunk)] = {}
-        for r, key in zip(rows, keys):
-            load_like_a_request(steps, lm, key[0], kv_len)
-            costs[str(chunk)][str(r)] = replay_ms(steps.graphs[key])
-        print(f"  chunk {chunk:4d}: " + ", ".join(f"{r} rows {ms:.2f} ms" for r, ms in costs[str(chunk)].items()),
-              flush=True)
-        del steps, slots
-        torch.cuda.empty_cache()
+    for r, key in zip(rows, keys):
+        tokens = torch.randint(0, lm.config.vocab_size, (key[0],), generator=g, device="cuda")
+        steps.load(tokens, [kv_len - NEW_TOKENS] * key[0], [True] * key[0])
+        costs[str(r)] = replay_ms(steps.graphs[key])
+    print("  step: " + ", ".join(f"{r} rows {ms:.2f} ms" for r, ms in costs.items()), flush=True)
+    del steps, slots
+    torch.cuda.empty_cache()
     return costs
 
 
@@ -184,9 +168,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 32])
-    parser.add_argument("--chunks", nargs="+", type=int, default=[64, 128, 256, 512])
-    parser.add_argument("--profile", type=int, metavar="CHUNK",
-                        help="also print the kernels of a step at 8 rows, plain and with a CHUNK-token chunk")
+    parser.add_argument("--profile", action="store_true", help="also print the kernels of a step at 8 rows")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
@@ -207,7 +189,7 @@ def main():
         result = dict(variant=variant, prompt_tokens=prompt_len, kv_len=kv_len, **tower,
                       prefill_ms=prefill_ms(model.language, embeds), layer_ms=layer_ms(model.language, embeds),
                       graph_layer_ms=graph_layer_ms(model.language, embeds, kv_len),
-                      step_ms=step_costs(model.language, args.rows, args.chunks, kv_len))
+                      step_ms=step_costs(model.language, args.rows, kv_len))
         print(f"  tower {result['tower_ms']:.2f} ms over {result['tiles']} tiles (block median "
               f"{statistics.median(result['block_ms']):.3f} ms), place_images {result['place_images_ms']:.2f} ms, "
               f"prefill {result['prefill_ms']:.2f} ms (layers {', '.join(f'{t:.2f}' for t in result['layer_ms'])} ms)",
@@ -215,7 +197,7 @@ def main():
         print(f"  prompt graphs: {sum(result['graph_layer_ms']):.2f} ms (layers "
               f"{', '.join(f'{t:.2f}' for t in result['graph_layer_ms'])} ms)", flush=True)
         if args.profile:
-            profile_steps(model.language, 8, args.profile, kv_len)
+            profile_step(model.language, 8, kv_len)
         results.append(result)
         if args.json:
             Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))

@@ -8,8 +8,9 @@ when they end, step by step, instead of waiting for a whole static batch to fini
     handle.cancel()
 
 On CUDA (bfloat16 / float16) the engine is built with its decode steps captured as CUDA graphs
-(decode_steps.py: one per row count x cache length, `startup_summary` says how many and how long),
-so no request ever waits for a capture; elsewhere the same steps run eagerly.
+(decode_steps.py: one per row count x cache length) and the decoder's layers over a prompt too
+(prompt_graphs.py: one per layer x prompt length bucket); `startup_summary` says how many and how
+long. No request ever waits for a capture; elsewhere the same steps run eagerly.
 
 `submit` makes a request's host tensors on the caller's thread (the processor's batch of one, its
 images in the model's dtype, in pinned memory for a GPU), so the engine copies them to the device
@@ -18,10 +19,9 @@ without waiting for it. One iteration (`step`): admit waiting requests while KV 
 decoding or WHOLE_PREFILL_QUEUE requests waiting for their prefill), prefill the first whole
 (prefill.py); then one decode step for all running rows: the model's `decode_step` with per-row
 write slots, rope positions and masks, attending over a 256-multiple bucket covering the longest
-row. On a quiet engine the step carries the next prompt's next `step_chunk` tokens, once that
-prompt's images are through the vision tower, which runs `vision_blocks` of its blocks per
-iteration before the step: the running rows wait a few milliseconds per step instead of a whole
-prefill once. A request whose prefill ended joins the running rows with its first token. Every
+row. On a quiet engine the next prompt advances one piece before the step instead (`vision_blocks`
+blocks of the vision tower, then a few decoder layers): the running rows wait a few milliseconds
+per step instead of a whole prefill once. A request whose prefill ended joins the running rows with its first token. Every
 row then picks its token with its own settings, rows with equal settings together
 (row_sampling.py). The model exposes the steps; this module runs them.
 
@@ -47,7 +47,7 @@ from ..kernels.dispatch import decode_is_capturable
 from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
-from .prefill import Chunk, Prefill, PrefillSettings
+from .prefill import Prefill, PrefillSettings
 from .prompt_graphs import PromptGraphs
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
@@ -62,7 +62,6 @@ class EngineStats:
 
     def __init__(self):
         self.decode_steps = 0
-        self.chunk_steps = 0  # decode steps that carried a prompt chunk
         self.whole_prefills = 0  # prompts prefilled whole between two decode steps
         self.tower_pieces = 0  # iterations that ran a few vision-tower blocks of a prompt in pieces
         self.layer_pieces = 0  # iterations that ran a few decoder layers of a prompt in pieces
@@ -73,14 +72,15 @@ class EngineStats:
         self.compilations_at_start = 0  # torch.compile graphs in the process once the engine was ready
 
 
-# A prompt is prefilled in pieces riding the decode steps only while fewer than PIECEWISE_ROWS rows
+# A prompt is prefilled in pieces between the decode steps only while fewer than PIECEWISE_ROWS rows
 # decode and fewer than WHOLE_PREFILL_QUEUE requests wait for their prefill; otherwise it is
 # prefilled whole between two steps. Pieces cut the running rows' longest waits (a few ms per step
 # instead of a whole prefill), but a prompt in pieces takes longer to its first token, and under
 # load that costs throughput (H200, small, 32 clients: -15 to -20% with pieces always on;
 # benchmarks/RESULTS.md), so a busy engine serves the queue first. The queue rule counts the
-# prompt in pieces too. Measured over HTTP on H200s (serve_bench.py, small, open loop at ~5
-# requests/s; two machines, so roughly): at 2, inter-token p99 57 ms and TTFT p99 399 ms (most
+# prompt in pieces too. Measured over HTTP on H200s with the pieces of the time (prompt chunks that
+# rode the decode steps; serve_bench.py, small, open loop at ~5 requests/s; two machines, so
+# roughly): at 2, inter-token p99 57 ms and TTFT p99 399 ms (most
 # bursts brought a second request, and its whole prefill stalled the rows); at 4, 18 ms and 665 ms.
 # Without the rule, prompts in pieces cannot keep up with 32 clients and fewer than 16 rows ever
 # decode: 599 output tok/s against 1314 (same machine).
@@ -93,8 +93,7 @@ class ContinuousEngine:
                  prefill: Optional[PrefillSettings] = None, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill`: how prompts are prefilled (prefill.py; the decode graphs are captured with a chunk
-        of its `step_chunk` tokens unless it runs prompts in pieces of decoder layers);
+        `prefill`: how prompts are prefilled (prefill.py);
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         prefill = prefill or PrefillSettings()
@@ -111,13 +110,11 @@ class ContinuousEngine:
         self.histories = Histories(max_num_seqs, capacity, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
-        step_chunk = 0 if prefill.layer_tokens else min(prefill.step_chunk, capacity - 1)
-        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs, chunk=step_chunk)
+        self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
+        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs else None
         # what was captured and compiled before the first request, and how long it took
-        self.startup_summary = self.steps.capture_all() if cuda_graphs else "decode steps run eagerly (no CUDA graphs)"
-        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs and prefill.layer_tokens else None
-        if prompt_graphs is not None:
-            self.startup_summary += "; " + prompt_graphs.capture_all()
+        self.startup_summary = (f"{self.steps.capture_all()}; {prompt_graphs.capture_all()}" if cuda_graphs
+                                else "decode steps and prompts run eagerly (no CUDA graphs)")
         self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
@@ -219,10 +216,9 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit; with no row decoding or a busy engine, prefill the first waiting prompt whole; then
-        one decode step for every running row, on a quiet engine carrying a chunk of the next prompt
-        (or after a piece of its vision tower); then take the tokens chosen in the previous iteration
-        (see the module's docstring)."""
+        """Admit; with no row decoding or a busy engine, prefill the first waiting prompt whole, on a
+        quiet engine run a piece of it; then one decode step for every running row; then take the
+        tokens chosen in the previous iteration (see the module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
@@ -236,10 +232,11 @@ class ContinuousEngine:
             self.prefill.whole()
             launched += self._join_prefilled()
         if self._running:
-            chunk = None if busy else self.prefill.next_piece()
-            launched += self._join_prefilled()  # a prefill may end in a piece of decoder layers
-            chosen = self._decode(chunk)
-            launched += ([chosen] if chosen is not None else []) + self._join_prefilled()
+            if not busy:
+                self.prefill.piece()
+                launched += self._join_prefilled()  # a prefill may end in this piece
+            chosen = self._decode()
+            launched += [chosen] if chosen is not None else []
         previous, self._pending = self._pending, launched
         for chosen in previous:
             self._take(chosen)
@@ -310,11 +307,10 @@ class ContinuousEngine:
         stream.put(input_ids[0])  # the first put is the prompt
         return ActiveRequest(handle, slot, input_ids[0], inputs, sampler, stream)
 
-    def _decode(self, chunk: Optional[Chunk] = None) -> Optional["Chosen"]:
+    def _decode(self) -> Optional["Chosen"]:
         """Launch one decode step for every running row, over the rows up to the highest one in use
-        (padded up to a captured graph's row count), with `chunk` of a prompt riding along. Each row is
-        fed its last chosen token straight from the device (`next_tokens`): the step does not wait
-        for the host to read it."""
+        (padded up to a captured graph's row count). Each row is fed its last chosen token straight
+        from the device (`next_tokens`): the step does not wait for the host to read it."""
         running = list(self._running)
         rows = self.steps.rows_for(max(r.slot for r in running) + 1)
         # a row not decoding (free, or prefilling) writes its dummy entry at its last position, which
@@ -322,15 +318,11 @@ class ContinuousEngine:
         positions, active = [self.slots.capacity - 1] * rows, [False] * rows
         for request in running:  # one unpadded prompt per row: rope position == cache slot
             positions[request.slot], active[request.slot] = request.length, True
-        longest = max([r.length + 1 for r in running] + ([chunk.end] if chunk is not None else []))
-        kv_len = kv_bucket(longest, self.slots.capacity)
+        kv_len = kv_bucket(max(r.length + 1 for r in running), self.slots.capacity)
         slots = [r.slot for r in running]
         try:
             self.steps.load(self.next_tokens[:rows], positions, active)
-            if chunk is not None:
-                self.steps.load_chunk(chunk.request.embeds[:, chunk.start : chunk.end], chunk.start)
-            logits = self.steps.run(rows, kv_len, with_chunk=chunk is not None)
-            logits, chunk_logits = logits[:rows], logits[rows:]
+            logits = self.steps.run(rows, kv_len)
             index = device_tensor(slots, self.device)
             if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
                 logits = logits.index_select(0, index)
@@ -341,18 +333,10 @@ class ContinuousEngine:
             for request in running:
                 self._remove(request)
                 self._fail(request.handle, error)
-            if chunk is not None:
-                self.prefill.fail(chunk.request, error)
             return None
-        if chunk is not None:
-            try:
-                self.prefill.chunk_ran(chunk, chunk_logits)
-            except Exception as error:
-                self.prefill.fail(chunk.request, error)
         for request in running:
             request.length += 1
         self.stats.decode_steps += 1
-        self.stats.chunk_steps += chunk is not None
         self.stats.max_running = max(self.stats.max_running, len(running))
         return chosen
 

@@ -2,19 +2,15 @@
 first request.
 
 A step decodes one token for each row of a prefix of the KV slots and attends over a number of
-cache slots; both vary from step to step. A step may also carry a chunk of one request's prompt
-(up to `chunk` tokens, written to the slots' prompt row): its tokens share the step's projections
-and experts with the rows, so the rows wait for the chunk about as long as the step reads its
-weights once, not for a separate forward. With graphs, rows are padded up to the next of
-`row_sizes` (1, 2, 4, ... up to max_num_seqs), cache slots to the next multiple of KV_BUCKET
-(`kv_bucket`), a chunk to `chunk` tokens, and `capture_all` captures one graph per (rows, cache
-length, with or without a chunk) at start-up, so no request ever waits for a capture or a
-compilation. Padding rows are inactive (masked; the engine points their cache writes where nothing
-is read); padding chunk tokens write to the prompt row's last slot, which no prompt reaches.
+cache slots; both vary from step to step. With graphs, rows are padded up to the next of
+`row_sizes` (1, 2, 4, ... up to max_num_seqs) and cache slots to the next multiple of KV_BUCKET
+(`kv_bucket`), and `capture_all` captures one graph per (rows, cache length) at start-up, so no
+request ever waits for a capture or a compilation. Padding rows are inactive (masked; the engine
+points their cache writes where nothing is read).
 
 The step reads its inputs from static buffers (`load`: tokens from the device, rope positions =
-cache slots and active flags from the host; `load_chunk`: the chunk's embeddings and positions) and
-writes its logits into one static buffer, whatever the key, so the outputs' memory is paid once.
+cache slots and active flags from the host) and writes its logits into one static buffer, whatever
+the key, so the outputs' memory is paid once.
 The steps run the plain pieces (no torch.compile): measured on an H200, graphs of compiled pieces
 replayed slower at 8 and more rows, and compiling took half a minute at start-up.
 """
@@ -27,7 +23,6 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from ..generation.cuda_graphs import warmup_stream
-from ..modeling.decoder import PromptChunk
 from .slots import KV_BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
@@ -51,10 +46,9 @@ def kv_sizes(capacity: int) -> Tuple[int, ...]:
 
 
 class DecodeSteps:
-    """Decode steps over the first rows of `slots`, each with or without a prompt chunk of up to
-    `chunk` tokens; CUDA graphs when `use_graphs`."""
+    """Decode steps over the first rows of `slots`; CUDA graphs when `use_graphs`."""
 
-    def __init__(self, lm, slots: SlotCache, use_graphs: bool, chunk: int):
+    def __init__(self, lm, slots: SlotCache, use_graphs: bool):
         if use_graphs and lm.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on CUDA, not {lm.device}")
         self._lm = weakref.ref(lm)
@@ -63,13 +57,9 @@ class DecodeSteps:
         R = slots.max_num_seqs
         self.row_sizes = row_sizes(R) if use_graphs else tuple(range(1, R + 1))
         self.kv_sizes = kv_sizes(slots.capacity)
-        self.chunk = chunk
         self.inputs = torch.zeros(3, R, dtype=torch.long, device=lm.device)  # tokens, positions, active
-        self.chunk_embeds = torch.zeros(1, chunk, lm.config.hidden_size, dtype=lm.dtype, device=lm.device)
-        self.chunk_index = torch.zeros(chunk + 1, dtype=torch.long, device=lm.device)  # positions, then `last`
-        self.chunk_tokens = 0  # tokens in the loaded chunk
-        self.logits = torch.zeros(R + 1, lm.config.vocab_size, dtype=torch.float32, device=lm.device)
-        self.graphs: Dict[Tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.logits = torch.zeros(R, lm.config.vocab_size, dtype=torch.float32, device=lm.device)
+        self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.eager_steps = 0  # steps of a graph engine that found no graph (none, when capture_all ran)
 
@@ -84,72 +74,51 @@ class DecodeSteps:
         self.inputs[1:, : host.shape[1]].copy_(host, non_blocking=True)
         self.inputs[0, : host.shape[1]].copy_(tokens)
 
-    def load_chunk(self, embeds: torch.Tensor, start: int) -> None:
-        """The next step's prompt chunk: `embeds` [1, n <= chunk, hidden] on the device, for prompt
-        positions start .. start + n - 1 (padded to `chunk` tokens with graphs)."""
-        n = embeds.shape[1]
-        if not 0 < n <= self.chunk:
-            raise ValueError(f"a prompt chunk holds 1 to {self.chunk} tokens, not {n}")
-        self.chunk_embeds[:, :n].copy_(embeds)
-        padding = [self.slots.capacity - 1] * (self.chunk - n)
-        host = torch.tensor(list(range(start, start + n)) + padding + [n - 1], dtype=torch.long)
-        self.chunk_index.copy_(host, non_blocking=True)
-        self.chunk_tokens = n
-
-    def run(self, rows: int, kv_len: int, with_chunk: bool = False) -> torch.Tensor:
-        """Logits [rows (+ 1 with the loaded chunk's last token), vocab] of the loaded inputs; `rows`
-        from `rows_for`, `kv_len` a kv_sizes value covering the rows and the chunk."""
-        graph = self.graphs.get((rows, kv_len, with_chunk))
+    def run(self, rows: int, kv_len: int) -> torch.Tensor:
+        """Logits [rows, vocab] of the loaded inputs; `rows` from `rows_for`, `kv_len` a kv_sizes value
+        covering the rows."""
+        graph = self.graphs.get((rows, kv_len))
         if graph is not None:
             graph.replay()
         else:
             self.eager_steps += self.use_graphs
-            self._step(rows, kv_len, self.chunk_tokens if with_chunk else 0)
-        return self.logits[: rows + with_chunk]
+            self._step(rows, kv_len)
+        return self.logits[:rows]
 
-    def _step(self, rows: int, kv_len: int, chunk_tokens: int) -> None:
+    def _step(self, rows: int, kv_len: int) -> None:
         lm = self._lm()
         tokens, positions, active = self.inputs[0, :rows], self.inputs[1, :rows], self.inputs[2, :rows]
         visible = active.bool()[:, None].expand(rows, kv_len)
-        chunk = None
-        if chunk_tokens:
-            chunk = PromptChunk(self.chunk_embeds[:, :chunk_tokens], self.chunk_index[:chunk_tokens],
-                                self.chunk_index[self.chunk:], self.slots.prompt)
-        logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows),
-                                chunk=chunk)
-        self.logits[: logits.shape[0]].copy_(logits)
+        logits = lm.decode_step(tokens, positions, positions[:, None], visible, kv_len, self.slots.prefix(rows))
+        self.logits[:rows].copy_(logits)
 
     def capture_all(self) -> str:
-        """Capture a graph for every (row size, kv size, with or without a chunk), while no slot is in
-        use (the warm-up runs write to slot 0 of every row and to the prompt row); returns what was
-        done, for the start-up log."""
+        """Capture a graph for every (row size, kv size), while no slot is in use (the warm-up runs
+        write to slot 0 of every row); returns what was done, for the start-up log."""
         started = time.perf_counter()
-        self.capture([(rows, kv_len, with_chunk) for rows in self.row_sizes for kv_len in self.kv_sizes
-                      for with_chunk in ((False, True) if self.chunk else (False,))])
+        self.capture([(rows, kv_len) for rows in self.row_sizes for kv_len in self.kv_sizes])
         summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
-                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]} x with and without a "
-                   f"{self.chunk}-token prompt chunk) in {time.perf_counter() - started:.1f} s")
+                   f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]}) in "
+                   f"{time.perf_counter() - started:.1f} s")
         logger.info(summary)
         return summary
 
-    def capture(self, keys: Sequence[Tuple[int, int, bool]]) -> None:
-        """Capture the graphs of `keys` (rows, kv_len, with_chunk), while no slot is in use."""
+    def capture(self, keys: Sequence[Tuple[int, int]]) -> None:
+        """Capture the graphs of `keys` (rows, kv_len), while no slot is in use."""
         if self.slots.used:
             raise RuntimeError("decode graphs are captured before any request is admitted")
         self.inputs.zero_()
-        self.chunk_index.zero_()
         current = torch.cuda.current_stream(self._lm().device)
         side = warmup_stream(current.device)
         side.wait_stream(current)
         # inference mode, as the engine's steps run: the dispatcher picks the Triton kernels only
         # without autograd (captured with it, a graph would hold the slower reference ops)
         with torch.inference_mode(), torch.cuda.stream(side):
-            for rows, kv_len, with_chunk in keys:
-                chunk_tokens = self.chunk if with_chunk else 0
-                self._step(rows, kv_len, chunk_tokens)  # warm-up: cuBLAS workspaces, Triton autotuning
+            for rows, kv_len in keys:
+                self._step(rows, kv_len)  # warm-up: cuBLAS workspaces, Triton autotuning
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                    self._step(rows, kv_len, chunk_tokens)
-                self.graphs[(rows, kv_len, with_chunk)] = graph
+                    self._step(rows, kv_len)
+                self.graphs[(rows, kv_len)] = graph
         current.wait_stream(side)
         torch.cuda.synchronize(current.device)

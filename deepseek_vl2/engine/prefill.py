@@ -3,16 +3,24 @@ the slots' prompt row, then into its slot with its first token. One request at a
 admission order, on the engine's thread.
 
 While rows are decoding and few requests wait, a prefill advances in pieces so that no row waits
-long for its next token (`next_piece`): each engine iteration runs `vision_blocks` blocks of the
-vision tower over the request's tiles (vision.TowerPieces, the same features to the bit), and once
-its embeddings are made, either a few decoder layers over its whole prompt (layer_pieces.LayerPieces,
-the same cache and logits to the bit; about `layer_tokens` prompt tokens x layers a piece) or, with
-`layer_tokens` 0, a
-chunk of up to `step_chunk` prompt tokens handed to the decode step, which runs it with the rows
-(decode_steps.py). Otherwise the first request is prefilled whole in one iteration (`whole`, in
-forwards of `chunk` tokens): nobody waits for it when no row is decoding, and when many requests
-wait, serving the queue faster matters more than the running rows' next tokens (the engine
-decides, continuous.py).
+long for its next token (`piece`, one per engine iteration, before its decode step): first
+`vision_blocks` blocks of the vision tower over the request's tiles (vision.TowerPieces, the same
+features to the bit), then a few decoder layers over its whole prompt (about `layer_tokens` prompt
+tokens x layers: a 2054-token prompt two layers a piece, a short prompt all of them at once).
+Otherwise the first request is prefilled whole in one iteration (`whole`): nobody waits for it when
+no row is decoding, and when many requests wait, serving the queue faster matters more than the
+running rows' next tokens (the engine decides, continuous.py).
+
+On CUDA the decoder's layers over a prompt replay CUDA graphs captured at start-up (prompt_graphs.py);
+elsewhere they run eagerly (layer_pieces.LayerPieces, in forwards of `chunk` tokens, the same cache
+and logits to the bit as a forward of the prompt).
+
+Why pieces of layers, not chunks of tokens riding the decode steps (as this engine did before): a
+chunk of a few hundred prompt tokens routes over every expert of an MoE layer, so a decode step
+that carries one reads all expert weights, and a 2054-token prompt in 256-token chunks read them
+eight times. Measured on an H200 over HTTP (serve_bench.py, benchmarks/RESULTS.md), layers in
+graphs against chunks in steps: 32 clients 2338 against 1871 output tok/s (tiny) and 1311 against
+1135 (small); the open-loop inter-token p99 on small 12.2 against 17.7 ms.
 
 A finished prefill goes back to the engine as `Prefilled` (`take_ended`): the request and its first
 token, chosen on the device and fed to its first decode step from there, or the error.
@@ -39,18 +47,14 @@ from .slots import device_tensor
 class PrefillSettings:
     """How the continuous engine prefills prompts (see the module's docstring)."""
 
-    chunk: int = 512  # prompt tokens per forward
-    step_chunk: int = 256  # with layer_tokens 0: prompt tokens a decode step carries while rows decode
+    chunk: int = 512  # prompt tokens per forward of an eager prefill (no CUDA graphs)
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
-    # while rows decode, a piece runs round(layer_tokens / prompt tokens) decoder layers (at least one) over
-    # the prompt: a 2054-token prompt 2 layers a piece, a short one all of them at once (0: chunks ride the steps)
-    layer_tokens: int = 0
+    layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
 
     def __post_init__(self):
         for field in fields(self):
-            least = 0 if field.name == "layer_tokens" else 1
-            if getattr(self, field.name) < least:
-                raise ValueError(f"{field.name} must be >= {least}, got {getattr(self, field.name)}")
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"{field.name} must be >= 1, got {getattr(self, field.name)}")
 
 
 @dataclass
@@ -62,15 +66,6 @@ class Prefilled:
     error: Optional[Exception] = None
 
 
-@dataclass
-class Chunk:
-    """Prompt tokens [start, end) of `request`, run inside a decode step."""
-
-    request: ActiveRequest
-    start: int
-    end: int
-
-
 class Prefill:
     """The admitted requests not decoding yet (`requests`, in admission order) and their prefill."""
 
@@ -78,9 +73,7 @@ class Prefill:
         self.model, self.lm, self.slots = engine.model, engine.lm, engine.slots
         self.histories, self.next_tokens = engine.histories, engine.next_tokens
         self.stats, self.settings = engine.stats, settings
-        self.chunk, self.vision_blocks, self.layer_tokens = settings.chunk, settings.vision_blocks, settings.layer_tokens
-        self.step_chunk = min(settings.step_chunk, self.slots.capacity - 1)
-        self.graphs = graphs  # with layer_tokens on CUDA: the decoder's layers over a prompt as graphs
+        self.graphs = graphs  # on CUDA: the decoder's layers over a prompt, as graphs
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
 
@@ -90,70 +83,36 @@ class Prefill:
         return ended
 
     def whole(self) -> None:
-        """Prefill the first request whole (what is left of its images and prompt, in forwards of
-        `chunk` tokens)."""
+        """Prefill the first request whole (what is left of its images and its decoder layers)."""
         if not self.requests:
             return
         request = self.requests[0]
         try:
-            embeds = self._embeddings(request, blocks=None)
-            if self.layer_tokens:
-                pieces = self._layer_pieces(request)
-                self._end(request, pieces.advance(pieces.layers_left))
-                return
-            cache = self.slots.prompt_row(request.prefilled)
-            for start in range(request.prefilled, request.prompt_len, self.chunk):
-                logits = self.lm(inputs_embeds=embeds[:, start : start + self.chunk], past_key_values=cache,
-                                 use_cache=True, logits_to_keep=1).logits[:, -1]
-            self._end(request, logits)
+            self._embeddings(request, blocks=None)
+            layers = self._layers(request)
+            self._end(request, layers.advance(layers.layers_left))
         except Exception as error:
             self.fail(request, error)
 
-    def next_piece(self) -> Optional[Chunk]:
+    def piece(self) -> None:
         """The first request's next piece while rows decode: `vision_blocks` blocks of its vision
-        tower, or then a few layers of the decoder over its whole prompt, run now (None returned);
-        or, with `layer_tokens` 0, once its embeddings are made, its next prompt chunk
-        for the decode step to run (`chunk_ran` after)."""
+        tower, or once its embeddings are made, about `layer_tokens` / prompt tokens decoder layers;
+        after its last layer, its prefill ends."""
         if not self.requests:
-            return None
+            return
         request = self.requests[0]
         try:
             tower_pieces = self.stats.tower_pieces
-            if self._embeddings(request, blocks=self.vision_blocks) is None:
-                return None
-            if self.layer_tokens:
-                if self.stats.tower_pieces == tower_pieces:  # one piece per iteration
-                    self._layer_piece(request)
-                return None
+            if self._embeddings(request, blocks=self.settings.vision_blocks) is None:
+                return
+            if self.stats.tower_pieces != tower_pieces:  # the tower's last piece ran now: one piece per iteration
+                return
+            self.stats.layer_pieces += 1
+            logits = self._layers(request).advance(max(1, round(self.settings.layer_tokens / request.prompt_len)))
+            if logits is not None:
+                self._end(request, logits)
         except Exception as error:
             self.fail(request, error)
-            return None
-        return Chunk(request, request.prefilled, min(request.prompt_len, request.prefilled + self.step_chunk))
-
-    def _layer_piece(self, request: ActiveRequest) -> None:
-        """The next few layers over the request's whole prompt (about `layer_tokens` prompt tokens x
-        layers); after the last, the request's prefill ends."""
-        self.stats.layer_pieces += 1
-        logits = self._layer_pieces(request).advance(max(1, round(self.layer_tokens / request.prompt_len)))
-        if logits is not None:
-            self._end(request, logits)
-
-    def _layer_pieces(self, request: ActiveRequest):
-        """The request's prompt in pieces of layers, in the prompt row: replayed from the prompt graphs
-        where there are some, else eager (LayerPieces, in forwards of `chunk` tokens)."""
-        if request.layers is None:
-            if self.graphs is not None:
-                request.layers = GraphLayerPieces(self.graphs, request.embeds)
-            else:
-                request.layers = LayerPieces(self.lm, request.embeds, self.slots.prompt_row(0), self.chunk)
-        return request.layers
-
-    def chunk_ran(self, chunk: Chunk, logits: torch.Tensor) -> None:
-        """The decode step ran `chunk`; `logits` [1, vocab] of its last token."""
-        request = chunk.request
-        request.prefilled = chunk.end
-        if chunk.end == request.prompt_len:
-            self._end(request, logits)
 
     def fail(self, request: ActiveRequest, error: Exception) -> None:
         if request in self.requests:
@@ -187,11 +146,21 @@ class Prefill:
         request.inputs = None
         return request.embeds
 
+    def _layers(self, request: ActiveRequest):
+        """The request's prompt through the decoder in pieces of layers, in the prompt row: replayed
+        from the prompt graphs where there are some, else eager."""
+        if request.layers is None:
+            if self.graphs is not None:
+                request.layers = GraphLayerPieces(self.graphs, request.embeds)
+            else:
+                request.layers = LayerPieces(self.lm, request.embeds, self.slots.prompt_row(0), self.settings.chunk)
+        return request.layers
+
     def _end(self, request: ActiveRequest, logits: torch.Tensor) -> None:
         """The prompt is in the prompt row: into the request's slot, and its first token chosen on the
         device and fed to its first decode step from there (the engine reads it one iteration later)."""
         self.slots.take_prompt(request.slot, request.prompt_len)
-        request.prefilled = request.length = request.prompt_len
+        request.length = request.prompt_len
         request.embeds = request.layers = None
         slot = device_tensor([request.slot], self.next_tokens.device)
         token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)

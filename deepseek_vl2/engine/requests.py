@@ -85,7 +85,6 @@ class ActiveRequest:
     embeds: Optional[torch.Tensor] = None  # [1, T, hidden] once made, until its prompt is prefilled
     layers: Optional[object] = None  # LayerPieces while its prompt goes through the decoder in pieces
     admitted: float = field(default_factory=time.perf_counter)
-    prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the slot's cache (prompt + generated tokens fed to launched steps)
     token_ids: List[int] = field(default_factory=list)
     done: bool = False  # ended (finished, failed or cancelled): tokens still in flight for it are dropped

@@ -7,8 +7,8 @@ rather than a gathered copy. Each row keeps its own length; what lies past it is
 decode step's per-row mask hides.
 
 Prompts are prefilled into one more row, the prompt row (`prompt_row`), and copied into their slot
-when complete (`take_prompt`): a prompt prefilled in chunks inside decode steps needs a cache row
-at a fixed address for the steps' CUDA graphs.
+when complete (`take_prompt`): a prompt prefilled in pieces, between decode steps, needs a cache
+row of its own, at a fixed address for the prompt graphs (prompt_graphs.py).
 """
 import heapq
 from typing import List

@@ -37,7 +37,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..quantization.weight import QuantizedWeight
 from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
 from .custom_ops import triton
-from .prefix_attention import prefix_attention
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
@@ -226,42 +225,27 @@ def sdpa_backends(x: torch.Tensor):
     return sdpa_kernel(PLAN_FREE_SDPA) if x.is_cuda else contextlib.nullcontext()
 
 
-def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[torch.Tensor],
-                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """q [B, H, S, D] over keys_values [B, 2, kv_heads, kv_len, D], additive mask [B, 1, S, kv_len]
-    (None: plain causal) -> [B, S, H * D]. `positions` [S]: the mask says only that key j is visible
-    to query i when j <= positions[i] (one row: a prompt chunk over its cache row)."""
+    (None: plain causal) -> [B, S, H * D]."""
     B, H, S, D = q.shape
     if mask is not None and S == 1 and _half_on_cuda(q) and _pow2(D, least=16):
         return decode_attention.mha_decode(q[:, :, 0], keys_values, mask[:, 0, 0], D**-0.5).view(B, 1, -1)
-    if positions is not None and B == 1 and S > 1 and _half_on_cuda(q) and _pow2(D, least=16):
-        # by positions: no mask read, and a chunk reads keys only as far as it sees (SDPA with the
-        # mask: ~5x longer at tiny's shapes, benchmarks/RESULTS.md)
-        kv = keys_values[0].transpose(1, 2)  # [2, kv_len, kv_heads, D]
-        out = prefix_attention(q[0].transpose(0, 1), kv[0], kv[1], positions, D**-0.5)
-        return out.view(1, S, H * D)
     with sdpa_backends(q):
         return reference.mha_attention(q, keys_values, mask)
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: Optional[torch.Tensor],
-                  kv_b_weight: torch.Tensor, scale: float, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  kv_b_weight: torch.Tensor, scale: float) -> torch.Tensor:
     """Multi-head latent attention: q_nope [B, H, S, nope] and q_pe [B, H, S, rope] (after RoPE) over
-    the cached latents [B, kv_len, rank + rope] -> [B, H, S, v]. `positions` as for mha_attention.
+    the cached latents [B, kv_len, rank + rope] -> [B, H, S, v].
 
-    Multi-token CUDA calls (prefill) expand the latents to per-head keys and values and use SDPA, or,
-    given `positions`, the prefix-attention kernel with the rope key shared by the heads. Otherwise
-    queries are absorbed into the latent space through the key half of kv_b_proj, scores
+    Multi-token CUDA calls (prefill) expand the latents to per-head keys and values and use SDPA.
+    Otherwise queries are absorbed into the latent space through the key half of kv_b_proj, scores
     are taken against the latents directly (the decode kernel for one token), and the value half of
     kv_b_proj is applied after the softmax."""
     B, H, S, nope = q_nope.shape
     rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
-    v_dim = kv_b_weight.shape[0] // H - nope
-    if positions is not None and B == 1 and S > 1 and _half_on_cuda(q_nope) and _pow2(nope, rope, v_dim, least=16):
-        k_nope, v = reference.expand_latents(latent, kv_b_weight, H, nope)
-        out = prefix_attention(q_nope[0].transpose(0, 1), k_nope[0], v[0], positions, scale,
-                               q_pe[0].transpose(0, 1), latent[0, :, rank:])
-        return out.transpose(0, 1)[None]
     if q_nope.is_cuda and S > 1:
         with sdpa_backends(q_nope):
             return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)

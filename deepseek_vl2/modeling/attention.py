@@ -29,9 +29,6 @@ class AttentionInputs:
     cache_positions: torch.Tensor  # [S] cache slots of the new tokens
     kv_len: int  # key positions attended to: cached + new (a fixed bucket in graph decode)
     mask: Optional[torch.Tensor]  # additive [B, 1, S, kv_len]; None means plain causal with kv_len == S
-    # the mask says no more than: key j is visible to query i when j <= cache_positions[i] (one row,
-    # no padding), so a kernel may attend by the positions instead of reading the mask
-    positional: bool = False
 
 
 def build_attention_inputs(
@@ -77,15 +74,6 @@ def row_attention_inputs(visible: torch.Tensor, slots: torch.Tensor, kv_len: int
     return AttentionInputs(slots, kv_len, additive_mask(seen, dtype)[:, None, None, :])
 
 
-def chunk_attention_inputs(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> AttentionInputs:
-    """Prompt tokens of one row at cache slots `positions` [C] (a device tensor, the continuous
-    engine's prompt chunk inside a decode step): key j is visible to token i when j <= positions[i].
-    Fixed shapes, no host read."""
-    keys = torch.arange(kv_len, device=positions.device)
-    seen = keys[None, :] <= positions[:, None]  # [C, kv_len]
-    return AttentionInputs(positions, kv_len, additive_mask(seen, dtype)[None, None], positional=True)
-
-
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `visible` (bool) is set, finfo(dtype).min elsewhere."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
@@ -127,7 +115,7 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q, keys_values, attn: AttentionInputs):
         """q [B, H, S, head_dim] over `keys_values` [B, 2, kv_heads, kv_len, head_dim] -> [B, S, H * head_dim]."""
-        return dispatch.mha_attention(q, keys_values, attn.mask, attn.cache_positions if attn.positional else None)
+        return dispatch.mha_attention(q, keys_values, attn.mask)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -168,8 +156,7 @@ class MultiHeadLatentAttention(nn.Module):
     def attend(self, q, latent, attn: AttentionInputs):
         """(q_nope, q_pe) [B, H, S, *] over `latent` [B, kv_len, rank + rope] -> [B, S, H * v_dim]."""
         q_nope, q_pe = q
-        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale,
-                                     attn.cache_positions if attn.positional else None)
+        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale)
         B, H, S, _ = out.shape
         return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
 

@@ -23,13 +23,7 @@ from torch import nn
 from ..generation.cuda_graphs import release_decoders
 from ..generation.generate import GenerationMixin
 from ..kernels import dispatch
-from .attention import (
-    AttentionInputs,
-    build_attention_inputs,
-    chunk_attention_inputs,
-    make_attention,
-    row_attention_inputs,
-)
+from .attention import AttentionInputs, build_attention_inputs, make_attention, row_attention_inputs
 from .devices import current, find_split, hop
 from .input_checks import check_input_ids, check_inputs_embeds, check_legacy_cache
 from .kv_cache import KVCache, LayerCache
@@ -128,17 +122,6 @@ def _post_attention(layer: DecoderLayer, x, context):
 
 def _last_logits(lm: "DeepseekV2ForCausalLM", x):
     return dispatch.lm_head(lm.model.norm(x[:, -1]), lm.lm_head.weight).float()
-
-
-class PromptChunk(NamedTuple):
-    """Prompt tokens of one request prefilled inside a decode step (the continuous engine's chunked
-    prefill): they share the step's projections and experts with the decoding rows, and attend over
-    a cache row of their own."""
-
-    embeds: torch.Tensor  # [1, C, h]
-    positions: torch.Tensor  # [C] cache slots = rope positions (a device tensor)
-    last: torch.Tensor  # [1] the chunk token whose logits the step returns after the rows'
-    cache: KVCache  # one row: the prompt's cache
 
 
 class DecodePieces(NamedTuple):
@@ -265,13 +248,11 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
     decode_pieces = DecodePieces(_pre_attention, _post_attention, _last_logits)
 
     def decode_step(self, tokens, positions, slot, visible, kv_len: int, cache: KVCache,
-                    pieces: Optional[DecodePieces] = None, chunk: Optional[PromptChunk] = None) -> torch.Tensor:
+                    pieces: Optional[DecodePieces] = None) -> torch.Tensor:
         """Logits [B, vocab] (float32) of one token per row: `tokens` [B] at rope `positions` [B], written
         to cache slot `slot` ([1], a device tensor, the same for every row; or [B, 1], each row its own
         slot, as the continuous-batching engine's rows of different lengths), attending to the first
-        `kv_len` slots up to its slot where `visible` [B, >= kv_len] is set. With a `chunk`, its prompt
-        tokens run in the same step (attending to the first `kv_len` slots of their own cache row) and
-        the logits of its `last` token follow the rows' ([B + 1, vocab]). All shapes are fixed for a
+        `kv_len` slots up to its slot where `visible` [B, >= kv_len] is set. All shapes are fixed for a
         given kv_len and nothing is read back to the host, so a runner can capture this in a CUDA
         graph; `pieces` (default `decode_pieces`) are what it may hand in compiled."""
         pre_attention, post_attention, last_logits = pieces or self.decode_pieces
@@ -282,27 +263,10 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
             attn = row_attention_inputs(visible, slot, kv_len, x.dtype)
         else:
             attn = build_attention_inputs(visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=slot)
-        if chunk is not None:
-            prompt = chunk.embeds
-            prompt_rope = model.rope.lookup(chunk.positions[None], x.dtype)
-            prompt_attn = chunk_attention_inputs(chunk.positions, kv_len, x.dtype)
         for i, layer in enumerate(model.layers):
             kv = cache.layer(i)
             query = pre_attention(layer, x, cos, sin, kv, slot)
-            context = layer.self_attn.attend(query, kv.read(kv_len), attn)
-            if chunk is None:
-                x = post_attention(layer, x, context)
-                continue
-            prompt_kv = chunk.cache.layer(i)
-            prompt_query = pre_attention(layer, prompt, *prompt_rope, prompt_kv, chunk.positions)
-            prompt_context = layer.self_attn.attend(prompt_query, prompt_kv.read(kv_len), prompt_attn)
-            # the rows and the chunk as one sequence through o_proj and the MLP: one read of the weights
-            B = x.shape[0]
-            joint = post_attention(layer, torch.cat((x.view(1, B, -1), prompt), dim=1),
-                                   torch.cat((context.view(1, B, -1), prompt_context), dim=1))
-            x, prompt = joint[0, :B, None], joint[:, B:]
-        if chunk is not None:
-            x = torch.cat((x, prompt.index_select(1, chunk.last).view(1, 1, -1)))
+            x = post_attention(layer, x, layer.self_attn.attend(query, kv.read(kv_len), attn))
         return last_logits(self, x)
 
     def prepare_cache(self, past_key_values, batch_size: int, new_tokens: int, like: torch.Tensor) -> KVCache:

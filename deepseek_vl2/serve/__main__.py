@@ -35,14 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("--max-num-seqs", "max_num_seqs", "rows decoding at once in the continuous engine")):
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS, name), help=text)
     for flag, name, text in (("--prefill-chunk", "chunk", "prompt tokens per forward of the continuous engine's "
-                                                          "prefills"),
-                             ("--step-chunk", "step_chunk", "prompt tokens one decode step carries while rows "
-                                                            "decode (a prompt prefilled in pieces)"),
+                                                          "eager prefills (without CUDA graphs)"),
                              ("--vision-blocks", "vision_blocks", "vision-tower blocks (of 27) run per decode "
                                                                   "step for a prompt prefilled in pieces"),
                              ("--layer-tokens", "layer_tokens", "prompt tokens x decoder layers run per decode "
-                                                                "step for a prompt prefilled in pieces (0: "
-                                                                "chunks of --step-chunk tokens ride the steps)")):
+                                                                "step for a prompt prefilled in pieces")):
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS.prefill, name), help=text)
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
@@ -76,8 +73,8 @@ def main(argv=None) -> None:
             model_id=model_id(args.model_path), allowed_local_media_path=args.allowed_local_media_path,
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
             max_num_seqs=args.max_num_seqs, scheduler=args.scheduler, max_images=args.max_images,
-            prefill=PrefillSettings(chunk=args.prefill_chunk, step_chunk=args.step_chunk,
-                                    vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens),
+            prefill=PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks,
+                                    layer_tokens=args.layer_tokens),
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
             max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,

@@ -16,7 +16,7 @@ batch fails that batch's jobs; the scheduler goes on with the next batch.
 
 Continuous batching (`ContinuousScheduler`): each job is submitted to a `ContinuousEngine`
 (engine/continuous.py) running on its own thread: it joins the running batch as soon as a KV slot is
-free and its prompt is prefilled (chunk by chunk, between decode steps), and leaves it when it ends,
+free and its prompt is prefilled (in pieces, between decode steps), and leaves it when it ends,
 so a short request does not wait for a long one. Rows may have different sampling settings; a seeded
 request gives its single-request result. An exception in one request's prefill fails that request;
 one in a decode step fails the requests of that step.
@@ -81,12 +81,12 @@ class SchedulerStats:
     failed_batches: int = 0  # static: batches that failed; continuous: requests that failed
     max_batch_size_seen: int = 0  # the most rows one batch (decode step) ran
     generated_tokens: int = 0
-    decode_graphs: int = 0  # continuous on CUDA: graphs captured at start-up
+    decode_graphs: int = 0  # continuous on CUDA: decode-step graphs captured at start-up
+    prompt_graphs: int = 0  # continuous on CUDA: prompt-layer graphs captured at start-up
     steps_without_graph: int = 0  # continuous on CUDA: decode steps that found no captured graph (0)
     compilations_after_start: int = 0  # continuous: torch.compile graphs compiled since start-up (0)
     slots_in_use: int = 0  # continuous: KV slots held by requests (prefilling or decoding)
     whole_prefills: int = 0  # continuous: prompts prefilled whole between two decode steps
-    chunk_steps: int = 0  # continuous: decode steps that carried a prompt chunk (prefill in pieces)
     tower_pieces: int = 0  # continuous: iterations that ran a few vision-tower blocks (prefill in pieces)
     layer_pieces: int = 0  # continuous: iterations that ran a few decoder layers (prefill in pieces)
 
@@ -225,14 +225,14 @@ class ContinuousScheduler:
     @property
     def stats(self) -> SchedulerStats:
         counts = self.engine.stats
-        steps = self.engine.steps
+        steps, prompt_graphs = self.engine.steps, self.engine.prefill.graphs
         return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
                               max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
+                              prompt_graphs=len(prompt_graphs.graphs) if prompt_graphs is not None else 0,
                               compilations_after_start=compilations() - counts.compilations_at_start,
                               slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
-                              chunk_steps=counts.chunk_steps, tower_pieces=counts.tower_pieces,
-                              layer_pieces=counts.layer_pieces)
+                              tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
 
     def start(self) -> None:
         self.engine.start()

@@ -1,6 +1,6 @@
 """The continuous-batching engine on the fixture checkpoints (CPU, float32): requests submitted at
 different steps, with different prompts, images, settings and lengths, give exactly what
-`ChatEngine.chat` gives for each alone (greedy and seeded), prefilled whole or in pieces that ride
+`ChatEngine.chat` gives for each alone (greedy and seeded), prefilled whole or in pieces between
 the other rows' decode steps; cancellations free every slot; the
 loop thread streams events; a short request is not held up by a long one."""
 import functools
@@ -38,15 +38,13 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("layer_tokens", [0, 1], ids=["chunks", "layers"])
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_equal_their_single_answers(checkpoint, layer_tokens):
+def test_mixed_requests_equal_their_single_answers(checkpoint):
     chat = chat_engine(checkpoint)
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
     # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
-    # images one tower block per step, their prompts in chunks carried by the rows' decode steps, or
-    # one decoder layer per step)
-    prefill = PrefillSettings(chunk=64, step_chunk=100, vision_blocks=1, layer_tokens=layer_tokens)
+    # images one tower block per step, then their prompts one decoder layer per step)
+    prefill = PrefillSettings(chunk=64, vision_blocks=1, layer_tokens=1)
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=prefill)
     handles = []
     for text, images, params, steps in REQUESTS:
@@ -55,8 +53,7 @@ def test_mixed_requests_equal_their_single_answers(checkpoint, layer_tokens):
             engine.step()
     while engine.has_work():
         engine.step()
-    pieces = engine.stats.layer_pieces if layer_tokens else engine.stats.chunk_steps
-    assert pieces > 0 and engine.stats.tower_pieces > 0
+    assert engine.stats.layer_pieces > 0 and engine.stats.tower_pieces > 0
     for handle, single in zip(handles, singles):
         result = handle.result(timeout=0)
         assert result.token_ids == single.token_ids
@@ -92,11 +89,12 @@ def test_stop_strings_and_events():
 
 def test_cancellations_free_every_slot():
     chat = chat_engine("tiny_mha")
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill=PrefillSettings(step_chunk=8))
+    prefill = PrefillSettings(vision_blocks=1, layer_tokens=1)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill=prefill)
     sample = engine.prepare_one(conversation("A long answer please.", [RED]), [RED])
     params = GenerationParams(max_new_tokens=50, temperature=0, min_new_tokens=50)
     running, prefilling, waiting, done = (engine.submit(sample, params) for _ in range(4))
-    for _ in range(60):  # the image prompt takes many 8-token chunks: `running` gets its first token
+    for _ in range(60):  # the second prompt goes one block or layer a step: `running` gets its first token
         engine.step()
         if running.events.qsize():
             break
@@ -115,25 +113,28 @@ def test_cancellations_free_every_slot():
     assert engine.slots.free_count == 2 and not engine.slots.used and engine.active == 0
 
 
-def test_a_lone_prompt_rides_the_decode_steps_and_a_queue_is_prefilled_whole():
+def test_a_lone_prompt_goes_in_pieces_and_a_queue_is_prefilled_whole():
     chat = chat_engine("tiny_mha")
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, prefill=PrefillSettings(step_chunk=8))
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=8, prefill=PrefillSettings(layer_tokens=1))
+    layers = len(chat.model.language.model.layers)
     sample = engine.prepare_one(conversation("Describe the image.", [RED]), [RED])
     params = GenerationParams(max_new_tokens=40, temperature=0, min_new_tokens=40)
     engine.submit(sample, params)
     engine.step()  # no row decoding: prefilled whole, then its first decode step
     assert not engine.prefill.requests and engine.stats.decode_steps == 1 and engine.stats.whole_prefills == 1
     engine.submit(sample, params)
-    engine.step()  # one row decoding: its images through the tower (2 blocks), 8 prompt tokens in the step
+    engine.step()  # one row decoding: the second's images through the tower (its blocks in one piece)
     second = engine.prefill.requests[0]
-    assert second.prefilled == 8 and second.prompt_len > 100 and engine.stats.decode_steps == 2
-    assert engine.stats.chunk_steps == 1 and engine.stats.whole_prefills == 1 and engine.stats.tower_pieces == 1
+    assert second.embeds is not None and second.layers is None and engine.stats.tower_pieces == 1
+    engine.step()  # then its first decoder layer
+    assert second.layers.layers_left == layers - 1 and engine.stats.layer_pieces == 1
+    assert engine.stats.decode_steps == 3 and engine.stats.whole_prefills == 1
     for _ in range(WHOLE_PREFILL_QUEUE - 1):
         engine.submit(sample, params)
-    engine.step()  # a queue: the second is prefilled whole, then a plain decode step
+    engine.step()  # a queue: the second is prefilled whole (its layers left), then a plain decode step
     assert second not in engine.prefill.requests and engine.stats.max_running == 2
-    assert engine.prefill.requests[0].prefilled == 0
-    assert (engine.stats.whole_prefills, engine.stats.chunk_steps, engine.stats.decode_steps) == (2, 1, 3)
+    assert engine.prefill.requests[0].layers is None
+    assert (engine.stats.whole_prefills, engine.stats.layer_pieces, engine.stats.decode_steps) == (2, 1, 4)
 
 
 def test_kv_bucket():
@@ -157,7 +158,7 @@ def test_a_model_moved_after_the_engine_was_built_fails_requests_clearly():
 @torch.inference_mode()
 def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_lm):
     """Token-id prompts to an engine over a bare decoder: alone (prefilled whole) and together (the
-    later ones in 3-token chunks riding the first one's decode steps), the same greedy tokens."""
+    later ones one layer a piece between the first one's decode steps), the same greedy tokens."""
     tiny_lm.config.eos_token_id = tiny_lm.config.vocab_size - 1  # the random config's lies outside its vocabulary
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=generator) for n in (7, 5, 9)]
@@ -170,24 +171,23 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
 
     alone = []
     for prompt in prompts:
-        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(step_chunk=3))
+        engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
         alone += answers(engine, [engine.submit(prompt, params)])
-    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(step_chunk=3))
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
     first = engine.submit(prompts[0], params)
     engine.step()
     handles = [first] + [engine.submit(prompt, params) for prompt in prompts[1:2]]
-    engine.step()  # one row decoding, one request waiting: its first chunk rides the step
-    assert engine.prefill.requests[0].prefilled == 3
+    engine.step()  # one row decoding, one request waiting: its first layer runs before the step
+    assert engine.prefill.requests[0].layers.layers_left == 1
     handles.append(engine.submit(prompts[2], params))
     together = answers(engine, handles)
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
 
 
-@pytest.mark.parametrize("name, value, least", [("chunk", 0, 1), ("step_chunk", 0, 1), ("vision_blocks", 0, 1),
-                                                ("layer_tokens", -1, 0)])
-def test_piece_sizes_below_their_least_are_refused_by_name(name, value, least):
-    with pytest.raises(ValueError, match=f"{name} must be >= {least}, got {value}"):
-        PrefillSettings(**{name: value})
+@pytest.mark.parametrize("name", ["chunk", "vision_blocks", "layer_tokens"])
+def test_piece_sizes_below_one_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        PrefillSettings(**{name: 0})
 
 
 @torch.inference_mode()

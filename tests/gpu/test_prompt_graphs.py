@@ -1,7 +1,7 @@
-"""The continuous engine's prompt-layer graphs on CUDA (skipped without it), bf16 fixture checkpoints:
-one graph per (prompt bucket, layer) captured at construction, and a prompt replayed through them
-leaves the cache entries and last-token logits that the eager layer pieces leave, within bf16
-rounding (the padded GEMMs may pick other kernels)."""
+"""The continuous engine's prompt-layer graphs on CUDA (skipped without it), bf16 fixture checkpoints,
+quantized too: one graph per (prompt bucket, layer) captured at construction, and a prompt replayed
+through them leaves the cache entries and last-token logits that the eager layer pieces leave,
+within bf16 rounding (the padded GEMMs may pick other kernels)."""
 import functools
 
 import pytest
@@ -18,14 +18,16 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 @functools.cache
-def chat_engine(checkpoint: str) -> ChatEngine:
-    return ChatEngine.load(str(CHECKPOINTS[checkpoint]), device="cuda", dtype=torch.bfloat16)
+def chat_engine(checkpoint: str, quantization=None) -> ChatEngine:
+    return ChatEngine.load(str(CHECKPOINTS[checkpoint]), device="cuda", dtype=torch.bfloat16,
+                           quantization=quantization)
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+@pytest.mark.parametrize("checkpoint, quantization", [("tiny_mha", None), ("small_mla", None), ("small_mla", "int4"),
+                                                      ("tiny_mha", "int8")])
 @torch.inference_mode()
-def test_a_prompt_through_the_graphs_matches_the_eager_pieces(checkpoint):
-    chat = chat_engine(checkpoint)
+def test_a_prompt_through_the_graphs_matches_the_eager_pieces(checkpoint, quantization):
+    chat = chat_engine(checkpoint, quantization)
     lm = chat.model.language
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, max_length=600,
                               prefill=PrefillSettings(layer_tokens=1))
@@ -33,7 +35,6 @@ def test_a_prompt_through_the_graphs_matches_the_eager_pieces(checkpoint):
     layers = len(lm.model.layers)
     assert graphs.buckets == (256, 512, 600) and len(graphs.graphs) == 3 * layers
     assert f"captured {3 * layers} prompt-layer graphs" in engine.startup_summary
-    assert not engine.steps.chunk and all(not with_chunk for _, _, with_chunk in engine.steps.graphs)
     generator = torch.Generator().manual_seed(0)
     for tokens in (300, 512, 37):
         embeds = (torch.randn(1, tokens, lm.config.hidden_size, generator=generator) * 0.5).cuda().bfloat16()

@@ -20,7 +20,6 @@ from deepseek_vl2.kernels import (  # noqa: E402
     gemv,
     moe_glue,
     norm_rope,
-    prefix_attention,
     quant_gemv,
     quant_grouped_gemm,
     router as router_kernel,  # noqa: E402
@@ -180,33 +179,6 @@ def check_mla_decode(device, dtype, tol):
           torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, "mla_decode, one mask row")
 
 
-def check_prefix_attention(device, dtype, tol):
-    """A prompt chunk over its cache row, visibility by positions: plain heads (grouped), and MLA's
-    expanded keys with a rope key shared by all heads; chunk tokens whose positions lie past the
-    keys (the engine's padding tokens see them all), a chunk longer than one query tile."""
-    g = torch.Generator().manual_seed(6)
-    L = 100
-    positions = torch.tensor(list(range(30, 30 + 40)) + [150, 150, 150]).to(device)  # 3 padding tokens
-    S = len(positions)
-    visible = torch.arange(L, device=device)[None, :] <= positions[:, None]  # [S, L]
-    for H, kv_heads, D, DV, DPE in ((4, 2, 64, 64, 0), (3, 3, 32, 32, 16)):
-        cache = torch.randn(L + 20, kv_heads, D + DV, generator=g).to(device, dtype)
-        k, v = cache[:L, :, :D], cache[:L, :, D:]  # strided views, as a cache is read
-        q = torch.randn(S, H, D, generator=g).to(device, dtype)
-        q_pe = torch.randn(S, H, DPE, generator=g).to(device, dtype) if DPE else None
-        k_pe = torch.randn(L, DPE, generator=g).to(device, dtype) if DPE else None
-        scale = (D + DPE) ** -0.5
-        keys = k.repeat_interleave(H // kv_heads, 1).float()
-        scores = torch.einsum("shd,nhd->hsn", q.float(), keys)
-        if DPE:
-            scores = scores + torch.einsum("shp,np->hsn", q_pe.float(), k_pe.float())
-        probs = (scores * scale).masked_fill(~visible[None], float("-inf")).softmax(-1)
-        want = torch.einsum("hsn,nhd->shd", probs, v.repeat_interleave(H // kv_heads, 1).float())
-        for tiles in ({}, dict(block_m=16, block_n=32)):
-            got = prefix_attention.prefix_attention(q, k, v, positions, scale, q_pe, k_pe, **tiles)
-            close(got, want, tol, f"prefix_attention H={H} kv_heads={kv_heads} DPE={DPE} {tiles}")
-
-
 def check_moe_glue(device, dtype, tol):
     g = torch.Generator().manual_seed(5)
     gate_up = torch.randn(37, 2 * 96, generator=g).to(device, dtype)
@@ -259,7 +231,7 @@ def check_norm_rope(device, dtype, tol):
 
 
 CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route, check_mha_decode,
-          check_mla_decode, check_prefix_attention, check_moe_glue, check_norm_rope)
+          check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:

@@ -118,27 +118,3 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
         ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda())
         graph.replay()
         assert torch.equal(out, step())
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_prompt_chunk_attention_by_positions_matches_the_masked_attention():
-    """A prompt chunk over its cache row (the continuous engine's chunk in a decode step): attending by
-    positions (the prefix kernel) gives what SDPA gives with the chunk's mask, plain heads and MLA."""
-    from deepseek_vl2.modeling.attention import chunk_attention_inputs
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    S, kv_len, H = 48, 512, 4
-    positions = torch.cat((torch.arange(200, 200 + S - 2), torch.tensor([4095, 4095]))).cuda()  # 2 padding tokens
-    attn = chunk_attention_inputs(positions, kv_len, torch.bfloat16)
-    assert attn.positional
-    randn = lambda *shape: torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
-    q, kv = randn(1, H, S, 128), randn(1, 2, H, 600, 128)[:, :, :, :kv_len]
-    want = dispatch.mha_attention(q, kv, attn.mask)
-    got = dispatch.mha_attention(q, kv, attn.mask, positions)
-    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
-    q_nope, q_pe, latent = randn(1, H, S, 128), randn(1, H, S, 64), randn(1, 600, 512 + 64)[:, :kv_len]
-    kv_b = randn(H * (128 + 128), 512) * 0.05
-    want = reference.mla_expanded(q_nope, q_pe, latent, attn.mask, kv_b, 0.1)
-    got = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, kv_b, 0.1, positions)
-    assert got.shape == want.shape and (got - want).abs().max() <= 2e-2 * want.abs().max()

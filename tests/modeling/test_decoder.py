@@ -19,32 +19,20 @@ def test_decode_step_equals_the_forward(tiny_lm, tiny_config):
 
 
 @torch.no_grad()
-def test_a_prompt_chunk_in_the_decode_step_gives_the_forward_s_logits(tiny_lm, tiny_config):
-    """Rows of their own slots decode while 4 more tokens of another prompt (in a cache row of its
-    own, 3 tokens in) ride the same step: each gets what a separate forward gives."""
-    from deepseek_vl2.modeling.decoder import PromptChunk
-
+def test_rows_of_different_lengths_decode_at_their_own_slots(tiny_lm, tiny_config):
+    """Rows whose prompts have different lengths (the continuous engine's rows) decode one token each
+    at a slot of their own: each gets what a separate forward gives."""
     generator = torch.Generator().manual_seed(1)
     B, capacity, lengths = 2, 16, [5, 2]
     ids = torch.randint(0, tiny_config.vocab_size, (B, 6), generator=generator)
-    prompt = torch.randint(0, tiny_config.vocab_size, (1, 7), generator=generator)
     cache = KVCache(tiny_config, B, capacity, "cpu", torch.float32)
     for row, length in enumerate(lengths):
         tiny_lm(input_ids=ids[row : row + 1, :length], past_key_values=cache.rows(row, 1), use_cache=True)
-    prompt_cache = KVCache(tiny_config, 1, capacity, "cpu", torch.float32)
-    tiny_lm(input_ids=prompt[:, :3], past_key_values=prompt_cache, use_cache=True)
     slots = torch.tensor(lengths)
     visible = torch.ones(B, capacity, dtype=torch.bool)
-    embeds = tiny_lm.get_input_embeddings()(prompt[:, 3:])
-    chunk = PromptChunk(embeds, torch.arange(3, 7), torch.tensor([3]), prompt_cache)
     tokens = torch.stack([ids[row, length] for row, length in enumerate(lengths)])
-    logits = tiny_lm.decode_step(tokens, slots, slots[:, None], visible, capacity, cache, chunk=chunk)
-    assert logits.shape == (B + 1, tiny_config.vocab_size)
+    logits = tiny_lm.decode_step(tokens, slots, slots[:, None], visible, capacity, cache)
+    assert logits.shape == (B, tiny_config.vocab_size)
     for row, length in enumerate(lengths):
         want = tiny_lm(input_ids=ids[row : row + 1, : length + 1], use_cache=False).logits[0, -1]
         assert torch.allclose(logits[row], want, atol=1e-4)
-    assert torch.allclose(logits[B], tiny_lm(input_ids=prompt, use_cache=False).logits[0, -1], atol=1e-4)
-    # the chunk's entries went to the prompt's row, where a forward over the whole prompt puts them
-    whole = tiny_lm(input_ids=prompt, use_cache=True).past_key_values
-    for layer in range(tiny_config.num_hidden_layers):
-        assert torch.allclose(prompt_cache.layer(layer).read(7), whole.layer(layer).read(7), atol=1e-5)
