@@ -18,9 +18,10 @@ and logits to the bit as a forward of the prompt).
 Why pieces of layers, not chunks of tokens riding the decode steps (as this engine did before): a
 chunk of a few hundred prompt tokens routes over every expert of an MoE layer, so a decode step
 that carries one reads all expert weights, and a 2054-token prompt in 256-token chunks read them
-eight times. Measured on an H200 over HTTP (serve_bench.py, benchmarks/RESULTS.md), layers in
-graphs against chunks in steps: 32 clients 2338 against 1871 output tok/s (tiny) and 1311 against
-1135 (small); the open-loop inter-token p99 on small 12.2 against 17.7 ms.
+eight times. Measured on an H200 over HTTP (serve_bench.py; benchmarks/RESULTS.md, eighth
+session), layers from graphs against chunks in steps, in one call: 32 clients 2338 against 1871
+output tok/s (tiny) and 1311 against 1135 (small); the open-loop inter-token p99 on small 12.2
+against 17.7 ms (on tiny 9.5 against 6.8, at a rate 25% higher).
 
 A finished prefill goes back to the engine as `Prefilled` (`take_ended`): the request and its first
 token, chosen on the device and fed to its first decode step from there, or the error.
