@@ -22,7 +22,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from ..generation.cuda_graphs import warmup_stream
+from ..generation.cuda_graphs import capture_each
 from .slots import KV_BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
@@ -108,17 +108,4 @@ class DecodeSteps:
         if self.slots.used:
             raise RuntimeError("decode graphs are captured before any request is admitted")
         self.inputs.zero_()
-        current = torch.cuda.current_stream(self._lm().device)
-        side = warmup_stream(current.device)
-        side.wait_stream(current)
-        # inference mode, as the engine's steps run: the dispatcher picks the Triton kernels only
-        # without autograd (captured with it, a graph would hold the slower reference ops)
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for rows, kv_len in keys:
-                self._step(rows, kv_len)  # warm-up: cuBLAS workspaces, Triton autotuning
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                    self._step(rows, kv_len)
-                self.graphs[(rows, kv_len)] = graph
-        current.wait_stream(side)
-        torch.cuda.synchronize(current.device)
+        self.graphs.update(capture_each(keys, self._step, self.pool, self._lm().device))

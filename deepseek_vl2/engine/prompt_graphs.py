@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..generation.cuda_graphs import warmup_stream
+from ..generation.cuda_graphs import capture_each
 from ..modeling.layer_pieces import last_token_logits, prompt_layer
 from .slots import SlotCache
 
@@ -60,20 +60,8 @@ class PromptGraphs:
             raise RuntimeError("prompt graphs are captured before any request is admitted")
         started = time.perf_counter()
         layers = len(self._lm().model.layers)
-        current = torch.cuda.current_stream(self.hidden.device)
-        side = warmup_stream(current.device)
-        side.wait_stream(current)
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for bucket in self.buckets:
-                for index in range(layers):  # warm-up: cuBLAS workspaces, Triton autotuning, rope tables
-                    self._layer(bucket, index)
-                for index in range(layers):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                        self._layer(bucket, index)
-                    self.graphs[(bucket, index)] = graph
-        current.wait_stream(side)
-        torch.cuda.synchronize(current.device)
+        keys = [(bucket, index) for bucket in self.buckets for index in range(layers)]
+        self.graphs.update(capture_each(keys, self._layer, self.pool, self.hidden.device))
         self.hidden.zero_()
         summary = (f"captured {len(self.graphs)} prompt-layer graphs ({layers} layers x {len(self.buckets)} prompt "
                    f"lengths up to {self.buckets[-1]}) in {time.perf_counter() - started:.1f} s")

@@ -35,7 +35,7 @@ import itertools
 import logging
 import types
 import weakref
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -265,6 +265,27 @@ def warmup_stream(device) -> torch.cuda.Stream:
     if device not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
     return _WARMUP_STREAMS[device]
+
+
+def capture_each(keys: Sequence, run: Callable, pool, device) -> dict:
+    """{key: a CUDA graph of run(*key)} for each key, each run once first (cuBLAS workspaces, Triton
+    autotuning), on `device`'s warm-up stream. In inference mode, as the continuous engine runs its
+    graphs: the dispatcher picks the Triton kernels only without autograd (captured with it, a graph
+    would hold the slower reference ops)."""
+    graphs = {}
+    current = torch.cuda.current_stream(device)
+    side = warmup_stream(current.device)
+    side.wait_stream(current)
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for key in keys:
+            run(*key)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                run(*key)
+            graphs[key] = graph
+    current.wait_stream(side)
+    torch.cuda.synchronize(current.device)
+    return graphs
 
 
 # model -> (fingerprint of its tensors, {batch size: StaticDecoder}); an entry goes with its model

@@ -24,6 +24,13 @@ def conversation(text: str, images) -> list:
     return [{"role": "<|User|>", "content": "<image>\n" * len(images) + text}, {"role": "<|Assistant|>", "content": ""}]
 
 
+def token_ids_at_the_end(engine, handles) -> list:
+    """Step `engine` until it has no work; each handle's answer tokens."""
+    while engine.has_work():
+        engine.step()
+    return [handle.result(timeout=0).token_ids for handle in handles]
+
+
 RED, GREEN = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (300, 500), (0, 90, 0))
 # (text, images, params, steps to run before the next submission)
 REQUESTS = [
@@ -164,15 +171,10 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     prompts = [torch.randint(0, tiny_lm.config.vocab_size, (n,), generator=generator) for n in (7, 5, 9)]
     params = GenerationParams(max_new_tokens=6, temperature=0, min_new_tokens=6)
 
-    def answers(engine, handles):
-        while engine.has_work():
-            engine.step()
-        return [handle.result(timeout=0).token_ids for handle in handles]
-
     alone = []
     for prompt in prompts:
         engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
-        alone += answers(engine, [engine.submit(prompt, params)])
+        alone += token_ids_at_the_end(engine, [engine.submit(prompt, params)])
     engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
     first = engine.submit(prompts[0], params)
     engine.step()
@@ -180,7 +182,7 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     engine.step()  # one row decoding, one request waiting: its first layer runs before the step
     assert engine.prefill.requests[0].layers.layers_left == 1
     handles.append(engine.submit(prompts[2], params))
-    together = answers(engine, handles)
+    together = token_ids_at_the_end(engine, handles)
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
 
 
@@ -201,15 +203,10 @@ def test_a_prompt_half_through_the_decoder_layers_is_finished_whole_when_the_que
     params = GenerationParams(max_new_tokens=5, temperature=0, min_new_tokens=5)
     settings = PrefillSettings(layer_tokens=1)  # one layer a piece
 
-    def answer(engine, handles):
-        while engine.has_work():
-            engine.step()
-        return [handle.result(timeout=0).token_ids for handle in handles]
-
     alone = []
     for prompt in prompts:
         engine = ContinuousEngine(tiny_lm, None, max_num_seqs=len(prompts), prefill=settings)
-        alone += answer(engine, [engine.submit(prompt, params)])
+        alone += token_ids_at_the_end(engine, [engine.submit(prompt, params)])
     engine = ContinuousEngine(tiny_lm, None, max_num_seqs=len(prompts), prefill=settings)
     handles = [engine.submit(prompts[0], params)]
     engine.step()  # no row decoding: prefilled whole
@@ -220,7 +217,7 @@ def test_a_prompt_half_through_the_decoder_layers_is_finished_whole_when_the_que
     handles += [engine.submit(prompt, params) for prompt in prompts[2:]]
     engine.step()  # the queue is full: the first waiting prompt is finished whole
     assert halfway not in engine.prefill.requests and engine.stats.whole_prefills == 2
-    assert answer(engine, handles) == alone and all(len(tokens) == 5 for tokens in alone)
+    assert token_ids_at_the_end(engine, handles) == alone and all(len(tokens) == 5 for tokens in alone)
 
 
 @pytest.mark.parametrize("layer_tokens, pieces", [(8, 2), (11, 2), (12, 1), (100, 1)])
