@@ -21,9 +21,9 @@ decoding or WHOLE_PREFILL_QUEUE requests waiting for their prefill), prefill the
 write slots, rope positions and masks, attending over a 256-multiple bucket covering the longest
 row. On a quiet engine the next prompt advances one piece before the step instead (`vision_blocks`
 blocks of the vision tower, then a few decoder layers): the running rows wait a few milliseconds
-per step instead of a whole prefill once. A request whose prefill ended joins the running rows with its first token. Every
-row then picks its token with its own settings, rows with equal settings together
-(row_sampling.py). The model exposes the steps; this module runs them.
+per step instead of a whole prefill once. A request whose prefill ended joins the running rows
+with its first token. Every row then picks its token with its own settings, rows with equal
+settings together (row_sampling.py). The model exposes the steps; this module runs them.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -76,14 +76,13 @@ class EngineStats:
 # decode and fewer than WHOLE_PREFILL_QUEUE requests wait for their prefill; otherwise it is
 # prefilled whole between two steps. Pieces cut the running rows' longest waits (a few ms per step
 # instead of a whole prefill), but a prompt in pieces takes longer to its first token, and under
-# load that costs throughput (H200, small, 32 clients: -15 to -20% with pieces always on;
-# benchmarks/RESULTS.md), so a busy engine serves the queue first. The queue rule counts the
-# prompt in pieces too. Measured over HTTP on H200s with the pieces of the time (prompt chunks that
-# rode the decode steps; serve_bench.py, small, open loop at ~5 requests/s; two machines, so
-# roughly): at 2, inter-token p99 57 ms and TTFT p99 399 ms (most
-# bursts brought a second request, and its whole prefill stalled the rows); at 4, 18 ms and 665 ms.
-# Without the rule, prompts in pieces cannot keep up with 32 clients and fewer than 16 rows ever
-# decode: 599 output tok/s against 1314 (same machine).
+# load that costs throughput, so a busy engine serves the queue first. The queue rule counts the
+# prompt in pieces too. Measured on H200s with the pieces of the time (prompt chunks that rode the
+# decode steps; benchmarks/RESULTS.md): small, 32 clients, -15 to -20% with pieces always on; over
+# HTTP, small, open loop at ~5 requests/s (two machines, so roughly): at 2, inter-token p99 57 ms
+# and TTFT p99 399 ms (most bursts brought a second request, and its whole prefill stalled the
+# rows); at 4, 18 ms and 665 ms. Without the rule, prompts in pieces could not keep up with 32
+# clients and fewer than 16 rows ever decoded: 599 output tok/s against 1314 (same machine).
 PIECEWISE_ROWS = 16
 WHOLE_PREFILL_QUEUE = 4
 

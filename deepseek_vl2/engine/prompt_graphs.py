@@ -43,6 +43,10 @@ class PromptGraphs:
         self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
+    @property
+    def lm(self):
+        return self._lm()
+
     def bucket_for(self, tokens: int) -> int:
         """The bucket a prompt of `tokens` tokens runs in."""
         if not 0 < tokens <= self.buckets[-1]:
@@ -51,7 +55,7 @@ class PromptGraphs:
 
     def _layer(self, bucket: int, index: int) -> None:
         x = self.hidden[:, :bucket]
-        x.copy_(prompt_layer(self._lm(), index, x, 0, self.slots.prompt))
+        x.copy_(prompt_layer(self.lm, index, x, 0, self.slots.prompt))
 
     def capture_all(self) -> str:
         """Capture every (bucket, layer), while no slot is in use; returns what was done, for the
@@ -59,7 +63,7 @@ class PromptGraphs:
         if self.slots.used:
             raise RuntimeError("prompt graphs are captured before any request is admitted")
         started = time.perf_counter()
-        layers = len(self._lm().model.layers)
+        layers = len(self.lm.model.layers)
         keys = [(bucket, index) for bucket in self.buckets for index in range(layers)]
         self.graphs.update(capture_each(keys, self._layer, self.pool, self.hidden.device))
         self.hidden.zero_()
@@ -80,7 +84,7 @@ class GraphLayerPieces:
         self.bucket = graphs.bucket_for(self.tokens)
         graphs.hidden[:, : self.tokens].copy_(embeds)
         graphs.hidden[:, self.tokens : self.bucket].zero_()
-        self.layers = len(graphs._lm().model.layers)
+        self.layers = len(graphs.lm.model.layers)
         self.next_layer = 0
         self.logits: Optional[torch.Tensor] = None
 
@@ -98,5 +102,5 @@ class GraphLayerPieces:
             self.graphs.graphs[(self.bucket, index)].replay()
         self.next_layer = end
         if end == self.layers:
-            self.logits = last_token_logits(self.graphs._lm(), self.graphs.hidden[:, : self.tokens])
+            self.logits = last_token_logits(self.graphs.lm, self.graphs.hidden[:, : self.tokens])
         return self.logits
