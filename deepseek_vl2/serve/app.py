@@ -135,9 +135,7 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
         job = Job(sample, params, loop)
-        # off the event loop: the engine makes the request's host tensors here (its images in the model's
-        # dtype, pinned), milliseconds that would hold back every other stream's next event
-        await run_in_threadpool(scheduler.submit, job)
+        scheduler.submit(job)
         if stream:
             def close():
                 job.cancel()
