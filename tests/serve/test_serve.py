@@ -236,7 +236,11 @@ def test_models_and_health(server):
     assert [m["id"] for m in models["data"]] == ["tiny"]
     health = httpx.get(server + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
-    assert health["scheduler"]["requests"] >= 0 and health["scheduler"]["waiting"] == 0
+    scheduler = health["scheduler"]
+    assert scheduler["requests"] >= 0 and scheduler["waiting"] == 0
+    # the continuous engine on the CPU: no graphs of either kind; its prefill counters are there
+    assert (scheduler["decode_graphs"], scheduler["prompt_graphs"], scheduler["steps_without_graph"]) == (0, 0, 0)
+    assert all(scheduler[name] >= 0 for name in ("whole_prefills", "tower_pieces", "layer_pieces"))
 
 
 def test_grounding_boxes_are_returned_with_pixels():
