@@ -245,12 +245,12 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     are taken against the latents directly (the decode kernel for one token), and the value half of
     kv_b_proj is applied after the softmax."""
     B, H, S, nope = q_nope.shape
-    rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
     if q_nope.is_cuda and S > 1:
         with sdpa_backends(q_nope):
             return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
     w_uk, w_uv = reference.kv_b_halves(kv_b_weight, H, nope)
     q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
+    rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
     if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
         out_latent = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale)
         out_latent = out_latent[:, :, None]

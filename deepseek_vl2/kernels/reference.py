@@ -151,20 +151,13 @@ def latent_attention(q_absorbed: torch.Tensor, q_pe: torch.Tensor, latent: torch
     return torch.bmm(probs.view(B, H * S, -1), latent[..., :rank]).view(B, H, S, -1)
 
 
-def expand_latents(latent: torch.Tensor, kv_b_weight: torch.Tensor, heads: int, nope_dim: int):
-    """MLA's latents [B, kv_len, rank + rope] through kv_b_proj: per-head keys (their no-rope part)
-    [B, kv_len, H, nope] and values [B, kv_len, H, v], views of one product."""
-    B, kv_len = latent.shape[:2]
-    kv = F.linear(latent[..., : kv_b_weight.shape[-1]], kv_b_weight).view(B, kv_len, heads, -1)
-    return kv[..., :nope_dim], kv[..., nope_dim:]
-
-
 def mla_expanded(q_nope, q_pe, latent, mask: Optional[torch.Tensor], kv_b_weight: torch.Tensor, scale: float):
     """MLA with the latents expanded to per-head keys and values through kv_b_proj, then SDPA
     (cheaper than the absorbed form for long multi-token inputs) -> [B, H, S, v]."""
     B, H, S, nope = q_nope.shape
     kv_len, rank = latent.shape[1], kv_b_weight.shape[-1]
-    k_nope, v = (t.transpose(1, 2) for t in expand_latents(latent, kv_b_weight, H, nope))
+    kv = F.linear(latent[..., :rank], kv_b_weight).view(B, kv_len, H, -1)
+    k_nope, v = kv.transpose(1, 2).split((nope, kv.shape[-1] - nope), dim=-1)
     k_pe = latent[:, None, :, rank:].expand(B, H, kv_len, q_pe.shape[-1])
     q = torch.cat((q_nope, q_pe), dim=-1)
     k = torch.cat((k_nope, k_pe), dim=-1)
