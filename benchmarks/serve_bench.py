@@ -380,7 +380,7 @@ def main():
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--in-process", action="store_true",
-                        help="drive the continuous engine directly (no HTTP server), closed loops only")
+                        help="drive the continuous engine directly (no HTTP server), the same loops")
     parser.add_argument("--profile", action="store_true", help="with --in-process: profile the engine's thread")
     parser.add_argument("--prepare-at-arrival", action="store_true",
                         help="with --in-process: each request runs the processor when it arrives (as the server does)")

@@ -139,29 +139,30 @@ def prefill_ms(lm, embeds) -> float:
     return 1e3 * timed(run, repeats=5)
 
 
-@torch.inference_mode()
-def layer_ms(lm, embeds) -> list:
-    """Milliseconds of each decoder layer over the whole prompt, as the engine's pieces run them
-    (medians of 5 passes)."""
+def per_layer_ms(start, layers: int) -> list:
+    """Milliseconds of each of `layers` pieces of one layer (`start()`: a prompt's fresh pieces),
+    medians of 5 passes after a warm-up pass."""
     passes = []
     for _ in range(6):
-        cache = KVCache(lm.config, 1, embeds.shape[1], "cuda", lm.dtype)
-        pieces = LayerPieces(lm, embeds, cache, embeds.shape[1])
-        passes.append([event_ms(lambda: pieces.advance(1)) for _ in range(len(lm.model.layers))])
+        pieces = start()
+        passes.append([event_ms(lambda: pieces.advance(1)) for _ in range(layers)])
     return [statistics.median(times) for times in zip(*passes[1:])]
+
+
+@torch.inference_mode()
+def layer_ms(lm, embeds) -> list:
+    """Milliseconds of each decoder layer over the whole prompt, run eagerly (LayerPieces)."""
+    def start():
+        return LayerPieces(lm, embeds, KVCache(lm.config, 1, embeds.shape[1], "cuda", lm.dtype), embeds.shape[1])
+    return per_layer_ms(start, len(lm.model.layers))
 
 
 @torch.inference_mode()
 def graph_layer_ms(lm, embeds, kv_len: int) -> list:
-    """Milliseconds of each decoder layer's prompt graph over the prompt (medians of 5 passes)."""
+    """Milliseconds of each decoder layer's prompt graph over the prompt."""
     graphs = PromptGraphs(lm, SlotCache(lm, 1, kv_len))
     print("  " + graphs.capture_all(), flush=True)
-    passes = []
-    for _ in range(6):
-        pieces = GraphLayerPieces(graphs, embeds)
-        passes.append([event_ms(lambda: pieces.advance(1)) for _ in range(len(lm.model.layers))])
-    del graphs
-    return [statistics.median(times) for times in zip(*passes[1:])]
+    return per_layer_ms(lambda: GraphLayerPieces(graphs, embeds), len(lm.model.layers))
 
 
 def main():
