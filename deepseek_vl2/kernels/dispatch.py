@@ -8,9 +8,11 @@ which backend applies.
     silu_mul         CUDA inference                                       formula
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
-                     on CUDA; quantized experts: the quant_gemv pair      combine_sorted kernel on CUDA;
-                     for <= QUANT_GEMV_TOKENS rows, else (bf16/fp16       quantized: on the stacks
-                     CUDA) quant_grouped_gemm, dequantizing tile by tile  dequantized one at a time
+                     on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
+                     MOE_DECODE_ROWS, combine_pairs after either;         quantized: on the stacks
+                     quantized experts: the quant_gemv pair for           dequantized one at a time
+                     <= QUANT_GEMV_TOKENS rows, else (bf16/fp16 CUDA)
+                     quant_grouped_gemm, dequantizing tile by tile
     quantized_linear quant_gemv for <= QUANT_GEMV_TOKENS bf16/fp16 CUDA   F.linear on the dequantized
                      rows                                                 weight (a one-pass kernel on
                                                                           CUDA, PyTorch ops elsewhere)
@@ -35,12 +37,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..quantization.weight import QuantizedWeight
-from . import decode_attention, gemv, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
+from . import decode_attention, gemv, moe_decode, moe_glue, norm_rope, quant_gemv, quant_grouped_gemm, reference, router
 from .custom_ops import triton
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 QUANT_GEMV_TOKENS = quant_gemv.MAX_GEMV_TOKENS
+MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
 def _cuda_inference(x: torch.Tensor) -> bool:
@@ -105,10 +108,13 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     quantized = isinstance(gate_up, QuantizedWeight)
     if quantized and _decode_sized(x, QUANT_GEMV_TOKENS):  # int8/int4 bytes read by the gemv
         act = _quant_gemv(x, gate_up, flat_ids, k, True)
-        return reference.combine(_quant_gemv(act, down, flat_ids, 1, False), weights)
+        return moe_glue.combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
     if not quantized and _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
         act = gemv.gemv(x, gate_up, flat_ids, k, True)
-        return reference.combine(gemv.gemv(act, down, flat_ids, 1, False), weights)
+        return moe_glue.combine_pairs(gemv.gemv(act, down, flat_ids, 1, False), weights)
+    if not quantized and _decode_sized(x, MOE_DECODE_ROWS):  # each expert finds its rows, no sorting
+        act = moe_decode.expert_gemm(x, gate_up, flat_ids, k, True)
+        return moe_glue.combine_pairs(moe_decode.expert_gemm(act, down, flat_ids, 1, False), weights)
     # stable sort by expert; one-byte keys make the GPU radix sort a single pass
     num_experts = gate_up.shape[0]
     keys = flat_ids.to(torch.uint8) if num_experts <= 256 else flat_ids

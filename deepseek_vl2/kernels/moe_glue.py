@@ -5,9 +5,11 @@ on CUDA), where plain PyTorch ops make several passes over [tokens x k, width] t
                   where the reference's bf16 ops round (silu(gate), then the product);
   combine_sorted  expert outputs in expert-sorted order [N*k, h] -> per token the float32 sum of
                   weight * output over its k (token, expert) pairs, gathered through their sorted
-                  slots: no unsorting copy and no float32 [N, k, h] temporaries.
+                  slots: no unsorting copy and no float32 [N, k, h] temporaries;
+  combine_pairs   the same for outputs already in (token, expert) pair order (the gemv and
+                  moe_decode kernels write them so).
 
-Inside compiled regions (batched decode) both are torch custom ops (`custom_ops.kernel_op`).
+Inside compiled regions (batched decode) all three are torch custom ops (`custom_ops.kernel_op`).
 dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops.
 """
 import torch
@@ -29,13 +31,15 @@ if triton is not None:
 
     @triton.jit
     def _combine_sorted_kernel(src_ptr, slots_ptr, weights_ptr, out_ptr, width, stride_src, stride_out,
-                               K: tl.constexpr, BLOCK: tl.constexpr):
+                               K: tl.constexpr, SORTED: tl.constexpr, BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < width
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(K):
-            slot = tl.load(slots_ptr + token * K + j).to(tl.int64)
+            slot = token * K + j
+            if SORTED:
+                slot = tl.load(slots_ptr + slot).to(tl.int64)
             weight = tl.load(weights_ptr + token * K + j)
             acc += weight * tl.load(src_ptr + slot * stride_src + offs, mask=valid, other=0.0).to(tl.float32)
         tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
@@ -56,6 +60,15 @@ if triton is not None:
     def combine_sorted(outputs: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """outputs [N*k, h] in sorted order, slots [N*k] (where pair (n, j) = n*k + j sits in
         `outputs`), weights [N, k] float32 -> [N, h] in outputs' dtype."""
+        return _combine_launch(outputs, slots.contiguous(), weights)
+
+    @kernel_op("combine_pairs", lambda outputs, weights: outputs.new_empty(weights.shape[0], outputs.shape[1]))
+    def combine_pairs(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """outputs [N*k, h] with pair (n, j) at row n*k + j, weights [N, k] float32 -> [N, h] in
+        outputs' dtype."""
+        return _combine_launch(outputs, None, weights)
+
+    def _combine_launch(outputs, slots, weights):
         N, k = weights.shape
         width = outputs.shape[1]
         outputs = outputs if outputs.stride(-1) == 1 else outputs.contiguous()
@@ -63,6 +76,6 @@ if triton is not None:
         block = min(1024, triton.next_power_of_2(width))
         if N:
             _combine_sorted_kernel[(N, triton.cdiv(width, block))](
-                outputs, slots.contiguous(), weights.float().contiguous(), out, width, outputs.stride(0),
-                out.stride(0), K=k, BLOCK=block, num_warps=4)
+                outputs, slots if slots is not None else outputs, weights.float().contiguous(), out, width,
+                outputs.stride(0), out.stride(0), K=k, SORTED=slots is not None, BLOCK=block, num_warps=4)
         return out

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from deepseek_vl2.kernels import (  # noqa: E402
     decode_attention,
     gemv,
+    moe_decode,
     moe_glue,
     norm_rope,
     quant_gemv,
@@ -55,6 +56,27 @@ def check_gemv(device, dtype, tol):
     plain = gemv.gemv(x, w2[0].T.contiguous(), None, 1, False, True)
     assert plain.dtype == torch.float32
     close(plain, x.float() @ w2[0].float(), tol, "plain gemv with float32 output")
+
+
+def check_moe_decode(device, dtype, tol):
+    """The expert GEMM pair (gate/up with silu_mul, then down) against einsum products, for rows whose
+    pairs leave experts unchosen, give one expert more pairs than a dot block (the shared expert of
+    20 rows) and leave partial output and K tiles; the pairs' outputs come back in their own order."""
+    g = torch.Generator().manual_seed(11)
+    E, N, K, k = 7, 40, 80, 3
+    for rows in (3, 20):
+        x = torch.randn(rows, K, generator=g).to(device, dtype)
+        w13 = (torch.randn(E, 2 * N, K, generator=g) * 0.1).to(device, dtype)
+        w2 = (torch.randn(E, K, N, generator=g) * 0.1).to(device, dtype)
+        routed = torch.stack([torch.randperm(E - 2, generator=g)[:k - 1] for _ in range(rows)])
+        ids = torch.cat((routed, torch.full((rows, 1), E - 1)), dim=1).flatten().to(device)  # expert E-2: none
+        for tiles in ((None, None, None, None), (32, 32, 2, 1)):
+            act = moe_decode.expert_gemm_launch(x, w13, ids, k, True, *tiles)
+            gate_up = torch.einsum("ak,ank->an", x.repeat_interleave(k, dim=0).float(), w13[ids].float()).to(dtype)
+            close(act, F.silu(gate_up[:, :N]) * gate_up[:, N:], tol, f"{rows} rows, gate/up with silu_mul, {tiles}")
+            out = moe_decode.expert_gemm_launch(act, w2, ids, 1, False, *tiles)
+            close(out, torch.einsum("an,akn->ak", act.float(), w2[ids].float()), tol, f"{rows} rows, down, {tiles}")
+    assert torch.equal(moe_decode.expert_gemm(act, w2, ids, 1, False), moe_decode.expert_gemm_launch(act, w2, ids, 1, False))
 
 
 def check_quant_gemv(device, dtype, tol):
@@ -195,6 +217,7 @@ def check_moe_glue(device, dtype, tol):
     unsorted[order.to(device)] = outputs
     close(moe_glue.combine_sorted(outputs, slots.to(device), weights), _combine(unsorted, weights), tol,
           "combine_sorted")
+    close(moe_glue.combine_pairs(unsorted, weights), _combine(unsorted, weights), tol, "combine_pairs")
     assert moe_glue.silu_mul(gate_up[:0]).shape == (0, 96)
 
 
@@ -230,8 +253,8 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route, check_mha_decode,
-          check_mla_decode, check_moe_glue, check_norm_rope)
+CHECKS = (check_gemv, check_moe_decode, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route,
+          check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:

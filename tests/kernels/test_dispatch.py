@@ -118,3 +118,42 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
         ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda())
         graph.replay()
         assert torch.equal(out, step())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_experts_match_float32_on_every_path_and_replay_in_a_graph():
+    """bf16 experts at row counts on each side of the gemv and moe_decode limits (gemv pair,
+    expert_gemm pair, sorted grouped GEMMs) against the float32 reference ops; the expert_gemm path
+    captured in a CUDA graph replays new rows and routes as it runs eagerly."""
+    g = torch.Generator().manual_seed(8)
+    E, I, h, k = 12, 128, 256, 4
+    gate_up = (torch.randn(E, 2 * I, h, generator=g) * 0.05).to("cuda", torch.bfloat16)
+    down = (torch.randn(E, h, I, generator=g) * 0.05).to("cuda", torch.bfloat16)
+
+    def inputs(rows):
+        x = torch.randn(rows, h, generator=g).to("cuda", torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(rows)]).cuda()
+        return x, ids, torch.rand(rows, k, generator=g).cuda()
+
+    limits = dispatch.MAX_GEMV_TOKENS, dispatch.MOE_DECODE_ROWS
+    with torch.inference_mode():
+        for rows in (1, limits[0], limits[0] + 1, 16, limits[1], limits[1] + 1):
+            x, ids, weights = inputs(rows)
+            got = dispatch.experts(x, gate_up, down, ids, weights).float()
+            act = reference.silu_mul(torch.einsum("rh,rkih->rki", x.float(), gate_up[ids].float()))
+            want = torch.einsum("rki,rkhi,rk->rh", act, down[ids].float(), weights)
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), f"{rows} rows"
+        x, ids, weights = inputs(24)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            dispatch.experts(x, gate_up, down, ids, weights)  # compile the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = dispatch.experts(x, gate_up, down, ids, weights)
+        for new, old in zip(inputs(24), (x, ids, weights)):
+            old.copy_(new)
+        graph.replay()
+        assert torch.equal(out, dispatch.experts(x, gate_up, down, ids, weights))
