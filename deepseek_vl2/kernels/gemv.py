@@ -19,10 +19,11 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-# Token counts up to which these kernels beat the general path (H100 measurements). The expert gemv
-# reads an expert once per token that picks it (the shared experts once per token), so from a few
-# tokens on, sorting by expert and a grouped GEMM that reads each expert once wins; the LM head
-# gemv reads its weight once per row, as the experts' do.
+# Token counts up to which these kernels beat the other paths (H100 measurements; on an H200 the
+# expert gemv and moe_decode's expert GEMM tie at 2 rows, benchmarks/moe_decode_configs.py). The
+# expert gemv reads an expert once per token that picks it (the shared experts once per token), so
+# from a few tokens on, a kernel that reads each chosen expert once wins; the LM head gemv reads its
+# weight once per row, as the experts' do.
 MAX_GEMV_TOKENS = 2
 
 

@@ -4,9 +4,9 @@ DeepSeekMoE block with its router.
 Experts (the shared ones included, as extra experts:
 docs/deviations.md#shared-experts-run-as-extra-routed-experts) are stored stacked per layer ([E, 2*I, h]
 gate+up and [E, h, I] down) and run by `dispatch.experts` (a grouped GEMM over the tokens sorted by
-expert, or a gemv kernel over the chosen experts for decode-sized inputs on CUDA; no host
-synchronisation either way). The checkpoint keeps the official names; `checkpoint_keys` maps them
-onto the stacks.
+expert; for decode-sized inputs on CUDA a gemv over the chosen experts, or a kernel in which each
+expert finds its own tokens; no host synchronisation in any case). The checkpoint keeps the
+official names; `checkpoint_keys` maps them onto the stacks.
 """
 import torch
 from torch import nn
