@@ -163,7 +163,7 @@ def prefill_moe(results, variants, schemes, tokens=2054):
         ends = torch.bincount(flat, minlength=E + 2).cumsum(0).to(torch.int32)
         for scheme in schemes:
             gate_up = stacks[scheme][0]
-            tiles = [None] + list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
+            tiles = [None] + list(itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
             timed = []
             for tile in tiles:
                 block_m = quant_grouped_gemm.BLOCK_M if tile is None else tile[0]
