@@ -166,7 +166,7 @@ def prefill_moe(results, variants, schemes, tokens=2054):
             tiles = [None] + list(itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
             timed = []
             for tile in tiles:
-                block_m = quant_grouped_gemm.BLOCK_M if tile is None else tile[0]
+                block_m = quant_grouped_gemm.block_rows(scheme == "int4") if tile is None else tile[0]
                 blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
                 args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, blocks)
                 launch = (lambda args=args: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \

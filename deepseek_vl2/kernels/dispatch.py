@@ -124,7 +124,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     ends = counts.cumsum(0, dtype=torch.int32)
     if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down):
-        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0])
+        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], quant_grouped_gemm.block_rows(gate_up.bits == 4))
         act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks))
         out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks)
     elif grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it

@@ -134,7 +134,7 @@ def check_quant_grouped_gemm(device, dtype, tol):
         dense = rtn.dequantize(q, s, z, dtype).float()
         want = torch.cat([rows[start:end].float() @ dense[e].T
                           for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
-        blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows))
+        blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), quant_grouped_gemm.block_rows(bits == 4))
         close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks), want, tol, f"int{bits} grouped gemm")
         small = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), 16)
         assert small[0].tolist()[:6] == [0, 2, 2, 3, 4, 4] and small[1].tolist()[:6] == [0, 3, 19, 24, 25, 41]
