@@ -30,7 +30,7 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + offs, result.to(out_type), mask=valid)
 
     @triton.jit
-    def _combine_sorted_kernel(src_ptr, slots_ptr, weights_ptr, out_ptr, width, stride_src, stride_out,
+    def _combine_kernel(src_ptr, slots_ptr, weights_ptr, out_ptr, width, stride_src, stride_out,
                                K: tl.constexpr, SORTED: tl.constexpr, BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -75,7 +75,7 @@ if triton is not None:
         out = outputs.new_empty(N, width)
         block = min(1024, triton.next_power_of_2(width))
         if N:
-            _combine_sorted_kernel[(N, triton.cdiv(width, block))](
+            _combine_kernel[(N, triton.cdiv(width, block))](
                 outputs, slots if slots is not None else outputs, weights.float().contiguous(), out, width,
                 outputs.stride(0), out.stride(0), K=k, SORTED=slots is not None, BLOCK=block, num_warps=4)
         return out

@@ -5,10 +5,10 @@ registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is 
     blocks = expert_blocks(ends [E], M, block_rows(int4))   once per layer: both GEMMs share them
     grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks) -> [M, N]
 
-Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. The blocks are laid out
-on the device from the per-expert row counts (`expert_blocks`): at most cdiv(M, BLOCK_M) + E of
-them, a fixed grid whose surplus programs exit at once, so nothing is read back to the host and
-the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
+Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. The
+blocks are laid out on the device from the per-expert row counts (`expert_blocks`): at most
+cdiv(M, BLOCK_M) + E of them, a fixed grid whose surplus programs exit at once, so nothing is read
+back to the host and the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
 group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
 values (exact in bf16) and apply the per-column scale to the accumulator at the end.
 When it runs is decided in dispatch.py.
