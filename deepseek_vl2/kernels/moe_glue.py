@@ -1,5 +1,6 @@
-"""Triton kernels for the memory-bound steps around the MoE grouped GEMMs (prefill and batched decode
-on CUDA), where plain PyTorch ops make several passes over [tokens x k, width] tensors:
+"""Triton kernels for the memory-bound steps around the MoE expert products on CUDA (the grouped GEMMs
+of prefill, the decode kernels' outputs), where plain PyTorch ops make several passes over
+[tokens x k, width] tensors:
 
   silu_mul        the gate+up GEMM output [M, 2I] -> silu(gate) * up [M, I] in one pass, rounded
                   where the reference's bf16 ops round (silu(gate), then the product);
