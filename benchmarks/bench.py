@@ -17,7 +17,10 @@ the median of repeats:
   prefill        the decoder over the 2054 prompt embeddings, logits of the last position
   ttft           vision + prefill + picking the first token
   decode bN      greedy decoding at batch N: tokens/s over all rows, from generate(128 new tokens)
-                 minus generate(2 new tokens), so host work per step is included
+                 minus generate(2 new tokens), so host work per step is included; the rows are
+                 the prompt with a little noise of their own each, so they route apart (from the
+                 ninth session on: before, the rows were one prompt repeated and picked the same
+                 experts)
   weights        torch.cuda.memory_allocated after building the model
   peak           torch.cuda.max_memory_allocated over a batch-1 vision + generate run
   roofline       batch-1 decode tokens/s if every step only moved the active weights and the
@@ -134,8 +137,15 @@ def stored_bytes(module) -> int:
 
 def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
     """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 2 tokens) is the time
-    of new_tokens - 2 decode steps, host loop included. Also returns the two times (ms)."""
-    embeds = embeds.expand(batch, -1, -1).contiguous()
+    of new_tokens - 2 decode steps, host loop included. Also returns the two times (ms).
+
+    Each row after the first gets the prompt's embeddings plus a little noise of its own: rows of one
+    prompt would choose the same tokens and route to the same few experts at every step, where
+    served rows spread over them (an MoE step reads the experts its rows choose)."""
+    noise = torch.randn(batch, *embeds.shape[1:], device=embeds.device,
+                        generator=torch.Generator(embeds.device).manual_seed(0)) * embeds.float().std()
+    noise[0] = 0
+    embeds = (embeds.float() + 0.1 * noise).to(embeds.dtype)
     mask = mask.expand(batch, -1).contiguous()
 
     def run(n):
