@@ -67,7 +67,8 @@ def build_chat_engine(variant: str):
 def prefill_settings(args):
     from deepseek_vl2.engine import PrefillSettings
 
-    return PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens)
+    return PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens,
+                           device=args.prefill_device)
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill) -> None:
@@ -250,7 +251,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval"):
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
@@ -417,6 +418,7 @@ def main():
     parser.add_argument("--prefill-chunk", type=int, default=512, help="--prefill-chunk of the server")
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="--layer-tokens of the server")
+    parser.add_argument("--prefill-device", help="--prefill-device of the server (a second GPU, cuda:1)")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")

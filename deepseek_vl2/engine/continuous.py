@@ -49,6 +49,7 @@ from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
 from .prefill import Prefill, PrefillSettings
 from .prompt_graphs import PromptGraphs
+from .remote_prefill import RemotePrefill
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
@@ -92,7 +93,9 @@ class ContinuousEngine:
                  prefill: Optional[PrefillSettings] = None, cuda_graphs: Optional[bool] = None):
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
-        `prefill`: how prompts are prefilled (prefill.py);
+        `prefill`: how and where prompts are prefilled: on this device between the decode steps
+        (prefill.py), or with `prefill.device` on another device, a second GPU, with a copy of the
+        model made there, while this one only decodes (remote_prefill.py);
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         prefill = prefill or PrefillSettings()
@@ -110,10 +113,10 @@ class ContinuousEngine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
-        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs else None
+        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs and prefill.device is None else None
         # what was captured and compiled before the first request, and how long it took
-        self.startup_summary = (f"{self.steps.capture_all()}; {prompt_graphs.capture_all()}" if cuda_graphs
-                                else "decode steps and prompts run eagerly (no CUDA graphs)")
+        self.startup_summary = (f"{self.steps.capture_all()}" if cuda_graphs
+                                else "decode steps run eagerly (no CUDA graphs)")
         self.eos_id = processor.eos_id if processor is not None else self.lm.config.eos_token_id
         self.hidden_ids = [self.eos_id] + ([processor.pad_id] if processor is not None else [])
         self.vocab_size = self.lm.get_input_embeddings().num_embeddings
@@ -124,9 +127,15 @@ class ContinuousEngine:
         self._pending: List[Chosen] = []  # launched in the last iteration, taken in the next
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
-        self.prefill = Prefill(self, prefill, prompt_graphs)
-        self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._closing = False
+        if prefill.device is None:
+            self.prefill = Prefill(self, prefill, prompt_graphs)
+            self.startup_summary += (f"; {prompt_graphs.capture_all()}" if prompt_graphs is not None
+                                     else "; prompts prefilled eagerly")
+        else:
+            self.prefill = RemotePrefill(self, prefill.device, prefill.chunk)
+            self.startup_summary += f"; {self.prefill.summary()}"
+        self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._thread: Optional[threading.Thread] = None
 
     # ---- the caller's side (any thread) ---------------------------------------------------------
@@ -196,6 +205,7 @@ class ContinuousEngine:
         if self._thread is not None:
             self._thread.join(timeout_s)
         if not self.alive:
+            self.prefill.close()
             self._fail_all(RuntimeError("the engine is shutting down"))
 
     def _loop(self) -> None:
@@ -224,6 +234,14 @@ class ContinuousEngine:
         self._drop_cancelled()
         self._admit()
         launched = []
+        if isinstance(self.prefill, RemotePrefill):  # prompts are prefilled on another device meanwhile
+            self.prefill.wait_if_idle(not self._running)
+            launched += self._join_prefilled()
+            if self._running:
+                chosen = self._decode()
+                launched += [chosen] if chosen is not None else []
+            self._take_previous(launched)
+            return
         busy = (len(self._running) >= PIECEWISE_ROWS
                 or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
         if not self._running or busy:
@@ -236,6 +254,10 @@ class ContinuousEngine:
                 launched += self._join_prefilled()  # a prefill may end in this piece
             chosen = self._decode()
             launched += [chosen] if chosen is not None else []
+        self._take_previous(launched)
+
+    def _take_previous(self, launched: List[Chosen]) -> None:
+        """Keep this iteration's launches for the next one; take the last iteration's."""
         previous, self._pending = self._pending, launched
         for chosen in previous:
             self._take(chosen)
@@ -285,7 +307,7 @@ class ContinuousEngine:
                 self.slots.free(slot)
                 self._fail(handle, error)
                 continue
-            self._prefilling.append(request)
+            self.prefill.add(request)
 
     def admit_request(self, handle: Handle, slot: int) -> ActiveRequest:
         """The request's prompt ids, sampler and text stream, in `slot` (its embeddings are made at

@@ -51,10 +51,11 @@ class PrefillSettings:
     chunk: int = 512  # prompt tokens per forward of an eager prefill (no CUDA graphs)
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
     layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
+    device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (remote_prefill.py)
 
     def __post_init__(self):
         for field in fields(self):
-            if getattr(self, field.name) < 1:
+            if field.name != "device" and getattr(self, field.name) < 1:
                 raise ValueError(f"{field.name} must be >= 1, got {getattr(self, field.name)}")
 
 
@@ -77,6 +78,13 @@ class Prefill:
         self.graphs = graphs  # on CUDA: the decoder's layers over a prompt, as graphs
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
+
+    def add(self, request: ActiveRequest) -> None:
+        """An admitted request, prefilled after those before it."""
+        self.requests.append(request)
+
+    def close(self) -> None:
+        """Nothing to stop: this prefill runs on the engine's thread."""
 
     def take_ended(self) -> List[Prefilled]:
         """The prefills that ended since the last call (they have left `requests`)."""
@@ -161,10 +169,17 @@ class Prefill:
         """The prompt is in the prompt row: into the request's slot, and its first token chosen on the
         device and fed to its first decode step from there (the engine reads it one iteration later)."""
         self.slots.take_prompt(request.slot, request.prompt_len)
-        request.length = request.prompt_len
         request.embeds = request.layers = None
-        slot = device_tensor([request.slot], self.next_tokens.device)
-        token, unusable = choose_tokens(logits, [request.sampler], slot, self.histories)
-        self.next_tokens.index_copy_(0, slot, token)
         self.requests.remove(request)
-        self._ended.append(Prefilled(request, first=Chosen([request], token, unusable)))
+        self._ended.append(first_token(request, logits, self.histories, self.next_tokens))
+
+
+def first_token(request: ActiveRequest, logits: torch.Tensor, histories, next_tokens: torch.Tensor) -> Prefilled:
+    """A request whose prompt is in its slot: its first token chosen from the prompt's last `logits`
+    [1, vocab] on the device and fed to its first decode step from there (`next_tokens`; the engine
+    reads the token one iteration later)."""
+    request.length = request.prompt_len
+    slot = device_tensor([request.slot], next_tokens.device)
+    token, unusable = choose_tokens(logits, [request.sampler], slot, histories)
+    next_tokens.index_copy_(0, slot, token)
+    return Prefilled(request, first=Chosen([request], token, unusable))

@@ -13,6 +13,7 @@ Triton launches on the *current* CUDA device, so every kernel launcher is wrappe
 `on_tensor_device`, and `generate` runs with the model's first device current (`on_model_device`),
 which is what CUDA-graph capture on a model placed on cuda:1 needs.
 """
+import copy
 import functools
 from dataclasses import dataclass
 from typing import List, Optional
@@ -56,6 +57,24 @@ def find_split(lm) -> Optional[Split]:
 def hop(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """x on `device` (no copy when it is there already)."""
     return x if x.device == device else x.to(device)
+
+
+def replicate(module: nn.Module, device) -> nn.Module:
+    """A copy of `module` (on one device) with its parameters and buffers on `device`, made without a
+    second copy on the module's own device: each tensor goes straight to `device`, and the rest of
+    the module (its structure, its configs) is copied as usual."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    copies = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        moved = tensor.detach().to(device, copy=True)
+        copies[id(tensor)] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+    twin = copy.deepcopy(module, memo=copies)
+    left = {t.device for t in [*twin.parameters(), *twin.buffers()]} - {device}
+    if left:
+        raise ValueError(f"replicate: tensors of the copy stayed on {sorted(map(str, left))}")
+    return twin
 
 
 def current(device: torch.device):

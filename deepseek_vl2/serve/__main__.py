@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("--layer-tokens", "layer_tokens", "prompt tokens x decoder layers run per decode "
                                                                 "step for a prompt prefilled in pieces")):
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS.prefill, name), help=text)
+    batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
+                                                   "copy of the model, while the model's GPU only decodes "
+                                                   "(continuous engine; default: prefill between decode steps)")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
             max_num_seqs=args.max_num_seqs, scheduler=args.scheduler, max_images=args.max_images,
             prefill=PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks,
-                                    layer_tokens=args.layer_tokens),
+                                    layer_tokens=args.layer_tokens, device=args.prefill_device),
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
             max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,

@@ -1,0 +1,219 @@
+"""Prefill on another device: the continuous engine decodes on its GPU while a copy of the model on a
+second device (`ContinuousEngine(..., prefill=PrefillSettings(device="cuda:1"))`, the server's
+`--prefill-device`) runs every prompt's images and
+decoder layers, on a thread of its own. No decode step ever waits behind a prompt's vision tower or
+layers; a step only waits for the copy of a finished prompt's cache into its slot.
+
+    engine thread                          prefill thread (the prefill device current)
+    admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), every
+                                           decoder layer over the prompt into a buffer row,
+    `take_ended`: the row's cache    <---  the last token's logits; the row waits for its copy
+      and logits copied to the slot,
+      its first token chosen there
+
+The prompt's cache lands in the decode device's slot by one device-to-device copy per layer (over
+NVLink between GPUs). It is issued by the engine's thread with a copy stream of the prefill device
+current, and PyTorch orders such a copy after the work already queued on the decode device's stream
+and before what follows: the decode step then in flight is never overtaken, the next one sees the
+prompt. The prefill device's own stream is not involved, so the copy does not wait for the next
+prompt's prefill. Two buffer rows let the next prompt prefill while the previous one is copied out;
+each row is reused only after an event recorded behind its copy.
+
+The copy is made by `devices.replicate` from the engine's model, tensor by tensor, so the decode
+device never holds a second copy. It runs eagerly (no CUDA graphs on the prefill device): it is off
+the decode steps' path, and its host work is kernel launches. A short prompt through it at start-up
+compiles the prefill kernels there before the first request. Of the PrefillSettings only `chunk`
+applies (prompt tokens per forward); the piece sizes are for prefill between decode steps.
+
+A request cancelled while its prompt is prefilled is skipped by the prefill thread if it has not
+started, and its prefill is dropped when it ends; an error in one prompt fails that request.
+"""
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..modeling.devices import current, replicate
+from ..modeling.kv_cache import KVCache
+from ..modeling.layer_pieces import LayerPieces
+from .prefill import Prefilled, first_token
+from .requests import ActiveRequest
+
+BUFFER_ROWS = 2  # prompt cache rows on the prefill device: one prefilled while another is copied out
+WARM_UP_TOKENS = 64
+IDLE_WAIT_S = 0.05  # the engine's longest wait for a prefill when no row decodes (a new request or close wakes it)
+
+
+@dataclass
+class _Row:
+    """A buffer row of the prefill device's cache, and what guards its reuse."""
+
+    index: int
+    copied: Optional[torch.cuda.Event] = None  # recorded behind the last copy out of this row (CUDA)
+
+
+@dataclass
+class _Done:
+    """A prompt the prefill thread finished: its buffer row and last-token logits, or its error
+    (neither: skipped, the request was cancelled before its turn)."""
+
+    request: ActiveRequest
+    row: Optional[_Row] = None
+    logits: Optional[torch.Tensor] = None
+    error: Optional[Exception] = None
+
+
+class RemotePrefill:
+    """The admitted requests not decoding yet (`requests`), prefilled on `device` (see the module's
+    docstring). The engine calls `add`, `wait_if_idle`, `take_ended` and `close`."""
+
+    def __init__(self, engine, device, chunk: int):
+        """`engine`: the ContinuousEngine (its model, slots, histories and wake-up condition);
+        `device`: where prompts are prefilled, another device than the engine's; `chunk`: prompt
+        tokens per forward."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type == "cuda" and device == engine.device:
+            raise ValueError(f"the prefill device must be another device than the model's ({engine.device}); "
+                             "prefill on the decoding GPU itself is the engine's default")
+        self.device = device
+        self.engine = engine
+        self.slots, self.histories, self.next_tokens = engine.slots, engine.histories, engine.next_tokens
+        self.model = replicate(engine.model, device)
+        self.lm = getattr(self.model, "language", self.model)
+        self.chunk = chunk
+        self.buffers = KVCache(self.lm.config, BUFFER_ROWS, engine.slots.capacity, device, self.lm.dtype)
+        self.graphs = None  # no prompt graphs here: prompts run eagerly on the prefill device
+        self.requests: List[ActiveRequest] = []  # admitted, in admission order (the engine removes ended ones)
+        self._todo: queue.Queue = queue.Queue()  # requests for the prefill thread; None: stop
+        self._rows: queue.Queue = queue.Queue()  # free buffer rows
+        for index in range(BUFFER_ROWS):
+            self._rows.put(_Row(index))
+        self._done: deque = deque()  # _Done, from the prefill thread
+        self._copies = torch.cuda.Stream(device) if self._copies_between_gpus() else None
+        self._warm_up()
+        self._thread = threading.Thread(target=self._work, name="remote-prefill", daemon=True)
+        self._thread.start()
+
+    def _copies_between_gpus(self) -> bool:
+        return self.device.type == "cuda" and self.engine.device.type == "cuda"
+
+    def summary(self) -> str:
+        return f"prompts prefilled on {self.device} (a copy of the model there, eager)"
+
+    # ---- the engine's thread --------------------------------------------------------------------
+
+    def add(self, request: ActiveRequest) -> None:
+        self.requests.append(request)
+        self._todo.put(request)
+
+    def wait_if_idle(self, idle: bool) -> None:
+        """With no row decoding (`idle`), wait until a prefill ends, a request arrives or the engine
+        closes (at most IDLE_WAIT_S), instead of spinning through empty iterations."""
+        if not idle or not self.requests or self._done:
+            return
+        engine = self.engine
+        with engine._condition:
+            engine._condition.wait_for(lambda: self._done or engine._waiting or engine._closing, IDLE_WAIT_S)
+
+    def take_ended(self) -> List[Prefilled]:
+        """The prefills that ended since the last call: each prompt's cache copied into its slot and
+        its first token chosen on the engine's device (or its error). Requests that ended meanwhile
+        (cancelled) are dropped."""
+        ended = []
+        while self._done:
+            done = self._done.popleft()
+            request = done.request
+            if done.row is not None:
+                if not request.done:
+                    logits = self._copy_out(done)
+                    ended.append(first_token(request, logits, self.histories, self.next_tokens))
+                self._rows.put(done.row)
+            elif done.error is not None and not request.done:
+                ended.append(Prefilled(request, error=done.error))
+            else:
+                continue  # skipped: the engine ends the cancelled request itself
+            if request in self.requests:
+                self.requests.remove(request)
+        return ended
+
+    def close(self) -> None:
+        self._todo.put(None)
+        self._rows.put(None)  # wakes a thread waiting for a free row
+        self._thread.join(timeout=30)
+
+    def _copy_out(self, done: _Done) -> torch.Tensor:
+        """The prompt's cache from its buffer row into the request's slot, and its logits onto the
+        engine's device, ordered on the engine's stream (see the module's docstring)."""
+        request = done.request
+        source = self.buffers.rows(done.row.index, 1)
+        source.length = request.prompt_len
+        if self._copies is None:
+            self.slots.cache.rows(request.slot, 1).copy_from(source)
+            return done.logits.to(self.engine.device)
+        with torch.cuda.stream(self._copies):
+            self.slots.cache.rows(request.slot, 1).copy_from(source)
+            logits = done.logits.to(self.engine.device)
+            done.logits.record_stream(self._copies)  # its memory is not reused before the copy has read it
+            done.row.copied = torch.cuda.Event()
+            done.row.copied.record(self._copies)
+        return logits
+
+    # ---- the prefill thread ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        with current(self.device), torch.inference_mode():
+            while True:
+                request = self._todo.get()
+                if request is None:
+                    return
+                if request.done or request.handle.cancelled:
+                    request.inputs = None
+                    self._hand_over(_Done(request))
+                    continue
+                row = self._rows.get()
+                if row is None:
+                    return
+                try:
+                    self._hand_over(_Done(request, row, logits=self._prefill(request, row)))
+                except Exception as error:  # this request fails; the thread goes on with the next
+                    self._rows.put(row)
+                    self._hand_over(_Done(request, error=error))
+                finally:
+                    request.inputs = None
+
+    def _prefill(self, request: ActiveRequest, row: _Row) -> torch.Tensor:
+        """The request's prompt through the tower and decoder into buffer row `row`: its last logits,
+        computed (the thread waits for the device, so the engine's copy never waits on it)."""
+        if row.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(row.copied)
+        inputs = request.inputs
+        if isinstance(inputs, torch.Tensor):  # token ids for a bare decoder
+            embeds = self.lm.get_input_embeddings()(inputs.to(self.device, non_blocking=True))
+        else:
+            embeds = self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                                      inputs.images_spatial_crop)
+        cache = self.buffers.rows(row.index, 1)
+        logits = LayerPieces(self.lm, embeds, cache, self.chunk).advance(len(self.lm.model.layers))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return logits
+
+    def _warm_up(self) -> None:
+        """A short prompt through every layer into a buffer row (the Triton kernels of the prefill
+        device compile here, not at the first request)."""
+        ids = torch.zeros(1, min(WARM_UP_TOKENS, self.slots.capacity - 1), dtype=torch.long, device=self.device)
+        with current(self.device), torch.inference_mode():
+            embeds = self.lm.get_input_embeddings()(ids)
+            LayerPieces(self.lm, embeds, self.buffers.rows(0, 1), self.chunk).advance(len(self.lm.model.layers))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    def _hand_over(self, done: _Done) -> None:
+        self._done.append(done)
+        with self.engine._condition:
+            self.engine._condition.notify()

@@ -1,0 +1,93 @@
+"""The continuous engine with its prompts prefilled by another device's copy of the model
+(remote_prefill.py), on the CPU: the prefill thread runs beside the engine's and hands over each
+prompt's cache and logits, and every request gets exactly what `ChatEngine.chat` gives it alone;
+cancelled and failing prompts end alone and free their slots. Two GPUs: tests/gpu/test_remote_prefill_cuda.py."""
+import time
+
+import pytest
+import torch
+from test_continuous import RED, REQUESTS, chat_engine, conversation, token_ids_at_the_end
+
+from deepseek_vl2.engine import GenerationParams, PrefillSettings
+from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.engine.remote_prefill import BUFFER_ROWS
+
+ON_CPU = PrefillSettings(chunk=64, device="cpu")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_prefilled_elsewhere_equal_their_single_answers(checkpoint):
+    chat = chat_engine(checkpoint)
+    singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=ON_CPU)
+    assert engine.prefill.model is not chat.model and "prompts prefilled on cpu" in engine.startup_summary
+    handles = []
+    for text, images, params, steps in REQUESTS:
+        handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
+        for _ in range(steps):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    results = [handle.result(timeout=0) for handle in handles]
+    for result, single in zip(results, singles):
+        assert (result.token_ids, result.text, result.finish_reason) == (single.token_ids, single.text,
+                                                                         single.finish_reason)
+    assert engine.slots.free_count == 3 and engine.stats.max_running == 3
+    assert engine.stats.whole_prefills == engine.stats.tower_pieces == engine.stats.layer_pieces == 0
+    assert engine.prefill._rows.qsize() == BUFFER_ROWS  # every buffer row back
+    engine.close()
+    assert not engine.prefill._thread.is_alive()
+
+
+def test_the_loop_thread_waits_for_prefills_and_streams_the_answers():
+    chat = chat_engine("tiny_mha")
+    conv = conversation("Describe the image.", [RED])
+    params = GenerationParams(max_new_tokens=12, temperature=0)
+    single = chat.chat(conv, [RED], params)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill=ON_CPU)
+    engine.start()
+    handles = [engine.submit(engine.prepare_one(conv, [RED]), params) for _ in range(5)]
+    results = [handle.result(timeout=60) for handle in handles]
+    engine.close()
+    assert all(result.token_ids == single.token_ids for result in results)
+    assert engine.stats.finished == 5 and engine.slots.free_count == 2
+
+
+def test_cancelled_requests_end_wherever_their_prefill_is():
+    chat = chat_engine("tiny_mha")
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=ON_CPU)
+    sample = engine.prepare_one(conversation("A long answer please.", [RED]), [RED])
+    params = GenerationParams(max_new_tokens=30, temperature=0, min_new_tokens=30)
+    handles = [engine.submit(sample, params) for _ in range(4)]
+    engine.step()  # three admitted and handed to the prefill thread, one waiting for a slot
+    for handle in handles[1:]:
+        handle.cancel()
+    deadline = time.monotonic() + 60
+    while engine.has_work() and time.monotonic() < deadline:
+        engine.step()
+    results = [handle.result(timeout=0) for handle in handles]
+    assert results[0].finish_reason == "length" and len(results[0].token_ids) == 30
+    assert [r.finish_reason for r in results[1:]] == ["cancelled"] * 3
+    assert engine.slots.free_count == 3 and not engine.prefill.requests
+    assert engine.prefill._rows.qsize() == BUFFER_ROWS
+    engine.close()
+
+
+@torch.inference_mode()
+def test_a_prompt_that_fails_there_fails_alone(tiny_lm):
+    tiny_lm.config.eos_token_id = tiny_lm.config.vocab_size - 1  # the random config's lies outside its vocabulary
+    params = GenerationParams(max_new_tokens=5, temperature=0, min_new_tokens=5)
+    good = torch.tensor([3, 1, 4, 1, 5])
+    bad = torch.tensor([2, tiny_lm.config.vocab_size + 7])  # an id beyond the embedding table
+    alone = ContinuousEngine(tiny_lm, None, max_num_seqs=2)
+    expected = token_ids_at_the_end(alone, [alone.submit(good, params)])
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=2, prefill=ON_CPU)
+    handles = [engine.submit(bad, params), engine.submit(good, params)]
+    while engine.has_work():
+        engine.step()
+    with pytest.raises(IndexError):
+        handles[0].result(timeout=0)
+    assert handles[1].result(timeout=0).token_ids == expected[0]
+    assert engine.stats.failed == 1 and engine.slots.free_count == 2
+    assert engine.prefill._rows.qsize() == BUFFER_ROWS
+    engine.close()

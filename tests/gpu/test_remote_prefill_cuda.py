@@ -1,0 +1,45 @@
+"""Prefill on a second GPU (remote_prefill.py; skipped without two): mixed requests decoded through
+cuda:0's graphs with their prompts prefilled by cuda:1's copy of the model give their single-request
+answers (a difference only at a recorded near-tie), nothing is compiled or captured after start-up,
+and every slot and buffer row is free at the end. Prefill on the decoding GPU itself is refused."""
+import pytest
+import torch
+from test_continuous_graphs import assert_single_answers, chat_engine, conversation, mixed_requests
+
+from deepseek_vl2.engine import PrefillSettings
+from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.engine.decode_steps import compilations
+from deepseek_vl2.engine.remote_prefill import BUFFER_ROWS
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@two_gpus
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property):
+    chat = chat_engine(checkpoint)
+    requests = mixed_requests()
+    with torch.inference_mode():
+        singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048,
+                              prefill=PrefillSettings(device="cuda:1"))
+    assert {p.device for p in engine.prefill.model.parameters()} == {torch.device("cuda", 1)}
+    compiled = compilations()
+    engine.start()
+    handles = [engine.submit(engine.prepare_one(conversation(text, images), images), params)
+               for text, images, params in requests]
+    for handle in handles:
+        handle.result(timeout=120)
+    engine.close()
+    assert engine.steps.eager_steps == 0 and compilations() == compiled
+    assert engine.slots.free_count == 4 and engine.stats.max_running == 4
+    assert engine.prefill._rows.qsize() == BUFFER_ROWS and not engine.prefill.requests
+    assert_single_answers(chat, requests, handles, singles, record_property)
+
+
+def test_prefill_on_the_decoding_gpu_is_refused():
+    chat = chat_engine("tiny_mha")
+    with pytest.raises(ValueError, match="another device than the model's"):
+        ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, max_length=512,
+                         prefill=PrefillSettings(device="cuda"))
