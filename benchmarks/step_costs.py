@@ -160,7 +160,7 @@ def layer_ms(lm, embeds) -> list:
 @torch.inference_mode()
 def graph_layer_ms(lm, embeds, kv_len: int) -> list:
     """Milliseconds of each decoder layer's prompt graph over the prompt."""
-    graphs = PromptGraphs(lm, SlotCache(lm, 1, kv_len))
+    graphs = PromptGraphs(lm, SlotCache(lm, 1, kv_len).prompt)
     print("  " + graphs.capture_all(), flush=True)
     return per_layer_ms(lambda: GraphLayerPieces(graphs, embeds), len(lm.model.layers))
 

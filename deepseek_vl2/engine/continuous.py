@@ -113,7 +113,7 @@ class ContinuousEngine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
-        prompt_graphs = PromptGraphs(self.lm, self.slots) if cuda_graphs and prefill.device is None else None
+        prompt_graphs = PromptGraphs(self.lm, self.slots.prompt) if cuda_graphs and prefill.device is None else None
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = (f"{self.steps.capture_all()}" if cuda_graphs
                                 else "decode steps run eagerly (no CUDA graphs)")
@@ -133,7 +133,7 @@ class ContinuousEngine:
             self.startup_summary += (f"; {prompt_graphs.capture_all()}" if prompt_graphs is not None
                                      else "; prompts prefilled eagerly")
         else:
-            self.prefill = RemotePrefill(self, prefill.device, prefill.chunk)
+            self.prefill = RemotePrefill(self, prefill.device, prefill.chunk, use_graphs=cuda_graphs)
             self.startup_summary += f"; {self.prefill.summary()}"
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._thread: Optional[threading.Thread] = None

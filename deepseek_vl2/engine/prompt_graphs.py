@@ -4,12 +4,13 @@ An eager prefill launches some forty kernels per layer from Python, and the GPU 
 about half the time (benchmarks/RESULTS.md: tiny, 2054 tokens, 18.4 ms for 7.9 ms of kernels). Here
 each decoder layer over a prompt of `bucket` tokens (a multiple of PROMPT_BUCKET, up to the slot
 capacity) is one graph, captured before the first request (`capture_all`). It reads and writes one
-static buffer of hidden states, and writes the layer's cache entries to the slots' prompt row from
-position 0 (layer_pieces.prompt_layer with no cached tokens before the prompt).
+static buffer of hidden states, and writes the layer's cache entries to a prompt row (a one-row
+cache: the engine's slots' prompt row, or a prefill device's) from position 0
+(layer_pieces.prompt_layer with no cached tokens before the prompt).
 
 A prompt runs padded up to its bucket. The padding tokens come after the prompt, so no prompt
 token attends to them; their cache entries lie past the prompt, and only the prompt's go to the
-request's slot (slots.take_prompt). `GraphLayerPieces` advances a prompt through the graphs with
+request's slot (slots.take_prompt, or the remote prefill's copy). `GraphLayerPieces` advances a prompt through the graphs with
 LayerPieces' interface; its cache and logits match the eager pieces within rounding (the padded
 GEMMs may pick other kernels).
 """
@@ -21,8 +22,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..generation.cuda_graphs import capture_each
+from ..modeling.kv_cache import KVCache
 from ..modeling.layer_pieces import last_token_logits, prompt_layer
-from .slots import SlotCache
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +31,18 @@ PROMPT_BUCKET = 256  # prompts run padded up to a multiple of this many tokens (
 
 
 class PromptGraphs:
-    """One CUDA graph per (prompt bucket, decoder layer) over the slots' prompt row."""
+    """One CUDA graph per (prompt bucket, decoder layer) over the prompt row `prompt`, a one-row
+    KVCache on the model's device (its capacity bounds the prompts)."""
 
-    def __init__(self, lm, slots: SlotCache):
+    def __init__(self, lm, prompt: KVCache):
         if lm.device.type != "cuda":
             raise ValueError(f"prompt graphs need a model on CUDA, not {lm.device}")
+        if prompt.batch_size != 1 or prompt.device != lm.device:
+            raise ValueError(f"prompt graphs write one cache row on {lm.device}, not {prompt.batch_size} on "
+                             f"{prompt.device}")
         self._lm = weakref.ref(lm)
-        self.slots = slots
-        capacity = slots.capacity
+        self.prompt = prompt
+        capacity = prompt.capacity
         self.buckets = tuple(range(PROMPT_BUCKET, capacity, PROMPT_BUCKET)) + (capacity,)
         self.hidden = torch.zeros(1, capacity, lm.config.hidden_size, dtype=lm.dtype, device=lm.device)
         self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -55,13 +60,11 @@ class PromptGraphs:
 
     def _layer(self, bucket: int, index: int) -> None:
         x = self.hidden[:, :bucket]
-        x.copy_(prompt_layer(self.lm, index, x, 0, self.slots.prompt))
+        x.copy_(prompt_layer(self.lm, index, x, 0, self.prompt))
 
     def capture_all(self) -> str:
-        """Capture every (bucket, layer), while no slot is in use; returns what was done, for the
-        start-up log."""
-        if self.slots.used:
-            raise RuntimeError("prompt graphs are captured before any request is admitted")
+        """Capture every (bucket, layer) (each writes the prompt row: before any prompt is there);
+        returns what was done, for the start-up log."""
         started = time.perf_counter()
         layers = len(self.lm.model.layers)
         keys = [(bucket, index) for bucket in self.buckets for index in range(layers)]

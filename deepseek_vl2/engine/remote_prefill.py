@@ -5,9 +5,9 @@ decoder layers, on a thread of its own. No decode step ever waits behind a promp
 layers; a step only waits for the copy of a finished prompt's cache into its slot.
 
     engine thread                          prefill thread (the prefill device current)
-    admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), every
-                                           decoder layer over the prompt into a buffer row,
-    `take_ended`: the row's cache    <---  the last token's logits; the row waits for its copy
+    admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
+                                           every decoder layer over the prompt into the prompt
+    `take_ended`: the row's cache    <---  row there, and the last token's logits
       and logits copied to the slot,
       its first token chosen there
 
@@ -16,14 +16,17 @@ NVLink between GPUs). It is issued by the engine's thread with a copy stream of 
 current, and PyTorch orders such a copy after the work already queued on the decode device's stream
 and before what follows: the decode step then in flight is never overtaken, the next one sees the
 prompt. The prefill device's own stream is not involved, so the copy does not wait for the next
-prompt's prefill. Two buffer rows let the next prompt prefill while the previous one is copied out;
-each row is reused only after an event recorded behind its copy.
+prompt's prefill. The next prompt goes through the vision tower meanwhile; its decoder layers wait
+(on the device) for an event recorded behind the copy before they write the prompt row again.
 
-The copy is made by `devices.replicate` from the engine's model, tensor by tensor, so the decode
-device never holds a second copy. It runs eagerly (no CUDA graphs on the prefill device): it is off
-the decode steps' path, and its host work is kernel launches. A short prompt through it at start-up
-compiles the prefill kernels there before the first request. Of the PrefillSettings only `chunk`
-applies (prompt tokens per forward); the piece sizes are for prefill between decode steps.
+The model there is made by `devices.replicate` from the engine's model, tensor by tensor, so the
+decode device never holds a second copy. Its decoder layers over a prompt replay CUDA graphs
+captured at start-up (prompt_graphs.py, on the prefill device's prompt row), as the engine's own
+prefill does, and its vision tower runs eagerly. The prefill thread shares the interpreter with the
+engine's: graphs keep its host work, and so its waits for the interpreter lock, to a few launches
+per layer. Without graphs (another dtype than bfloat16 / float16, or a CPU) the layers run eagerly
+in forwards of `chunk` tokens, after a short prompt at start-up that compiles their kernels. Of the
+PrefillSettings only `chunk` applies; the piece sizes are for prefill between decode steps.
 
 A request cancelled while its prompt is prefilled is skipped by the prefill thread if it has not
 started, and its prefill is dropped when it ends; an error in one prompt fails that request.
@@ -36,29 +39,30 @@ from typing import List, Optional
 
 import torch
 
+from ..kernels.dispatch import decode_is_capturable
 from ..modeling.devices import current, replicate
 from ..modeling.kv_cache import KVCache
 from ..modeling.layer_pieces import LayerPieces
 from .prefill import Prefilled, first_token
+from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 
-BUFFER_ROWS = 2  # prompt cache rows on the prefill device: one prefilled while another is copied out
 WARM_UP_TOKENS = 64
 IDLE_WAIT_S = 0.05  # the engine's longest wait for a prefill when no row decodes (a new request or close wakes it)
 
 
 @dataclass
 class _Row:
-    """A buffer row of the prefill device's cache, and what guards its reuse."""
+    """The prefill device's prompt row, passed between the threads: the prefill thread holds it from
+    a prompt's first decoder layer until the engine has issued that prompt's copy."""
 
-    index: int
-    copied: Optional[torch.cuda.Event] = None  # recorded behind the last copy out of this row (CUDA)
+    copied: Optional[torch.cuda.Event] = None  # recorded behind the last copy out of it (between GPUs)
 
 
 @dataclass
 class _Done:
-    """A prompt the prefill thread finished: its buffer row and last-token logits, or its error
-    (neither: skipped, the request was cancelled before its turn)."""
+    """A prompt the prefill thread finished: the prompt row holding its cache and its last-token
+    logits, or its error (neither: skipped, the request was cancelled before its turn)."""
 
     request: ActiveRequest
     row: Optional[_Row] = None
@@ -70,10 +74,11 @@ class RemotePrefill:
     """The admitted requests not decoding yet (`requests`), prefilled on `device` (see the module's
     docstring). The engine calls `add`, `wait_if_idle`, `take_ended` and `close`."""
 
-    def __init__(self, engine, device, chunk: int):
+    def __init__(self, engine, device, chunk: int, use_graphs: bool):
         """`engine`: the ContinuousEngine (its model, slots, histories and wake-up condition);
         `device`: where prompts are prefilled, another device than the engine's; `chunk`: prompt
-        tokens per forward."""
+        tokens per eager forward; `use_graphs`: the decoder layers as CUDA graphs (where the prefill
+        device can capture them)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -86,16 +91,21 @@ class RemotePrefill:
         self.model = replicate(engine.model, device)
         self.lm = getattr(self.model, "language", self.model)
         self.chunk = chunk
-        self.buffers = KVCache(self.lm.config, BUFFER_ROWS, engine.slots.capacity, device, self.lm.dtype)
-        self.graphs = None  # no prompt graphs here: prompts run eagerly on the prefill device
+        self.prompt = KVCache(self.lm.config, 1, engine.slots.capacity, device, self.lm.dtype)
+        self.graphs = None
+        with current(device):
+            if use_graphs and decode_is_capturable(device, self.lm.dtype):
+                self.graphs = PromptGraphs(self.lm, self.prompt)
+                self._startup = self.graphs.capture_all()
+            else:
+                self._warm_up()
+                self._startup = "decoder layers eager"
         self.requests: List[ActiveRequest] = []  # admitted, in admission order (the engine removes ended ones)
         self._todo: queue.Queue = queue.Queue()  # requests for the prefill thread; None: stop
-        self._rows: queue.Queue = queue.Queue()  # free buffer rows
-        for index in range(BUFFER_ROWS):
-            self._rows.put(_Row(index))
+        self._rows: queue.Queue = queue.Queue()  # holds the prompt row while the prefill thread may take it
+        self._rows.put(_Row())
         self._done: deque = deque()  # _Done, from the prefill thread
         self._copies = torch.cuda.Stream(device) if self._copies_between_gpus() else None
-        self._warm_up()
         self._thread = threading.Thread(target=self._work, name="remote-prefill", daemon=True)
         self._thread.start()
 
@@ -103,7 +113,7 @@ class RemotePrefill:
         return self.device.type == "cuda" and self.engine.device.type == "cuda"
 
     def summary(self) -> str:
-        return f"prompts prefilled on {self.device} (a copy of the model there, eager)"
+        return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"
 
     # ---- the engine's thread --------------------------------------------------------------------
 
@@ -150,7 +160,7 @@ class RemotePrefill:
         """The prompt's cache from its buffer row into the request's slot, and its logits onto the
         engine's device, ordered on the engine's stream (see the module's docstring)."""
         request = done.request
-        source = self.buffers.rows(done.row.index, 1)
+        source = self.prompt.rows(0, 1)
         source.length = request.prompt_len
         if self._copies is None:
             self.slots.cache.rows(request.slot, 1).copy_from(source)
@@ -175,43 +185,47 @@ class RemotePrefill:
                     request.inputs = None
                     self._hand_over(_Done(request))
                     continue
-                row = self._rows.get()
-                if row is None:
-                    return
+                row = None
                 try:
-                    self._hand_over(_Done(request, row, logits=self._prefill(request, row)))
+                    embeds = self._embeddings(request.inputs)
+                    row = self._rows.get()
+                    if row is None:
+                        return
+                    self._hand_over(_Done(request, row, logits=self._layers(embeds, row)))
                 except Exception as error:  # this request fails; the thread goes on with the next
-                    self._rows.put(row)
+                    if row is not None:
+                        self._rows.put(row)
                     self._hand_over(_Done(request, error=error))
                 finally:
                     request.inputs = None
 
-    def _prefill(self, request: ActiveRequest, row: _Row) -> torch.Tensor:
-        """The request's prompt through the tower and decoder into buffer row `row`: its last logits,
-        computed (the thread waits for the device, so the engine's copy never waits on it)."""
+    def _embeddings(self, inputs) -> torch.Tensor:
+        """A request's prompt embeddings [1, T, hidden] (its images through the tower)."""
+        if isinstance(inputs, torch.Tensor):  # token ids for a bare decoder
+            return self.lm.get_input_embeddings()(inputs.to(self.device, non_blocking=True))
+        return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                                inputs.images_spatial_crop)
+
+    def _layers(self, embeds: torch.Tensor, row: _Row) -> torch.Tensor:
+        """The prompt through every decoder layer into the prompt row, once the last copy out of it
+        has been made: its last logits, computed (the thread waits for the device, so the engine's
+        copy never waits on it)."""
         if row.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(row.copied)
-        inputs = request.inputs
-        if isinstance(inputs, torch.Tensor):  # token ids for a bare decoder
-            embeds = self.lm.get_input_embeddings()(inputs.to(self.device, non_blocking=True))
+        if self.graphs is not None:
+            logits = GraphLayerPieces(self.graphs, embeds).advance(len(self.lm.model.layers))
         else:
-            embeds = self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                                      inputs.images_spatial_crop)
-        cache = self.buffers.rows(row.index, 1)
-        logits = LayerPieces(self.lm, embeds, cache, self.chunk).advance(len(self.lm.model.layers))
+            logits = LayerPieces(self.lm, embeds, self.prompt.rows(0, 1), self.chunk).advance(len(self.lm.model.layers))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return logits
 
     def _warm_up(self) -> None:
-        """A short prompt through every layer into a buffer row (the Triton kernels of the prefill
-        device compile here, not at the first request)."""
+        """A short prompt through every eager layer (the Triton kernels of the prefill device compile
+        here, not at the first request)."""
         ids = torch.zeros(1, min(WARM_UP_TOKENS, self.slots.capacity - 1), dtype=torch.long, device=self.device)
-        with current(self.device), torch.inference_mode():
-            embeds = self.lm.get_input_embeddings()(ids)
-            LayerPieces(self.lm, embeds, self.buffers.rows(0, 1), self.chunk).advance(len(self.lm.model.layers))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        with torch.inference_mode():
+            self._layers(self.lm.get_input_embeddings()(ids), _Row())
 
     def _hand_over(self, done: _Done) -> None:
         self._done.append(done)

@@ -10,7 +10,6 @@ from test_continuous import RED, REQUESTS, chat_engine, conversation, token_ids_
 
 from deepseek_vl2.engine import GenerationParams, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
-from deepseek_vl2.engine.remote_prefill import BUFFER_ROWS
 
 ON_CPU = PrefillSettings(chunk=64, device="cpu")
 
@@ -34,7 +33,7 @@ def test_mixed_requests_prefilled_elsewhere_equal_their_single_answers(checkpoin
                                                                          single.finish_reason)
     assert engine.slots.free_count == 3 and engine.stats.max_running == 3
     assert engine.stats.whole_prefills == engine.stats.tower_pieces == engine.stats.layer_pieces == 0
-    assert engine.prefill._rows.qsize() == BUFFER_ROWS  # every buffer row back
+    assert engine.prefill._rows.qsize() == 1  # every buffer row back
     engine.close()
     assert not engine.prefill._thread.is_alive()
 
@@ -69,7 +68,7 @@ def test_cancelled_requests_end_wherever_their_prefill_is():
     assert results[0].finish_reason == "length" and len(results[0].token_ids) == 30
     assert [r.finish_reason for r in results[1:]] == ["cancelled"] * 3
     assert engine.slots.free_count == 3 and not engine.prefill.requests
-    assert engine.prefill._rows.qsize() == BUFFER_ROWS
+    assert engine.prefill._rows.qsize() == 1
     engine.close()
 
 
@@ -89,5 +88,5 @@ def test_a_prompt_that_fails_there_fails_alone(tiny_lm):
         handles[0].result(timeout=0)
     assert handles[1].result(timeout=0).token_ids == expected[0]
     assert engine.stats.failed == 1 and engine.slots.free_count == 2
-    assert engine.prefill._rows.qsize() == BUFFER_ROWS
+    assert engine.prefill._rows.qsize() == 1
     engine.close()
