@@ -30,10 +30,10 @@ def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property)
                for text, images, params in requests]
     for handle in handles:
         handle.result(timeout=120)
+    assert engine.prefill._rows.qsize() == 1 and not engine.prefill.requests  # the prompt row is back
     engine.close()
     assert engine.steps.eager_steps == 0 and compilations() == compiled
     assert engine.slots.free_count == 4 and engine.stats.max_running >= 2
-    assert engine.prefill._rows.qsize() == 1 and not engine.prefill.requests
     assert_single_answers(chat, requests, handles, singles, record_property)
 
 
