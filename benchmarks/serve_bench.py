@@ -1,4 +1,5 @@
-"""Benchmark the HTTP server under load on one CUDA GPU, with a model of the release's shapes.
+"""Benchmark the HTTP server under load on one CUDA GPU (two with --prefill-device), with a model of
+the release's shapes.
 
     python benchmarks/serve_bench.py --variant tiny --schedulers static continuous --json serve.json
 

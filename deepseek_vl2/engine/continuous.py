@@ -24,6 +24,9 @@ blocks of the vision tower, then a few decoder layers): the running rows wait a 
 per step instead of a whole prefill once. A request whose prefill ended joins the running rows
 with its first token. Every row then picks its token with its own settings, rows with equal
 settings together (row_sampling.py). The model exposes the steps; this module runs them.
+With `PrefillSettings(device=...)` a second device prefills every prompt on a thread of its own
+(remote_prefill.py); an iteration then only takes the prompts it finished into their slots, and
+waits for one when no row decodes.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
 and the host takes them one iteration later (`Chosen`, `_take`), after launching that step, so its
@@ -225,42 +228,40 @@ class ContinuousEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit; with no row decoding or a busy engine, prefill the first waiting prompt whole, on a
-        quiet engine run a piece of it; then one decode step for every running row; then take the
-        tokens chosen in the previous iteration (see the module's docstring)."""
+        """Admit; advance the prefills (here, or take those another device finished); then one decode
+        step for every running row; then take the tokens chosen in the previous iteration (see the
+        module's docstring)."""
         if (self.lm.device, self.lm.dtype) != (self.device, self.dtype):
             self._fail_all(self._moved_error())
             return
         self._drop_cancelled()
         self._admit()
-        launched = []
-        if isinstance(self.prefill, RemotePrefill):  # prompts are prefilled on another device meanwhile
+        if isinstance(self.prefill, RemotePrefill):
             self.prefill.wait_if_idle(not self._running)
-            launched += self._join_prefilled()
-            if self._running:
-                chosen = self._decode()
-                launched += [chosen] if chosen is not None else []
-            self._take_previous(launched)
-            return
+            launched = self._join_prefilled()
+        else:
+            launched = self._prefill_here()
+        if self._running:
+            chosen = self._decode()
+            launched += [chosen] if chosen is not None else []
+        previous, self._pending = self._pending, launched
+        for chosen in previous:
+            self._take(chosen)
+
+    def _prefill_here(self) -> List[Chosen]:
+        """With no row decoding or a busy engine, prefill the first waiting prompt whole; on a quiet
+        engine with rows decoding, run a piece of it. The first tokens of the prompts that ended."""
         busy = (len(self._running) >= PIECEWISE_ROWS
                 or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
+        launched = []
         if not self._running or busy:
             self.stats.whole_prefills += bool(self._prefilling)
             self.prefill.whole()
             launched += self._join_prefilled()
-        if self._running:
-            if not busy:
-                self.prefill.piece()
-                launched += self._join_prefilled()  # a prefill may end in this piece
-            chosen = self._decode()
-            launched += [chosen] if chosen is not None else []
-        self._take_previous(launched)
-
-    def _take_previous(self, launched: List[Chosen]) -> None:
-        """Keep this iteration's launches for the next one; take the last iteration's."""
-        previous, self._pending = self._pending, launched
-        for chosen in previous:
-            self._take(chosen)
+        if self._running and not busy:
+            self.prefill.piece()
+            launched += self._join_prefilled()  # a prefill may end in this piece
+        return launched
 
     def _join_prefilled(self) -> List[Chosen]:
         """Requests whose prefill ended join the running rows (their first tokens are in flight);
