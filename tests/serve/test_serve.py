@@ -113,6 +113,27 @@ def test_streaming_equals_engine(client, engine, settings):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
+def test_a_server_prefilling_on_another_device_answers_as_the_engine(tmp_path_factory, engine):
+    """`--prefill-device` (here the CPU beside a CPU model: the same thread hand-over as with a second
+    GPU): streamed and whole answers equal the engine's, and /health says the prompts went there."""
+    args = ["-m", "deepseek_vl2.serve", "--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu",
+            "--dtype", "float32", "--prefill-device", "cpu"]
+    process, base = start_process(args, "/health", tmp_path_factory.mktemp("logs") / "remote.log")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        expected = direct(engine, "What is this?", [Image.new("RGB", (64, 48), RED)], max_new_tokens=8, temperature=0)
+        messages = image_message("What is this?", data_url(png_bytes(color=RED)))
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert reply.choices[0].message.content == streamed == expected.text
+        health = httpx.get(base + "/health").json()["scheduler"]
+        assert health["requests"] == 2 and health["whole_prefills"] == health["layer_pieces"] == 0
+    finally:
+        stop_process(process)
+
+
 def test_stop_strings_system_and_history_follow_the_engine(client, engine):
     history = [{"role": "system", "content": "You are terse."},
                {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
