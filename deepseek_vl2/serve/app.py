@@ -135,7 +135,12 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
         job = Job(sample, params, loop)
-        scheduler.submit(job)
+        try:  # off the event loop: the engine makes the request's host tensors (batch, cast, pinned copy) here,
+            # milliseconds during which the loop would send no other request's tokens
+            await run_in_threadpool(scheduler.submit, job)
+        except BaseException:
+            job.cancel()  # a handler cancelled meanwhile leaves no request running
+            raise
         if stream:
             def close():
                 job.cancel()
