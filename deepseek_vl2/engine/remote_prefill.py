@@ -122,13 +122,15 @@ class RemotePrefill:
         self._todo.put(request)
 
     def wait_if_idle(self, idle: bool) -> None:
-        """With no row decoding (`idle`), wait until a prefill ends, a request arrives or the engine
-        closes (at most IDLE_WAIT_S), instead of spinning through empty iterations."""
+        """With no row decoding (`idle`), wait until a prefill ends, a request arrives that a free slot
+        can take, or the engine closes (at most IDLE_WAIT_S), instead of spinning through empty
+        iterations."""
         if not idle or not self.requests or self._done:
             return
         engine = self.engine
         with engine._condition:
-            engine._condition.wait_for(lambda: self._done or engine._waiting or engine._closing, IDLE_WAIT_S)
+            engine._condition.wait_for(lambda: self._done or (engine._waiting and engine.slots.free_count)
+                                       or engine._closing, IDLE_WAIT_S)
 
     def take_ended(self) -> List[Prefilled]:
         """The prefills that ended since the last call: each prompt's cache copied into its slot and

@@ -90,3 +90,27 @@ def test_a_prompt_that_fails_there_fails_alone(tiny_lm):
     assert engine.stats.failed == 1 and engine.slots.free_count == 2
     assert engine.prefill._rows.qsize() == 1
     engine.close()
+
+
+def test_the_loop_waits_for_the_prefill_thread_instead_of_spinning(monkeypatch):
+    """With no row decoding and every slot taken by a prompt prefilling elsewhere (more requests
+    waiting), the engine's loop waits for the prefill thread rather than stepping in a busy loop."""
+    chat = chat_engine("tiny_mha")
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=1, prefill=ON_CPU)
+    layers = engine.prefill._layers
+
+    def slow_layers(embeds, row):
+        time.sleep(0.5)
+        return layers(embeds, row)
+
+    monkeypatch.setattr(engine.prefill, "_layers", slow_layers)
+    steps = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: steps.append(step()))
+    sample = engine.prepare_one(conversation("Hello.", []), [])
+    engine.start()
+    handles = [engine.submit(sample, GenerationParams(max_new_tokens=2, temperature=0)) for _ in range(3)]
+    results = [handle.result(timeout=60) for handle in handles]
+    engine.close()
+    assert all(len(result.token_ids) == 2 for result in results)
+    assert len(steps) < 200, f"{len(steps)} iterations for 1.5 s of prefill and 6 tokens"
