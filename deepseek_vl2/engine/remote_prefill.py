@@ -35,7 +35,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -48,7 +48,6 @@ from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 
 WARM_UP_TOKENS = 64
-IDLE_WAIT_S = 0.05  # the engine's longest wait for a prefill when no row decodes (a new request or close wakes it)
 
 
 @dataclass
@@ -72,13 +71,13 @@ class _Done:
 
 class RemotePrefill:
     """The admitted requests not decoding yet (`requests`), prefilled on `device` (see the module's
-    docstring). The engine calls `add`, `wait_if_idle`, `take_ended` and `close`."""
+    docstring). The engine calls `add`, `take_ended` and `close`, and reads `ended`."""
 
-    def __init__(self, engine, device, chunk: int, use_graphs: bool):
-        """`engine`: the ContinuousEngine (its model, slots, histories and wake-up condition);
-        `device`: where prompts are prefilled, another device than the engine's; `chunk`: prompt
-        tokens per eager forward; `use_graphs`: the decoder layers as CUDA graphs (where the prefill
-        device can capture them)."""
+    def __init__(self, engine, device, chunk: int, use_graphs: bool, on_ended: Callable[[], None]):
+        """`engine`: the ContinuousEngine (its model, slots and histories); `device`: where prompts are
+        prefilled, another device than the engine's; `chunk`: prompt tokens per eager forward;
+        `use_graphs`: the decoder layers as CUDA graphs (where the prefill device can capture them);
+        `on_ended()`: called on the prefill thread when a prompt is ready (wakes the engine)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -87,6 +86,7 @@ class RemotePrefill:
                              "prefill on the decoding GPU itself is the engine's default")
         self.device = device
         self.engine = engine
+        self._on_ended = on_ended
         self.slots, self.histories, self.next_tokens = engine.slots, engine.histories, engine.next_tokens
         self.model = replicate(engine.model, device)
         self.lm = getattr(self.model, "language", self.model)
@@ -121,16 +121,10 @@ class RemotePrefill:
         self.requests.append(request)
         self._todo.put(request)
 
-    def wait_if_idle(self, idle: bool) -> None:
-        """With no row decoding (`idle`), wait until a prefill ends, a request arrives that a free slot
-        can take, or the engine closes (at most IDLE_WAIT_S), instead of spinning through empty
-        iterations."""
-        if not idle or not self.requests or self._done:
-            return
-        engine = self.engine
-        with engine._condition:
-            engine._condition.wait_for(lambda: self._done or (engine._waiting and engine.slots.free_count)
-                                       or engine._closing, IDLE_WAIT_S)
+    @property
+    def ended(self) -> bool:
+        """Whether a prefill has ended since the last `take_ended`."""
+        return bool(self._done)
 
     def take_ended(self) -> List[Prefilled]:
         """The prefills that ended since the last call: each prompt's cache copied into its slot and
@@ -231,5 +225,4 @@ class RemotePrefill:
 
     def _hand_over(self, done: _Done) -> None:
         self._done.append(done)
-        with self.engine._condition:
-            self.engine._condition.notify()
+        self._on_ended()
