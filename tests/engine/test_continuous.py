@@ -45,13 +45,10 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_equal_their_single_answers(checkpoint):
-    chat = chat_engine(checkpoint)
+def mixed_requests_through(chat, prefill: PrefillSettings):
+    """REQUESTS answered alone by `chat`, and through an engine of 3 slots with `prefill`, submitted
+    at their steps and stepped to the end: (engine, handles, single answers)."""
     singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
-    # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
-    # images one tower block per step, then their prompts one decoder layer per step)
-    prefill = PrefillSettings(chunk=64, vision_blocks=1, layer_tokens=1)
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=prefill)
     handles = []
     for text, images, params, steps in REQUESTS:
@@ -60,6 +57,15 @@ def test_mixed_requests_equal_their_single_answers(checkpoint):
             engine.step()
     while engine.has_work():
         engine.step()
+    return engine, handles, singles
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_equal_their_single_answers(checkpoint):
+    # more requests than slots, a small prefill chunk: requests wait, prefill over several steps (their
+    # images one tower block per step, then their prompts one decoder layer per step)
+    engine, handles, singles = mixed_requests_through(chat_engine(checkpoint),
+                                                      PrefillSettings(chunk=64, vision_blocks=1, layer_tokens=1))
     assert engine.stats.layer_pieces > 0 and engine.stats.tower_pieces > 0
     for handle, single in zip(handles, singles):
         result = handle.result(timeout=0)

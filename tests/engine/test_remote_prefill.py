@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from test_continuous import RED, REQUESTS, chat_engine, conversation, token_ids_at_the_end
+from test_continuous import RED, chat_engine, conversation, mixed_requests_through, token_ids_at_the_end
 
 from deepseek_vl2.engine import GenerationParams, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
@@ -17,16 +17,8 @@ ON_CPU = PrefillSettings(chunk=64, device="cpu")
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
 def test_mixed_requests_prefilled_elsewhere_equal_their_single_answers(checkpoint):
     chat = chat_engine(checkpoint)
-    singles = [chat.chat(conversation(text, images), images, params) for text, images, params, _ in REQUESTS]
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3, prefill=ON_CPU)
+    engine, handles, singles = mixed_requests_through(chat, ON_CPU)
     assert engine.prefill.model is not chat.model and "prompts prefilled on cpu" in engine.startup_summary
-    handles = []
-    for text, images, params, steps in REQUESTS:
-        handles.append(engine.submit(engine.prepare_one(conversation(text, images), images), params))
-        for _ in range(steps):
-            engine.step()
-    while engine.has_work():
-        engine.step()
     results = [handle.result(timeout=0) for handle in handles]
     for result, single in zip(results, singles):
         assert (result.token_ids, result.text, result.finish_reason) == (single.token_ids, single.text,

@@ -103,14 +103,20 @@ def assert_single_answers(chat, requests, handles, singles, record_property):
     record_property("near_ties", ties)
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_through_graphs(checkpoint, record_property):
+def singles_and_engine(checkpoint: str, prefill: PrefillSettings):
+    """The mixed requests, their single answers (bf16, CUDA), and an engine of 4 slots x 2048 tokens
+    with `prefill`: (chat, requests, singles, engine)."""
     chat = chat_engine(checkpoint)
     requests = mixed_requests()
     with torch.inference_mode():
         singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048,
-                              prefill=PrefillSettings(layer_tokens=64))
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048, prefill=prefill)
+    return chat, requests, singles, engine
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_through_graphs(checkpoint, record_property):
+    chat, requests, singles, engine = singles_and_engine(checkpoint, PrefillSettings(layer_tokens=64))
     compiled = compilations()
     handles = []
     for i, (text, images, params) in enumerate(requests):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from test_continuous_graphs import assert_single_answers, chat_engine, conversation, mixed_requests
+from test_continuous_graphs import assert_single_answers, chat_engine, conversation, singles_and_engine
 
 from deepseek_vl2.engine import PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
@@ -19,12 +19,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two G
 @two_gpus
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
 def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property):
-    chat = chat_engine(checkpoint)
-    requests = mixed_requests()
-    with torch.inference_mode():
-        singles = [chat.chat(conversation(text, images), images, params) for text, images, params in requests]
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=4, max_length=2048,
-                              prefill=PrefillSettings(device="cuda:1"))
+    chat, requests, singles, engine = singles_and_engine(checkpoint, PrefillSettings(device="cuda:1"))
     assert {p.device for p in engine.prefill.model.parameters()} == {torch.device("cuda", 1)}
     compiled = compilations()
     engine.start()
