@@ -10,9 +10,9 @@ cache: the engine's slots' prompt row, or a prefill device's) from position 0
 
 A prompt runs padded up to its bucket. The padding tokens come after the prompt, so no prompt
 token attends to them; their cache entries lie past the prompt, and only the prompt's go to the
-request's slot (slots.take_prompt, or the remote prefill's copy). `GraphLayerPieces` advances a prompt through the graphs with
-LayerPieces' interface; its cache and logits match the eager pieces within rounding (the padded
-GEMMs may pick other kernels).
+request's slot (slots.take_prompt, or the remote prefill's copy). `GraphLayerPieces` advances a
+prompt through the graphs with LayerPieces' interface; its cache and logits match the eager pieces
+within rounding (the padded GEMMs may pick other kernels).
 """
 import logging
 import time

@@ -1,8 +1,8 @@
 """Prefill on another device: the continuous engine decodes on its GPU while a copy of the model on a
 second device (`ContinuousEngine(..., prefill=PrefillSettings(device="cuda:1"))`, the server's
-`--prefill-device`) runs every prompt's images and
-decoder layers, on a thread of its own. No decode step ever waits behind a prompt's vision tower or
-layers; a step only waits for the copy of a finished prompt's cache into its slot.
+`--prefill-device`) runs every prompt's images and decoder layers, on a thread of its own. No decode
+step ever waits behind a prompt's vision tower or layers; a step only waits for the copy of a
+finished prompt's cache into its slot.
 
     engine thread                          prefill thread (the prefill device current)
     admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
