@@ -40,7 +40,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..kernels.dispatch import decode_is_capturable
-from ..modeling.devices import current, replicate
+from ..modeling.devices import current, indexed, replicate
 from ..modeling.kv_cache import KVCache
 from ..modeling.layer_pieces import LayerPieces
 from .prefill import Prefilled, first_token
@@ -78,9 +78,7 @@ class RemotePrefill:
         prefilled, another device than the engine's; `chunk`: prompt tokens per eager forward;
         `use_graphs`: the decoder layers as CUDA graphs (where the prefill device can capture them);
         `on_ended()`: called on the prefill thread when a prompt is ready (wakes the engine)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed(device)
         if device.type == "cuda" and device == engine.device:
             raise ValueError(f"the prefill device must be another device than the model's ({engine.device}); "
                              "prefill on the decoding GPU itself is the engine's default")
@@ -105,12 +103,10 @@ class RemotePrefill:
         self._rows: queue.Queue = queue.Queue()  # holds the prompt row while the prefill thread may take it
         self._rows.put(_Row())
         self._done: deque = deque()  # _Done, from the prefill thread
-        self._copies = torch.cuda.Stream(device) if self._copies_between_gpus() else None
+        between_gpus = device.type == "cuda" and engine.device.type == "cuda"
+        self._copies = torch.cuda.Stream(device) if between_gpus else None  # see _copy_out
         self._thread = threading.Thread(target=self._work, name="remote-prefill", daemon=True)
         self._thread.start()
-
-    def _copies_between_gpus(self) -> bool:
-        return self.device.type == "cuda" and self.engine.device.type == "cuda"
 
     def summary(self) -> str:
         return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"

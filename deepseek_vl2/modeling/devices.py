@@ -59,13 +59,20 @@ def hop(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device)
 
 
+def indexed(device) -> torch.device:
+    """`device` as a torch.device, "cuda" made the current CUDA device with its index (as tensors
+    placed there report it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def replicate(module: nn.Module, device) -> nn.Module:
     """A copy of `module` (on one device) with its parameters and buffers on `device`, made without a
     second copy on the module's own device: each tensor goes straight to `device`, and the rest of
     the module (its structure, its configs) is copied as usual."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = indexed(device)
     copies = {}
     for tensor in [*module.parameters(), *module.buffers()]:
         moved = tensor.detach().to(device, copy=True)
