@@ -5,7 +5,8 @@ the release's shapes.
 
 For each scheduler a server process is started (`--serve`: random bf16 weights at the release's
 shapes built on the GPU, as bench.py builds them, and the offline tokenizer; LM-head rows of ids the
-tokenizer lacks, and of EOS, are zeroed so every answer runs its full length in decodable text) and
+tokenizer lacks, of EOS, and of ids whose text alone is an incomplete UTF-8 sequence are zeroed, so
+every answer runs its full length and every token streams as a chunk of its own) and
 driven over HTTP with streamed requests, each a 1024x1024 image, a question and max_tokens=128,
 greedy:
 
@@ -17,7 +18,8 @@ first scenario), as independent users would send it: client threads sharing one 
 wait for each other's turn at the GIL between receiving an event and timing it, and that wait would
 be counted as the server's. Reported per scenario: output tok/s (completion tokens / wall time),
 TTFT p50/p99 (request sent to the first streamed text), inter-token latency p50/p99 (gaps between
-streamed chunks; one chunk per token here), request latency p50/p99; and from /health after the run:
+streamed chunks; one chunk per token here, `tokens_per_chunk` checks it), request latency p50/p99;
+and from /health after the run:
 decode graphs captured, decode steps that found no graph and torch.compile graphs compiled since
 start-up (the engine's "nothing compiled or captured after start-up", counted).
 """
@@ -58,11 +60,21 @@ def build_chat_engine(variant: str):
     with tempfile.TemporaryDirectory() as tmp:
         processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
     model = build_model(variant)
-    with torch.no_grad():  # only decodable, non-EOS ids can win: full-length answers with text
+    with torch.no_grad():  # only ids with whole text of their own can win: full-length answers, a chunk per token
         head = model.language.lm_head.weight
         head[len(processor.tokenizer):] = 0
         head[processor.eos_id] = 0
+        head[byte_fragment_ids(processor.tokenizer)] = 0
     return ChatEngine(model, processor)
+
+
+def byte_fragment_ids(tokenizer) -> list:
+    """Ids whose text alone is an incomplete UTF-8 sequence (a byte-level BPE's non-ASCII bytes: 128
+    of the offline tokenizer's 3008 ids). Random weights pick among the ids about evenly, so about one
+    token in 24 would be such a byte; the server streams a byte with the token that completes its text,
+    one chunk for two tokens, and those two-step gaps would set the inter-token p99. A model answering
+    in English rarely emits a lone byte."""
+    return [i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\ufffd")]
 
 
 def prefill_settings(args):
@@ -72,18 +84,27 @@ def prefill_settings(args):
                            device=args.prefill_device)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill, prepare_workers: int = 0,
+          timeline: bool = False) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
     from deepseek_vl2.serve.settings import ServerSettings
 
     started = time.perf_counter()
+    if timeline:
+        from server_timeline import ServerTimeline
+
+        timeline = ServerTimeline()
+        timeline.install()
     chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill=prefill,
-                              max_concurrent_requests=4 * slots, request_timeout_s=1800)
+                              max_concurrent_requests=4 * slots, request_timeout_s=1800,
+                              prepare_workers=prepare_workers)
     app = create_app(chat, settings)
+    if timeline:
+        timeline.add_route(app)
     print(f"server ready after {time.perf_counter() - started:.1f} s (build, start-up)", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -130,7 +151,7 @@ def one_request(port: int, body: bytes) -> dict:
     connection.close()
     done = time.perf_counter()
     return dict(sent=sent, ttft=(chunks[0] - sent) if chunks else None, gaps=[b - a for a, b in zip(chunks, chunks[1:])],
-                latency=done - sent, tokens=tokens or 0, done=done)
+                latency=done - sent, tokens=tokens or 0, chunks=len(chunks), done=done)
 
 
 class ClientProcesses:
@@ -222,7 +243,9 @@ def open_rates(args, closed: dict) -> dict:
     return {f"open {f:g}x ({f * base:.1f} req/s)": f * base for f in args.open_fractions}
 
 
-def summary(results: list) -> dict:
+def summary(results: list, server: dict = None) -> dict:
+    """The scenario's figures from its requests' timings; `server`: the server's own timeline of it
+    (server_timeline.py, with --timeline)."""
     def pct(values, q):
         values = sorted(values)
         return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
@@ -233,16 +256,22 @@ def summary(results: list) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     latencies = [r["latency"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    return dict(requests=len(results), tokens=tokens, wall_s=end - start, tok_s=tokens / (end - start),
-                ttft_p50_ms=1e3 * pct(ttfts, 50), ttft_p99_ms=1e3 * pct(ttfts, 99),
-                itl_p50_ms=1e3 * pct(gaps, 50), itl_p99_ms=1e3 * pct(gaps, 99),
-                latency_p50_s=pct(latencies, 50), latency_p99_s=pct(latencies, 99),
-                mean_tokens=tokens / len(results))
+    result = dict(requests=len(results), tokens=tokens, wall_s=end - start, tok_s=tokens / (end - start),
+                  ttft_p50_ms=1e3 * pct(ttfts, 50), ttft_p99_ms=1e3 * pct(ttfts, 99),
+                  itl_p50_ms=1e3 * pct(gaps, 50), itl_p99_ms=1e3 * pct(gaps, 99),
+                  latency_p50_s=pct(latencies, 50), latency_p99_s=pct(latencies, 99),
+                  mean_tokens=tokens / len(results), tokens_per_chunk=tokens / max(sum(r["chunks"] for r in results), 1))
+    if all("token_gaps" in r for r in results):  # in-process: the gaps between tokens too, whatever their text
+        token_gaps = [g for r in results for g in r["token_gaps"]]
+        result.update(token_itl_p50_ms=1e3 * pct(token_gaps, 50), token_itl_p99_ms=1e3 * pct(token_gaps, 99))
+    if server:
+        result["server"] = server
+    return result
 
 
-def get_health(port: int) -> dict:
+def get_health(port: int, path: str = "/health") -> dict:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    connection.request("GET", "/health")
+    connection.request("GET", path)
     body = json.loads(connection.getresponse().read())
     connection.close()
     return body
@@ -252,9 +281,10 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device"):
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "prepare_workers"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    command += ["--timeline"] if args.timeline else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -269,15 +299,17 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
                     raise RuntimeError(f"the {scheduler} server did not start in {args.startup_timeout} s") from None
                 time.sleep(1)
         one_request(port, body)  # the first request's one-time costs are not what this measures
+        timeline = (lambda: get_health(port, "/bench/timeline")) if args.timeline else dict
+        timeline()  # starts over (and starts the loop's lag monitor)
         scenarios = {}
         with ClientProcesses(max(args.clients + [OPEN_LOOP_CLIENTS]), port, body) as clients_pool:
             for clients in args.clients:
                 scenarios[f"closed {clients}"] = summary(
-                    closed_loop(clients_pool.send, clients, requests_each(args, clients)))
+                    closed_loop(clients_pool.send, clients, requests_each(args, clients)), timeline())
                 print(scheduler, f"closed {clients}", json.dumps(scenarios[f"closed {clients}"]), flush=True)
             for name, rate in open_rates(args, scenarios).items():
                 count = max(8, int(rate * args.open_seconds))
-                scenarios[name] = dict(summary(open_loop(clients_pool.send, rate, count)), rate=rate)
+                scenarios[name] = dict(summary(open_loop(clients_pool.send, rate, count), timeline()), rate=rate)
                 print(scheduler, name, json.dumps(scenarios[name]), flush=True)
         health = get_health(port)
         return dict(scheduler=scheduler, scenarios=scenarios, health=health)
@@ -340,7 +372,8 @@ class IterationLog:
 
 def in_process(args) -> None:
     """The continuous engine without HTTP: the same closed and open loops, clients submitting to the
-    engine directly (what the server adds on top is the difference). Each scenario also reports its
+    engine directly (what the server adds on top is the difference). Inter-token gaps are between text
+    events, what the server streams as chunks, and also between tokens (`token_itl_*`). Each scenario also reports its
     iterations by kind (IterationLog); `--profile` prints where the engine's thread spends its time."""
     import cProfile
     import pstats
@@ -370,19 +403,22 @@ def in_process(args) -> None:
         sent = time.perf_counter()
         sample = engine.prepare_one(conversation, [image]) if args.prepare_at_arrival else prepared
         handle = engine.submit(sample, params)
-        times, tokens = [], 0
+        times, chunks, tokens = [], [], 0
         while True:
             kind, value = handle.events.get()
             if kind == "token":
                 times.append(time.perf_counter())
+            elif kind == "text":  # what the server streams as a chunk
+                chunks.append(time.perf_counter())
             elif kind == "done":
                 tokens = len(value.token_ids)
                 break
             elif kind == "error":
                 raise value
         done = time.perf_counter()
-        return dict(sent=sent, ttft=times[0] - sent, gaps=[b - a for a, b in zip(times, times[1:])],
-                    latency=done - sent, tokens=tokens, done=done)
+        return dict(sent=sent, ttft=chunks[0] - sent, gaps=[b - a for a, b in zip(chunks, chunks[1:])],
+                    token_gaps=[b - a for a, b in zip(times, times[1:])], latency=done - sent, tokens=tokens,
+                    chunks=len(chunks), done=done)
 
     request()
     iterations.summary()
@@ -431,13 +467,17 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
+    parser.add_argument("--prepare-workers", type=int, default=0, help="--prepare-workers of the server")
+    parser.add_argument("--timeline", action="store_true",
+                        help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args))
+        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.prepare_workers,
+              args.timeline)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))
