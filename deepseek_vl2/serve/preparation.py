@@ -4,19 +4,23 @@ sample made (tiles, tokens), every problem a 400 that names the part of the requ
 Where it runs is the operator's choice (`--prepare-workers`):
   0 (`ThreadPreparation`)   on a thread of the server's pool, in the server's interpreter;
   N (`ProcessPreparation`)  in one of N worker processes (spawned at start-up, each with a copy of the
-                            processor), whose sample comes back through shared memory, its images
-                            already cast to the model's dtype.
+                            processor), whose sample comes back through the pool's pipe, its images
+                            already cast to the model's dtype. Its tensors travel by value, not
+                            through shared memory: a container's /dev/shm is often 64 MB, and a
+                            worker writing beyond it dies of SIGBUS.
 Decoding and tiling a 1024x1024 image takes tens of milliseconds of CPU. On a thread, part of that
 time holds the interpreter lock that the engine's thread (one decode step every millisecond or two
 for a small model) and the event loop (every streamed token) also need, and their waits for it show
 as gaps between streamed tokens. In worker processes, the server's interpreter only reads requests,
 streams tokens and decodes.
 
-A worker that dies (killed, out of memory) fails its request with a 500; the pool is replaced and
-later requests go on.
+A worker that dies (killed, out of memory) fails its request with a 500; the pool is replaced (off
+the event loop: starting a worker takes seconds) and later requests go on.
 """
 import asyncio
 import logging
+import multiprocessing
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,7 +28,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.multiprocessing
 from fastapi.concurrency import run_in_threadpool
 
 from ..engine import PromptTooLongError
@@ -98,6 +101,13 @@ def _worker_ready(seconds: float) -> bool:
     return bool(_worker)
 
 
+def _start_all(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker of `pool` now (a pool starts one when a task finds no idle worker)."""
+    ready = [pool.submit(_worker_ready, 0.2) for _ in range(workers)]
+    if not all(future.result() for future in ready):
+        raise RuntimeError("a request-preparation worker did not start")
+
+
 def _prepare_in_worker(messages: List[Message], images: EncodedImages) -> Prepared:
     settings: WorkerSettings = _worker["settings"]
 
@@ -106,6 +116,28 @@ def _prepare_in_worker(messages: List[Message], images: EncodedImages) -> Prepar
 
     prepared = prepare_request(messages, images, prepare_one, _worker["control_tokens"], settings.max_image_pixels)
     prepared.sample.images = prepared.sample.images.to(settings.dtype)  # half the bytes for bf16, cast here
+    for name, value in vars(prepared.sample).items():
+        if isinstance(value, torch.Tensor):
+            setattr(prepared.sample, name, ByValue(value))
+    return prepared
+
+
+class ByValue:
+    """A tensor that pickles as its bytes (torch's own reduction, in a pool of torch.multiprocessing,
+    would move it to shared memory); `tensor()` in the receiving process."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.dtype, self.shape = tensor.dtype, tuple(tensor.shape)
+        self.data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # numpy has no bfloat16
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
+
+
+def _received(prepared: Prepared) -> Prepared:
+    for name, value in vars(prepared.sample).items():
+        if isinstance(value, ByValue):
+            setattr(prepared.sample, name, value.tensor())
     return prepared
 
 
@@ -118,30 +150,39 @@ class ProcessPreparation:
             raise ValueError(f"prepare workers must be >= 1, got {workers}")
         self.workers, self.settings = workers, settings
         started = time.perf_counter()
+        self._replacing = threading.Lock()
         self.pool = self._new_pool()
-        ready = [self.pool.submit(_worker_ready, 0.2) for _ in range(workers)]  # one task per worker, at once
-        if not all(future.result() for future in ready):
-            raise RuntimeError("a request-preparation worker did not start")
+        _start_all(self.pool, workers)
         logger.info("%d request-preparation worker process(es) started in %.1f s", workers,
                     time.perf_counter() - started)
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=torch.multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(self.settings,))
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """A new pool for `broken`, unless another request replaced it already; its workers are
+        started here, on the caller's thread (the pool would start them on the event loop)."""
+        with self._replacing:
+            if self.pool is not broken:
+                return
+            logger.error("a request-preparation worker process died; starting a new pool")
+            pool = self._new_pool()
+            _start_all(pool, self.workers)
+            self.pool = pool
+            broken.shutdown(wait=False)
 
     async def prepare(self, messages: List[Message], images: EncodedImages) -> Prepared:
         # the images travel as bytes: their URLs (a data: URL holds the whole image again) stay here
         messages = [replace(m, images=[replace(ref, url="") for ref in m.images]) for m in messages]
         pool = self.pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, _prepare_in_worker, messages, images)
+            prepared = await asyncio.get_running_loop().run_in_executor(pool, _prepare_in_worker, messages, images)
         except BrokenProcessPool:
-            if self.pool is pool:  # the first request to see it replaces the pool (its workers start on demand)
-                logger.error("a request-preparation worker process died; starting a new pool")
-                self.pool = self._new_pool()
-                pool.shutdown(wait=False)
+            await run_in_threadpool(self._replace, pool)
             raise APIError(500, "the request could not be prepared: its worker process ended unexpectedly",
                            code="internal_error") from None
+        return _received(prepared)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -54,6 +54,7 @@ def test_a_worker_process_prepares_what_a_thread_prepares(preparations):
     for name in ("input_ids", "images", "images_seq_mask", "images_spatial_crop"):
         assert torch.equal(getattr(there.sample, name), getattr(here.sample, name)), name
     assert there.sample.images.dtype == torch.float32  # the model's dtype
+    assert not there.sample.images.is_shared()  # by value: not in /dev/shm
 
 
 @pytest.mark.parametrize("case, code", [("broken image", "invalid_image"), ("control token", "control_token_in_text"),
