@@ -84,8 +84,7 @@ def prefill_settings(args):
                            device=args.prefill_device)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill, prepare_workers: int = 0,
-          timeline: bool = False) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -100,8 +99,7 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill, prepare_
     chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill=prefill,
-                              max_concurrent_requests=4 * slots, request_timeout_s=1800,
-                              prepare_workers=prepare_workers)
+                              max_concurrent_requests=4 * slots, request_timeout_s=1800)
     app = create_app(chat, settings)
     if timeline:
         timeline.add_route(app)
@@ -281,7 +279,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "prepare_workers"):
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     command += ["--timeline"] if args.timeline else []
@@ -467,7 +465,6 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
-    parser.add_argument("--prepare-workers", type=int, default=0, help="--prepare-workers of the server")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
@@ -476,8 +473,7 @@ def main():
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.prepare_workers,
-              args.timeline)
+        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

@@ -46,9 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "(continuous engine; default: prefill between decode steps)")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
-    p.add_argument("--prepare-workers", type=int, default=DEFAULTS.prepare_workers,
-                   help="processes that decode, tile and tokenize requests' images and text, away from the "
-                        "interpreter that streams tokens and runs the engine (0: threads of the server)")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULTS.max_image_pixels,
                    help="width x height of one image")
@@ -84,7 +81,7 @@ def main(argv=None) -> None:
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
             max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,
-            prepare_workers=args.prepare_workers, api_key=args.api_key)
+            api_key=args.api_key)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours

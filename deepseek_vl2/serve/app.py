@@ -1,10 +1,9 @@
 """The HTTP API: OpenAI-compatible `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
 
-A chat request is read (JSON only, size-limited), checked (`schemas`), its images read (`media`),
-then decoded, turned into a conversation (`prompt`) and tokenized (`preparation`: on a thread, or in a
-worker process), so that every problem with the request is a 4xx before anything is streamed; then
-it waits for the scheduler (`scheduler`), which owns the model. Every error is an OpenAI-style JSON
-body (`errors`), without internals.
+A chat request is read (JSON only, size-limited), checked (`schemas`), its images loaded (`media`),
+turned into a conversation (`prompt`) and tokenized here, so that every problem with the request is
+a 4xx before anything is streamed; then it waits for the batch scheduler (`scheduler`), which owns
+the model. Every error is an OpenAI-style JSON body (`errors`), without internals.
 
 Against hostile clients: with an API key every /v1 route needs `Authorization: Bearer KEY`
 (`/health` stays open); a body that is not `application/json` is refused with 415 (a web page
@@ -30,10 +29,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import ChatResult
+from ..engine import ChatResult, PromptTooLongError
 from .errors import APIError
 from .media import MediaLoader
-from .preparation import create_preparation
+from .prompt import ControlTokens, build_conversation
 from .responses import SSE_DONE, Completion
 from .scheduler import Job, create_scheduler
 from .schemas import parse_chat_request
@@ -55,8 +54,9 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
     scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit, scheduler=settings.scheduler,
                                  max_num_seqs=settings.max_num_seqs, prefill=settings.prefill,
                                  batch_engine=guarded, on_error=guarded.check)
-    media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_request_bytes)
-    preparation = create_preparation(engine, settings.prepare_workers, limit, settings.max_image_pixels)
+    media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_image_pixels,
+                        settings.max_request_bytes)
+    control_tokens = ControlTokens(engine.tokenizer)
     started = int(time.time())
 
     @asynccontextmanager
@@ -64,7 +64,6 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         scheduler.start()
         yield
         scheduler.close()
-        preparation.close()
 
     app = FastAPI(title="DeepSeek-VL2", lifespan=lifespan)
     app.state.scheduler = scheduler
@@ -86,9 +85,14 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         logger.exception("unexpected error")  # the details go to the log, not to the client
         return APIError(500, "internal server error", code="internal_error").response()
 
-    def fit_max_tokens(sample, params, max_tokens_param):
-        """`params` with max_tokens fitted to what the prompt leaves of the context (a 400 when the
-        request set a max_tokens that does not fit)."""
+    def prepare(conversation, images, params, max_tokens_param):
+        """The processed sample, and `params` with max_tokens fitted to the context."""
+        try:
+            sample = engine.prepare_one(conversation, images)  # thread-safe: requests are tiled in parallel
+        except PromptTooLongError as error:
+            raise APIError(400, str(error), param="messages", code="context_length_exceeded") from error
+        except ValueError as error:
+            raise APIError(400, str(error), param="messages", code="invalid_conversation") from error
         room = limit - len(sample)
         if params.max_new_tokens > room:
             if max_tokens_param is not None:
@@ -97,7 +101,7 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
                                     "tokens can follow this prompt", param=max_tokens_param,
                                code="context_length_exceeded")
             params = replace(params, max_new_tokens=room)  # the default max_tokens: what the prompt leaves
-        return params
+        return sample, params
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -120,13 +124,14 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         if chat.model is not None and chat.model != settings.model_id:
             raise APIError(404, f"the model {chat.model!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
-        images = [(await media.read(ref.url, ref.param), ref.param) for ref in chat.images]
-        prepared = await preparation.prepare(chat.messages, images)
-        sample = prepared.sample
-        params = fit_max_tokens(sample, chat.params, chat.max_tokens_param)
-        completion = Completion(settings.model_id, prepared.image_sizes)
+        images = []
+        for ref in chat.images:
+            images.append(await run_in_threadpool(media.decode, await media.read(ref.url, ref.param), ref.param))
+        conversation = build_conversation(chat.messages, images, control_tokens)
+        sample, params = await run_in_threadpool(prepare, conversation, images, chat.params, chat.max_tokens_param)
+        completion = Completion(settings.model_id, [image.size for image in images])
         stream, include_usage = chat.stream, chat.include_usage
-        del images, prepared, chat  # a queued request keeps its processed sample only
+        del images, conversation, chat  # a queued request keeps its processed sample only
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
         job = Job(sample, params, loop)

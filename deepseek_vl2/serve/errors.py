@@ -21,9 +21,6 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
-    def __reduce__(self):  # the same error back from a worker process (serve/preparation.py)
-        return APIError, (self.status, self.message, self.param, self.code, self.headers)
-
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}

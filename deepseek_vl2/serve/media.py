@@ -14,9 +14,8 @@ redirect it. Redirects are followed here, at most REMOTE_MAX_REDIRECTS, each tar
 way. The whole download has a deadline (REMOTE_DEADLINE_S) and a size cap (`max_bytes`). Proxy
 settings from the environment are ignored.
 
-`MediaLoader` reads an image's bytes: a file or download larger than `max_bytes` is refused.
-`decode_image` checks an image against `max_image_pixels` from its header, before its pixels are
-decoded (decompression bombs).
+Every image is checked against `max_image_pixels` from its header, before its pixels are decoded
+(decompression bombs), and a file or download larger than `max_bytes` is refused.
 """
 import asyncio
 import base64
@@ -41,11 +40,12 @@ NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
 
 class MediaLoader:
-    def __init__(self, allowed_local_dir: Optional[Path], allow_remote: bool, max_bytes: int,
+    def __init__(self, allowed_local_dir: Optional[Path], allow_remote: bool, max_image_pixels: int, max_bytes: int,
                  transport: Optional[httpx.AsyncBaseTransport] = None):
         self.allowed_local_dir = allowed_local_dir
         self.transport = transport  # tests replace the network
         self.allow_remote = allow_remote
+        self.max_image_pixels = max_image_pixels
         self.max_bytes = max_bytes
 
     async def read(self, url: str, param: str) -> bytes:
@@ -134,25 +134,27 @@ class MediaLoader:
                 raise too_large
         return bytes(data)
 
-def decode_image(data: bytes, param: str, max_image_pixels: int) -> Image.Image:
-    """An upright RGB image; its size is checked from the header before the pixels are decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_image_pixels:
-                raise APIError(400, f"{param}: the image is {width}x{height} = {width * height} pixels; this "
-                                    f"server takes at most {max_image_pixels}", param=param, code="image_too_large")
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except APIError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise APIError(400, f"{param}: {error}", param=param, code="image_too_large") from error
-    except UnidentifiedImageError as error:  # its message holds the repr of a buffer object
-        raise APIError(400, f"{param}: cannot read the image: not in an image format this server reads", param=param,
-                       code="invalid_image") from error
-    except Exception as error:  # Pillow raises many kinds of errors on malformed files
-        raise APIError(400, f"{param}: cannot read the image: {error}", param=param, code="invalid_image") from error
+    def decode(self, data: bytes, param: str) -> Image.Image:
+        """An upright RGB image; its size is checked from the header before the pixels are decoded."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > self.max_image_pixels:
+                    raise APIError(400, f"{param}: the image is {width}x{height} = {width * height} pixels; this "
+                                        f"server takes at most {self.max_image_pixels}", param=param,
+                                   code="image_too_large")
+                image = ImageOps.exif_transpose(image)
+                return image.convert("RGB")
+        except APIError:
+            raise
+        except Image.DecompressionBombError as error:
+            raise APIError(400, f"{param}: {error}", param=param, code="image_too_large") from error
+        except UnidentifiedImageError as error:  # its message holds the repr of our buffer object
+            raise APIError(400, f"{param}: cannot read the image: not in an image format this server reads",
+                           param=param, code="invalid_image") from error
+        except Exception as error:  # Pillow raises many kinds of errors on malformed files
+            raise APIError(400, f"{param}: cannot read the image: {error}", param=param,
+                           code="invalid_image") from error
 
 
 def decode_data_url(url: str, param: str) -> bytes:

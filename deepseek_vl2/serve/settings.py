@@ -21,7 +21,6 @@ class ServerSettings:
     request_timeout_s: float = 600.0  # from arrival to the last token
     max_text_chars: int = 1_000_000  # characters of text in one message, and in all of a request's messages
     max_concurrent_requests: int = 64  # chat requests in flight (read, queued or answering); more get 429
-    prepare_workers: int = 0  # processes that decode, tile and tokenize requests; 0: threads of the server
     api_key: Optional[str] = field(default=None, repr=False)  # a Bearer token every /v1 route requires; None: open
 
     def __post_init__(self):
@@ -34,8 +33,6 @@ class ServerSettings:
                      "max_concurrent_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.prepare_workers < 0:
-            raise ValueError(f"prepare_workers must be 0 (threads) or more, got {self.prepare_workers}")
         if self.allowed_local_media_path is not None:
             real = Path(self.allowed_local_media_path).resolve()
             if not real.is_dir():

@@ -349,6 +349,7 @@ def test_bad_requests_get_json_errors(server, body, status, param, code):
     assert error["param"] == param
     if code is not None:
         assert error["code"] == code
+    assert " object at 0x" not in error["message"]  # no repr of the server's objects
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 

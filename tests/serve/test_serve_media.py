@@ -76,7 +76,7 @@ def web(monkeypatch):
 
 
 def fetch(web, url, max_bytes=5_000):
-    loader = media.MediaLoader(None, True, max_bytes, transport=httpx.MockTransport(web.handle))
+    loader = media.MediaLoader(None, True, 1_000_000, max_bytes, transport=httpx.MockTransport(web.handle))
     return asyncio.run(loader.read(url, "messages[0].content[0].image_url"))
 
 
