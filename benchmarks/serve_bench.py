@@ -46,53 +46,34 @@ NEW_TOKENS = 128
 
 # ---- the server process -------------------------------------------------------------------------
 
-def offline_processor():
-    """The processor of the offline checkpoint (its byte-level BPE tokenizer)."""
+def build_chat_engine(variant: str):
+    """A ChatEngine on a random-weight model of the release's shapes, with the offline processor."""
     import tempfile
 
+    import torch
+
+    from bench import build_model
+    from deepseek_vl2.engine import ChatEngine
     from deepseek_vl2.models import DeepseekVLV2Processor
     from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        return DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
-
-
-def random_model(variant: str, processor):
-    """A random-weight model of the release's shapes on the GPU (bench.py's)."""
-    import torch
-
-    from bench import build_model
-
+        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
     model = build_model(variant)
     with torch.no_grad():  # only ids with whole text of their own can win: full-length answers, a chunk per token
         head = model.language.lm_head.weight
         head[len(processor.tokenizer):] = 0
         head[processor.eos_id] = 0
         head[byte_fragment_ids(processor.tokenizer)] = 0
-    return model
-
-
-def build_chat_engine(variant: str):
-    """A ChatEngine on a random-weight model of the release's shapes, with the offline processor."""
-    from deepseek_vl2.engine import ChatEngine
-
-    processor = offline_processor()
-    return ChatEngine(random_model(variant, processor), processor)
-
-
-def continuous_engine(variant: str, slots: int, prefill, processor):
-    """The `build` of --engine-process: runs in the engine process."""
-    from deepseek_vl2.engine.continuous import ContinuousEngine
-
-    return ContinuousEngine(random_model(variant, processor), processor, max_num_seqs=slots, prefill=prefill)
+    return ChatEngine(model, processor)
 
 
 def byte_fragment_ids(tokenizer) -> list:
     """Ids whose text alone is an incomplete UTF-8 sequence (a byte-level BPE's non-ASCII bytes: 128
     of the offline tokenizer's 3008 ids). Random weights pick among the ids about evenly, so about one
-    token in 24 could be such a byte; the server streams a byte with the token that completes its text,
-    one chunk for two tokens, and the client would count a two-step gap. A model answering in English
-    rarely emits a lone byte."""
+    token in 24 would be such a byte; the server streams a byte with the token that completes its text,
+    one chunk for two tokens, and those two-step gaps would set the inter-token p99. A model answering
+    in English rarely emits a lone byte."""
     return [i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\ufffd")]
 
 
@@ -103,8 +84,7 @@ def prefill_settings(args):
                            device=args.prefill_device)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False,
-          engine_process: bool = False) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -116,14 +96,7 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline
 
         timeline = ServerTimeline()
         timeline.install()
-    if engine_process:
-        from functools import partial
-
-        from deepseek_vl2.serve.engine_process import EngineProcess
-
-        chat = EngineProcess(partial(continuous_engine, variant, slots, prefill), offline_processor())
-    else:
-        chat = build_chat_engine(variant)
+    chat = build_chat_engine(variant)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill=prefill,
                               max_concurrent_requests=4 * slots, request_timeout_s=1800)
@@ -310,7 +283,6 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     command += ["--timeline"] if args.timeline else []
-    command += ["--engine-process"] if args.engine_process else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -493,8 +465,6 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
-    parser.add_argument("--engine-process", action="store_true",
-                        help="the server's --engine-process (the engine rule's flags then do not reach it)")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
@@ -503,8 +473,7 @@ def main():
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline,
-              args.engine_process)
+        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

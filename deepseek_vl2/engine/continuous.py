@@ -154,14 +154,8 @@ class ContinuousEngine:
         """Queue a request: `sample` from `prepare_one` (or a 1-D tensor of token ids for a bare
         decoder). Its events go to `on_event(kind, value)`, called on the engine's thread, or to
         `handle.events`."""
-        return self.submit_inputs(self.pinned(self.batch_inputs(sample)), len(sample), params, on_event)
-
-    def submit_inputs(self, inputs, prompt_tokens: int, params: GenerationParams,
-                      on_event: Optional[Callable[[str, object], None]] = None) -> Handle:
-        """`submit` for host inputs made already (`pinned(batch_inputs(sample))`, the batching perhaps in
-        another process)."""
-        handle = Handle(prompt_tokens, params, on_event)
-        handle.inputs = inputs
+        handle = Handle(sample, params, on_event)
+        handle.inputs = self.host_inputs(sample)
         with self._condition:
             if self._closing:
                 raise RuntimeError("the engine is shutting down")
@@ -169,20 +163,18 @@ class ContinuousEngine:
             self._condition.notify()
         return handle
 
-    def batch_inputs(self, sample):
+    def host_inputs(self, sample):
         """What the engine copies to the device for `sample`: token ids [1, T], or the processor's
-        batch of one with its images in the model's dtype."""
-        return batch_inputs(self.processor, sample, self.dtype)
-
-    def pinned(self, inputs):
-        """`inputs` with their large tensors in pinned memory for a GPU (copied without waiting)."""
-        if self.device.type != "cuda":
-            return inputs
-        if isinstance(inputs, torch.Tensor):
-            return inputs.pin_memory()
-        for name in ("input_ids", "images"):
-            setattr(inputs, name, getattr(inputs, name).pin_memory())
-        return inputs
+        batch of one with its images in the model's dtype; pinned for a GPU (an asynchronous copy)."""
+        if isinstance(sample, torch.Tensor):
+            inputs = sample.reshape(1, -1)
+            return inputs.pin_memory() if self.device.type == "cuda" else inputs
+        batch = self.processor.batchify([sample])
+        batch.images = batch.images.to(self.dtype)
+        if self.device.type == "cuda":
+            for name in ("input_ids", "images"):
+                setattr(batch, name, getattr(batch, name).pin_memory())
+        return batch
 
     def cancel(self, handle: Handle) -> None:
         handle.cancel()
@@ -437,15 +429,6 @@ class ContinuousEngine:
                 self._waiting.clear()
             for handle in handles:
                 self._fail(handle, error)
-
-
-def batch_inputs(processor, sample, dtype: torch.dtype):
-    """Token ids [1, T] for a tensor sample, else the processor's batch of one, its images in `dtype`."""
-    if isinstance(sample, torch.Tensor):
-        return sample.reshape(1, -1)
-    batch = processor.batchify([sample])
-    batch.images = batch.images.to(dtype)
-    return batch
 
 
 class _NoText:

@@ -29,13 +29,6 @@ class ImageTextTokenizer:
         self.tiler = tiler
         self._lock = threading.Lock()  # around every call into the tokenizer
 
-    def __getstate__(self):  # picklable (a processor sent to another process): a new lock there
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
         with self._lock:
             ids = self.tokenizer.encode(text, add_special_tokens=False)

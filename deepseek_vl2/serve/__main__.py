@@ -4,16 +4,13 @@ import logging
 import os
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import uvicorn
 from PIL import Image
 
 from ..engine import ChatEngine, PrefillSettings, add_engine_arguments
-from ..models import DeepseekVLV2Processor
 from .app import create_app
-from .engine_process import EngineProcess, checkpoint_engine
 from .settings import ServerSettings
 
 DEFAULTS = ServerSettings(model_id="")
@@ -47,9 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
                                                    "copy of the model, while the model's GPU only decodes "
                                                    "(continuous engine; default: prefill between decode steps)")
-    batching.add_argument("--engine-process", action="store_true",
-                          help="run the continuous engine in a process of its own, so that its decode steps do "
-                               "not wait for this process's HTTP work and image preparation (a model on one device)")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
@@ -74,18 +68,6 @@ def model_id(model_path: str) -> str:
     return Path(model_path).resolve().name if os.path.isdir(model_path) else model_path
 
 
-def load_engine(args, settings: ServerSettings):
-    """A ChatEngine in this process, or with --engine-process an EngineProcess that loads the model
-    in a process of its own (the processor here)."""
-    if not args.engine_process:
-        return ChatEngine.from_args(args.model_path, args)
-    if args.scheduler == "static":
-        raise SystemExit("error: --engine-process runs the continuous engine; it does not go with --scheduler static")
-    build = partial(checkpoint_engine, args.model_path, args.device, args.dtype, args.quantization,
-                    settings.max_num_seqs, settings.prefill)
-    return EngineProcess(build, DeepseekVLV2Processor.from_pretrained(args.model_path))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,7 +85,7 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
-    engine = load_engine(args, settings)
+    engine = ChatEngine.from_args(args.model_path, args)
     fatal = threading.Event()
     app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))

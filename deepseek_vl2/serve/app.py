@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import ChatResult, PromptTooLongError
-from .engine_process import EngineProcess
 from .errors import APIError
 from .media import MediaLoader
 from .prompt import ControlTokens, build_conversation
@@ -47,18 +46,14 @@ RETRY_AFTER_S = 1  # the Retry-After of a 429
 
 def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[str], None]] = None) -> FastAPI:
     """The app for `engine` (a ChatEngine, or anything with its tokenizer, model, prepare_one and
-    chat_batch; or an EngineProcess, the continuous engine in a process of its own). `on_fatal(reason)`
-    is called once, from the scheduler thread, after an unrecoverable device error."""
+    chat_batch). `on_fatal(reason)` is called once, from the scheduler thread, after an unrecoverable
+    device error."""
     state = ServerState()
     guarded = DeviceGuard(engine, state, on_fatal)
     limit = context_length(engine)
-    if isinstance(engine, EngineProcess):  # the engine runs in a process of its own and is its own scheduler
-        engine.on_error, engine.on_ended = guarded.check, guarded.fail
-        scheduler = engine
-    else:
-        scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit,
-                                     scheduler=settings.scheduler, max_num_seqs=settings.max_num_seqs,
-                                     prefill=settings.prefill, batch_engine=guarded, on_error=guarded.check)
+    scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit, scheduler=settings.scheduler,
+                                 max_num_seqs=settings.max_num_seqs, prefill=settings.prefill,
+                                 batch_engine=guarded, on_error=guarded.check)
     media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_image_pixels,
                         settings.max_request_bytes)
     control_tokens = ControlTokens(engine.tokenizer)
@@ -181,8 +176,6 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
 
 def context_length(engine) -> int:
     """The model's context in tokens (prompt and answer together)."""
-    if isinstance(engine, EngineProcess):
-        return engine.context_length
     return engine.model.config.language_config.max_position_embeddings
 
 
@@ -255,17 +248,11 @@ class DeviceGuard:
     def check(self, error: BaseException) -> None:
         """Called with each failure (of a batch, or of a continuous engine's request): the first
         unrecoverable device error marks the server unhealthy and calls `on_fatal`."""
-        if is_fatal_device_error(error):
-            self.fail(f"unrecoverable device error: {type(error).__name__}: {error}")
-
-    def fail(self, reason: str) -> None:
-        """The server cannot answer any more (a device error, the engine process gone): the first
-        reason marks it unhealthy and calls `on_fatal`."""
-        if self.state.fatal_reason is None:
-            self.state.fatal_reason = reason
-            logger.critical("%s; the server must be restarted", reason)
+        if is_fatal_device_error(error) and self.state.fatal_reason is None:
+            self.state.fatal_reason = f"unrecoverable device error: {type(error).__name__}: {error}"
+            logger.critical("%s; the server must be restarted", self.state.fatal_reason)
             if self.on_fatal is not None:
-                self.on_fatal(reason)
+                self.on_fatal(self.state.fatal_reason)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

@@ -115,18 +115,6 @@ def create_scheduler(engine, max_batch_size: int, context_length: Optional[int] 
     return BatchScheduler(batch_engine or engine, max_batch_size, context_length=context_length)
 
 
-def engine_stats(engine: ContinuousEngine) -> SchedulerStats:
-    """The continuous engine's counters as /health reports them."""
-    counts, steps, prompt_graphs = engine.stats, engine.steps, engine.prefill.graphs
-    return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
-                          max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
-                          decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
-                          prompt_graphs=len(prompt_graphs.graphs) if prompt_graphs is not None else 0,
-                          compilations_after_start=compilations() - counts.compilations_at_start,
-                          slots_in_use=len(engine.slots.used), whole_prefills=counts.whole_prefills,
-                          tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
-
-
 class BatchScheduler:
     """Static batching (see the module's docstring); `engine` has `chat_batch` (a ChatEngine)."""
 
@@ -236,7 +224,15 @@ class ContinuousScheduler:
 
     @property
     def stats(self) -> SchedulerStats:
-        return engine_stats(self.engine)
+        counts = self.engine.stats
+        steps, prompt_graphs = self.engine.steps, self.engine.prefill.graphs
+        return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
+                              max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
+                              decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
+                              prompt_graphs=len(prompt_graphs.graphs) if prompt_graphs is not None else 0,
+                              compilations_after_start=compilations() - counts.compilations_at_start,
+                              slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
+                              tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
 
     def start(self) -> None:
         self.engine.start()

@@ -71,10 +71,10 @@ class SlowInputsEngine(ContinuousEngine):
 
     entered = threading.Event()
 
-    def batch_inputs(self, sample):
+    def host_inputs(self, sample):
         self.entered.set()
         time.sleep(1.0)
-        return super().batch_inputs(sample)
+        return super().host_inputs(sample)
 
 
 def test_the_event_loop_is_free_while_a_request_is_submitted():

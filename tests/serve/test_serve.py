@@ -134,25 +134,6 @@ def test_a_server_prefilling_on_another_device_answers_as_the_engine(tmp_path_fa
         stop_process(process)
 
 
-def test_a_server_with_an_engine_process_answers_as_the_engine(tmp_path_factory, engine):
-    """`--engine-process`: the model loads in a process of its own; answers equal the engine's and
-    /health counts what that process did."""
-    args = ["-m", "deepseek_vl2.serve", "--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu",
-            "--dtype", "float32", "--engine-process"]
-    process, base = start_process(args, "/health", tmp_path_factory.mktemp("logs") / "engine_process.log")
-    try:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
-        expected = direct(engine, "What is this?", [Image.new("RGB", (64, 48), RED)], max_new_tokens=8, temperature=0)
-        messages = image_message("What is this?", data_url(png_bytes(color=RED)))
-        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                                stream=True)
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
-        health = httpx.get(base + "/health").json()["scheduler"]
-        assert health["requests"] == 1 and health["generated_tokens"] == len(expected.token_ids)
-    finally:
-        stop_process(process)
-
-
 def test_stop_strings_system_and_history_follow_the_engine(client, engine):
     history = [{"role": "system", "content": "You are terse."},
                {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
