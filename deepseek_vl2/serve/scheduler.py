@@ -22,14 +22,17 @@ request gives its single-request result. An exception in one request's prefill f
 one in a decode step fails the requests of that step.
 
 Both keep the same protocol: each job's events travel from the model's thread to the asyncio side on
-the job's asyncio queue (`loop.call_soon_threadsafe`): ("text", piece), then ("done", ChatResult) or
-("error", exception); `Job.cancel` drops a waiting job or ends its row at the next step; `stats`,
+the job's asyncio queue: ("text", piece), then ("done", ChatResult) or ("error", exception). They
+cross through the loop's `EventRelay`, one wake-up of the loop for a burst (every row's text of
+one decode step) instead of one per event; `Job.cancel` drops a waiting job or ends its row at the next step; `stats`,
 `alive` and `waiting` feed /health.
 """
 import asyncio
 import logging
 import threading
 import time
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -44,6 +47,52 @@ logger = logging.getLogger(__name__)
 SCHEDULERS = ("auto", "static", "continuous")
 
 
+class EventRelay:
+    """Hands events from other threads to one asyncio loop: `put` appends to a list and wakes the
+    loop (`call_soon_threadsafe`, a write to its self-pipe) only when no wake-up is pending yet; the
+    loop then delivers everything queued meanwhile, in order. A decode step's events for all its rows
+    therefore cost one wake-up: each wake-up is a system call on the engine's thread and hands the
+    interpreter lock to the event loop, both of which delay the engine's next step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # relay_for's table holds relays by weak loop keys
+        self._pending: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, deque(), False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventRelay]" = weakref.WeakKeyDictionary()
+_relays_lock = threading.Lock()
+
+
+def relay_for(loop: asyncio.AbstractEventLoop) -> EventRelay:
+    """The one EventRelay of `loop`."""
+    with _relays_lock:
+        relay = _relays.get(loop)
+        if relay is None:
+            relay = _relays[loop] = EventRelay(loop)
+        return relay
+
+
 class Job:
     """One request: its prepared sample and settings, and the events it produces for the event loop:
     ("text", piece), then ("done", ChatResult) or ("error", exception)."""
@@ -52,6 +101,7 @@ class Job:
         self.sample = sample
         self.params = params
         self.loop = loop
+        self.relay = relay_for(loop) if loop is not None else None
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.handle: Optional[Handle] = None  # set once submitted to a ContinuousEngine
@@ -64,10 +114,7 @@ class Job:
 
     def emit(self, kind: str, value) -> None:
         """Called from the scheduler's (or engine's) thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop has closed: nobody is waiting any more
-            pass
+        self.relay.put(self.events, (kind, value))
 
     def row(self) -> BatchRow:
         return BatchRow(self.sample, self.params, on_text=lambda piece: self.emit("text", piece),
