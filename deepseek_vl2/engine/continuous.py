@@ -436,13 +436,12 @@ class _NoText:
 
     text, stopped, first_token_time, end_time = "", False, None, None
 
-    def __init__(self):
-        self._prompt_seen = False
+    def put(self, value) -> None:  # the prompt: nothing to show
+        pass
 
-    def put(self, value) -> None:
-        if self._prompt_seen and self.first_token_time is None:
+    def add(self, new_ids) -> None:
+        if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        self._prompt_seen = True
 
     def end(self) -> None:
         self.end_time = time.perf_counter()

@@ -97,7 +97,7 @@ class ActiveRequest:
         """Record a chosen token, stream it; the finish reason if the request ends with it."""
         self.token_ids.append(token)
         self.handle.emit("token", token)
-        self.stream.put(torch.tensor([token]))
+        self.stream.add([token])
         if token == eos_id or self.stream.stopped:
             return "stop"
         if len(self.token_ids) >= self.sampler.max_new_tokens:

@@ -4,12 +4,24 @@
 is the batch's stopping criterion.
 """
 import time
+from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 WINDOW_CONTEXT_IDS = 4  # decoded ids kept in front of the new ones (see TextStream)
 MAX_PENDING_IDS = 8  # a UTF-8 character is at most 4 bytes: ids that stay undecodable longer are shown as U+FFFD
+
+
+def text_decoder(tokenizer) -> Callable[[List[int]], str]:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=False)`. A fast tokenizer that does not clean
+    up spaces decodes to the same text through its backend (`backend_tokenizer`) directly, without
+    the wrapper's conversions: a few microseconds less per call, and a stream decodes twice per
+    token on the engine's thread."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+        return partial(backend.decode, skip_special_tokens=False)
+    return partial(tokenizer.decode, skip_special_tokens=False)
 
 
 class TextStream:
@@ -27,6 +39,7 @@ class TextStream:
     def __init__(self, tokenizer, hidden_ids: Sequence[int], stop: Sequence[str] = (),
                  on_text: Optional[Callable[[str], None]] = None):
         self.tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self.hidden_ids = set(hidden_ids)
         self.stop = [s for s in stop if s]
         self.on_text = on_text
@@ -46,18 +59,20 @@ class TextStream:
         if not self._prompt_seen:  # the first put is the prompt
             self._prompt_seen = True
             return
+        self.add([int(t) for t in value.reshape(-1).tolist()])
+
+    def add(self, new_ids: List[int]) -> None:
+        """Newly generated ids (what `put` does after the prompt, without a tensor)."""
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         if self.stopped:
             return
-        new_ids = [int(t) for t in value.reshape(-1).tolist()]
         self.ids.extend(new_ids)
         self._shown.extend(t for t in new_ids if t not in self.hidden_ids)
         if len(self._shown) == self._read:
             return
-        decode = self.tokenizer.decode
-        before = decode(self._shown[self._prefix:self._read], skip_special_tokens=False)
-        after = decode(self._shown[self._prefix:], skip_special_tokens=False)
+        before = self._decode(self._shown[self._prefix:self._read])
+        after = self._decode(self._shown[self._prefix:])
         waiting = len(self._shown) - self._read < MAX_PENDING_IDS
         if waiting and (after.endswith("\ufffd") or not after.startswith(before)):
             return  # an incomplete UTF-8 sequence (or a window that does not agree yet): wait

@@ -113,3 +113,35 @@ def test_text_stream_holds_back_what_may_start_a_stop_string():
     assert pieces == ["He", "l", "lold"]
     stream.end()
     assert "".join(pieces) == stream.text == "Helloldlo"
+
+
+def test_the_backend_decoder_streams_what_the_tokenizer_decode_streams():
+    """`text_decoder` takes the fast tokenizer's backend (the fixture's does not clean up spaces); the
+    pieces of random ids, lone bytes and special tokens included, and those cut at stop strings,
+    equal the pieces through `tokenizer.decode`."""
+    import random
+
+    from transformers import PreTrainedTokenizerFast
+
+    from deepseek_vl2.engine.streaming import text_decoder
+    from goldens import FIXTURES
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(FIXTURES / "tokenizer"))
+    assert text_decoder(tokenizer).func == tokenizer.backend_tokenizer.decode
+
+    class ThroughDecode:  # the wrapper's own decode: text_decoder finds no backend here
+        decode = tokenizer.decode
+
+    draw = random.Random(0)
+    for stop in [(), ("e", "ab", "</")]:
+        ids = [draw.randrange(len(tokenizer)) for _ in range(400)]
+        texts = []
+        for decoder_of in (tokenizer, ThroughDecode()):
+            pieces = []
+            stream = TextStream(decoder_of, hidden_ids=[tokenizer.eos_token_id], stop=stop, on_text=pieces.append)
+            stream.put(torch.tensor([1]))
+            for token in ids:
+                stream.add([token])
+            stream.end()
+            texts.append((pieces, stream.text, stream.stopped))
+        assert texts[0] == texts[1] and texts[0][1]
