@@ -23,9 +23,9 @@ one in a decode step fails the requests of that step.
 
 Both keep the same protocol: each job's events travel from the model's thread to the asyncio side on
 the job's asyncio queue: ("text", piece), then ("done", ChatResult) or ("error", exception). They
-cross through the loop's `EventRelay`, one wake-up of the loop for a burst (every row's text of
-one decode step) instead of one per event; `Job.cancel` drops a waiting job or ends its row at the next step; `stats`,
-`alive` and `waiting` feed /health.
+cross through the loop's `EventRelay`: one wake-up of the loop for a burst (every row's text of one
+decode step) instead of one per event. `Job.cancel` drops a waiting job or ends its row at the next
+step; `stats`, `alive` and `waiting` feed /health.
 """
 import asyncio
 import logging
