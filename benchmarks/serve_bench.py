@@ -71,9 +71,9 @@ def build_chat_engine(variant: str):
 def byte_fragment_ids(tokenizer) -> list:
     """Ids whose text alone is an incomplete UTF-8 sequence (a byte-level BPE's non-ASCII bytes: 128
     of the offline tokenizer's 3008 ids). Random weights pick among the ids about evenly, so about one
-    token in 24 would be such a byte; the server streams a byte with the token that completes its text,
-    one chunk for two tokens, and those two-step gaps would set the inter-token p99. A model answering
-    in English rarely emits a lone byte."""
+    token in 24 could be such a byte; the server streams a byte with the token that completes its text,
+    one chunk for two tokens, and the client would count a two-step gap. A model answering in English
+    rarely emits a lone byte."""
     return [i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\ufffd")]
 
 
@@ -267,7 +267,7 @@ def summary(results: list, server: dict = None) -> dict:
     return result
 
 
-def get_health(port: int, path: str = "/health") -> dict:
+def get_json(port: int, path: str = "/health") -> dict:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     connection.request("GET", path)
     body = json.loads(connection.getresponse().read())
@@ -290,14 +290,14 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             if server.poll() is not None:
                 raise RuntimeError(f"the {scheduler} server exited with {server.returncode}")
             try:
-                get_health(port)
+                get_json(port)
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the {scheduler} server did not start in {args.startup_timeout} s") from None
                 time.sleep(1)
         one_request(port, body)  # the first request's one-time costs are not what this measures
-        timeline = (lambda: get_health(port, "/bench/timeline")) if args.timeline else dict
+        timeline = (lambda: get_json(port, "/bench/timeline")) if args.timeline else dict
         timeline()  # starts over (and starts the loop's lag monitor)
         scenarios = {}
         with ClientProcesses(max(args.clients + [OPEN_LOOP_CLIENTS]), port, body) as clients_pool:
@@ -309,7 +309,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
                 count = max(8, int(rate * args.open_seconds))
                 scenarios[name] = dict(summary(open_loop(clients_pool.send, rate, count), timeline()), rate=rate)
                 print(scheduler, name, json.dumps(scenarios[name]), flush=True)
-        health = get_health(port)
+        health = get_json(port)
         return dict(scheduler=scheduler, scenarios=scenarios, health=health)
     finally:
         server.terminate()

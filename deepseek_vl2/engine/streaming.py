@@ -38,7 +38,6 @@ class TextStream:
 
     def __init__(self, tokenizer, hidden_ids: Sequence[int], stop: Sequence[str] = (),
                  on_text: Optional[Callable[[str], None]] = None):
-        self.tokenizer = tokenizer
         self._decode = text_decoder(tokenizer)
         self.hidden_ids = set(hidden_ids)
         self.stop = [s for s in stop if s]
