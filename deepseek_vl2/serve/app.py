@@ -133,8 +133,8 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         stream, include_usage = chat.stream, chat.include_usage
         del images, conversation, chat  # a queued request keeps its processed sample only
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.request_timeout_s
-        job = Job(sample, params, loop)
+        job = Job(sample, params, loop, streams=stream)
+        job.expire_at(loop.time() + settings.request_timeout_s)
         try:  # off the event loop: the engine makes the request's host tensors (batch, cast, pinned copy) here,
             # milliseconds during which the loop would send no other request's tokens
             await run_in_threadpool(scheduler.submit, job)
@@ -146,10 +146,10 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
                 job.cancel()
                 slot.release()
 
-            return GuardedStream(stream_answer(job, completion, include_usage, deadline), on_close=close,
+            return GuardedStream(stream_answer(job, completion, include_usage), on_close=close,
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            result = await wait_for_result(job, deadline, request)
+            result = await wait_for_result(job, request)
             if result is None:  # the client has gone: nobody reads this
                 return JSONResponse({}, status_code=499)
             return JSONResponse(completion.body(result))
@@ -313,47 +313,39 @@ async def read_json(request: Request, limit: int):
         raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
 
 
-async def next_event(job: Job, deadline: float, wait_at_most: float = math.inf):
-    """The job's next ("text", piece) or ("done", result); its error as an APIError; None when
-    `wait_at_most` seconds passed first."""
-    loop = asyncio.get_running_loop()
-    remaining = deadline - loop.time()
-    try:
-        kind, value = await asyncio.wait_for(job.events.get(), min(remaining, wait_at_most))
-    except TimeoutError:
-        if loop.time() < deadline:
-            return None
-        raise APIError(504, "the answer took longer than the server's request timeout", code="timeout") from None
+async def next_event(job: Job):
+    """The job's next ("text", piece) or ("done", result); its error or expiry as an APIError."""
+    kind, value = await job.events.get()
     if kind == "error":
         raise APIError(500, f"generation failed: {type(value).__name__}: {value}", code="generation_failed")
+    if kind == "expired":
+        raise APIError(504, "the answer took longer than the server's request timeout", code="timeout")
     return kind, value
 
 
-async def wait_for_result(job: Job, deadline: float, request: Request) -> Optional[ChatResult]:
+async def wait_for_result(job: Job, request: Request) -> Optional[ChatResult]:
     """The job's result, or None once its client has disconnected (checked every DISCONNECT_POLL_S)."""
-    loop = asyncio.get_running_loop()
-    next_check = loop.time() + DISCONNECT_POLL_S
     while True:
-        event = await next_event(job, deadline, max(next_check - loop.time(), 0))
-        if event is not None and event[0] == "done":
-            return event[1]
-        if loop.time() >= next_check:
+        try:
+            kind, value = await asyncio.wait_for(next_event(job), DISCONNECT_POLL_S)
+        except TimeoutError:
             if await request.is_disconnected():
                 return None
-            next_check = loop.time() + DISCONNECT_POLL_S
+            continue
+        if kind == "done":
+            return value
 
 
-async def stream_answer(job: Job, completion: Completion, include_usage: bool, deadline: float):
+async def stream_answer(job: Job, completion: Completion, include_usage: bool):
     """Server-sent events: a role chunk, text chunks, a final chunk (finish_reason, grounding), the
     usage chunk if asked for, then [DONE]. A client that goes away cancels this generator, and the
     response's on_close cancels the job's row."""
     try:
         yield completion.chunk({"role": "assistant", "content": ""})
         while True:
-            event = await next_event(job, deadline)
-            kind, value = event
+            kind, value = await next_event(job)
             if kind == "text":
-                yield completion.chunk({"content": value})
+                yield completion.text_chunk(value)
                 continue
             result: ChatResult = value
             yield completion.final_chunk(result)

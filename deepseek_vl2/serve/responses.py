@@ -24,6 +24,10 @@ class Completion:
         self.created = int(time.time())
         self.model_id = model_id
         self.image_sizes = list(image_sizes)
+        # a text chunk is this prefix, the piece as a JSON string, this suffix: chunk({"content": piece})
+        # without building and encoding the envelope at every token
+        marker = "\x00piece\x00"
+        self._text_around = self.chunk({"content": marker}).split(json.dumps(marker, ensure_ascii=False))
 
     def _envelope(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
@@ -49,6 +53,11 @@ class Completion:
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return sse(self._envelope("chat.completion.chunk", [choice]))
+
+    def text_chunk(self, piece: str) -> str:
+        """chunk({"content": piece}), the same text."""
+        before, after = self._text_around
+        return before + json.dumps(piece, ensure_ascii=False) + after
 
     def final_chunk(self, result: ChatResult) -> str:
         grounding = self.grounding(result)

@@ -95,30 +95,47 @@ def relay_for(loop: asyncio.AbstractEventLoop) -> EventRelay:
 
 class Job:
     """One request: its prepared sample and settings, and the events it produces for the event loop:
-    ("text", piece), then ("done", ChatResult) or ("error", exception)."""
+    ("text", piece) when it `streams`, then ("done", ChatResult) or ("error", exception); or
+    ("expired", None) from its deadline timer (`expire_at`)."""
 
-    def __init__(self, sample, params: GenerationParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, sample, params: GenerationParams, loop: asyncio.AbstractEventLoop, streams: bool = True):
         self.sample = sample
         self.params = params
         self.loop = loop
+        self.streams = streams  # a non-streamed answer's text pieces would wake the loop for nothing
         self.relay = relay_for(loop) if loop is not None else None
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.handle: Optional[Handle] = None  # set once submitted to a ContinuousEngine
+        self._expiry: Optional[asyncio.TimerHandle] = None
+
+    def expire_at(self, deadline: float) -> None:
+        """On the loop: at loop time `deadline` the job is cancelled and ("expired", None) is queued.
+        One timer for the whole answer, rather than a timeout around each wait for an event."""
+        self._expiry = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.cancel()
+        self.events.put_nowait(("expired", None))
 
     def cancel(self) -> None:
-        """Give up on this job: it is dropped if it still waits, or its row ends at the next step."""
+        """Give up on this job: it is dropped if it still waits, or its row ends at the next step.
+        Its deadline timer is stopped (call this on the loop's thread once a deadline is set)."""
         self.cancelled.set()
         if self.handle is not None:
             self.handle.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
 
     def emit(self, kind: str, value) -> None:
         """Called from the scheduler's (or engine's) thread."""
+        if kind == "text" and not self.streams:
+            return
         self.relay.put(self.events, (kind, value))
 
     def row(self) -> BatchRow:
-        return BatchRow(self.sample, self.params, on_text=lambda piece: self.emit("text", piece),
-                        is_cancelled=self.cancelled.is_set)
+        return BatchRow(self.sample, self.params, on_text=(lambda piece: self.emit("text", piece)) if self.streams
+                        else None, is_cancelled=self.cancelled.is_set)
 
 
 @dataclass

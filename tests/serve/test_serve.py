@@ -276,6 +276,13 @@ def test_grounding_boxes_are_returned_with_pixels():
     assert "grounding" not in plain["choices"][0]["message"]
 
 
+@pytest.mark.parametrize("piece", ["a", " hello", '"quoted" \\ back\nslash', "\x00piece\x00", "漢字 é \u2028", ""])
+def test_a_text_chunk_is_the_chunk_of_its_content(piece):
+    completion = Completion("tiny", [(640, 480)])
+    assert completion.text_chunk(piece) == completion.chunk({"content": piece})
+    assert json.loads(completion.text_chunk(piece)[len("data: "):])["choices"][0]["delta"] == {"content": piece}
+
+
 def encoded(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -425,3 +425,30 @@ def test_the_continuous_engine_path_limits_and_cancels(continuous_server, contin
     assert stats["in_flight"] == 0 and stats["scheduler"]["slots_in_use"] == 0
     assert stats["scheduler"]["generated_tokens"] - before["generated_tokens"] < 50, "departed rows kept going"
     assert post(base, {"messages": user("Hello"), "max_tokens": 4}).status_code == 200
+
+
+def test_answers_past_the_request_timeout_get_504_and_free_their_rows(engine):
+    """A request whose answer outlasts --request-timeout gets 504 (non-streamed) or an error event
+    with code "timeout" (streamed); its row ends, so every KV slot is free afterwards, and the
+    server answers the next request."""
+    gated = GatedEngine(engine.model, engine.processor, max_num_seqs=2)
+    settings = ServerSettings(model_id="tiny", scheduler="continuous", request_timeout_s=1.0)
+    body = {"messages": user("Tell me a very long story."), "max_tokens": 400, "temperature": 0}
+    with ServerThread(create_app(gated, settings)) as running:
+        gated.gate.clear()  # the answers cannot finish within the timeout
+        try:
+            assert error_of(post(running.base, body), 504)["code"] == "timeout"
+            with httpx.stream("POST", running.base + URL, json={**body, "stream": True}, timeout=30) as response:
+                assert response.status_code == 200
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "timeout"
+        finally:
+            gated.gate.set()
+        deadline = time.monotonic() + 30
+        while (time.monotonic() < deadline and
+               ((stats := httpx.get(running.base + "/health").json())["in_flight"]
+                or stats["scheduler"]["slots_in_use"])):
+            time.sleep(0.1)
+        assert stats["in_flight"] == 0 and stats["scheduler"]["slots_in_use"] == 0
+        reply = post(running.base, {"messages": user("Hello"), "max_tokens": 4})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
