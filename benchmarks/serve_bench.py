@@ -4,7 +4,8 @@ the release's shapes.
     python benchmarks/serve_bench.py --variant tiny --schedulers static continuous --json serve.json
 
 For each scheduler a server process is started (`--serve`: random bf16 weights at the release's
-shapes built on the GPU, as bench.py builds them, and the offline tokenizer; LM-head rows of ids the
+shapes built on the GPU, as bench.py builds them, the decoder's quantized with --quantization int8 /
+int4, and the offline tokenizer; LM-head rows of ids the
 tokenizer lacks, of EOS, and of ids whose text alone is an incomplete UTF-8 sequence are zeroed, so
 every answer runs its full length and every token streams as a chunk of its own) and
 driven over HTTP with streamed requests, each a 1024x1024 image, a question and max_tokens=128,
@@ -46,8 +47,9 @@ NEW_TOKENS = 128
 
 # ---- the server process -------------------------------------------------------------------------
 
-def build_chat_engine(variant: str):
-    """A ChatEngine on a random-weight model of the release's shapes, with the offline processor."""
+def build_chat_engine(variant: str, quantization: str = "none"):
+    """A ChatEngine on a random-weight model of the release's shapes (its decoder quantized with
+    `quantization` int8 / int4), with the offline processor."""
     import tempfile
 
     import torch
@@ -59,7 +61,7 @@ def build_chat_engine(variant: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
-    model = build_model(variant)
+    model = build_model(variant, quantization=quantization)
     with torch.no_grad():  # only ids with whole text of their own can win: full-length answers, a chunk per token
         head = model.language.lm_head.weight
         head[len(processor.tokenizer):] = 0
@@ -84,7 +86,8 @@ def prefill_settings(args):
                            device=args.prefill_device)
 
 
-def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False) -> None:
+def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False,
+          quantization: str = "none") -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -96,7 +99,7 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline
 
         timeline = ServerTimeline()
         timeline.install()
-    chat = build_chat_engine(variant)
+    chat = build_chat_engine(variant, quantization)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill=prefill,
                               max_concurrent_requests=4 * slots, request_timeout_s=1800)
@@ -279,7 +282,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device"):
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "quantization"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     command += ["--timeline"] if args.timeline else []
@@ -382,7 +385,7 @@ def in_process(args) -> None:
     from deepseek_vl2.engine.continuous import ContinuousEngine
 
     engine_rule(args)
-    chat = build_chat_engine(args.variant)
+    chat = build_chat_engine(args.variant, args.quantization)
     started = time.perf_counter()
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill=prefill_settings(args))
     print(f"engine ready in {time.perf_counter() - started:.1f} s: {engine.startup_summary}", flush=True)
@@ -454,6 +457,8 @@ def main():
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="--layer-tokens of the server")
     parser.add_argument("--prefill-device", help="--prefill-device of the server (a second GPU, cuda:1)")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                        help="the decoder's weights (bench.py's build_model)")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--json", help="write the results here")
@@ -473,7 +478,8 @@ def main():
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline)
+        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline,
+              args.quantization)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

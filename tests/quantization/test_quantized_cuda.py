@@ -1,12 +1,17 @@
 """Quantized models on CUDA (skipped without it): the fast decode path (static cache, CUDA graphs,
 compiled regions; the int8/int4 gemv kernels) against the plain path, the decode gemv against the
-prefill's dequantize-and-GEMM path, quantization on the GPU against the CPU's, the memory that
-quantize-while-loading takes, and the real `small` shapes in int4 on a 1024x1024 image."""
+prefill's dequantize-and-GEMM path, the continuous engine's graphs past the gemv's rows,
+quantization on the GPU against the CPU's, the memory that quantize-while-loading takes, and the
+real `small` shapes in int4 on a 1024x1024 image."""
 import pytest
 import torch
 from safetensors import safe_open
 
 from decode_paths import assert_same_or_near_tie, greedy
+from deepseek_vl2.engine import ChatEngine, GenerationParams
+from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.engine.decode_steps import compilations
+from deepseek_vl2.kernels.dispatch import QUANT_GEMV_TOKENS
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.quantization import rtn
 from deepseek_vl2.quantization.config import QuantizationConfig
@@ -141,3 +146,41 @@ def test_real_small_int4_on_a_1024_image(tmp_path):
     assert_same_or_near_tie(fast, plain)
     del model
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@torch.inference_mode()  # as the engine steps
+def test_continuous_engine_graphs_beyond_the_gemv_rows(scheme):
+    """The continuous engine (the server's) on a quantized model with more rows than the gemv takes:
+    its decode graphs at 4 rows (the quantized gemv) and at 12 (past QUANT_GEMV_TOKENS: the experts'
+    grouped path, the projections' dequantized weights) give the eager step's logits; then twelve
+    requests at once run through the graphs alone, with no compilation after start-up, and free
+    every slot."""
+    chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cuda", dtype=torch.bfloat16, quantization=scheme)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=12, max_length=600)
+    steps = engine.steps
+    assert steps.row_sizes == (1, 2, 4, 8, 12) and 12 > QUANT_GEMV_TOKENS
+    generator = torch.Generator().manual_seed(0)
+    for layer in engine.slots.cache.storage:
+        layer.copy_(torch.randn(layer.shape, generator=generator).to(layer))
+    for rows in (4, 12):
+        tokens = torch.randint(0, engine.vocab_size, (rows,), generator=generator).cuda()
+        positions = torch.randint(1, 500, (rows,), generator=generator).tolist()
+        steps.load(tokens, positions, [True] * rows)
+        graph = steps.run(rows, 512).clone()
+        steps.load(tokens, positions, [True] * rows)
+        captured = steps.graphs.pop((rows, 512))
+        eager = steps.run(rows, 512)
+        steps.graphs[(rows, 512)] = captured
+        assert rel_err(graph.float(), eager.float()) < BF16_LOGITS_REL, f"{rows} rows"
+    eager_steps, compiled = steps.eager_steps, compilations()
+    conversation = [{"role": "<|User|>", "content": "Count the animals."}, {"role": "<|Assistant|>", "content": ""}]
+    handles = [engine.submit(engine.prepare_one(conversation, []), GenerationParams(max_new_tokens=20, temperature=0))
+               for _ in range(12)]
+    while engine.has_work():
+        engine.step()
+    results = [handle.result(timeout=0) for handle in handles]
+    assert engine.stats.max_running == 12 and engine.slots.free_count == 12
+    assert steps.eager_steps == eager_steps and compilations() == compiled
+    assert all(result.token_ids == results[0].token_ids for result in results)  # the same prompt, greedy
+    assert all(len(result.token_ids) == 20 or result.finish_reason == "stop" for result in results)
