@@ -6,7 +6,11 @@ Gemv timings are per call inside a CUDA graph, weights from HBM (kernel_timing.p
 layer's are CUDA-event means over 10 calls. Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
-        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill]
+        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill|decode-rows]
+
+`--only decode-rows --rows 8 16 32 64`: a continuous-batching decode step's rows through each
+quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
+projections' dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
 """
 import argparse
 import itertools
@@ -183,6 +187,65 @@ def prefill_moe(results, variants, schemes, tokens=2054):
                   + ", ".join(f"{t:.3f}@{c}" for t, c in timed[:4]) + " (block_m, block_n, warps, stages)", flush=True)
 
 
+def with_gemv_rows(limit: int, run):
+    """run() with dispatch's QUANT_GEMV_TOKENS set to `limit` (read at each call, as in a capture)."""
+    from deepseek_vl2.kernels import dispatch
+
+    saved, dispatch.QUANT_GEMV_TOKENS = dispatch.QUANT_GEMV_TOKENS, limit
+    try:
+        return run()
+    finally:
+        dispatch.QUANT_GEMV_TOKENS = saved
+
+
+def decode_rows(results, variants, schemes, rows_list):
+    """One decode step's experts and projections at `rows` token rows: quantized through the gemv and
+    through the other path (grouped GEMM / dequantized weight + cuBLAS), and bf16, per call in a graph."""
+    from deepseek_vl2.kernels import dispatch
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+
+    def quantized_weight(full, scheme):
+        weight = QuantizedWeight(tuple(full.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
+        if full.dim() == 2:
+            weight.write((), full)
+        for index in range(full.shape[0]) if full.dim() == 3 else []:
+            weight.write((index,), full[index])
+        return weight
+
+    for variant, rows in itertools.product(variants, rows_list):
+        E, I, h = EXPERTS[variant]
+        stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+                           torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
+        for scheme in schemes:
+            stacks[scheme] = [quantized_weight(full, scheme) for full in stacks["bf16"]]
+        x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
+        routings = 8  # one per call of a cycle: the experts a call reads are mostly not in L2 yet
+        ids = [torch.cat([torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(rows)]),
+                          torch.tensor([E, E + 1], device="cuda").expand(rows, 2)], dim=1) for _ in range(routings)]
+        weights = torch.rand(rows, 8, device="cuda")
+        times = {"bf16": graph_us(lambda i: lambda: dispatch.experts(x, *stacks["bf16"], ids[i], weights), routings)}
+        for scheme in schemes:
+            for path, limit in (("gemv", 10**6), ("grouped", 0)):
+                times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, scheme=scheme: lambda: with_gemv_rows(
+                    limit, lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)), routings)
+        results.append(dict(name=f"{variant} experts rows={rows}", us=times))
+        print(f"{variant} experts, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
+        for name, (N, K) in PROJECTIONS.items():
+            if name.split()[0] != variant:
+                continue
+            copies = copies_for(N * K * 2)  # weights from HBM, as in a step that reads every layer once
+            dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            xs = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(xs, dense[i]), copies)}
+            for scheme in schemes:
+                quantized_copies = [quantized_weight(weight, scheme) for weight in dense]
+                for path, limit in (("gemv", 10**6), ("dequantized", 0)):
+                    times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, q=quantized_copies: lambda: with_gemv_rows(
+                        limit, lambda: dispatch.quantized_linear(xs, q[i], None)), copies)
+            results.append(dict(name=f"{name} rows={rows}", us=times))
+            print(f"{name}, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
+
+
 def event_ms(run, warmup=2, repeats=10) -> float:
     """Mean milliseconds of `run()` between CUDA events."""
     for _ in range(warmup):
@@ -198,7 +261,7 @@ def event_ms(run, warmup=2, repeats=10) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill"])
+    parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill", "decode-rows"])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
@@ -216,6 +279,8 @@ def main():
             dequantize(results, args.variants, args.schemes)
         if args.only in (None, "prefill"):
             prefill_moe(results, args.variants, args.schemes)
+        if args.only == "decode-rows":
+            decode_rows(results, args.variants, args.schemes, args.rows)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   seconds=time.time() - started, command=" ".join(sys.argv))
     Path(args.out).write_text(json.dumps(dict(header, results=results), indent=2))

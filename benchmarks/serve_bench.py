@@ -282,7 +282,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "quantization"):
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "quantization",
+                 "quant_gemv_rows"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     command += ["--timeline"] if args.timeline else []
@@ -324,8 +325,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
 
 def engine_rule(args) -> None:
     """--piecewise-rows / --whole-prefill-queue: the continuous engine's rule for prefilling whole
-    (continuous.py's constants), and --switch-interval: the interpreter's thread switch interval,
-    for trying other values in this process."""
+    (continuous.py's constants), --switch-interval: the interpreter's thread switch interval, and
+    --quant-gemv-rows: dispatch's QUANT_GEMV_TOKENS, for trying other values in this process."""
     from deepseek_vl2.engine import continuous
 
     if args.piecewise_rows is not None:
@@ -334,6 +335,10 @@ def engine_rule(args) -> None:
         continuous.WHOLE_PREFILL_QUEUE = args.whole_prefill_queue
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    if args.quant_gemv_rows is not None:
+        from deepseek_vl2.kernels import dispatch
+
+        dispatch.QUANT_GEMV_TOKENS = args.quant_gemv_rows
 
 
 class IterationLog:
@@ -470,6 +475,8 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
+    parser.add_argument("--quant-gemv-rows", type=int, help="dispatch.QUANT_GEMV_TOKENS: token rows up to which a "
+                                                            "quantized model's decode reads its weights by gemv")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
