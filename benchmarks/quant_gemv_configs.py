@@ -188,14 +188,18 @@ def prefill_moe(results, variants, schemes, tokens=2054):
 
 
 def with_gemv_rows(limit: int, run):
-    """run() with dispatch's QUANT_GEMV_TOKENS set to `limit` (read at each call, as in a capture)."""
+    """run() with dispatch's gemv row limits (experts of both widths, projections) set to `limit`
+    (read at each call, as in a capture)."""
     from deepseek_vl2.kernels import dispatch
 
-    saved, dispatch.QUANT_GEMV_TOKENS = dispatch.QUANT_GEMV_TOKENS, limit
+    saved = dict(dispatch.QUANT_EXPERT_GEMV_ROWS), dispatch.QUANT_LINEAR_GEMV_ROWS
+    dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: limit, 8: limit})
+    dispatch.QUANT_LINEAR_GEMV_ROWS = limit
     try:
         return run()
     finally:
-        dispatch.QUANT_GEMV_TOKENS = saved
+        dispatch.QUANT_EXPERT_GEMV_ROWS.update(saved[0])
+        dispatch.QUANT_LINEAR_GEMV_ROWS = saved[1]
 
 
 def decode_rows(results, variants, schemes, rows_list):

@@ -285,7 +285,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "quantization",
                  "quant_gemv_rows"):
         if getattr(args, flag) is not None:
-            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+            value = getattr(args, flag)
+            command += ["--" + flag.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
     command += ["--timeline"] if args.timeline else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
@@ -326,7 +327,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
 def engine_rule(args) -> None:
     """--piecewise-rows / --whole-prefill-queue: the continuous engine's rule for prefilling whole
     (continuous.py's constants), --switch-interval: the interpreter's thread switch interval, and
-    --quant-gemv-rows: dispatch's QUANT_GEMV_TOKENS, for trying other values in this process."""
+    --quant-gemv-rows: dispatch's gemv row limits for quantized weights, for trying other values in
+    this process."""
     from deepseek_vl2.engine import continuous
 
     if args.piecewise_rows is not None:
@@ -338,7 +340,9 @@ def engine_rule(args) -> None:
     if args.quant_gemv_rows is not None:
         from deepseek_vl2.kernels import dispatch
 
-        dispatch.QUANT_GEMV_TOKENS = args.quant_gemv_rows
+        experts, projections = args.quant_gemv_rows
+        dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: experts, 8: experts})
+        dispatch.QUANT_LINEAR_GEMV_ROWS = projections
 
 
 class IterationLog:
@@ -475,8 +479,9 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
-    parser.add_argument("--quant-gemv-rows", type=int, help="dispatch.QUANT_GEMV_TOKENS: token rows up to which a "
-                                                            "quantized model's decode reads its weights by gemv")
+    parser.add_argument("--quant-gemv-rows", type=int, nargs=2, metavar=("EXPERTS", "PROJECTIONS"),
+                        help="dispatch's QUANT_EXPERT_GEMV_ROWS (both widths) and QUANT_LINEAR_GEMV_ROWS: token "
+                             "rows up to which a quantized model's decode reads those weights by gemv")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)

@@ -11,10 +11,10 @@ which backend applies.
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
                      MOE_DECODE_ROWS, combine_pairs after either;         quantized: on the stacks
                      quantized experts: the quant_gemv pair for           dequantized one at a time
-                     <= QUANT_GEMV_TOKENS rows, else (bf16/fp16 CUDA)
-                     quant_grouped_gemm, dequantizing tile by tile
-    quantized_linear quant_gemv for <= QUANT_GEMV_TOKENS bf16/fp16 CUDA   F.linear on the dequantized
-                     rows                                                 weight (a one-pass kernel on
+                     <= QUANT_EXPERT_GEMV_ROWS rows, else (bf16/fp16
+                     CUDA) quant_grouped_gemm, dequantizing tile by tile
+    quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
+                     CUDA rows                                            weight (a one-pass kernel on
                                                                           CUDA, PyTorch ops elsewhere)
     lm_head          gemv for <= MAX_GEMV_TOKENS bf16/fp16 CUDA rows      F.linear
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
@@ -42,7 +42,14 @@ from .custom_ops import triton
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
-QUANT_GEMV_TOKENS = quant_gemv.MAX_GEMV_TOKENS
+# Token rows up to which quantized weights are read by quant_gemv, which reads a weight once per row
+# (per (row, expert) pair for the experts): its time grows with the rows, while the other paths read
+# each weight once. Measured on an H200 at small's shapes (benchmarks/quant_gemv_configs.py --only
+# decode-rows, benchmarks/RESULTS.md 2026-11-30): the expert gemv pair beats the grouped GEMM up to
+# 16 rows in int4 and 8 in int8; a dense projection's gemv beats its dequantized weight and cuBLAS
+# only up to a few rows.
+QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}  # by bits
+QUANT_LINEAR_GEMV_ROWS = 4
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
@@ -106,7 +113,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     k = ids.shape[1]
     flat_ids = ids.flatten()
     quantized = isinstance(gate_up, QuantizedWeight)
-    if quantized and _decode_sized(x, QUANT_GEMV_TOKENS):  # int8/int4 bytes read by the gemv
+    if quantized and _decode_sized(x, QUANT_EXPERT_GEMV_ROWS[gate_up.bits]):  # int8/int4 bytes read by the gemv
         act = _quant_gemv(x, gate_up, flat_ids, k, True)
         return moe_glue.combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
     if not quantized and _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
@@ -143,7 +150,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
-    if _decode_sized(x, QUANT_GEMV_TOKENS):
+    if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS):
         out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False).view(*x.shape[:-1], -1)
         return out + bias if bias is not None else out
     return F.linear(x, dense_weight(weight, x.dtype), bias)

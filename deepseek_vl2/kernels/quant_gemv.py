@@ -19,14 +19,6 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-# Token rows up to which decode reads quantized weights through the gemv, which reads an expert once
-# per (token, expert) pair (small in int4: rows x 8 x 4.3 MB per MoE layer, less what L2 keeps).
-# Beyond, the experts go through quant_grouped_gemm, which reads each chosen expert once but sorts
-# the rows and lays out its blocks first; the dense projections through a dequantized copy and
-# cuBLAS. The crossover is to be measured (bench.py --quantization ... --batches 1 8 32).
-MAX_GEMV_TOKENS = 8
-
-
 if triton is not None:
     from .gemv import store_rows
 

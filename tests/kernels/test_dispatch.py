@@ -80,14 +80,16 @@ def test_cpu_quantized_ops_are_the_reference_ops_on_dequantized_weights(scheme):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
-    """On CUDA in bf16: up to QUANT_GEMV_TOKENS rows through the quant gemv kernels, more through the dequantized
-    weights, both matching the reference on the dequantized weights; the decode-sized calls capture
-    in a CUDA graph and replay on new inputs as they run eagerly."""
+    """On CUDA in bf16: up to QUANT_EXPERT_GEMV_ROWS / QUANT_LINEAR_GEMV_ROWS rows through the quant gemv
+    kernels, more through the grouped GEMM / the dequantized weights, all matching the reference on
+    the dequantized weights; the decode-sized calls capture in a CUDA graph and replay on new inputs
+    as they run eagerly."""
     g = torch.Generator().manual_seed(5)
     gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
     down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
     proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
-    for rows in (1, dispatch.QUANT_GEMV_TOKENS, dispatch.QUANT_GEMV_TOKENS + 1):
+    limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS)
+    for rows in sorted({1, *limits, *(limit + 1 for limit in limits)}):
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
         weights = torch.rand(rows, 4, generator=g).cuda()

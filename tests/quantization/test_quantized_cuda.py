@@ -11,7 +11,7 @@ from decode_paths import assert_same_or_near_tie, greedy
 from deepseek_vl2.engine import ChatEngine, GenerationParams
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.engine.decode_steps import compilations
-from deepseek_vl2.kernels.dispatch import QUANT_GEMV_TOKENS
+from deepseek_vl2.kernels import dispatch
 from deepseek_vl2.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl2.quantization import rtn
 from deepseek_vl2.quantization.config import QuantizationConfig
@@ -152,18 +152,20 @@ def test_real_small_int4_on_a_1024_image(tmp_path):
 @torch.inference_mode()  # as the engine steps
 def test_continuous_engine_graphs_beyond_the_gemv_rows(scheme):
     """The continuous engine (the server's) on a quantized model with more rows than the gemv takes:
-    its decode graphs at 4 rows (the quantized gemv) and at 12 (past QUANT_GEMV_TOKENS: the experts'
-    grouped path, the projections' dequantized weights) give the eager step's logits; then twelve
-    requests at once run through the graphs alone, with no compilation after start-up, and free
-    every slot."""
+    its decode graphs at 4 rows (the quantized gemv) and at 20 (past dispatch's gemv limits: the
+    experts' grouped GEMM, the projections' dequantized weights) give the eager step's logits; then
+    twenty requests at once run through the graphs alone, with no compilation after start-up, and
+    free every slot."""
     chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cuda", dtype=torch.bfloat16, quantization=scheme)
-    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=12, max_length=600)
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=20, max_length=600)
     steps = engine.steps
-    assert steps.row_sizes == (1, 2, 4, 8, 12) and 12 > QUANT_GEMV_TOKENS
+    assert steps.row_sizes == (1, 2, 4, 8, 16, 20)
+    assert 4 <= min(dispatch.QUANT_EXPERT_GEMV_ROWS.values()) and 4 <= dispatch.QUANT_LINEAR_GEMV_ROWS
+    assert 20 > max(*dispatch.QUANT_EXPERT_GEMV_ROWS.values(), dispatch.QUANT_LINEAR_GEMV_ROWS)
     generator = torch.Generator().manual_seed(0)
     for layer in engine.slots.cache.storage:
         layer.copy_(torch.randn(layer.shape, generator=generator).to(layer))
-    for rows in (4, 12):
+    for rows in (4, 20):
         tokens = torch.randint(0, engine.vocab_size, (rows,), generator=generator).cuda()
         positions = torch.randint(1, 500, (rows,), generator=generator).tolist()
         steps.load(tokens, positions, [True] * rows)
@@ -176,11 +178,11 @@ def test_continuous_engine_graphs_beyond_the_gemv_rows(scheme):
     eager_steps, compiled = steps.eager_steps, compilations()
     conversation = [{"role": "<|User|>", "content": "Count the animals."}, {"role": "<|Assistant|>", "content": ""}]
     handles = [engine.submit(engine.prepare_one(conversation, []), GenerationParams(max_new_tokens=20, temperature=0))
-               for _ in range(12)]
+               for _ in range(20)]
     while engine.has_work():
         engine.step()
     results = [handle.result(timeout=0) for handle in handles]
-    assert engine.stats.max_running == 12 and engine.slots.free_count == 12
+    assert engine.stats.max_running == 20 and engine.slots.free_count == 20
     assert steps.eager_steps == eager_steps and compilations() == compiled
     assert all(result.token_ids == results[0].token_ids for result in results)  # the same prompt, greedy
     assert all(len(result.token_ids) == 20 or result.finish_reason == "stop" for result in results)
