@@ -192,14 +192,15 @@ def with_gemv_rows(limit: int, run):
     (read at each call, as in a capture)."""
     from deepseek_vl2.kernels import dispatch
 
-    saved = dict(dispatch.QUANT_EXPERT_GEMV_ROWS), dispatch.QUANT_LINEAR_GEMV_ROWS
-    dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: limit, 8: limit})
-    dispatch.QUANT_LINEAR_GEMV_ROWS = limit
+    limits = dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS
+    saved = [dict(table) for table in limits]
+    for table in limits:
+        table.update({4: limit, 8: limit})
     try:
         return run()
     finally:
-        dispatch.QUANT_EXPERT_GEMV_ROWS.update(saved[0])
-        dispatch.QUANT_LINEAR_GEMV_ROWS = saved[1]
+        for table, values in zip(limits, saved):
+            table.update(values)
 
 
 def decode_rows(results, variants, schemes, rows_list):

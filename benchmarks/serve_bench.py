@@ -342,7 +342,7 @@ def engine_rule(args) -> None:
 
         experts, projections = args.quant_gemv_rows
         dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: experts, 8: experts})
-        dispatch.QUANT_LINEAR_GEMV_ROWS = projections
+        dispatch.QUANT_LINEAR_GEMV_ROWS.update({4: projections, 8: projections})
 
 
 class IterationLog:

@@ -42,14 +42,15 @@ from .custom_ops import triton
 from .reference import Routing
 
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
-# Token rows up to which quantized weights are read by quant_gemv, which reads a weight once per row
-# (per (row, expert) pair for the experts): its time grows with the rows, while the other paths read
-# each weight once. Measured on an H200 at small's shapes (benchmarks/quant_gemv_configs.py --only
-# decode-rows, benchmarks/RESULTS.md 2026-11-30): the expert gemv pair beats the grouped GEMM up to
-# 16 rows in int4 and 8 in int8; a dense projection's gemv beats its dequantized weight and cuBLAS
-# only up to a few rows.
-QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}  # by bits
-QUANT_LINEAR_GEMV_ROWS = 4
+# Token rows up to which quantized weights are read by quant_gemv, by bits. The gemv reads a weight
+# once per row (per (row, expert) pair for the experts), so its time grows with the rows, while the
+# other paths read each weight once but cost more at one row. Measured on an H200 at small's shapes
+# (benchmarks/quant_gemv_configs.py --only decode-rows, benchmarks/RESULTS.md 2026-11-30; rows come
+# padded to 1, 2, 4, 8, 16, ...): the expert gemv pair beats the grouped GEMM up to 16 rows in int4
+# and 8 in int8; the dense projections' gemv beats their dequantized weight and cuBLAS up to 2 rows
+# in int4 and 4 in int8.
+QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}
+QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
@@ -150,7 +151,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
-    if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS):
+    if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS[weight.bits]):
         out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False).view(*x.shape[:-1], -1)
         return out + bias if bias is not None else out
     return F.linear(x, dense_weight(weight, x.dtype), bias)

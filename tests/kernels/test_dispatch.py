@@ -88,7 +88,7 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
     gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
     down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
     proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
-    limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS)
+    limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS[proj.bits])
     for rows in sorted({1, *limits, *(limit + 1 for limit in limits)}):
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
