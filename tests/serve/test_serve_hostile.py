@@ -427,12 +427,13 @@ def test_the_continuous_engine_path_limits_and_cancels(continuous_server, contin
     assert post(base, {"messages": user("Hello"), "max_tokens": 4}).status_code == 200
 
 
-def test_answers_past_the_request_timeout_get_504_and_free_their_rows(engine):
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_answers_past_the_request_timeout_get_504_and_free_their_rows(engine, scheduler):
     """A request whose answer outlasts --request-timeout gets 504 (non-streamed) or an error event
-    with code "timeout" (streamed); its row ends, so every KV slot is free afterwards, and the
-    server answers the next request."""
-    gated = GatedEngine(engine.model, engine.processor, max_num_seqs=2)
-    settings = ServerSettings(model_id="tiny", scheduler="continuous", request_timeout_s=1.0)
+    with code "timeout" (streamed); its row ends, so nothing is in flight and every KV slot is free
+    afterwards, and the server answers the next request."""
+    gated = engine if scheduler == "static" else GatedEngine(engine.model, engine.processor, max_num_seqs=2)
+    settings = ServerSettings(model_id="tiny", scheduler=scheduler, request_timeout_s=1.0)
     body = {"messages": user("Tell me a very long story."), "max_tokens": 400, "temperature": 0}
     with ServerThread(create_app(gated, settings)) as running:
         gated.gate.clear()  # the answers cannot finish within the timeout
