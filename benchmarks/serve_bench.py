@@ -5,11 +5,10 @@ the release's shapes.
 
 For each scheduler a server process is started (`--serve`: random bf16 weights at the release's
 shapes built on the GPU, as bench.py builds them, the decoder's quantized with --quantization int8 /
-int4, and the offline tokenizer; LM-head rows of ids the
-tokenizer lacks, of EOS, and of ids whose text alone is an incomplete UTF-8 sequence are zeroed, so
-every answer runs its full length and every token streams as a chunk of its own) and
-driven over HTTP with streamed requests, each a 1024x1024 image, a question and max_tokens=128,
-greedy:
+int4, and the offline tokenizer; LM-head rows of ids the tokenizer lacks, of EOS, and of ids whose
+text alone is an incomplete UTF-8 sequence are zeroed, so every answer runs its full length and
+every token streams as a chunk of its own) and driven over HTTP with streamed requests, each a
+1024x1024 image, a question and max_tokens=128, greedy:
 
   closed loop   N clients (1, 8, 32, 64), each sending its next request when its answer is in
   open loop     Poisson arrivals at fractions of the server's own 32-client closed-loop request rate
