@@ -58,7 +58,7 @@ class TextStream:
         if not self._prompt_seen:  # the first put is the prompt
             self._prompt_seen = True
             return
-        self.add([int(t) for t in value.reshape(-1).tolist()])
+        self.add(value.reshape(-1).tolist())
 
     def add(self, new_ids: List[int]) -> None:
         """Newly generated ids (what `put` does after the prompt, without a tensor)."""
