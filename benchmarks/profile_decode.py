@@ -1,6 +1,6 @@
 """Profile one decode step of the GPU fast path at the real shapes (random weights).
 
-    python benchmarks/profile_decode.py --variant tiny --batch 1
+    python benchmarks/profile_decode.py --variant tiny --batch 1 [--quantization int4]
 
 Prints the wall time of a replayed step, the GPU kernel time inside it (so the rest is launch
 gaps and idle), and the kernels that cost most; with --host-top, the host ops that cost most.
@@ -26,8 +26,10 @@ def main():
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--prefill", action="store_true", help="profile the prompt forward instead")
     parser.add_argument("--host-top", type=int, default=0, help="also list the host (CPU) ops that cost most")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                        help="the decoder's linear layers quantized while the model is built")
     args = parser.parse_args()
-    model = build_model(args.variant)
+    model = build_model(args.variant, quantization=args.quantization)
     lm = model.language
     B, T = args.batch, args.context
     with torch.inference_mode():
@@ -72,7 +74,7 @@ def main():
     launches = sum(v[1] for v in kernels.values()) / args.steps
     wall_us = statistics.median(walls) * 1e6
     what = "prefill" if args.prefill else "decode step"
-    print(f"{args.variant} batch {B} context {T} {what}: wall {wall_us:.0f} us (synchronised, median), "
+    print(f"{args.variant} ({args.quantization}) batch {B} context {T} {what}: wall {wall_us:.0f} us (synchronised, median), "
           f"GPU kernel time {kernel_us:.0f} us in {launches:.0f} kernels, "
           f"gaps/idle {wall_us - kernel_us:.0f} us ({100 * (1 - kernel_us / wall_us):.0f}%)")
     print(f"{'us/step':>9} {'n/step':>7}  kernel")

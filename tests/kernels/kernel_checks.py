@@ -144,8 +144,9 @@ def check_quant_grouped_gemm(device, dtype, tol):
 
 def check_route(device, dtype, tol):
     torch.manual_seed(2)
-    for scoring, method, bias in (("softmax", "greedy", False), ("sigmoid", "noaux_tc", True)):
-        config = DeepseekV2Config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
+    # greedy: 6 tokens, logits by gemv, over a hidden size past one 2048-column K block
+    for scoring, method, bias, hidden in (("softmax", "greedy", False, 2100), ("sigmoid", "noaux_tc", True, 64)):
+        config = DeepseekV2Config(hidden_size=hidden, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
                                   scoring_func=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
                                   n_group=1, topk_group=1)
         router = Router(config).eval()
@@ -153,7 +154,7 @@ def check_route(device, dtype, tol):
         router.weight.data = router.weight.data.to(dtype).float()  # both sides see the same weights
         if bias:
             torch.nn.init.normal_(router.e_score_correction_bias, std=0.1)
-        x = torch.randn(6 if method == "greedy" else 70, 64).to(dtype)  # 70: logits by GEMM, not gemv
+        x = torch.randn(6 if method == "greedy" else 70, hidden).to(dtype)  # 70: logits by GEMM, not gemv
         with torch.no_grad():
             want_ids, want_w = router.float()(x.float(), always_on=2)
             bias_t = router.e_score_correction_bias.to(device) if bias else None
