@@ -2,11 +2,15 @@
 
   gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
-              per (output block, row a)), reading the weight's bytes as [BLOCK_N, BLOCK_K] int8 or
-              [BLOCK_N, BLOCK_K/2] packed uint8 tiles of whole int4 groups (each group's scale and
-              zero point loaded once per tile, q * s + z per value); an int8 row's scale is applied
-              once at the end. Products accumulate per tile position over the K loop and are summed
-              across threads once, at the end.
+              per (output block, row a)). int8: [BLOCK_N, BLOCK_K] tiles, the row's scale applied
+              once at the end. int4 where groups and rows are whole 32-bit words (groups of 8 or
+              more columns, the real models' case): tiles of words of 8 nibbles, each nibble turned
+              into an exact float by OR-ing its bits into 2^23's mantissa (one LOP3 and one FADD per
+              value, against a shift, a mask, an int-to-float conversion and a multiply-add), and
+              the zero point folded out of the inner loop: a group's sum is
+              scale * sum(q * x) + zero * sum(x). Otherwise (groups of 2 or 4 columns) tiles of
+              packed bytes, q * s + z per value. Products accumulate per tile position over the K
+              loop and are summed across threads once, at the end.
   dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
               multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
 
@@ -18,6 +22,8 @@ from typing import Optional
 import torch
 
 from .custom_ops import kernel_op, tl, triton
+
+MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a nibble's bits exactly (quant_gemv._nibble)
 
 if triton is not None:
     from .gemv import store_rows
@@ -44,18 +50,74 @@ if triton is not None:
         return low * x_even + high * x_odd
 
     @triton.jit
+    def _nibble(words, magic, i: tl.constexpr):
+        """q * 16^(i % 5) as float32, exactly, for nibble i (columns 8c + i of word c): the nibble's
+        bits ORed into the mantissa of 2^23 (bits 0-22; nibbles 5-7 shifted down by 20 first), minus
+        2^23. `magic` (0x4B000000) is a kernel argument so that the AND and the OR are one LOP3."""
+        if i < 5:
+            bits = (words & (15 << (4 * i))) | magic
+        else:
+            bits = ((words >> 20) & (15 << (4 * (i - 5)))) | magic
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _x_by_nibble(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+        """x's columns k0 + [0, GROUPS * WPG * 8) as eight [GROUPS, WPG] tensors, x_i holding column
+        8c + i divided by _nibble's 16^(i % 5), and each group's sum of x [1, GROUPS]."""
+        ks = k0 + tl.arange(0, GROUPS * WPG * 8)
+        if EVEN:
+            xv = tl.load(x_row + ks).to(tl.float32)
+        else:
+            xv = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(xv, (GROUPS, WPG, 2, 2, 2)))  # by bit 0 of i, then bit 1, bit 2
+        x04, x26 = tl.split(x_even)
+        x15, x37 = tl.split(x_odd)
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)[None, :]
+        return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 1.52587890625e-05, x5, x6 * 0.0625,
+                x7 * 0.00390625, x_sum)
+
+    @triton.jit
+    def _int4_word_tile(q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K, magic,
+                        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, GROUP: tl.constexpr, EVEN: tl.constexpr):
+        """One tile's per-group sums [BLOCK_N, GROUPS] (float32) from [BLOCK_N, GROUPS, GROUP / 8] words."""
+        w_ptrs = q_base + rows[:, None, None] * stride_qn + words_cols[None, :, :]
+        s_offs = rows[:, None] * stride_sn + groups[None, :]
+        if EVEN:
+            words = tl.load(w_ptrs)
+            scale = tl.load(s_base + s_offs).to(tl.float32)
+            zero = tl.load(z_base + s_offs).to(tl.float32)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[:, None, None] & (words_cols < K // 8)[None, :, :], other=0)
+            s_mask = n_mask[:, None] & (groups < K // GROUP)[None, :]
+            scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        t = _nibble(words, magic, 0) * x0
+        t += _nibble(words, magic, 1) * x1
+        t += _nibble(words, magic, 2) * x2
+        t += _nibble(words, magic, 3) * x3
+        t += _nibble(words, magic, 4) * x4
+        t += _nibble(words, magic, 5) * x5
+        t += _nibble(words, magic, 6) * x6
+        t += _nibble(words, magic, 7) * x7
+        return tl.sum(t, axis=2) * scale + x_sum * zero
+
+    @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
         """One tile's q * x terms, [BLOCK_N, BLOCK_K] (float32; the row's scale comes at the end)."""
         w = tl.load(q_base + rows[:, None] * stride_qn + offs_k, mask=n_mask[:, None] & k_mask, other=0)
         return w.to(tl.float32) * x
 
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_qe,
-                           stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr, GROUP: tl.constexpr,
-                           HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, stride_x,
+                           stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
+                           WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
-        cross-thread reduction per tile)."""
+        cross-thread reduction per tile). WORDS: int4 read as int32 words (strides in words)."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -70,7 +132,26 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         x_row = x_ptr + row * stride_x
-        if INT4:
+        if WORDS:
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            WPG: tl.constexpr = GROUP // 8
+            tile_groups = tl.arange(0, GROUPS)
+            tile_words = tile_groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GROUPS, WPG]
+            acc2 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            acc2_up = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_by_nibble(x_row, k0, K, GROUPS, WPG, EVEN)
+                words_cols = k0 // 8 + tile_words
+                groups = k0 // GROUP + tile_groups
+                acc2 += _int4_word_tile(q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
+                                        stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7, x_sum, GROUP, EVEN)
+                if SILU_MUL:
+                    acc2_up += _int4_word_tile(q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
+                                               stride_qn, stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7,
+                                               x_sum, GROUP, EVEN)
+            acc = tl.sum(acc2, axis=1)
+            acc_up = tl.sum(acc2_up, axis=1)
+        elif INT4:
             GROUPS: tl.constexpr = BLOCK_K // GROUP
             acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
             acc3_up = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
@@ -142,21 +223,24 @@ if triton is not None:
             scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
-    def gemv_tiles(int4: bool, experts: bool, silu_mul: bool, N: int, rows: int):
+    def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, rows: int):
         """(output rows per program, input columns per tile, warps). The best measured for one token
         row inside a CUDA graph on an H200 at small's shapes (benchmarks/quant_gemv_configs.py,
-        benchmarks/RESULTS.md 2026-11-30): int4 with 8 output rows per program, int8 expert gate/up
-        with 2; elsewhere (int8 down and projections) about 2 KB of weight bytes per tile, with fewer
-        output rows per program where the grid would otherwise not give each of the 132 SMs two
-        programs."""
-        if int4:
+        benchmarks/RESULTS.md 2026-11-30): int4 words in 512-column tiles of 4 (expert gate/up) or 8
+        output rows and 2 warps, int4 bytes with 8 output rows per program, int8 expert gate/up
+        with 2; elsewhere (int8 down, int8 and int4 projections) about 2 KB of weight bytes per
+        tile, with fewer output rows per program where the grid would otherwise not give each of
+        the 132 SMs two programs."""
+        if words and experts:
+            return (4 if silu_mul else 8), 512, 2
+        if int4 and not words:
             return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4
         if experts and silu_mul:
             return 2, 256, 2
-        block_n = 4
+        block_n, block_k, num_warps = (8, 512, 2) if words else (4, 512, 4)
         while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
             block_n //= 2
-        return block_n, 512, 4
+        return block_n, block_k, num_warps
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None):
@@ -164,19 +248,21 @@ if triton is not None:
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
-        if block_n is None:
-            block_n, block_k, num_warps = gemv_tiles(int4, ids is not None, silu_mul, N, rows)
         K = qweight.shape[-1] * (2 if int4 else 1)
         group = K // scale.shape[-1]
+        words = int4 and group % 8 == 0  # whole 32-bit words per group (and so per row)
+        if block_n is None:
+            block_n, block_k, num_warps = gemv_tiles(int4, words, ids is not None, silu_mul, N, rows)
         if int4:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
+        q = qweight.view(torch.int32) if words else qweight
         out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, block_n), rows)
         _quant_gemv_kernel[grid](
-            x, qweight, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id,
-            x.stride(0), qweight.stride(0) if ids is not None else 0, qweight.stride(-2),
-            scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, GROUP=group,
-            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
+            x, q, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id, MAGIC,
+            x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
+            scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
+            GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN=N % block_n == 0 and K % block_k == 0, num_warps=num_warps)
         return out
 
