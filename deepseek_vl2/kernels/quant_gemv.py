@@ -226,11 +226,11 @@ if triton is not None:
     def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, rows: int):
         """(output rows per program, input columns per tile, warps). The best measured for one token
         row inside a CUDA graph on an H200 at small's shapes (benchmarks/quant_gemv_configs.py,
-        benchmarks/RESULTS.md 2026-11-30): int4 words in 512-column tiles of 4 (expert gate/up) or 8
-        output rows and 2 warps, int4 bytes with 8 output rows per program, int8 expert gate/up
-        with 2; elsewhere (int8 down, int8 and int4 projections) about 2 KB of weight bytes per
-        tile, with fewer output rows per program where the grid would otherwise not give each of
-        the 132 SMs two programs."""
+        benchmarks/RESULTS.md 2026-11-30): int4 word experts in 512-column tiles of 4 (gate/up) or 8
+        (down) output rows and 2 warps, int4 bytes with 8 output rows per program, int8 expert
+        gate/up with 2; elsewhere (int8 down and projections) about 2 KB of weight bytes per tile,
+        with fewer output rows per program where the grid would otherwise not give each of the 132
+        SMs two programs. int4 word projections take the down experts' tile (not swept)."""
         if words and experts:
             return (4 if silu_mul else 8), 512, 2
         if int4 and not words:
