@@ -38,13 +38,14 @@ PROJECTIONS = {  # (N, K) of each quantized linear layer of a decode step
     "base q": (6144, 2560), "base kv_a": (576, 2560), "base o": (2560, 4096),
     "base dense gate_up": (24576, 2560), "base dense down": (2560, 12288),
 }
-CONFIGS = list(itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (2, 4, 8)))
+CONFIGS = list(itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (1, 2, 4, 8), (1, 3)))  # + stages
 MAX_TILE_BYTES = 8192  # weight bytes of one tile; larger tiles spill the per-position accumulators
 
 
 def fits(scheme, config):
-    block_n, block_k, _ = config
-    return block_n * block_k // (2 if scheme == "int4" else 1) <= MAX_TILE_BYTES
+    """A tile within MAX_TILE_BYTES; pipeline stages only where they apply (int4)."""
+    block_n, block_k, _, stages = config
+    return block_n * block_k // (2 if scheme == "int4" else 1) <= MAX_TILE_BYTES and (stages == 1 or scheme == "int4")
 EXPERTS_PER_TOKEN = 8  # 6 routed + 2 shared
 
 
@@ -60,7 +61,7 @@ def nbytes(*tensors):
 
 def sweep(make_run, copies, valid):
     """(us of the default tiles, [(us, config)] fastest first) for a `make_run(copy, config)`."""
-    default = graph_us(lambda i: make_run(i, (None, None, None)), copies)
+    default = graph_us(lambda i: make_run(i, (None, None, None, 1)), copies)
     timings = sorted((graph_us(lambda i: make_run(i, c), copies), c) for c in CONFIGS if valid(c))
     return default, timings
 
@@ -72,7 +73,7 @@ def record(results, name, moved, default, timings, reference_us, reference_name)
                  reference=reference_name, reference_us=reference_us, speedup_vs_reference=reference_us / best_us)
     results.append(entry)
     print(f"{name}: default {default:.1f} us ({entry['default_gb_s']:.0f} GB/s) | best {best_us:.1f} us "
-          f"({entry['best_gb_s']:.0f} GB/s) at {best} (block_n, block_k, warps) | {reference_name} "
+          f"({entry['best_gb_s']:.0f} GB/s) at {best} (block_n, block_k, warps, stages) | {reference_name} "
           f"{reference_us:.1f} us: x{entry['speedup_vs_reference']:.2f} | next "
           + ", ".join(f"{t:.1f}@{c}" for t, c in timings[1:4]), flush=True)
 

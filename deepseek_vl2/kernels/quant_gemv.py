@@ -115,9 +115,11 @@ if triton is not None:
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, stride_x,
                            stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                           STAGES: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
-        cross-thread reduction per tile). WORDS: int4 read as int32 words (strides in words)."""
+        cross-thread reduction per tile). WORDS: int4 read as int32 words (strides in words), with
+        STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies)."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -139,7 +141,7 @@ if triton is not None:
             tile_words = tile_groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GROUPS, WPG]
             acc2 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
             acc2_up = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_by_nibble(x_row, k0, K, GROUPS, WPG, EVEN)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
@@ -223,28 +225,36 @@ if triton is not None:
             scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
-    def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, rows: int):
-        """(output rows per program, input columns per tile, warps). The best measured for one token
-        row inside a CUDA graph on an H200 at small's shapes (benchmarks/quant_gemv_configs.py,
-        benchmarks/RESULTS.md 2026-11-30): int4 word experts in 512-column tiles of 4 (gate/up) or 8
-        (down) output rows and 2 warps, int4 bytes with 8 output rows per program, int8 expert
-        gate/up with 2; elsewhere (int8 down and projections) about 2 KB of weight bytes per tile,
-        with fewer output rows per program where the grid would otherwise not give each of the 132
-        SMs two programs. int4 word projections take the down experts' tile (not swept)."""
+    def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, K: int, rows: int):
+        """(output rows per program, input columns per tile, warps, pipeline stages). The best measured
+        inside a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md
+        2026-11-30 and 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
+        output rows and 2 warps, except one token's gate/up (up to 8 (row, expert) pairs): 8 rows of
+        256 columns, one warp, the next two tiles loaded ahead (tiny, small and base alike); int4 bytes
+        with 8 output rows per program; int8 expert gate/up with 2; elsewhere (int8 down and the
+        projections) about 2 KB of weight bytes per tile, with fewer output rows per program where
+        the grid would otherwise not give each of the 132 SMs two programs. int4 word projections of
+        one row with fewer than 4096 outputs and at most 5120 columns (q of small, kv_a, o; not a
+        dense layer's down, whose long rows lose by it): 4 rows of 512 columns, 2 warps, 3 stages."""
         if words and experts:
-            return (4 if silu_mul else 8), 512, 2
+            if silu_mul and rows <= 8:
+                return 8, 256, 1, 3
+            return (4 if silu_mul else 8), 512, 2, 1
         if int4 and not words:
-            return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4
+            return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4, 1
         if experts and silu_mul:
-            return 2, 256, 2
+            return 2, 256, 2, 1
+        if words and rows == 1 and N < 4096 and K <= 5120:
+            return 4, 512, 2, 3
         block_n, block_k, num_warps = (8, 512, 2) if words else (4, 512, 4)
         while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
             block_n //= 2
-        return block_n, block_k, num_warps
+        return block_n, block_k, num_warps, 1
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
-                    num_warps=None):
-        """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]."""
+                    num_warps=None, stages=1):
+        """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]. Tiles
+        from gemv_tiles unless given (stages apply to int4 words only)."""
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
@@ -252,7 +262,7 @@ if triton is not None:
         group = K // scale.shape[-1]
         words = int4 and group % 8 == 0  # whole 32-bit words per group (and so per row)
         if block_n is None:
-            block_n, block_k, num_warps = gemv_tiles(int4, words, ids is not None, silu_mul, N, rows)
+            block_n, block_k, num_warps, stages = gemv_tiles(int4, words, ids is not None, silu_mul, N, K, rows)
         if int4:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
         q = qweight.view(torch.int32) if words else qweight
@@ -263,7 +273,7 @@ if triton is not None:
             x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN=N % block_n == 0 and K % block_k == 0, num_warps=num_warps)
+            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, num_warps=num_warps)
         return out
 
     def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
