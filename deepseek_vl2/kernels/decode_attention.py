@@ -6,12 +6,6 @@ Each program takes one slice of the keys, keeps a running max and sum of the sof
 an unnormalised partial output; a second kernel combines the slices. Scores and the softmax are
 float32; probabilities enter the value product in the activation dtype. Strided cache views need
 no copies. When they apply is decided in dispatch.py.
-
-For MLA at a few rows, `mla_decode_heads` also takes kv_b_proj's two halves into kernels: the query
-absorption (q_nope through W_UK, one program per (row, head, rank block)) and the value projection
-(W_UV, applied in the kernel that combines the slices), rounding where the batched matmuls they
-replace round (the absorbed query and the combined latent in the activation dtype): three launches
-instead of two cuBLAS products, the decode kernel and the combine.
 """
 import torch
 
@@ -76,48 +70,6 @@ if triton is not None:
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _absorb_kernel(q_ptr, w_ptr, out_ptr, stride_qb, stride_qh, stride_wh, stride_wn, H: tl.constexpr,
-                       NOPE: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out[b, h, r] = sum_n q[b, h, n] * W_UK[h, n, r] for one block of r."""
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for n0 in tl.static_range(0, NOPE, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_n).to(tl.float32)
-            w = tl.load(w_ptr + h * stride_wh + offs_n[:, None] * stride_wn + offs_r[None, :]).to(tl.float32)
-            acc += tl.sum(w * q[:, None], axis=0)
-        tl.store(out_ptr + bh * R + offs_r, acc.to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _combine_values_kernel(part_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, n_splits, stride_wh, stride_wv,
-                               H: tl.constexpr, R: tl.constexpr, V: tl.constexpr, BLOCK_S: tl.constexpr,
-                               BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr):
-        """As _combine_kernel for one (row, head), the combined latent rounded to the output dtype and
-        multiplied by W_UV[h] for one block of value columns."""
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        splits = tl.arange(0, BLOCK_S)
-        valid = splits < n_splits
-        index = (b * n_splits + splits) * H + h
-        maxes = tl.load(max_ptr + index, mask=valid, other=float("-inf"))
-        factors = tl.where(valid, tl.exp(maxes - tl.max(maxes, axis=0)), 0.0)
-        total = tl.sum(tl.load(sum_ptr + index, mask=valid, other=0.0) * factors, axis=0)
-        out_type = out_ptr.dtype.element_ty
-        offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for r0 in tl.static_range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            parts = tl.load(part_ptr + index[:, None] * R + offs_r[None, :], mask=valid[:, None], other=0.0)
-            latent = (tl.sum(parts * factors[:, None], axis=0) / total).to(out_type).to(tl.float32)
-            w = tl.load(w_ptr + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :]).to(tl.float32)
-            acc += tl.sum(w * latent[None, :], axis=1)
-        tl.store(out_ptr + bh * V + offs_v, acc.to(out_type))
-
-    @triton.jit
     def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
                            stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
                            H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -179,12 +131,6 @@ if triton is not None:
         """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
         [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
         B, H, R = q_latent.shape
-        part, maxes, sums, n_splits = _mla_splits(q_latent, q_pe, latent, mask, scale)
-        return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
-
-    def _mla_splits(q_latent, q_pe, latent, mask, scale):
-        """The split decode kernel over the latent cache: partial outputs, maxima, sums, split count."""
-        B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
         block_n = 32
@@ -195,30 +141,7 @@ if triton is not None:
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
-        return part, maxes, sums, n_splits
-
-    @on_tensor_device
-    def mla_decode_heads(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
-                         w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
-        """q_nope [B, H, nope], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask [B or 1,
-        kv_len] additive, W_UK [H, nope, R] and W_UV [H, V, R] (kv_b_proj's halves, views) -> [B, H, V]:
-        the query absorbed through W_UK, attention over the latents, the result through W_UV."""
-        B, H, nope = q_nope.shape
-        R, V = w_uk.shape[-1], w_uv.shape[1]
-        if w_uk.stride(-1) != 1 or w_uv.stride(-1) != 1 or q_nope.stride(-1) != 1:
-            raise ValueError("mla_decode_heads needs the last dimensions contiguous")
-        block_r = min(R, 128)
-        q_latent = q_nope.new_empty(B, H, R)
-        _absorb_kernel[(B * H, R // block_r)](q_nope, w_uk, q_latent, q_nope.stride(0), q_nope.stride(1),
-                                               w_uk.stride(0), w_uk.stride(1), H=H, NOPE=nope, R=R,
-                                               BLOCK_R=block_r, BLOCK_N=min(nope, 32), num_warps=4)
-        part, maxes, sums, n_splits = _mla_splits(q_latent, q_pe, latent, mask, scale)
-        out = q_nope.new_empty(B, H, V)
-        block_v = min(V, 32)
-        _combine_values_kernel[(B * H, V // block_v)](
-            part, maxes, sums, w_uv, out, n_splits, w_uv.stride(0), w_uv.stride(1), H=H, R=R, V=V,
-            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_V=block_v, BLOCK_R=block_r, num_warps=4)
-        return out
+        return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
 
     @on_tensor_device

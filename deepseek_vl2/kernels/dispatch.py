@@ -20,8 +20,7 @@ which backend applies.
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
     mla_attention    mla_decode: as above, power-of-two heads, rank and   absorbed latent attention;
-                     rope dims >= 16, with kv_b_proj's halves in kernels  CUDA prefill: expanded + SDPA
-                     (mla_decode_heads) up to MLA_HEADS_ROWS rows
+                     rope dims >= 16; CUDA prefill: expanded + SDPA
     sdpa_backends    every SDPA on CUDA (prefill, vision tower): flash,   (CPU: PyTorch's choice)
                      memory-efficient or math attention, never cuDNN's
 
@@ -53,10 +52,6 @@ MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
-# Decode rows up to which MLA's kv_b_proj halves run inside decode_attention's kernels (each (row,
-# head) program reads its head's weights, so their reads grow with the rows) rather than as two
-# batched matmuls around the decode kernel.
-MLA_HEADS_ROWS = 8
 
 
 def _cuda_inference(x: torch.Tensor) -> bool:
@@ -268,14 +263,9 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
         with sdpa_backends(q_nope):
             return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
     w_uk, w_uv = reference.kv_b_halves(kv_b_weight, H, nope)
-    rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
-    decode_kernel = mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16)
-    if decode_kernel and B <= MLA_HEADS_ROWS and _pow2(nope, w_uv.shape[1], least=32):
-        out = decode_attention.mla_decode_heads(q_nope[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], w_uk, w_uv,
-                                                scale)
-        return out[:, :, None]
     q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
-    if decode_kernel:
+    rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
+    if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
         out_latent = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale)
         out_latent = out_latent[:, :, None]
     else:

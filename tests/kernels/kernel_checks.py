@@ -23,7 +23,6 @@ from deepseek_vl2.kernels import (  # noqa: E402
     norm_rope,
     quant_gemv,
     quant_grouped_gemm,
-    reference,
     router as router_kernel,  # noqa: E402
 )
 from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
@@ -207,29 +206,6 @@ def check_mla_decode(device, dtype, tol):
           torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, "mla_decode, one mask row")
 
 
-def check_mla_decode_heads(device, dtype, tol):
-    g = torch.Generator().manual_seed(6)
-    B, H, nope, V, R, P, L = 3, 16, 32, 64, 64, 16, 150
-    cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
-    q = torch.randn(B, 1, H, nope + P, generator=g).to(device, dtype).transpose(1, 2)  # strided, as projected
-    q_nope, q_pe = q.split((nope, P), dim=-1)
-    kv_b = (torch.randn(H * (nope + V), R, generator=g) * 0.2).to(device, dtype)
-    w_uk, w_uv = reference.kv_b_halves(kv_b, H, nope)
-    mask = torch.zeros(B, L)
-    mask[2, :9] = torch.finfo(dtype).min
-    mask = mask.to(device, dtype)
-    scale = (nope + P) ** -0.5
-    latent = cache[:, :L]
-    q_absorbed = torch.einsum("bhn,hnr->bhr", q_nope[:, :, 0].float(), w_uk.float())
-    scores = torch.einsum("bhr,bnr->bhn", torch.cat((q_absorbed, q_pe[:, :, 0].float()), -1), latent.float())
-    probs = (scores * scale + mask.float()[:, None]).softmax(-1)
-    out_latent = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
-    want = torch.einsum("bhr,hvr->bhv", out_latent, w_uv.float())
-    got = decode_attention.mla_decode_heads(q_nope[:, :, 0], q_pe[:, :, 0], latent, mask, w_uk, w_uv, scale)
-    assert got.shape == (B, H, V)
-    close(got, want, tol, "mla_decode_heads")
-
-
 def check_moe_glue(device, dtype, tol):
     g = torch.Generator().manual_seed(5)
     gate_up = torch.randn(37, 2 * 96, generator=g).to(device, dtype)
@@ -283,7 +259,7 @@ def check_norm_rope(device, dtype, tol):
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route,
-          check_mha_decode, check_mla_decode, check_mla_decode_heads, check_moe_glue, check_norm_rope)
+          check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:

@@ -1,6 +1,4 @@
-"""kernels/decode_attention.py (MHA and MLA decode, MLA with kv_b_proj's halves) against SDPA and the
-latent softmax."""
+"""kernels/decode_attention.py (MHA and MLA decode) against SDPA / the latent softmax."""
 from kernel_checks import kernel_tests
 
-test_decode_attention_in_triton_interpreter, test_decode_attention_on_cuda = kernel_tests(
-    'check_mha_decode', 'check_mla_decode', 'check_mla_decode_heads')
+test_decode_attention_in_triton_interpreter, test_decode_attention_on_cuda = kernel_tests('check_mha_decode', 'check_mla_decode')
