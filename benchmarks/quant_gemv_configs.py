@@ -43,9 +43,9 @@ MAX_TILE_BYTES = 8192  # weight bytes of one tile; larger tiles spill the per-po
 
 
 def fits(scheme, config):
-    """A tile within MAX_TILE_BYTES; pipeline stages only where they apply (int4)."""
-    block_n, block_k, _, stages = config
-    return block_n * block_k // (2 if scheme == "int4" else 1) <= MAX_TILE_BYTES and (stages == 1 or scheme == "int4")
+    """A tile within MAX_TILE_BYTES (pipeline stages apply to word tiles, which every shape here takes)."""
+    block_n, block_k, _, _ = config
+    return block_n * block_k // (2 if scheme == "int4" else 1) <= MAX_TILE_BYTES
 EXPERTS_PER_TOKEN = 8  # 6 routed + 2 shared
 
 

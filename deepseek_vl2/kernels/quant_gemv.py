@@ -2,15 +2,18 @@
 
   gemv        out[a] = W[e(a)] @ x[row(a)] for int8 or int4 weights, dequantized in registers: as
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
-              per (output block, row a)). int8: [BLOCK_N, BLOCK_K] tiles, the row's scale applied
-              once at the end. int4 where groups and rows are whole 32-bit words (groups of 8 or
-              more columns, the real models' case): tiles of words of 8 nibbles, each nibble turned
-              into an exact float by OR-ing its bits into 2^23's mantissa (one LOP3 and one FADD per
-              value, against a shift, a mask, an int-to-float conversion and a multiply-add), and
-              the zero point folded out of the inner loop: a group's sum is
+              per (output block, row a)). int4 where groups and rows are whole 32-bit words
+              (groups of 8 or more columns, the real models' case): tiles of words of 8 nibbles,
+              each nibble turned into an exact float by OR-ing its bits into 2^23's mantissa (one
+              LOP3 and one FADD per value, against a shift, a mask, an int-to-float conversion and
+              a multiply-add), and the zero point folded out of the inner loop: a group's sum is
               scale * sum(q * x) + zero * sum(x). Otherwise (groups of 2 or 4 columns) tiles of
-              packed bytes, q * s + z per value. Products accumulate per tile position over the K
-              loop and are summed across threads once, at the end.
+              packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
+              words of 4 bytes, each byte's sign bit flipped and its bits put into 2^23's mantissa
+              by one LOP3, then one FADD (against a byte extraction and an int-to-float conversion,
+              which runs at a quarter of the float rate); otherwise [BLOCK_N, BLOCK_K] byte tiles.
+              int8 takes the row's scale once at the end. Products accumulate per tile position
+              over the K loop and are summed across threads once, at the end.
   dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
               multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
 
@@ -23,7 +26,8 @@ import torch
 
 from .custom_ops import kernel_op, tl, triton
 
-MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a nibble's bits exactly (quant_gemv._nibble)
+MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a nibble's or a byte's bits exactly (_nibble, _byte)
+FLIP_EVEN, FLIP_ODD = MAGIC | 0x80, MAGIC | 0x8000  # _byte's: 2^23 and the sign flip of an even / odd byte
 
 if triton is not None:
     from .gemv import store_rows
@@ -112,14 +116,56 @@ if triton is not None:
         return w.to(tl.float32) * x
 
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, stride_x,
-                           stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
+    def _byte(words, flip_magic, i: tl.constexpr):
+        """b * 256^(i % 2) as float32, exactly, for the signed byte b at column 4c + i of word c: the
+        byte's bits, sign bit flipped (b + 128), put into the mantissa of 2^23 by one XOR with
+        `flip_magic` (FLIP_EVEN or FLIP_ODD: a kernel argument, so that the AND and the XOR are one
+        LOP3; bytes 2 and 3 shifted down by 16 first), minus 2^23 + 128 * 256^(i % 2)."""
+        if i < 2:
+            bits = (words & (255 << (8 * i))) ^ flip_magic
+        else:
+            bits = ((words >> 16) & (255 << (8 * (i - 2)))) ^ flip_magic
+        return bits.to(tl.float32, bitcast=True) - (8388736.0 if i % 2 == 0 else 8421376.0)
+
+    @triton.jit
+    def _x_by_byte(x_row, k0, K, WORDS_K: tl.constexpr, EVEN: tl.constexpr):
+        """x's columns k0 + [0, 4 * WORDS_K) as four [WORDS_K] tensors, x_i holding column 4c + i
+        divided by _byte's 256^(i % 2)."""
+        ks = k0 + tl.arange(0, WORDS_K * 4)
+        if EVEN:
+            xv = tl.load(x_row + ks).to(tl.float32)
+        else:
+            xv = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(xv, (WORDS_K, 2, 2)))  # by bit 0 of i, then bit 1
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
+        return x0, x1 * 0.00390625, x2, x3 * 0.00390625
+
+    @triton.jit
+    def _int8_word_tile(acc, q_base, rows, n_mask, words_cols, stride_qn, K, flip_even, flip_odd, x0, x1, x2, x3,
+                        EVEN: tl.constexpr):
+        """acc [BLOCK_N, BLOCK_K / 4] plus one tile's q * x terms per word (float32; the row's scale
+        comes at the end), from int8 weights read as 32-bit words of 4 bytes."""
+        w_ptrs = q_base + rows[:, None] * stride_qn + words_cols[None, :]
+        if EVEN:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[:, None] & (words_cols < K // 4)[None, :], other=0)
+        acc += _byte(words, flip_even, 0) * x0
+        acc += _byte(words, flip_odd, 1) * x1
+        acc += _byte(words, flip_even, 2) * x2
+        acc += _byte(words, flip_odd, 3) * x3
+        return acc
+
+    @triton.jit
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, flip_even,
+                           flip_odd, stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                            STAGES: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
-        cross-thread reduction per tile). WORDS: int4 read as int32 words (strides in words), with
-        STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies)."""
+        cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
+        with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies)."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -134,7 +180,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         x_row = x_ptr + row * stride_x
-        if WORDS:
+        if WORDS and INT4:
             GROUPS: tl.constexpr = BLOCK_K // GROUP
             WPG: tl.constexpr = GROUP // 8
             tile_groups = tl.arange(0, GROUPS)
@@ -153,6 +199,22 @@ if triton is not None:
                                                x_sum, GROUP, EVEN)
             acc = tl.sum(acc2, axis=1)
             acc_up = tl.sum(acc2_up, axis=1)
+        elif WORDS:  # int8 words
+            tile_words = tl.arange(0, BLOCK_K // 4)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+            acc2_up = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                x0, x1, x2, x3 = _x_by_byte(x_row, k0, K, BLOCK_K // 4, EVEN)
+                words_cols = k0 // 4 + tile_words
+                acc2 = _int8_word_tile(acc2, q_base, offs_n, n_mask, words_cols, stride_qn, K, flip_even, flip_odd,
+                                       x0, x1, x2, x3, EVEN)
+                if SILU_MUL:
+                    acc2_up = _int8_word_tile(acc2_up, q_base, offs_n + N, n_mask, words_cols, stride_qn, K, flip_even,
+                                              flip_odd, x0, x1, x2, x3, EVEN)
+            acc = tl.sum(acc2, axis=1) * tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            acc_up = tl.sum(acc2_up, axis=1)
+            if SILU_MUL:
+                acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         elif INT4:
             GROUPS: tl.constexpr = BLOCK_K // GROUP
             acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
@@ -230,21 +292,23 @@ if triton is not None:
         inside a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md
         2026-11-30 and 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
         output rows and 2 warps, except one token's gate/up (up to 8 (row, expert) pairs): 8 rows of
-        256 columns, one warp, the next two tiles loaded ahead (tiny, small and base alike); int4 bytes
-        with 8 output rows per program; int8 expert gate/up with 2; elsewhere (int8 down and the
-        projections) about 2 KB of weight bytes per tile, with fewer output rows per program where
-        the grid would otherwise not give each of the 132 SMs two programs. int4 word projections of
-        one row with fewer than 4096 outputs and at most 5120 columns (q of small, kv_a, o; not a
-        dense layer's down, whose long rows lose by it): 4 rows of 512 columns, 2 warps, 3 stages."""
+        256 columns, one warp, the next two tiles loaded ahead (tiny, small and base alike); int4 word
+        projections of one row with fewer than 4096 outputs and at most 5120 columns (q of small,
+        kv_a, o; not a dense layer's down, whose long rows lose by it): 4 rows of 512 columns, 2
+        warps, 3 stages; other int4 word projections 8 rows of 512 columns, 2 warps, with fewer rows
+        per program where the grid would otherwise not give each of the 132 SMs two programs. int8
+        words take int4 words' tiles without the loading ahead. Bytes (int4 groups under 8 columns,
+        int8 rows not a multiple of 4): int4 with 8 output rows per program, int8 expert gate/up with
+        2, elsewhere about 2 KB of weight bytes per tile, rows halved as above."""
         if words and experts:
-            if silu_mul and rows <= 8:
+            if int4 and silu_mul and rows <= 8:
                 return 8, 256, 1, 3
             return (4 if silu_mul else 8), 512, 2, 1
         if int4 and not words:
             return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4, 1
         if experts and silu_mul:
             return 2, 256, 2, 1
-        if words and rows == 1 and N < 4096 and K <= 5120:
+        if int4 and words and rows == 1 and N < 4096 and K <= 5120:
             return 4, 512, 2, 3
         block_n, block_k, num_warps = (8, 512, 2) if words else (4, 512, 4)
         while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
@@ -254,13 +318,14 @@ if triton is not None:
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None, stages=1):
         """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]. Tiles
-        from gemv_tiles unless given (stages apply to int4 words only)."""
+        from gemv_tiles unless given (stages apply to word tiles only)."""
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
         K = qweight.shape[-1] * (2 if int4 else 1)
         group = K // scale.shape[-1]
-        words = int4 and group % 8 == 0  # whole 32-bit words per group (and so per row)
+        # whole 32-bit words per group and row (int4: groups of 8 or more columns; int8: rows of 4k columns)
+        words = group % 8 == 0 if int4 else K % 4 == 0
         if block_n is None:
             block_n, block_k, num_warps, stages = gemv_tiles(int4, words, ids is not None, silu_mul, N, K, rows)
         if int4:
@@ -270,7 +335,7 @@ if triton is not None:
         grid = (triton.cdiv(N, block_n), rows)
         _quant_gemv_kernel[grid](
             x, q, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id, MAGIC,
-            x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
+            FLIP_EVEN, FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, num_warps=num_warps)

@@ -112,6 +112,11 @@ def check_quant_gemv(device, dtype, tol):
         assert torch.equal(quant_gemv.gemv(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1, False),
                            quant_gemv.gemv_launch(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1,
                                                   False))
+    # int8 rows that are not whole 32-bit words (4k + 2 columns) take the byte tiles
+    q, s, _ = (t.to(device) if t is not None else None
+               for t in rtn.quantize(torch.randn(2 * N, K - 2, generator=g) * 0.1, 8, K - 2, dtype))
+    close(quant_gemv.gemv_launch(x[:, :K - 2], q, s, None, None, 1, False),
+          x[:, :K - 2].float() @ rtn.dequantize(q, s, None, torch.float32).T, tol, "int8 plain gemv, byte tiles")
 
 
 def check_dequantize(device, dtype, tol):
