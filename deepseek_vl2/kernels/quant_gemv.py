@@ -297,9 +297,17 @@ if triton is not None:
         kv_a, o; not a dense layer's down, whose long rows lose by it): 4 rows of 512 columns, 2
         warps, 3 stages; other int4 word projections 8 rows of 512 columns, 2 warps, with fewer rows
         per program where the grid would otherwise not give each of the 132 SMs two programs. int8
-        words take int4 words' tiles without the loading ahead. Bytes (int4 groups under 8 columns,
+        words at one token (one row, or up to 8 (row, expert) pairs), loaded 3 stages ahead (small's
+        shapes swept, RESULTS.md fifteenth session): experts and projections of 4096 or more outputs
+        in 8 rows of 256 columns and one warp; long rows (over 8192 columns: a dense down) in 4 rows
+        of 1024 columns, 2 warps; the rest 2 rows of 1024 columns, one warp. Other int8 words take
+        int4 words' tiles without the loading ahead. Bytes (int4 groups under 8 columns,
         int8 rows not a multiple of 4): int4 with 8 output rows per program, int8 expert gate/up with
         2, elsewhere about 2 KB of weight bytes per tile, rows halved as above."""
+        if words and not int4 and (rows == 1 or experts and rows <= 8):  # int8 words, one token
+            if experts or N >= 4096:
+                return 8, 256, 1, 3
+            return (4, 1024, 2, 3) if K > 8192 else (2, 1024, 1, 3)
         if words and experts:
             if int4 and silu_mul and rows <= 8:
                 return 8, 256, 1, 3

@@ -95,7 +95,7 @@ def check_quant_gemv(device, dtype, tol):
         q2, s2, z2 = (t.to(device) if t is not None else None
                       for t in rtn.quantize(w2, bits, N if bits == 8 else 4, dtype))
         d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
-        # the default tiles, 64-column tiles (1 or 2 int4 groups), and those loaded 3 stages ahead (int4 words)
+        # the default tiles, 64-column tiles (1 or 2 int4 groups), and those loaded 3 stages ahead (word tiles)
         for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3)):
             act = quant_gemv.gemv_launch(x, q13, s13, z13, ids, 2, True, *tiles)
             gate_up = torch.einsum("ak,ank->an", rows.float(), d13[ids]).to(dtype)
