@@ -193,15 +193,8 @@ def with_gemv_rows(limit: int, run):
     (read at each call, as in a capture)."""
     from deepseek_vl2.kernels import dispatch
 
-    limits = dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS
-    saved = [dict(table) for table in limits]
-    for table in limits:
-        table.update({4: limit, 8: limit})
-    try:
+    with dispatch.quant_gemv_rows(limit, limit):
         return run()
-    finally:
-        for table, values in zip(limits, saved):
-            table.update(values)
 
 
 def decode_rows(results, variants, schemes, rows_list):

@@ -25,6 +25,7 @@ start-up (the engine's "nothing compiled or captured after start-up", counted).
 """
 import argparse
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import multiprocessing
@@ -323,12 +324,14 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             server.kill()
 
 
-def engine_rule(args) -> None:
-    """--piecewise-rows / --whole-prefill-queue: the continuous engine's rule for prefilling whole
-    (continuous.py's constants), --switch-interval: the interpreter's thread switch interval, and
-    --quant-gemv-rows: dispatch's gemv row limits for quantized weights, for trying other values in
-    this process."""
+@contextlib.contextmanager
+def engine_rule(args):
+    """Within the block: --piecewise-rows / --whole-prefill-queue: the continuous engine's rule for
+    prefilling whole (continuous.py's constants), --switch-interval: the interpreter's thread switch
+    interval, and --quant-gemv-rows: dispatch's gemv row limits for quantized weights, for trying
+    other values in this process."""
     from deepseek_vl2.engine import continuous
+    from deepseek_vl2.kernels import dispatch
 
     if args.piecewise_rows is not None:
         continuous.PIECEWISE_ROWS = args.piecewise_rows
@@ -336,12 +339,8 @@ def engine_rule(args) -> None:
         continuous.WHOLE_PREFILL_QUEUE = args.whole_prefill_queue
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
-    if args.quant_gemv_rows is not None:
-        from deepseek_vl2.kernels import dispatch
-
-        experts, projections = args.quant_gemv_rows
-        dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: experts, 8: experts})
-        dispatch.QUANT_LINEAR_GEMV_ROWS.update({4: projections, 8: projections})
+    with dispatch.quant_gemv_rows(*args.quant_gemv_rows) if args.quant_gemv_rows else contextlib.nullcontext():
+        yield
 
 
 class IterationLog:
@@ -392,7 +391,6 @@ def in_process(args) -> None:
     from deepseek_vl2.engine import GenerationParams
     from deepseek_vl2.engine.continuous import ContinuousEngine
 
-    engine_rule(args)
     chat = build_chat_engine(args.variant, args.quantization)
     started = time.perf_counter()
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=args.slots, prefill=prefill_settings(args))
@@ -488,13 +486,14 @@ def main():
     args = parser.parse_args()
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        engine_rule(args)
-        serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline,
-              args.quantization)
+        with engine_rule(args):
+            serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline,
+                  args.quantization)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        in_process(args)
+        with engine_rule(args):
+            in_process(args)
         return
     import torch
 

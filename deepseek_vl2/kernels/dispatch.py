@@ -54,6 +54,20 @@ QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
+@contextlib.contextmanager
+def quant_gemv_rows(experts: int, projections: int):
+    """Within the block quant_gemv reads quantized experts up to `experts` token rows and
+    projections up to `projections`, at both widths (for benchmarks trying other limits)."""
+    saved = dict(QUANT_EXPERT_GEMV_ROWS), dict(QUANT_LINEAR_GEMV_ROWS)
+    QUANT_EXPERT_GEMV_ROWS.update({4: experts, 8: experts})
+    QUANT_LINEAR_GEMV_ROWS.update({4: projections, 8: projections})
+    try:
+        yield
+    finally:
+        QUANT_EXPERT_GEMV_ROWS.update(saved[0])
+        QUANT_LINEAR_GEMV_ROWS.update(saved[1])
+
+
 def _cuda_inference(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 

@@ -26,6 +26,16 @@ def test_rotary_formula_rotates_interleaved_pairs():
     assert reference.rotary(x, cos, sin).tolist() == [[[[-3.0, -4.0, 1.0, 2.0]]]]
 
 
+def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
+    experts, projections = dict(dispatch.QUANT_EXPERT_GEMV_ROWS), dict(dispatch.QUANT_LINEAR_GEMV_ROWS)
+    with pytest.raises(RuntimeError, match="inside"):
+        with dispatch.quant_gemv_rows(3, 5):
+            assert dispatch.QUANT_EXPERT_GEMV_ROWS == {4: 3, 8: 3}
+            assert dispatch.QUANT_LINEAR_GEMV_ROWS == {4: 5, 8: 5}
+            raise RuntimeError("inside")
+    assert (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS) == (experts, projections)
+
+
 def test_sdpa_backends_leave_the_cpu_to_pytorch():
     before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
     with dispatch.sdpa_backends(torch.zeros(1)):
