@@ -211,10 +211,8 @@ if triton is not None:
                 if SILU_MUL:
                     acc2_up = _int8_word_tile(acc2_up, q_base, offs_n + N, n_mask, words_cols, stride_qn, K, flip_even,
                                               flip_odd, x0, x1, x2, x3, EVEN)
-            acc = tl.sum(acc2, axis=1) * tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = tl.sum(acc2, axis=1)
             acc_up = tl.sum(acc2_up, axis=1)
-            if SILU_MUL:
-                acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         elif INT4:
             GROUPS: tl.constexpr = BLOCK_K // GROUP
             acc3 = tl.zeros((BLOCK_N, GROUPS, GROUP // 2), dtype=tl.float32)
@@ -251,9 +249,10 @@ if triton is not None:
                 acc2 += _int8_tile(q_base, offs_n, n_mask, offs_k, k_mask, stride_qn, x)
                 if SILU_MUL:
                     acc2_up += _int8_tile(q_base, offs_n + N, n_mask, offs_k, k_mask, stride_qn, x)
-            # one scale per output row
-            acc = tl.sum(acc2, axis=1) * tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = tl.sum(acc2, axis=1)
             acc_up = tl.sum(acc2_up, axis=1)
+        if not INT4:  # int8: one scale per output row
+            acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
