@@ -29,12 +29,15 @@ step; `stats`, `alive` and `waiting` feed /health.
 """
 import asyncio
 import logging
+import os
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, List, Optional
+
+import torch
 
 from ..engine import BatchRow, ChatResult, GenerationParams, sampling_key
 from ..engine.continuous import ContinuousEngine
@@ -271,6 +274,16 @@ class BatchScheduler:
                 job.emit("done", result)
 
 
+def threads_beside_event_loop(threads: int) -> int:
+    """torch's intra-op threads for a CPU engine serving beside an event loop: one core fewer than
+    the process may use, when `threads` takes them all. The engine's parallel regions wait for every
+    thread of the pool, so each time the event loop wakes on a core the pool needs, a decode step
+    stalls. On 2 cores, a short request decoding beside a long one took 2.9 times its time alone
+    with 2 threads and 1.2 times with 1 (tiny fixture, benchmarks/RESULTS.md fifteenth session)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores - 1 if threads >= cores > 1 else threads
+
+
 class ContinuousScheduler:
     def __init__(self, engine, max_num_seqs: int = 8, prefill: Optional[PrefillSettings] = None,
                  on_error: Optional[Callable[[BaseException], None]] = None):
@@ -285,6 +298,7 @@ class ContinuousScheduler:
         self.max_batch_size = engine.slots.max_num_seqs
         self.on_error = on_error
         self._closing = False
+        self._torch_threads: Optional[int] = None  # torch's intra-op threads before start (a CPU engine)
 
     @property
     def stats(self) -> SchedulerStats:
@@ -299,11 +313,17 @@ class ContinuousScheduler:
                               tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
 
     def start(self) -> None:
+        if self.engine.device.type == "cpu":
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(threads_beside_event_loop(self._torch_threads))
         self.engine.start()
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._closing = True
         self.engine.close(timeout_s)
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
 
     @property
     def alive(self) -> bool:

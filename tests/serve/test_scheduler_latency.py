@@ -13,7 +13,7 @@ import torch
 from deepseek_vl2.engine import ChatEngine, GenerationParams
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.serve.app import create_app
-from deepseek_vl2.serve.scheduler import ContinuousScheduler, Job, create_scheduler
+from deepseek_vl2.serve.scheduler import ContinuousScheduler, Job, create_scheduler, threads_beside_event_loop
 from deepseek_vl2.serve.settings import ServerSettings
 from goldens import CHECKPOINTS
 from serve_helpers import ServerThread
@@ -41,7 +41,9 @@ def test_short_request_is_not_held_up_by_a_long_one():
     chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cpu", dtype=torch.float32)
     scheduler = create_scheduler(chat, max_batch_size=4)  # on the CPU: the continuous engine
     assert isinstance(scheduler, ContinuousScheduler)
+    threads = torch.get_num_threads()
     scheduler.start()
+    assert torch.get_num_threads() == threads_beside_event_loop(threads)
     try:
         def conversation(text):
             return [{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
@@ -63,6 +65,16 @@ def test_short_request_is_not_held_up_by_a_long_one():
     assert short_end < long_end, "the long request ended first: nothing was measured"
     assert short_s <= 3 * alone_s, f"the short request took {short_s:.3f} s next to a long one, {alone_s:.3f} s alone"
     assert scheduler.engine.slots.free_count == 4
+    assert torch.get_num_threads() == threads, "closing the scheduler gives torch its threads back"
+
+
+def test_a_cpu_engine_leaves_the_event_loop_a_core(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert threads_beside_event_loop(4) == 3  # the process's 4 cores: one left to the event loop
+    assert threads_beside_event_loop(8) == 3
+    assert threads_beside_event_loop(2) == 2  # already fewer threads than cores: kept
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert threads_beside_event_loop(1) == 1  # one core: nothing to leave
 
 
 class SlowInputsEngine(ContinuousEngine):
