@@ -4,10 +4,11 @@
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
               per (output block, row a)). int4 where groups and rows are whole 32-bit words
               (groups of 8 or more columns, the real models' case): tiles of words of 8 nibbles,
-              each nibble turned into an exact float by OR-ing its bits into 2^23's mantissa (one
-              LOP3 and one FADD per value, against a shift, a mask, an int-to-float conversion and
-              a multiply-add), and the zero point folded out of the inner loop: a group's sum is
-              scale * sum(q * x) + zero * sum(x). Otherwise (groups of 2 or 4 columns) tiles of
+              each nibble turned into an exact float by OR-ing its bits into the mantissa of a
+              power of two (one LOP3 and one FADD per value, against a shift, a mask, an
+              int-to-float conversion and a multiply-add), and the zero point folded out of the
+              inner loop: a word adds scale * sum(q * x) + zero * sum(x) to its own accumulator,
+              so no sum crosses threads before the end. Otherwise (groups of 2 or 4 columns) tiles of
               packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
               words of 4 bytes, each byte's sign bit flipped and its bits put into 2^23's mantissa
               by one LOP3, then one FADD (against a byte extraction and an int-to-float conversion,
@@ -55,19 +56,32 @@ if triton is not None:
 
     @triton.jit
     def _nibble(words, magic, i: tl.constexpr):
-        """q * 16^(i % 5) as float32, exactly, for nibble i (columns 8c + i of word c): the nibble's
-        bits ORed into the mantissa of 2^23 (bits 0-22; nibbles 5-7 shifted down by 20 first), minus
-        2^23. `magic` (0x4B000000) is a kernel argument so that the AND and the OR are one LOP3."""
+        """q as float32, exactly, for nibble i (column 8c + i of word c). Nibbles 0-4 stay where they
+        are (bits 4i to 4i + 3), nibbles 5-7 are shifted down by 12 (to bits 8-19); a nibble at bits
+        4j is ORed into the mantissa of 2^(23 - 4j) (bits 0-22), where its last bit is worth 1, so
+        the float is 2^(23 - 4j) + q, exactly. `magic` (2^23's bits, 0x4B000000) is a kernel
+        argument so that the AND and the OR are one LOP3; 2^(23 - 4j)'s bits are magic - j * 2^25."""
+        j: tl.constexpr = i if i < 5 else i - 3
         if i < 5:
-            bits = (words & (15 << (4 * i))) | magic
+            bits = (words & (15 << (4 * j))) | (magic - (j << 25))
         else:
-            bits = ((words >> 20) & (15 << (4 * (i - 5)))) | magic
-        return bits.to(tl.float32, bitcast=True) - 8388608.0
+            bits = ((words >> 12) & (15 << (4 * j))) | (magic - (j << 25))
+        if j == 0:
+            offset: tl.constexpr = 8388608.0
+        elif j == 1:
+            offset: tl.constexpr = 524288.0
+        elif j == 2:
+            offset: tl.constexpr = 32768.0
+        elif j == 3:
+            offset: tl.constexpr = 2048.0
+        else:
+            offset: tl.constexpr = 128.0
+        return bits.to(tl.float32, bitcast=True) - offset
 
     @triton.jit
     def _x_by_nibble(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
         """x's columns k0 + [0, GROUPS * WPG * 8) as eight [GROUPS, WPG] tensors, x_i holding column
-        8c + i divided by _nibble's 16^(i % 5), and each group's sum of x [1, GROUPS]."""
+        8c + i, and their sum per word [GROUPS, WPG]."""
         ks = k0 + tl.arange(0, GROUPS * WPG * 8)
         if EVEN:
             xv = tl.load(x_row + ks).to(tl.float32)
@@ -80,9 +94,8 @@ if triton is not None:
         x2, x6 = tl.split(x26)
         x1, x5 = tl.split(x15)
         x3, x7 = tl.split(x37)
-        x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=1)[None, :]
-        return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 1.52587890625e-05, x5, x6 * 0.0625,
-                x7 * 0.00390625, x_sum)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        return x0, x1, x2, x3, x4, x5, x6, x7, x_sum
 
     @triton.jit
     def _int4_word_tile(q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K, magic,
@@ -107,7 +120,7 @@ if triton is not None:
         t += _nibble(words, magic, 5) * x5
         t += _nibble(words, magic, 6) * x6
         t += _nibble(words, magic, 7) * x7
-        return tl.sum(t, axis=2) * scale + x_sum * zero
+        return t * scale[:, :, None] + x_sum[None, :, :] * zero[:, :, None]
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -185,20 +198,20 @@ if triton is not None:
             WPG: tl.constexpr = GROUP // 8
             tile_groups = tl.arange(0, GROUPS)
             tile_words = tile_groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GROUPS, WPG]
-            acc2 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-            acc2_up = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_by_nibble(x_row, k0, K, GROUPS, WPG, EVEN)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
-                acc2 += _int4_word_tile(q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
+                acc3 += _int4_word_tile(q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
                                         stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7, x_sum, GROUP, EVEN)
                 if SILU_MUL:
-                    acc2_up += _int4_word_tile(q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
+                    acc3_up += _int4_word_tile(q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
                                                stride_qn, stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7,
                                                x_sum, GROUP, EVEN)
-            acc = tl.sum(acc2, axis=1)
-            acc_up = tl.sum(acc2_up, axis=1)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+            acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         elif WORDS:  # int8 words
             tile_words = tl.arange(0, BLOCK_K // 4)
             acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
@@ -286,16 +299,19 @@ if triton is not None:
             scale = tl.load(s_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
-    def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, K: int, rows: int):
+    def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, K: int, rows: int, group: int):
         """(output rows per program, input columns per tile, warps, pipeline stages). The best measured
         inside a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md
-        2026-11-30 and 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
-        output rows and 2 warps, except one token's gate/up (up to 8 (row, expert) pairs): 8 rows of
-        256 columns, one warp, the next two tiles loaded ahead (tiny, small and base alike); int4 word
-        projections of one row with fewer than 4096 outputs and at most 5120 columns (q of small,
-        kv_a, o; not a dense layer's down, whose long rows lose by it): 4 rows of 512 columns, 2
-        warps, 3 stages; other int4 word projections 8 rows of 512 columns, 2 warps, with fewer rows
-        per program where the grid would otherwise not give each of the 132 SMs two programs. int8
+        2026-11-30 to 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
+        output rows and 2 warps, except at one token (up to 8 (row, expert) pairs): gate/up in 8 rows
+        of 256 columns, one warp, the next two tiles loaded ahead; down in 8 rows of one 128-column
+        group, one warp, three tiles ahead. int4 word projections of one row: over 5120 columns (a
+        dense layer's down) one output row per program of 4 warps in 2048-column tiles for groups of
+        64 (tiny, small), 4 rows of 1024 columns and 2 warps, 3 stages, for groups of 128 (base); up
+        to 8192 outputs (the attention projections) 4 rows (8 from 4096 outputs) of 512 columns with
+        2 warps, or of 256 columns with one warp where 512 does not divide the row (tiny), 3 stages.
+        Other int4 word projections 8 rows of 512 columns, 2 warps, with fewer rows per program
+        where the grid would otherwise not give each of the 132 SMs two programs. int8
         words at one token (one row, or up to 8 (row, expert) pairs), loaded 3 stages ahead (small's
         shapes swept, RESULTS.md fifteenth session): experts and projections of 4096 or more outputs
         in 8 rows of 256 columns and one warp; long rows (over 8192 columns: a dense down) in 4 rows
@@ -308,15 +324,18 @@ if triton is not None:
                 return 8, 256, 1, 3
             return (4, 1024, 2, 3) if K > 8192 else (2, 1024, 1, 3)
         if words and experts:
-            if int4 and silu_mul and rows <= 8:
-                return 8, 256, 1, 3
+            if int4 and rows <= 8:  # one token
+                return (8, 256, 1, 3) if silu_mul else (8, 128, 1, 4)
             return (4 if silu_mul else 8), 512, 2, 1
         if int4 and not words:
             return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4, 1
         if experts and silu_mul:
             return 2, 256, 2, 1
-        if int4 and words and rows == 1 and N < 4096 and K <= 5120:
-            return 4, 512, 2, 3
+        if int4 and words and rows == 1 and K > 5120:  # a dense layer's down projection
+            return (1, 2048, 4, 1) if group < 128 else (4, 1024, 2, 3)
+        if int4 and words and rows == 1 and N <= 8192:  # attention projections
+            block_k, num_warps = (512, 2) if K % 512 == 0 else (256, 1)
+            return (4 if N < 4096 else 8), block_k, num_warps, 3
         block_n, block_k, num_warps = (8, 512, 2) if words else (4, 512, 4)
         while block_n > 1 and triton.cdiv(N, block_n) * rows < 2 * 132:
             block_n //= 2
@@ -334,7 +353,8 @@ if triton is not None:
         # whole 32-bit words per group and row (int4: groups of 8 or more columns; int8: rows of 4k columns)
         words = group % 8 == 0 if int4 else K % 4 == 0
         if block_n is None:
-            block_n, block_k, num_warps, stages = gemv_tiles(int4, words, ids is not None, silu_mul, N, K, rows)
+            block_n, block_k, num_warps, stages = gemv_tiles(int4, words, ids is not None, silu_mul, N, K, rows,
+                                                                 group)
         if int4:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
         q = qweight.view(torch.int32) if words else qweight

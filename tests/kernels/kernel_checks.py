@@ -95,8 +95,9 @@ def check_quant_gemv(device, dtype, tol):
         q2, s2, z2 = (t.to(device) if t is not None else None
                       for t in rtn.quantize(w2, bits, N if bits == 8 else 4, dtype))
         d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
-        # the default tiles, 64-column tiles (1 or 2 int4 groups), and those loaded 3 stages ahead (word tiles)
-        for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3)):
+        # the default tiles, 64-column tiles (1 or 2 int4 groups), those loaded 3 or 4 stages ahead (word
+        # tiles), and one output row per program of 4 warps
+        for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3), (8, 64, 1, 4), (1, 256, 4, 1)):
             act = quant_gemv.gemv_launch(x, q13, s13, z13, ids, 2, True, *tiles)
             gate_up = torch.einsum("ak,ank->an", rows.float(), d13[ids]).to(dtype)
             want = F.silu(gate_up[:, :N]) * gate_up[:, N:]
