@@ -16,7 +16,7 @@ from kernel_timing import copies_for, graph_us
 
 EXPERTS = {"tiny": (64, 896, 1280), "small": (64, 1408, 2048), "base": (72, 1536, 2560)}
 PROJECTIONS = {"tiny qkv": (3840, 1280), "tiny o": (1280, 1280), "tiny lm_head": (129280, 1280),
-               "small q": (3072, 2048), "small kv_a": (576, 2048), "small o": (2048, 2048),
+               "small q_kv_a": (3648, 2048), "small o": (2048, 2048),
                "small lm_head": (129280, 2048), "base lm_head": (129280, 2560),
                "tiny router": (64, 1280), "small router": (64, 2048), "base router": (72, 2560)}
 

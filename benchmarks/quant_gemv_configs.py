@@ -33,9 +33,9 @@ EXPERTS = {"tiny": (64, 896, 1280), "small": (64, 1408, 2048), "base": (72, 1536
 PROJECTIONS = {  # (N, K) of each quantized linear layer of a decode step
     "tiny qkv": (3840, 1280), "tiny o": (1280, 1280), "tiny dense gate_up": (13696, 1280),
     "tiny dense down": (1280, 6848),
-    "small q": (3072, 2048), "small kv_a": (576, 2048), "small o": (2048, 2048),
+    "small q_kv_a": (3648, 2048), "small o": (2048, 2048),
     "small dense gate_up": (21888, 2048), "small dense down": (2048, 10944),
-    "base q": (6144, 2560), "base kv_a": (576, 2560), "base o": (2560, 4096),
+    "base q_kv_a": (6720, 2560), "base o": (2560, 4096),
     "base dense gate_up": (24576, 2560), "base dense down": (2560, 12288),
 }
 CONFIGS = list(itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (1, 2, 4, 8), (1, 3)))  # + stages

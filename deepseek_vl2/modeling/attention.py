@@ -121,6 +121,9 @@ class MultiHeadAttention(nn.Module):
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2 MLA. Keys and values are entered as one low-rank latent per token: c_kv after
     kv_a_layernorm followed by the rope key shared by all heads, [B, S, kv_lora_rank + rope_dim].
+    The two projections of the layer's input, the query's (q_proj, or q_a_proj with a query rank)
+    and the latent's (kv_a_proj_with_mqa), are one linear layer, `q_kv_a_proj`: one product
+    instead of two for every token (a decode step launches one kernel fewer per layer).
     `dispatch.mla_attention` attends in the absorbed form (decode, any CPU call) or, for multi-token
     CUDA calls, with the latents expanded to per-head keys and values."""
 
@@ -131,24 +134,38 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_rank = c.kv_lora_rank
         q_out = self.num_heads * (self.nope_dim + self.rope_dim)
-        if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
-        else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # default eps, as the official model
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_rank + self.rope_dim, bias=c.attention_bias)
+        self.q_rank = c.q_lora_rank  # None: the query comes straight from q_proj
+        if self.q_rank is None and c.attention_bias:
+            raise ValueError("use_mla with attention_bias needs q_lora_rank: the official q_proj has no bias while "
+                             "kv_a_proj_with_mqa has one, and this model fuses the two (no DeepSeek-VL2 release sets "
+                             "attention_bias)")
+        self.split_sizes = (q_out if self.q_rank is None else self.q_rank, self.kv_rank, self.rope_dim)
+        self.q_kv_a_proj = nn.Linear(c.hidden_size, sum(self.split_sizes), bias=c.attention_bias)
+        if self.q_rank is not None:
+            self.q_a_layernorm = RMSNorm(self.q_rank)  # default eps, as the official model
+            self.q_b_proj = nn.Linear(self.q_rank, q_out, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_rank)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.softmax_scale = (self.nope_dim + self.rope_dim) ** -0.5 * rope_for(c).attention_scale
 
+    def checkpoint_keys(self):
+        """Official names of the fused input projection's rows."""
+        q_rows = slice(0, self.split_sizes[0])
+        names = (("q_proj" if self.q_rank is None else "q_a_proj", q_rows),
+                 ("kv_a_proj_with_mqa", slice(self.split_sizes[0], None)))
+        keys = {f"{name}.weight": OfficialSlice("q_kv_a_proj.weight", (rows,)) for name, rows in names}
+        if self.q_kv_a_proj.bias is not None:
+            keys.update({f"{name}.bias": OfficialSlice("q_kv_a_proj.bias", (rows,)) for name, rows in names})
+        return keys
+
     def project(self, x, cos, sin):
         B, S, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, c_kv, k_pe = self.q_kv_a_proj(x).split(self.split_sizes, dim=-1)
+        if self.q_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.rope_dim), dim=-1)
         q_pe = dispatch.rotary(q_pe, cos, sin, interleaved=True)
         k_pe = dispatch.rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
         return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)

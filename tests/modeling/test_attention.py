@@ -1,12 +1,15 @@
 """Attention on its own: the additive mask `build_attention_inputs` makes, attention through the KV
-cache one token at a time equal to attention over the whole sequence, and MLA's absorbed and
-expanded forms equal."""
+cache one token at a time equal to attention over the whole sequence, MLA's absorbed and
+expanded forms equal, and MLA's fused input projection equal to the official pair it holds."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from deepseek_vl2.kernels import reference
 from deepseek_vl2.modeling.attention import build_attention_inputs, make_attention
 from deepseek_vl2.modeling.kv_cache import KVCache
 from deepseek_vl2.modeling.rope import rope_for
+from deepseek_vl2.weights.layout import checkpoint_layout, to_official
 from deepseek_vl2.weights.random_init import init_random_weights
 
 MIN = torch.finfo(torch.float32).min
@@ -80,3 +83,38 @@ def test_grouped_query_heads_share_their_kv_head(make_config):
                                                                 is_causal=True)
         assert torch.allclose(out[:, :, head], want[:, 0], atol=1e-6)
     assert config.num_key_value_heads == 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("q_lora_rank", [None, 12], ids=["q_proj", "q_a_proj"])
+def test_mla_fused_input_projection_is_the_official_pair(make_config, q_lora_rank):
+    """q_kv_a_proj holds q_proj (or q_a_proj) and kv_a_proj_with_mqa under their official names; the
+    query and latent it makes are those of the two official products."""
+    config = make_config(use_mla=True, q_lora_rank=q_lora_rank)
+    attention, rope = _layer(config)
+    params = dict(attention.named_parameters())
+    official = {name: to_official(params, where) for name, where in checkpoint_layout(attention).items()}
+    q_name = "q_proj" if q_lora_rank is None else "q_a_proj"
+    q_rows = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    assert official[f"{q_name}.weight"].shape == (q_rows if q_lora_rank is None else q_lora_rank, config.hidden_size)
+    assert official["kv_a_proj_with_mqa.weight"].shape == (config.kv_lora_rank + config.qk_rope_head_dim,
+                                                           config.hidden_size)
+    assert "q_kv_a_proj.weight" not in official
+    B, S = 2, 3
+    x = torch.randn(B, S, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    cos, sin = rope.lookup(torch.arange(S)[None].expand(B, S), x.dtype)
+    (q_nope, q_pe), latent = attention.project(x, cos, sin)
+    q = F.linear(x, official[f"{q_name}.weight"])
+    if q_lora_rank is not None:
+        q = F.linear(attention.q_a_layernorm(q), official["q_b_proj.weight"])
+    q = q.view(B, S, config.num_attention_heads, -1).transpose(1, 2)
+    assert torch.allclose(q_nope, q[..., :config.qk_nope_head_dim], atol=1e-6)
+    c_kv = F.linear(x, official["kv_a_proj_with_mqa.weight"])[..., :config.kv_lora_rank]
+    assert torch.allclose(latent[..., :config.kv_lora_rank], attention.kv_a_layernorm(c_kv), atol=1e-6)
+    assert q_pe.shape == (B, config.num_attention_heads, S, config.qk_rope_head_dim)
+
+
+def test_mla_with_attention_bias_needs_a_query_rank(make_config):
+    with pytest.raises(ValueError, match="attention_bias needs q_lora_rank"):
+        make_attention(make_config(use_mla=True, attention_bias=True))
+    assert make_attention(make_config(use_mla=True, attention_bias=True, q_lora_rank=12)).q_kv_a_proj.bias is not None
