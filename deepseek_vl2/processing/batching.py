@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -82,9 +83,11 @@ def make_sample(sft_format: str, ids: list, labels: list, seq_mask: list, tiles:
                 num_image_tokens: list, special: SpecialIds, inference_mode: bool = True) -> VLChatProcessorOutput:
     """The tensors of one sample. Labels are `ignore_id` on image ids; with `inference_mode` the
     final EOS (of the empty assistant turn) is dropped. No images: one zero tile and one zero grid."""
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    target_ids = torch.tensor(labels, dtype=torch.long)
-    images_seq_mask = torch.tensor(seq_mask, dtype=torch.bool)
+    # through numpy: torch.tensor reads a list of Python ints a few times slower, holding the interpreter
+    # lock all along (about 0.1 ms per list of 2,000 here), while the server decodes on another thread
+    input_ids = torch.from_numpy(np.array(ids, dtype=np.int64))
+    target_ids = torch.from_numpy(np.array(labels, dtype=np.int64))
+    images_seq_mask = torch.from_numpy(np.array(seq_mask, dtype=np.bool_))
     target_ids[(input_ids < 0) | (input_ids == special.image_token_id)] = special.ignore_id
     input_ids[input_ids < 0] = special.pad_id
 
