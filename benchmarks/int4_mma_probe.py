@@ -2,7 +2,8 @@
 int4 gemv in the tree (kernels/quant_gemv.py) and cuBLAS on bf16 weights. A probe: nothing in the
 package calls it. Needs an sm_90 GPU (the bfloat16x2 subtraction in the inline PTX).
 
-    python benchmarks/int4_mma_probe.py [--variants small base] [--rows 1 4 16] [--json out.json]
+    python benchmarks/int4_mma_probe.py [--variants small base] [--rows 1 4 16] [--only experts|projections]
+                                        [--json out.json]
 
 Why: the gemv spends about 4.6 instructions per weight (a LOP3 to make each nibble a float, an FADD,
 an FFMA, and x's rearrangement; benchmarks/RESULTS.md, sixteenth and seventeenth sessions), which
@@ -19,11 +20,13 @@ tile is nibble i + 4h of word c, for i = 0..3 in four MMAs), and x is loaded in 
             group's scale and zero point come after, in float32:
             s * (sum (128 + q) x - 128 sum x) + z sum x
 
-Compiled for sm_90 without a GPU (Triton 3.8), the loops take about 2.9-3.1 instructions per weight
-at 128 x 128 tiles and 4 warps (SASS counts in RESULTS.md, seventeenth session); whether that makes
-them faster needs this script. It prints each kernel's error against the float32 product of the
-dequantized weights (and the gemv's, for scale), then microseconds per call inside CUDA graphs
-(weights cycled past L2, as kernel_timing.graph_us does) for each tile tried.
+Compiled for sm_90 without a GPU (Triton 3.8), the loops take 2.1-3.1 instructions per weight at
+128 x 128 tiles and 4 warps (SASS counts in RESULTS.md, seventeenth session); whether that makes
+them faster needs this script. For one token's experts (gate/up with silu, and down) and the dense
+projections at each row count it prints, per kernel, microseconds per call inside CUDA graphs
+(weights cycled past L2, as kernel_timing.graph_us does) at the best of the tiles tried, and the
+error of that tile's output against the float32 product of the dequantized weights (the gemv's too,
+for scale).
 """
 import argparse
 import itertools
@@ -209,10 +212,10 @@ def compare(row, reference, run, copies, K, group, label):
     for epilogue in (False, True):
         kind = "epilogue" if epilogue else "pairs"
         tiles = [t for t in TILES if fits(t, K, group, epilogue)]
-        if tiles:
-            row[f"{kind}_error"] = error(run(0, epilogue, tiles[0])())
-            row[f"{kind}_us"], row[f"{kind}_tile"] = best(lambda i, t: run(i, epilogue, t), tiles, copies,
-                                                          f"{label} {kind}")
+        us, tile = best(lambda i, t: run(i, epilogue, t), tiles, copies, f"{label} {kind}")
+        if tile is not None:
+            row[f"{kind}_us"], row[f"{kind}_tile"] = us, tile
+            row[f"{kind}_error"] = error(run(0, epilogue, tile)())
 
 
 def projections(variants, rows_list):
