@@ -71,7 +71,7 @@ class ImageTiler:
 
         The crops are cut from the padded image and transformed one by one, not transformed as one
         canvas and sliced: the pixels are the same, but turning a PIL image into an array holds the
-        interpreter lock all along (about 1 ms for a 1152x1152 canvas on a server's CPU), and a server
+        interpreter lock all along (about 1 ms for a 1152x1152 canvas, measured on a 2-core CPU), and a server
         prepares requests beside the thread that decodes (benchmarks/RESULTS.md, seventeenth session)."""
         size = self.image_size
         best_width, best_height = resolution
