@@ -194,6 +194,10 @@ def fits(tile, K, group, epilogue) -> bool:
     return K % block_k == 0 and (group == block_k if epilogue else group % block_k == 0)
 
 
+def relative_error(out, reference) -> float:
+    return ((out.float() - reference).norm() / reference.norm()).item()
+
+
 def best(run, tiles, copies, label):
     """(us, tile) of the fastest tile, `run(i, tile)` a thunk on input copy i; tiles that fail to
     compile or launch are reported and skipped."""
@@ -208,14 +212,13 @@ def best(run, tiles, copies, label):
 
 def compare(row, reference, run, copies, K, group, label):
     """Into `row`: each variant's error against `reference` (float32) and its best time."""
-    error = lambda out: ((out.float() - reference).norm() / reference.norm()).item()  # noqa: E731
     for epilogue in (False, True):
         kind = "epilogue" if epilogue else "pairs"
         tiles = [t for t in TILES if fits(t, K, group, epilogue)]
         us, tile = best(lambda i, t: run(i, epilogue, t), tiles, copies, f"{label} {kind}")
         if tile is not None:
             row[f"{kind}_us"], row[f"{kind}_tile"] = us, tile
-            row[f"{kind}_error"] = error(run(0, epilogue, tile)())
+            row[f"{kind}_error"] = relative_error(run(0, epilogue, tile)(), reference)
 
 
 def projections(variants, rows_list):
@@ -229,7 +232,7 @@ def projections(variants, rows_list):
         reference = x.float() @ rtn.dequantize(*weights[0], torch.float32).T
         gemv = lambda i: lambda: quant_gemv.gemv_launch(x, *weights[i], None, 1, False)  # noqa: E731
         row = dict(name=name, N=N, K=K, group=group, rows=rows, gemv_us=graph_us(gemv, copies),
-                   gemv_error=((gemv(0)().float() - reference).norm() / reference.norm()).item())
+                   gemv_error=relative_error(gemv(0)(), reference))
         bf16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(N * K * 2))]
         row["cublas_bf16_us"] = graph_us(lambda i: lambda: torch.nn.functional.linear(x, bf16[i]), len(bf16))
         compare(row, reference, lambda i, epilogue, tile: lambda: mma_launch(x, *weights[i], None, 1, False, epilogue,
@@ -260,7 +263,7 @@ def experts(variants):
                 products = torch.nn.functional.silu(gate) * up
             row = dict(name=f"{variant} experts {stage}", pairs=len(ids[0]), K=K, group=group,
                        gemv_us=graph_us(gemv, len(ids)),
-                       gemv_error=((gemv(0)().float() - products).norm() / products.norm()).item())
+                       gemv_error=relative_error(gemv(0)(), products))
             compare(row, products, lambda i, epilogue, tile: lambda: mma_launch(inp, q, s, z, ids[i], per_id, silu,
                                                                                 epilogue, *tile),
                     len(ids), K, group, row["name"])
