@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch
-from ..weights.layout import OfficialSlice
+from ..weights.layout import stacked_rows
 from .language_config import DeepseekV2Config
 from .rms_norm import RMSNorm
 from .rope import rope_for
@@ -95,14 +95,8 @@ class MultiHeadAttention(nn.Module):
 
     def checkpoint_keys(self):
         """Official names of the fused q/k/v projection's rows."""
-        keys, start = {}, 0
-        for name, size in zip(("q_proj", "k_proj", "v_proj"), self.split_sizes):
-            rows = slice(start, start + size)
-            keys[f"{name}.weight"] = OfficialSlice("qkv_proj.weight", (rows,))
-            if self.qkv_proj.bias is not None:
-                keys[f"{name}.bias"] = OfficialSlice("qkv_proj.bias", (rows,))
-            start += size
-        return keys
+        return stacked_rows("qkv_proj", zip(("q_proj", "k_proj", "v_proj"), self.split_sizes),
+                            bias=self.qkv_proj.bias is not None)
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape
@@ -151,13 +145,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def checkpoint_keys(self):
         """Official names of the fused input projection's rows."""
-        q_rows = slice(0, self.split_sizes[0])
-        names = (("q_proj" if self.q_rank is None else "q_a_proj", q_rows),
-                 ("kv_a_proj_with_mqa", slice(self.split_sizes[0], None)))
-        keys = {f"{name}.weight": OfficialSlice("q_kv_a_proj.weight", (rows,)) for name, rows in names}
-        if self.q_kv_a_proj.bias is not None:
-            keys.update({f"{name}.bias": OfficialSlice("q_kv_a_proj.bias", (rows,)) for name, rows in names})
-        return keys
+        q_name = "q_proj" if self.q_rank is None else "q_a_proj"
+        return stacked_rows("q_kv_a_proj", [(q_name, self.split_sizes[0]),
+                                            ("kv_a_proj_with_mqa", sum(self.split_sizes[1:]))],
+                            bias=self.q_kv_a_proj.bias is not None)
 
     def project(self, x, cos, sin):
         B, S, _ = x.shape

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..kernels.reference import Routing
-from ..weights.layout import OfficialSlice
+from ..weights.layout import OfficialSlice, stacked_rows
 from .language_config import DeepseekV2Config
 
 
@@ -27,11 +27,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def checkpoint_keys(self):
-        I = self.intermediate_size
-        return {
-            "gate_proj.weight": OfficialSlice("gate_up_proj.weight", (slice(0, I),)),
-            "up_proj.weight": OfficialSlice("gate_up_proj.weight", (slice(I, 2 * I),)),
-        }
+        return stacked_rows("gate_up_proj", [("gate_proj", self.intermediate_size), ("up_proj", self.intermediate_size)])
 
     def forward(self, x):
         return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))

@@ -15,7 +15,7 @@ official names map onto it as before, and loading quantizes each tensor into its
 stored parts as suffixes (`<official name>.qweight`, `.scale`, `.zero`), each the same slice of the
 stored parameter.
 """
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +34,20 @@ class OfficialSlice(NamedTuple):
 
 
 Layout = Dict[str, OfficialSlice]  # official name -> where it lives
+
+
+def stacked_rows(param: str, parts: Sequence[Tuple[str, int]], bias: bool = False) -> Layout:
+    """The official names of a linear layer that holds several official ones stacked by output rows:
+    `parts` are (official layer name, rows) in order; each `<name>.weight` (and `<name>.bias` with
+    `bias`) is its consecutive slice of `<param>.weight` (`<param>.bias`)."""
+    keys, start = {}, 0
+    for name, rows in parts:
+        index = (slice(start, start + rows),)
+        keys[f"{name}.weight"] = OfficialSlice(f"{param}.weight", index)
+        if bias:
+            keys[f"{name}.bias"] = OfficialSlice(f"{param}.bias", index)
+        start += rows
+    return keys
 
 
 def checkpoint_layout(model: nn.Module) -> Layout:
