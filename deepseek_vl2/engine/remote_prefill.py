@@ -1,23 +1,25 @@
 """Prefill on another device: the continuous engine decodes on its GPU while a copy of the model on a
 second device (`ContinuousEngine(..., prefill=PrefillSettings(device="cuda:1"))`, the server's
 `--prefill-device`) runs every prompt's images and decoder layers, on a thread of its own. No decode
-step ever waits behind a prompt's vision tower or layers; a step only waits for the copy of a
-finished prompt's cache into its slot.
+step ever waits behind a prompt's vision tower, its layers or the copy of its cache.
 
     engine thread                          prefill thread (the prefill device current)
     admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
                                            every decoder layer over the prompt into the prompt
-    `take_ended`: the row's cache    <---  row there, and the last token's logits
-      and logits copied to the slot,
-      its first token chosen there
+                                           row there; the row's cache copied into the slot, the
+    `take_ended`: its first token    <---  last token's logits onto the engine's device
+      chosen there
 
 The prompt's cache lands in the decode device's slot by one device-to-device copy per layer (over
-NVLink between GPUs). It is issued by the engine's thread with a copy stream of the prefill device
-current, and PyTorch orders such a copy after the work already queued on the decode device's stream
-and before what follows: the decode step then in flight is never overtaken, the next one sees the
-prompt. The prefill device's own stream is not involved, so the copy does not wait for the next
-prompt's prefill. The next prompt goes through the vision tower meanwhile; its decoder layers wait
-(on the device) for an event recorded behind the copy before they write the prompt row again.
+NVLink between GPUs), issued by the prefill thread as soon as the prompt's layers have run, on a
+stream of its own on each device: the decode steps never wait for it, and the engine's thread does
+not spend its time launching it. Two events order it: the copy waits (on the device) for the decode
+steps launched before the request was admitted, which may still write the slot's entries of the
+request that held it before (`add` records that point), and the engine's stream waits for the copy
+only when the request joins the running rows (`take_ended`), when it has long ended. A slot not yet
+decoding is not read by a step except as a masked dummy row, so the copy may land while steps run.
+The next prompt's decoder layers wait (on the device) for the copy out of the prompt row before
+they write it again; its vision tower runs meanwhile.
 
 The model there is made by `devices.replicate` from the engine's model, tensor by tensor, so the
 decode device never holds a second copy. Its decoder layers over a prompt replay CUDA graphs
@@ -51,21 +53,14 @@ WARM_UP_TOKENS = 64
 
 
 @dataclass
-class _Row:
-    """The prefill device's prompt row, passed between the threads: the prefill thread holds it from
-    a prompt's first decoder layer until the engine has issued that prompt's copy."""
-
-    copied: Optional[torch.cuda.Event] = None  # recorded behind the last copy out of it (between GPUs)
-
-
-@dataclass
 class _Done:
-    """A prompt the prefill thread finished: the prompt row holding its cache and its last-token
-    logits, or its error (neither: skipped, the request was cancelled before its turn)."""
+    """A prompt the prefill thread finished: its last-token logits on the engine's device once its
+    cache is in the request's slot (`copied`: recorded behind the copies, between GPUs), or its error
+    (neither: skipped, the request ended before its cache was copied)."""
 
     request: ActiveRequest
-    row: Optional[_Row] = None
     logits: Optional[torch.Tensor] = None
+    copied: Optional[torch.cuda.Event] = None
     error: Optional[Exception] = None
 
 
@@ -90,6 +85,7 @@ class RemotePrefill:
         self.lm = getattr(self.model, "language", self.model)
         self.chunk = chunk
         self.prompt = KVCache(self.lm.config, 1, engine.slots.capacity, device, self.lm.dtype)
+        self._row_copied: Optional[torch.cuda.Event] = None  # behind the last copy out of the prompt row
         self.graphs = None
         with current(device):
             if use_graphs and decode_is_capturable(device, self.lm.dtype):
@@ -99,12 +95,12 @@ class RemotePrefill:
                 self._warm_up()
                 self._startup = "decoder layers eager"
         self.requests: List[ActiveRequest] = []  # admitted, in admission order (the engine removes ended ones)
-        self._todo: queue.Queue = queue.Queue()  # requests for the prefill thread; None: stop
-        self._rows: queue.Queue = queue.Queue()  # holds the prompt row while the prefill thread may take it
-        self._rows.put(_Row())
+        self._todo: queue.Queue = queue.Queue()  # (request, slot_free event) for the prefill thread; None: stop
         self._done: deque = deque()  # _Done, from the prefill thread
         between_gpus = device.type == "cuda" and engine.device.type == "cuda"
-        self._copies = torch.cuda.Stream(device) if between_gpus else None  # see _copy_out
+        # the copies' streams on the prefill device and on the engine's (see _into_slot)
+        self._copies = torch.cuda.Stream(device) if between_gpus else None
+        self._landing = torch.cuda.Stream(engine.device) if between_gpus else None
         self._thread = threading.Thread(target=self._work, name="remote-prefill", daemon=True)
         self._thread.start()
 
@@ -114,8 +110,14 @@ class RemotePrefill:
     # ---- the engine's thread --------------------------------------------------------------------
 
     def add(self, request: ActiveRequest) -> None:
+        """Queue an admitted request, with an event behind the decode steps launched so far (its
+        cache is copied into its slot after them)."""
+        slot_free = None
+        if self._copies is not None:
+            slot_free = torch.cuda.Event()
+            slot_free.record(torch.cuda.current_stream(self.engine.device))
         self.requests.append(request)
-        self._todo.put(request)
+        self._todo.put((request, slot_free))
 
     @property
     def ended(self) -> bool:
@@ -123,73 +125,54 @@ class RemotePrefill:
         return bool(self._done)
 
     def take_ended(self) -> List[Prefilled]:
-        """The prefills that ended since the last call: each prompt's cache copied into its slot and
-        its first token chosen on the engine's device (or its error). Requests that ended meanwhile
-        (cancelled) are dropped."""
+        """The prefills that ended since the last call: each request's first token chosen on the
+        engine's device, after its cache copy (or its error). Requests that ended meanwhile
+        (cancelled) are dropped: the engine ended them itself."""
         ended = []
         while self._done:
             done = self._done.popleft()
             request = done.request
-            if done.row is not None:
-                if not request.done:
-                    logits = self._copy_out(done)
-                    ended.append(first_token(request, logits, self.histories, self.next_tokens))
-                self._rows.put(done.row)
-            elif done.error is not None and not request.done:
-                ended.append(Prefilled(request, error=done.error))
-            else:
-                continue  # skipped: the engine ends the cancelled request itself
+            if done.logits is None and done.error is None and not request.done:
+                continue  # skipped, cancelled: the engine ends it itself (it stays in `requests` until then)
             if request in self.requests:
                 self.requests.remove(request)
+            if request.done:
+                continue
+            if done.error is not None:
+                ended.append(Prefilled(request, error=done.error))
+            elif done.logits is not None:
+                logits = done.logits
+                if done.copied is not None:
+                    stream = torch.cuda.current_stream(self.engine.device)
+                    stream.wait_event(done.copied)
+                    logits.record_stream(stream)  # made on the copies' stream, read on this one
+                ended.append(first_token(request, logits, self.histories, self.next_tokens))
         return ended
 
     def close(self) -> None:
         self._todo.put(None)
-        self._rows.put(None)  # wakes a thread waiting for a free row
         self._thread.join(timeout=30)
-
-    def _copy_out(self, done: _Done) -> torch.Tensor:
-        """The prompt's cache from its buffer row into the request's slot, and its logits onto the
-        engine's device, ordered on the engine's stream (see the module's docstring)."""
-        request = done.request
-        source = self.prompt.rows(0, 1)
-        source.length = request.prompt_len
-        if self._copies is None:
-            self.slots.cache.rows(request.slot, 1).copy_from(source)
-            return done.logits.to(self.engine.device)
-        with torch.cuda.stream(self._copies):
-            self.slots.cache.rows(request.slot, 1).copy_from(source)
-            logits = done.logits.to(self.engine.device)
-            done.logits.record_stream(self._copies)  # its memory is not reused before the copy has read it
-            done.row.copied = torch.cuda.Event()
-            done.row.copied.record(self._copies)
-        return logits
 
     # ---- the prefill thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
         with current(self.device), torch.inference_mode():
             while True:
-                request = self._todo.get()
-                if request is None:
+                item = self._todo.get()
+                if item is None:
                     return
-                if request.done or request.handle.cancelled:
-                    request.inputs = None
-                    self._hand_over(_Done(request))
-                    continue
-                row = None
+                request, slot_free = item
                 try:
-                    embeds = self._embeddings(request.inputs)
-                    row = self._rows.get()
-                    if row is None:
-                        return
-                    self._hand_over(_Done(request, row, logits=self._layers(embeds, row)))
+                    if request.done or request.handle.cancelled:
+                        done = _Done(request)
+                    else:
+                        done = self._into_slot(request, self._layers(self._embeddings(request.inputs)), slot_free)
                 except Exception as error:  # this request fails; the thread goes on with the next
-                    if row is not None:
-                        self._rows.put(row)
-                    self._hand_over(_Done(request, error=error))
+                    done = _Done(request, error=error)
                 finally:
                     request.inputs = None
+                self._done.append(done)
+                self._on_ended()
 
     def _embeddings(self, inputs) -> torch.Tensor:
         """A request's prompt embeddings [1, T, hidden] (its images through the tower)."""
@@ -198,12 +181,12 @@ class RemotePrefill:
         return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                                 inputs.images_spatial_crop)
 
-    def _layers(self, embeds: torch.Tensor, row: _Row) -> torch.Tensor:
-        """The prompt through every decoder layer into the prompt row, once the last copy out of it
-        has been made: its last logits, computed (the thread waits for the device, so the engine's
-        copy never waits on it)."""
-        if row.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(row.copied)
+    def _layers(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt through every decoder layer into the prompt row, once the last copy out of it has
+        been made: its last logits, computed (the thread waits for the device, so the copies it
+        issues next read a finished row)."""
+        if self._row_copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._row_copied)
         if self.graphs is not None:
             logits = GraphLayerPieces(self.graphs, embeds).advance(len(self.lm.model.layers))
         else:
@@ -212,13 +195,33 @@ class RemotePrefill:
             torch.cuda.current_stream(self.device).synchronize()
         return logits
 
+    def _into_slot(self, request: ActiveRequest, logits: torch.Tensor, slot_free) -> _Done:
+        """The prompt's cache from the prompt row into the request's slot, and its `logits` onto the
+        engine's device. Between GPUs on the copies' own streams (see the module's docstring): each
+        cross-device copy orders itself between the current streams of both devices, which are then
+        these two, never the engine's. Skipped if the request has ended (its slot may be another's)."""
+        if request.done:
+            return _Done(request)
+        source = self.prompt.rows(0, 1)
+        source.length = request.prompt_len
+        target = self.slots.cache.rows(request.slot, 1)
+        if self._copies is None:
+            target.copy_from(source)
+            return _Done(request, logits=logits.to(self.engine.device))
+        with torch.cuda.stream(self._landing), torch.cuda.stream(self._copies):
+            self._landing.wait_event(slot_free)
+            target.copy_from(source)
+            landed = logits.to(self.engine.device)
+            logits.record_stream(self._copies)  # its memory is not reused before the copy has read it
+            copied = torch.cuda.Event()
+            copied.record(self._landing)
+            self._row_copied = torch.cuda.Event()
+            self._row_copied.record(self._copies)
+        return _Done(request, logits=landed, copied=copied)
+
     def _warm_up(self) -> None:
         """A short prompt through every eager layer (the Triton kernels of the prefill device compile
         here, not at the first request)."""
         ids = torch.zeros(1, min(WARM_UP_TOKENS, self.slots.capacity - 1), dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            self._layers(self.lm.get_input_embeddings()(ids), _Row())
-
-    def _hand_over(self, done: _Done) -> None:
-        self._done.append(done)
-        self._on_ended()
+            self._layers(self.lm.get_input_embeddings()(ids))

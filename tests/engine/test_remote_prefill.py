@@ -25,7 +25,7 @@ def test_mixed_requests_prefilled_elsewhere_equal_their_single_answers(checkpoin
                                                                          single.finish_reason)
     assert engine.slots.free_count == 3 and engine.stats.max_running == 3
     assert engine.stats.whole_prefills == engine.stats.tower_pieces == engine.stats.layer_pieces == 0
-    assert engine.prefill._rows.qsize() == 1  # every buffer row back
+    assert engine.prefill._todo.empty() and not engine.prefill._done  # nothing left between the threads
     engine.close()
     assert not engine.prefill._thread.is_alive()
 
@@ -60,7 +60,7 @@ def test_cancelled_requests_end_wherever_their_prefill_is():
     assert results[0].finish_reason == "length" and len(results[0].token_ids) == 30
     assert [r.finish_reason for r in results[1:]] == ["cancelled"] * 3
     assert engine.slots.free_count == 3 and not engine.prefill.requests
-    assert engine.prefill._rows.qsize() == 1
+    assert engine.prefill._todo.empty() and not engine.prefill._done
     engine.close()
 
 
@@ -80,7 +80,7 @@ def test_a_prompt_that_fails_there_fails_alone(tiny_lm):
         handles[0].result(timeout=0)
     assert handles[1].result(timeout=0).token_ids == expected[0]
     assert engine.stats.failed == 1 and engine.slots.free_count == 2
-    assert engine.prefill._rows.qsize() == 1
+    assert engine.prefill._todo.empty() and not engine.prefill._done
     engine.close()
 
 
@@ -91,9 +91,9 @@ def test_the_loop_waits_for_the_prefill_thread_instead_of_spinning(monkeypatch):
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=1, prefill=ON_CPU)
     layers = engine.prefill._layers
 
-    def slow_layers(embeds, row):
+    def slow_layers(embeds):
         time.sleep(0.5)
-        return layers(embeds, row)
+        return layers(embeds)
 
     monkeypatch.setattr(engine.prefill, "_layers", slow_layers)
     steps = []

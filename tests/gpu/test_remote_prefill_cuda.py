@@ -28,7 +28,7 @@ def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property)
     deadline = time.monotonic() + 120
     while not all(handle.finished for handle in handles) and time.monotonic() < deadline:
         time.sleep(0.05)  # each result stays queued for the check below
-    assert engine.prefill._rows.qsize() == 1 and not engine.prefill.requests  # the prompt row is back
+    assert engine.prefill._todo.empty() and not engine.prefill._done and not engine.prefill.requests
     engine.close()
     assert engine.steps.eager_steps == 0 and compilations() == compiled
     assert engine.slots.free_count == 4 and engine.stats.max_running >= 2
