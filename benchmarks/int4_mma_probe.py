@@ -3,6 +3,7 @@ int4 gemv in the tree (kernels/quant_gemv.py) and cuBLAS on bf16 weights. A prob
 package calls it. Needs an sm_90 GPU (the bfloat16x2 subtraction in the inline PTX).
 
     python benchmarks/int4_mma_probe.py [--variants small base] [--rows 1 4 16] [--only experts|projections]
+                                        [--block-n 64 128] [--block-k 64 128 256] [--warps 1 4] [--stages 3]
                                         [--json out.json]
 
 Why: the gemv spends about 4.6 instructions per weight (a LOP3 to make each nibble a float, an FADD,
@@ -46,7 +47,7 @@ from deepseek_vl2.quantization.config import QuantizationConfig  # noqa: E402
 from kernel_timing import copies_for, graph_us  # noqa: E402
 from quant_gemv_configs import EXPERTS, EXPERTS_PER_TOKEN, PROJECTIONS  # noqa: E402
 
-TILES = list(itertools.product((64, 128), (64, 128, 256), (1, 4), (3,)))  # (BLOCK_N, BLOCK_K, warps, stages)
+TILES = []  # (BLOCK_N, BLOCK_K, warps, stages) tried: main() sets them from the command line
 
 if triton is not None:
     # nibble pairs (i, i + 4) of a word as bfloat16x2 128 + q: (word >> 4i) & 0x000F000F | 0x43004300
@@ -215,6 +216,7 @@ def compare(row, reference, run, copies, K, group, label):
     for epilogue in (False, True):
         kind = "epilogue" if epilogue else "pairs"
         tiles = [t for t in TILES if fits(t, K, group, epilogue)]
+        row[f"{kind}_tiles"] = len(tiles)
         us, tile = best(lambda i, t: run(i, epilogue, t), tiles, copies, f"{label} {kind}")
         if tile is not None:
             row[f"{kind}_us"], row[f"{kind}_tile"] = us, tile
@@ -275,8 +277,13 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["small", "base"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--only", choices=["experts", "projections"])
+    parser.add_argument("--block-n", nargs="+", type=int, default=[64, 128], help="output rows per program")
+    parser.add_argument("--block-k", nargs="+", type=int, default=[64, 128, 256], help="input columns per tile")
+    parser.add_argument("--warps", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--stages", nargs="+", type=int, default=[3])
     parser.add_argument("--json")
     args = parser.parse_args()
+    TILES[:] = itertools.product(args.block_n, args.block_k, args.warps, args.stages)
     if not torch.cuda.is_available():
         sys.exit("int4_mma_probe.py needs a CUDA GPU")
     results = []
