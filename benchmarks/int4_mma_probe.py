@@ -25,8 +25,8 @@ Compiled for sm_90 without a GPU (Triton 3.8), the loops take 2.1-3.1 instructio
 128 x 128 tiles and 4 warps (SASS counts in RESULTS.md, seventeenth session). On an H200 (eighteenth
 session) they are slower than the gemv at one token (small's experts' gate/up 20 against 14 us:
 latency, not instructions, bounds a one-token tile) and faster only where several token rows share
-a dense layer's weights (its gate/up at 4 rows: 20 against 55 us). For one token's experts (gate/up with silu, and down) and the dense
-projections at each row count it prints, per kernel, microseconds per call inside CUDA graphs
+a dense layer's weights (its gate/up at 4 rows: 20 against 55 us). For one token's experts (gate/up
+with silu, and down) and the dense projections at each row count it prints, per kernel, microseconds per call inside CUDA graphs
 (weights cycled past L2, as kernel_timing.graph_us does) at the best of the tiles tried, and the
 error of that tile's output against the float32 product of the dequantized weights (the gemv's too,
 for scale).
