@@ -26,10 +26,10 @@ Compiled for sm_90 without a GPU (Triton 3.8), the loops take 2.1-3.1 instructio
 session) they are slower than the gemv at one token (small's experts' gate/up 20 against 14 us:
 latency, not instructions, bounds a one-token tile) and faster only where several token rows share
 a dense layer's weights (its gate/up at 4 rows: 20 against 55 us). For one token's experts (gate/up
-with silu, and down) and the dense projections at each row count it prints, per kernel, microseconds per call inside CUDA graphs
-(weights cycled past L2, as kernel_timing.graph_us does) at the best of the tiles tried, and the
-error of that tile's output against the float32 product of the dequantized weights (the gemv's too,
-for scale).
+with silu, and down) and the dense projections at each row count it prints, per kernel,
+microseconds per call inside CUDA graphs (weights cycled past L2, as kernel_timing.graph_us does)
+at the best of the tiles tried, and the error of that tile's output against the float32 product of
+the dequantized weights (the gemv's too, for scale).
 """
 import argparse
 import itertools
