@@ -49,8 +49,6 @@ from deepseek_vl2.quantization.config import QuantizationConfig  # noqa: E402
 from kernel_timing import copies_for, graph_us  # noqa: E402
 from quant_gemv_configs import EXPERTS, EXPERTS_PER_TOKEN, PROJECTIONS  # noqa: E402
 
-TILES = []  # (BLOCK_N, BLOCK_K, warps, stages) tried: main() sets them from the command line
-
 if triton is not None:
     # nibble pairs (i, i + 4) of a word as bfloat16x2 128 + q: (word >> 4i) & 0x000F000F | 0x43004300
     _RAW = [tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;")] + [
@@ -213,19 +211,20 @@ def best(run, tiles, copies, label):
     return min(timed) if timed else (None, None)
 
 
-def compare(row, reference, run, copies, K, group, label):
-    """Into `row`: each variant's error against `reference` (float32) and its best time."""
+def compare(row, reference, run, copies, tiles, K, group, label):
+    """Into `row`: each variant's error against `reference` (float32) and its best time over the
+    `tiles` (BLOCK_N, BLOCK_K, warps, stages) that fit it."""
     for epilogue in (False, True):
         kind = "epilogue" if epilogue else "pairs"
-        tiles = [t for t in TILES if fits(t, K, group, epilogue)]
-        row[f"{kind}_tiles"] = len(tiles)
-        us, tile = best(lambda i, t: run(i, epilogue, t), tiles, copies, f"{label} {kind}")
+        fitting = [t for t in tiles if fits(t, K, group, epilogue)]
+        row[f"{kind}_tiles"] = len(fitting)
+        us, tile = best(lambda i, t: run(i, epilogue, t), fitting, copies, f"{label} {kind}")
         if tile is not None:
             row[f"{kind}_us"], row[f"{kind}_tile"] = us, tile
             row[f"{kind}_error"] = relative_error(run(0, epilogue, tile)(), reference)
 
 
-def projections(variants, rows_list):
+def projections(variants, rows_list, tiles):
     for (name, (N, K)), rows in itertools.product(
             [(n, s) for n, s in PROJECTIONS.items() if n.split()[0] in variants], rows_list):
         group = QuantizationConfig("int4").group_for(K)
@@ -240,11 +239,11 @@ def projections(variants, rows_list):
         bf16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(N * K * 2))]
         row["cublas_bf16_us"] = graph_us(lambda i: lambda: torch.nn.functional.linear(x, bf16[i]), len(bf16))
         compare(row, reference, lambda i, epilogue, tile: lambda: mma_launch(x, *weights[i], None, 1, False, epilogue,
-                                                                             *tile), copies, K, group, name)
+                                                                             *tile), copies, tiles, K, group, name)
         yield row
 
 
-def experts(variants):
+def experts(variants, tiles):
     """One token's 8 (expert, row) pairs (6 routed + 2 shared), gate/up with silu and down."""
     for variant in variants:
         E, I, h = EXPERTS[variant]
@@ -270,7 +269,7 @@ def experts(variants):
                        gemv_error=relative_error(gemv(0)(), products))
             compare(row, products, lambda i, epilogue, tile: lambda: mma_launch(inp, q, s, z, ids[i], per_id, silu,
                                                                                 epilogue, *tile),
-                    len(ids), K, group, row["name"])
+                    len(ids), tiles, K, group, row["name"])
             yield row
 
 
@@ -285,12 +284,12 @@ def main():
     parser.add_argument("--stages", nargs="+", type=int, default=[3])
     parser.add_argument("--json")
     args = parser.parse_args()
-    TILES[:] = itertools.product(args.block_n, args.block_k, args.warps, args.stages)
     if not torch.cuda.is_available():
         sys.exit("int4_mma_probe.py needs a CUDA GPU")
+    tiles = list(itertools.product(args.block_n, args.block_k, args.warps, args.stages))
     results = []
-    parts = [] if args.only == "projections" else [experts(args.variants)]
-    parts += [] if args.only == "experts" else [projections(args.variants, args.rows)]
+    parts = [] if args.only == "projections" else [experts(args.variants, tiles)]
+    parts += [] if args.only == "experts" else [projections(args.variants, args.rows, tiles)]
     for part in parts:
         for row in part:
             results.append(row)
