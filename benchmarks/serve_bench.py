@@ -26,6 +26,7 @@ start-up (the engine's "nothing compiled or captured after start-up", counted).
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import json
 import multiprocessing
@@ -83,7 +84,7 @@ def prefill_settings(args):
     from deepseek_vl2.engine import PrefillSettings
 
     return PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens,
-                           device=args.prefill_device)
+                           device=args.prefill_device, sms=args.prefill_sms)
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False,
@@ -282,12 +283,13 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
     command = [sys.executable, __file__, "--serve", args.variant, "--port", str(port), "--scheduler", scheduler,
                "--slots", str(args.slots), "--prefill-chunk", str(args.prefill_chunk),
                "--vision-blocks", str(args.vision_blocks), "--layer-tokens", str(args.layer_tokens)]
-    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "quantization",
+    for flag in ("piecewise_rows", "whole_prefill_queue", "switch_interval", "prefill_device", "prefill_sms", "quantization",
                  "quant_gemv_rows"):
         if getattr(args, flag) is not None:
             value = getattr(args, flag)
             command += ["--" + flag.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
     command += ["--timeline"] if args.timeline else []
+    command += ["--gc-off"] if args.gc_off else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -339,43 +341,97 @@ def engine_rule(args):
         continuous.WHOLE_PREFILL_QUEUE = args.whole_prefill_queue
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    if args.gc_off:
+        gc.disable()
     with dispatch.quant_gemv_rows(*args.quant_gemv_rows) if args.quant_gemv_rows else contextlib.nullcontext():
         yield
 
 
 class IterationLog:
-    """Wraps `engine.step`: each iteration's end time, what it launched and how many rows decode.
-    Iteration i launches its work and then waits for iteration i-1's, so on a busy GPU the time
-    from the end of iteration i to the end of i+1 is what iteration i's work took on the device."""
+    """Wraps `engine.step`: each iteration's end time, what it launched, how many rows decode, the
+    host time the call took, and which one-off parts of a prefill ran in it (`MARKS`: the prompt's
+    tiles sent to the tower, the tower's features placed in the prompt, the first decoder-layer
+    piece, the prompt's end with its first token, a request admitted, a row joining). Iteration i
+    launches its work and then waits for iteration i-1's, so on a busy GPU the time from the end of
+    iteration i to the end of i+1 is what iteration i's work took on the device."""
 
     KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
+    SLOW_MS = 2.7  # iterations slower than this are counted by label (tiny's inter-token target is ~3x 0.9 ms)
 
     def __init__(self, engine):
-        self.engine, self.entries = engine, []
+        self.engine, self.entries, self.marks = engine, [], set()
         step = engine.step
         engine.step = lambda: self._timed(step)
+        from deepseek_vl2.engine.prefill import Prefill
+
+        prefill = engine.prefill
+        if isinstance(prefill, Prefill):  # pieces between the steps (prefill.py)
+            self._mark(engine.model, "image_prompt", "tiles in")
+            self._mark(engine.model, "place_images", "features placed")
+            self._mark(prefill, "_end", "prompt end")
+            layers = prefill._layers
+            prefill._layers = lambda request: (self.marks.add("layers start") if request.layers is None else None,
+                                               layers(request))[1]
+        self._mark(engine, "admit_request", "admit")
+        self.collections, self._collecting = [], None  # (generation, ms) of each garbage collection
+        gc.callbacks.append(self._collection)
+        join = engine._join_prefilled
+        engine._join_prefilled = lambda: (lambda joined: (self.marks.add("join") if joined else None, joined)[1])(join())
+
+    def _collection(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        elif self._collecting is not None:
+            self.collections.append((info["generation"], 1e3 * (time.perf_counter() - self._collecting)))
+
+    def _mark(self, owner, name: str, label: str) -> None:
+        if not hasattr(owner, name):
+            return
+        function = getattr(owner, name)
+
+        def marked(*args, **kwargs):
+            self.marks.add(label)
+            return function(*args, **kwargs)
+        setattr(owner, name, marked)
 
     def _timed(self, step) -> None:
         stats = self.engine.stats
         before = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
+        self.marks = set()
+        started = time.perf_counter()
         step()
+        ended = time.perf_counter()
         after = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         kind = next((k for k, b, a in zip(self.KINDS, before, after) if a > b), None)
-        self.entries.append((time.perf_counter(), kind, len(self.engine._running)))
+        label = kind if kind is None or not self.marks else f"{kind} + {', '.join(sorted(self.marks))}"
+        self.entries.append((ended, label, len(self.engine._running), ended - started))
 
     def summary(self) -> dict:
-        """{kind: count, p50 and p99 ms of the work it launched, mean rows decoding}."""
+        """{label: count, p50 and p99 ms of the work it launched, host ms of the call p50 / p99, mean
+        rows decoding, and how many took longer than SLOW_MS}."""
         durations = {}
-        for (end, kind, rows), (next_end, _, _) in zip(self.entries, self.entries[1:]):
-            if kind is not None:
-                durations.setdefault(kind, []).append((1e3 * (next_end - end), rows))
+        for (end, label, rows, host), (next_end, _, _, _) in zip(self.entries, self.entries[1:]):
+            if label is not None:
+                durations.setdefault(label, []).append((1e3 * (next_end - end), rows, 1e3 * host))
         result = {}
-        for kind, values in durations.items():
-            ms = sorted(v for v, _ in values)
-            result[kind] = dict(count=len(ms), p50_ms=ms[len(ms) // 2], p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
-                                mean_rows=sum(r for _, r in values) / len(values))
-        self.entries = []
+        for label, values in sorted(durations.items()):
+            ms, host = sorted(v for v, _, _ in values), sorted(h for _, _, h in values)
+            result[label] = dict(count=len(ms), p50_ms=round(ms[len(ms) // 2], 3), p99_ms=round(percentile(ms, 99), 3),
+                                 host_p50_ms=round(host[len(host) // 2], 3), host_p99_ms=round(percentile(host, 99), 3),
+                                 mean_rows=round(sum(r for _, r, _ in values) / len(values), 2),
+                                 slow=sum(v > self.SLOW_MS for v in ms))
+        for generation in range(3):
+            ms = sorted(t for g, t in self.collections if g == generation)
+            if ms:
+                result[f"garbage collections, generation {generation}"] = dict(
+                    count=len(ms), p50_ms=round(ms[len(ms) // 2], 3), max_ms=round(ms[-1], 3),
+                    over_half_ms=sum(t > 0.5 for t in ms))
+        self.entries, self.collections = [], []
         return result
+
+
+def percentile(ordered: list, p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 def in_process(args) -> None:
@@ -463,6 +519,7 @@ def main():
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="--layer-tokens of the server")
     parser.add_argument("--prefill-device", help="--prefill-device of the server (a second GPU, cuda:1)")
+    parser.add_argument("--prefill-sms", type=int, help="--prefill-sms of the server (SMs set aside for prefill)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                         help="the decoder's weights (bench.py's build_model)")
     parser.add_argument("--port", type=int, default=8931)
@@ -476,6 +533,7 @@ def main():
     parser.add_argument("--piecewise-rows", type=int, help="the engine's PIECEWISE_ROWS (continuous.py)")
     parser.add_argument("--whole-prefill-queue", type=int, help="the engine's WHOLE_PREFILL_QUEUE (continuous.py)")
     parser.add_argument("--switch-interval", type=float, help="the server's sys.setswitchinterval, seconds")
+    parser.add_argument("--gc-off", action="store_true", help="the server runs without Python's cyclic garbage collector")
     parser.add_argument("--quant-gemv-rows", type=int, nargs=2, metavar=("EXPERTS", "PROJECTIONS"),
                         help="dispatch's QUANT_EXPERT_GEMV_ROWS (both widths) and QUANT_LINEAR_GEMV_ROWS: token "
                              "rows up to which a quantized model's decode reads those weights by gemv")

@@ -117,7 +117,8 @@ class ContinuousEngine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
-        prompt_graphs = PromptGraphs(self.lm, self.slots.prompt) if cuda_graphs and prefill.device is None else None
+        here = prefill.device is None and prefill.sms is None  # prompts in pieces between the steps
+        prompt_graphs = PromptGraphs(self.lm, self.slots.prompt) if cuda_graphs and here else None
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = (f"{self.steps.capture_all()}" if cuda_graphs
                                 else "decode steps run eagerly (no CUDA graphs)")
@@ -132,13 +133,13 @@ class ContinuousEngine:
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
         self._closing = False
-        if prefill.device is None:
+        if here:
             self.prefill = Prefill(self, prefill, prompt_graphs)
             self.startup_summary += (f"; {prompt_graphs.capture_all()}" if prompt_graphs is not None
                                      else "; prompts prefilled eagerly")
         else:
-            self.prefill = RemotePrefill(self, prefill.device, prefill.chunk, use_graphs=cuda_graphs,
-                                         on_ended=self._wake)
+            self.prefill = RemotePrefill(self, prefill.device or self.device, prefill.chunk, use_graphs=cuda_graphs,
+                                         on_ended=self._wake, sms=prefill.sms)
             self.startup_summary += f"; {self.prefill.summary()}"
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._thread: Optional[threading.Thread] = None

@@ -52,11 +52,16 @@ class PrefillSettings:
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
     layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
     device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (remote_prefill.py)
+    sms: Optional[int] = None  # or: SMs of the decoding GPU that prefill every prompt beside the steps (remote_prefill.py)
 
     def __post_init__(self):
         for field in fields(self):
-            if field.name != "device" and getattr(self, field.name) < 1:
-                raise ValueError(f"{field.name} must be >= 1, got {getattr(self, field.name)}")
+            value = getattr(self, field.name)
+            if field.name != "device" and value is not None and value < 1:
+                raise ValueError(f"{field.name} must be >= 1, got {value}")
+        if self.device is not None and self.sms is not None:
+            raise ValueError(f"prompts are prefilled on another device ({self.device}) or on some SMs of the "
+                             f"decoding GPU (sms={self.sms}), not both")
 
 
 @dataclass

@@ -62,13 +62,13 @@ class PromptGraphs:
         x = self.hidden[:, :bucket]
         x.copy_(prompt_layer(self.lm, index, x, 0, self.prompt))
 
-    def capture_all(self) -> str:
-        """Capture every (bucket, layer) (each writes the prompt row: before any prompt is there);
-        returns what was done, for the start-up log."""
+    def capture_all(self, stream: Optional[torch.cuda.Stream] = None) -> str:
+        """Capture every (bucket, layer) (each writes the prompt row: before any prompt is there), on
+        `stream` (capture_each); returns what was done, for the start-up log."""
         started = time.perf_counter()
         layers = len(self.lm.model.layers)
         keys = [(bucket, index) for bucket in self.buckets for index in range(layers)]
-        self.graphs.update(capture_each(keys, self._layer, self.pool, self.hidden.device))
+        self.graphs.update(capture_each(keys, self._layer, self.pool, self.hidden.device, stream))
         self.hidden.zero_()
         summary = (f"captured {len(self.graphs)} prompt-layer graphs ({layers} layers x {len(self.buckets)} prompt "
                    f"lengths up to {self.buckets[-1]}) in {time.perf_counter() - started:.1f} s")

@@ -33,6 +33,7 @@ PrefillSettings only `chunk` applies; the piece sizes are for prefill between de
 A request cancelled while its prompt is prefilled is skipped by the prefill thread if it has not
 started, and its prefill is dropped when it ends; an error in one prompt fails that request.
 """
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -42,7 +43,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..kernels.dispatch import decode_is_capturable
-from ..modeling.devices import current, indexed, replicate
+from ..modeling.devices import current, indexed, partition_stream, replicate
 from ..modeling.kv_cache import KVCache
 from ..modeling.layer_pieces import LayerPieces
 from .prefill import Prefilled, first_token
@@ -50,6 +51,11 @@ from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 
 WARM_UP_TOKENS = 64
+
+
+def stream_or_none(stream):
+    """A context with `stream` current (a no-op for None)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -68,36 +74,46 @@ class RemotePrefill:
     """The admitted requests not decoding yet (`requests`), prefilled on `device` (see the module's
     docstring). The engine calls `add`, `take_ended` and `close`, and reads `ended`."""
 
-    def __init__(self, engine, device, chunk: int, use_graphs: bool, on_ended: Callable[[], None]):
+    def __init__(self, engine, device, chunk: int, use_graphs: bool, on_ended: Callable[[], None],
+                 sms: Optional[int] = None):
         """`engine`: the ContinuousEngine (its model, slots and histories); `device`: where prompts are
-        prefilled, another device than the engine's; `chunk`: prompt tokens per eager forward;
-        `use_graphs`: the decoder layers as CUDA graphs (where the prefill device can capture them);
-        `on_ended()`: called on the prefill thread when a prompt is ready (wakes the engine)."""
+        prefilled, another device than the engine's, or with `sms` the engine's GPU itself, on that
+        many of its SMs; `chunk`: prompt tokens per eager forward; `use_graphs`: the decoder layers
+        as CUDA graphs (where the prefill device can capture them); `on_ended()`: called on the
+        prefill thread when a prompt is ready (wakes the engine)."""
         device = indexed(device)
-        if device.type == "cuda" and device == engine.device:
+        self.beside = sms is not None
+        if self.beside and (device != engine.device or device.type != "cuda"):
+            raise ValueError(f"SMs set aside for prefill (sms={sms}) are SMs of the model's GPU, and it is on "
+                             f"{engine.device}, not on {device}")
+        if device.type == "cuda" and device == engine.device and not self.beside:
             raise ValueError(f"the prefill device must be another device than the model's ({engine.device}); "
-                             "prefill on the decoding GPU itself is the engine's default")
+                             "prefill on the decoding GPU itself is the engine's default (or give sms)")
         self.device = device
         self.engine = engine
         self._on_ended = on_ended
         self.slots, self.histories, self.next_tokens = engine.slots, engine.histories, engine.next_tokens
-        self.model = replicate(engine.model, device)
+        self.model = engine.model if self.beside else replicate(engine.model, device)
         self.lm = getattr(self.model, "language", self.model)
         self.chunk = chunk
-        self.prompt = KVCache(self.lm.config, 1, engine.slots.capacity, device, self.lm.dtype)
+        self.prompt = engine.slots.prompt if self.beside else KVCache(self.lm.config, 1, engine.slots.capacity, device,
+                                                                      self.lm.dtype)
         self._row_copied: Optional[torch.cuda.Event] = None  # behind the last copy out of the prompt row
+        # beside the steps: the prefill thread's stream, on `sms` SMs set aside (a green context)
+        self.sms = sms
+        self.stream, self._partition = partition_stream(device, sms) if self.beside else (None, None)
         self.graphs = None
         with current(device):
             if use_graphs and decode_is_capturable(device, self.lm.dtype):
                 self.graphs = PromptGraphs(self.lm, self.prompt)
-                self._startup = self.graphs.capture_all()
+                self._startup = self.graphs.capture_all(self.stream)  # beside: graphs that keep to the SMs
             else:
                 self._warm_up()
                 self._startup = "decoder layers eager"
         self.requests: List[ActiveRequest] = []  # admitted, in admission order (the engine removes ended ones)
         self._todo: queue.Queue = queue.Queue()  # (request, slot_free event) for the prefill thread; None: stop
         self._done: deque = deque()  # _Done, from the prefill thread
-        between_gpus = device.type == "cuda" and engine.device.type == "cuda"
+        between_gpus = device.type == "cuda" and engine.device.type == "cuda" and not self.beside
         # the copies' streams on the prefill device and on the engine's (see _into_slot)
         self._copies = torch.cuda.Stream(device) if between_gpus else None
         self._landing = torch.cuda.Stream(engine.device) if between_gpus else None
@@ -105,6 +121,10 @@ class RemotePrefill:
         self._thread.start()
 
     def summary(self) -> str:
+        if self.beside:
+            total = torch.cuda.get_device_properties(self.device).multi_processor_count
+            return (f"prompts prefilled beside the decode steps on {self.sms} of the {total} SMs of {self.device} "
+                    f"({self._startup})")
         return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"
 
     # ---- the engine's thread --------------------------------------------------------------------
@@ -113,7 +133,7 @@ class RemotePrefill:
         """Queue an admitted request, with an event behind the decode steps launched so far (its
         cache is copied into its slot after them)."""
         slot_free = None
-        if self._copies is not None:
+        if self._copies is not None or self.beside:
             slot_free = torch.cuda.Event()
             slot_free.record(torch.cuda.current_stream(self.engine.device))
         self.requests.append(request)
@@ -156,7 +176,7 @@ class RemotePrefill:
     # ---- the prefill thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        with current(self.device), torch.inference_mode():
+        with current(self.device), torch.inference_mode(), stream_or_none(self.stream):
             while True:
                 item = self._todo.get()
                 if item is None:
@@ -205,6 +225,12 @@ class RemotePrefill:
         source = self.prompt.rows(0, 1)
         source.length = request.prompt_len
         target = self.slots.cache.rows(request.slot, 1)
+        if self.beside:  # on the prefill thread's stream, after the steps that may still write the slot
+            self.stream.wait_event(slot_free)
+            target.copy_from(source)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+            return _Done(request, logits=logits, copied=copied)
         if self._copies is None:
             target.copy_from(source)
             return _Done(request, logits=logits.to(self.engine.device))

@@ -267,14 +267,16 @@ def warmup_stream(device) -> torch.cuda.Stream:
     return _WARMUP_STREAMS[device]
 
 
-def capture_each(keys: Sequence, run: Callable, pool, device) -> dict:
+def capture_each(keys: Sequence, run: Callable, pool, device, stream: Optional[torch.cuda.Stream] = None) -> dict:
     """{key: a CUDA graph of run(*key)} for each key, each run once first (cuBLAS workspaces, Triton
-    autotuning), on `device`'s warm-up stream. In inference mode, as the continuous engine runs its
-    graphs: the dispatcher picks the Triton kernels only without autograd (captured with it, a graph
-    would hold the slower reference ops)."""
+    autotuning), on `stream` (default: `device`'s warm-up stream). A graph's kernels run with the
+    resources of the stream it was captured on, wherever it is replayed: a stream of a green context
+    (devices.partition_stream) captures graphs that keep to its SMs. In inference mode, as the
+    continuous engine runs its graphs: the dispatcher picks the Triton kernels only without autograd
+    (captured with it, a graph would hold the slower reference ops)."""
     graphs = {}
     current = torch.cuda.current_stream(device)
-    side = warmup_stream(current.device)
+    side = stream if stream is not None else warmup_stream(current.device)
     side.wait_stream(current)
     with torch.inference_mode(), torch.cuda.stream(side):
         for key in keys:

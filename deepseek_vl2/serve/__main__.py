@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
                                                    "copy of the model, while the model's GPU only decodes "
                                                    "(continuous engine; default: prefill between decode steps)")
+    batching.add_argument("--prefill-sms", type=int, help="SMs of the model's GPU set aside to prefill every prompt "
+                                                           "beside the decode steps (a CUDA green context; "
+                                                           "continuous engine)")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
             allow_remote_media=args.allow_remote_media, max_batch_size=args.max_batch_size,
             max_num_seqs=args.max_num_seqs, scheduler=args.scheduler, max_images=args.max_images,
             prefill=PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks,
-                                    layer_tokens=args.layer_tokens, device=args.prefill_device),
+                                    layer_tokens=args.layer_tokens, device=args.prefill_device,
+                                    sms=args.prefill_sms),
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout,
             max_text_chars=args.max_text_chars, max_concurrent_requests=args.max_concurrent_requests,

@@ -192,10 +192,15 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
 
 
-@pytest.mark.parametrize("name", ["chunk", "vision_blocks", "layer_tokens"])
+@pytest.mark.parametrize("name", ["chunk", "vision_blocks", "layer_tokens", "sms"])
 def test_piece_sizes_below_one_are_refused_by_name(name):
     with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
         PrefillSettings(**{name: 0})
+
+
+def test_another_device_and_sms_set_aside_are_refused_together():
+    with pytest.raises(ValueError, match=r"another device \(cuda:1\) or on some SMs of the decoding GPU \(sms=8\)"):
+        PrefillSettings(device="cuda:1", sms=8)
 
 
 @torch.inference_mode()

@@ -106,3 +106,9 @@ def test_the_loop_waits_for_the_prefill_thread_instead_of_spinning(monkeypatch):
     engine.close()
     assert all(len(result.token_ids) == 2 for result in results)
     assert len(steps) < 200, f"{len(steps)} iterations for 1.5 s of prefill and 6 tokens"
+
+
+def test_sms_set_aside_need_the_model_on_a_gpu():
+    chat = chat_engine("tiny_mha")
+    with pytest.raises(ValueError, match=r"SMs set aside for prefill \(sms=4\) are SMs of the model's GPU, and it is on cpu"):
+        ContinuousEngine(chat.model, chat.processor, max_num_seqs=2, prefill=PrefillSettings(sms=4))

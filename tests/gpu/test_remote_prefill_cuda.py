@@ -1,7 +1,9 @@
 """Prefill on a second GPU (remote_prefill.py; skipped without two): mixed requests decoded through
 cuda:0's graphs with their prompts prefilled by cuda:1's copy of the model give their single-request
 answers (a difference only at a recorded near-tie), nothing is compiled or captured after start-up,
-and every slot and buffer row is free at the end. Prefill on the decoding GPU itself is refused."""
+and every slot and buffer row is free at the end. The same with the prompts prefilled on the decoding
+GPU itself, on SMs set aside for them beside the steps (a green context; one GPU). Prefill on the
+decoding GPU without SMs set aside is refused."""
 import time
 
 import pytest
@@ -16,11 +18,11 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 
-@two_gpus
-@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
-def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property):
-    chat, requests, singles, engine = singles_and_engine(checkpoint, PrefillSettings(device="cuda:1"))
-    assert {p.device for p in engine.prefill.model.parameters()} == {torch.device("cuda", 1)}
+def served_on_threads(checkpoint: str, prefill: PrefillSettings, record_property):
+    """The mixed requests through an engine whose prompts `prefill` puts on a thread of their own, with
+    the loop on its thread: each gets its single answer, nothing is compiled or captured after
+    start-up, nothing is left between the threads and every slot is free at the end. The engine."""
+    chat, requests, singles, engine = singles_and_engine(checkpoint, prefill)
     compiled = compilations()
     engine.start()
     handles = [engine.submit(engine.prepare_one(conversation(text, images), images), params)
@@ -32,7 +34,24 @@ def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property)
     engine.close()
     assert engine.steps.eager_steps == 0 and compilations() == compiled
     assert engine.slots.free_count == 4 and engine.stats.max_running >= 2
+    assert engine.stats.whole_prefills == engine.stats.tower_pieces == engine.stats.layer_pieces == 0
     assert_single_answers(chat, requests, handles, singles, record_property)
+    return engine
+
+
+@two_gpus
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property):
+    engine = served_on_threads(checkpoint, PrefillSettings(device="cuda:1"), record_property)
+    assert {p.device for p in engine.prefill.model.parameters()} == {torch.device("cuda", 1)}
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_mixed_requests_prefilled_beside_the_steps(checkpoint, record_property):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count // 2
+    engine = served_on_threads(checkpoint, PrefillSettings(sms=sms), record_property)
+    assert engine.prefill.model is engine.model and engine.prefill.prompt is engine.slots.prompt
+    assert f"beside the decode steps on {sms} of the" in engine.startup_summary
 
 
 def test_prefill_on_the_decoding_gpu_is_refused():
