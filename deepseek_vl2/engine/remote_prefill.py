@@ -176,8 +176,14 @@ class RemotePrefill:
     # ---- the prefill thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
+        """Prefill the queued prompts in turn. Beside the steps, a prompt's work is launched before the
+        one before it is handed over (once its copy has run): the prefill stream is fed while the
+        thread waits for the interpreter lock or the queue."""
+        launched: Optional[_Done] = None  # beside the steps: launched, not handed over yet
         with current(self.device), torch.inference_mode(), stream_or_none(self.stream):
             while True:
+                if launched is not None and self._todo.empty():
+                    launched = self._hand_over(launched)
                 item = self._todo.get()
                 if item is None:
                     return
@@ -191,8 +197,19 @@ class RemotePrefill:
                     done = _Done(request, error=error)
                 finally:
                     request.inputs = None
-                self._done.append(done)
-                self._on_ended()
+                if launched is not None:
+                    launched = self._hand_over(launched)
+                if self.beside and done.copied is not None:
+                    launched = done
+                else:
+                    self._hand_over(done)
+
+    def _hand_over(self, done: "_Done") -> None:
+        """`done` to the engine (beside the steps once its copy has run, so that no step waits for it)."""
+        if self.beside and done.copied is not None:
+            done.copied.synchronize()
+        self._done.append(done)
+        self._on_ended()
 
     def _embeddings(self, inputs) -> torch.Tensor:
         """A request's prompt embeddings [1, T, hidden] (its images through the tower)."""
@@ -203,15 +220,15 @@ class RemotePrefill:
 
     def _layers(self, embeds: torch.Tensor) -> torch.Tensor:
         """The prompt through every decoder layer into the prompt row, once the last copy out of it has
-        been made: its last logits, computed (the thread waits for the device, so the copies it
-        issues next read a finished row)."""
+        been made: its last logits. Between devices the thread waits for them, so that the copies it
+        issues next read a finished row; beside the steps the copy follows them on the same stream."""
         if self._row_copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._row_copied)
         if self.graphs is not None:
             logits = GraphLayerPieces(self.graphs, embeds).advance(len(self.lm.model.layers))
         else:
             logits = LayerPieces(self.lm, embeds, self.prompt.rows(0, 1), self.chunk).advance(len(self.lm.model.layers))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.beside:
             torch.cuda.current_stream(self.device).synchronize()
         return logits
 
