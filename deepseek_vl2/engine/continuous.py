@@ -24,8 +24,9 @@ blocks of the vision tower, then a few decoder layers): the running rows wait a 
 per step instead of a whole prefill once. A request whose prefill ended joins the running rows
 with its first token. Every row then picks its token with its own settings, rows with equal
 settings together (row_sampling.py). The model exposes the steps; this module runs them.
-With `PrefillSettings(device=...)` a second device prefills every prompt on a thread of its own
-(remote_prefill.py); an iteration then only takes the prompts it finished into their slots, and
+With `PrefillSettings(device=...)` a second device, or with `PrefillSettings(sms=...)` SMs of this GPU
+set aside for it, prefills every prompt on a thread of its own beside the decode steps
+(prefill_thread.py); an iteration then only takes the prompts it finished into their slots, and
 waits for one when no row decodes.
 
 The chosen tokens stay on the device: the next decode step is fed them from there (`next_tokens`),
@@ -51,8 +52,8 @@ from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
 from .prefill import Prefill, PrefillSettings
+from .prefill_thread import PrefillThread
 from .prompt_graphs import PromptGraphs
-from .remote_prefill import RemotePrefill
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
 from .slots import SlotCache, device_tensor, kv_bucket
@@ -98,8 +99,9 @@ class ContinuousEngine:
         """`model`: a DeepseekVLV2ForCausalLM (or a bare DeepseekV2ForCausalLM fed token ids);
         `max_length`: tokens per slot (prompt + answer), default the model's max_position_embeddings;
         `prefill`: how and where prompts are prefilled: on this device between the decode steps
-        (prefill.py), or with `prefill.device` on another device, a second GPU, with a copy of the
-        model made there, while this one only decodes (remote_prefill.py);
+        (prefill.py), or on a thread of its own beside the steps (prefill_thread.py): with
+        `prefill.device` on another device, a second GPU, with a copy of the model made there, while
+        this one only decodes, or with `prefill.sms` on that many SMs of this GPU set aside for it;
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         prefill = prefill or PrefillSettings()
@@ -138,7 +140,7 @@ class ContinuousEngine:
             self.startup_summary += (f"; {prompt_graphs.capture_all()}" if prompt_graphs is not None
                                      else "; prompts prefilled eagerly")
         else:
-            self.prefill = RemotePrefill(self, prefill.device or self.device, prefill.chunk, use_graphs=cuda_graphs,
+            self.prefill = PrefillThread(self, prefill.device or self.device, prefill.chunk, use_graphs=cuda_graphs,
                                          on_ended=self._wake, sms=prefill.sms)
             self.startup_summary += f"; {self.prefill.summary()}"
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
@@ -238,8 +240,8 @@ class ContinuousEngine:
             return
         self._drop_cancelled()
         self._admit()
-        if isinstance(self.prefill, RemotePrefill):
-            self._wait_for_remote_prefill()
+        if isinstance(self.prefill, PrefillThread):
+            self._wait_for_prefill_thread()
             launched = self._join_prefilled()
         else:
             launched = self._prefill_here()
@@ -250,8 +252,8 @@ class ContinuousEngine:
         for chosen in previous:
             self._take(chosen)
 
-    def _wait_for_remote_prefill(self) -> None:
-        """With no row decoding and prompts prefilling on another device, wait until one ends, a
+    def _wait_for_prefill_thread(self) -> None:
+        """With no row decoding and prompts prefilling on the prefill thread, wait until one ends, a
         request arrives that a free slot can take, or the engine closes (at most IDLE_WAIT_S),
         instead of stepping through empty iterations."""
         if self._running or not self._prefilling or self.prefill.ended:

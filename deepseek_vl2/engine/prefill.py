@@ -51,8 +51,8 @@ class PrefillSettings:
     chunk: int = 512  # prompt tokens per forward of an eager prefill (no CUDA graphs)
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
     layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
-    device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (remote_prefill.py)
-    sms: Optional[int] = None  # or: SMs of the decoding GPU that prefill every prompt beside the steps (remote_prefill.py)
+    device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (prefill_thread.py)
+    sms: Optional[int] = None  # or: SMs of the decoding GPU that prefill every prompt beside the steps (prefill_thread.py)
 
     def __post_init__(self):
         for field in fields(self):

@@ -1,4 +1,4 @@
-"""Prefill on a second GPU (remote_prefill.py; skipped without two): mixed requests decoded through
+"""Prefill on a second GPU (prefill_thread.py; skipped without two): mixed requests decoded through
 cuda:0's graphs with their prompts prefilled by cuda:1's copy of the model give their single-request
 answers (a difference only at a recorded near-tie), nothing is compiled or captured after start-up,
 and every slot and buffer row is free at the end. The same with the prompts prefilled on the decoding

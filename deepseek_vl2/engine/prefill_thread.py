@@ -1,7 +1,17 @@
-"""Prefill on another device: the continuous engine decodes on its GPU while a copy of the model on a
-second device (`ContinuousEngine(..., prefill=PrefillSettings(device="cuda:1"))`, the server's
-`--prefill-device`) runs every prompt's images and decoder layers, on a thread of its own. No decode
-step ever waits behind a prompt's vision tower, its layers or the copy of its cache.
+"""Prefill on a thread of its own, beside the decode steps instead of between them: the continuous
+engine decodes on its GPU while every prompt's images and decoder layers run elsewhere, so no decode
+step waits behind a prompt's vision tower, its layers or the copy of its cache. Elsewhere is either
+
+- a second device, with a copy of the model there (`PrefillSettings(device="cuda:1")`, the server's
+  `--prefill-device`), or
+- some SMs of the decoding GPU itself, set aside for prefill (`PrefillSettings(sms=88)`, the
+  server's `--prefill-sms`): a CUDA green context (devices.partition_stream) whose stream the
+  prefill thread runs on, with the engine's own model. Its kernels occupy only those SMs, so a
+  decode step always finds the others free. A plain stream of low priority does not do that: the
+  prompt's kernels fill every SM (on an H200 a decode-like graph took 0.16 ms alone, 2.8-3.1 ms
+  beside large GEMMs on such a stream, 0.23 ms with the GEMMs on 66 of the 132 SMs;
+  benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
+  wherever they are replayed, so the prompt graphs are captured on the green context's stream.
 
     engine thread                          prefill thread (the prefill device current)
     admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
@@ -10,25 +20,29 @@ step ever waits behind a prompt's vision tower, its layers or the copy of its ca
     `take_ended`: its first token    <---  last token's logits onto the engine's device
       chosen there
 
-The prompt's cache lands in the decode device's slot by one device-to-device copy per layer (over
-NVLink between GPUs), issued by the prefill thread as soon as the prompt's layers have run, on a
-stream of its own on each device: the decode steps never wait for it, and the engine's thread does
-not spend its time launching it. Two events order it: the copy waits (on the device) for the decode
-steps launched before the request was admitted, which may still write the slot's entries of the
-request that held it before (`add` records that point), and the engine's stream waits for the copy
-only when the request joins the running rows (`take_ended`), when it has long ended. A slot not yet
-decoding is not read by a step except as a masked dummy row, so the copy may land while steps run.
-The next prompt's decoder layers wait (on the device) for the copy out of the prompt row before
-they write it again; its vision tower runs meanwhile.
+The prompt's cache lands in the decode device's slot by one copy per layer, issued by the prefill
+thread as soon as the prompt's layers have run: between GPUs (over NVLink) on a stream of its own on
+each device, on the decoding GPU on the prefill stream itself. The decode steps never wait for it,
+and the engine's thread does not spend its time launching it. Two events order it: the copy waits
+(on the device) for the decode steps launched before the request was admitted, which may still
+write the slot's entries of the request that held it before (`add` records that point), and the
+engine's stream waits for the copy only when the request joins the running rows (`take_ended`), when
+it has long ended. A slot not yet decoding is not read by a step except as a masked dummy row, so
+the copy may land while steps run. The next prompt's decoder layers wait (on the device) for the
+copy out of the prompt row before they write it again; its vision tower runs meanwhile. On the
+decoding GPU the thread does not wait for a prompt's work: it launches the next prompt's before it
+hands the last one over (when its copy has run), so the prefill stream stays fed while the thread
+waits for the interpreter lock.
 
-The model there is made by `devices.replicate` from the engine's model, tensor by tensor, so the
-decode device never holds a second copy. Its decoder layers over a prompt replay CUDA graphs
-captured at start-up (prompt_graphs.py, on the prefill device's prompt row), as the engine's own
-prefill does, and its vision tower runs eagerly. The prefill thread shares the interpreter with the
-engine's: graphs keep its host work, and so its waits for the interpreter lock, to a few launches
-per layer. Without graphs (another dtype than bfloat16 / float16, or a CPU) the layers run eagerly
-in forwards of `chunk` tokens, after a short prompt at start-up that compiles their kernels. Of the
-PrefillSettings only `chunk` applies; the piece sizes are for prefill between decode steps.
+On a second device the model is made by `devices.replicate` from the engine's model, tensor by
+tensor, so the decode device never holds a second copy. The decoder layers over a prompt replay CUDA
+graphs captured at start-up (prompt_graphs.py, on the prefill device's prompt row, or the engine's
+on its own GPU), as the engine's own prefill does, and the vision tower runs eagerly. The prefill
+thread shares the interpreter with the engine's: graphs keep its host work, and so its waits for the
+interpreter lock, to a few launches per layer. Without graphs (another dtype than bfloat16 /
+float16, or a CPU) the layers run eagerly in forwards of `chunk` tokens, after a short prompt at
+start-up that compiles their kernels. Of the PrefillSettings only `chunk` applies; the piece sizes
+are for prefill between decode steps.
 
 A request cancelled while its prompt is prefilled is skipped by the prefill thread if it has not
 started, and its prefill is dropped when it ends; an error in one prompt fails that request.
@@ -70,7 +84,7 @@ class _Done:
     error: Optional[Exception] = None
 
 
-class RemotePrefill:
+class PrefillThread:
     """The admitted requests not decoding yet (`requests`), prefilled on `device` (see the module's
     docstring). The engine calls `add`, `take_ended` and `close`, and reads `ended`."""
 
@@ -117,7 +131,7 @@ class RemotePrefill:
         # the copies' streams on the prefill device and on the engine's (see _into_slot)
         self._copies = torch.cuda.Stream(device) if between_gpus else None
         self._landing = torch.cuda.Stream(engine.device) if between_gpus else None
-        self._thread = threading.Thread(target=self._work, name="remote-prefill", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="prefill-thread", daemon=True)
         self._thread.start()
 
     def summary(self) -> str:

@@ -1,7 +1,7 @@
 """The continuous engine with its prompts prefilled by another device's copy of the model
-(remote_prefill.py), on the CPU: the prefill thread runs beside the engine's and hands over each
+(prefill_thread.py), on the CPU: the prefill thread runs beside the engine's and hands over each
 prompt's cache and logits, and every request gets exactly what `ChatEngine.chat` gives it alone;
-cancelled and failing prompts end alone and free their slots. Two GPUs: tests/gpu/test_remote_prefill_cuda.py."""
+cancelled and failing prompts end alone and free their slots. Two GPUs: tests/gpu/test_prefill_thread_cuda.py."""
 import time
 
 import pytest
