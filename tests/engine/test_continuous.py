@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings
+from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings, continuous
 from deepseek_vl2.engine.continuous import WHOLE_PREFILL_QUEUE, ContinuousEngine
 from deepseek_vl2.engine.slots import kv_bucket
 from goldens import CHECKPOINTS
@@ -196,6 +196,19 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
 def test_piece_sizes_below_one_are_refused_by_name(name):
     with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
         PrefillSettings(**{name: 0})
+
+
+def test_prompts_are_prefilled_whole_while_no_row_decodes_or_the_engine_is_busy(tiny_lm, monkeypatch):
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
+    assert engine.prefills_whole()  # nothing decodes
+    engine._running.append(object())
+    assert not engine.busy() and not engine.prefills_whole()  # one row, nothing waiting: in pieces
+    monkeypatch.setattr(continuous, "WHOLE_PREFILL_QUEUE", 2)
+    engine._waiting.extend([object(), object()])
+    assert engine.busy() and engine.prefills_whole()  # two waiting
+    engine._waiting.clear()
+    monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 1)
+    assert engine.busy() and engine.prefills_whole()  # as many rows as PIECEWISE_ROWS
 
 
 def test_another_device_and_sms_set_aside_are_refused_together():
