@@ -139,7 +139,9 @@ def partition_stream(device: torch.device, sms: int):
     """(a CUDA stream whose kernels run on `sms` streaming multiprocessors of `device` only, the green
     context that holds them): work on the stream leaves the GPU's other SMs free for kernels of
     other streams, which may also use these SMs while they are idle. Needs a torch with CUDA green
-    contexts and a driver that has them (CUDA 12.8+); a clear error otherwise."""
+    contexts and a driver that has them (CUDA 12.8+); a ValueError that says so otherwise."""
+    if device.type != "cuda":
+        raise ValueError(f"SMs can be set aside on a CUDA GPU, not on {device}")
     total = torch.cuda.get_device_properties(device).multi_processor_count
     if not 0 < sms < total:
         raise ValueError(f"an SM partition of {device} holds 1 to {total - 1} of its {total} SMs, not {sms}")
@@ -149,8 +151,8 @@ def partition_stream(device: torch.device, sms: int):
         context = GreenContext.create(num_sms=sms, device_id=device.index)
         stream = context.Stream()
     except (ImportError, AttributeError, RuntimeError) as error:
-        raise RuntimeError(f"SMs of {device} cannot be set aside (CUDA green contexts, torch {torch.__version__}): "
-                           f"{error}") from error
+        raise ValueError(f"SMs of {device} cannot be set aside here (CUDA green contexts, torch {torch.__version__}): "
+                         f"{error}") from error
     if not isinstance(stream, torch.cuda.Stream):  # a torch.Stream: the CUDA view of it (as current_stream makes)
         stream = torch.cuda.Stream(stream_id=stream.stream_id, device_index=stream.device_index,
                                    device_type=stream.device_type)

@@ -91,7 +91,10 @@ def main(argv=None) -> None:
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
     engine = ChatEngine.from_args(args.model_path, args)
     fatal = threading.Event()
-    app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())
+    try:
+        app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())
+    except ValueError as error:  # settings this model or machine cannot serve with (say, --prefill-sms on a CPU)
+        raise SystemExit(f"error: {error}") from None
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
 
     def stop_after_fatal():

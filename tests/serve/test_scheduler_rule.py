@@ -9,6 +9,7 @@ import torch
 
 from deepseek_vl2.engine import ChatEngine, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
+from deepseek_vl2.serve.__main__ import main
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.scheduler import BatchScheduler, ContinuousScheduler, create_scheduler, uses_continuous_engine
 from deepseek_vl2.serve.settings import ServerSettings
@@ -72,3 +73,9 @@ def test_a_device_error_on_the_continuous_path_makes_the_server_unhealthy(chat):
         assert health.status_code == 503 and "CUDA error" in health.json()["reason"]
         assert len(reasons) == 1 and "device-side assert" in reasons[0]
         assert httpx.post(running.base + URL, json=body, timeout=60).status_code == 503
+
+
+def test_the_server_exits_with_a_message_for_sms_set_aside_on_a_cpu(tmp_path_factory):
+    with pytest.raises(SystemExit, match=r"error: SMs set aside for prefill \(sms=4\) are SMs of the model's GPU, "
+                                         r"and it is on cpu"):
+        main(["--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu", "--prefill-sms", "4"])
