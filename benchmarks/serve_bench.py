@@ -330,8 +330,8 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
 def engine_rule(args):
     """Within the block: --piecewise-rows / --whole-prefill-queue: the continuous engine's rule for
     prefilling whole (continuous.py's constants), --switch-interval: the interpreter's thread switch
-    interval, and --quant-gemv-rows: dispatch's gemv row limits for quantized weights, for trying
-    other values in this process."""
+    interval, --gc-off: no cyclic garbage collection, and --quant-gemv-rows: dispatch's gemv row
+    limits for quantized weights, for trying other values in this process."""
     from deepseek_vl2.engine import continuous
     from deepseek_vl2.kernels import dispatch
 

@@ -88,8 +88,8 @@ class _Lane:
 @dataclass
 class _Done:
     """A prompt the prefill thread finished: its last-token logits on the engine's device once its
-    cache is in the request's slot (`copied`: recorded behind the copies, between GPUs), or its error
-    (neither: skipped, the request ended before its cache was copied)."""
+    cache is in the request's slot (`copied`: recorded behind the copy, between GPUs and beside the
+    steps), or its error (neither: skipped, the request ended before its cache was copied)."""
 
     request: ActiveRequest
     logits: Optional[torch.Tensor] = None
@@ -199,7 +199,7 @@ class PrefillThread:
                 if done.copied is not None:
                     stream = torch.cuda.current_stream(self.engine.device)
                     stream.wait_event(done.copied)
-                    logits.record_stream(stream)  # made on the copies' stream, read on this one
+                    logits.record_stream(stream)  # made on another stream, read on this one
                 ended.append(first_token(request, logits, self.histories, self.next_tokens))
         return ended
 
