@@ -84,6 +84,11 @@ class Prefill:
         self.requests: List[ActiveRequest] = []
         self._ended: List[Prefilled] = []
 
+    @property
+    def prompt_graphs(self) -> int:
+        """Decoder-layer graphs captured for prompts (0 without CUDA graphs)."""
+        return len(self.graphs.graphs) if self.graphs is not None else 0
+
     def add(self, request: ActiveRequest) -> None:
         """An admitted request, prefilled after those before it."""
         self.requests.append(request)

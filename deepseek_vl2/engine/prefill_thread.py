@@ -161,6 +161,11 @@ class PrefillThread:
                     f"on all of them while no row decodes or the engine is busy ({self._startup})")
         return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"
 
+    @property
+    def prompt_graphs(self) -> int:
+        """Decoder-layer graphs captured for prompts (0 where the layers run eagerly)."""
+        return len(self.graphs.graphs) if self.graphs is not None else 0
+
     # ---- the engine's thread --------------------------------------------------------------------
 
     def add(self, request: ActiveRequest) -> None:

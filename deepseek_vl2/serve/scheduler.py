@@ -303,11 +303,11 @@ class ContinuousScheduler:
     @property
     def stats(self) -> SchedulerStats:
         counts = self.engine.stats
-        steps, prompt_graphs = self.engine.steps, self.engine.prefill.graphs
+        steps = self.engine.steps
         return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
                               max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
-                              prompt_graphs=len(prompt_graphs.graphs) if prompt_graphs is not None else 0,
+                              prompt_graphs=self.engine.prefill.prompt_graphs,
                               compilations_after_start=compilations() - counts.compilations_at_start,
                               slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
                               tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)

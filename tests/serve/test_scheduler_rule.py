@@ -79,3 +79,12 @@ def test_the_server_exits_with_a_message_for_sms_set_aside_on_a_cpu(tmp_path_fac
     with pytest.raises(SystemExit, match=r"error: SMs set aside for prefill \(sms=4\) are SMs of the model's GPU, "
                                          r"and it is on cpu"):
         main(["--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu", "--prefill-sms", "4"])
+
+
+def test_health_counts_of_an_engine_that_prefills_on_a_thread(chat):
+    scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=2, prefill=PrefillSettings(chunk=64, device="cpu"))
+    try:
+        stats = scheduler.stats
+        assert (stats.prompt_graphs, stats.decode_graphs, stats.slots_in_use, stats.whole_prefills) == (0, 0, 0, 0)
+    finally:
+        scheduler.close()
