@@ -130,14 +130,12 @@ class PrefillThread:
         if self.beside:  # a lane on the SMs set aside (a green context), one on the whole GPU
             stream, self._partition = partition_stream(device, sms)
             self.set_aside, self.whole_gpu = _Lane(stream), _Lane(torch.cuda.Stream(device))
-            lanes = [self.set_aside, self.whole_gpu]
         else:
             self.elsewhere = _Lane(None)
-            lanes = [self.elsewhere]
         with current(device):
             if use_graphs and decode_is_capturable(device, self.lm.dtype):
                 captured = []
-                for lane in lanes:  # each lane's graphs keep to its stream's SMs
+                for lane in self._lanes():  # each lane's graphs keep to its stream's SMs
                     lane.graphs = PromptGraphs(self.lm, self.prompt)
                     captured.append(lane.graphs.capture_all(lane.stream))
                 self._startup = "; ".join(captured)
@@ -163,8 +161,11 @@ class PrefillThread:
 
     @property
     def prompt_graphs(self) -> int:
-        """Decoder-layer graphs captured for prompts (0 where the layers run eagerly)."""
-        return len(self.graphs.graphs) if self.graphs is not None else 0
+        """Decoder-layer graphs captured for prompts, in all lanes (0 where the layers run eagerly)."""
+        return sum(len(lane.graphs.graphs) for lane in self._lanes() if lane.graphs is not None)
+
+    def _lanes(self) -> List["_Lane"]:
+        return [self.set_aside, self.whole_gpu] if self.beside else [self.elsewhere]
 
     # ---- the engine's thread --------------------------------------------------------------------
 
