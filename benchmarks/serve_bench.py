@@ -245,13 +245,15 @@ def open_rates(args, closed: dict) -> dict:
     return {f"open {f:g}x ({f * base:.1f} req/s)": f * base for f in args.open_fractions}
 
 
+def pct(values, q):
+    """The q-th percentile of `values` (the nearest rank), NaN for none."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
 def summary(results: list, server: dict = None) -> dict:
     """The scenario's figures from its requests' timings; `server`: the server's own timeline of it
     (server_timeline.py, with --timeline)."""
-    def pct(values, q):
-        values = sorted(values)
-        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
-
     start = min(r["sent"] for r in results)
     end = max(r["done"] for r in results)
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
@@ -415,23 +417,19 @@ class IterationLog:
                 durations.setdefault(label, []).append((1e3 * (next_end - end), rows, 1e3 * host))
         result = {}
         for label, values in sorted(durations.items()):
-            ms, host = sorted(v for v, _, _ in values), sorted(h for _, _, h in values)
-            result[label] = dict(count=len(ms), p50_ms=round(ms[len(ms) // 2], 3), p99_ms=round(percentile(ms, 99), 3),
-                                 host_p50_ms=round(host[len(host) // 2], 3), host_p99_ms=round(percentile(host, 99), 3),
+            ms, host = [v for v, _, _ in values], [h for _, _, h in values]
+            result[label] = dict(count=len(ms), p50_ms=round(pct(ms, 50), 3), p99_ms=round(pct(ms, 99), 3),
+                                 host_p50_ms=round(pct(host, 50), 3), host_p99_ms=round(pct(host, 99), 3),
                                  mean_rows=round(sum(r for _, r, _ in values) / len(values), 2),
                                  slow=sum(v > self.SLOW_MS for v in ms))
         for generation in range(3):
-            ms = sorted(t for g, t in self.collections if g == generation)
+            ms = [t for g, t in self.collections if g == generation]
             if ms:
                 result[f"garbage collections, generation {generation}"] = dict(
-                    count=len(ms), p50_ms=round(ms[len(ms) // 2], 3), max_ms=round(ms[-1], 3),
+                    count=len(ms), p50_ms=round(pct(ms, 50), 3), max_ms=round(max(ms), 3),
                     over_half_ms=sum(t > 0.5 for t in ms))
         self.entries, self.collections = [], []
         return result
-
-
-def percentile(ordered: list, p: float) -> float:
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 def in_process(args) -> None:
