@@ -224,7 +224,8 @@ class PrefillThread:
         with current(self.device), torch.inference_mode():
             while True:
                 if launched is not None and self._todo.empty():
-                    launched = self._hand_over(launched)
+                    self._hand_over(launched)
+                    launched = None
                 item = self._todo.get()
                 if item is None:
                     return
@@ -246,7 +247,8 @@ class PrefillThread:
                 finally:
                     request.inputs = None
                 if launched is not None:
-                    launched = self._hand_over(launched)
+                    self._hand_over(launched)
+                launched = None
                 if self.beside and done.copied is not None:
                     launched = done
                 else:
