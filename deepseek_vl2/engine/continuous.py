@@ -187,6 +187,11 @@ class ContinuousEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def steps_first(self) -> bool:
+        """Whether rows decode, but fewer than PIECEWISE_ROWS: their next tokens come before a prompt's
+        throughput (the prefill thread then runs prompts on the SMs it set aside)."""
+        return 0 < len(self._running) < PIECEWISE_ROWS
+
     @property
     def active(self) -> int:
         """Requests holding a slot (prefilling or decoding)."""
@@ -266,20 +271,11 @@ class ContinuousEngine:
         with self._condition:
             self._condition.notify()
 
-    def busy(self) -> bool:
-        """PIECEWISE_ROWS rows decoding, or WHOLE_PREFILL_QUEUE requests waiting for their prefill."""
-        return len(self._running) >= PIECEWISE_ROWS or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE
-
-    def prefills_whole(self) -> bool:
-        """Whether a prompt is prefilled on the whole GPU now (no row decodes, or the engine is busy),
-        or else in pieces between the steps (or on SMs set aside beside them). Read from the prefill
-        thread too."""
-        return not self._running or self.busy()
-
     def _prefill_here(self) -> List[Chosen]:
         """With no row decoding or a busy engine, prefill the first waiting prompt whole; on a quiet
         engine with rows decoding, run a piece of it. The first tokens of the prompts that ended."""
-        busy = self.busy()
+        busy = (len(self._running) >= PIECEWISE_ROWS
+                or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
         launched = []
         if not self._running or busy:
             self.stats.whole_prefills += bool(self._prefilling)
