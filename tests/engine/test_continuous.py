@@ -201,9 +201,13 @@ def test_piece_sizes_below_one_are_refused_by_name(name):
 def test_steps_come_first_while_a_few_rows_decode(tiny_lm, monkeypatch):
     engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3)
     monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 2)
+    monkeypatch.setattr(continuous, "SET_ASIDE_QUEUE", 2)
     assert not engine.steps_first()  # nothing decodes
     engine._running.append(object())
     assert engine.steps_first()
+    engine._waiting.extend([object(), object()])
+    assert not engine.steps_first()  # as many waiting as SET_ASIDE_QUEUE
+    engine._waiting.clear()
     engine._running.append(object())
     assert not engine.steps_first()  # as many rows as PIECEWISE_ROWS
 
