@@ -90,6 +90,13 @@ class EngineStats:
 # clients and fewer than 16 rows ever decoded: 599 output tok/s against 1314 (same machine).
 PIECEWISE_ROWS = 16
 WHOLE_PREFILL_QUEUE = 4
+# With SMs set aside for prompts (PrefillSettings.sms), a prompt runs on them while rows decode, fewer
+# than PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait for their prefill; on the whole
+# GPU otherwise. Measured on an H200 over HTTP (benchmarks/RESULTS.md, twentieth session), tiny
+# with 88 of 132 SMs: with WHOLE_PREFILL_QUEUE as the queue rule, 2,261 tok/s to 32 clients but an
+# open-loop inter-token p99 of 2.85 ms (bursts of 4 prompts ran on the whole GPU); without a queue
+# rule, 1,810 tok/s (prompts on the set-aside SMs could not keep 16 rows decoding).
+SET_ASIDE_QUEUE = 8
 IDLE_WAIT_S = 0.05  # the longest wait for a prompt prefilled elsewhere while no row decodes
 
 
@@ -186,6 +193,13 @@ class ContinuousEngine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def steps_first(self) -> bool:
+        """Whether rows decode, fewer than PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait
+        for their prefill: then the rows' next tokens come before the prompts' (the prefill thread
+        runs prompts on the SMs it set aside)."""
+        return (0 < len(self._running) < PIECEWISE_ROWS
+                and len(self._prefilling) + len(self._waiting) < SET_ASIDE_QUEUE)
 
     @property
     def active(self) -> int:

@@ -12,6 +12,8 @@ step waits behind a prompt's vision tower, its layers or the copy of its cache. 
   beside large GEMMs on such a stream, 0.23 ms with the GEMMs on 66 of the 132 SMs;
   benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
   wherever they are replayed, so the prompt graphs are captured on the green context's stream.
+  While no row decodes, or under load, a prompt runs on the whole GPU instead, on a stream and graphs
+  of its own: the prompts' two lanes (`_Lane`).
 
     engine thread                          prefill thread (the prefill device current)
     admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
@@ -73,6 +75,16 @@ def stream_or_none(stream):
 
 
 @dataclass
+class _Lane:
+    """Where the prefill thread runs a prompt: a stream (None: the prefill device's current one) and
+    the decoder-layer graphs captured on it (None: eager)."""
+
+    stream: Optional[torch.cuda.Stream]
+    graphs: Optional[PromptGraphs] = None
+    prompts: int = 0  # prompts run in this lane
+
+
+@dataclass
 class _Done:
     """A prompt the prefill thread finished: its last-token logits on the engine's device once its
     cache is in the request's slot (`copied`: recorded behind the copy, between GPUs and beside the
@@ -113,14 +125,19 @@ class PrefillThread:
         self.prompt = engine.slots.prompt if self.beside else KVCache(self.lm.config, 1, engine.slots.capacity, device,
                                                                       self.lm.dtype)
         self._row_copied: Optional[torch.cuda.Event] = None  # behind the last copy out of the prompt row
-        # beside the steps: the prefill thread's stream, on `sms` SMs set aside (a green context)
         self.sms = sms
-        self.stream, self._partition = partition_stream(device, sms) if self.beside else (None, None)
-        self.graphs = None
+        if self.beside:  # a lane on the SMs set aside (a green context), one on the whole GPU
+            stream, self._partition = partition_stream(device, sms)
+            self.set_aside, self.whole_gpu = _Lane(stream), _Lane(torch.cuda.Stream(device))
+        else:
+            self.elsewhere = _Lane(None)
         with current(device):
             if use_graphs and decode_is_capturable(device, self.lm.dtype):
-                self.graphs = PromptGraphs(self.lm, self.prompt)
-                self._startup = self.graphs.capture_all(self.stream)  # beside: graphs that keep to the SMs
+                captured = []
+                for lane in self._lanes():  # each lane's graphs keep to its stream's SMs
+                    lane.graphs = PromptGraphs(self.lm, self.prompt)
+                    captured.append(lane.graphs.capture_all(lane.stream))
+                self._startup = "; ".join(captured)
             else:
                 self._warm_up()
                 self._startup = "decoder layers eager"
@@ -137,14 +154,17 @@ class PrefillThread:
     def summary(self) -> str:
         if self.beside:
             total = torch.cuda.get_device_properties(self.device).multi_processor_count
-            return (f"prompts prefilled beside the decode steps on {self.sms} of the {total} SMs of {self.device} "
-                    f"({self._startup})")
+            return (f"prompts prefilled beside the decode steps on {self.sms} of the {total} SMs of {self.device}, "
+                    f"on all of them while no row decodes or under load ({self._startup})")
         return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"
 
     @property
     def prompt_graphs(self) -> int:
-        """Decoder-layer graphs captured for prompts (0 where the layers run eagerly)."""
-        return len(self.graphs.graphs) if self.graphs is not None else 0
+        """Decoder-layer graphs captured for prompts, in all lanes (0 where the layers run eagerly)."""
+        return sum(len(lane.graphs.graphs) for lane in self._lanes() if lane.graphs is not None)
+
+    def _lanes(self) -> List["_Lane"]:
+        return [self.set_aside, self.whole_gpu] if self.beside else [self.elsewhere]
 
     # ---- the engine's thread --------------------------------------------------------------------
 
@@ -195,11 +215,12 @@ class PrefillThread:
     # ---- the prefill thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        """Prefill the queued prompts in turn. Beside the steps, a prompt's work is launched before the
-        one before it is handed over (once its copy has run): the prefill stream is fed while the
-        thread waits for the interpreter lock or the queue."""
+        """Prefill the queued prompts in turn, each in its lane (`_lane`). Beside the steps, a prompt's
+        work is launched before the one before it is handed over (once its copy has run): the prefill
+        stream is fed while the thread waits for the interpreter lock or the queue."""
         launched: Optional[_Done] = None  # beside the steps: launched, not handed over yet
-        with current(self.device), torch.inference_mode(), stream_or_none(self.stream):
+        last: Optional[_Lane] = None
+        with current(self.device), torch.inference_mode():
             while True:
                 if launched is not None and self._todo.empty():
                     self._hand_over(launched)
@@ -208,11 +229,18 @@ class PrefillThread:
                 if item is None:
                     return
                 request, slot_free = item
+                lane = self._lane()
+                lane.prompts += 1
+                if last is not None and lane is not last:  # the prompt row is free once the last prompt's copy ran
+                    lane.stream.wait_stream(last.stream)
+                last = lane
                 try:
                     if request.done or request.handle.cancelled:
                         done = _Done(request)
                     else:
-                        done = self._into_slot(request, self._layers(self._embeddings(request.inputs)), slot_free)
+                        with stream_or_none(lane.stream):
+                            logits = self._layers(self._embeddings(request.inputs), lane.graphs)
+                            done = self._into_slot(request, logits, slot_free)
                 except Exception as error:  # this request fails; the thread goes on with the next
                     done = _Done(request, error=error)
                 finally:
@@ -224,6 +252,15 @@ class PrefillThread:
                     launched = done
                 else:
                     self._hand_over(done)
+
+    def _lane(self) -> "_Lane":
+        """Where the next prompt runs: on a second device its only lane; beside the steps on the SMs
+        set aside while a few rows decode and a few prompts wait (`ContinuousEngine.steps_first`),
+        else on the whole GPU (no row to protect, or a load where the batch's throughput matters
+        more than its next tokens' latency)."""
+        if not self.beside:
+            return self.elsewhere
+        return self.set_aside if self.engine.steps_first() else self.whole_gpu
 
     def _hand_over(self, done: "_Done") -> None:
         """`done` to the engine (beside the steps once its copy has run, so that no step waits for it)."""
@@ -239,14 +276,15 @@ class PrefillThread:
         return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
                                                 inputs.images_spatial_crop)
 
-    def _layers(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The prompt through every decoder layer into the prompt row, once the last copy out of it has
-        been made: its last logits. Between devices the thread waits for them, so that the copies it
-        issues next read a finished row; beside the steps the copy follows them on the same stream."""
+    def _layers(self, embeds: torch.Tensor, graphs: Optional[PromptGraphs]) -> torch.Tensor:
+        """The prompt through every decoder layer into the prompt row (replaying `graphs` where there
+        are some), once the last copy out of it has been made: its last logits. Between devices the
+        thread waits for them, so that the copies it issues next read a finished row; beside the
+        steps the copy follows them on the same stream."""
         if self._row_copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self._row_copied)
-        if self.graphs is not None:
-            logits = GraphLayerPieces(self.graphs, embeds).advance(len(self.lm.model.layers))
+        if graphs is not None:
+            logits = GraphLayerPieces(graphs, embeds).advance(len(self.lm.model.layers))
         else:
             logits = LayerPieces(self.lm, embeds, self.prompt.rows(0, 1), self.chunk).advance(len(self.lm.model.layers))
         if self.device.type == "cuda" and not self.beside:
@@ -263,11 +301,12 @@ class PrefillThread:
         source = self.prompt.rows(0, 1)
         source.length = request.prompt_len
         target = self.slots.cache.rows(request.slot, 1)
-        if self.beside:  # on the prefill thread's stream, after the steps that may still write the slot
-            self.stream.wait_event(slot_free)
+        if self.beside:  # on the prompt's stream, after the steps that may still write the slot
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(slot_free)
             target.copy_from(source)
             copied = torch.cuda.Event()
-            copied.record(self.stream)
+            copied.record(stream)
             return _Done(request, logits=logits, copied=copied)
         if self._copies is None:
             target.copy_from(source)
@@ -288,4 +327,4 @@ class PrefillThread:
         here, not at the first request)."""
         ids = torch.zeros(1, min(WARM_UP_TOKENS, self.slots.capacity - 1), dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            self._layers(self.lm.get_input_embeddings()(ids))
+            self._layers(self.lm.get_input_embeddings()(ids), None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings
+from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings, continuous
 from deepseek_vl2.engine.continuous import WHOLE_PREFILL_QUEUE, ContinuousEngine
 from deepseek_vl2.engine.slots import kv_bucket
 from goldens import CHECKPOINTS
@@ -196,6 +196,20 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
 def test_piece_sizes_below_one_are_refused_by_name(name):
     with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
         PrefillSettings(**{name: 0})
+
+
+def test_steps_come_first_while_a_few_rows_decode(tiny_lm, monkeypatch):
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3)
+    monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 2)
+    monkeypatch.setattr(continuous, "SET_ASIDE_QUEUE", 2)
+    assert not engine.steps_first()  # nothing decodes
+    engine._running.append(object())
+    assert engine.steps_first()
+    engine._waiting.extend([object(), object()])
+    assert not engine.steps_first()  # as many waiting as SET_ASIDE_QUEUE
+    engine._waiting.clear()
+    engine._running.append(object())
+    assert not engine.steps_first()  # as many rows as PIECEWISE_ROWS
 
 
 def test_another_device_and_sms_set_aside_are_refused_together():

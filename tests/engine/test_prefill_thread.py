@@ -91,9 +91,9 @@ def test_the_loop_waits_for_the_prefill_thread_instead_of_spinning(monkeypatch):
     engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=1, prefill=ON_CPU)
     layers = engine.prefill._layers
 
-    def slow_layers(embeds):
+    def slow_layers(embeds, graphs):
         time.sleep(0.5)
-        return layers(embeds)
+        return layers(embeds, graphs)
 
     monkeypatch.setattr(engine.prefill, "_layers", slow_layers)
     steps = []

@@ -54,6 +54,23 @@ def test_mixed_requests_prefilled_beside_the_steps(checkpoint, record_property):
     assert f"beside the decode steps on {sms} of the" in engine.startup_summary
 
 
+def test_beside_the_steps_a_prompt_runs_on_the_sms_set_aside_while_rows_decode(record_property):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count // 2
+    chat, requests, singles, engine = singles_and_engine("tiny_mha", PrefillSettings(sms=sms))
+    (long, short), chosen = (requests[5], requests[0]), (singles[5], singles[0])
+    engine.start()
+    handles = [engine.submit(engine.prepare_one(conversation(long[0], long[1]), long[1]), long[2])]
+    deadline = time.monotonic() + 60
+    while not engine._running and time.monotonic() < deadline:  # the first prompt decodes: the engine is quiet
+        time.sleep(0.01)
+    handles.append(engine.submit(engine.prepare_one(conversation(short[0], short[1]), short[1]), short[2]))
+    while not all(handle.finished for handle in handles) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.close()
+    assert (engine.prefill.whole_gpu.prompts, engine.prefill.set_aside.prompts) == (1, 1)
+    assert_single_answers(chat, [long, short], handles, chosen, record_property)
+
+
 def test_prefill_on_the_decoding_gpu_is_refused():
     chat = chat_engine("tiny_mha")
     with pytest.raises(ValueError, match="another device than the model's"):
