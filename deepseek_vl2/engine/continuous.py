@@ -194,12 +194,11 @@ class ContinuousEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def steps_first(self, ready: int = 0) -> bool:
-        """Whether rows decode (with `ready` prompts prefilled and about to join them), fewer than
-        PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait for their prefill: then the rows'
-        next tokens come before the prompts' (the prefill thread runs prompts on the SMs it set aside)."""
-        rows = len(self._running) + ready
-        return (0 < rows < PIECEWISE_ROWS
+    def steps_first(self) -> bool:
+        """Whether rows decode, fewer than PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait
+        for their prefill: then the rows' next tokens come before the prompts' (the prefill thread
+        runs prompts on the SMs it set aside)."""
+        return (0 < len(self._running) < PIECEWISE_ROWS
                 and len(self._prefilling) + len(self._waiting) < SET_ASIDE_QUEUE)
 
     @property

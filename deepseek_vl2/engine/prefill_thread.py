@@ -229,7 +229,7 @@ class PrefillThread:
                 if item is None:
                     return
                 request, slot_free = item
-                lane = self._lane(ready=(launched is not None) + len(self._done))
+                lane = self._lane()
                 lane.prompts += 1
                 if last is not None and lane is not last:  # the prompt row is free once the last prompt's copy ran
                     lane.stream.wait_stream(last.stream)
@@ -253,15 +253,14 @@ class PrefillThread:
                 else:
                     self._hand_over(done)
 
-    def _lane(self, ready: int) -> "_Lane":
+    def _lane(self) -> "_Lane":
         """Where the next prompt runs: on a second device its only lane; beside the steps on the SMs
         set aside while a few rows decode and a few prompts wait (`ContinuousEngine.steps_first`),
         else on the whole GPU (no row to protect, or a load where the batch's throughput matters
-        more than its next tokens' latency). `ready`: prompts prefilled, not decoding yet, which
-        will decode beside this one."""
+        more than its next tokens' latency)."""
         if not self.beside:
             return self.elsewhere
-        return self.set_aside if self.engine.steps_first(ready) else self.whole_gpu
+        return self.set_aside if self.engine.steps_first() else self.whole_gpu
 
     def _hand_over(self, done: "_Done") -> None:
         """`done` to the engine (beside the steps once its copy has run, so that no step waits for it)."""

@@ -203,13 +203,11 @@ def test_steps_come_first_while_a_few_rows_decode(tiny_lm, monkeypatch):
     monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 2)
     monkeypatch.setattr(continuous, "SET_ASIDE_QUEUE", 2)
     assert not engine.steps_first()  # nothing decodes
-    assert engine.steps_first(ready=1)  # a prefilled prompt about to decode
     engine._running.append(object())
     assert engine.steps_first()
     engine._waiting.extend([object(), object()])
     assert not engine.steps_first()  # as many waiting as SET_ASIDE_QUEUE
     engine._waiting.clear()
-    assert not engine.steps_first(ready=1)  # as many rows as PIECEWISE_ROWS with the one about to join
     engine._running.append(object())
     assert not engine.steps_first()  # as many rows as PIECEWISE_ROWS
 
