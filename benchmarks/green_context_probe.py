@@ -29,6 +29,7 @@ SIDE = 8192
 
 
 def decode_graph(device, stream):
+    """(the decode-like graph, the tensors it reads: the caller keeps them alive while it replays it)."""
     weights = [torch.randn(4096, 3072, device=device, dtype=torch.bfloat16) for _ in range(DECODE_WEIGHTS)]
     x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
 
@@ -44,7 +45,7 @@ def decode_graph(device, stream):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             step()
-    return graph
+    return graph, (weights, x)
 
 
 def time_decode(graph, stream, repeats: int = 200):
@@ -105,7 +106,7 @@ def main():
     total = torch.cuda.get_device_properties(device).multi_processor_count
     print(f"# {torch.cuda.get_device_name(device)} ({total} SMs), torch {torch.__version__}")
     decode_stream = torch.cuda.Stream(device, priority=-1)
-    decode = decode_graph(device, decode_stream)
+    decode, decode_inputs = decode_graph(device, decode_stream)
     a = torch.randn(SIDE, SIDE, device=device, dtype=torch.bfloat16)
 
     def eager():
