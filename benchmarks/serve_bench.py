@@ -353,7 +353,8 @@ class IterationLog:
     """Wraps `engine.step`: each iteration's end time, what it launched, how many rows decode, the
     host time the call took, and which one-off parts of a prefill ran in it (`MARKS`: the prompt's
     tiles sent to the tower, the tower's features placed in the prompt, the first decoder-layer
-    piece, the prompt's end with its first token, a request admitted, a row joining). Iteration i
+    piece, the prompt's end with its first token, a request admitted, a row joining; with a prefill
+    thread beside the steps, a prompt launched in either lane, from that thread). Iteration i
     launches its work and then waits for iteration i-1's, so on a busy GPU the time from the end of
     iteration i to the end of i+1 is what iteration i's work took on the device."""
 
@@ -374,6 +375,11 @@ class IterationLog:
             layers = prefill._layers
             prefill._layers = lambda request: (self.marks.add("layers start") if request.layers is None else None,
                                                layers(request))[1]
+        if getattr(prefill, "beside", False):  # a prefill thread beside the steps: which lane a prompt was launched in
+            launch = prefill._layers
+            prefill._layers = lambda embeds, graphs: (self.marks.add(
+                "prompt on the whole GPU" if graphs is prefill.whole_gpu.graphs else "prompt on the SMs set aside"),
+                launch(embeds, graphs))[1]
         self._mark(engine, "admit_request", "admit")
         self.collections, self._collecting = [], None  # (generation, ms) of each garbage collection
         gc.callbacks.append(self._collection)
