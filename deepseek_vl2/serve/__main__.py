@@ -44,9 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
                                                    "copy of the model, while the model's GPU only decodes "
                                                    "(continuous engine; default: prefill between decode steps)")
-    batching.add_argument("--prefill-sms", type=int, help="SMs of the model's GPU set aside to prefill every prompt "
-                                                           "beside the decode steps (a CUDA green context; "
-                                                           "continuous engine)")
+    batching.add_argument("--prefill-sms", type=int, help="SMs of the model's GPU set aside to prefill prompts "
+                                                           "beside the decode steps while a few rows decode (a CUDA "
+                                                           "green context; continuous engine), e.g. 88 of an "
+                                                           "H200's 132")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
