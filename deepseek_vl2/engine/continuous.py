@@ -90,13 +90,6 @@ class EngineStats:
 # clients and fewer than 16 rows ever decoded: 599 output tok/s against 1314 (same machine).
 PIECEWISE_ROWS = 16
 WHOLE_PREFILL_QUEUE = 4
-# With SMs set aside for prompts (PrefillSettings.sms), a prompt runs on them while rows decode, fewer
-# than PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait for their prefill; on the whole
-# GPU otherwise. Measured on an H200 over HTTP (benchmarks/RESULTS.md, twentieth session), tiny
-# with 88 of 132 SMs: with WHOLE_PREFILL_QUEUE as the queue rule, 2,261 tok/s to 32 clients but an
-# open-loop inter-token p99 of 2.85 ms (bursts of 4 prompts ran on the whole GPU); without a queue
-# rule, 1,810 tok/s (prompts on the set-aside SMs could not keep 16 rows decoding).
-SET_ASIDE_QUEUE = 8
 IDLE_WAIT_S = 0.05  # the longest wait for a prompt prefilled elsewhere while no row decodes
 
 
@@ -194,13 +187,6 @@ class ContinuousEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def steps_first(self) -> bool:
-        """Whether rows decode, fewer than PIECEWISE_ROWS, and fewer than SET_ASIDE_QUEUE requests wait
-        for their prefill: then the rows' next tokens come before the prompts' (the prefill thread
-        runs prompts on the SMs it set aside)."""
-        return (0 < len(self._running) < PIECEWISE_ROWS
-                and len(self._prefilling) + len(self._waiting) < SET_ASIDE_QUEUE)
-
     @property
     def active(self) -> int:
         """Requests holding a slot (prefilling or decoding)."""
@@ -280,11 +266,20 @@ class ContinuousEngine:
         with self._condition:
             self._condition.notify()
 
+    def busy(self) -> bool:
+        """PIECEWISE_ROWS rows decoding, or WHOLE_PREFILL_QUEUE requests waiting for their prefill."""
+        return len(self._running) >= PIECEWISE_ROWS or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE
+
+    def prefills_whole(self) -> bool:
+        """Whether a prompt is prefilled on the whole GPU now (no row decodes, or the engine is busy),
+        or else in pieces between the steps (or on SMs set aside beside them). Read from the prefill
+        thread too."""
+        return not self._running or self.busy()
+
     def _prefill_here(self) -> List[Chosen]:
         """With no row decoding or a busy engine, prefill the first waiting prompt whole; on a quiet
         engine with rows decoding, run a piece of it. The first tokens of the prompts that ended."""
-        busy = (len(self._running) >= PIECEWISE_ROWS
-                or len(self._prefilling) + len(self._waiting) >= WHOLE_PREFILL_QUEUE)
+        busy = self.busy()
         launched = []
         if not self._running or busy:
             self.stats.whole_prefills += bool(self._prefilling)

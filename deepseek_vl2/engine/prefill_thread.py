@@ -12,8 +12,9 @@ step waits behind a prompt's vision tower, its layers or the copy of its cache. 
   beside large GEMMs on such a stream, 0.23 ms with the GEMMs on 66 of the 132 SMs;
   benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
   wherever they are replayed, so the prompt graphs are captured on the green context's stream.
-  While no row decodes, or under load, a prompt runs on the whole GPU instead, on a stream and graphs
-  of its own: the prompts' two lanes (`_Lane`).
+  While no row decodes, or the engine is busy (as prefill between the steps prefills whole then,
+  continuous.py), a prompt runs on the whole GPU instead, on a stream and graphs of its own: the
+  prompts' two lanes (`_Lane`).
 
     engine thread                          prefill thread (the prefill device current)
     admit: a slot, `add` -> queue    --->  prompt embeddings (images through the tower), then
@@ -155,7 +156,7 @@ class PrefillThread:
         if self.beside:
             total = torch.cuda.get_device_properties(self.device).multi_processor_count
             return (f"prompts prefilled beside the decode steps on {self.sms} of the {total} SMs of {self.device}, "
-                    f"on all of them while no row decodes or under load ({self._startup})")
+                    f"on all of them while no row decodes or the engine is busy ({self._startup})")
         return f"prompts prefilled on {self.device} by a copy of the model there ({self._startup})"
 
     @property
@@ -254,13 +255,13 @@ class PrefillThread:
                     self._hand_over(done)
 
     def _lane(self) -> "_Lane":
-        """Where the next prompt runs: on a second device its only lane; beside the steps on the SMs
-        set aside while a few rows decode and a few prompts wait (`ContinuousEngine.steps_first`),
-        else on the whole GPU (no row to protect, or a load where the batch's throughput matters
-        more than its next tokens' latency)."""
+        """Where the next prompt runs: on a second device its only lane; beside the steps on the whole
+        GPU while no row decodes or the engine is busy (as prefill between the steps prefills whole
+        then: serving the queue matters more than the running rows' next tokens), else on the SMs
+        set aside."""
         if not self.beside:
             return self.elsewhere
-        return self.set_aside if self.engine.steps_first() else self.whole_gpu
+        return self.whole_gpu if self.engine.prefills_whole() else self.set_aside
 
     def _hand_over(self, done: "_Done") -> None:
         """`done` to the engine (beside the steps once its copy has run, so that no step waits for it)."""

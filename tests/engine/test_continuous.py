@@ -198,18 +198,17 @@ def test_piece_sizes_below_one_are_refused_by_name(name):
         PrefillSettings(**{name: 0})
 
 
-def test_steps_come_first_while_a_few_rows_decode(tiny_lm, monkeypatch):
-    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3)
-    monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 2)
-    monkeypatch.setattr(continuous, "SET_ASIDE_QUEUE", 2)
-    assert not engine.steps_first()  # nothing decodes
+def test_prompts_are_prefilled_whole_while_no_row_decodes_or_the_engine_is_busy(tiny_lm, monkeypatch):
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=3, prefill=PrefillSettings(layer_tokens=1))
+    assert engine.prefills_whole()  # nothing decodes
     engine._running.append(object())
-    assert engine.steps_first()
+    assert not engine.busy() and not engine.prefills_whole()  # one row, nothing waiting: in pieces
+    monkeypatch.setattr(continuous, "WHOLE_PREFILL_QUEUE", 2)
     engine._waiting.extend([object(), object()])
-    assert not engine.steps_first()  # as many waiting as SET_ASIDE_QUEUE
+    assert engine.busy() and engine.prefills_whole()  # two waiting
     engine._waiting.clear()
-    engine._running.append(object())
-    assert not engine.steps_first()  # as many rows as PIECEWISE_ROWS
+    monkeypatch.setattr(continuous, "PIECEWISE_ROWS", 1)
+    assert engine.busy() and engine.prefills_whole()  # as many rows as PIECEWISE_ROWS
 
 
 def test_another_device_and_sms_set_aside_are_refused_together():
