@@ -372,14 +372,10 @@ class IterationLog:
             self._mark(engine.model, "image_prompt", "tiles in")
             self._mark(engine.model, "place_images", "features placed")
             self._mark(prefill, "_end", "prompt end")
-            layers = prefill._layers
-            prefill._layers = lambda request: (self.marks.add("layers start") if request.layers is None else None,
-                                               layers(request))[1]
+            self._mark(prefill, "_layers", lambda request: "layers start" if request.layers is None else None)
         if getattr(prefill, "beside", False):  # a prefill thread beside the steps: which lane a prompt was launched in
-            launch = prefill._layers
-            prefill._layers = lambda embeds, graphs: (self.marks.add(
-                "prompt on the whole GPU" if graphs is prefill.whole_gpu.graphs else "prompt on the SMs set aside"),
-                launch(embeds, graphs))[1]
+            self._mark(prefill, "_layers", lambda embeds, graphs: "prompt on the whole GPU"
+                       if graphs is prefill.whole_gpu.graphs else "prompt on the SMs set aside")
         self._mark(engine, "admit_request", "admit")
         self.collections, self._collecting = [], None  # (generation, ms) of each garbage collection
         gc.callbacks.append(self._collection)
@@ -392,13 +388,17 @@ class IterationLog:
         elif self._collecting is not None:
             self.collections.append((info["generation"], 1e3 * (time.perf_counter() - self._collecting)))
 
-    def _mark(self, owner, name: str, label: str) -> None:
+    def _mark(self, owner, name: str, label) -> None:
+        """Wrap `owner.name` to mark the iteration it runs in with `label`: a string, or a function of
+        the call's arguments that gives one (None: no mark)."""
         if not hasattr(owner, name):
             return
         function = getattr(owner, name)
 
         def marked(*args, **kwargs):
-            self.marks.add(label)
+            text = label(*args, **kwargs) if callable(label) else label
+            if text is not None:
+                self.marks.add(text)
             return function(*args, **kwargs)
         setattr(owner, name, marked)
 

@@ -281,7 +281,7 @@ class ContinuousEngine:
         engine with rows decoding, run a piece of it. The first tokens of the prompts that ended."""
         busy = self.busy()
         launched = []
-        if not self._running or busy:
+        if self.prefills_whole():
             self.stats.whole_prefills += bool(self._prefilling)
             self.prefill.whole()
             launched += self._join_prefilled()
