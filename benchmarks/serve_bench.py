@@ -82,9 +82,10 @@ def byte_fragment_ids(tokenizer) -> list:
 
 def prefill_settings(args):
     from deepseek_vl2.engine import PrefillSettings
+    from deepseek_vl2.engine.prefill import parse_prefill_sms
 
     return PrefillSettings(chunk=args.prefill_chunk, vision_blocks=args.vision_blocks, layer_tokens=args.layer_tokens,
-                           device=args.prefill_device, sms=args.prefill_sms)
+                           device=args.prefill_device, sms=parse_prefill_sms(args.prefill_sms))
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False,
@@ -523,7 +524,8 @@ def main():
     parser.add_argument("--vision-blocks", type=int, default=4, help="--vision-blocks of the server")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="--layer-tokens of the server")
     parser.add_argument("--prefill-device", help="--prefill-device of the server (a second GPU, cuda:1)")
-    parser.add_argument("--prefill-sms", type=int, help="--prefill-sms of the server (SMs set aside for prefill)")
+    parser.add_argument("--prefill-sms", default="auto",
+                        help="--prefill-sms of the server (SMs set aside for prefill: auto, off or a number)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                         help="the decoder's weights (bench.py's build_model)")
     parser.add_argument("--port", type=int, default=8931)

@@ -52,7 +52,7 @@ from .chat_engine import ChatResult, PromptTooLongError, prepare_sample
 from .decode_steps import DecodeSteps, compilations
 from .params import GenerationParams
 from .prefill import Prefill, PrefillSettings
-from .prefill_thread import PrefillThread
+from .prefill_thread import PrefillThread, auto_prefill_sms
 from .prompt_graphs import PromptGraphs
 from .requests import ActiveRequest, Handle
 from .row_sampling import Chosen, Histories, RowSampler, choose_tokens
@@ -101,7 +101,8 @@ class ContinuousEngine:
         `prefill`: how and where prompts are prefilled: on this device between the decode steps
         (prefill.py), or on a thread of its own beside the steps (prefill_thread.py): with
         `prefill.device` on another device, a second GPU, with a copy of the model made there, while
-        this one only decodes, or with `prefill.sms` on that many SMs of this GPU set aside for it;
+        this one only decodes, or with `prefill.sms` on that many SMs of this GPU set aside for it
+        ("auto": half of them, where CUDA graphs run and green contexts exist, else between the steps);
         `cuda_graphs`: decode steps as CUDA graphs, all captured here (default: on CUDA in bfloat16 or
         float16, where `kernels.dispatch.decode_is_capturable` allows them)."""
         prefill = prefill or PrefillSettings()
@@ -119,7 +120,10 @@ class ContinuousEngine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and decode_is_capturable(self.device, self.lm.dtype)
         self.steps = DecodeSteps(self.lm, self.slots, use_graphs=cuda_graphs)
-        here = prefill.device is None and prefill.sms is None  # prompts in pieces between the steps
+        sms = prefill.sms
+        if sms == "auto":  # beside the steps where SMs can be set aside and graphs run (else between them)
+            sms = auto_prefill_sms(self.device) if cuda_graphs and prefill.device is None else None
+        here = prefill.device is None and sms is None  # prompts in pieces between the steps
         prompt_graphs = PromptGraphs(self.lm, self.slots.prompt) if cuda_graphs and here else None
         # what was captured and compiled before the first request, and how long it took
         self.startup_summary = (f"{self.steps.capture_all()}" if cuda_graphs
@@ -141,7 +145,7 @@ class ContinuousEngine:
                                      else "; prompts prefilled eagerly")
         else:
             self.prefill = PrefillThread(self, prefill.device or self.device, prefill.chunk, use_graphs=cuda_graphs,
-                                         on_ended=self._wake, sms=prefill.sms)
+                                         on_ended=self._wake, sms=sms)
             self.startup_summary += f"; {self.prefill.summary()}"
         self._prefilling = self.prefill.requests  # admitted, not decoding yet
         self._thread: Optional[threading.Thread] = None

@@ -31,8 +31,8 @@ its own beside decode steps on a stream of higher priority. The decode steps tha
 with a prefill took ~5x longer, output fell from 1560 to 1408 tok/s and the open-loop inter-token
 p99 rose from 4.3 to 7.1 ms (benchmarks/RESULTS.md).
 """
-from dataclasses import dataclass, fields
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 
@@ -52,16 +52,32 @@ class PrefillSettings:
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
     layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
     device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (prefill_thread.py)
-    sms: Optional[int] = None  # or: SMs of the decoding GPU that prefill every prompt beside the steps (prefill_thread.py)
+    # or: SMs of the decoding GPU that prefill every prompt beside the steps (prefill_thread.py); "auto": about
+    # half of them where the GPU can set SMs aside and no `device` is given (prefill_thread.auto_prefill_sms),
+    # else prefill between the steps; None: prefill between the steps
+    sms: Union[int, str, None] = None
 
     def __post_init__(self):
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name != "device" and value is not None and value < 1:
-                raise ValueError(f"{field.name} must be >= 1, got {value}")
-        if self.device is not None and self.sms is not None:
+        for name in ("chunk", "vision_blocks", "layer_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sms is not None and self.sms != "auto" and (isinstance(self.sms, bool) or not isinstance(self.sms, int)
+                                                            or self.sms < 1):
+            raise ValueError(f"sms must be a number of SMs >= 1, 'auto' or None, got {self.sms!r}")
+        if self.device is not None and self.sms not in (None, "auto"):
             raise ValueError(f"prompts are prefilled on another device ({self.device}) or on some SMs of the "
                              f"decoding GPU (sms={self.sms}), not both")
+
+
+def parse_prefill_sms(text: str) -> Union[int, str, None]:
+    """A command line's `--prefill-sms`: "auto", "off" (None: prefill between the decode steps) or a
+    number of SMs >= 1. Raises ValueError naming the value otherwise."""
+    text = text.strip().lower()
+    if text in ("auto", "off"):
+        return "auto" if text == "auto" else None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--prefill-sms takes auto, off or a number of SMs >= 1, not {text!r}")
+    return int(text)
 
 
 @dataclass

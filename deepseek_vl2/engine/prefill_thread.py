@@ -4,8 +4,8 @@ step waits behind a prompt's vision tower, its layers or the copy of its cache. 
 
 - a second device, with a copy of the model there (`PrefillSettings(device="cuda:1")`, the server's
   `--prefill-device`), or
-- some SMs of the decoding GPU itself, set aside for prefill (`PrefillSettings(sms=88)`, the
-  server's `--prefill-sms`): a CUDA green context (devices.partition_stream) whose stream the
+- some SMs of the decoding GPU itself, set aside for prefill (`PrefillSettings(sms=64)`, or
+  `sms="auto"`: half of them, the server's default; `--prefill-sms`): a CUDA green context (devices.partition_stream) whose stream the
   prefill thread runs on, with the engine's own model. Its kernels occupy only those SMs, so a
   decode step always finds the others free. A plain stream of low priority does not do that: the
   prompt's kernels fill every SM (on an H200 a decode-like graph took 0.16 ms alone, 2.8-3.1 ms
@@ -51,6 +51,7 @@ A request cancelled while its prompt is prefilled is skipped by the prefill thre
 started, and its prefill is dropped when it ends; an error in one prompt fails that request.
 """
 import contextlib
+import logging
 import queue
 import threading
 from collections import deque
@@ -68,6 +69,29 @@ from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 
 WARM_UP_TOKENS = 64
+SM_GROUP = 8  # a green context on an H100 / H200 holds a multiple of 8 SMs
+
+logger = logging.getLogger(__name__)
+
+
+def auto_prefill_sms(device: torch.device) -> Optional[int]:
+    """The SMs `PrefillSettings(sms="auto")` sets aside for prompts on `device`: half of its SMs,
+    rounded down to a multiple of SM_GROUP (an H200: 64 of its 132), or None where none can be set
+    aside (not a CUDA GPU; no green contexts in this torch, driver or GPU): prompts are then
+    prefilled between the decode steps. Why half: on an H200, under Poisson arrivals at half the
+    32-client rate, tiny's inter-token p99 was 2.75 ms (two runs) with 64 SMs, 2.82 with 88 and 3.72
+    with 48, small's 5.42 with 64 and 6.22 with 88, at the same throughput within 3%
+    (benchmarks/RESULTS.md, twenty-first session): fewer SMs leave more to the decode steps beside a
+    prompt, until the prompts take so long that more of the steps have one beside them."""
+    if device.type != "cuda":
+        return None
+    sms = max(SM_GROUP, torch.cuda.get_device_properties(device).multi_processor_count // 2 // SM_GROUP * SM_GROUP)
+    try:
+        partition_stream(device, sms)  # a trial: green contexts work here (this one is dropped)
+    except ValueError as error:
+        logger.info("prompts are prefilled between the decode steps: %s", error)
+        return None
+    return sms
 
 
 def stream_or_none(stream):

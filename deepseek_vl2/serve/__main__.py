@@ -10,6 +10,7 @@ import uvicorn
 from PIL import Image
 
 from ..engine import ChatEngine, PrefillSettings, add_engine_arguments
+from ..engine.prefill import parse_prefill_sms
 from .app import create_app
 from .settings import ServerSettings
 
@@ -43,11 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS.prefill, name), help=text)
     batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
                                                    "copy of the model, while the model's GPU only decodes "
-                                                   "(continuous engine; default: prefill between decode steps)")
-    batching.add_argument("--prefill-sms", type=int, help="SMs of the model's GPU set aside to prefill prompts "
-                                                           "beside the decode steps while a few rows decode (a CUDA "
-                                                           "green context; continuous engine), e.g. 88 of an "
-                                                           "H200's 132")
+                                                   "(continuous engine; default: prefill on the model's GPU, see --prefill-sms)")
+    batching.add_argument("--prefill-sms", type=prefill_sms, default=DEFAULTS.prefill.sms,
+                          help="SMs of the model's GPU set aside to prefill prompts beside the decode steps while a "
+                               "few rows decode (a CUDA green context; continuous engine). auto (default): half of "
+                               "them (64 of an H200's 132) where the GPU can set SMs aside, else off; off: prefill "
+                               "between the decode steps")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
@@ -65,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}, "
                         "else no key)")
     return p.parse_args(argv)
+
+
+def prefill_sms(text: str):
+    try:
+        return parse_prefill_sms(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def model_id(model_path: str) -> str:

@@ -13,7 +13,9 @@ class ServerSettings:
     allow_remote_media: bool = False  # fetch http(s) image URLs
     max_batch_size: int = 8  # rows of one static batch (a model spread over several GPUs)
     max_num_seqs: int = 8  # rows decoding at once in the continuous engine (KV slots)
-    prefill: PrefillSettings = field(default_factory=PrefillSettings)  # how the continuous engine prefills
+    # how the continuous engine prefills: on one GPU, beside the decode steps on half its SMs where it can
+    # set them aside, else between the steps
+    prefill: PrefillSettings = field(default_factory=lambda: PrefillSettings(sms="auto"))
     scheduler: str = "auto"  # "auto": the continuous engine, static batching for a split model; or "static", "continuous"
     max_images: int = 4  # per request
     max_image_pixels: int = 36_000_000  # width * height, checked before an image is decoded

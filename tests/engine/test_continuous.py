@@ -11,6 +11,8 @@ from PIL import Image
 
 from deepseek_vl2.engine import ChatEngine, GenerationParams, PrefillSettings, continuous
 from deepseek_vl2.engine.continuous import WHOLE_PREFILL_QUEUE, ContinuousEngine
+from deepseek_vl2.engine.prefill import Prefill, parse_prefill_sms
+from deepseek_vl2.engine.prefill_thread import auto_prefill_sms
 from deepseek_vl2.engine.slots import kv_bucket
 from goldens import CHECKPOINTS
 
@@ -192,7 +194,7 @@ def test_a_bare_decoder_gives_the_same_tokens_prefilled_whole_or_in_pieces(tiny_
     assert together == alone and all(len(tokens) == 6 for tokens in alone)
 
 
-@pytest.mark.parametrize("name", ["chunk", "vision_blocks", "layer_tokens", "sms"])
+@pytest.mark.parametrize("name", ["chunk", "vision_blocks", "layer_tokens"])
 def test_piece_sizes_below_one_are_refused_by_name(name):
     with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
         PrefillSettings(**{name: 0})
@@ -214,6 +216,26 @@ def test_prompts_are_prefilled_whole_while_no_row_decodes_or_the_engine_is_busy(
 def test_another_device_and_sms_set_aside_are_refused_together():
     with pytest.raises(ValueError, match=r"another device \(cuda:1\) or on some SMs of the decoding GPU \(sms=8\)"):
         PrefillSettings(device="cuda:1", sms=8)
+    assert PrefillSettings(device="cuda:1", sms="auto").sms == "auto"  # auto yields to another device
+
+
+@pytest.mark.parametrize("sms", [0, -8, True, "half", 8.0])
+def test_sms_set_aside_are_a_count_auto_or_none(sms):
+    with pytest.raises(ValueError, match=rf"sms must be a number of SMs >= 1, 'auto' or None, got {sms!r}"):
+        PrefillSettings(sms=sms)
+
+
+def test_the_command_lines_prefill_sms():
+    assert [parse_prefill_sms(text) for text in ("auto", "OFF", " 64 ")] == ["auto", None, 64]
+    for text in ("0", "half", "-8", ""):
+        with pytest.raises(ValueError, match=rf"--prefill-sms takes auto, off or a number of SMs >= 1, not '{text.strip()}'"):
+            parse_prefill_sms(text)
+
+
+def test_sms_auto_prefills_between_the_steps_without_a_gpu(tiny_lm):
+    engine = ContinuousEngine(tiny_lm, None, max_num_seqs=2, prefill=PrefillSettings(sms="auto"))
+    assert isinstance(engine.prefill, Prefill) and "prompts prefilled eagerly" in engine.startup_summary
+    assert auto_prefill_sms(torch.device("cpu")) is None
 
 
 @torch.inference_mode()

@@ -48,10 +48,11 @@ def test_mixed_requests_prefilled_on_the_second_gpu(checkpoint, record_property)
 
 @pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
 def test_mixed_requests_prefilled_beside_the_steps(checkpoint, record_property):
-    sms = torch.cuda.get_device_properties(0).multi_processor_count // 2
-    engine = served_on_threads(checkpoint, PrefillSettings(sms=sms), record_property)
+    """With sms="auto" (the server's default): half the GPU's SMs, a multiple of 8 (an H200: 64 of 132)."""
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    engine = served_on_threads(checkpoint, PrefillSettings(sms="auto"), record_property)
     assert engine.prefill.model is engine.model and engine.prefill.prompt is engine.slots.prompt
-    assert f"beside the decode steps on {sms} of the" in engine.startup_summary
+    assert f"beside the decode steps on {total // 16 * 8} of the {total} SMs" in engine.startup_summary
 
 
 def test_beside_the_steps_a_prompt_runs_on_the_sms_set_aside_while_rows_decode(record_property):

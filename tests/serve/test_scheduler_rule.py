@@ -9,7 +9,8 @@ import torch
 
 from deepseek_vl2.engine import ChatEngine, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
-from deepseek_vl2.serve.__main__ import main
+from deepseek_vl2.engine.prefill import Prefill
+from deepseek_vl2.serve.__main__ import main, parse_args
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.scheduler import BatchScheduler, ContinuousScheduler, create_scheduler, uses_continuous_engine
 from deepseek_vl2.serve.settings import ServerSettings
@@ -79,6 +80,25 @@ def test_the_server_exits_with_a_message_for_sms_set_aside_on_a_cpu(tmp_path_fac
     with pytest.raises(SystemExit, match=r"error: SMs set aside for prefill \(sms=4\) are SMs of the model's GPU, "
                                          r"and it is on cpu"):
         main(["--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu", "--prefill-sms", "4"])
+
+
+def test_the_server_sets_sms_aside_for_prefill_by_default_and_off_turns_it_off(capsys):
+    assert ServerSettings(model_id="tiny").prefill.sms == "auto"
+    assert parse_args(["--model_path", "m"]).prefill_sms == "auto"
+    assert parse_args(["--model_path", "m", "--prefill-sms", "off"]).prefill_sms is None
+    assert parse_args(["--model_path", "m", "--prefill-sms", "96"]).prefill_sms == 96
+    with pytest.raises(SystemExit):
+        parse_args(["--model_path", "m", "--prefill-sms", "0"])
+    assert "--prefill-sms takes auto, off or a number of SMs >= 1, not '0'" in capsys.readouterr().err
+
+
+def test_a_cpu_server_with_sms_auto_prefills_between_the_steps(chat):
+    scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=2, prefill=PrefillSettings(sms="auto"))
+    try:
+        assert "prompts prefilled eagerly" in scheduler.engine.startup_summary
+        assert isinstance(scheduler.engine.prefill, Prefill)  # between the steps, no prefill thread
+    finally:
+        scheduler.close()
 
 
 def test_health_counts_of_an_engine_that_prefills_on_a_thread(chat):
