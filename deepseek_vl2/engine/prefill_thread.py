@@ -5,12 +5,12 @@ step waits behind a prompt's vision tower, its layers or the copy of its cache. 
 - a second device, with a copy of the model there (`PrefillSettings(device="cuda:1")`, the server's
   `--prefill-device`), or
 - some SMs of the decoding GPU itself, set aside for prefill (`PrefillSettings(sms=64)`, or
-  `sms="auto"`: half of them, the server's default; `--prefill-sms`): a CUDA green context (devices.partition_stream) whose stream the
-  prefill thread runs on, with the engine's own model. Its kernels occupy only those SMs, so a
-  decode step always finds the others free. A plain stream of low priority does not do that: the
-  prompt's kernels fill every SM (on an H200 a decode-like graph took 0.16 ms alone, 2.8-3.1 ms
-  beside large GEMMs on such a stream, 0.23 ms with the GEMMs on 66 of the 132 SMs;
-  benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
+  `sms="auto"`: half of them, the server's default; `--prefill-sms`): a CUDA green context
+  (devices.partition_stream) whose stream the prefill thread runs on, with the engine's own model.
+  Its kernels occupy only those SMs, so a decode step always finds the others free. A plain stream
+  of low priority does not do that: the prompt's kernels fill every SM (on an H200 a decode-like
+  graph took 0.16 ms alone, 2.8-3.1 ms beside large GEMMs on such a stream, 0.23 ms with the GEMMs
+  on 66 of the 132 SMs; benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
   wherever they are replayed, so the prompt graphs are captured on the green context's stream.
   While no row decodes, or the engine is busy (as prefill between the steps prefills whole then,
   continuous.py), a prompt runs on the whole GPU instead, on a stream and graphs of its own: the

@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         batching.add_argument(flag, type=int, default=getattr(DEFAULTS.prefill, name), help=text)
     batching.add_argument("--prefill-device", help="another GPU (cuda:N) that prefills every prompt with its own "
                                                    "copy of the model, while the model's GPU only decodes "
-                                                   "(continuous engine; default: prefill on the model's GPU, see --prefill-sms)")
+                                                   "(continuous engine; default: prefill on the model's GPU, "
+                                                   "see --prefill-sms)")
     batching.add_argument("--prefill-sms", type=prefill_sms, default=DEFAULTS.prefill.sms,
                           help="SMs of the model's GPU set aside to prefill prompts beside the decode steps while a "
                                "few rows decode (a CUDA green context; continuous engine). auto (default): half of "
