@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from io import BytesIO
 from pathlib import Path
 
@@ -360,6 +361,8 @@ class IterationLog:
     iteration i to the end of i+1 is what iteration i's work took on the device."""
 
     KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
+    # an iteration that starts while the prefill thread has a prompt in flight is also marked "beside a prompt"
+    # with the prompt's lane (from `_lane` choosing it to `_hand_over`)
     SLOW_MS = 2.7  # iterations slower than this are counted by label (tiny's inter-token target is ~3x 0.9 ms)
 
     def __init__(self, engine):
@@ -374,9 +377,23 @@ class IterationLog:
             self._mark(engine.model, "place_images", "features placed")
             self._mark(prefill, "_end", "prompt end")
             self._mark(prefill, "_layers", lambda request: "layers start" if request.layers is None else None)
+        self._in_flight, self._lanes = deque(), {}  # beside the steps: lanes of prompts not handed over, their marks
         if getattr(prefill, "beside", False):  # a prefill thread beside the steps: which lane a prompt was launched in
             self._mark(prefill, "_layers", lambda embeds, graphs: "prompt on the whole GPU"
                        if graphs is prefill.whole_gpu.graphs else "prompt on the SMs set aside")
+            lane, hand_over = prefill._lane, prefill._hand_over
+
+            def chosen_lane():  # each prompt's lane is chosen once, and each prompt is handed over once, in order
+                self._in_flight.append(lane())
+                return self._in_flight[-1]
+
+            def handed_over(done):
+                self._in_flight.popleft()
+                return hand_over(done)
+
+            prefill._lane, prefill._hand_over = chosen_lane, handed_over
+            self._lanes = {id(prefill.whole_gpu): "beside a prompt on the whole GPU",
+                           id(prefill.set_aside): "beside a prompt on the SMs set aside"}
         self._mark(engine, "admit_request", "admit")
         self.collections, self._collecting = [], None  # (generation, ms) of each garbage collection
         gc.callbacks.append(self._collection)
@@ -406,7 +423,7 @@ class IterationLog:
     def _timed(self, step) -> None:
         stats = self.engine.stats
         before = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
-        self.marks = set()
+        self.marks = {self._lanes[id(lane)] for lane in list(self._in_flight)}
         started = time.perf_counter()
         step()
         ended = time.perf_counter()
