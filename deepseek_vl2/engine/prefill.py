@@ -52,9 +52,9 @@ class PrefillSettings:
     vision_blocks: int = 4  # vision-tower blocks (SigLIP has 27) per iteration while rows decode
     layer_tokens: int = 4096  # prompt tokens x decoder layers per iteration while rows decode (at least one layer)
     device: Optional[str] = None  # another device (a second GPU) that prefills every prompt (prefill_thread.py)
-    # or: SMs of the decoding GPU that prefill every prompt beside the steps (prefill_thread.py); "auto": about
-    # half of them where the GPU can set SMs aside and no `device` is given (prefill_thread.auto_prefill_sms),
-    # else prefill between the steps; None: prefill between the steps
+    # or: SMs of the decoding GPU that prefill every prompt beside the steps (prefill_thread.py); "auto": half
+    # of them, a multiple of 8, where the GPU can set SMs aside and no `device` is given
+    # (prefill_thread.auto_prefill_sms), else prefill between the steps; None: prefill between the steps
     sms: Union[int, str, None] = None
 
     def __post_init__(self):
@@ -73,8 +73,10 @@ def parse_prefill_sms(text: str) -> Union[int, str, None]:
     """A command line's `--prefill-sms`: "auto", "off" (None: prefill between the decode steps) or a
     number of SMs >= 1. Raises ValueError naming the value otherwise."""
     text = text.strip().lower()
-    if text in ("auto", "off"):
-        return "auto" if text == "auto" else None
+    if text == "auto":
+        return "auto"
+    if text == "off":
+        return None
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--prefill-sms takes auto, off or a number of SMs >= 1, not {text!r}")
     return int(text)
