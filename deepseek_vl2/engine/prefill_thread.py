@@ -10,8 +10,9 @@ step waits behind a prompt's vision tower, its layers or the copy of its cache. 
   Its kernels occupy only those SMs, so a decode step always finds the others free. A plain stream
   of low priority does not do that: the prompt's kernels fill every SM (on an H200 a decode-like
   graph took 0.16 ms alone, 2.8-3.1 ms beside large GEMMs on such a stream, 0.23 ms with the GEMMs
-  on 66 of the 132 SMs; benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream they were captured on,
-  wherever they are replayed, so the prompt graphs are captured on the green context's stream.
+  on 66 of the 132 SMs; benchmarks/green_context_probe.py). Graphs keep to the SMs of the stream
+  they were captured on, wherever they are replayed, so the prompt graphs are captured on the green
+  context's stream.
   While no row decodes, or the engine is busy (as prefill between the steps prefills whole then,
   continuous.py), a prompt runs on the whole GPU instead, on a stream and graphs of its own: the
   prompts' two lanes (`_Lane`).
