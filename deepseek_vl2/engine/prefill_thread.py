@@ -41,12 +41,13 @@ waits for the interpreter lock.
 On a second device the model is made by `devices.replicate` from the engine's model, tensor by
 tensor, so the decode device never holds a second copy. The decoder layers over a prompt replay CUDA
 graphs captured at start-up (prompt_graphs.py, on the prefill device's prompt row, or the engine's
-on its own GPU), as the engine's own prefill does, and the vision tower runs eagerly. The prefill
-thread shares the interpreter with the engine's: graphs keep its host work, and so its waits for the
-interpreter lock, to a few launches per layer. Without graphs (another dtype than bfloat16 /
-float16, or a CPU) the layers run eagerly in forwards of `chunk` tokens, after a short prompt at
-start-up that compiles their kernels. Of the PrefillSettings only `chunk` applies; the piece sizes
-are for prefill between decode steps.
+on its own GPU), as the engine's own prefill does, and so does the vision tower over the prompt's
+tiles (tower_graphs.py, one graph per tile count). The prefill thread shares the interpreter with
+the engine's: graphs keep its host work, and so the lock it takes from the engine's thread, to a few
+launches per layer. Without graphs (another dtype than bfloat16 / float16, or a CPU) the tower and
+the layers run eagerly, the layers in forwards of `chunk` tokens, after a short prompt at start-up
+that compiles their kernels. Of the PrefillSettings only `chunk` applies; the piece sizes are for
+prefill between decode steps.
 
 A request cancelled while its prompt is prefilled is skipped by the prefill thread if it has not
 started, and its prefill is dropped when it ends; an error in one prompt fails that request.
@@ -68,6 +69,7 @@ from ..modeling.layer_pieces import LayerPieces
 from .prefill import Prefilled, first_token
 from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
+from .tower_graphs import TowerGraphs, tiles_per_image
 
 WARM_UP_TOKENS = 64
 SM_GROUP = 8  # a green context on an H100 / H200 holds a multiple of 8 SMs
@@ -107,6 +109,7 @@ class _Lane:
 
     stream: Optional[torch.cuda.Stream]
     graphs: Optional[PromptGraphs] = None
+    tower: Optional[TowerGraphs] = None  # the vision tower's graphs (None: eager, or no tower)
     prompts: int = 0  # prompts run in this lane
 
 
@@ -163,6 +166,9 @@ class PrefillThread:
                 for lane in self._lanes():  # each lane's graphs keep to its stream's SMs
                     lane.graphs = PromptGraphs(self.lm, self.prompt)
                     captured.append(lane.graphs.capture_all(lane.stream))
+                    if hasattr(self.model, "vision"):
+                        lane.tower = TowerGraphs(self.model, tiles_per_image(self.model.config))
+                        captured.append(lane.tower.capture_all(lane.stream))
                 self._startup = "; ".join(captured)
             else:
                 self._warm_up()
@@ -265,7 +271,7 @@ class PrefillThread:
                         done = _Done(request)
                     else:
                         with stream_or_none(lane.stream):
-                            logits = self._layers(self._embeddings(request.inputs), lane.graphs)
+                            logits = self._layers(self._embeddings(request.inputs, lane.tower), lane.graphs)
                             done = self._into_slot(request, logits, slot_free)
                 except Exception as error:  # this request fails; the thread goes on with the next
                     done = _Done(request, error=error)
@@ -295,12 +301,17 @@ class PrefillThread:
         self._done.append(done)
         self._on_ended()
 
-    def _embeddings(self, inputs) -> torch.Tensor:
-        """A request's prompt embeddings [1, T, hidden] (its images through the tower)."""
+    def _embeddings(self, inputs, tower: Optional[TowerGraphs]) -> torch.Tensor:
+        """A request's prompt embeddings [1, T, hidden]: its images through the tower (replaying
+        `tower`'s graphs where there are some)."""
         if isinstance(inputs, torch.Tensor):  # token ids for a bare decoder
             return self.lm.get_input_embeddings()(inputs.to(self.device, non_blocking=True))
-        return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
-                                                inputs.images_spatial_crop)
+        if tower is None:
+            return self.model.prepare_inputs_embeds(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                                    inputs.images_spatial_crop)
+        prompt = self.model.image_prompt(inputs.input_ids, inputs.images, inputs.images_seq_mask,
+                                         inputs.images_spatial_crop)
+        return prompt.embeds if prompt.tiles is None else self.model.place_images(prompt, tower(prompt.tiles))
 
     def _layers(self, embeds: torch.Tensor, graphs: Optional[PromptGraphs]) -> torch.Tensor:
         """The prompt through every decoder layer into the prompt row (replaying `graphs` where there
