@@ -1,7 +1,7 @@
 """CUDA graphs of the vision tower over a prompt's image tiles, for the prefill thread
 (prefill_thread.py).
 
-Run eagerly, the tower is about four hundred kernel launches from Python per prompt (SigLIP's 27
+Run eagerly, the tower is about five hundred operator calls from Python per prompt (SigLIP's 27
 blocks), and on the prefill thread each one drops and takes back the interpreter lock that the
 engine's thread needs for every decode step: while the thread launches a tower, the engine's thread
 can wait for the lock for several launches in a row. Here the tower over n tiles, for n from 1 to
