@@ -1,6 +1,6 @@
 """How long the server's per-request work keeps another thread of the process from running.
 
-    python benchmarks/thread_stalls.py [--seconds 2] [--threads 1]
+    python benchmarks/thread_stalls.py [--seconds 2] [--threads 1] [--tower]
 
 The continuous engine's thread must run the moment a decode step's tokens are ready; every
 millisecond it waits is added to the gap between two streamed tokens. This script runs each stage
@@ -16,6 +16,8 @@ A stage that delays the watcher when shared but not apart delays it through the 
 core (the woken thread queued behind the busy one), not through the lock. Prints, per stage, the
 median wall time and the watcher's lateness (p50, p99, p99.9, ms). The bench request: a 1024x1024
 JPEG and a question (serve_bench.py's), the tiny offline tokenizer, torch's `--threads`.
+With `--tower` (CUDA), the stages are instead the prefill thread's vision tower over one prompt's
+tiles, eagerly and from its CUDA graphs (engine/tower_graphs.py).
 """
 import argparse
 import json
@@ -71,6 +73,58 @@ def stages(processor):
     ]
 
 
+
+def tower_stages(tiles: int = 10):
+    """(name, function) for the prefill thread's vision tower over one prompt's `tiles` (tiny's real
+    shapes, random weights, bf16 on the GPU): launched eagerly, and replayed from TowerGraphs; each
+    call waits for the GPU (the wait lets the watcher run, as the prefill thread's waits do). Also the
+    GPU memory the graphs hold (MiB) and each way's host time to launch (ms, median of 20)."""
+    from types import SimpleNamespace
+
+    from deepseek_vl2.engine.tower_graphs import TowerGraphs
+    from deepseek_vl2.modeling.vision import build_vision_tower, tower_features
+    from deepseek_vl2.models import DeepseekVLV2Config
+    from deepseek_vl2.weights.random_init import init_random_weights
+
+    config = DeepseekVLV2Config.from_pretrained(str(REPO / "tests" / "fixtures" / "real_shapes" / "tiny"))
+    tower = init_random_weights(build_vision_tower(config.vision_config).to("cuda", torch.bfloat16)).eval()
+    images = torch.randn(tiles, 3, config.vision_config.image_size, config.vision_config.image_size,
+                         device="cuda").clamp(-1, 1).to(torch.bfloat16)
+
+    def reserved():  # what the allocator holds, without the cache of freed blocks
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved()
+
+    held = reserved()
+    graphs = TowerGraphs(SimpleNamespace(vision=tower), tiles)
+    graphs.capture_all(torch.cuda.Stream())
+    held = (reserved() - held) / 2**20
+
+    def eager():
+        with torch.inference_mode():
+            tower_features(tower, images)
+
+    def replayed():
+        with torch.inference_mode():
+            graphs(images)
+
+    launch = {}
+    for name, launch_once in (("eager", eager), ("graphs", replayed)):
+        times = []
+        for _ in range(21):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            launch_once()
+            times.append(time.perf_counter() - start)
+        launch[name] = 1e3 * statistics.median(times[1:])
+
+    def waited(fn):
+        return lambda: (fn(), torch.cuda.synchronize())
+
+    return [(f"vision tower, {tiles} tiles, eager", waited(eager)),
+            (f"vision tower, {tiles} tiles, graphs", waited(replayed))], held, launch
+
 def lateness(stage, seconds: float, apart: bool):
     """The stage's median wall time and the watcher's wake-up lateness, sorted (seconds)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -114,6 +168,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=2.0, help="per stage and placement")
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--tower", action="store_true", help="the prefill thread's vision tower (CUDA) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +176,14 @@ def main():
     print(f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores, torch "
           f"{torch.__version__} ({args.threads} intra-op threads), switch interval {sys.getswitchinterval() * 1e3:g} ms; "
           f"watcher lateness in ms")
+    if args.tower:
+        measured, held, launch = tower_stages()
+        print(f"tower graphs hold {held:.0f} MiB of GPU memory; host time to launch: eager {launch['eager']:.2f} ms, "
+              f"graphs {launch['graphs']:.2f} ms")
+    else:
+        measured = stages(processor)
     print("| stage | wall ms | shared p50 / p99 / p99.9 | apart p50 / p99 / p99.9 |\n|---|---|---|---|")
-    for name, stage in stages(processor):
+    for name, stage in measured:
         cells = []
         for apart in (False, True):
             measured = lateness(stage, args.seconds, apart)

@@ -96,7 +96,8 @@ class DecodeSteps:
         """Capture a graph for every (row size, kv size), while no slot is in use (the warm-up runs
         write to slot 0 of every row); returns what was done, for the start-up log."""
         started = time.perf_counter()
-        self.capture([(rows, kv_len) for rows in self.row_sizes for kv_len in self.kv_sizes])
+        # the largest first (capture_each): the smaller steps reuse the memory it leaves in the pool
+        self.capture([(rows, kv_len) for rows in reversed(self.row_sizes) for kv_len in reversed(self.kv_sizes)])
         summary = (f"captured {len(self.graphs)} decode graphs (rows {', '.join(map(str, self.row_sizes))} x "
                    f"{len(self.kv_sizes)} cache lengths up to {self.kv_sizes[-1]}) in "
                    f"{time.perf_counter() - started:.1f} s")

@@ -67,7 +67,8 @@ class PromptGraphs:
         `stream` (capture_each); returns what was done, for the start-up log."""
         started = time.perf_counter()
         layers = len(self.lm.model.layers)
-        keys = [(bucket, index) for bucket in self.buckets for index in range(layers)]
+        # the longest prompts first (capture_each): the shorter ones reuse the memory they leave in the pool
+        keys = [(bucket, index) for bucket in reversed(self.buckets) for index in range(layers)]
         self.graphs.update(capture_each(keys, self._layer, self.pool, self.hidden.device, stream))
         self.hidden.zero_()
         summary = (f"captured {len(self.graphs)} prompt-layer graphs ({layers} layers x {len(self.buckets)} prompt "

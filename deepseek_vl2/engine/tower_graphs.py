@@ -55,7 +55,7 @@ class TowerGraphs:
         """Capture a graph for every tile count, on `stream` (capture_each); what was done, for the
         start-up log."""
         started = time.perf_counter()
-        keys = [(count,) for count in range(1, self.max_tiles + 1)]
+        keys = [(count,) for count in range(self.max_tiles, 0, -1)]  # the most tiles first (capture_each)
         captured = capture_each(keys, self._run, self.pool, self.tiles.device, stream)
         self.graphs.update({count: graph for (count,), graph in captured.items()})
         summary = (f"captured {len(self.graphs)} vision-tower graphs (1 to {self.max_tiles} tiles) in "
