@@ -107,6 +107,8 @@ class Prefill:
         """Decoder-layer graphs captured for prompts (0 without CUDA graphs)."""
         return len(self.graphs.graphs) if self.graphs is not None else 0
 
+    tower_graphs = 0  # the vision tower runs eagerly here (in pieces, vision.TowerPieces)
+
     def add(self, request: ActiveRequest) -> None:
         """An admitted request, prefilled after those before it."""
         self.requests.append(request)

@@ -195,6 +195,11 @@ class PrefillThread:
         """Decoder-layer graphs captured for prompts, in all lanes (0 where the layers run eagerly)."""
         return sum(len(lane.graphs.graphs) for lane in self._lanes() if lane.graphs is not None)
 
+    @property
+    def tower_graphs(self) -> int:
+        """Vision-tower graphs captured for prompts' tiles, in all lanes (0 where the tower runs eagerly)."""
+        return sum(len(lane.tower.graphs) for lane in self._lanes() if lane.tower is not None)
+
     def _lanes(self) -> List["_Lane"]:
         return [self.set_aside, self.whole_gpu] if self.beside else [self.elsewhere]
 

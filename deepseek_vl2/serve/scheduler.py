@@ -150,6 +150,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     decode_graphs: int = 0  # continuous on CUDA: decode-step graphs captured at start-up
     prompt_graphs: int = 0  # continuous on CUDA: prompt-layer graphs captured at start-up
+    tower_graphs: int = 0  # continuous on CUDA, prompts on a thread of their own: vision-tower graphs (start-up)
     steps_without_graph: int = 0  # continuous on CUDA: decode steps that found no captured graph (0)
     compilations_after_start: int = 0  # continuous: torch.compile graphs compiled since start-up (0)
     slots_in_use: int = 0  # continuous: KV slots held by requests (prefilling or decoding)
@@ -308,6 +309,7 @@ class ContinuousScheduler:
                               max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
                               decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
                               prompt_graphs=self.engine.prefill.prompt_graphs,
+                              tower_graphs=self.engine.prefill.tower_graphs,
                               compilations_after_start=compilations() - counts.compilations_at_start,
                               slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
                               tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)

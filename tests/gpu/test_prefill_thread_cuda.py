@@ -54,6 +54,7 @@ def test_mixed_requests_prefilled_beside_the_steps(checkpoint, record_property):
     assert engine.prefill.model is engine.model and engine.prefill.prompt is engine.slots.prompt
     assert f"beside the decode steps on {total // 16 * 8} of the {total} SMs" in engine.startup_summary
     assert engine.startup_summary.count("captured 10 vision-tower graphs (1 to 10 tiles)") == 2  # one set per lane
+    assert engine.prefill.tower_graphs == 20
 
 
 def test_beside_the_steps_a_prompt_runs_on_the_sms_set_aside_while_rows_decode(record_property):

@@ -105,6 +105,7 @@ def test_health_counts_of_an_engine_that_prefills_on_a_thread(chat):
     scheduler = create_scheduler(chat, max_batch_size=8, max_num_seqs=2, prefill=PrefillSettings(chunk=64, device="cpu"))
     try:
         stats = scheduler.stats
-        assert (stats.prompt_graphs, stats.decode_graphs, stats.slots_in_use, stats.whole_prefills) == (0, 0, 0, 0)
+        assert (stats.prompt_graphs, stats.tower_graphs, stats.decode_graphs, stats.slots_in_use,
+                stats.whole_prefills) == (0, 0, 0, 0, 0)
     finally:
         scheduler.close()

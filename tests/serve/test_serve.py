@@ -259,8 +259,9 @@ def test_models_and_health(server):
     assert health["status"] == "ok" and health["model"] == "tiny"
     scheduler = health["scheduler"]
     assert scheduler["requests"] >= 0 and scheduler["waiting"] == 0
-    # the continuous engine on the CPU: no graphs of either kind; its prefill counters are there
-    assert (scheduler["decode_graphs"], scheduler["prompt_graphs"], scheduler["steps_without_graph"]) == (0, 0, 0)
+    # the continuous engine on the CPU: no graphs of any kind; its prefill counters are there
+    assert (scheduler["decode_graphs"], scheduler["prompt_graphs"], scheduler["tower_graphs"],
+            scheduler["steps_without_graph"]) == (0, 0, 0, 0)
     assert all(scheduler[name] >= 0 for name in ("whole_prefills", "tower_pieces", "layer_pieces"))
 
 
