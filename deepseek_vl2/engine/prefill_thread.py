@@ -43,8 +43,8 @@ tensor, so the decode device never holds a second copy. The decoder layers over 
 graphs captured at start-up (prompt_graphs.py, on the prefill device's prompt row, or the engine's
 on its own GPU), as the engine's own prefill does, and so does the vision tower over the prompt's
 tiles (tower_graphs.py, one graph per tile count). The prefill thread shares the interpreter with
-the engine's: graphs keep its host work, and so the lock it takes from the engine's thread, to a few
-launches per layer. Without graphs (another dtype than bfloat16 / float16, or a CPU) the tower and
+the engine's: graphs keep its host work, and so its share of the interpreter, to a few launches per
+layer. Without graphs (another dtype than bfloat16 / float16, or a CPU) the tower and
 the layers run eagerly, the layers in forwards of `chunk` tokens, after a short prompt at start-up
 that compiles their kernels. Of the PrefillSettings only `chunk` applies; the piece sizes are for
 prefill between decode steps.
