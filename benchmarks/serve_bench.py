@@ -362,7 +362,7 @@ class IterationLog:
 
     KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
     # an iteration that starts while the prefill thread has a prompt in flight is also marked "beside a prompt"
-    # with the prompt's lane (from `_lane` choosing it to `_hand_over`)
+    # with the prompt's lane (from `_lane` choosing it until `_hand_over` has waited for its work on the device)
     SLOW_MS = 2.7  # iterations slower than this are counted by label (tiny's inter-token target is ~3x 0.9 ms)
 
     def __init__(self, engine):
@@ -387,9 +387,11 @@ class IterationLog:
                 self._in_flight.append(lane())
                 return self._in_flight[-1]
 
-            def handed_over(done):
-                self._in_flight.popleft()
-                return hand_over(done)
+            def handed_over(done):  # in flight until its work on the device has ended (hand_over waits for it)
+                try:
+                    return hand_over(done)
+                finally:
+                    self._in_flight.popleft()
 
             prefill._lane, prefill._hand_over = chosen_lane, handed_over
             self._lanes = {id(prefill.whole_gpu): "beside a prompt on the whole GPU",
