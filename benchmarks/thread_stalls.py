@@ -73,7 +73,6 @@ def stages(processor):
     ]
 
 
-
 def tower_stages(tiles: int = 10):
     """(name, function) for the prefill thread's vision tower over one prompt's `tiles` (tiny's real
     shapes, random weights, bf16 on the GPU): launched eagerly, and replayed from TowerGraphs; each
@@ -124,6 +123,7 @@ def tower_stages(tiles: int = 10):
 
     return [(f"vision tower, {tiles} tiles, eager", waited(eager)),
             (f"vision tower, {tiles} tiles, graphs", waited(replayed))], held, launch
+
 
 def lateness(stage, seconds: float, apart: bool):
     """The stage's median wall time and the watcher's wake-up lateness, sorted (seconds)."""
@@ -177,13 +177,13 @@ def main():
           f"{torch.__version__} ({args.threads} intra-op threads), switch interval {sys.getswitchinterval() * 1e3:g} ms; "
           f"watcher lateness in ms")
     if args.tower:
-        measured, held, launch = tower_stages()
+        stage_list, held, launch = tower_stages()
         print(f"tower graphs hold {held:.0f} MiB of GPU memory; host time to launch: eager {launch['eager']:.2f} ms, "
               f"graphs {launch['graphs']:.2f} ms")
     else:
-        measured = stages(processor)
+        stage_list = stages(processor)
     print("| stage | wall ms | shared p50 / p99 / p99.9 | apart p50 / p99 / p99.9 |\n|---|---|---|---|")
-    for name, stage in measured:
+    for name, stage in stage_list:
         cells = []
         for apart in (False, True):
             measured = lateness(stage, args.seconds, apart)

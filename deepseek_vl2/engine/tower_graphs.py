@@ -67,12 +67,11 @@ class TowerGraphs:
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         """tower_features(tower, tiles) from the graphs, on the current stream: [tiles, tokens, width].
         With at most `max_tiles` tiles a view of the static features, valid until the next call."""
+        in_pieces = tiles.shape[0] > self.max_tiles  # then each piece is copied out: the next replay writes the buffer
         pieces = []
         for start in range(0, tiles.shape[0], self.max_tiles):
             count = min(self.max_tiles, tiles.shape[0] - start)
             self.tiles[:count].copy_(tiles[start : start + count])
             self.graphs[count].replay()
-            pieces.append(self.features[:count])
-            if tiles.shape[0] > self.max_tiles:
-                pieces[-1] = pieces[-1].clone()  # the next replay writes the same buffer
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            pieces.append(self.features[:count].clone() if in_pieces else self.features[:count])
+        return torch.cat(pieces) if in_pieces else pieces[0]
