@@ -358,17 +358,34 @@ class IterationLog:
     piece, the prompt's end with its first token, a request admitted, a row joining; with a prefill
     thread beside the steps, a prompt launched in either lane, from that thread). Iteration i
     launches its work and then waits for iteration i-1's, so on a busy GPU the time from the end of
-    iteration i to the end of i+1 is what iteration i's work took on the device."""
+    iteration i to the end of i+1 is what iteration i's work took on the device. How long iteration
+    i+1 waited there for the device (the copy of iteration i's tokens) tells which it was: next to
+    nothing, and the device had finished before the engine's thread came to wait (the host was late:
+    its own work, or the interpreter lock); more, and the device's work set the time."""
 
     KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
     # an iteration that starts while the prefill thread has a prompt in flight is also marked "beside a prompt"
     # with the prompt's lane (from `_lane` choosing it until `_hand_over` has waited for its work on the device)
     SLOW_MS = 2.7  # iterations slower than this are counted by label (tiny's inter-token target is ~3x 0.9 ms)
+    LATE_HOST_MS = 0.05  # a slow iteration whose successor waited less than this for the device: the host was late
 
     def __init__(self, engine):
         self.engine, self.entries, self.marks = engine, [], set()
         step = engine.step
         engine.step = lambda: self._timed(step)
+        self._waited = 0.0  # seconds the current iteration waited for chosen tokens' copies (Chosen.values)
+        from deepseek_vl2.engine import row_sampling
+
+        values = row_sampling.Chosen.values
+
+        def timed_values(chosen):
+            started = time.perf_counter()
+            try:
+                return values(chosen)
+            finally:
+                self._waited += time.perf_counter() - started
+
+        row_sampling.Chosen.values = timed_values
         from deepseek_vl2.engine.prefill import Prefill
 
         prefill = engine.prefill
@@ -426,28 +443,31 @@ class IterationLog:
         stats = self.engine.stats
         before = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         self.marks = {self._lanes[id(lane)] for lane in list(self._in_flight)}
+        self._waited = 0.0
         started = time.perf_counter()
         step()
         ended = time.perf_counter()
         after = (stats.whole_prefills, stats.tower_pieces, stats.layer_pieces, stats.decode_steps)
         kind = next((k for k, b, a in zip(self.KINDS, before, after) if a > b), None)
         label = kind if kind is None or not self.marks else f"{kind} + {', '.join(sorted(self.marks))}"
-        self.entries.append((ended, label, len(self.engine._running), ended - started))
+        self.entries.append((ended, label, len(self.engine._running), ended - started, self._waited))
 
     def summary(self) -> dict:
         """{label: count, p50 and p99 ms of the work it launched, host ms of the call p50 / p99, mean
-        rows decoding, and how many took longer than SLOW_MS}."""
+        rows decoding, how many took longer than SLOW_MS, and of those how many the host was late for
+        (the next iteration waited under LATE_HOST_MS for the device)}."""
         durations = {}
-        for (end, label, rows, host), (next_end, _, _, _) in zip(self.entries, self.entries[1:]):
+        for (end, label, rows, host, _), (next_end, _, _, _, next_wait) in zip(self.entries, self.entries[1:]):
             if label is not None:
-                durations.setdefault(label, []).append((1e3 * (next_end - end), rows, 1e3 * host))
+                durations.setdefault(label, []).append((1e3 * (next_end - end), rows, 1e3 * host, 1e3 * next_wait))
         result = {}
         for label, values in sorted(durations.items()):
-            ms, host = [v for v, _, _ in values], [h for _, _, h in values]
+            ms, host = [v for v, _, _, _ in values], [h for _, _, h, _ in values]
             result[label] = dict(count=len(ms), p50_ms=round(pct(ms, 50), 3), p99_ms=round(pct(ms, 99), 3),
                                  host_p50_ms=round(pct(host, 50), 3), host_p99_ms=round(pct(host, 99), 3),
-                                 mean_rows=round(sum(r for _, r, _ in values) / len(values), 2),
-                                 slow=sum(v > self.SLOW_MS for v in ms))
+                                 mean_rows=round(sum(r for _, r, _, _ in values) / len(values), 2),
+                                 slow=sum(v > self.SLOW_MS for v in ms),
+                                 slow_host_late=sum(v > self.SLOW_MS and w < self.LATE_HOST_MS for v, _, _, w in values))
         for generation in range(3):
             ms = [t for g, t in self.collections if g == generation]
             if ms:
