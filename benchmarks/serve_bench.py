@@ -361,7 +361,9 @@ class IterationLog:
     iteration i to the end of i+1 is what iteration i's work took on the device. How long iteration
     i+1 waited there for the device (the copy of iteration i's tokens) tells which it was: next to
     nothing, and the device had finished before the engine's thread came to wait (the host was late:
-    its own work, or the interpreter lock); more, and the device's work set the time."""
+    its own work, or the interpreter lock); more, and the device's work set the time. (An iteration
+    with no tokens to take waits for nothing; with rows decoding, every iteration has some.)
+    `Chosen.values` is wrapped for the whole process (its instances are made per step)."""
 
     KINDS = ("whole prefill", "tower piece", "layer piece", "plain step")
     # an iteration that starts while the prefill thread has a prompt in flight is also marked "beside a prompt"
