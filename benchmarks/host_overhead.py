@@ -32,7 +32,7 @@ def main():
     norm = RMSNorm(2048).cuda().to(torch.bfloat16)
     with torch.no_grad():
         print(f"rms_norm launcher           {host_us(lambda: tnr.rms_norm(x, w, 1e-6)):.1f} us")
-        launch = lambda: tnr._rms_norm_kernel[(4,)](x, w, out, 2048, 2048, 2048, 1e-6, BLOCK=2048, num_warps=4)  # noqa: E731
+        launch = lambda: tnr._rms_norm_kernel[(4,)](x, w, out, 2048, 2048, 2048, 1e-6, BLOCK=2048, PDL=False, num_warps=4)  # noqa: E731,E501
         print(f"rms_norm bare Triton launch {host_us(launch):.1f} us")
         formula = lambda: norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)  # noqa: E731
         print(f"rms_norm PyTorch formula    {host_us(formula):.1f} us")

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..kernels.custom_ops import register_kernel_ops
+from ..kernels import custom_ops
 from ..modeling.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,11 @@ def _greedy_advance(logits, state):
     count.add_(1)
 
 
-COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
+def compile_options() -> dict:
+    """torch.compile's arguments for the decode pieces: whole graphs at fixed shapes, inductor's kernels
+    launched as programmatic dependent launches as ours are (custom_ops.DEPENDENT_LAUNCH; inductor
+    applies it on compute capability 9.0 and later only)."""
+    return dict(fullgraph=True, dynamic=False, options={"triton.enable_pdl": custom_ops.DEPENDENT_LAUNCH})
 
 
 def _compiled_copies(functions):
@@ -73,9 +77,9 @@ def _compiled_copies(functions):
     would collect entries for every model, batch size and layer kind the process ever used, up to
     a recompile limit past which they silently run uncompiled. Fresh code objects give each decoder
     its own few entries (one per layer kind, within dynamo's default limit), which `_forget` drops."""
-    register_kernel_ops()
+    custom_ops.register_kernel_ops()
     codes = tuple(fn.__code__.replace() for fn in functions)
-    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **COMPILE_OPTIONS)
+    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **compile_options())
                    for fn, code in zip(functions, codes))
     return copies, codes
 

@@ -1,5 +1,20 @@
-"""Registration of Triton launchers as torch custom ops, done lazily before the first torch.compile."""
+"""How our Triton kernels are launched: as torch custom ops inside compiled regions (registered
+lazily, before the first torch.compile), and as programmatic dependent launches on Hopper and later.
+
+Programmatic dependent launch (PDL): a kernel launched with it may start while the kernel before it
+on the stream is still running, so its programs are placed and set up by the time that one ends
+instead of after it (a decode step is hundreds of kernels of a few microseconds each; the gaps
+between them are a large part of the step). Every kernel of ours therefore begins with
+`await_earlier_kernels`: it waits until the kernels before it have finished and their writes are
+visible, before it reads or writes any tensor, then lets the next kernel launch. Since no kernel
+lets the next one start before its own wait has returned, at most two kernels overlap, and only in
+the part before the later one's wait. torch.compile's kernels do the same (inductor's
+`triton.enable_pdl`, set by generation/cuda_graphs.py from `DEPENDENT_LAUNCH`). CUDA graphs keep
+the dependency as captured. Set DEEPSEEK_VL2_DEPENDENT_LAUNCH=0 to launch everything in plain
+stream order.
+"""
 import functools
+import os
 
 import torch
 
@@ -10,6 +25,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: dispatch.py never calls the kernels without CUDA
     triton = tl = None
+
+DEPENDENT_LAUNCH = os.environ.get("DEEPSEEK_VL2_DEPENDENT_LAUNCH", "1") != "0"
 
 _KERNEL_OPS = {}  # name -> [launcher, fake, custom op or None]
 
@@ -44,3 +61,29 @@ def register_kernel_ops() -> None:
             op.register_fake(fake)
             entry[2] = op
 
+
+
+@functools.cache
+def _has_dependent_launch(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9  # griddepcontrol: sm_90 and later
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """The keyword arguments every launch of our kernels on `t`'s device adds: PDL (the kernels'
+    constexpr: wait for the earlier kernels) and Triton's launch_pdl, both on for CUDA devices of
+    compute capability 9.0 and later unless DEPENDENT_LAUNCH is off."""
+    on = DEPENDENT_LAUNCH and t.is_cuda and _has_dependent_launch(t.device.index if t.device.index is not None
+                                                                   else torch.cuda.current_device())
+    return dict(PDL=on, launch_pdl=on)
+
+
+if triton is not None:
+
+    @triton.jit
+    def await_earlier_kernels(PDL: tl.constexpr):
+        """With PDL: block until the kernels launched before this one have finished (their writes
+        visible), then allow the next kernel to launch. Call before touching any tensor an earlier
+        kernel may write or read; only tensors no kernel of the step writes (weights) may be read before."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

@@ -10,14 +10,17 @@ no copies. When they apply is decided in dispatch.py.
 import torch
 
 from ..modeling.devices import on_tensor_device
-from .custom_ops import tl, triton
+from .custom_ops import launch_options, tl, triton
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
     def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, latent_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len,
                            scale, stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_ln, stride_mb,
-                           H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+                           H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         b = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -53,7 +56,8 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, n_splits, H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         bh = tl.program_id(0)
         b = bh // H
         h = bh % H
@@ -72,7 +76,9 @@ if triton is not None:
     @triton.jit
     def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
                            stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
-                           H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -122,7 +128,7 @@ if triton is not None:
 
     def _combine(part, maxes, sums, out, n_splits, H, D):
         _combine_kernel[(out.shape[0] * H,)](part, maxes, sums, out, n_splits, H=H, D=D,
-                                             BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4)
+                                             BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4, **launch_options(out))
         return out
 
     @on_tensor_device
@@ -140,7 +146,7 @@ if triton is not None:
         _mla_decode_kernel[(B, n_splits)](
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
-            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8)
+            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8, **launch_options(part))
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
 
@@ -161,5 +167,6 @@ if triton is not None:
         _mha_decode_kernel[(B * H, n_splits)](
             q, keys_values, mask, part, maxes, sums, kv_len, split_len, scale, q.stride(0), q.stride(1),
             keys_values.stride(0), keys_values.stride(1), keys_values.stride(2), keys_values.stride(3),
-            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=num_warps)
+            mask.stride(0), H=H, GROUP=H // kv_heads, D=D, BLOCK_N=block_n, num_warps=num_warps,
+            **launch_options(part))
         return _combine(part, maxes, sums, q.new_empty(B, H, D), n_splits, H, D)

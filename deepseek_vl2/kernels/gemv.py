@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 # Token counts up to which these kernels beat the other paths (H100 measurements; on an H200 the
 # expert gemv and moe_decode's expert GEMM tie at 2 rows, benchmarks/moe_decode_configs.py). The
@@ -28,6 +28,7 @@ MAX_GEMV_TOKENS = 2
 
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
     def store_rows(out_row, offs_n, n_mask, acc, acc_up, SILU_MUL: tl.constexpr):
@@ -44,7 +45,9 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_we, stride_wn, stride_out,
-                     HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -93,7 +96,7 @@ if triton is not None:
         _gemv_kernel[grid](x, weight, ids if ids is not None else x, out, N, K, rows_per_id, x.stride(0),
                            weight.stride(0) if ids is not None else 0, weight.stride(-2), out.stride(0),
                            HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
-                           num_warps=num_warps)
+                           num_warps=num_warps, **launch_options(x))
         return out
 
     def _gemv_fake(x, weight, ids, rows_per_id, silu_mul, float32_out=False):

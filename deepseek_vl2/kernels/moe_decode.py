@@ -21,19 +21,21 @@ when it runs (more than gemv.MAX_GEMV_TOKENS rows, at most MAX_ROWS).
 """
 import torch
 
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 MAX_ROWS = 64  # token rows per call: the pair scan holds next_power_of_2(rows x k) ids per program
 BLOCK_M = 16  # pairs of one expert per tensor-core dot (the least a dot takes)
 
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
     from .gemv import store_rows
 
     @triton.jit
     def _expert_gemm_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, pairs, N, K, rows_per_id, stride_x, stride_we, stride_wn,
                             stride_out, SILU_MUL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         expert = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = cols < N
@@ -83,7 +85,8 @@ if triton is not None:
             _expert_gemm_kernel[(E, triton.cdiv(N, block_n))](
                 x, weight, ids, out, pairs, N, K, rows_per_id, x.stride(0), weight.stride(0), weight.stride(1),
                 out.stride(0), SILU_MUL=silu_mul, PAIRS=max(16, triton.next_power_of_2(pairs)), BLOCK_M=BLOCK_M,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+                **launch_options(x))
         return out
 
     def _expert_gemm_fake(x, weight, ids, rows_per_id, silu_mul):

@@ -15,12 +15,14 @@ dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops
 """
 import torch
 
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
-    def _silu_mul_kernel(in_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(in_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < width
@@ -32,7 +34,8 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(src_ptr, slots_ptr, weights_ptr, out_ptr, width, stride_src, stride_out,
-                               K: tl.constexpr, SORTED: tl.constexpr, BLOCK: tl.constexpr):
+                               K: tl.constexpr, SORTED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         token = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < width
@@ -54,7 +57,7 @@ if triton is not None:
         block = min(1024, triton.next_power_of_2(width))
         if M:
             _silu_mul_kernel[(M, triton.cdiv(width, block))](gate_up, out, width, gate_up.stride(0), out.stride(0),
-                                                             BLOCK=block, num_warps=4)
+                                                             BLOCK=block, num_warps=4, **launch_options(out))
         return out
 
     @kernel_op("combine_sorted", lambda outputs, slots, weights: outputs.new_empty(weights.shape[0], outputs.shape[1]))
@@ -78,5 +81,6 @@ if triton is not None:
         if N:
             _combine_kernel[(N, triton.cdiv(width, block))](
                 outputs, slots if slots is not None else outputs, weights.float().contiguous(), out, width,
-                outputs.stride(0), out.stride(0), K=k, SORTED=slots is not None, BLOCK=block, num_warps=4)
+                outputs.stride(0), out.stride(0), K=k, SORTED=slots is not None, BLOCK=block, num_warps=4,
+                **launch_options(out))
         return out

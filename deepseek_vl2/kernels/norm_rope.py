@@ -20,12 +20,15 @@ recording, too (no backward here).
 import torch
 
 from ..modeling.devices import on_tensor_device
-from .custom_ops import tl, triton
+from .custom_ops import launch_options, tl, triton
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, width, stride_x, stride_out, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, width, stride_x, stride_out, eps, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         valid = offs < width
@@ -37,7 +40,8 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, stride_xb, stride_xh, stride_xs, stride_cb, stride_cs,
-                       HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+                       HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         r = tl.program_id(0)
         b = r // (H * S)
         h = (r // S) % H
@@ -72,7 +76,8 @@ if triton is not None:
         out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
         if rows.shape[0]:
             _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, width, rows.stride(0), width, eps,
-                                               BLOCK=triton.next_power_of_2(width), num_warps=4 if width <= 2048 else 8)
+                                               BLOCK=triton.next_power_of_2(width), num_warps=4 if width <= 2048 else 8,
+                                               **launch_options(out))
         return out
 
     @on_tensor_device
@@ -88,5 +93,5 @@ if triton is not None:
         if out.numel():
             _rotary_kernel[(B * H * S,)](x, cos, sin, out, H, S, x.stride(0), x.stride(1), x.stride(2),
                                          cos.stride(0), cos.stride(1), HALF=D // 2, INTERLEAVED=interleaved,
-                                         num_warps=1, enable_fp_fusion=False)
+                                         num_warps=1, enable_fp_fusion=False, **launch_options(out))
         return out

@@ -25,12 +25,13 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a nibble's or a byte's bits exactly (_nibble, _byte)
 FLIP_EVEN, FLIP_ODD = MAGIC | 0x80, MAGIC | 0x8000  # _byte's: 2^23 and the sign flip of an even / odd byte
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
     from .gemv import store_rows
 
     @triton.jit
@@ -175,10 +176,11 @@ if triton is not None:
                            flip_odd, stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                           STAGES: tl.constexpr):
+                           STAGES: tl.constexpr, PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
         with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies)."""
+        await_earlier_kernels(PDL)
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         row = a // rows_per_id
@@ -272,7 +274,8 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, K, INT4: tl.constexpr, GROUP: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = rows < R
         groups = K // GROUP
@@ -365,7 +368,7 @@ if triton is not None:
             FLIP_EVEN, FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, num_warps=num_warps)
+            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, num_warps=num_warps, **launch_options(x))
         return out
 
     def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
@@ -394,5 +397,5 @@ if triton is not None:
         if R:
             _dequantize_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k))](
                 qweight, scale, zero if int4 else scale, out, R, K, INT4=int4, GROUP=group,
-                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **launch_options(out))
         return out

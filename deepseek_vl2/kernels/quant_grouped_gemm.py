@@ -17,17 +17,20 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
 
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
     def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, N, K, stride_a,
                              stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         row0 = tl.load(row0_ptr + pid_m)
@@ -109,7 +112,8 @@ if triton is not None:
             _grouped_gemm_kernel[grid](
                 rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
                 qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), INT4=int4,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+                **launch_options(out))
         return out
 
     def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end):

@@ -9,17 +9,19 @@ from typing import Optional
 import torch
 
 from . import gemv
-from .custom_ops import kernel_op, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
 
 
 if triton is not None:
+    from .custom_ops import await_earlier_kernels
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, n_experts, scale, TOP_K: tl.constexpr,
                       ALWAYS_ON: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                      NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
         t = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
         e_mask = offs_e < n_experts
@@ -69,6 +71,6 @@ if triton is not None:
         weights = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.float32)
         _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
                             ALWAYS_ON=always_on, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
-                            BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+                            BLOCK_E=triton.next_power_of_2(E), num_warps=1, **launch_options(ids))
         return ids, weights
 

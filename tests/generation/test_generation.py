@@ -292,7 +292,7 @@ def _through_registry(monkeypatch, compile=False):
 def test_deleted_model_goes_at_once_with_its_decoders(monkeypatch, compiled):
     """`del model` frees the model, its decoders and their compiled steps without the cycle collector."""
     if compiled:  # dynamo's tracing and guards (what could hold on to a model) without inductor's slow CPU build
-        monkeypatch.setattr(cuda_graphs, "COMPILE_OPTIONS", dict(cuda_graphs.COMPILE_OPTIONS, backend="eager"))
+        monkeypatch.setattr(cuda_graphs, "compile_options", lambda: dict(fullgraph=True, dynamic=False, backend="eager"))
     _through_registry(monkeypatch, compile=compiled)
     entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
     model = _fresh(dtype=torch.bfloat16)  # bf16: CPU float32 has no grouped_mm for the compiler

@@ -1,0 +1,120 @@
+"""Decode and prefill with and without programmatic dependent launch, alternating, in one process.
+
+    python benchmarks/dependent_launch.py --variants small --quantization none int4 int8 --rounds 2
+
+kernels/custom_ops.py launches our Triton kernels and torch.compile's as programmatic dependent
+launches (PDL) on compute capability 9.0 and later: each may start while the kernel before it ends.
+This script builds each model once (bench.py's random weights at the real shapes and its
+2054-token prompt) and measures it `--rounds` times in each mode, off then on: the decoders are
+dropped and built again (compiled with the mode's inductor option, graphs captured with its
+launches) before each measurement. Figures: batch-1 decode tok/s as bench.py takes them
+(generate(128) minus generate(2)), prefill ms, and whether the greedy tokens of both modes agree.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import REPO, build_model, decode_rate, make_prompt, timed
+
+sys.path.insert(0, str(REPO))
+
+from deepseek_vl2.generation.cuda_graphs import release_decoders  # noqa: E402
+from deepseek_vl2.kernels import custom_ops  # noqa: E402
+from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
+from deepseek_vl2.models import DeepseekVLV2Processor  # noqa: E402
+from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
+
+MODES = {"off": False, "on": True}
+
+
+def measure(model, batch, embeds, new_tokens, repeats):
+    """(decode tok/s at batch 1, prefill ms, greedy tokens) with the current launch mode."""
+    lm = model.language
+    release_decoders(lm)
+    torch.cuda.empty_cache()
+    T = embeds.shape[1]
+    positions = torch.arange(T, device="cuda")[None]
+
+    def prefill():
+        cache = KVCache(lm.config, 1, T, "cuda", lm.dtype)
+        return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+                  past_key_values=cache, logits_to_keep=1).logits
+
+    prefill_ms = timed(prefill) * 1e3
+    tokens = lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)
+    rate, _ = decode_rate(model, embeds, batch.attention_mask, 1, new_tokens, repeats)
+    return rate, prefill_ms, tokens[0].tolist()
+
+
+def run_scheme(variant, scheme, processor, rounds, new_tokens, repeats):
+    started = time.perf_counter()
+    model = build_model(variant, quantization=scheme)
+    conversation, images = make_prompt(processor)
+    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
+    figures = {mode: dict(decode_tok_s=[], prefill_ms=[]) for mode in MODES}
+    tokens = {}
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(**batch)
+        for _ in range(rounds):
+            for mode, on in MODES.items():
+                custom_ops.DEPENDENT_LAUNCH = on
+                rate, prefill_ms, tokens[mode] = measure(model, batch, embeds, new_tokens, repeats)
+                figures[mode]["decode_tok_s"].append(rate)
+                figures[mode]["prefill_ms"].append(prefill_ms)
+                print(f"  {variant} {scheme} {mode}: decode {rate:.1f} tok/s, prefill {prefill_ms:.1f} ms", flush=True)
+    custom_ops.DEPENDENT_LAUNCH = True
+    release_decoders(model.language)
+    first_difference = next((i for i, (a, b) in enumerate(zip(tokens["off"], tokens["on"])) if a != b), None)
+    return dict(variant=variant, quantization=scheme, seconds=time.perf_counter() - started,
+                same_tokens=tokens["off"] == tokens["on"], first_difference=first_difference,
+                **{f"{mode}_{key}": values for mode, d in figures.items() for key, values in d.items()},
+                **{f"{mode}_{key}_median": statistics.median(values) for mode, d in figures.items()
+                   for key, values in d.items()})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["small"], choices=["tiny", "small", "base"])
+    parser.add_argument("--quantization", nargs="+", default=["none", "int4"], choices=["none", "int8", "int4"])
+    parser.add_argument("--rounds", type=int, default=2, help="measurements per mode, off and on alternating")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("dependent_launch.py needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(sys.argv))
+    print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}", flush=True)
+    results = []
+    for variant in args.variants:
+        for scheme in args.quantization:
+            results.append(run_scheme(variant, scheme, processor, args.rounds, args.new_tokens, args.repeats))
+            torch.cuda.empty_cache()
+    print("| variant | weights | decode b1 off | on | on / off | vs bf16 off | vs bf16 on | prefill ms off | on "
+          "| same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        bf16 = next((b for b in results if b["variant"] == r["variant"] and b["quantization"] == "none"), None)
+        off, on = r["off_decode_tok_s_median"], r["on_decode_tok_s_median"]
+        ratios = [f"{off / bf16['off_decode_tok_s_median']:.2f}", f"{on / bf16['on_decode_tok_s_median']:.2f}"] \
+            if bf16 and bf16 is not r else ["", ""]
+        same = "yes" if r["same_tokens"] else f"first differs at {r['first_difference']}"
+        print(f"| {r['variant']} | {'bf16' if r['quantization'] == 'none' else r['quantization']} | {off:.0f} | "
+              f"{on:.0f} | {on / off:.3f} | {' | '.join(ratios)} | {r['off_prefill_ms_median']:.1f} | "
+              f"{r['on_prefill_ms_median']:.1f} | {same} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
