@@ -1,0 +1,80 @@
+"""custom_ops.py: which launches are programmatic dependent launches, and that every kernel of ours
+waits for the earlier kernels before anything else (a kernel launched early that read or wrote a
+tensor before its wait would race with the kernel before it)."""
+import ast
+import importlib
+import inspect
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from deepseek_vl2.generation import cuda_graphs
+from deepseek_vl2.kernels import custom_ops
+
+KERNEL_MODULES = ["decode_attention", "gemv", "moe_decode", "moe_glue", "norm_rope", "quant_gemv",
+                  "quant_grouped_gemm", "router"]
+
+
+def _cuda_like(index):
+    return SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=index))
+
+
+def test_launch_options_on_for_hopper_devices_only(monkeypatch):
+    monkeypatch.setattr(custom_ops, "_has_dependent_launch", lambda index: index == 1)  # cuda:1 is sm_90+
+    assert custom_ops.launch_options(_cuda_like(1)) == dict(PDL=True, launch_pdl=True)
+    assert custom_ops.launch_options(_cuda_like(0)) == dict(PDL=False, launch_pdl=False)
+    assert custom_ops.launch_options(torch.zeros(1)) == dict(PDL=False, launch_pdl=False)  # CPU (the interpreter)
+    monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", False)
+    assert custom_ops.launch_options(_cuda_like(1)) == dict(PDL=False, launch_pdl=False)
+
+
+def test_compiled_regions_follow_the_same_switch(monkeypatch):
+    for on in (True, False):
+        monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", on)
+        options = cuda_graphs.compile_options()
+        assert options["options"] == {"triton.enable_pdl": on}
+        assert options["fullgraph"] and options["dynamic"] is False
+
+
+def _kernels():
+    """(module, name, JITFunction) of every `*_kernel` Triton function in the kernel modules."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    found = []
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(f"deepseek_vl2.kernels.{module_name}")
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                found.append((module_name, name, value))
+    return found
+
+
+def test_every_kernel_waits_for_the_earlier_ones_first():
+    kernels = _kernels()
+    assert len(kernels) >= 12  # gemv, quant gemv and dequantize, grouped GEMM, attention and combine, ...
+    for module_name, name, kernel in kernels:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
+        function = tree.body[0]
+        assert "PDL" in kernel.arg_names, f"{module_name}.{name} has no PDL parameter"
+        body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        first = body[0]
+        assert isinstance(first, ast.Expr) and ast.unparse(first) == "await_earlier_kernels(PDL)", \
+            f"{module_name}.{name} starts with {ast.unparse(first)!r}, not await_earlier_kernels(PDL)"
+
+
+def test_every_launch_passes_the_launch_options():
+    """Each `kernel[grid](...)` call in the kernel modules ends with **launch_options(...): a kernel
+    launched without it would run its wait as a no-op, one launched with launch_pdl alone would race."""
+    for module_name in KERNEL_MODULES:
+        source = inspect.getsource(importlib.import_module(f"deepseek_vl2.kernels.{module_name}"))
+        launches = [node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")]
+        assert launches, module_name
+        for call in launches:
+            spread = [k for k in call.keywords if k.arg is None]
+            assert len(spread) == 1 and ast.unparse(spread[0].value).startswith("launch_options("), \
+                f"{module_name}: {ast.unparse(call.func)} is launched without **launch_options(...)"
