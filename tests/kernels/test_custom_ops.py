@@ -78,3 +78,50 @@ def test_every_launch_passes_the_launch_options():
             spread = [k for k in call.keywords if k.arg is None]
             assert len(spread) == 1 and ast.unparse(spread[0].value).startswith("launch_options("), \
                 f"{module_name}: {ast.unparse(call.func)} is launched without **launch_options(...)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_chain_of_dependent_launches_equals_plain_stream_order_in_a_graph(monkeypatch):
+    """Sixty kernels, each reading what the one before wrote (gemv with silu_mul, then the router's
+    gemv and top-k, then the pairs' combine), replayed from a CUDA graph many times: with programmatic
+    dependent launch the outputs equal plain stream order's to the bit (a kernel that read its input
+    before its wait would now and then see the previous replay's values instead)."""
+    pytest.importorskip("triton")
+    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    from deepseek_vl2.kernels import gemv, moe_glue, router
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    width, experts, k = 512, 16, 4
+    ups = [torch.randn(2 * width, width, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05 for _ in range(20)]
+    gates = [torch.randn(experts, width, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(20)]
+    x = torch.randn(1, width, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def chain():
+        h = x
+        for up, gate in zip(ups, gates):
+            h = gemv.gemv(h, up, None, 1, True)  # [1, width] = silu(gate) * up
+            ids, weights = router.route(h, gate, None, k, False, True, 1.0)
+            pairs = h.expand(k, width) * (ids.T.to(h.dtype) + 1)  # each pair's row, scaled by its expert id
+            h = moe_glue.combine_pairs(pairs, weights)
+            h = h * torch.rsqrt(h.float().pow(2).mean() + 1e-6).to(h.dtype)  # kept near unit size
+        return h
+
+    outputs = {}
+    with torch.inference_mode():
+        for on in (False, True):
+            monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", on)
+            chain()  # compile this mode's kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            replays = []
+            g.manual_seed(1)  # the same inputs in both modes
+            for _ in range(50):
+                x.normal_(generator=g)  # new inputs each replay: stale reads would show
+                graph.replay()
+                replays.append(out.clone())
+            outputs[on] = torch.stack(replays)
+        assert torch.equal(outputs[True], outputs[False])
+        assert outputs[True].abs().sum() > 0 and len(set(outputs[True].sum(dim=(1, 2)).tolist())) > 1
