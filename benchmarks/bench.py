@@ -225,6 +225,12 @@ def relative_to_bf16(result, earlier) -> None:
         result["decode_b1_vs_bf16"] = result["decode_vs_bf16"]["1"]
 
 
+def offline_processor() -> DeepseekVLV2Processor:
+    """The real processor with the offline tokenizer (no download)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+
+
 def timed_cpu(fn):
     start = time.perf_counter()
     fn()
@@ -243,8 +249,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    processor = offline_processor()
     bandwidth = copy_bandwidth()
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   copy_bandwidth_tb_s=bandwidth / 1e12, new_tokens=args.new_tokens, command=" ".join(sys.argv))

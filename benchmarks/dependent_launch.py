@@ -19,21 +19,18 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench import REPO, build_model, decode_rate, make_prompt, timed
+from bench import REPO, build_model, decode_rate, make_prompt, offline_processor, timed
 
 sys.path.insert(0, str(REPO))
 
 from deepseek_vl2.generation.cuda_graphs import release_decoders  # noqa: E402
 from deepseek_vl2.kernels import custom_ops  # noqa: E402
 from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
-from deepseek_vl2.models import DeepseekVLV2Processor  # noqa: E402
-from deepseek_vl2.offline_checkpoint import make_offline_checkpoint  # noqa: E402
 
 MODES = {"off": False, "on": True}
 
@@ -102,8 +99,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("dependent_launch.py needs a CUDA GPU")
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
+    processor = offline_processor()
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   command=" ".join(sys.argv))
     print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}", flush=True)
@@ -112,21 +108,25 @@ def main():
         for scheme in args.quantization:
             results.append(run_scheme(variant, scheme, processor, args.rounds, args.new_tokens, args.repeats))
             torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
     print("| variant | weights | decode b1 off | on | on / off | vs bf16 off | vs bf16 on | prefill ms off | on "
           "| tokens against off's first round: off, on |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        bf16 = next((b for b in results if b["variant"] == r["variant"] and b["quantization"] == "none"), None)
-        off, on = r["off_decode_tok_s_median"], r["on_decode_tok_s_median"]
-        ratios = [f"{off / bf16['off_decode_tok_s_median']:.2f}", f"{on / bf16['on_decode_tok_s_median']:.2f}"] \
-            if bf16 and bf16 is not r else ["", ""]
-        same = "; ".join(", ".join("same" if d is None else f"differ at {d}" for d in r["first_difference"][mode])
-                         for mode in MODES)
-        print(f"| {r['variant']} | {'bf16' if r['quantization'] == 'none' else r['quantization']} | {off:.0f} | "
-              f"{on:.0f} | {on / off:.3f} | {' | '.join(ratios)} | {r['off_prefill_ms_median']:.1f} | "
-              f"{r['on_prefill_ms_median']:.1f} | {same} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
+    print("\n".join(table_row(r, results) for r in results))
+
+
+def table_row(r: dict, results: list) -> str:
+    """A result as a row of the table, with its ratios to the bf16 result of its variant."""
+    bf16 = next((b for b in results if b["variant"] == r["variant"] and b["quantization"] == "none"), None)
+    off, on = r["off_decode_tok_s_median"], r["on_decode_tok_s_median"]
+    ratios = [f"{off / bf16['off_decode_tok_s_median']:.2f}", f"{on / bf16['on_decode_tok_s_median']:.2f}"] \
+        if bf16 and bf16 is not r else ["", ""]
+    same = "; ".join(", ".join("same" if d is None else f"differ at {d}" for d in r["first_difference"][mode])
+                     for mode in MODES)
+    weights = "bf16" if r["quantization"] == "none" else r["quantization"]
+    return (f"| {r['variant']} | {weights} | {off:.0f} | {on:.0f} | {on / off:.3f} | {' | '.join(ratios)} | "
+            f"{r['off_prefill_ms_median']:.1f} | {r['on_prefill_ms_median']:.1f} | {same} |")
 
 
 if __name__ == "__main__":
