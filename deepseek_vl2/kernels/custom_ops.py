@@ -62,7 +62,6 @@ def register_kernel_ops() -> None:
             entry[2] = op
 
 
-
 @functools.cache
 def _has_dependent_launch(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9  # griddepcontrol: sm_90 and later
