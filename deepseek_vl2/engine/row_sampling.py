@@ -76,8 +76,8 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: S
     """`logits` [n, vocab] (float32), row i for `samplers[i]` in KV slot `slots[i]` -> [2, n] long on
     the device: each row's token, then 1 where no token could be chosen (unusable_rows). Each token of
     a row with a repetition penalty enters its history (the only rows that read one); every row's
-    count goes up; nothing is read back to the host here. The rows of one settings group (all of
-    them, in the common case) take a few calls: the engine's thread makes these every step."""
+    count goes up; nothing is read back to the host here. With one settings group (the common case)
+    no index tensors are made: the engine's thread runs this every step."""
     n = len(samplers)
     device = logits.device
     groups = defaultdict(list)
