@@ -376,15 +376,12 @@ class ContinuousEngine:
         try:
             self.steps.load(self.next_tokens[:rows], positions, active)
             logits = self.steps.run(rows, kv_len)
-            if slots == list(range(rows)):
-                choice = choose_tokens(logits, [r.sampler for r in running], slots, self.histories)
-                self.next_tokens[:rows].copy_(choice[0])
-            else:  # logits come by slot; the rows in `running` order
-                index = device_tensor(slots, self.device)
-                choice = choose_tokens(logits.index_select(0, index), [r.sampler for r in running], slots,
-                                       self.histories)
-                self.next_tokens.index_copy_(0, index, choice[0])
-            chosen = Chosen(running, choice)
+            index = device_tensor(slots, self.device)
+            if slots != list(range(rows)):  # logits come by slot; the rows in `running` order
+                logits = logits.index_select(0, index)
+            tokens, unusable = choose_tokens(logits, [r.sampler for r in running], index, self.histories)
+            self.next_tokens.index_copy_(0, index, tokens)
+            chosen = Chosen(running, tokens, unusable)
         except Exception as error:
             for request in running:
                 self._remove(request)

@@ -41,6 +41,7 @@ from ..modeling.vision import TowerPieces
 from .prompt_graphs import GraphLayerPieces, PromptGraphs
 from .requests import ActiveRequest
 from .row_sampling import Chosen, choose_tokens
+from .slots import device_tensor
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def first_token(request: ActiveRequest, logits: torch.Tensor, histories, next_to
     [1, vocab] on the device and fed to its first decode step from there (`next_tokens`; the engine
     reads the token one iteration later)."""
     request.length = request.prompt_len
-    choice = choose_tokens(logits, [request.sampler], [request.slot], histories)
-    next_tokens[request.slot:request.slot + 1].copy_(choice[0])
-    return Prefilled(request, first=Chosen([request], choice))
+    slot = device_tensor([request.slot], next_tokens.device)
+    token, unusable = choose_tokens(logits, [request.sampler], slot, histories)
+    next_tokens.index_copy_(0, slot, token)
+    return Prefilled(request, first=Chosen([request], token, unusable))

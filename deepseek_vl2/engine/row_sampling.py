@@ -12,8 +12,7 @@ The work is batched by settings: the rows that share a `group_key` (all greedy r
 in one call; only seeded sampled rows draw one by one. Histories live in one buffer of a row per KV
 slot (`Histories`), where what lies past a row's length is its first prompt token: a token it has
 seen already, so a group can read its rows up to the longest one and the repetition penalty (a
-gather and a scatter of the same values) comes out as for the row alone. Only rows with a penalty
-read their history, so only they write their chosen tokens into it.
+gather and a scatter of the same values) comes out as for the row alone.
 
 The chosen tokens stay on the device; `Chosen` copies them to the host without waiting, for the
 engine to read one iteration later.
@@ -72,44 +71,41 @@ class Histories:
         self.ids[slot, : prompt_ids.shape[0]] = prompt_ids
 
 
-def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: Sequence[int], histories: Histories):
-    """`logits` [n, vocab] (float32), row i for `samplers[i]` in KV slot `slots[i]` -> [2, n] long on
-    the device: each row's token, then 1 where no token could be chosen (unusable_rows). Each token of
-    a row with a repetition penalty enters its history (the only rows that read one); every row's
-    count goes up; nothing is read back to the host here. With one settings group (the common case)
-    no index tensors are made: the engine's thread runs this every step."""
+def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], slots: torch.Tensor, histories: Histories):
+    """`logits` [n, vocab] (float32), row i for `samplers[i]` in KV slot `slots[i]` (a long tensor on
+    the device) -> (tokens [n], unusable [n] bool), both on the device. Each token enters its row's
+    history and the row's count; nothing is read back to the host here."""
     n = len(samplers)
     device = logits.device
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    unusable = torch.empty(n, dtype=torch.bool, device=device)
     groups = defaultdict(list)
     for i, sampler in enumerate(samplers):
         groups[sampler.group_key()].append(i)
-    choice = None if len(groups) == 1 else torch.empty(2, n, dtype=torch.long, device=device)
     for members in groups.values():
-        index = None if choice is None else device_tensor(members, device)
+        index = None if len(members) == n else device_tensor(members, device)
         scores = logits if index is None else logits.index_select(0, index)
         first = samplers[members[0]]
         settings = first.settings
         seen = None
         if settings.repetition_penalty != 1.0:
-            rows = histories.ids.index_select(0, device_tensor([slots[i] for i in members], device))
+            rows = histories.ids.index_select(0, slots if index is None else slots.index_select(0, index))
             seen = rows[:, : max(samplers[i].seen for i in members)]
         scores = process_logits(scores, seen, first.generated, settings)
-        chosen = torch.stack([_draw(scores, [samplers[i].generator for i in members], settings.do_sample),
-                              unusable_rows(scores, settings.do_sample).long()])
+        bad = unusable_rows(scores, settings.do_sample)
+        chosen = _draw(scores, [samplers[i].generator for i in members], settings.do_sample)
         if index is None:
-            choice = chosen
+            tokens.copy_(chosen)
+            unusable.copy_(bad)
         else:
-            choice.index_copy_(1, index, chosen)
-    penalised = [i for i, sampler in enumerate(samplers) if sampler.settings.repetition_penalty != 1.0]
-    if penalised:
-        # (a row that has ended may run one step more, see continuous.py: its write stays inside the row)
-        last = histories.ids.shape[1] - 1
-        tokens = choice[0] if len(penalised) == n else choice[0].index_select(0, device_tensor(penalised, device))
-        histories.ids[device_tensor([slots[i] for i in penalised], device),
-                      device_tensor([min(samplers[i].seen, last) for i in penalised], device)] = tokens
+            tokens.index_copy_(0, index, chosen)
+            unusable.index_copy_(0, index, bad)
+    # (a row that has ended may run one step more, see continuous.py: its write stays inside the row)
+    last = histories.ids.shape[1] - 1
+    histories.ids[slots, device_tensor([min(s.seen, last) for s in samplers], device)] = tokens
     for sampler in samplers:
         sampler.generated += 1
-    return choice
+    return tokens, unusable
 
 
 def _draw(scores: torch.Tensor, generators: List[Optional[torch.Generator]], do_sample: bool) -> torch.Tensor:
@@ -129,22 +125,22 @@ def _draw(scores: torch.Tensor, generators: List[Optional[torch.Generator]], do_
 
 
 class Chosen:
-    """Tokens chosen on the device for `requests` (row i for requests[i]; `choice` [2, n] long: the
-    tokens, then the unusable flags, as choose_tokens gives them), copied to the host without
+    """Tokens chosen on the device for `requests` (row i for requests[i]), copied to the host without
     waiting; `values()` waits for that copy only, not for work launched after it."""
 
-    def __init__(self, requests: list, choice: torch.Tensor):
+    def __init__(self, requests: list, tokens: torch.Tensor, unusable: torch.Tensor):
         self.requests = requests
+        both = torch.stack([tokens, unusable.long()])
         self.ready = None
-        if choice.is_cuda:
-            self.host = torch.empty(choice.shape, dtype=choice.dtype, pin_memory=True)
-            self.host.copy_(choice, non_blocking=True)
+        if both.is_cuda:
+            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            self.host.copy_(both, non_blocking=True)
             self.ready = torch.cuda.Event()
             # on the stream the copy runs on (its device's), not the calling thread's current device's:
             # the engine's thread of a model on cuda:1 has cuda:0 as its current device
-            self.ready.record(torch.cuda.current_stream(choice.device))
+            self.ready.record(torch.cuda.current_stream(both.device))
         else:
-            self.host = choice
+            self.host = both
 
     def values(self):
         """(request, token, unusable) for each row."""
