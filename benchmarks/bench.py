@@ -176,12 +176,7 @@ def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth, q
         embeds = model.prepare_inputs_embeds(**batch)
         positions = torch.arange(T, device="cuda")[None]
 
-        def prefill():
-            cache = KVCache(lm.config, 1, T, "cuda", lm.dtype)
-            return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-                      past_key_values=cache, logits_to_keep=1).logits
-
-        prefill_s = timed(prefill)
+        prefill_s = timed(lambda: prefill_logits(lm, embeds, batch.attention_mask, positions))
         ttft_s = timed(lambda: prefill_after_vision(model, batch, positions).argmax(-1).item())
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
@@ -204,12 +199,16 @@ def bench_variant(variant, processor, batches, new_tokens, repeats, bandwidth, q
     return result
 
 
-def prefill_after_vision(model, batch, positions):
-    lm = model.language
-    embeds = model.prepare_inputs_embeds(**batch)
+def prefill_logits(lm, embeds, attention_mask, positions):
+    """The decoder over one prompt's embeddings into a fresh cache: the last position's logits [1, 1, vocab]."""
     cache = KVCache(lm.config, 1, embeds.shape[1], "cuda", lm.dtype)
-    return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-              past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    return lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+              logits_to_keep=1).logits
+
+
+def prefill_after_vision(model, batch, positions):
+    embeds = model.prepare_inputs_embeds(**batch)
+    return prefill_logits(model.language, embeds, batch.attention_mask, positions)[:, -1]
 
 
 def relative_to_bf16(result, earlier) -> None:

@@ -24,13 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bench import REPO, build_model, decode_rate, make_prompt, offline_processor, timed
-
-sys.path.insert(0, str(REPO))
-
-from deepseek_vl2.generation.cuda_graphs import release_decoders  # noqa: E402
-from deepseek_vl2.kernels import custom_ops  # noqa: E402
-from deepseek_vl2.modeling.kv_cache import KVCache  # noqa: E402
+from bench import build_model, decode_rate, make_prompt, offline_processor, prefill_logits, timed
+from deepseek_vl2.generation.cuda_graphs import release_decoders
+from deepseek_vl2.kernels import custom_ops
 
 MODES = {"off": False, "on": True}
 
@@ -40,15 +36,8 @@ def measure(model, batch, embeds, new_tokens, repeats):
     lm = model.language
     release_decoders(lm)
     torch.cuda.empty_cache()
-    T = embeds.shape[1]
-    positions = torch.arange(T, device="cuda")[None]
-
-    def prefill():
-        cache = KVCache(lm.config, 1, T, "cuda", lm.dtype)
-        return lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-                  past_key_values=cache, logits_to_keep=1).logits
-
-    prefill_ms = timed(prefill) * 1e3
+    positions = torch.arange(embeds.shape[1], device="cuda")[None]
+    prefill_ms = timed(lambda: prefill_logits(lm, embeds, batch.attention_mask, positions)) * 1e3
     tokens = lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False)
     rate, _ = decode_rate(model, embeds, batch.attention_mask, 1, new_tokens, repeats)
