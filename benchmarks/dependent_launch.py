@@ -2,8 +2,9 @@
 
     python benchmarks/dependent_launch.py --variants small --quantization none int4 int8 --rounds 2
 
-kernels/custom_ops.py launches our Triton kernels and torch.compile's as programmatic dependent
-launches (PDL) on compute capability 9.0 and later: each may start while the kernel before it ends.
+kernels/custom_ops.py can launch our Triton kernels and torch.compile's as programmatic dependent
+launches (PDL) on compute capability 9.0 and later, each free to start while the kernel before it
+ends (off by default; DEEPSEEK_VL2_DEPENDENT_LAUNCH=1 turns it on for a process).
 This script builds each model once (bench.py's random weights at the real shapes and its
 2054-token prompt) and measures it `--rounds` times in each mode, off then on: the decoders are
 dropped and built again (compiled with the mode's inductor option, graphs captured with its

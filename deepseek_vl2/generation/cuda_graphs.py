@@ -65,9 +65,9 @@ def _greedy_advance(logits, state):
 
 def compile_options() -> dict:
     """torch.compile's arguments for the decode pieces: whole graphs at fixed shapes, inductor's kernels
-    launched as programmatic dependent launches as ours are (custom_ops.DEPENDENT_LAUNCH; inductor
-    applies it on compute capability 9.0 and later only)."""
-    return dict(fullgraph=True, dynamic=False, options={"triton.enable_pdl": custom_ops.DEPENDENT_LAUNCH})
+    launched as ours are (custom_ops.compiled_kernel_options; inductor applies dependent launches on
+    compute capability 9.0 and later only)."""
+    return dict(fullgraph=True, dynamic=False, options=custom_ops.compiled_kernel_options())
 
 
 def _compiled_copies(functions):

@@ -4,6 +4,9 @@ tensor before its wait would race with the kernel before it)."""
 import ast
 import importlib
 import inspect
+import os
+import subprocess
+import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -21,7 +24,18 @@ def _cuda_like(index):
     return SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=index))
 
 
+@pytest.mark.parametrize("value, on", [(None, False), ("0", False), ("1", True)])
+def test_dependent_launch_only_when_asked_for(value, on):
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_VL2_DEPENDENT_LAUNCH"}
+    if value is not None:
+        env["DEEPSEEK_VL2_DEPENDENT_LAUNCH"] = value
+    shown = subprocess.run([sys.executable, "-c", "from deepseek_vl2.kernels import custom_ops; "
+                            "print(custom_ops.DEPENDENT_LAUNCH)"], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == str(on)
+
+
 def test_launch_options_on_for_hopper_devices_only(monkeypatch):
+    monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", True)
     monkeypatch.setattr(custom_ops, "_has_dependent_launch", lambda index: index == 1)  # cuda:1 is sm_90+
     assert custom_ops.launch_options(_cuda_like(1)) == dict(PDL=True, launch_pdl=True)
     assert custom_ops.launch_options(_cuda_like(0)) == dict(PDL=False, launch_pdl=False)
@@ -125,3 +139,41 @@ def test_a_chain_of_dependent_launches_equals_plain_stream_order_in_a_graph(monk
             outputs[on] = torch.stack(replays)
         assert torch.equal(outputs[True], outputs[False])
         assert outputs[True].abs().sum() > 0 and len(set(outputs[True].sum(dim=(1, 2)).tolist())) > 1
+
+
+def _triton_kernels(code: str) -> list:
+    """The source of each Triton kernel in inductor's generated module."""
+    return [chunk[chunk.index("def "):] for chunk in code.split("@triton.jit")[1:]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_compiled_kernel_waits_before_its_first_access(monkeypatch):
+    """torch.compile's kernels, launched as dependent launches, wait for the earlier kernels before
+    their first load or store, a fill (which loads nothing) included; the results equal eager's."""
+    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", True)
+    assert cuda_graphs.compile_options()["options"] == {"triton.enable_pdl": True}
+
+    def step(x, out):
+        column_sums = x.sum(dim=0)
+        out.fill_(2.0)  # a kernel that reads nothing, between the sums and their reader
+        return torch.sigmoid(x * column_sums)
+
+    torch._dynamo.reset()
+    x = torch.randn(64, 300, device="cuda")
+    out = torch.empty(1000, device="cuda")
+    compiled = torch.compile(step, **cuda_graphs.compile_options())
+    result, codes = run_and_get_code(compiled, x, out)
+    kernels = _triton_kernels("\n".join(codes))
+    assert "'launch_pdl': True" in "\n".join(codes)
+    assert any("tl.store(" in k and "tl.load(" not in k for k in kernels)  # the fill is its own kernel
+    for kernel in kernels:
+        accesses = [i for i in (kernel.find("tl.load("), kernel.find("tl.store(")) if i >= 0]
+        assert 0 <= kernel.find("gdc_wait()") < min(accesses), kernel
+    torch.testing.assert_close(result, step(x, torch.empty_like(out)), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, torch.full_like(out, 2.0))
+    torch._dynamo.reset()
