@@ -13,8 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from decode_paths import greedy
 from deepseek_vl2.generation import cuda_graphs
 from deepseek_vl2.kernels import custom_ops
+from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+from goldens import CHECKPOINTS
 
 KERNEL_MODULES = ["decode_attention", "gemv", "moe_decode", "moe_glue", "norm_rope", "quant_gemv",
                   "quant_grouped_gemm", "router"]
@@ -141,9 +144,16 @@ def test_a_chain_of_dependent_launches_equals_plain_stream_order_in_a_graph(monk
         assert outputs[True].abs().sum() > 0 and len(set(outputs[True].sum(dim=(1, 2)).tolist())) > 1
 
 
-def _triton_kernels(code: str) -> list:
-    """The source of each Triton kernel in inductor's generated module."""
-    return [chunk[chunk.index("def "):] for chunk in code.split("@triton.jit")[1:]]
+def _assert_every_kernel_waits_first(codes) -> list:
+    """Check that each Triton kernel in inductor's generated modules is a dependent launch that waits
+    before its first load or store; return the kernels' sources."""
+    code = "\n".join(codes)
+    kernels = [chunk[chunk.index("def "):] for chunk in code.split("@triton.jit")[1:]]
+    assert kernels and "'launch_pdl': True" in code
+    for kernel in kernels:
+        accesses = [i for i in (kernel.find("tl.load("), kernel.find("tl.store(")) if i >= 0]
+        assert 0 <= kernel.find("gdc_wait()") < min(accesses), kernel
+    return kernels
 
 
 @pytest.mark.cuda
@@ -168,12 +178,44 @@ def test_every_compiled_kernel_waits_before_its_first_access(monkeypatch):
     out = torch.empty(1000, device="cuda")
     compiled = torch.compile(step, **cuda_graphs.compile_options())
     result, codes = run_and_get_code(compiled, x, out)
-    kernels = _triton_kernels("\n".join(codes))
-    assert "'launch_pdl': True" in "\n".join(codes)
+    kernels = _assert_every_kernel_waits_first(codes)
     assert any("tl.store(" in k and "tl.load(" not in k for k in kernels)  # the fill is its own kernel
-    for kernel in kernels:
-        accesses = [i for i in (kernel.find("tl.load("), kernel.find("tl.store(")) if i >= 0]
-        assert 0 <= kernel.find("gdc_wait()") < min(accesses), kernel
     torch.testing.assert_close(result, step(x, torch.empty_like(out)), rtol=1e-6, atol=1e-6)
     assert torch.equal(out, torch.full_like(out, 2.0))
     torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", [None, "int4"], ids=["bf16", "int4"])
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_dependent_launches_change_no_score(monkeypatch, name, scheme):
+    """A fixture model's fast path (compiled regions, CUDA graphs) with dependent launches on gives the
+    same tokens and the same scores, to the bit, as with them off: a launch changes no arithmetic,
+    so any difference is a kernel reading before its wait. Every compiled kernel of the decode
+    step waits before its first access."""
+    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    from torch._inductor.utils import run_and_get_code
+
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[name]), dtype=torch.bfloat16, device_map="cuda",
+                                                    quantization=scheme, progress=False, warm_up=False)
+    lm = model.language
+    lm.compile_decode_after = 0
+    inductor_config = torch._inductor.config
+    if hasattr(inductor_config, "deterministic"):  # tiles chosen without timing: the same in both builds
+        monkeypatch.setattr(inductor_config, "deterministic", True)
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        embeds = lm.get_input_embeddings()(ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", on)
+        cuda_graphs.release_decoders(lm)
+        runs[on], codes = run_and_get_code(lambda: greedy(lm, embeds, mask, 24, graphs=True))
+        if on:
+            _assert_every_kernel_waits_first(codes)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for step, (with_pdl, without) in enumerate(zip(runs[True].scores, runs[False].scores)):
+        assert torch.equal(with_pdl, without), f"step {step}: scores differ with dependent launches"
