@@ -1,12 +1,19 @@
 """Comparing two decode paths of one model (the fast path of static caches, CUDA graphs and compiled
 regions against the plain path): greedy runs with per-step scores, and the near-tie rule for where
-their tokens may part. Used by the GPU tests (tests/gpu, tests/quantization)."""
+their tokens may part. Used by the GPU tests (tests/gpu, tests/quantization, tests/kernels)."""
 import torch
 
 
 def first_divergence(a, b):
     diff = (a != b).nonzero()
     return None if not len(diff) else diff[0, -1].item()
+
+
+def text_prompt(model, length=40, seed=0):
+    """A random text prompt on the GPU as the language model's input embeddings, and its mask."""
+    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed)).cuda()
+    with torch.no_grad():
+        return model.language.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
 
 
 def greedy(lm, embeds, mask, n, graphs, check_in_graph=True):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from decode_paths import greedy
+from decode_paths import greedy, text_prompt
 from deepseek_vl2.generation import cuda_graphs
 from deepseek_vl2.kernels import custom_ops
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM
@@ -205,10 +205,7 @@ def test_dependent_launches_change_no_score(monkeypatch, name, scheme):
     inductor_config = torch._inductor.config
     if hasattr(inductor_config, "deterministic"):  # tiles chosen without timing: the same in both builds
         monkeypatch.setattr(inductor_config, "deterministic", True)
-    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0)).cuda()
-    with torch.no_grad():
-        embeds = lm.get_input_embeddings()(ids)
-    mask = torch.ones_like(ids, dtype=torch.bool)
+    embeds, mask = text_prompt(model)
     runs = {}
     for on in (False, True):
         monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", on)

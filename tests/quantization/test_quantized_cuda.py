@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from decode_paths import assert_same_or_near_tie, greedy
+from decode_paths import assert_same_or_near_tie, greedy, text_prompt
 from deepseek_vl2.engine import ChatEngine, GenerationParams
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.engine.decode_steps import compilations
@@ -32,12 +32,6 @@ QUANT_PATHS_REL = 5e-2
 def quantized_cuda(name, scheme, warm_up=False):
     return DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[name]), dtype=torch.bfloat16, device_map="cuda",
                                                    quantization=scheme, progress=False, warm_up=warm_up)
-
-
-def text_prompt(model, length=40, seed=0):
-    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed)).cuda()
-    with torch.no_grad():
-        return model.language.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("compile_after", [0, 2048], ids=["compiled", "plain-graphs"])
