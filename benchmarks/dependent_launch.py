@@ -10,7 +10,8 @@ This script builds each model once (bench.py's random weights at the real shapes
 dropped and built again (compiled with the mode's inductor option, graphs captured with its
 launches) before each measurement. Figures: batch-1 decode tok/s as bench.py takes them
 (generate(128) minus generate(2)), prefill ms, and where the greedy tokens of each round first
-differ from the first round's of the same mode and from the other mode's.
+leave those of the first round (off), with the first round's top-2 score margin there and the
+largest score difference up to there: a margin within that difference is a near-tie.
 
 Each rebuild compiles afresh, and torch.compile picks some of its reduction kernels' tiles by timing
 them, which can change the order of float32 sums; with near-flat random-weight logits that can flip
@@ -33,21 +34,35 @@ MODES = {"off": False, "on": True}
 
 
 def measure(model, batch, embeds, new_tokens, repeats):
-    """(decode tok/s at batch 1, prefill ms, greedy tokens) with the current launch mode."""
+    """(decode tok/s at batch 1, prefill ms, greedy tokens, their scores [steps, vocab] on the host)
+    with the current launch mode."""
     lm = model.language
     release_decoders(lm)
     torch.cuda.empty_cache()
     positions = torch.arange(embeds.shape[1], device="cuda")[None]
     prefill_ms = timed(lambda: prefill_logits(lm, embeds, batch.attention_mask, positions)) * 1e3
-    tokens = lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False)
+    greedy = lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, output_scores=True)
     rate, _ = decode_rate(model, embeds, batch.attention_mask, 1, new_tokens, repeats)
-    return rate, prefill_ms, tokens[0].tolist()
+    return rate, prefill_ms, greedy.sequences[0].tolist(), torch.stack([s[0] for s in greedy.scores]).float().cpu()
 
 
 def first_difference(a, b):
     """The first position where token lists a and b differ, None where they agree."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def parting(reference, run):
+    """Where run's greedy tokens first leave reference's (each a (tokens, scores) pair), with the
+    reference's top-2 score margin there and the largest score difference up to there (scores -inf
+    in both, the suppressed end token, left out): a margin within the difference is a near-tie."""
+    step = first_difference(reference[0], run[0])
+    if step is None:
+        return None
+    a, b = reference[1][:step + 1], run[1][:step + 1]
+    finite = a.isfinite() & b.isfinite()
+    top = reference[1][step].topk(2).values
+    return dict(step=step, margin=(top[0] - top[1]).item(), difference=(a - b)[finite].abs().max().item())
 
 
 def run_scheme(variant, scheme, processor, rounds, new_tokens, repeats):
@@ -56,23 +71,24 @@ def run_scheme(variant, scheme, processor, rounds, new_tokens, repeats):
     conversation, images = make_prompt(processor)
     batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
     figures = {mode: dict(decode_tok_s=[], prefill_ms=[]) for mode in MODES}
-    tokens = {mode: [] for mode in MODES}
+    partings = {mode: [] for mode in MODES}
+    reference = None
     default = custom_ops.DEPENDENT_LAUNCH
     with torch.inference_mode():
         embeds = model.prepare_inputs_embeds(**batch)
         for _ in range(rounds):
             for mode, on in MODES.items():
                 custom_ops.DEPENDENT_LAUNCH = on
-                rate, prefill_ms, greedy = measure(model, batch, embeds, new_tokens, repeats)
-                tokens[mode].append(greedy)
+                rate, prefill_ms, *greedy = measure(model, batch, embeds, new_tokens, repeats)
+                if reference is None:  # the first round, with them off
+                    reference = greedy
+                partings[mode].append(parting(reference, greedy))
                 figures[mode]["decode_tok_s"].append(rate)
                 figures[mode]["prefill_ms"].append(prefill_ms)
                 print(f"  {variant} {scheme} {mode}: decode {rate:.1f} tok/s, prefill {prefill_ms:.1f} ms", flush=True)
     custom_ops.DEPENDENT_LAUNCH = default
     release_decoders(model.language)
-    first = tokens["off"][0]
-    return dict(variant=variant, quantization=scheme, seconds=time.perf_counter() - started,
-                first_difference={mode: [first_difference(first, t) for t in runs] for mode, runs in tokens.items()},
+    return dict(variant=variant, quantization=scheme, seconds=time.perf_counter() - started, partings=partings,
                 **{f"{mode}_{key}": values for mode, d in figures.items() for key, values in d.items()},
                 **{f"{mode}_{key}_median": statistics.median(values) for mode, d in figures.items()
                    for key, values in d.items()})
@@ -112,8 +128,9 @@ def table_row(r: dict, results: list) -> str:
     off, on = r["off_decode_tok_s_median"], r["on_decode_tok_s_median"]
     ratios = [f"{off / bf16['off_decode_tok_s_median']:.2f}", f"{on / bf16['on_decode_tok_s_median']:.2f}"] \
         if bf16 and bf16 is not r else ["", ""]
-    same = "; ".join(", ".join("same" if d is None else f"differ at {d}" for d in r["first_difference"][mode])
-                     for mode in MODES)
+    same = "; ".join(", ".join("same" if p is None else
+                               f"differ at {p['step']} (margin {p['margin']:.3g}, difference {p['difference']:.3g})"
+                               for p in r["partings"][mode]) for mode in MODES)
     weights = "bf16" if r["quantization"] == "none" else r["quantization"]
     return (f"| {r['variant']} | {weights} | {off:.0f} | {on:.0f} | {on / off:.3f} | {' | '.join(ratios)} | "
             f"{r['off_prefill_ms_median']:.1f} | {r['on_prefill_ms_median']:.1f} | {same} |")
