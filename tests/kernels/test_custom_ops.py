@@ -97,6 +97,12 @@ def test_every_launch_passes_the_launch_options():
                 f"{module_name}: {ast.unparse(call.func)} is launched without **launch_options(...)"
 
 
+
+def _skip_without_dependent_launch():
+    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_chain_of_dependent_launches_equals_plain_stream_order_in_a_graph(monkeypatch):
@@ -105,8 +111,7 @@ def test_a_chain_of_dependent_launches_equals_plain_stream_order_in_a_graph(monk
     dependent launch the outputs equal plain stream order's to the bit (a kernel that read its input
     before its wait would now and then see the previous replay's values instead)."""
     pytest.importorskip("triton")
-    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    _skip_without_dependent_launch()
     from deepseek_vl2.kernels import gemv, moe_glue, router
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -161,8 +166,7 @@ def _assert_every_kernel_waits_first(codes) -> list:
 def test_every_compiled_kernel_waits_before_its_first_access(monkeypatch):
     """torch.compile's kernels, launched as dependent launches, wait for the earlier kernels before
     their first load or store, a fill (which loads nothing) included; the results equal eager's."""
-    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    _skip_without_dependent_launch()
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(custom_ops, "DEPENDENT_LAUNCH", True)
@@ -194,8 +198,7 @@ def test_dependent_launches_keep_the_fast_path(monkeypatch, name, scheme):
     tokens it gives with them off, or first differs at a near-tie (a launch changes no arithmetic of
     our kernels; torch.compile's own kernels are compiled anew with their waits, which may round
     differently). Every compiled kernel of the decode step waits before its first access."""
-    if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    _skip_without_dependent_launch()
     from torch._inductor.utils import run_and_get_code
 
     model = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[name]), dtype=torch.bfloat16, device_map="cuda",
