@@ -1,12 +1,13 @@
 """Time the int8 / int4 gemv kernels (kernels/quant_gemv.py) at the real shapes of tiny, small and base
 over tile configurations, to set `quant_gemv.gemv_tiles`; with the bf16 kernels they replace (the
 expert gemv of kernels/gemv.py, cuBLAS for the projections) and the prefill's dequantization of a
-layer's expert stacks and one MoE layer of a 2054-token prefill (bf16 against quantized) alongside.
+layer's expert stacks and one MoE layer of a prefill (bf16 against both quantized paths) alongside.
 Gemv timings are per call inside a CUDA graph, weights from HBM (kernel_timing.py); the prefill
 layer's are CUDA-event means over 10 calls. Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
         [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill|decode-rows]
+        [--prefill-tokens 512 2054]
 
 `--only decode-rows --rows 8 16 32 64`: a continuous-batching decode step's rows through each
 quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
@@ -129,19 +130,16 @@ def dequantize(results, variants, schemes):
                   flush=True)
 
 
-def prefill_moe(results, variants, schemes, tokens=2054):
-    """One MoE layer of a `tokens`-token prefill through dispatch.experts: bf16 stacks, quantized ones
-    (the grouped GEMM that dequantizes tile by tile), and quantized ones dequantized a stack at a
-    time into a bf16 scratch for the bf16 grouped GEMMs (the alternative dispatch could take)."""
+def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
+    """One MoE layer of a prefill of each of `tokens_list` tokens through dispatch.experts: bf16 stacks,
+    quantized ones (the grouped GEMM that dequantizes tile by tile), and quantized ones dequantized a
+    stack at a time into a bf16 scratch for the bf16 grouped GEMMs (dispatch's other path, forced
+    here at every length); then the grouped GEMM's tiles on the gate/up stack at the last length."""
     from deepseek_vl2.kernels import dispatch
     from deepseek_vl2.quantization.weight import QuantizedWeight
 
     for variant in variants:
         E, I, h = EXPERTS[variant]
-        x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
-        routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
-        ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1)
-        weights = torch.rand(tokens, 8, device="cuda")
         stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
                            torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
         for scheme in schemes:
@@ -152,16 +150,20 @@ def prefill_moe(results, variants, schemes, tokens=2054):
                     qw.write((e,), full[e])
                 quantized_stacks.append(qw)
             stacks[scheme] = quantized_stacks
-        paths = {name: (lambda gate_up=gate_up, down=down: dispatch.experts(x, gate_up, down, ids, weights))
-                 for name, (gate_up, down) in stacks.items()}
-        for scheme in schemes:  # the alternative: each stack dequantized into a bf16 scratch, then bf16 GEMMs
-            gate_up, down = stacks[scheme]
-            paths[f"{scheme} dequantized"] = lambda gate_up=gate_up, down=down: dispatch.experts(
-                x, dispatch.dense_weight(gate_up, x.dtype), dispatch.dense_weight(down, x.dtype), ids, weights)
-        times = {name: event_ms(run) for name, run in paths.items()}
-        results.append(dict(name=f"{variant} prefill MoE layer, {tokens} tokens", ms=times))
-        print(f"{variant} prefill MoE layer ({tokens} tokens): " + ", ".join(
-            f"{k} {v:.2f} ms (x{v / times['bf16']:.2f})" for k, v in times.items()), flush=True)
+        for tokens in tokens_list:
+            x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+            routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
+            ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1)
+            weights = torch.rand(tokens, 8, device="cuda")
+            paths = {"bf16": lambda: dispatch.experts(x, *stacks["bf16"], ids, weights)}
+            for scheme in schemes:
+                for name, rows in ((scheme, None), (f"{scheme} dequantized", 0)):
+                    paths[name] = lambda stack=stacks[scheme], rows=rows: with_stack_dequantize_rows(
+                        rows, lambda: dispatch.experts(x, *stack, ids, weights))
+            times = {name: event_ms(run) for name, run in paths.items()}
+            results.append(dict(name=f"{variant} prefill MoE layer, {tokens} tokens", ms=times))
+            print(f"{variant} prefill MoE layer ({tokens} tokens): " + ", ".join(
+                f"{k} {v:.3f} ms (x{v / times['bf16']:.2f})" for k, v in times.items()), flush=True)
         # the grouped GEMM's tiles (quant_grouped_gemm.gemm_tiles) on the gate/up stack
         flat = ids.flatten()
         rows = x[flat.argsort(stable=True) // 8]
@@ -194,6 +196,15 @@ def with_gemv_rows(limit: int, run):
     from deepseek_vl2.kernels import dispatch
 
     with dispatch.quant_gemv_rows(limit, limit):
+        return run()
+
+
+def with_stack_dequantize_rows(rows, run):
+    """run() with dispatch's rows an expert from which a prefill dequantizes expert stacks whole set
+    to `rows` (None: never, 0: always)."""
+    from deepseek_vl2.kernels import dispatch
+
+    with dispatch.stack_dequantize_rows(rows):
         return run()
 
 
@@ -264,6 +275,8 @@ def main():
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
+    parser.add_argument("--prefill-tokens", nargs="+", type=int, default=[2054],
+                        help="prompt lengths of --only prefill's MoE layer (the tiles are swept at the last)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "quant_gemv_configs.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -277,7 +290,7 @@ def main():
         if args.only in (None, "dequantize"):
             dequantize(results, args.variants, args.schemes)
         if args.only in (None, "prefill"):
-            prefill_moe(results, args.variants, args.schemes)
+            prefill_moe(results, args.variants, args.schemes, args.prefill_tokens)
         if args.only == "decode-rows":
             decode_rows(results, args.variants, args.schemes, args.rows)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),

@@ -12,7 +12,9 @@ which backend applies.
                      MOE_DECODE_ROWS, combine_pairs after either;         quantized: on the stacks
                      quantized experts: the quant_gemv pair for           dequantized one at a time
                      <= QUANT_EXPERT_GEMV_ROWS rows, else (bf16/fp16
-                     CUDA) quant_grouped_gemm, dequantizing tile by tile
+                     CUDA) quant_grouped_gemm, dequantizing tile by tile,
+                     or from QUANT_STACK_DEQUANTIZE_ROWS rows an expert
+                     (eager) each stack dequantized whole for the GEMM
     quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
                      CUDA rows                                            weight (a one-pass kernel on
                                                                           CUDA, PyTorch ops elsewhere)
@@ -51,6 +53,16 @@ MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 # in int4 and 4 in int8.
 QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
+# Token rows per expert (the prompt's (token, expert) pairs over the experts in the stack) from which
+# an eager prefill dequantizes a quantized expert stack whole into a bfloat16 scratch (one kernel,
+# freed after its GEMM) for torch's grouped GEMM, instead of the grouped GEMM that dequantizes tile
+# by tile; None: never. The scratch costs a fixed time a layer, the tiles a time per row. Measured on
+# an H200, one MoE layer (benchmarks/quant_gemv_configs.py --only prefill --prefill-tokens ...,
+# benchmarks/RESULTS.md, twenty-sixth session): int4 whole loses at up to 124 rows an expert (small,
+# base), is even at 160-190 and ahead from 220 (2054 tokens: 1.6 against 1.9 ms, base); int8 whole
+# ahead only from about 440 rows. Never while a CUDA graph is captured: the graph would hold the
+# scratch (base: 1.1 GiB) for good.
+QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: None}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
@@ -66,6 +78,18 @@ def quant_gemv_rows(experts: int, projections: int):
     finally:
         QUANT_EXPERT_GEMV_ROWS.update(saved[0])
         QUANT_LINEAR_GEMV_ROWS.update(saved[1])
+
+
+@contextlib.contextmanager
+def stack_dequantize_rows(rows: Optional[int]):
+    """Within the block an eager prefill dequantizes quantized expert stacks whole from `rows` token
+    rows an expert on, at both widths (None: never; for benchmarks trying other limits)."""
+    saved = dict(QUANT_STACK_DEQUANTIZE_ROWS)
+    QUANT_STACK_DEQUANTIZE_ROWS.update({4: rows, 8: rows})
+    try:
+        yield
+    finally:
+        QUANT_STACK_DEQUANTIZE_ROWS.update(saved)
 
 
 def _cuda_inference(x: torch.Tensor) -> bool:
@@ -145,7 +169,8 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     ends = counts.cumsum(0, dtype=torch.int32)
-    if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down):
+    if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down) \
+            and not _dequantize_whole(gate_up, len(flat_ids), x):
         blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], quant_grouped_gemm.block_rows(gate_up.bits == 4))
         act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks))
         out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks)
@@ -179,6 +204,14 @@ def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     if _cuda_inference(weight.qweight):
         return quant_gemv.dequantize(weight.qweight, weight.scale, weight.zero, dtype)
     return weight.dequantize(dtype)
+
+
+def _dequantize_whole(weight: QuantizedWeight, pairs: int, x: torch.Tensor) -> bool:
+    """Whether `pairs` (token, expert) pairs take the stack dequantized whole into torch's grouped GEMM
+    (QUANT_STACK_DEQUANTIZE_ROWS) rather than the grouped GEMM that dequantizes tile by tile."""
+    least = QUANT_STACK_DEQUANTIZE_ROWS[weight.bits]
+    return (least is not None and pairs >= least * weight.shape[0] and not torch.cuda.is_current_stream_capturing()
+            and grouped_mm_supported(x))
 
 
 def _tile_dequantizable(weight: QuantizedWeight) -> bool:

@@ -36,6 +36,16 @@ def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
     assert (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS) == (experts, projections)
 
 
+def test_stack_dequantize_rows_sets_both_widths_and_puts_the_limits_back():
+    saved = dict(dispatch.QUANT_STACK_DEQUANTIZE_ROWS)
+    assert saved[4] is not None and saved[8] is None  # int4 whole from a measured row count; int8 never
+    with pytest.raises(RuntimeError, match="inside"):
+        with dispatch.stack_dequantize_rows(7):
+            assert dispatch.QUANT_STACK_DEQUANTIZE_ROWS == {4: 7, 8: 7}
+            raise RuntimeError("inside")
+    assert dispatch.QUANT_STACK_DEQUANTIZE_ROWS == saved
+
+
 def test_sdpa_backends_leave_the_cpu_to_pytorch():
     before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
     with dispatch.sdpa_backends(torch.zeros(1)):
@@ -130,6 +140,49 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
         ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda())
         graph.replay()
         assert torch.equal(out, step())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_prefill_dequantizes_stacks_whole_from_the_row_limit_and_never_in_a_graph(monkeypatch, scheme):
+    """From QUANT_STACK_DEQUANTIZE_ROWS token rows an expert, an eager prefill's quantized experts run
+    on each stack dequantized whole (no tile-dequantizing grouped GEMM), below it and while a CUDA
+    graph is captured through the grouped GEMM; both match the reference on the dequantized weights."""
+    from deepseek_vl2.kernels import quant_grouped_gemm
+
+    calls = []
+    tiled = quant_grouped_gemm.grouped_gemm
+    monkeypatch.setattr(quant_grouped_gemm, "grouped_gemm", lambda *a: calls.append(1) or tiled(*a))
+    g = torch.Generator().manual_seed(9)
+    E, k = 10, 4
+    gate_up = quantized((E, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
+    down = quantized((E, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
+    x = torch.randn(40, 256, generator=g).to("cuda", torch.bfloat16)  # 160 pairs: 16 rows an expert
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(40)]).cuda()
+    weights = torch.rand(40, k, generator=g).cuda()
+    with torch.inference_mode():
+        want = dispatch.experts(x, gate_up.dequantize(), down.dequantize(), ids, weights).float()
+        results = {}
+        for limit, tile_calls in ((17, 2), (16, 0)):
+            calls.clear()
+            with dispatch.stack_dequantize_rows(limit):
+                results[limit] = dispatch.experts(x, gate_up, down, ids, weights)
+            assert len(calls) == tile_calls, f"limit {limit}"
+            assert (results[limit].float() - want).abs().max() <= 2e-2 * want.abs().max(), f"limit {limit}"
+        with dispatch.stack_dequantize_rows(16):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                dispatch.experts(x, gate_up, down, ids, weights)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            calls.clear()
+            with torch.cuda.graph(graph):
+                out = dispatch.experts(x, gate_up, down, ids, weights)
+            assert len(calls) == 2  # the tiles: a graph would keep the whole stacks' scratch
+        graph.replay()
+        assert torch.equal(out, results[17])
 
 
 @pytest.mark.cuda
