@@ -58,7 +58,7 @@ QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # freed after its GEMM) for torch's grouped GEMM, instead of the grouped GEMM that dequantizes tile
 # by tile; None: never. The scratch costs a fixed time a layer, the tiles a time per row. Measured on
 # an H200, one MoE layer (benchmarks/quant_gemv_configs.py --only prefill --prefill-tokens ...,
-# benchmarks/RESULTS.md, twenty-sixth session): int4 whole loses at up to 124 rows an expert (small,
+# benchmarks/RESULTS.md, 2026-12-02): int4 whole loses at up to 124 rows an expert (small,
 # base), is even at 160-190 and ahead from 220 (2054 tokens: 1.6 against 1.9 ms, base); int8 whole
 # ahead only from about 440 rows. Never while a CUDA graph is captured: the graph would hold the
 # scratch (base: 1.1 GiB) for good.
