@@ -27,8 +27,9 @@ which backend applies.
                      memory-efficient or math attention, never cuDNN's
 
 "CUDA inference": Triton installed, a CUDA tensor, grad mode off (the kernels have no backward).
-Every condition is a plain Python test of device, dtype and shape, so the compiled decode regions
-trace through them without graph breaks; inside torch.compile the kernels called there are custom
+Every condition is a plain Python test of device, dtype and shape (and, for a prefill's quantized
+stacks, whether a CUDA graph is being captured), so the compiled decode regions trace through them
+without graph breaks; inside torch.compile the kernels called there are custom
 ops (custom_ops.py).
 """
 import contextlib
@@ -59,9 +60,9 @@ QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # by tile; None: never. The scratch costs a fixed time a layer, the tiles a time per row. Measured on
 # an H200, one MoE layer (benchmarks/quant_gemv_configs.py --only prefill --prefill-tokens ...,
 # benchmarks/RESULTS.md, 2026-12-02): int4 whole loses at up to 124 rows an expert (small,
-# base), is even at 160-190 and ahead from 220 (2054 tokens: 1.6 against 1.9 ms, base); int8 whole
-# ahead only from about 440 rows. Never while a CUDA graph is captured: the graph would hold the
-# scratch (base: 1.1 GiB) for good.
+# base), is 4% behind at 166 (base) and 13% ahead at 186 (small), ahead from 220 on both (2054
+# tokens: 1.6 against 1.9 ms, base); int8 whole is ahead only at 440-500 rows (4096 tokens). Never
+# while a CUDA graph is captured: the graph would hold the scratch (base: 1.1 GiB) for good.
 QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: None}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
