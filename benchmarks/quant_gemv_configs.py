@@ -158,8 +158,8 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
             paths = {"bf16": lambda: dispatch.experts(x, *stacks["bf16"], ids, weights)}
             for scheme in schemes:
                 for name, rows in ((scheme, None), (f"{scheme} dequantized", 0)):
-                    paths[name] = lambda stack=stacks[scheme], rows=rows: with_stack_dequantize_rows(
-                        rows, lambda: dispatch.experts(x, *stack, ids, weights))
+                    paths[name] = lambda stack=stacks[scheme], rows=rows: within(
+                        dispatch.stack_dequantize_rows(rows), lambda: dispatch.experts(x, *stack, ids, weights))
             times = {name: event_ms(run) for name, run in paths.items()}
             results.append(dict(name=f"{variant} prefill MoE layer, {tokens} tokens", ms=times))
             print(f"{variant} prefill MoE layer ({tokens} tokens): " + ", ".join(
@@ -190,21 +190,10 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
                   + ", ".join(f"{t:.3f}@{c}" for t, c in timed[:4]) + " (block_m, block_n, warps, stages)", flush=True)
 
 
-def with_gemv_rows(limit: int, run):
-    """run() with dispatch's gemv row limits (experts of both widths, projections) set to `limit`
-    (read at each call, as in a capture)."""
-    from deepseek_vl2.kernels import dispatch
-
-    with dispatch.quant_gemv_rows(limit, limit):
-        return run()
-
-
-def with_stack_dequantize_rows(rows, run):
-    """run() with dispatch's rows an expert from which a prefill dequantizes expert stacks whole set
-    to `rows` (None: never, 0: always)."""
-    from deepseek_vl2.kernels import dispatch
-
-    with dispatch.stack_dequantize_rows(rows):
+def within(context, run):
+    """run() inside `context` (one of dispatch's limit settings, made afresh for each call, as lambdas
+    cannot hold a with block)."""
+    with context:
         return run()
 
 
@@ -236,8 +225,9 @@ def decode_rows(results, variants, schemes, rows_list):
         times = {"bf16": graph_us(lambda i: lambda: dispatch.experts(x, *stacks["bf16"], ids[i], weights), routings)}
         for scheme in schemes:
             for path, limit in (("gemv", 10**6), ("grouped", 0)):
-                times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, scheme=scheme: lambda: with_gemv_rows(
-                    limit, lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)), routings)
+                times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, scheme=scheme: lambda: within(
+                    dispatch.quant_gemv_rows(limit, limit), lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)),
+                    routings)
         results.append(dict(name=f"{variant} experts rows={rows}", us=times))
         print(f"{variant} experts, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
         for name, (N, K) in PROJECTIONS.items():
@@ -250,8 +240,8 @@ def decode_rows(results, variants, schemes, rows_list):
             for scheme in schemes:
                 quantized_copies = [quantized_weight(weight, scheme) for weight in dense]
                 for path, limit in (("gemv", 10**6), ("dequantized", 0)):
-                    times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, q=quantized_copies: lambda: with_gemv_rows(
-                        limit, lambda: dispatch.quantized_linear(xs, q[i], None)), copies)
+                    times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, q=quantized_copies: lambda: within(
+                        dispatch.quant_gemv_rows(limit, limit), lambda: dispatch.quantized_linear(xs, q[i], None)), copies)
             results.append(dict(name=f"{name} rows={rows}", us=times))
             print(f"{name}, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
 

@@ -68,29 +68,29 @@ MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 
 @contextlib.contextmanager
+def _limits_set(*tables_and_values):
+    """Within the block each (table, value) pair's table holds `value` at both widths (4 and 8 bits);
+    every table as it was after it."""
+    saved = [dict(table) for table, _ in tables_and_values]
+    for table, value in tables_and_values:
+        table.update({4: value, 8: value})
+    try:
+        yield
+    finally:
+        for (table, _), before in zip(tables_and_values, saved):
+            table.update(before)
+
+
 def quant_gemv_rows(experts: int, projections: int):
     """Within the block quant_gemv reads quantized experts up to `experts` token rows and
     projections up to `projections`, at both widths (for benchmarks trying other limits)."""
-    saved = dict(QUANT_EXPERT_GEMV_ROWS), dict(QUANT_LINEAR_GEMV_ROWS)
-    QUANT_EXPERT_GEMV_ROWS.update({4: experts, 8: experts})
-    QUANT_LINEAR_GEMV_ROWS.update({4: projections, 8: projections})
-    try:
-        yield
-    finally:
-        QUANT_EXPERT_GEMV_ROWS.update(saved[0])
-        QUANT_LINEAR_GEMV_ROWS.update(saved[1])
+    return _limits_set((QUANT_EXPERT_GEMV_ROWS, experts), (QUANT_LINEAR_GEMV_ROWS, projections))
 
 
-@contextlib.contextmanager
 def stack_dequantize_rows(rows: Optional[int]):
     """Within the block an eager prefill dequantizes quantized expert stacks whole from `rows` token
     rows an expert on, at both widths (None: never; for benchmarks trying other limits)."""
-    saved = dict(QUANT_STACK_DEQUANTIZE_ROWS)
-    QUANT_STACK_DEQUANTIZE_ROWS.update({4: rows, 8: rows})
-    try:
-        yield
-    finally:
-        QUANT_STACK_DEQUANTIZE_ROWS.update(saved)
+    return _limits_set((QUANT_STACK_DEQUANTIZE_ROWS, rows))
 
 
 def _cuda_inference(x: torch.Tensor) -> bool:

@@ -97,7 +97,6 @@ def test_every_launch_passes_the_launch_options():
                 f"{module_name}: {ast.unparse(call.func)} is launched without **launch_options(...)"
 
 
-
 def _skip_without_dependent_launch():
     if not custom_ops._has_dependent_launch(torch.cuda.current_device()):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
