@@ -120,6 +120,17 @@ if triton is not None:
         split_len = -(-split_len // block_n) * block_n
         return -(-kv_len // split_len), split_len
 
+    def _mla_tiles(rows: int, kv_len: int):
+        """(keys per block, key slices per row, keys per slice, warps) of the MLA decode kernel, the
+        best measured on an H200 at small's and base's heads (16, 32), 1 to 32 rows and 1100 to 4200
+        cached latents (benchmarks/RESULTS.md, twenty-seventh session): up to 4 rows, blocks of 64
+        keys in 8 warps and about 33 slices a row, none shorter than a block (more slices leave more
+        partial outputs to combine than they save); more rows, blocks of 32 keys in 4 warps, about
+        264 programs of at least 4 blocks each."""
+        if rows <= 4:
+            return (64, *_splits(rows, kv_len, 64, programs=33 * rows, min_blocks=1), 8)
+        return (32, *_splits(rows, kv_len, 32), 4)
+
     def _split_buffers(rows: int, n_splits: int, H: int, D: int, device):
         """float32 partial outputs [rows * n_splits * H, D], running maxima and sums of the splits."""
         part = torch.empty(rows * n_splits * H, D, device=device, dtype=torch.float32)
@@ -139,14 +150,13 @@ if triton is not None:
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
-        block_n = 32
-        n_splits, split_len = _splits(B, kv_len, block_n)
+        block_n, n_splits, split_len, num_warps = _mla_tiles(B, kv_len)
         part, maxes, sums = _split_buffers(B, n_splits, H, R, latent.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
         _mla_decode_kernel[(B, n_splits)](
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
-            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=4 if H <= 16 else 8, **launch_options(part))
+            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=num_warps, **launch_options(part))
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
 

@@ -194,22 +194,24 @@ def check_mha_decode(device, dtype, tol):
 
 def check_mla_decode(device, dtype, tol):
     g = torch.Generator().manual_seed(4)
-    B, H, R, P, L = 2, 16, 64, 16, 150
-    cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
-    q_latent = torch.randn(B, H, R, generator=g).to(device, dtype)
-    q_pe = torch.randn(B, H, P, generator=g).to(device, dtype)
-    mask = torch.zeros(B, L)
-    mask[1, :7] = torch.finfo(dtype).min
-    mask = mask.to(device, dtype)
-    latent = cache[:, :L]
-    scale = (R + P) ** -0.5
-    scores = torch.einsum("bhr,bnr->bhn", torch.cat((q_latent, q_pe), -1).float(), latent.float()) * scale
-    probs = (scores + mask.float()[:, None]).softmax(-1)
-    want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
-    close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, "mla_decode")
-    one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
-    close(decode_attention.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
-          torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, "mla_decode, one mask row")
+    R, P = 64, 16
+    # both tile rules (up to 4 rows / more), several key slices a row and a last slice cut short
+    for B, H, L in ((2, 16, 150), (1, 32, 700), (6, 16, 300)):
+        cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
+        q_latent = torch.randn(B, H, R, generator=g).to(device, dtype)
+        q_pe = torch.randn(B, H, P, generator=g).to(device, dtype)
+        mask = torch.zeros(B, L)
+        mask[-1, :7] = torch.finfo(dtype).min  # a padded row
+        mask = mask.to(device, dtype)
+        latent = cache[:, :L]
+        scale = (R + P) ** -0.5
+        scores = torch.einsum("bhr,bnr->bhn", torch.cat((q_latent, q_pe), -1).float(), latent.float()) * scale
+        probs = (scores + mask.float()[:, None]).softmax(-1)
+        want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
+        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, f"mla_decode B={B}")
+        one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
+        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
+              torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, f"mla_decode B={B}, one mask row")
 
 
 def check_moe_glue(device, dtype, tol):
