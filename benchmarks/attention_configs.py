@@ -1,20 +1,28 @@
-"""Time one-token MHA decode attention at tiny's shapes (10 heads x 128, a 2304-key bucket, the
-cache strided as the static cache holds it) inside a CUDA graph (kernel_timing.py): PyTorch SDPA
-with the additive mask against decode_attention.mha_decode over tile configurations.
+"""Time one-token decode attention inside CUDA graphs (kernel_timing.py) over tile configurations.
 
-    python benchmarks/attention_configs.py
+    python benchmarks/attention_configs.py [--mla]
+
+Default: MHA at tiny's shapes (10 heads x 128, a 2304-key bucket, the cache strided as the static
+cache holds it), PyTorch SDPA with the additive mask against decode_attention.mha_decode.
+--mla: MLA over the latent cache at small's and base's heads (16, 32; rank 512, RoPE 64), 1 to 32
+rows and 1100 to 4200 cached latents, decode_attention.mla_decode (the slices' kernel and their
+combine) with its own tiles (`mla_tiles`) against the fastest of a sweep.
 """
+import argparse
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from deepseek_vl2.kernels import decode_attention as td
-from kernel_timing import copies_for, graph_us
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepseek_vl2.kernels import decode_attention as td  # noqa: E402
+from kernel_timing import copies_for, graph_us  # noqa: E402
 
 
-def main():
-    torch.manual_seed(0)
+def mha():
     H, D, kv_len, capacity = 10, 128, 2304, 4096
     for B in (1, 8):
         nbytes = 2 * B * H * kv_len * D * 2
@@ -35,6 +43,38 @@ def main():
                          for c in configs)
         print(f"batch {B}: SDPA {base:.1f} us ({nbytes / base / 1e3:.0f} GB/s) | mha_decode (block_n, programs, "
               "min_blocks, warps): " + ", ".join(f"{t:.1f} us @ {c}" for t, c in timings[:4]), flush=True)
+
+
+def mla():
+    R, P = 512, 64
+    configs = list(itertools.product((32, 64), (132, 264, 528, 1056), (1, 2, 4), (4, 8)))
+    for H, B, kv_len in itertools.product((16, 32), (1, 4, 16, 32), (1100, 2054, 4200)):
+        nbytes = B * kv_len * (R + P) * 2
+        n = copies_for(nbytes)
+        caches = [torch.randn(B, kv_len + 256, R + P, device="cuda", dtype=torch.bfloat16)[:, :kv_len]
+                  for _ in range(n)]
+        q_latent = torch.randn(B, H, R, device="cuda", dtype=torch.bfloat16)
+        q_pe = torch.randn(B, H, P, device="cuda", dtype=torch.bfloat16)
+        mask = torch.zeros(1, kv_len, device="cuda", dtype=torch.bfloat16)
+
+        def timed(tiles):
+            return graph_us(lambda i: lambda: td.mla_decode(q_latent, q_pe, caches[i], mask, 192**-0.5, tiles), n)
+
+        own = timed(None)
+        best, tiles = min((timed(c), c) for c in configs)
+        print(f"{H} heads, {B} rows, {kv_len} latents: mla_tiles {td.mla_tiles(B)} {own:.2f} us | best of the sweep "
+              f"{best:.2f} us at {tiles} (block_n, programs, min_blocks, warps): x{own / best:.2f}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mla", action="store_true", help="MLA decode at small's and base's heads instead of MHA")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.mla:
+        mla()
+    else:
+        mha()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ an unnormalised partial output; a second kernel combines the slices. Scores and 
 float32; probabilities enter the value product in the activation dtype. Strided cache views need
 no copies. When they apply is decided in dispatch.py.
 """
+from typing import Optional, Tuple
+
 import torch
 
 from ..modeling.devices import on_tensor_device
@@ -120,16 +122,14 @@ if triton is not None:
         split_len = -(-split_len // block_n) * block_n
         return -(-kv_len // split_len), split_len
 
-    def _mla_tiles(rows: int, kv_len: int):
-        """(keys per block, key slices per row, keys per slice, warps) of the MLA decode kernel, the
+    def mla_tiles(rows: int):
+        """(keys per block, programs, least blocks a key slice, warps) of the MLA decode kernel, the
         best measured on an H200 at small's and base's heads (16, 32), 1 to 32 rows and 1100 to 4200
-        cached latents (benchmarks/RESULTS.md, twenty-seventh session): up to 4 rows, blocks of 64
-        keys in 8 warps and about 33 slices a row, none shorter than a block (more slices leave more
-        partial outputs to combine than they save); more rows, blocks of 32 keys in 4 warps, about
-        264 programs of at least 4 blocks each."""
-        if rows <= 4:
-            return (64, *_splits(rows, kv_len, 64, programs=33 * rows, min_blocks=1), 8)
-        return (32, *_splits(rows, kv_len, 32), 4)
+        cached latents (benchmarks/attention_configs.py --mla; benchmarks/RESULTS.md, twenty-seventh
+        session): up to 4 rows, blocks of 64 keys in 8 warps and about 33 slices a row, none shorter
+        than a block (more slices leave more partial outputs to combine than they save); more rows,
+        blocks of 32 keys in 4 warps, about 264 programs of at least 4 blocks each."""
+        return (64, 33 * rows, 1, 8) if rows <= 4 else (32, 264, 4, 4)
 
     def _split_buffers(rows: int, n_splits: int, H: int, D: int, device):
         """float32 partial outputs [rows * n_splits * H, D], running maxima and sums of the splits."""
@@ -144,13 +144,15 @@ if triton is not None:
 
     @on_tensor_device
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, tiles: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
         """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
-        [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R]."""
+        [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R].
+        `tiles`: (keys per block, programs, least blocks a key slice, warps), default `mla_tiles(B)`."""
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
-        block_n, n_splits, split_len, num_warps = _mla_tiles(B, kv_len)
+        block_n, programs, min_blocks, num_warps = tiles or mla_tiles(B)
+        n_splits, split_len = _splits(B, kv_len, block_n, programs, min_blocks)
         part, maxes, sums = _split_buffers(B, n_splits, H, R, latent.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
         _mla_decode_kernel[(B, n_splits)](

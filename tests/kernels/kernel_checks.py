@@ -209,6 +209,8 @@ def check_mla_decode(device, dtype, tol):
         probs = (scores + mask.float()[:, None]).softmax(-1)
         want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, f"mla_decode B={B}")
+        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale, tiles=(16, 132, 2, 2)), want, tol,
+              f"mla_decode B={B}, tiles given")
         one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
               torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, f"mla_decode B={B}, one mask row")
