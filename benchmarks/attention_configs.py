@@ -39,7 +39,7 @@ def mha():
 
         base = graph_us(sdpa, n)
         configs = itertools.product((16, 32, 64), (264, 528, 1056), (1, 2, 4), (2, 4, 8))
-        timings = sorted((graph_us(lambda i: lambda: td.mha_decode(q, caches[i], mask, D**-0.5, *c), n), c)
+        timings = sorted((graph_us(lambda i: lambda: td.mha_decode(q, caches[i], mask, D**-0.5, c), n), c)
                          for c in configs)
         print(f"batch {B}: SDPA {base:.1f} us ({nbytes / base / 1e3:.0f} GB/s) | mha_decode (block_n, programs, "
               "min_blocks, warps): " + ", ".join(f"{t:.1f} us @ {c}" for t, c in timings[:4]), flush=True)

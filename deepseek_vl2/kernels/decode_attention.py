@@ -161,18 +161,20 @@ if triton is not None:
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=num_warps, **launch_options(part))
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
+    MHA_TILES = (32, 1056, 1, 2)  # mha_decode's (keys per block, programs, least blocks a key slice, warps)
 
     @on_tensor_device
-    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float, block_n: int = 32,
-                   programs: int = 1056, min_blocks: int = 1, num_warps: int = 2) -> torch.Tensor:
+    def mha_decode(q: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor, scale: float,
+                   tiles: Tuple[int, int, int, int] = MHA_TILES) -> torch.Tensor:
         """q [B, H, D], keys_values [B, 2, kv_heads, kv_len, D] (a cache view), mask [B or 1, kv_len]
         additive -> [B, H, D] = softmax(scale * q.k + mask) . v. The default tiles measured best at
         tiny's shapes on an H100 (benchmarks/attention_configs.py: 9.9 us against SDPA's 13.4 us
-        at batch 1, the same at batch 8)."""
+        at batch 1, the same at batch 8); `tiles` as mla_decode's."""
         B, H, D = q.shape
         kv_heads, kv_len = keys_values.shape[2], keys_values.shape[3]
         if keys_values.stride(-1) != 1 or q.stride(-1) != 1:
             raise ValueError("mha_decode needs the head dimension contiguous")
+        block_n, programs, min_blocks, num_warps = tiles
         n_splits, split_len = _splits(B * H, kv_len, block_n, programs, min_blocks)
         part, maxes, sums = _split_buffers(B, n_splits, H, D, q.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
