@@ -102,8 +102,9 @@ def floor_of(name, weights, x, ids, rows_per_id, silu_mul):
 
     def inputs(i):
         qq, ss, zz = weights[i % len(weights)]
-        return (qq.view(torch.int32), ss, zz, ids[i] if experts else out, out, qq.view(torch.int32).stride(0)
-                if experts else 0, ss.stride(0) if experts else 0)
+        words = qq.view(torch.int32)
+        return (words, ss, zz, ids[i] if experts else out, out, words.stride(0) if experts else 0,
+                ss.stride(0) if experts else 0)
 
     gemv = graph_us(lambda i: (lambda: quant_gemv.gemv_launch(
         x, *weights[i % len(weights)], ids[i] if experts else None, rows_per_id, silu_mul)), copies)
