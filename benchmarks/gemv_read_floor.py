@@ -7,6 +7,8 @@ projections), microseconds per call inside a CUDA graph with the weights from HB
 (kernel_timing.graph_us), for:
 
   gemv       quant_gemv.gemv_launch with its default tiles
+  in L2      the same gemv on one copy of the inputs (the same experts) every call: its weights
+             come from L2, so what is left is the gemv's own work and the latency of its loads
   same grid  a kernel with the gemv's grid and tiles that loads the same words, scales and zero
              points and only XORs them together: the reads as the gemv lays them out, no arithmetic
   stream     a kernel streaming each weight's bytes in contiguous chunks, the fastest of a few program
@@ -14,7 +16,8 @@ projections), microseconds per call inside a CUDA graph with the weights from HB
   empty      an empty kernel: the cost of one node of a graph
 
 The gap between gemv and the two read-only kernels is the gemv's own work (unpacking, the products,
-the dequantizing terms) that the loads do not hide.
+the dequantizing terms) that the loads do not hide; "in L2" says how much faster the gemv gets
+with the reads made cheap (what pulling its weights into L2 ahead of time could give at most).
 """
 import argparse
 import sys
@@ -108,6 +111,8 @@ def floor_of(name, weights, x, ids, rows_per_id, silu_mul):
 
     gemv = graph_us(lambda i: (lambda: quant_gemv.gemv_launch(
         x, *weights[i % len(weights)], ids[i] if experts else None, rows_per_id, silu_mul)), copies)
+    in_l2 = graph_us(lambda i: (lambda: quant_gemv.gemv_launch(
+        x, *weights[0], ids[0] if experts else None, rows_per_id, silu_mul)), 1)
     block_n, block_k, warps, stages = quant_gemv.gemv_tiles(True, True, experts, silu_mul, N, K, pairs, K // G)
     block_w = max(block_k, K // G) // 8
 
@@ -131,7 +136,8 @@ def floor_of(name, weights, x, ids, rows_per_id, silu_mul):
     streams = sorted((graph_us(stream(*c), copies), c) for c in
                      [(p, b, w) for p in (132, 264, 528, 1056) for b in (1024, 2048) for w in (4, 8)])
     best, config = streams[0]
-    print(f"{name}: {moved / 1e6:.1f} MB | gemv {gemv:.2f} us ({moved / gemv / 1e3:.0f} GB/s) | same grid {same:.2f} us "
+    print(f"{name}: {moved / 1e6:.1f} MB | gemv {gemv:.2f} us ({moved / gemv / 1e3:.0f} GB/s) | in L2 {in_l2:.2f} us "
+          f"(gemv / in L2 {gemv / in_l2:.2f}) | same grid {same:.2f} us "
           f"| stream {best:.2f} us ({moved / best / 1e3:.0f} GB/s; {config[0]} programs, {config[1]}-word chunks, "
           f"{config[2]} warps) | gemv / stream {gemv / best:.2f}", flush=True)
 
