@@ -91,7 +91,7 @@ class DeepseekVLV2ForCausalLM(GenerationMixin, nn.Module):
         checkpoint already in `save_directory` are replaced (other files are left alone)."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        self.config.torch_dtype = str(self.dtype).replace("torch.", "")
+        setattr(self.config, loading.dtype_field(self.config), str(self.dtype).replace("torch.", ""))
         self.config.save_pretrained(str(save_directory))
         save_weights(self, save_directory, max_shard_bytes=max_shard_size)
 

@@ -27,10 +27,19 @@ IGNORED_KWARGS = (
 )
 
 
+def dtype_field(config) -> str:
+    """The config attribute that holds the checkpoint's dtype: `dtype` in transformers 5, where
+    `torch_dtype` (the key of the official config.json) is read into `dtype` and the attribute is a
+    deprecated alias that logs a warning when used; `torch_dtype` before."""
+    return "dtype" if isinstance(getattr(type(config), "torch_dtype", None), property) else "torch_dtype"
+
+
 def resolve_dtype(requested, config) -> torch.dtype:
-    """None or "auto" -> the checkpoint's dtype (config `torch_dtype`/`dtype`, else bfloat16)."""
+    """None or "auto" -> the checkpoint's dtype (the config's, else bfloat16)."""
     if requested is None or requested == "auto":
-        requested = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.bfloat16
+        # before transformers 5 a config.json written by 5 ("dtype") arrives as a plain attribute
+        names = ("dtype",) if dtype_field(config) == "dtype" else ("torch_dtype", "dtype")
+        requested = next((value for value in (getattr(config, n, None) for n in names) if value), torch.bfloat16)
     if isinstance(requested, str):
         name = requested.replace("torch.", "")
         requested = getattr(torch, name, None)

@@ -61,6 +61,23 @@ def test_save_pretrained_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reloaded.parameters()))
 
 
+def test_save_and_load_leave_the_deprecated_dtype_alias_alone(tmp_path, monkeypatch):
+    """transformers 5 logs a deprecation warning whenever a config's `torch_dtype` is read or set."""
+    from transformers import PretrainedConfig
+
+    if not isinstance(getattr(PretrainedConfig, "torch_dtype", None), property):
+        pytest.skip("transformers before 5: torch_dtype is the config's own attribute")
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS["tiny_mha"]), dtype=torch.float32)
+
+    def refuse(*_):
+        raise AssertionError("the deprecated torch_dtype alias was used")
+
+    monkeypatch.setattr(PretrainedConfig, "torch_dtype", property(refuse, refuse))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+    assert DeepseekVLV2ForCausalLM.from_pretrained(str(tmp_path)).dtype == torch.float32  # "auto" reads it back
+
+
 @pytest.fixture
 def broken_copy(tmp_path):
     """A writable copy of the single-file tiny checkpoint and its tensors."""
