@@ -6,12 +6,17 @@ Gemv timings are per call inside a CUDA graph, weights from HBM (kernel_timing.p
 layer's are CUDA-event means over 10 calls. Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
-        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill|decode-rows]
+        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill|decode-rows|grouped-rows]
         [--prefill-tokens 512 2054]
 
 `--only decode-rows --rows 8 16 32 64`: a continuous-batching decode step's rows through each
 quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
 projections' dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
+
+`--only grouped-rows --rows 16 32 ... 2054`: the quantized grouped GEMM on both stacks for that many
+tokens (8 pairs each: 6 routed, the 2 shared), in 16-row programs that dot weight tile first and in
+the rows-first programs (128 rows int4, 64 int8), default tiles, beside torch's bf16 grouped GEMM;
+CUDA-event means (quant_grouped_gemm.FEW_ROWS is where the two cross).
 """
 import argparse
 import itertools
@@ -173,12 +178,13 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
             tiles = [None] + list(itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)))
             timed = []
             for tile in tiles:
-                block_m = quant_grouped_gemm.block_rows(scheme == "int4") if tile is None else tile[0]
+                block_m = quant_grouped_gemm.block_rows(scheme == "int4", rows.shape[0], E + 2) if tile is None \
+                    else tile[0]
                 blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
-                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, blocks)
+                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, blocks, block_m)
                 launch = (lambda args=args: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \
                     else (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(
-                        *args, tile[0], tile[1], None, tile[2], tile[3]))
+                        *args, tile[1], None, tile[2], tile[3]))
                 try:
                     timed.append((event_ms(launch), tile or "default"))
                 except Exception as error:  # noqa: BLE001  (a tile that does not fit the shared memory)
@@ -188,6 +194,42 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
             results.append(dict(name=f"{variant} grouped gemm gate_up {scheme}", default_ms=default, best=timed[:6]))
             print(f"{variant} grouped gemm gate_up {scheme}: default {default:.3f} ms | best "
                   + ", ".join(f"{t:.3f}@{c}" for t, c in timed[:4]) + " (block_m, block_n, warps, stages)", flush=True)
+
+
+def grouped_rows(results, variants, schemes, tokens_list):
+    """The quantized grouped GEMM, weight tile first (16-row programs) and rows first, by token count."""
+    from deepseek_vl2.quantization.weight import QuantizedWeight
+
+    for variant in variants:
+        E, I, h = EXPERTS[variant]
+        full = [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+                torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]
+        stacks = {}
+        for scheme in schemes:
+            stacks[scheme] = []
+            for weight in full:
+                qw = QuantizedWeight(tuple(weight.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
+                for e in range(weight.shape[0]):
+                    qw.write((e,), weight[e])
+                stacks[scheme].append(qw)
+        for tokens in tokens_list:
+            routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
+            ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1).flatten()
+            ends = torch.bincount(ids, minlength=E + 2).cumsum(0).to(torch.int32)
+            pairs = ids.numel()
+            for gemm, index in (("gate/up", 0), ("down", 1)):
+                rows = torch.randn(pairs, full[index].shape[-1], device="cuda", dtype=torch.bfloat16)
+                times = {"bf16": event_ms(lambda: torch._grouped_mm(rows, full[index].transpose(1, 2), offs=ends))}
+                for scheme in schemes:
+                    qw = stacks[scheme][index]
+                    for name, block_m in (("weights first", 16), ("rows first", 128 if scheme == "int4" else 64)):
+                        blocks = quant_grouped_gemm.expert_blocks(ends, pairs, block_m)
+                        times[f"{scheme} {name}"] = event_ms(lambda: quant_grouped_gemm.grouped_gemm_launch(
+                            rows, qw.qweight, qw.scale, qw.zero, blocks, block_m))
+                results.append(dict(name=f"{variant} grouped {gemm}, {tokens} tokens", pairs_per_expert=pairs / (E + 2),
+                                    ms=times))
+                print(f"{variant} grouped {gemm}, {tokens} tokens ({pairs / (E + 2):.1f} pairs an expert): "
+                      + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
 
 
 def within(context, run):
@@ -261,7 +303,8 @@ def event_ms(run, warmup=2, repeats=10) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill", "decode-rows"])
+    parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill", "decode-rows",
+                                           "grouped-rows"])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
@@ -283,6 +326,8 @@ def main():
             prefill_moe(results, args.variants, args.schemes, args.prefill_tokens)
         if args.only == "decode-rows":
             decode_rows(results, args.variants, args.schemes, args.rows)
+        if args.only == "grouped-rows":
+            grouped_rows(results, args.variants, args.schemes, args.rows)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   seconds=time.time() - started, command=" ".join(sys.argv))
     Path(args.out).write_text(json.dumps(dict(header, results=results), indent=2))

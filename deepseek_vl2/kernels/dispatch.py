@@ -48,11 +48,12 @@ MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 # Token rows up to which quantized weights are read by quant_gemv, by bits. The gemv reads a weight
 # once per row (per (row, expert) pair for the experts), so its time grows with the rows, while the
 # other paths read each weight once but cost more at one row. Measured on an H200 at small's shapes
-# (benchmarks/quant_gemv_configs.py --only decode-rows, benchmarks/RESULTS.md 2026-11-30; rows come
-# padded to 1, 2, 4, 8, 16, ...): the expert gemv pair beats the grouped GEMM up to 16 rows in int4
-# and 8 in int8; the dense projections' gemv beats their dequantized weight and cuBLAS up to 2 rows
-# in int4 and 4 in int8.
-QUANT_EXPERT_GEMV_ROWS = {4: 16, 8: 8}
+# (benchmarks/quant_gemv_configs.py --only decode-rows, benchmarks/RESULTS.md 2026-11-30 and
+# 2026-12-02; rows come padded to 1, 2, 4, 8, 16, ...): the expert gemv pair beats the grouped GEMM
+# up to 8 rows in int4 and int8 (at 16 rows the grouped GEMM, weight tile first, takes 232 us a layer
+# against the int4 gemv's 310); the dense projections' gemv beats their dequantized weight and cuBLAS
+# up to 2 rows in int4 and 4 in int8.
+QUANT_EXPERT_GEMV_ROWS = {4: 8, 8: 8}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # Token rows per expert (the prompt's (token, expert) pairs over the experts in the stack) from which
 # an eager prefill dequantizes a quantized expert stack whole into a bfloat16 scratch (one kernel,
@@ -172,9 +173,11 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     ends = counts.cumsum(0, dtype=torch.int32)
     if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down) \
             and not _dequantize_whole(gate_up, len(flat_ids), x):
-        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], quant_grouped_gemm.block_rows(gate_up.bits == 4))
-        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks))
-        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks)
+        block_m = quant_grouped_gemm.block_rows(gate_up.bits == 4, len(flat_ids), num_experts)
+        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
+        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks,
+                                                       block_m))
+        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks, block_m)
     elif grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it
         act = silu_mul(torch._grouped_mm(rows, dense_weight(gate_up, x.dtype).transpose(1, 2), offs=ends))
         out_sorted = torch._grouped_mm(act, dense_weight(down, x.dtype).transpose(1, 2), offs=ends)

@@ -2,8 +2,9 @@
 expert (as dispatch.experts sorts them) times each one's expert weight, dequantized tile by tile in
 registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is never written.
 
-    blocks = expert_blocks(ends [E], M, block_rows(int4))   once per layer: both GEMMs share them
-    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks) -> [M, N]
+    block_m = block_rows(int4, M, E)
+    blocks = expert_blocks(ends [E], M, block_m)   once per layer: both GEMMs share them
+    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks, block_m) -> [M, N]
 
 Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. The
 blocks are laid out on the device from the per-expert row counts (`expert_blocks`): at most
@@ -11,6 +12,9 @@ cdiv(M, BLOCK_M) + E of them, a fixed grid whose surplus programs exit at once, 
 back to the host and the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
 group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
 values (exact in bf16) and apply the per-column scale to the accumulator at the end.
+Where the experts average few rows (a decode batch) a program takes 16 rows and the dot runs the
+other way round, weight tile first (out^T = W rows^T): on Hopper the dequantized tile then feeds
+the tensor cores from registers, and the few rows are the dot's narrow side, not a 64-row minimum.
 When it runs is decided in dispatch.py.
 """
 from typing import Optional
@@ -20,6 +24,11 @@ import torch
 from .custom_ops import kernel_op, launch_options, tl, triton
 
 MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
+# (token, expert) pairs an expert, on average, below which programs take 16 rows, weight tile first.
+# Measured on an H200 at small's and base's stacks (benchmarks/quant_gemv_configs.py --only
+# grouped-rows, benchmarks/RESULTS.md 2026-12-02): 32 tokens (about 4 pairs an expert) 1.3x (int8)
+# and 2.1-2.2x (int4) faster than 64 / 128-row blocks; 2054 tokens (about 250) 1.15-1.3x slower.
+FEW_ROWS = 16
 
 
 if triton is not None:
@@ -28,8 +37,8 @@ if triton is not None:
     @triton.jit
     def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, N, K, stride_a,
                              stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             PDL: tl.constexpr):
+                             WEIGHTS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -44,7 +53,10 @@ if triton is not None:
             m_mask = rows < row_end
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = cols < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if WEIGHTS_FIRST:
+                acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_mask = ks < K
@@ -62,22 +74,39 @@ if triton is not None:
                 else:
                     w = tl.load(q_base + cols[:, None] * stride_qn + ks[None, :],
                                 mask=n_mask[:, None] & k_mask[None, :], other=0).to(a.dtype)
-                acc += tl.dot(a, tl.trans(w))
+                if WEIGHTS_FIRST:
+                    acc_t += tl.dot(w, tl.trans(a))
+                else:
+                    acc += tl.dot(a, tl.trans(w))
+            if WEIGHTS_FIRST:
+                acc = tl.trans(acc_t)
             if not INT4:
                 acc *= tl.load(s_base + cols * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    def gemm_tiles(int4: bool, group: int):
-        """(BLOCK_N, BLOCK_K, warps, stages), with block_rows(int4) rows: the best of 36 tiles on an
-        H200 for the gate/up stacks of small and base in a 2054-token prefill
-        (benchmarks/quant_gemv_configs.py --only prefill): int4 128 x 128 in 2 stages, 19-27% faster
-        than the 64 x 128 first guess; int8 64 x 256 in 4 stages, 3-9% faster."""
-        return (128, group, 4, 2) if int4 else (256, 64, 4, 4)
-
-    def block_rows(int4: bool) -> int:
-        """Rows of one expert per program (BLOCK_M; expert_blocks lays the programs out by it)."""
+    def block_rows(int4: bool, pairs: int, experts: int) -> int:
+        """Rows of one expert per program (BLOCK_M; expert_blocks lays the programs out by it) for
+        `pairs` (token, expert) pairs over `experts`: 16 where they average under FEW_ROWS an expert,
+        else 128 (int4) or 64 (int8)."""
+        if pairs < FEW_ROWS * experts:
+            return 16
         return 128 if int4 else 64
+
+    def weights_first(block_m: int) -> bool:
+        """Whether programs of `block_m` rows dot weight tile first (the rows the narrow side)."""
+        return block_m < 64
+
+    def gemm_tiles(int4: bool, group: int, block_m: int):
+        """(BLOCK_N, BLOCK_K, warps, stages) for programs of `block_m` rows. Rows first (64 or 128
+        rows): the best of 36 tiles on an H200 for the gate/up stacks of small and base in a
+        2054-token prefill (benchmarks/quant_gemv_configs.py --only prefill): int4 128 x 128 in 2
+        stages, 19-27% faster than the 64 x 128 first guess; int8 64 x 256 in 4 stages, 3-9% faster.
+        Weight tile first (16 rows): 64 outputs x 128 columns, 4 warps, 3 stages, the best of 48 at
+        32 tokens for both GEMMs of small and base, int4 and int8."""
+        if weights_first(block_m):
+            return 64, (group if int4 else 128), 4, 3
+        return (128, group, 4, 2) if int4 else (256, 64, 4, 4)
 
     def expert_blocks(ends: torch.Tensor, rows: int, block_m: int):
         """Per program: its expert, first row and end row (first == end: nothing to do), for `ends`
@@ -92,17 +121,16 @@ if triton is not None:
         row_end = torch.where(program < block_ends[-1], ends[expert], row0)
         return expert.to(torch.int32), row0.to(torch.int32), row_end.to(torch.int32)
 
-    def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m=None, block_n=None, block_k=None,
+    def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
-        """`blocks`: expert_blocks(ends, M, block_m), block_m by default block_rows(int4)."""
+        """`blocks`: expert_blocks(ends, M, block_m); the other tiles by default gemm_tiles'."""
         int4 = zero is not None
-        block_m = block_m or block_rows(int4)
         M, K = rows.shape
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
         block_n, block_k, num_warps, num_stages = (
             default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), gemm_tiles(int4, group)))
+            for given, default in zip((block_n, block_k, num_warps, num_stages), gemm_tiles(int4, group, block_m)))
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)
@@ -112,15 +140,15 @@ if triton is not None:
             _grouped_gemm_kernel[grid](
                 rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
                 qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), INT4=int4,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-                **launch_options(out))
+                WEIGHTS_FIRST=weights_first(block_m), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=num_warps, num_stages=num_stages, **launch_options(out))
         return out
 
-    def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end):
+    def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):
         return rows.new_empty(rows.shape[0], qweight.shape[-2])
 
     @kernel_op("quant_grouped_gemm", _grouped_gemm_fake)
     def grouped_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                     expert: torch.Tensor, row0: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
-        """rows [M, K] sorted by expert, the blocks of `expert_blocks` -> [M, N]."""
-        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, (expert, row0, row_end))
+                     expert: torch.Tensor, row0: torch.Tensor, row_end: torch.Tensor, block_m: int) -> torch.Tensor:
+        """rows [M, K] sorted by expert, the blocks of `expert_blocks` laid out by `block_m` -> [M, N]."""
+        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, (expert, row0, row_end), block_m)

@@ -144,12 +144,17 @@ def check_quant_grouped_gemm(device, dtype, tol):
         dense = rtn.dequantize(q, s, z, dtype).float()
         want = torch.cat([rows[start:end].float() @ dense[e].T
                           for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
-        blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), quant_grouped_gemm.block_rows(bits == 4))
-        close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks), want, tol, f"int{bits} grouped gemm")
+        for block_m in (16, 64):  # weight tile first (few rows an expert), rows first
+            blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), block_m)
+            close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks, block_m), want, tol,
+                  f"int{bits} grouped gemm, {block_m}-row blocks")
         small = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), 16)
         assert small[0].tolist()[:6] == [0, 2, 2, 3, 4, 4] and small[1].tolist()[:6] == [0, 3, 19, 24, 25, 41]
         got = quant_grouped_gemm.grouped_gemm_launch(rows, q, s, z, small, 16, 16, 32, 2, 1)
-        close(got, want, tol, f"int{bits} grouped gemm, 16-row blocks")
+        close(got, want, tol, f"int{bits} grouped gemm, 16 x 16 tiles")
+    # 37 pairs over 5 experts is a decode batch's few rows an expert; 80 is not
+    assert quant_grouped_gemm.block_rows(True, 37, 5) == quant_grouped_gemm.block_rows(False, 79, 5) == 16
+    assert (quant_grouped_gemm.block_rows(True, 80, 5), quant_grouped_gemm.block_rows(False, 80, 5)) == (128, 64)
 
 
 def check_route(device, dtype, tol):
