@@ -135,6 +135,29 @@ def stored_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def comparison_parser(doc: str, quantization: list, schemes: list, new_tokens: int) -> argparse.ArgumentParser:
+    """The arguments of the scripts that measure settings against each other on bench.py's models:
+    --variants, --quantization (`schemes` to choose from), --rounds, --new-tokens, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["small"], choices=["tiny", "small", "base"])
+    parser.add_argument("--quantization", nargs="+", default=quantization, choices=schemes)
+    parser.add_argument("--rounds", type=int, default=2, help="measurements per setting, the settings alternating")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--json", help="write the results here")
+    return parser
+
+
+def device_header(script: str) -> dict:
+    """A benchmark run's GPU, torch version, date and command (printed as its first line); exits
+    with a message where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(sys.argv))
+    print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}", flush=True)
+    return header
+
+
 def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
     """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 2 tokens) is the time
     of new_tokens - 2 decode steps, host loop included. Also returns the two times (ms).

@@ -17,16 +17,23 @@ Each rebuild compiles afresh, and torch.compile picks some of its reduction kern
 them, which can change the order of float32 sums; with near-flat random-weight logits that can flip
 a near-tie. TORCHINDUCTOR_DETERMINISTIC=1 in the environment makes inductor choose without timing.
 """
-import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench import build_model, decode_rate, make_prompt, offline_processor, prefill_logits, timed
+from bench import (
+    build_model,
+    comparison_parser,
+    decode_rate,
+    device_header,
+    make_prompt,
+    offline_processor,
+    prefill_logits,
+    timed,
+)
 from deepseek_vl2.generation.cuda_graphs import release_decoders
 from deepseek_vl2.kernels import custom_ops
 
@@ -95,20 +102,11 @@ def run_scheme(variant, scheme, processor, rounds, new_tokens, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["small"], choices=["tiny", "small", "base"])
-    parser.add_argument("--quantization", nargs="+", default=["none", "int4"], choices=["none", "int8", "int4"])
-    parser.add_argument("--rounds", type=int, default=2, help="measurements per mode, off and on alternating")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser = comparison_parser(__doc__, ["none", "int4"], ["none", "int8", "int4"], new_tokens=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("dependent_launch.py needs a CUDA GPU")
+    header = device_header("dependent_launch.py")
     processor = offline_processor()
-    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  command=" ".join(sys.argv))
-    print(f"# {header['gpu']}, torch {header['torch']}, {header['date']}", flush=True)
     results = []
     for variant in args.variants:
         for scheme in args.quantization:

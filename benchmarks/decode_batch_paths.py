@@ -1,0 +1,72 @@
+"""Batch decode of a quantized model with the experts' decode-batch paths as they are and as they were,
+alternating in one process, beside the bf16 model.
+
+    python benchmarks/decode_batch_paths.py --variants small --quantization int4 --batches 16 32 --rounds 2
+
+"now": the dispatch as it is: the expert gemv up to dispatch.QUANT_EXPERT_GEMV_ROWS rows, then the
+grouped GEMM in 16-row programs, weight tile first, while the (token, expert) pairs average under
+quant_grouped_gemm.FEW_ROWS an expert. "rows first": the grouped GEMM always in its prompt-sized
+programs (128 rows int4, 64 int8) and the int4 gemv up to 16 rows, as before 2026-12-02. Figures
+are bench.py's aggregate decode tok/s (generate(n) - generate(2), host loop included, each row
+its own noise); the decoders are dropped and built again (compiled, captured) for each setting.
+"""
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from bench import build_model, comparison_parser, decode_rate, device_header, make_prompt, offline_processor
+from deepseek_vl2.generation.cuda_graphs import release_decoders
+from deepseek_vl2.kernels import dispatch, quant_grouped_gemm
+
+SETTINGS = {"now": (quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4]), "rows first": (0, 16)}
+
+
+def measured(model, batch, embeds, batches, new_tokens, rounds, settings):
+    """{setting: {batch: [tok/s per round]}}, settings alternating within each round."""
+    rates = {name: {b: [] for b in batches} for name in settings}
+    for _ in range(rounds):
+        for b in batches:
+            for name, (few_rows, int4_gemv_rows) in settings.items():
+                quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4] = few_rows, int4_gemv_rows
+                release_decoders(model.language)
+                rate, _ = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats=2)
+                rates[name][b].append(rate)
+                print(f"  {name}, batch {b}: {rate:.0f} tok/s", flush=True)
+    quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4] = SETTINGS["now"]
+    release_decoders(model.language)
+    return rates
+
+
+def main():
+    parser = comparison_parser(__doc__, ["int4"], ["int8", "int4"], new_tokens=64)
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 32])
+    args = parser.parse_args()
+    header = device_header("decode_batch_paths.py")
+    processor = offline_processor()
+    conversation, images = make_prompt(processor)
+    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
+    results, rows = [], []
+    for variant in args.variants:
+        for scheme in ["none", *args.quantization]:
+            model = build_model(variant, quantization=scheme)
+            with torch.inference_mode():
+                embeds = model.prepare_inputs_embeds(**batch)
+                settings = {"bf16": SETTINGS["now"]} if scheme == "none" else SETTINGS
+                rates = measured(model, batch, embeds, args.batches, args.new_tokens, args.rounds, settings)
+            del model, embeds
+            torch.cuda.empty_cache()
+            results.append(dict(variant=variant, quantization=scheme, tok_s=rates))
+            for name, by_batch in rates.items():
+                rows.append(f"| {variant} | {name if scheme == 'none' else f'{scheme}, {name}'} | "
+                            + " | ".join(f"{statistics.median(by_batch[b]):.0f}" for b in args.batches) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
+    print("| variant | weights, path | " + " | ".join(f"batch {b} tok/s" for b in args.batches) + " |")
+    print("|---|---|" + "---|" * len(args.batches))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
