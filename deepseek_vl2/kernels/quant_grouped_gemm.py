@@ -27,8 +27,8 @@ MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 1
 # (token, expert) pairs an expert, on average, below which programs take 16 rows, weight tile first.
 # Measured on an H200 at small's and base's stacks (benchmarks/quant_gemv_configs.py --only
 # grouped-rows, benchmarks/RESULTS.md 2026-12-02): up to 128 tokens (about 14-16 pairs an expert)
-# 1.1-1.5x (int8) and 1.8-2.3x (int4) faster than the 64 / 128-row programs; at 256 tokens (28-31)
-# int4 4-10% faster but int8 1.4-1.6x slower; from 512 tokens slower for both.
+# 1.1-1.5x (int8) and 1.7-2.3x (int4) faster than the 64 / 128-row programs; at 256 tokens (28-31)
+# int4 4-11% faster but int8 1.4-1.6x slower; from 512 tokens slower for both.
 FEW_ROWS = 16
 
 
