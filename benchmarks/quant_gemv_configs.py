@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepseek_vl2.kernels import gemv as bf16_gemv, quant_gemv, quant_grouped_gemm  # noqa: E402
 from deepseek_vl2.quantization import rtn  # noqa: E402
 from deepseek_vl2.quantization.config import QuantizationConfig  # noqa: E402
+from deepseek_vl2.quantization.weight import QuantizedWeight  # noqa: E402
 from kernel_timing import copies_for, graph_us  # noqa: E402
 
 EXPERTS = {"tiny": (64, 896, 1280), "small": (64, 1408, 2048), "base": (72, 1536, 2560)}  # (E, I, h)
@@ -63,6 +64,33 @@ def quantized(shape, scheme):
 
 def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def quantized_weight(full, scheme):
+    """A QuantizedWeight holding `full` (2-D, or a 3-D stack quantized expert by expert)."""
+    weight = QuantizedWeight(tuple(full.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
+    if full.dim() == 2:
+        weight.write((), full)
+    for index in range(full.shape[0]) if full.dim() == 3 else []:
+        weight.write((index,), full[index])
+    return weight
+
+
+def expert_stacks(variant, schemes):
+    """{"bf16": [gate_up, down], scheme: the two quantized}: random stacks of the variant's routed
+    experts and its two shared ones."""
+    E, I, h = EXPERTS[variant]
+    stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+                       torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
+    for scheme in schemes:
+        stacks[scheme] = [quantized_weight(full, scheme) for full in stacks["bf16"]]
+    return stacks
+
+
+def token_pairs(E, tokens):
+    """[tokens, 8] expert ids: 6 distinct random routed experts of E a token, then the shared E and E + 1."""
+    routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
+    return torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1)
 
 
 def sweep(make_run, copies, valid):
@@ -141,24 +169,13 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
     stack at a time into a bf16 scratch for the bf16 grouped GEMMs (dispatch's other path, forced
     here at every length); then the grouped GEMM's tiles on the gate/up stack at the last length."""
     from deepseek_vl2.kernels import dispatch
-    from deepseek_vl2.quantization.weight import QuantizedWeight
 
     for variant in variants:
         E, I, h = EXPERTS[variant]
-        stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
-                           torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
-        for scheme in schemes:
-            quantized_stacks = []
-            for full in stacks["bf16"]:
-                qw = QuantizedWeight(tuple(full.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
-                for e in range(full.shape[0]):
-                    qw.write((e,), full[e])
-                quantized_stacks.append(qw)
-            stacks[scheme] = quantized_stacks
+        stacks = expert_stacks(variant, schemes)
         for tokens in tokens_list:
             x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
-            routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
-            ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1)
+            ids = token_pairs(E, tokens)
             weights = torch.rand(tokens, 8, device="cuda")
             paths = {"bf16": lambda: dispatch.experts(x, *stacks["bf16"], ids, weights)}
             for scheme in schemes:
@@ -198,23 +215,12 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
 
 def grouped_rows(results, variants, schemes, tokens_list):
     """The quantized grouped GEMM, weight tile first (16-row programs) and rows first, by token count."""
-    from deepseek_vl2.quantization.weight import QuantizedWeight
-
     for variant in variants:
-        E, I, h = EXPERTS[variant]
-        full = [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
-                torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]
-        stacks = {}
-        for scheme in schemes:
-            stacks[scheme] = []
-            for weight in full:
-                qw = QuantizedWeight(tuple(weight.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
-                for e in range(weight.shape[0]):
-                    qw.write((e,), weight[e])
-                stacks[scheme].append(qw)
+        E = EXPERTS[variant][0]
+        stacks = expert_stacks(variant, schemes)
+        full = stacks["bf16"]
         for tokens in tokens_list:
-            routed = torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(tokens)])
-            ids = torch.cat([routed, torch.tensor([E, E + 1], device="cuda").expand(tokens, 2)], dim=1).flatten()
+            ids = token_pairs(E, tokens).flatten()
             ends = torch.bincount(ids, minlength=E + 2).cumsum(0).to(torch.int32)
             pairs = ids.numel()
             for gemm, index in (("gate/up", 0), ("down", 1)):
@@ -243,26 +249,13 @@ def decode_rows(results, variants, schemes, rows_list):
     """One decode step's experts and projections at `rows` token rows: quantized through the gemv and
     through the other path (grouped GEMM / dequantized weight + cuBLAS), and bf16, per call in a graph."""
     from deepseek_vl2.kernels import dispatch
-    from deepseek_vl2.quantization.weight import QuantizedWeight
-
-    def quantized_weight(full, scheme):
-        weight = QuantizedWeight(tuple(full.shape), QuantizationConfig(scheme), torch.bfloat16, "cuda")
-        if full.dim() == 2:
-            weight.write((), full)
-        for index in range(full.shape[0]) if full.dim() == 3 else []:
-            weight.write((index,), full[index])
-        return weight
 
     for variant, rows in itertools.product(variants, rows_list):
         E, I, h = EXPERTS[variant]
-        stacks = {"bf16": [torch.randn(E + 2, 2 * I, h, device="cuda", dtype=torch.bfloat16) * 0.02,
-                           torch.randn(E + 2, h, I, device="cuda", dtype=torch.bfloat16) * 0.02]}
-        for scheme in schemes:
-            stacks[scheme] = [quantized_weight(full, scheme) for full in stacks["bf16"]]
+        stacks = expert_stacks(variant, schemes)
         x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
         routings = 8  # one per call of a cycle: the experts a call reads are mostly not in L2 yet
-        ids = [torch.cat([torch.stack([torch.randperm(E, device="cuda")[:6] for _ in range(rows)]),
-                          torch.tensor([E, E + 1], device="cuda").expand(rows, 2)], dim=1) for _ in range(routings)]
+        ids = [token_pairs(E, rows) for _ in range(routings)]
         weights = torch.rand(rows, 8, device="cuda")
         times = {"bf16": graph_us(lambda i: lambda: dispatch.experts(x, *stacks["bf16"], ids[i], weights), routings)}
         for scheme in schemes:
