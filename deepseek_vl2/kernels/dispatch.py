@@ -59,12 +59,14 @@ QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # an eager prefill dequantizes a quantized expert stack whole into a bfloat16 scratch (one kernel,
 # freed after its GEMM) for torch's grouped GEMM, instead of the grouped GEMM that dequantizes tile
 # by tile; None: never. The scratch costs a fixed time a layer, the tiles a time per row. Measured on
-# an H200, one MoE layer (benchmarks/quant_gemv_configs.py --only prefill --prefill-tokens ...,
-# benchmarks/RESULTS.md, 2026-12-02): int4 whole loses at up to 124 rows an expert (small,
-# base), is 4% behind at 166 (base) and 13% ahead at 186 (small), ahead from 220 on both (2054
-# tokens: 1.6 against 1.9 ms, base); int8 whole is ahead only at 440-500 rows (4096 tokens). Never
+# an H200 (benchmarks/RESULTS.md, 2026-12-02): one MoE layer (benchmarks/quant_gemv_configs.py --only
+# prefill --prefill-tokens ...): int4 whole loses at up to 124 rows an expert (small, base), is 4%
+# behind at 166 (base) and 13% ahead at 186 (small), ahead from 220 on both; int8 whole there only
+# ahead from 440 rows. The model's 2054-token prefill, both paths alternating in one process
+# (benchmarks/stack_dequantize.py): int4 whole 7-19% faster on all three models, int8 whole 11-21%
+# faster (tiny 29.0 -> 22.8 ms, small 74.5 -> 61.8, base 92.3 -> 82.0), so one limit for both. Never
 # while a CUDA graph is captured: the graph would hold the scratch (base: 1.1 GiB) for good.
-QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: None}
+QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: 192}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .custom_ops import kernel_op, launch_options, tl, triton
+from .quant_gemv import MAGIC
 
 MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
 # (token, expert) pairs an expert, on average, below which programs take 16 rows, weight tile first.
@@ -36,10 +37,30 @@ if triton is not None:
     from .custom_ops import await_earlier_kernels
 
     @triton.jit
+    def _stored_tile(q_base, cols, n_mask, k0, K, stride_qn, INT4: tl.constexpr, EVEN: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """The weight tile's stored values from column k0: int4 [BLOCK_N, BLOCK_K / 2] packed bytes as
+        int32, int8 [BLOCK_N, BLOCK_K] values."""
+        if INT4:
+            stored_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            stored_k = K // 2
+        else:
+            stored_cols = k0 + tl.arange(0, BLOCK_K)
+            stored_k = K
+        ptrs = q_base + cols[:, None] * stride_qn + stored_cols[None, :]
+        if EVEN:
+            stored = tl.load(ptrs)
+        else:
+            stored = tl.load(ptrs, mask=n_mask[:, None] & (stored_cols < stored_k)[None, :], other=0)
+        if INT4:
+            stored = stored.to(tl.int32)
+        return stored
+
+    @triton.jit
     def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, N, K, stride_a,
-                             stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
-                             WEIGHTS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                             stride_qe, stride_qn, stride_se, stride_sn, stride_out, magic, INT4: tl.constexpr,
+                             WEIGHTS_FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -59,22 +80,28 @@ if triton is not None:
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
+                stored = _stored_tile(q_base, cols, n_mask, k0, K, stride_qn, INT4, EVEN, BLOCK_K)
                 ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < K
                 a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + ks[None, :],
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                            mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
                 if INT4:  # one group: a scale and zero point per output column
-                    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                    packed = tl.load(q_base + cols[:, None] * stride_qn + byte_cols[None, :],
-                                     mask=n_mask[:, None] & (byte_cols < K // 2)[None, :], other=0).to(tl.int32)
-                    values = tl.interleave(packed & 15, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
                     group = k0 // BLOCK_K
-                    scale = tl.load(s_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-                    zero = tl.load(z_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                    if EVEN:
+                        scale = tl.load(s_base + cols * stride_sn + group).to(tl.float32)
+                        zero = tl.load(z_base + cols * stride_sn + group).to(tl.float32)
+                    else:
+                        scale = tl.load(s_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                        zero = tl.load(z_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                    if WEIGHTS_FIRST:
+                        low = (stored & 15).to(tl.float32)
+                        high = (stored >> 4).to(tl.float32)
+                    else:  # each nibble ORed into the mantissa of 2^23 (a LOP3), then 2^23 taken off: exact
+                        low = ((stored & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                        high = (((stored >> 4) & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                    values = tl.interleave(low, high)  # [BLOCK_N, BLOCK_K]
                     w = (values * scale[:, None] + zero[:, None]).to(a.dtype)
                 else:
-                    w = tl.load(q_base + cols[:, None] * stride_qn + ks[None, :],
-                                mask=n_mask[:, None] & k_mask[None, :], other=0).to(a.dtype)
+                    w = stored.to(a.dtype)
                 if WEIGHTS_FIRST:
                     acc_t += tl.dot(w, tl.trans(a))
                 else:
@@ -140,9 +167,9 @@ if triton is not None:
             grid = (expert.shape[0], triton.cdiv(N, block_n))
             _grouped_gemm_kernel[grid](
                 rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
-                qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), INT4=int4,
-                WEIGHTS_FIRST=weights_first(block_m), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=num_warps, num_stages=num_stages, **launch_options(out))
+                qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), MAGIC, INT4=int4,
+                WEIGHTS_FIRST=weights_first(block_m), EVEN=N % block_n == 0 and K % block_k == 0, BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_options(out))
         return out
 
     def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):

@@ -132,26 +132,28 @@ def check_dequantize(device, dtype, tol):
 
 def check_quant_grouped_gemm(device, dtype, tol):
     """Rows sorted by expert (one expert without rows, one with more rows than a block) times their
-    int8 / int4 experts against per-expert products with the PyTorch-dequantized weights."""
+    int8 / int4 experts against per-expert products with the PyTorch-dequantized weights; a shape the
+    tiles do not divide (masked loads) and one they do (unmasked)."""
     g = torch.Generator().manual_seed(9)
-    E, N, K = 5, 40, 96
+    E = 5
     counts = torch.tensor([3, 0, 21, 1, 12])
     ends = counts.cumsum(0).to(torch.int32)
-    rows = torch.randn(int(counts.sum()), K, generator=g).to(device, dtype)
-    for bits, group in ((8, K), (4, 32)):
-        q, s, z = (t.to(device) if t is not None else None
-                   for t in rtn.quantize(torch.randn(E, N, K, generator=g) * 0.1, bits, group, dtype))
-        dense = rtn.dequantize(q, s, z, dtype).float()
-        want = torch.cat([rows[start:end].float() @ dense[e].T
-                          for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
-        for block_m in (16, 64):  # weight tile first (few rows an expert), rows first
-            blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), block_m)
-            close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks, block_m), want, tol,
-                  f"int{bits} grouped gemm, {block_m}-row blocks")
-        small = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), 16)
-        assert small[0].tolist()[:6] == [0, 2, 2, 3, 4, 4] and small[1].tolist()[:6] == [0, 3, 19, 24, 25, 41]
-        got = quant_grouped_gemm.grouped_gemm_launch(rows, q, s, z, small, 16, 16, 32, 2, 1)
-        close(got, want, tol, f"int{bits} grouped gemm, 16 x 16 tiles")
+    for N, K in ((40, 96), (128, 256)):
+        rows = torch.randn(int(counts.sum()), K, generator=g).to(device, dtype)
+        for bits, group in ((8, K), (4, 32)):
+            q, s, z = (t.to(device) if t is not None else None
+                       for t in rtn.quantize(torch.randn(E, N, K, generator=g) * 0.1, bits, group, dtype))
+            dense = rtn.dequantize(q, s, z, dtype).float()
+            want = torch.cat([rows[start:end].float() @ dense[e].T
+                              for e, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist()))])
+            for block_m in (16, 64):  # weight tile first (few rows an expert), rows first
+                blocks = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), block_m)
+                close(quant_grouped_gemm.grouped_gemm(rows, q, s, z, *blocks, block_m), want, tol,
+                      f"int{bits} grouped gemm, {block_m}-row blocks, N={N} K={K}")
+            small = quant_grouped_gemm.expert_blocks(ends.to(device), len(rows), 16)
+            assert small[0].tolist()[:6] == [0, 2, 2, 3, 4, 4] and small[1].tolist()[:6] == [0, 3, 19, 24, 25, 41]
+            got = quant_grouped_gemm.grouped_gemm_launch(rows, q, s, z, small, 16, 16, 32, 2, 1)
+            close(got, want, tol, f"int{bits} grouped gemm, 16 x 16 tiles, N={N} K={K}")
     # 37 pairs over 5 experts is a decode batch's few rows an expert; 80 is not
     assert quant_grouped_gemm.block_rows(True, 37, 5) == quant_grouped_gemm.block_rows(False, 79, 5) == 16
     assert (quant_grouped_gemm.block_rows(True, 80, 5), quant_grouped_gemm.block_rows(False, 80, 5)) == (128, 64)

@@ -38,7 +38,7 @@ def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
 
 def test_stack_dequantize_rows_sets_both_widths_and_puts_the_limits_back():
     saved = dict(dispatch.QUANT_STACK_DEQUANTIZE_ROWS)
-    assert saved[4] is not None and saved[8] is None  # int4 whole from a measured row count; int8 never
+    assert saved[4] is not None and saved[8] is not None  # both widths whole from a measured row count
     with pytest.raises(RuntimeError, match="inside"):
         with dispatch.stack_dequantize_rows(7):
             assert dispatch.QUANT_STACK_DEQUANTIZE_ROWS == {4: 7, 8: 7}
