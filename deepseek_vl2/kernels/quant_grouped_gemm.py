@@ -15,7 +15,11 @@ values (exact in bf16) and apply the per-column scale to the accumulator at the 
 Where the experts average few rows (a decode batch) a program takes 16 rows and the dot runs the
 other way round, weight tile first (out^T = W rows^T): on Hopper the dequantized tile then feeds
 the tensor cores from registers, and the few rows are the dot's narrow side, not a 64-row minimum.
-When it runs is decided in dispatch.py.
+Where the tiles divide the weight (every real stack) they load without masks. int4 tiles in the
+usual orientation (rows first) turn a nibble into its float by OR-ing it into 2^23's mantissa and
+subtracting 2^23 (quant_gemv.MAGIC), 3-7% faster there than the int-to-float conversion, which the
+weight-first tiles keep (the trick made them 7-13% slower; benchmarks/RESULTS.md, 2026-12-02).
+When each runs is decided in dispatch.py.
 """
 from typing import Optional
 
