@@ -253,6 +253,13 @@ def offline_processor() -> DeepseekVLV2Processor:
         return DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
 
 
+def cuda_prompt_batch():
+    """The bench prompt (make_prompt) through the offline processor, as a batch on the GPU."""
+    processor = offline_processor()
+    conversation, images = make_prompt(processor)
+    return processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
+
+
 def timed_cpu(fn):
     start = time.perf_counter()
     fn()

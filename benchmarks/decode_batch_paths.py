@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench import build_model, comparison_parser, decode_rate, device_header, make_prompt, offline_processor
+from bench import build_model, comparison_parser, cuda_prompt_batch, decode_rate, device_header
 from deepseek_vl2.generation.cuda_graphs import release_decoders
 from deepseek_vl2.kernels import dispatch, quant_grouped_gemm
 
@@ -44,9 +44,7 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 32])
     args = parser.parse_args()
     header = device_header("decode_batch_paths.py")
-    processor = offline_processor()
-    conversation, images = make_prompt(processor)
-    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
+    batch = cuda_prompt_batch()
     results, rows = [], []
     for variant in args.variants:
         for scheme in ["none", *args.quantization]:

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from bench import build_model, make_prompt, offline_processor, prefill_logits
+from bench import build_model, cuda_prompt_batch, device_header, prefill_logits
 
 REPEATS = 6
 
@@ -57,10 +57,8 @@ def measure(variant: str, scheme: str, batch):
 
 
 def main():
-    processor = offline_processor()
-    conversation, images = make_prompt(processor)
-    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    device_header("prefill_host.py")
+    batch = cuda_prompt_batch()
     for spec in sys.argv[1:]:
         variant, scheme = spec.split(":")
         syncs, rows = measure(variant, scheme, batch)

@@ -13,13 +13,11 @@ scale after the products, so a small one there).
 import argparse
 import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench import build_model, make_prompt, offline_processor, prefill_logits, timed
+from bench import build_model, cuda_prompt_batch, device_header, prefill_logits, timed
 from deepseek_vl2.kernels import dispatch
 
 PATHS = {"tiles": None, "whole": 0}  # dispatch.stack_dequantize_rows: never / always dequantized whole
@@ -46,10 +44,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    processor = offline_processor()
-    conversation, images = make_prompt(processor)
-    batch = processor(conversations=conversation, images=images, force_batchify=True).to("cuda")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    header = device_header("stack_dequantize.py")
+    batch = cuda_prompt_batch()
     results = []
     for variant in args.variants:
         models = {"bf16": build_model(variant)}
@@ -81,8 +77,7 @@ def main():
         del models
         torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(),
-                                                   torch=torch.__version__, results=results), indent=2))
+        Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2))
 
 
 if __name__ == "__main__":
