@@ -47,7 +47,7 @@ def measure(model, batch, embeds, new_tokens, repeats):
     release_decoders(lm)
     torch.cuda.empty_cache()
     positions = torch.arange(embeds.shape[1], device="cuda")[None]
-    prefill_ms = timed(lambda: prefill_logits(lm, embeds, batch.attention_mask, positions)) * 1e3
+    prefill_ms = timed(lambda: prefill_logits(lm, embeds, positions)) * 1e3
     greedy = lm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True, output_scores=True)
     rate, _ = decode_rate(model, embeds, batch.attention_mask, 1, new_tokens, repeats)

@@ -50,7 +50,7 @@ def measure(variant: str, scheme: str, batch):
     with torch.inference_mode():
         embeds = model.prepare_inputs_embeds(**batch)
         positions = torch.arange(embeds.shape[1], device="cuda")[None]
-        run = lambda: prefill_logits(model.language, embeds, batch.attention_mask, positions)  # noqa: E731
+        run = lambda: prefill_logits(model.language, embeds, positions)  # noqa: E731
         for _ in range(2):
             run()
         return synchronising_calls(run), [host_wall_gpu_ms(run) for _ in range(REPEATS)]

@@ -28,7 +28,7 @@ def prefill(model, batch):
     lm = model.language
     embeds = model.prepare_inputs_embeds(**batch)
     positions = torch.arange(embeds.shape[1], device="cuda")[None]
-    run = lambda: prefill_logits(lm, embeds, batch.attention_mask, positions)  # noqa: E731
+    run = lambda: prefill_logits(lm, embeds, positions)  # noqa: E731
     ms = timed(run) * 1e3
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

@@ -33,6 +33,26 @@ class GenerationMixin:
     def _decoder(self):
         return getattr(self, "language", self)
 
+    def _prompt_shape(self, input_ids, inputs_embeds):
+        """(batch, length, device) of the prompt, from the checked `inputs_embeds` if given (with
+        `input_ids`, if also given, checked against them), else from the shape of `input_ids` (their
+        values are checked when they are embedded) and the device of the embeddings. Nothing is
+        embedded yet: the prompt mask is read before the vision tower is queued (`prompt_mask`)."""
+        lm = self._decoder()
+        embedding = lm.get_input_embeddings()
+        if inputs_embeds is None:
+            if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2):
+                check_input_ids(input_ids, embedding.num_embeddings)  # raises, naming what is wrong
+            return input_ids.shape[0], input_ids.shape[1], embedding.weight.device
+        check_inputs_embeds(inputs_embeds, lm.config.hidden_size)
+        B, T, _ = inputs_embeds.shape
+        if input_ids is not None:
+            check_input_ids(input_ids, embedding.num_embeddings)
+            if tuple(input_ids.shape) != (B, T):
+                raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                                 f"disagree on batch size or length")
+        return B, T, inputs_embeds.device
+
     def _embed(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None):
         """Prompt embeddings (images merged); checks input_ids (and the image inputs)."""
         if hasattr(self, "prepare_inputs_embeds"):
@@ -53,19 +73,18 @@ class GenerationMixin:
         (docs/deviations.md#incremental_prefilling-positions-skip-left-padding)."""
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids (with images) or inputs_embeds")
-            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
         lm = self._decoder()
-        check_inputs_embeds(inputs_embeds, lm.config.hidden_size)
-        B, T, _ = inputs_embeds.shape
-        attention_mask = _mask_or_ones(attention_mask, B, T, inputs_embeds.device)
+        if inputs_embeds is None and input_ids is None:
+            raise ValueError("pass input_ids (with images) or inputs_embeds")
+        B, T, device = self._prompt_shape(input_ids if inputs_embeds is None else None, inputs_embeds)
+        attention_mask, padded = prompt_mask(attention_mask, B, T, device)
+        if inputs_embeds is None:
+            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
         positions = padding_aware_positions(attention_mask)
-        cache = KVCache(lm.config, B, T, lm.cache_devices(inputs_embeds.device), inputs_embeds.dtype)
+        cache = KVCache(lm.config, B, T, lm.cache_devices(device), inputs_embeds.dtype)
         for start in range(0, T - 1, chunk_size):
             end = min(start + chunk_size, T - 1)
-            lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=attention_mask[:, :end],
+            lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=attention_mask[:, :end] if padded else None,
                position_ids=positions[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
         return inputs_embeds, cache
 
@@ -93,25 +112,18 @@ class GenerationMixin:
 
         lm = self._decoder()
         vocab_size = lm.get_input_embeddings().num_embeddings
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("generate needs input_ids or inputs_embeds")
-            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
-        elif input_ids is not None:
-            check_input_ids(input_ids, vocab_size)
-        check_inputs_embeds(inputs_embeds, lm.config.hidden_size)
-        B, T, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        if input_ids is not None and tuple(input_ids.shape) != (B, T):
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
-                             f"disagree on batch size or length")
+        if inputs_embeds is None and input_ids is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
+        B, T, device = self._prompt_shape(input_ids, inputs_embeds)
         settings = options.sampling(T if input_ids is not None else 0, lm.config.eos_token_id, vocab_size)
         limit = lm.config.max_position_embeddings
         if T + settings.max_new_tokens > limit:
             raise ValueError(f"the prompt has {T} tokens and max_new_tokens={settings.max_new_tokens}, together more "
                              f"than the model's context of {limit}; ask for at most {max(limit - T, 0)} new tokens")
+        attention_mask, padded = prompt_mask(attention_mask, B, T, device)
+        if inputs_embeds is None:
+            inputs_embeds = self._embed(input_ids, images, images_seq_mask, images_spatial_crop)
 
-        attention_mask = _mask_or_ones(attention_mask, B, T, device)
         full_mask = torch.cat((attention_mask, attention_mask.new_ones(B, settings.max_new_tokens)), dim=1)
         positions = padding_aware_positions(attention_mask)
         given = None
@@ -130,7 +142,7 @@ class GenerationMixin:
         chunk = max(PREFILL_CHUNK_TOKENS // B, 1)  # bounds prefill activations for big batches
         for start in range(past, T, chunk):
             end = min(start + chunk, T)
-            logits = lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=full_mask[:, :end],
+            logits = lm(inputs_embeds=inputs_embeds[:, start:end], attention_mask=full_mask[:, :end] if padded else None,
                         position_ids=positions[:, start:end], past_key_values=cache, use_cache=True,
                         logits_to_keep=1).logits[:, -1]
         step = decoder.step if decoder is not None else eager_step(lm, full_mask, cache)
@@ -184,16 +196,21 @@ def padding_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def _mask_or_ones(attention_mask, B, T, device):
-    """The [B, T] bool prompt mask (all ones when None); every row must keep at least one token."""
+def prompt_mask(attention_mask, B, T, device):
+    """(the [B, T] bool prompt mask on `device`, all ones when None; whether it pads any row). Every
+    row must keep at least one token. A mask given on the device is read back once, here: generate
+    calls this before it queues the vision tower, so the read waits for no model work, and a prefill
+    without padding then runs with no mask at all (plain causal attention; nothing in the decoder
+    reads the device, so the host queues the prefill while the tower runs)."""
     if attention_mask is None:
-        return torch.ones(B, T, dtype=torch.bool, device=device)
+        return torch.ones(B, T, dtype=torch.bool, device=device), False
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor of shape {(B, T)}, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
-    mask = attention_mask.to(device=device, dtype=torch.bool)
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    mask = attention_mask.to(dtype=torch.bool)
+    kept = mask.sum(dim=1).tolist()  # on the host for a host mask, else the one read back
+    empty = [b for b, count in enumerate(kept) if count == 0]
     if empty:
         raise ValueError(f"attention_mask rows {empty} are all zeros: every batch row needs at least one prompt token")
-    return mask
+    return mask.to(device), any(count < T for count in kept)

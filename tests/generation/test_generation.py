@@ -58,6 +58,31 @@ def test_prefill_accepts_missing_mask_and_one_token_prompt(prompt):
     assert torch.equal(out, greedy(model, inputs_embeds=embeds[:, :1], max_new_tokens=3))
 
 
+def test_prefill_gets_a_mask_only_where_it_pads(prompt, monkeypatch):
+    """A prompt mask that pads nothing reaches the decoder's prefill as no mask (nothing for it to
+    read back from the device; the same tokens as with no mask at all); a padding mask reaches it."""
+    model, _, _, embeds = prompt
+    forward, seen = type(model.language).forward, []
+
+    def recording(self, *args, **kwargs):
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            seen.append(kwargs.get("attention_mask"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.language), "forward", recording)
+    short = dict(inputs_embeds=embeds[:, :40], max_new_tokens=3)
+    ones = torch.ones(1, 40, dtype=torch.long)
+    assert torch.equal(greedy(model, attention_mask=ones, **short), greedy(model, **short))
+    model.incremental_prefilling(inputs_embeds=embeds[:, :40], attention_mask=ones, chunk_size=16)
+    assert len(seen) == 2 + 3 and all(mask is None for mask in seen)
+    seen.clear()
+    padded = ones.clone()
+    padded[0, :5] = 0
+    greedy(model, attention_mask=padded, **short)
+    model.incremental_prefilling(inputs_embeds=embeds[:, :40], attention_mask=padded, chunk_size=16)
+    assert len(seen) == 1 + 3 and all(torch.equal(mask[0, :5].cpu(), torch.zeros(5, dtype=torch.bool)) for mask in seen)
+
+
 def test_legacy_tuple_cache_is_accepted(prompt):
     model, inputs, mask, embeds = prompt
     _, past = model.incremental_prefilling(attention_mask=mask, chunk_size=512, **inputs)

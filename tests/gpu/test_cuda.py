@@ -52,6 +52,37 @@ def test_fast_path_matches_plain_path_on_fixtures(name, compile_after):
     assert_same_or_near_tie(fast, plain)
 
 
+def test_generate_queues_the_prefill_while_the_tower_runs():
+    """From the vision tower's first module to the end of the prefill, generate makes no call that
+    waits for the GPU (torch's sync debug mode raises on one): the prompt mask is read before the
+    tower is queued, and a prefill without padding runs without a mask to read."""
+    name = SINGLE_CASES[0]
+    model = cuda_model(CASES[name]["checkpoint"])
+    inputs = {k: v.cuda() for k, v in golden_inputs(name).items()}
+    mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    seen = []
+
+    def tower_starts(module, args):
+        seen.append("tower")
+        torch.cuda.set_sync_debug_mode("error")
+
+    def prefill_ends(module, args, output):
+        torch.cuda.set_sync_debug_mode(0)
+        seen.append("prefill")
+
+    hooks = [model.vision.patch_embed.register_forward_pre_hook(tower_starts),
+             model.language.register_forward_hook(prefill_ends)]
+    try:
+        out = model.generate(attention_mask=mask, max_new_tokens=1, do_sample=False, **inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for hook in hooks:
+            hook.remove()
+    assert seen == ["tower", "prefill"]
+    plain = model.generate(max_new_tokens=1, do_sample=False, **inputs)  # no mask at all: the same token
+    assert torch.equal(out, plain)
+
+
 def test_fast_path_left_padded_batch_rows_match_single_rows():
     model = cuda_model("small_mla")
     t = tensors("p09_batch_left_pad")
