@@ -52,14 +52,17 @@ def test_fast_path_matches_plain_path_on_fixtures(name, compile_after):
     assert_same_or_near_tie(fast, plain)
 
 
-def test_generate_queues_the_prefill_while_the_tower_runs():
+@pytest.mark.parametrize("name", ["p01_single_640x480", "p02_single_1024_square", "p03_tall_300x1200"],
+                         ids=["tiny_mha", "small_mla", "base_noaux"])
+def test_generate_queues_the_prefill_while_the_tower_runs(name):
     """From the vision tower's first module to the end of the prefill, generate makes no call that
     waits for the GPU (torch's sync debug mode raises on one): the prompt mask is read before the
-    tower is queued, and a prefill without padding runs without a mask to read."""
-    name = SINGLE_CASES[0]
+    tower is queued, and a prefill without padding runs without a mask to read. (Only a model's
+    first call copies a table from the host: the RoPE table, built on first use.)"""
     model = cuda_model(CASES[name]["checkpoint"])
     inputs = {k: v.cuda() for k, v in golden_inputs(name).items()}
     mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    plain = model.generate(max_new_tokens=1, do_sample=False, **inputs)  # no mask at all; builds the RoPE table
     seen = []
 
     def tower_starts(module, args):
@@ -79,7 +82,6 @@ def test_generate_queues_the_prefill_while_the_tower_runs():
         for hook in hooks:
             hook.remove()
     assert seen == ["tower", "prefill"]
-    plain = model.generate(max_new_tokens=1, do_sample=False, **inputs)  # no mask at all: the same token
     assert torch.equal(out, plain)
 
 
