@@ -1,15 +1,15 @@
-"""Batch decode of a quantized model with the experts' decode-batch paths as they are and as they were,
-alternating in one process, beside the bf16 model.
+"""Batch decode of a quantized model with its linear layers' decode-batch paths as they are and as
+they were, alternating in one process, beside the bf16 model.
 
-    python benchmarks/decode_batch_paths.py --variants small --quantization int4 --batches 16 32 --rounds 2
+    python benchmarks/decode_batch_paths.py --variants small --quantization int4 int8 --batches 8 16 32 --rounds 1
 
-"now": the dispatch as it is: the expert gemv up to dispatch.QUANT_EXPERT_GEMV_ROWS rows, then the
-grouped GEMM in 16-row programs, weight tile first, while the (token, expert) pairs average under
-quant_grouped_gemm.FEW_ROWS an expert. "rows first": the grouped GEMM always in its prompt-sized
-programs (128 rows int4, 64 int8) and the int4 gemv up to 16 rows, as before 2026-12-02. Figures
-are bench.py's aggregate decode tok/s (generate(n) - generate(2), host loop included, each row
-its own noise); the decoders are dropped and built again (compiled, captured) for each setting.
+"now": the dispatch as it is: a linear layer's rows past the gemv's limit through the grouped GEMM's
+dense tiles up to dispatch.QUANT_LINEAR_TILE_ROWS. "dequantized": those rows on the weight
+dequantized whole into a bf16 copy for cuBLAS, as before the thirtieth session. Figures are
+bench.py's aggregate decode tok/s (generate(n) - generate(2), host loop included, each row its own
+noise); the decoders are dropped and built again (compiled, captured) for each setting.
 """
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -18,9 +18,9 @@ import torch
 
 from bench import build_model, comparison_parser, cuda_prompt_batch, decode_rate, device_header
 from deepseek_vl2.generation.cuda_graphs import release_decoders
-from deepseek_vl2.kernels import dispatch, quant_grouped_gemm
+from deepseek_vl2.kernels import dispatch
 
-SETTINGS = {"now": (quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4]), "rows first": (0, 16)}
+SETTINGS = {"now": contextlib.nullcontext, "dequantized": lambda: dispatch.quant_linear_tile_rows(0)}
 
 
 def measured(model, batch, embeds, batches, new_tokens, rounds, settings):
@@ -28,13 +28,12 @@ def measured(model, batch, embeds, batches, new_tokens, rounds, settings):
     rates = {name: {b: [] for b in batches} for name in settings}
     for _ in range(rounds):
         for b in batches:
-            for name, (few_rows, int4_gemv_rows) in settings.items():
-                quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4] = few_rows, int4_gemv_rows
-                release_decoders(model.language)
-                rate, _ = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats=2)
+            for name, setting in settings.items():
+                with setting():
+                    release_decoders(model.language)
+                    rate, _ = decode_rate(model, embeds, batch.attention_mask, b, new_tokens, repeats=2)
                 rates[name][b].append(rate)
                 print(f"  {name}, batch {b}: {rate:.0f} tok/s", flush=True)
-    quant_grouped_gemm.FEW_ROWS, dispatch.QUANT_EXPERT_GEMV_ROWS[4] = SETTINGS["now"]
     release_decoders(model.language)
     return rates
 

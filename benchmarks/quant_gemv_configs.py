@@ -6,12 +6,17 @@ Gemv timings are per call inside a CUDA graph, weights from HBM (kernel_timing.p
 layer's are CUDA-event means over 10 calls. Prints one line per shape and writes everything as JSON.
 
     python benchmarks/quant_gemv_configs.py --out $OUT/quant_gemv_configs.json [--schemes int8 int4]
-        [--variants tiny small base] [--rows 1 8] [--only experts|projections|dequantize|prefill|decode-rows|grouped-rows]
+        [--variants tiny small base] [--rows 1 8]
+        [--only experts|projections|dequantize|prefill|decode-rows|grouped-rows|dense-rows]
         [--prefill-tokens 512 2054]
 
 `--only decode-rows --rows 8 16 32 64`: a continuous-batching decode step's rows through each
 quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
-projections' dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
+projections' dense tiles or dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
+
+`--only dense-rows --rows 4 16 64`: the quantized linear layers at a decode batch's rows through the
+grouped GEMM's dense tiles (one weight for every row, weight tile first), swept, beside the gemv,
+the dequantized weight with cuBLAS, and cuBLAS on bf16 (dispatch.QUANT_LINEAR_TILE_ROWS).
 
 `--only grouped-rows --rows 16 32 ... 2054`: the quantized grouped GEMM on both stacks for that many
 tokens (8 pairs each: 6 routed, the 2 shared), in 16-row programs that dot weight tile first and in
@@ -19,6 +24,7 @@ the rows-first programs (128 rows int4, 64 int8), default tiles, beside torch's 
 CUDA-event means (quant_grouped_gemm.FEW_ROWS is where the two cross).
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -245,6 +251,15 @@ def within(context, run):
         return run()
 
 
+@contextlib.contextmanager
+def linear_rows(gemv_rows: int, tile_rows: int):
+    """dispatch's linear layers through the gemv up to `gemv_rows`, the dense tiles up to `tile_rows`."""
+    from deepseek_vl2.kernels import dispatch
+
+    with dispatch.quant_gemv_rows(gemv_rows, gemv_rows), dispatch.quant_linear_tile_rows(tile_rows):
+        yield
+
+
 def decode_rows(results, variants, schemes, rows_list):
     """One decode step's experts and projections at `rows` token rows: quantized through the gemv and
     through the other path (grouped GEMM / dequantized weight + cuBLAS), and bf16, per call in a graph."""
@@ -274,11 +289,50 @@ def decode_rows(results, variants, schemes, rows_list):
             times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(xs, dense[i]), copies)}
             for scheme in schemes:
                 quantized_copies = [quantized_weight(weight, scheme) for weight in dense]
-                for path, limit in (("gemv", 10**6), ("dequantized", 0)):
-                    times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, q=quantized_copies: lambda: within(
-                        dispatch.quant_gemv_rows(limit, limit), lambda: dispatch.quantized_linear(xs, q[i], None)), copies)
+                for path, gemv_rows, tile_rows in (("gemv", 10**6, 0), ("dense tiles", 0, 10**6), ("dequantized", 0, 0)):
+                    times[f"{scheme} {path}"] = graph_us(lambda i, gemv_rows=gemv_rows, tile_rows=tile_rows, q=quantized_copies:
+                                                         lambda: within(linear_rows(gemv_rows, tile_rows),
+                                                                        lambda: dispatch.quantized_linear(xs, q[i], None)),
+                                                         copies)
             results.append(dict(name=f"{name} rows={rows}", us=times))
             print(f"{name}, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
+
+
+DENSE_CONFIGS = list(itertools.product((16, 32, 64), (2, 4), (3, 4)))  # (block_n, warps, stages)
+
+
+def dense_rows(results, variants, schemes, rows_list):
+    """A decode batch's rows through each quantized linear layer: the quantized grouped GEMM's dense
+    tiles (default, and the best of DENSE_CONFIGS; int8 also at 256 columns a tile), the gemv (up to
+    8 rows) and the dequantized weight with cuBLAS, beside cuBLAS on the bf16 weight; per call in a
+    graph, weights from HBM."""
+    for (name, (N, K)), rows in itertools.product(PROJECTIONS.items(), rows_list):
+        if name.split()[0] not in variants:
+            continue
+        copies = copies_for(N * K * 2)
+        dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(x, dense[i]), copies)}
+        for scheme in schemes:
+            q = [quantized_weight(weight, scheme) for weight in dense]
+            if rows <= 8:
+                times[f"{scheme} gemv"] = graph_us(lambda i, q=q: lambda: quant_gemv.gemv(
+                    x, q[i].qweight, q[i].scale, q[i].zero, None, 1, False), copies)
+            times[f"{scheme} dequantized"] = graph_us(lambda i, q=q: lambda: torch.nn.functional.linear(
+                x, quant_gemv.dequantize(q[i].qweight, q[i].scale, q[i].zero, x.dtype)), copies)
+            tiles = {}
+            for config in DENSE_CONFIGS + ([None] if scheme == "int4" else [(n, w, st, 256) for n, w, st in DENSE_CONFIGS]):
+                args = (None, None, None) if config is None else config
+                tiles[config] = graph_us(lambda i, q=q, args=args: lambda: quant_grouped_gemm.dense_gemm_launch(
+                    x, q[i].qweight, q[i].scale, q[i].zero, *args), copies)
+            times[f"{scheme} dense tiles, default"] = graph_us(lambda i, q=q: lambda: quant_grouped_gemm.dense_gemm(
+                x, q[i].qweight, q[i].scale, q[i].zero), copies)
+            best = min((t, c) for c, t in tiles.items() if c is not None)
+            times[f"{scheme} dense tiles, best"] = best[0]
+            times[f"{scheme} dense best tile"] = best[1]
+        results.append(dict(name=f"{name} rows={rows}", us=times))
+        print(f"{name}, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in times.items()), flush=True)
 
 
 def event_ms(run, warmup=2, repeats=10) -> float:
@@ -297,7 +351,7 @@ def event_ms(run, warmup=2, repeats=10) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["experts", "projections", "dequantize", "prefill", "decode-rows",
-                                           "grouped-rows"])
+                                           "grouped-rows", "dense-rows"])
     parser.add_argument("--schemes", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
     parser.add_argument("--variants", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="token rows of the gemv")
@@ -321,6 +375,8 @@ def main():
             decode_rows(results, args.variants, args.schemes, args.rows)
         if args.only == "grouped-rows":
             grouped_rows(results, args.variants, args.schemes, args.rows)
+        if args.only == "dense-rows":
+            dense_rows(results, args.variants, args.schemes, args.rows)
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   seconds=time.time() - started, command=" ".join(sys.argv))
     Path(args.out).write_text(json.dumps(dict(header, results=results), indent=2))

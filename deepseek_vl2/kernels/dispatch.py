@@ -16,8 +16,8 @@ which backend applies.
                      or from QUANT_STACK_DEQUANTIZE_ROWS rows an expert
                      (eager) each stack dequantized whole for the GEMM
     quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
-                     CUDA rows                                            weight (a one-pass kernel on
-                                                                          CUDA, PyTorch ops elsewhere)
+                     CUDA rows, then quant_grouped_gemm's dense tiles     weight (a one-pass kernel on
+                     up to QUANT_LINEAR_TILE_ROWS                         CUDA, PyTorch ops elsewhere)
     lm_head          gemv for <= MAX_GEMV_TOKENS bf16/fp16 CUDA rows      F.linear
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
@@ -55,6 +55,10 @@ MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 # up to 2 rows in int4 and 4 in int8.
 QUANT_EXPERT_GEMV_ROWS = {4: 8, 8: 8}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
+# Token rows up to which (past the gemv's) a quantized linear layer runs through the grouped GEMM's
+# dense tiles (one weight, dequantized tile by tile, weight tile first in 16-row programs) instead of
+# its weight dequantized whole into a bf16 copy for cuBLAS (which then reads the copy again).
+QUANT_LINEAR_TILE_ROWS = {4: 64, 8: 64}
 # Token rows per expert (the prompt's (token, expert) pairs over the experts in the stack) from which
 # an eager prefill dequantizes a quantized expert stack whole into a bfloat16 scratch (one kernel,
 # freed after its GEMM) for torch's grouped GEMM, instead of the grouped GEMM that dequantizes tile
@@ -88,6 +92,12 @@ def quant_gemv_rows(experts: int, projections: int):
     """Within the block quant_gemv reads quantized experts up to `experts` token rows and
     projections up to `projections`, at both widths (for benchmarks trying other limits)."""
     return _limits_set((QUANT_EXPERT_GEMV_ROWS, experts), (QUANT_LINEAR_GEMV_ROWS, projections))
+
+
+def quant_linear_tile_rows(rows: int):
+    """Within the block quantized linear layers take the dense tiles up to `rows` token rows (past the
+    gemv's), at both widths (0: never; for benchmarks trying other limits)."""
+    return _limits_set((QUANT_LINEAR_TILE_ROWS, rows))
 
 
 def stack_dequantize_rows(rows: Optional[int]):
@@ -197,9 +207,13 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
     if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS[weight.bits]):
-        out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False).view(*x.shape[:-1], -1)
-        return out + bias if bias is not None else out
-    return F.linear(x, dense_weight(weight, x.dtype), bias)
+        out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False)
+    elif _decode_sized(x, QUANT_LINEAR_TILE_ROWS[weight.bits]) and _tile_dequantizable(weight):
+        out = quant_grouped_gemm.dense_gemm(x.reshape(-1, x.shape[-1]), weight.qweight, weight.scale, weight.zero)
+    else:
+        return F.linear(x, dense_weight(weight, x.dtype), bias)
+    out = out.view(*x.shape[:-1], -1)
+    return out + bias if bias is not None else out
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:

@@ -35,6 +35,7 @@ MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 1
 # 1.1-1.5x (int8) and 1.7-2.3x (int4) faster than the 64 / 128-row programs; at 256 tokens (28-31)
 # int4 4-11% faster but int8 1.4-1.6x slower; from 512 tokens slower for both.
 FEW_ROWS = 16
+DENSE_PROGRAMS = 264  # a linear layer's programs (output tiles x 16-row blocks) wanted: two per SM of an H200
 
 
 if triton is not None:
@@ -61,20 +62,27 @@ if triton is not None:
         return stored
 
     @triton.jit
-    def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, N, K, stride_a,
+    def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, M, N, K, stride_a,
                              stride_qe, stride_qn, stride_se, stride_sn, stride_out, magic, INT4: tl.constexpr,
-                             WEIGHTS_FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                             DENSE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, EVEN: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        row0 = tl.load(row0_ptr + pid_m)
-        row_end = tl.load(row_end_ptr + pid_m)
-        if row0 < row_end:
+        if DENSE:  # one weight for all M rows (a linear layer): program pid_m takes rows from pid_m * BLOCK_M
+            row0 = pid_m * BLOCK_M
+            row_end = M
+            q_base = q_ptr
+            s_base = s_ptr
+            z_base = z_ptr
+        else:
+            row0 = tl.load(row0_ptr + pid_m)
+            row_end = tl.load(row_end_ptr + pid_m)
             expert = tl.load(expert_ptr + pid_m).to(tl.int64)
             q_base = q_ptr + expert * stride_qe
             s_base = s_ptr + expert * stride_se
             z_base = z_ptr + expert * stride_se
+        if row0 < row_end:
             rows = row0 + tl.arange(0, BLOCK_M)
             m_mask = rows < row_end
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,7 +163,8 @@ if triton is not None:
 
     def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
-        """`blocks`: expert_blocks(ends, M, block_m); the other tiles by default gemm_tiles'."""
+        """`blocks`: expert_blocks(ends, M, block_m), or None for one weight [N, K'] (a linear layer's) that
+        every row takes; the other tiles by default gemm_tiles'."""
         int4 = zero is not None
         M, K = rows.shape
         N = qweight.shape[-2]
@@ -166,15 +175,45 @@ if triton is not None:
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)
-        expert, row0, row_end = blocks
+        dense = blocks is None
+        if dense:  # qweight [N, K'], scale and zero [N, groups]: one weight for every row
+            programs = triton.cdiv(M, block_m)
+            expert = row0 = row_end = out  # not read
+            stride_qe = stride_se = 0
+            stride_qn, stride_sn = qweight.stride(0), scale.stride(0)
+        else:
+            expert, row0, row_end = blocks
+            programs = expert.shape[0]
+            stride_qe, stride_qn, stride_se, stride_sn = qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1)
         if M:
-            grid = (expert.shape[0], triton.cdiv(N, block_n))
-            _grouped_gemm_kernel[grid](
-                rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, N, K, rows.stride(0),
-                qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), MAGIC, INT4=int4,
+            _grouped_gemm_kernel[(programs, triton.cdiv(N, block_n))](
+                rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, M, N, K, rows.stride(0),
+                stride_qe, stride_qn, stride_se, stride_sn, out.stride(0), MAGIC, INT4=int4, DENSE=dense,
                 WEIGHTS_FIRST=weights_first(block_m), EVEN=N % block_n == 0 and K % block_k == 0, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_options(out))
         return out
+
+    def dense_tiles(N: int, M: int):
+        """(BLOCK_N, warps, stages) of a linear layer's N outputs at M rows, weight tile first in 16-row
+        programs: the widest of 64 / 32 / 16 outputs that still gives DENSE_PROGRAMS programs."""
+        block_n = next((n for n in (64, 32) if triton.cdiv(N, n) * triton.cdiv(M, 16) >= DENSE_PROGRAMS), 16)
+        return block_n, 4, 3
+
+    def dense_gemm_launch(x, qweight, scale, zero, block_n=None, num_warps=None, num_stages=None, block_k=None):
+        """x [M, K] @ one quantized weight [N, K'] (a linear layer's) -> [M, N], weight tile first in
+        16-row programs; tiles by default dense_tiles'."""
+        tiles = dense_tiles(qweight.shape[0], x.shape[0])
+        block_n, num_warps, num_stages = (default if given is None else given
+                                          for given, default in zip((block_n, num_warps, num_stages), tiles))
+        return grouped_gemm_launch(x, qweight, scale, zero, None, 16, block_n, block_k, num_warps, num_stages)
+
+    def _dense_gemm_fake(x, qweight, scale, zero):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @kernel_op("quant_dense_gemm", _dense_gemm_fake)
+    def dense_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [M, K] (a decode batch's rows) @ the quantized weight [N, K'].T -> [M, N]."""
+        return dense_gemm_launch(x.contiguous(), qweight, scale, zero)
 
     def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):
         return rows.new_empty(rows.shape[0], qweight.shape[-2])

@@ -36,14 +36,16 @@ def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
     assert (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS) == (experts, projections)
 
 
-def test_stack_dequantize_rows_sets_both_widths_and_puts_the_limits_back():
-    saved = dict(dispatch.QUANT_STACK_DEQUANTIZE_ROWS)
-    assert saved[4] is not None and saved[8] is not None  # both widths whole from a measured row count
+@pytest.mark.parametrize("setting, table", [(dispatch.stack_dequantize_rows, dispatch.QUANT_STACK_DEQUANTIZE_ROWS),
+                                            (dispatch.quant_linear_tile_rows, dispatch.QUANT_LINEAR_TILE_ROWS)])
+def test_row_limit_settings_set_both_widths_and_put_the_limits_back(setting, table):
+    saved = dict(table)
+    assert saved[4] is not None and saved[8] is not None  # both widths from a measured row count
     with pytest.raises(RuntimeError, match="inside"):
-        with dispatch.stack_dequantize_rows(7):
-            assert dispatch.QUANT_STACK_DEQUANTIZE_ROWS == {4: 7, 8: 7}
+        with setting(7):
+            assert table == {4: 7, 8: 7}
             raise RuntimeError("inside")
-    assert dispatch.QUANT_STACK_DEQUANTIZE_ROWS == saved
+    assert table == saved
 
 
 def test_sdpa_backends_leave_the_cpu_to_pytorch():
@@ -101,14 +103,15 @@ def test_cpu_quantized_ops_are_the_reference_ops_on_dequantized_weights(scheme):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
     """On CUDA in bf16: up to QUANT_EXPERT_GEMV_ROWS / QUANT_LINEAR_GEMV_ROWS rows through the quant gemv
-    kernels, more through the grouped GEMM / the dequantized weights, all matching the reference on
-    the dequantized weights; the decode-sized calls capture in a CUDA graph and replay on new inputs
-    as they run eagerly."""
+    kernels, more through the grouped GEMM / the dense tiles up to QUANT_LINEAR_TILE_ROWS / the
+    dequantized weights, all matching the reference on the dequantized weights; the decode-sized
+    calls (gemv and tiles) capture in a CUDA graph and replay on new inputs as they run eagerly."""
     g = torch.Generator().manual_seed(5)
     gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
     down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
     proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
-    limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS[proj.bits])
+    limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS[proj.bits],
+              dispatch.QUANT_LINEAR_TILE_ROWS[proj.bits])
     for rows in sorted({1, *limits, *(limit + 1 for limit in limits)}):
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
@@ -120,26 +123,27 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
             got = dispatch.quantized_linear(x, proj, None)
             want = torch.nn.functional.linear(x, proj.dequantize())
             assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
-    x = torch.randn(2, 256, generator=g).to("cuda", torch.bfloat16)
-    ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda()
-    weights = torch.rand(2, 4, generator=g).cuda()
+    for rows in (2, limits[1] + 1):  # the gemv; the dense tiles for the linear layer
+        x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
+        ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
+        weights = torch.rand(rows, 4, generator=g).cuda()
 
-    def step():
-        return dispatch.quantized_linear(dispatch.experts(x, gate_up, down, ids, weights), proj, None)
+        def step():
+            return dispatch.quantized_linear(dispatch.experts(x, gate_up, down, ids, weights), proj, None)
 
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # compile the kernels outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        x.copy_(torch.randn(2, 256, generator=g).to("cuda", torch.bfloat16))
-        ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(2)]).cuda())
-        graph.replay()
-        assert torch.equal(out, step())
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # compile the kernels outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            x.copy_(torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16))
+            ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda())
+            graph.replay()
+            assert torch.equal(out, step())
 
 
 @pytest.mark.cuda
