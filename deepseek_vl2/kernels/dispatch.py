@@ -17,7 +17,7 @@ which backend applies.
                      (eager) each stack dequantized whole for the GEMM
     quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
                      CUDA rows, then quant_grouped_gemm's dense tiles     weight (a one-pass kernel on
-                     up to QUANT_LINEAR_TILE_ROWS                         CUDA, PyTorch ops elsewhere)
+                     up to QUANT_LINEAR_TILE_ROWS (int4: short rows)      CUDA, PyTorch ops elsewhere)
     lm_head          gemv for <= MAX_GEMV_TOKENS bf16/fp16 CUDA rows      F.linear
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
@@ -57,8 +57,15 @@ QUANT_EXPERT_GEMV_ROWS = {4: 8, 8: 8}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # Token rows up to which (past the gemv's) a quantized linear layer runs through the grouped GEMM's
 # dense tiles (one weight, dequantized tile by tile, weight tile first in 16-row programs) instead of
-# its weight dequantized whole into a bf16 copy for cuBLAS (which then reads the copy again).
-QUANT_LINEAR_TILE_ROWS = {4: 64, 8: 64}
+# its weight dequantized whole into a bf16 copy for cuBLAS (which then reads the copy again); int4
+# only where its rows are at most QUANT_LINEAR_TILE_INT4_GROUPS groups long (an int4 tile is one
+# group wide, so long rows take many short steps). Measured on an H200 at every linear layer of tiny,
+# small and base (benchmarks/quant_gemv_configs.py --only dense-rows, benchmarks/RESULTS.md
+# 2026-12-02), tiles against the dequantized weight: int8 0.5-0.9x the time at 4 and 16 rows, 0.6-0.95x
+# at 64; int4 at 4-16 rows 0.3-0.9x where rows are up to 20 groups long (0.98-1.02x for small's o),
+# 1.1-3.2x where longer, and 1.0-1.5x at 64 rows.
+QUANT_LINEAR_TILE_ROWS = {4: 16, 8: 64}
+QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # Token rows per expert (the prompt's (token, expert) pairs over the experts in the stack) from which
 # an eager prefill dequantizes a quantized expert stack whole into a bfloat16 scratch (one kernel,
 # freed after its GEMM) for torch's grouped GEMM, instead of the grouped GEMM that dequantizes tile
@@ -208,7 +215,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[to
     """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
     if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS[weight.bits]):
         out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False)
-    elif _decode_sized(x, QUANT_LINEAR_TILE_ROWS[weight.bits]) and _tile_dequantizable(weight):
+    elif _decode_sized(x, QUANT_LINEAR_TILE_ROWS[weight.bits]) and _dense_tiles_pay(weight):
         out = quant_grouped_gemm.dense_gemm(x.reshape(-1, x.shape[-1]), weight.qweight, weight.scale, weight.zero)
     else:
         return F.linear(x, dense_weight(weight, x.dtype), bias)
@@ -232,6 +239,14 @@ def _dequantize_whole(weight: QuantizedWeight, pairs: int, x: torch.Tensor) -> b
     least = QUANT_STACK_DEQUANTIZE_ROWS[weight.bits]
     return (least is not None and pairs >= least * weight.shape[0] and not torch.cuda.is_current_stream_capturing()
             and grouped_mm_supported(x))
+
+
+def _dense_tiles_pay(weight: QuantizedWeight) -> bool:
+    """Whether a linear layer's weight is one the dense tiles read faster than its dequantized copy:
+    int8 always, int4 where a row is at most QUANT_LINEAR_TILE_INT4_GROUPS groups long."""
+    if weight.bits == 8:
+        return True
+    return _tile_dequantizable(weight) and weight.shape[-1] // weight.group <= QUANT_LINEAR_TILE_INT4_GROUPS
 
 
 def _tile_dequantizable(weight: QuantizedWeight) -> bool:

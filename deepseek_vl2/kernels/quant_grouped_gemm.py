@@ -5,6 +5,7 @@ registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is 
     block_m = block_rows(int4, M, E)
     blocks = expert_blocks(ends [E], M, block_m)   once per layer: both GEMMs share them
     grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks, block_m) -> [M, N]
+    dense_gemm(x [M, K], qweight/scale/zero of one weight [N, K]) -> [M, N]    a linear layer, decode rows
 
 Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. The
 blocks are laid out on the device from the per-expert row counts (`expert_blocks`): at most
@@ -19,6 +20,9 @@ Where the tiles divide the weight (every real stack) they load without masks. in
 usual orientation (rows first) turn a nibble into its float by OR-ing it into 2^23's mantissa and
 subtracting 2^23 (quant_gemv.MAGIC), 3-7% faster there than the int-to-float conversion, which the
 weight-first tiles keep (the trick made them 7-13% slower; benchmarks/RESULTS.md, 2026-12-02).
+The same kernel takes one weight for every row (`dense_gemm`, DENSE): a decode batch's rows through
+a linear layer, in 16-row programs weight tile first, with output tiles as narrow as 16 so that a
+layer of few outputs still spreads over the GPU (`dense_tiles`).
 When each runs is decided in dispatch.py.
 """
 from typing import Optional
@@ -35,7 +39,6 @@ MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 1
 # 1.1-1.5x (int8) and 1.7-2.3x (int4) faster than the 64 / 128-row programs; at 256 tokens (28-31)
 # int4 4-11% faster but int8 1.4-1.6x slower; from 512 tokens slower for both.
 FEW_ROWS = 16
-DENSE_PROGRAMS = 264  # a linear layer's programs (output tiles x 16-row blocks) wanted: two per SM of an H200
 
 
 if triton is not None:
@@ -193,18 +196,22 @@ if triton is not None:
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_options(out))
         return out
 
-    def dense_tiles(N: int, M: int):
-        """(BLOCK_N, warps, stages) of a linear layer's N outputs at M rows, weight tile first in 16-row
-        programs: the widest of 64 / 32 / 16 outputs that still gives DENSE_PROGRAMS programs."""
-        block_n = next((n for n in (64, 32) if triton.cdiv(N, n) * triton.cdiv(M, 16) >= DENSE_PROGRAMS), 16)
-        return block_n, 4, 3
+    def dense_tiles(int4: bool, N: int):
+        """(BLOCK_N, BLOCK_K, warps, stages) of a linear layer's N outputs, weight tile first in 16-row
+        programs: 16 outputs a tile up to 2048 (int8; int4 up to 4096), 32 up to 8192, 64 above;
+        int8 256 columns a tile, int4 one group; 2 warps, 4 stages. The best or next to it of 12-24
+        tiles at 4 and 16 rows for every linear layer of tiny, small and base on an H200
+        (benchmarks/quant_gemv_configs.py --only dense-rows, benchmarks/RESULTS.md 2026-12-02)."""
+        block_n = 16 if N <= (4096 if int4 else 2048) else 32 if N <= 8192 else 64
+        return block_n, None if int4 else 256, 2, 4
 
     def dense_gemm_launch(x, qweight, scale, zero, block_n=None, num_warps=None, num_stages=None, block_k=None):
         """x [M, K] @ one quantized weight [N, K'] (a linear layer's) -> [M, N], weight tile first in
         16-row programs; tiles by default dense_tiles'."""
-        tiles = dense_tiles(qweight.shape[0], x.shape[0])
-        block_n, num_warps, num_stages = (default if given is None else given
-                                          for given, default in zip((block_n, num_warps, num_stages), tiles))
+        tiles = dense_tiles(zero is not None, qweight.shape[0])
+        block_n, block_k, num_warps, num_stages = (
+            default if given is None else given
+            for given, default in zip((block_n, block_k, num_warps, num_stages), tiles))
         return grouped_gemm_launch(x, qweight, scale, zero, None, 16, block_n, block_k, num_warps, num_stages)
 
     def _dense_gemm_fake(x, qweight, scale, zero):

@@ -158,14 +158,16 @@ def check_quant_grouped_gemm(device, dtype, tol):
             x = rows[:37]
             close(quant_grouped_gemm.dense_gemm(x, q[2], s[2], z[2] if z is not None else None), x.float() @ dense[2].T,
                   tol, f"int{bits} dense gemm, default tiles, N={N} K={K}")
-            for block_n in (16, 64):
-                got = quant_grouped_gemm.dense_gemm_launch(x, q[2], s[2], z[2] if z is not None else None, block_n, 2, 1)
+            for block_n in (16, 64):  # int8 tiles 32 columns wide here
+                got = quant_grouped_gemm.dense_gemm_launch(x, q[2], s[2], z[2] if z is not None else None, block_n, 2, 1,
+                                                           32)
                 close(got, x.float() @ dense[2].T, tol, f"int{bits} dense gemm, {block_n} outputs a tile, N={N} K={K}")
     # 37 pairs over 5 experts is a decode batch's few rows an expert; 80 is not
     assert quant_grouped_gemm.block_rows(True, 37, 5) == quant_grouped_gemm.block_rows(False, 79, 5) == 16
     assert (quant_grouped_gemm.block_rows(True, 80, 5), quant_grouped_gemm.block_rows(False, 80, 5)) == (128, 64)
-    # linear layers: the widest output tile that still gives DENSE_PROGRAMS programs
-    assert [quant_grouped_gemm.dense_tiles(N, M)[0] for N, M in ((21888, 1), (10944, 4), (2048, 64))] == [64, 32, 16]
+    # linear layers' output tiles by width
+    assert [quant_grouped_gemm.dense_tiles(True, N)[0] for N in (3648, 6720, 21888)] == [16, 32, 64]
+    assert [quant_grouped_gemm.dense_tiles(False, N)[:2] for N in (2048, 3648)] == [(16, 256), (32, 256)]
 
 
 def check_route(device, dtype, tol):

@@ -128,7 +128,7 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
         weights = torch.rand(rows, 4, generator=g).cuda()
 
-        def step():
+        def step(x=x, ids=ids, weights=weights):
             return dispatch.quantized_linear(dispatch.experts(x, gate_up, down, ids, weights), proj, None)
 
         with torch.inference_mode():

@@ -147,7 +147,8 @@ def test_real_small_int4_on_a_1024_image(tmp_path):
 def test_continuous_engine_graphs_beyond_the_gemv_rows(scheme):
     """The continuous engine (the server's) on a quantized model with more rows than the gemv takes:
     its decode graphs at 2 rows (the quantized gemv) and at 20 (past dispatch's gemv limits: the
-    experts' grouped GEMM, the projections' dense tiles) give the eager step's logits; then
+    experts' grouped GEMM, the projections' dense tiles or dequantized weights) give the eager step's
+    logits; then
     twenty requests at once run through the graphs alone, with no compilation after start-up, and
     free every slot."""
     chat = ChatEngine.load(str(CHECKPOINTS["tiny_mha"]), device="cuda", dtype=torch.bfloat16, quantization=scheme)
