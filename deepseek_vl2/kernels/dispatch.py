@@ -61,9 +61,9 @@ QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # only where its rows are at most QUANT_LINEAR_TILE_INT4_GROUPS groups long (an int4 tile is one
 # group wide, so long rows take many short steps). Measured on an H200 at every linear layer of tiny,
 # small and base (benchmarks/quant_gemv_configs.py --only dense-rows, benchmarks/RESULTS.md
-# 2026-12-02), tiles against the dequantized weight: int8 0.5-0.9x the time at 4 and 16 rows, 0.6-0.95x
-# at 64; int4 at 4-16 rows 0.3-0.9x where rows are up to 20 groups long (0.98-1.02x for small's o),
-# 1.1-3.2x where longer, and 1.0-1.5x at 64 rows.
+# 2026-12-02), the best tiles against the dequantized weight: int8 0.2-0.7x the time at 4 and 16 rows,
+# 0.6-0.96x at 64 (tiny's dense down, 27 steps of 256 columns: 1.0x and 1.14x); int4 at 4 and 16
+# rows 0.3-0.99x where rows are up to 20 groups long, 1.03-4.4x where longer, 1.0-1.5x at 64 rows.
 QUANT_LINEAR_TILE_ROWS = {4: 16, 8: 64}
 QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # Token rows per expert (the prompt's (token, expert) pairs over the experts in the stack) from which
