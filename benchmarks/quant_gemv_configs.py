@@ -321,13 +321,14 @@ def dense_rows(results, variants, schemes, rows_list):
             times[f"{scheme} dequantized"] = graph_us(lambda i, q=q: lambda: torch.nn.functional.linear(
                 x, quant_gemv.dequantize(q[i].qweight, q[i].scale, q[i].zero, x.dtype)), copies)
             tiles = {}
-            for config in DENSE_CONFIGS + ([None] if scheme == "int4" else [(n, w, st, 256) for n, w, st in DENSE_CONFIGS]):
-                args = (None, None, None) if config is None else config
-                tiles[config] = graph_us(lambda i, q=q, args=args: lambda: quant_grouped_gemm.dense_gemm_launch(
-                    x, q[i].qweight, q[i].scale, q[i].zero, *args), copies)
+            for config in DENSE_CONFIGS + ([] if scheme == "int4" else [(n, w, st, 256) for n, w, st in DENSE_CONFIGS]):
+                block_n, warps, stages, *columns = config
+                tiles[config] = graph_us(lambda i, q=q, tile=(block_n, columns[0] if columns else 128, warps, stages):
+                                         lambda: quant_grouped_gemm.grouped_gemm_launch(
+                                             x, q[i].qweight, q[i].scale, q[i].zero, None, 16, *tile), copies)
             times[f"{scheme} dense tiles, default"] = graph_us(lambda i, q=q: lambda: quant_grouped_gemm.dense_gemm(
                 x, q[i].qweight, q[i].scale, q[i].zero), copies)
-            best = min((t, c) for c, t in tiles.items() if c is not None)
+            best = min((t, c) for c, t in tiles.items())
             times[f"{scheme} dense tiles, best"] = best[0]
             times[f"{scheme} dense best tile"] = best[1]
         results.append(dict(name=f"{name} rows={rows}", us=times))

@@ -167,14 +167,15 @@ if triton is not None:
     def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
         """`blocks`: expert_blocks(ends, M, block_m), or None for one weight [N, K'] (a linear layer's) that
-        every row takes; the other tiles by default gemm_tiles'."""
+        every row takes (`block_m` 16); the other tiles by default gemm_tiles' (dense_tiles' for one weight)."""
         int4 = zero is not None
         M, K = rows.shape
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
+        defaults = dense_tiles(int4, N) if blocks is None else gemm_tiles(int4, group, block_m)
         block_n, block_k, num_warps, num_stages = (
             default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), gemm_tiles(int4, group, block_m)))
+            for given, default in zip((block_n, block_k, num_warps, num_stages), defaults))
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)
@@ -205,22 +206,14 @@ if triton is not None:
         block_n = 16 if N <= (4096 if int4 else 2048) else 32 if N <= 8192 else 64
         return block_n, None if int4 else 256, 2, 4
 
-    def dense_gemm_launch(x, qweight, scale, zero, block_n=None, num_warps=None, num_stages=None, block_k=None):
-        """x [M, K] @ one quantized weight [N, K'] (a linear layer's) -> [M, N], weight tile first in
-        16-row programs; tiles by default dense_tiles'."""
-        tiles = dense_tiles(zero is not None, qweight.shape[0])
-        block_n, block_k, num_warps, num_stages = (
-            default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), tiles))
-        return grouped_gemm_launch(x, qweight, scale, zero, None, 16, block_n, block_k, num_warps, num_stages)
-
     def _dense_gemm_fake(x, qweight, scale, zero):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @kernel_op("quant_dense_gemm", _dense_gemm_fake)
     def dense_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [M, K] (a decode batch's rows) @ the quantized weight [N, K'].T -> [M, N]."""
-        return dense_gemm_launch(x.contiguous(), qweight, scale, zero)
+        """x [M, K] (a decode batch's rows) @ the quantized weight [N, K'].T -> [M, N], weight tile first
+        in 16-row programs."""
+        return grouped_gemm_launch(x.contiguous(), qweight, scale, zero, None, 16)
 
     def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):
         return rows.new_empty(rows.shape[0], qweight.shape[-2])

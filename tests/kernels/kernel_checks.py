@@ -159,8 +159,8 @@ def check_quant_grouped_gemm(device, dtype, tol):
             close(quant_grouped_gemm.dense_gemm(x, q[2], s[2], z[2] if z is not None else None), x.float() @ dense[2].T,
                   tol, f"int{bits} dense gemm, default tiles, N={N} K={K}")
             for block_n in (16, 64):  # int8 tiles 32 columns wide here
-                got = quant_grouped_gemm.dense_gemm_launch(x, q[2], s[2], z[2] if z is not None else None, block_n, 2, 1,
-                                                           32)
+                got = quant_grouped_gemm.grouped_gemm_launch(x, q[2], s[2], z[2] if z is not None else None, None, 16,
+                                                             block_n, 32, 2, 1)
                 close(got, x.float() @ dense[2].T, tol, f"int{bits} dense gemm, {block_n} outputs a tile, N={N} K={K}")
     # 37 pairs over 5 experts is a decode batch's few rows an expert; 80 is not
     assert quant_grouped_gemm.block_rows(True, 37, 5) == quant_grouped_gemm.block_rows(False, 79, 5) == 16
