@@ -14,9 +14,9 @@ layer's are CUDA-event means over 10 calls. Prints one line per shape and writes
 quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
 projections' dense tiles or dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
 
-`--only dense-rows --rows 4 16 64`: the quantized linear layers at a decode batch's rows through the
-grouped GEMM's dense tiles (one weight for every row, weight tile first), swept, beside the gemv,
-the dequantized weight with cuBLAS, and cuBLAS on bf16 (dispatch.QUANT_LINEAR_TILE_ROWS).
+`--only dense-rows --rows 4 16 64`: the quantized linear layers at a decode batch's rows through each
+path (as decode-rows does) and the grouped GEMM's dense tiles (one weight for every row, weight tile
+first) swept over their tiles (dispatch.QUANT_LINEAR_TILE_ROWS, quant_grouped_gemm.dense_tiles).
 
 `--only grouped-rows --rows 16 32 ... 2054`: the quantized grouped GEMM on both stacks for that many
 tokens (8 pairs each: 6 routed, the 2 shared), in 16-row programs that dot weight tile first and in
@@ -283,51 +283,49 @@ def decode_rows(results, variants, schemes, rows_list):
         for name, (N, K) in PROJECTIONS.items():
             if name.split()[0] != variant:
                 continue
-            copies = copies_for(N * K * 2)  # weights from HBM, as in a step that reads every layer once
-            dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            xs = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
-            times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(xs, dense[i]), copies)}
-            for scheme in schemes:
-                quantized_copies = [quantized_weight(weight, scheme) for weight in dense]
-                for path, gemv_rows, tile_rows in (("gemv", 10**6, 0), ("dense tiles", 0, 10**6), ("dequantized", 0, 0)):
-                    times[f"{scheme} {path}"] = graph_us(lambda i, gemv_rows=gemv_rows, tile_rows=tile_rows, q=quantized_copies:
-                                                         lambda: within(linear_rows(gemv_rows, tile_rows),
-                                                                        lambda: dispatch.quantized_linear(xs, q[i], None)),
-                                                         copies)
+            _, _, times = linear_layer_paths(N, K, rows, schemes)
             results.append(dict(name=f"{name} rows={rows}", us=times))
             print(f"{name}, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
+
+
+def linear_layer_paths(N: int, K: int, rows: int, schemes):
+    """`rows` token rows through a linear layer [N, K] by each path dispatch.quantized_linear can take
+    (the gemv, the dense tiles, the dequantized weight with cuBLAS), beside cuBLAS on bf16; per call in
+    a graph, weights from HBM, as in a step that reads every layer once. Returns (x, {scheme: the
+    quantized weight's copies}, {path: us})."""
+    from deepseek_vl2.kernels import dispatch
+
+    copies = copies_for(N * K * 2)
+    dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(x, dense[i]), copies)}
+    quantized = {}
+    for scheme in schemes:
+        q = quantized[scheme] = [quantized_weight(weight, scheme) for weight in dense]
+        for path, gemv_rows, tile_rows in (("gemv", 10**6, 0), ("dense tiles", 0, 10**6), ("dequantized", 0, 0)):
+            times[f"{scheme} {path}"] = graph_us(lambda i, gemv_rows=gemv_rows, tile_rows=tile_rows, q=q: lambda: within(
+                linear_rows(gemv_rows, tile_rows), lambda: dispatch.quantized_linear(x, q[i], None)), copies)
+    return x, quantized, times
 
 
 DENSE_CONFIGS = list(itertools.product((16, 32, 64), (2, 4), (3, 4)))  # (block_n, warps, stages)
 
 
 def dense_rows(results, variants, schemes, rows_list):
-    """A decode batch's rows through each quantized linear layer: the quantized grouped GEMM's dense
-    tiles (default, and the best of DENSE_CONFIGS; int8 also at 256 columns a tile), the gemv (up to
-    8 rows) and the dequantized weight with cuBLAS, beside cuBLAS on the bf16 weight; per call in a
-    graph, weights from HBM."""
+    """A decode batch's rows through each quantized linear layer by each path (linear_layer_paths:
+    the dense tiles there with their default tiles), and the best of DENSE_CONFIGS for the dense
+    tiles (int8 also at 256 columns a tile)."""
     for (name, (N, K)), rows in itertools.product(PROJECTIONS.items(), rows_list):
         if name.split()[0] not in variants:
             continue
-        copies = copies_for(N * K * 2)
-        dense = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
-        times = {"bf16": graph_us(lambda i: lambda: torch.nn.functional.linear(x, dense[i]), copies)}
-        for scheme in schemes:
-            q = [quantized_weight(weight, scheme) for weight in dense]
-            if rows <= 8:
-                times[f"{scheme} gemv"] = graph_us(lambda i, q=q: lambda: quant_gemv.gemv(
-                    x, q[i].qweight, q[i].scale, q[i].zero, None, 1, False), copies)
-            times[f"{scheme} dequantized"] = graph_us(lambda i, q=q: lambda: torch.nn.functional.linear(
-                x, quant_gemv.dequantize(q[i].qweight, q[i].scale, q[i].zero, x.dtype)), copies)
+        x, quantized, times = linear_layer_paths(N, K, rows, schemes)
+        for scheme, q in quantized.items():
             tiles = {}
             for config in DENSE_CONFIGS + ([] if scheme == "int4" else [(n, w, st, 256) for n, w, st in DENSE_CONFIGS]):
                 block_n, warps, stages, *columns = config
                 tiles[config] = graph_us(lambda i, q=q, tile=(block_n, columns[0] if columns else 128, warps, stages):
                                          lambda: quant_grouped_gemm.grouped_gemm_launch(
-                                             x, q[i].qweight, q[i].scale, q[i].zero, None, 16, *tile), copies)
-            times[f"{scheme} dense tiles, default"] = graph_us(lambda i, q=q: lambda: quant_grouped_gemm.dense_gemm(
-                x, q[i].qweight, q[i].scale, q[i].zero), copies)
+                                             x, q[i].qweight, q[i].scale, q[i].zero, None, 16, *tile), len(q))
             best = min((t, c) for c, t in tiles.items())
             times[f"{scheme} dense tiles, best"] = best[0]
             times[f"{scheme} dense best tile"] = best[1]
