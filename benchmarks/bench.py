@@ -160,13 +160,16 @@ def device_header(script: str) -> dict:
     return header
 
 
-def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
+def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int, sampled: bool = False):
     """Aggregate decode tokens/s: (generate of new_tokens) minus (generate of 2 tokens) is the time
     of new_tokens - 2 decode steps, host loop included. Also returns the two times (ms).
 
     Each row after the first gets the prompt's embeddings plus a little noise of its own: rows of one
     prompt would choose the same tokens and route to the same few experts at every step, where
-    served rows spread over them (an MoE step reads the experts its rows choose)."""
+    served rows spread over them (an MoE step reads the experts its rows choose). Greedy rows of a
+    random-weight model still often fall into the same loop of tokens (benchmarks/RESULTS.md,
+    2026-12-02); `sampled` rows (seeded sampling, transformers' default top-k 50) choose tokens
+    of their own and route apart, as different requests would."""
     noise = torch.randn(batch, *embeds.shape[1:], device=embeds.device,
                         generator=torch.Generator(embeds.device).manual_seed(0)) * embeds.float().std()
     noise[0] = 0
@@ -174,8 +177,9 @@ def decode_rate(model, embeds, mask, batch: int, new_tokens: int, repeats: int):
     mask = mask.expand(batch, -1).contiguous()
 
     def run(n):
+        generator = torch.Generator(embeds.device).manual_seed(0) if sampled else None
         return lambda: model.language.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n,
-                                               min_new_tokens=n, do_sample=False)
+                                               min_new_tokens=n, do_sample=sampled, generator=generator)
 
     full = timed(run(new_tokens), repeats=repeats, warmup=1)
     two = timed(run(2), repeats=repeats, warmup=1)

@@ -11,8 +11,9 @@ layer's are CUDA-event means over 10 calls. Prints one line per shape and writes
         [--prefill-tokens 512 2054]
 
 `--only decode-rows --rows 8 16 32 64`: a continuous-batching decode step's rows through each
-quantized path dispatch.py could take (the gemv, or the experts' sorted grouped GEMM and the
-projections' dense tiles or dequantized weight with cuBLAS), default tiles, beside the bf16 paths.
+quantized path dispatch.py could take (the gemv; the experts' scanning GEMM (moe_decode) or sorted
+grouped GEMM; the projections' dense tiles or dequantized weight with cuBLAS), default tiles, beside
+the bf16 paths; each row's experts drawn at random.
 
 `--only dense-rows --rows 4 16 64`: the quantized linear layers at a decode batch's rows through each
 path (as decode-rows does) and the grouped GEMM's dense tiles (one weight for every row, weight tile
@@ -260,9 +261,20 @@ def linear_rows(gemv_rows: int, tile_rows: int):
         yield
 
 
+@contextlib.contextmanager
+def expert_rows(gemv_rows: int, scan_rows: int):
+    """dispatch's quantized experts through the gemv up to `gemv_rows`, moe_decode's scanning GEMM up
+    to `scan_rows` (at most its MAX_ROWS), the sorted grouped GEMM past both."""
+    from deepseek_vl2.kernels import dispatch
+
+    with dispatch.quant_gemv_rows(gemv_rows, gemv_rows), dispatch.quant_expert_scan_rows(scan_rows):
+        yield
+
+
 def decode_rows(results, variants, schemes, rows_list):
-    """One decode step's experts and projections at `rows` token rows: quantized through the gemv and
-    through the other path (grouped GEMM / dequantized weight + cuBLAS), and bf16, per call in a graph."""
+    """One decode step's experts and projections at `rows` token rows: quantized through each path
+    (experts: the gemv, the scanning GEMM, the sorted grouped GEMM; projections: linear_layer_paths),
+    and bf16, per call in a graph."""
     from deepseek_vl2.kernels import dispatch
 
     for variant, rows in itertools.product(variants, rows_list):
@@ -274,10 +286,9 @@ def decode_rows(results, variants, schemes, rows_list):
         weights = torch.rand(rows, 8, device="cuda")
         times = {"bf16": graph_us(lambda i: lambda: dispatch.experts(x, *stacks["bf16"], ids[i], weights), routings)}
         for scheme in schemes:
-            for path, limit in (("gemv", 10**6), ("grouped", 0)):
-                times[f"{scheme} {path}"] = graph_us(lambda i, limit=limit, scheme=scheme: lambda: within(
-                    dispatch.quant_gemv_rows(limit, limit), lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)),
-                    routings)
+            for path, gemv_rows, scan_rows in (("gemv", 10**6, 0), ("scan", 0, 10**6), ("grouped", 0, 0)):
+                times[f"{scheme} {path}"] = graph_us(lambda i, limits=(gemv_rows, scan_rows), scheme=scheme: lambda: within(
+                    expert_rows(*limits), lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)), routings)
         results.append(dict(name=f"{variant} experts rows={rows}", us=times))
         print(f"{variant} experts, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
         for name, (N, K) in PROJECTIONS.items():

@@ -11,10 +11,12 @@ which backend applies.
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
                      MOE_DECODE_ROWS, combine_pairs after either;         quantized: on the stacks
                      quantized experts: the quant_gemv pair for           dequantized one at a time
-                     <= QUANT_EXPERT_GEMV_ROWS rows, else (bf16/fp16
-                     CUDA) quant_grouped_gemm, dequantizing tile by tile,
-                     or from QUANT_STACK_DEQUANTIZE_ROWS rows an expert
-                     (eager) each stack dequantized whole for the GEMM
+                     <= QUANT_EXPERT_GEMV_ROWS rows, moe_decode's
+                     quant_expert_gemm pair up to QUANT_EXPERT_SCAN_ROWS,
+                     else (bf16/fp16 CUDA) quant_grouped_gemm,
+                     dequantizing tile by tile, or from
+                     QUANT_STACK_DEQUANTIZE_ROWS rows an expert (eager)
+                     each stack dequantized whole for the GEMM
     quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
                      CUDA rows, then quant_grouped_gemm's dense tiles     weight (a one-pass kernel on
                      up to QUANT_LINEAR_TILE_ROWS (int4: short rows)      CUDA, PyTorch ops elsewhere)
@@ -47,14 +49,23 @@ from .reference import Routing
 MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 # Token rows up to which quantized weights are read by quant_gemv, by bits. The gemv reads a weight
 # once per row (per (row, expert) pair for the experts), so its time grows with the rows, while the
-# other paths read each weight once but cost more at one row. Measured on an H200 at small's shapes
-# (benchmarks/quant_gemv_configs.py --only decode-rows, benchmarks/RESULTS.md 2026-11-30 and
-# 2026-12-02; rows come padded to 1, 2, 4, 8, 16, ...): the expert gemv pair beats the grouped GEMM
-# up to 8 rows in int4 and int8 (at 16 rows the grouped GEMM, weight tile first, takes 232 us a layer
-# against the int4 gemv's 310); the dense projections' gemv beats their dequantized weight and cuBLAS
-# up to 2 rows in int4 and 4 in int8.
-QUANT_EXPERT_GEMV_ROWS = {4: 8, 8: 8}
+# other paths read each weight once but cost more at one row. Measured on an H200 (rows come padded
+# to 1, 2, 4, 8, 16, ...): one MoE layer of small with random routing (benchmarks/moe_decode_configs.py
+# --quantization int4 int8, benchmarks/RESULTS.md 2026-12-02, thirty-first session) the expert gemv
+# pair ahead of moe_decode's scanning GEMM up to 4 rows in int4 (86 against 108 us) and level in int8
+# (84 / 71 us at 4 rows), behind from 8 (int4 161 / 155, int8 153 / 113); the dense projections'
+# gemv beats their dequantized weight and cuBLAS up to 2 rows in int4 and 4 in int8 (quant_gemv_configs.py).
+QUANT_EXPERT_GEMV_ROWS = {4: 4, 8: 4}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
+# Token rows up to which (past the gemv's) quantized experts run through moe_decode.quant_expert_gemm:
+# each program finds its expert's pairs among the ids itself, so there is no sorting and each chosen
+# expert is read once per 16 of its pairs; past it the sorted grouped GEMM (at most MOE_DECODE_ROWS).
+# With random routing one layer of small takes less time scanning up to 32 rows (int4 16 rows 209
+# against 240 us sorted, 32 rows 257 / 276; int8 145 / 226, 197 / 277); small's whole decode step
+# with bench.py's rows sampling apart (benchmarks/decode_batch_paths.py --sampled, two runs) gained
+# at 8 rows (int4 +31%, int8 +44-48%) and in int8 at 16 (+5%, +14%), but lost in int4 at 16 (-14%,
+# -3%) and in both at 32 (int4 -11 to -20%, int8 -3 to -11%). The limits follow the whole step.
+QUANT_EXPERT_SCAN_ROWS = {4: 8, 8: 16}
 # Token rows up to which (past the gemv's) a quantized linear layer runs through the grouped GEMM's
 # dense tiles (one weight, dequantized tile by tile, weight tile first in 16-row programs) instead of
 # its weight dequantized whole into a bf16 copy for cuBLAS (which then reads the copy again); int4
@@ -99,6 +110,12 @@ def quant_gemv_rows(experts: int, projections: int):
     """Within the block quant_gemv reads quantized experts up to `experts` token rows and
     projections up to `projections`, at both widths (for benchmarks trying other limits)."""
     return _limits_set((QUANT_EXPERT_GEMV_ROWS, experts), (QUANT_LINEAR_GEMV_ROWS, projections))
+
+
+def quant_expert_scan_rows(rows: int):
+    """Within the block quantized experts take moe_decode's quant_expert_gemm up to `rows` token rows
+    (past the gemv's), at both widths (0: never; for benchmarks trying other limits)."""
+    return _limits_set((QUANT_EXPERT_SCAN_ROWS, rows))
 
 
 def quant_linear_tile_rows(rows: int):
@@ -176,6 +193,11 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     if quantized and _decode_sized(x, QUANT_EXPERT_GEMV_ROWS[gate_up.bits]):  # int8/int4 bytes read by the gemv
         act = _quant_gemv(x, gate_up, flat_ids, k, True)
         return moe_glue.combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
+    if quantized and _decode_sized(x, min(QUANT_EXPERT_SCAN_ROWS[gate_up.bits], MOE_DECODE_ROWS)) \
+            and _tile_dequantizable(gate_up) and _tile_dequantizable(down):  # each expert finds its rows
+        act = moe_decode.quant_expert_gemm(x, gate_up.qweight, gate_up.scale, gate_up.zero, ids, k, True)
+        out = moe_decode.quant_expert_gemm(act, down.qweight, down.scale, down.zero, ids, 1, False)
+        return moe_glue.combine_pairs(out, weights)
     if not quantized and _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
         act = gemv.gemv(x, gate_up, flat_ids, k, True)
         return moe_glue.combine_pairs(gemv.gemv(act, down, flat_ids, 1, False), weights)

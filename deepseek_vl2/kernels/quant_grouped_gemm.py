@@ -32,7 +32,11 @@ import torch
 from .custom_ops import kernel_op, launch_options, tl, triton
 from .quant_gemv import MAGIC
 
-MIN_GROUP = 16  # int4 tiles are one group wide and tensor-core dots need K >= 16
+# int4 tiles are one group wide. Tiles of 16 columns (the least a tensor-core dot takes) gave wrong
+# products with 2 warps on an H200 under Triton 3.6 (the weight-first dense and scanning GEMMs, relative
+# error about 1; right with 4 warps and one stage; benchmarks/RESULTS.md 2026-12-02, thirty-first
+# session), so groups under 32 columns take the dequantized weight instead. No real model has them.
+MIN_GROUP = 32
 # (token, expert) pairs an expert, on average, below which programs take 16 rows, weight tile first.
 # Measured on an H200 at small's and base's stacks (benchmarks/quant_gemv_configs.py --only
 # grouped-rows, benchmarks/RESULTS.md 2026-12-02): up to 128 tokens (about 14-16 pairs an expert)
@@ -65,6 +69,35 @@ if triton is not None:
         return stored
 
     @triton.jit
+    def dequantized_tile(q_base, s_base, z_base, cols, n_mask, k0, K, stride_qn, stride_sn, magic, dtype,
+                         INT4: tl.constexpr, EVEN: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The weight tile [BLOCK_N, BLOCK_K] of output columns `cols` from column k0 in `dtype`: int4
+        dequantized with its group's scale and zero point (the tile is one group, k0 // BLOCK_K);
+        int8 as its integer values (exact in bf16; the column's scale goes on the accumulator).
+        WEIGHTS_FIRST: the nibbles converted to float directly, which the weight-first dot's
+        register operand prefers; else through 2^23's mantissa (quant_gemv.MAGIC)."""
+        stored = _stored_tile(q_base, cols, n_mask, k0, K, stride_qn, INT4, EVEN, BLOCK_K)
+        if INT4:
+            group = k0 // BLOCK_K
+            if EVEN:
+                scale = tl.load(s_base + cols * stride_sn + group).to(tl.float32)
+                zero = tl.load(z_base + cols * stride_sn + group).to(tl.float32)
+            else:
+                scale = tl.load(s_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+                zero = tl.load(z_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            if WEIGHTS_FIRST:
+                low = (stored & 15).to(tl.float32)
+                high = (stored >> 4).to(tl.float32)
+            else:  # each nibble ORed into the mantissa of 2^23 (a LOP3), then 2^23 taken off: exact
+                low = ((stored & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                high = (((stored >> 4) & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            values = tl.interleave(low, high)  # [BLOCK_N, BLOCK_K]
+            tile = (values * scale[:, None] + zero[:, None]).to(dtype)
+        else:
+            tile = stored.to(dtype)
+        return tile  # one return (Triton 3.6 checks every return's type, constexpr branches too)
+
+    @triton.jit
     def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, M, N, K, stride_a,
                              stride_qe, stride_qn, stride_se, stride_sn, stride_out, magic, INT4: tl.constexpr,
                              DENSE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, EVEN: tl.constexpr,
@@ -95,28 +128,11 @@ if triton is not None:
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                stored = _stored_tile(q_base, cols, n_mask, k0, K, stride_qn, INT4, EVEN, BLOCK_K)
+                w = dequantized_tile(q_base, s_base, z_base, cols, n_mask, k0, K, stride_qn, stride_sn, magic,
+                                     a_ptr.dtype.element_ty, INT4, EVEN, WEIGHTS_FIRST, BLOCK_K)
                 ks = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + ks[None, :],
                             mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
-                if INT4:  # one group: a scale and zero point per output column
-                    group = k0 // BLOCK_K
-                    if EVEN:
-                        scale = tl.load(s_base + cols * stride_sn + group).to(tl.float32)
-                        zero = tl.load(z_base + cols * stride_sn + group).to(tl.float32)
-                    else:
-                        scale = tl.load(s_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-                        zero = tl.load(z_base + cols * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-                    if WEIGHTS_FIRST:
-                        low = (stored & 15).to(tl.float32)
-                        high = (stored >> 4).to(tl.float32)
-                    else:  # each nibble ORed into the mantissa of 2^23 (a LOP3), then 2^23 taken off: exact
-                        low = ((stored & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                        high = (((stored >> 4) & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                    values = tl.interleave(low, high)  # [BLOCK_N, BLOCK_K]
-                    w = (values * scale[:, None] + zero[:, None]).to(a.dtype)
-                else:
-                    w = stored.to(a.dtype)
                 if WEIGHTS_FIRST:
                     acc_t += tl.dot(w, tl.trans(a))
                 else:

@@ -79,6 +79,37 @@ def check_moe_decode(device, dtype, tol):
     assert torch.equal(moe_decode.expert_gemm(act, w2, ids, 1, False), moe_decode.expert_gemm_launch(act, w2, ids, 1, False))
 
 
+def check_quant_moe_decode(device, dtype, tol):
+    """The quantized expert GEMM pair (gate/up with silu_mul, then down) on int8 and int4 stacks
+    against einsum products with the PyTorch-dequantized weights, for rows whose pairs leave an
+    expert unchosen and give one more pairs than a dot block (the shared expert of 20 and 37 rows: its
+    blocks split over programs), at shapes the tiles do not divide (masked loads) and one they do;
+    outputs in the pairs' own order."""
+    g = torch.Generator().manual_seed(12)
+    E, k = 7, 3
+    for rows, N, K in ((3, 96, 96), (20, 64, 128), (37, 32, 64)):
+        x = torch.randn(rows, K, generator=g).to(device, dtype)
+        routed = torch.stack([torch.randperm(E - 2, generator=g)[:k - 1] for _ in range(rows)])
+        ids = torch.cat((routed, torch.full((rows, 1), E - 1)), dim=1).to(device)  # [rows, k]; expert E-2: none
+        for bits, group in ((8, K), (4, 32)):
+            w13 = torch.randn(E, 2 * N, K, generator=g) * 0.1
+            w2 = torch.randn(E, K, N, generator=g) * 0.1
+            q13, s13, z13 = (t.to(device) if t is not None else None for t in rtn.quantize(w13, bits, group, dtype))
+            q2, s2, z2 = (t.to(device) if t is not None else None
+                          for t in rtn.quantize(w2, bits, N if bits == 8 else 32, dtype))
+            d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
+            for tiles in ((None, None, None, None), (32, 32, 4, 1)):  # (int4: one group a tile either way)
+                what = f"int{bits}, {rows} rows, N={N} K={K}, tiles {tiles}"
+                act = moe_decode.quant_expert_gemm_launch(x, q13, s13, z13, ids, k, True, *tiles)
+                flat = ids.flatten()
+                gate_up = torch.einsum("ak,ank->an", x.repeat_interleave(k, dim=0).float(), d13[flat]).to(dtype)
+                close(act, F.silu(gate_up[:, :N]) * gate_up[:, N:], tol, f"{what}: gate/up with silu_mul")
+                out = moe_decode.quant_expert_gemm_launch(act, q2, s2, z2, ids, 1, False, *tiles)
+                close(out, torch.einsum("an,akn->ak", act.float(), d2[flat]), tol, f"{what}: down")
+            assert torch.equal(moe_decode.quant_expert_gemm(act, q2, s2, z2, ids, 1, False),
+                               moe_decode.quant_expert_gemm_launch(act, q2, s2, z2, ids, 1, False))
+
+
 def check_quant_gemv(device, dtype, tol):
     """Expert (with silu_mul) and plain gemv on int8 and int4 weights against einsum products with the
     PyTorch-dequantized weights, at shapes that leave partial output blocks, partial K tiles and (int4)
@@ -288,8 +319,8 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
-CHECKS = (check_gemv, check_moe_decode, check_quant_gemv, check_dequantize, check_quant_grouped_gemm, check_route,
-          check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
+CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
+          check_quant_grouped_gemm, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
 
 
 def interpreted(*names: str) -> None:

@@ -37,7 +37,8 @@ def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
 
 
 @pytest.mark.parametrize("setting, table", [(dispatch.stack_dequantize_rows, dispatch.QUANT_STACK_DEQUANTIZE_ROWS),
-                                            (dispatch.quant_linear_tile_rows, dispatch.QUANT_LINEAR_TILE_ROWS)])
+                                            (dispatch.quant_linear_tile_rows, dispatch.QUANT_LINEAR_TILE_ROWS),
+                                            (dispatch.quant_expert_scan_rows, dispatch.QUANT_EXPERT_SCAN_ROWS)])
 def test_row_limit_settings_set_both_widths_and_put_the_limits_back(setting, table):
     saved = dict(table)
     assert saved[4] is not None and saved[8] is not None  # both widths from a measured row count
@@ -103,15 +104,16 @@ def test_cpu_quantized_ops_are_the_reference_ops_on_dequantized_weights(scheme):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
     """On CUDA in bf16: up to QUANT_EXPERT_GEMV_ROWS / QUANT_LINEAR_GEMV_ROWS rows through the quant gemv
-    kernels, more through the grouped GEMM / the dense tiles up to QUANT_LINEAR_TILE_ROWS / the
-    dequantized weights, all matching the reference on the dequantized weights; the decode-sized
-    calls (gemv and tiles) capture in a CUDA graph and replay on new inputs as they run eagerly."""
+    kernels, more through the experts' scanning GEMM up to QUANT_EXPERT_SCAN_ROWS, then the grouped
+    GEMM / the dense tiles up to QUANT_LINEAR_TILE_ROWS / the dequantized weights, all matching the
+    reference on the dequantized weights; the decode-sized calls (gemv, scanning GEMM and tiles)
+    capture in a CUDA graph and replay on new inputs as they run eagerly."""
     g = torch.Generator().manual_seed(5)
     gate_up = quantized((10, 2 * 128, 256), scheme, "cuda", torch.bfloat16)
     down = quantized((10, 256, 128), scheme, "cuda", torch.bfloat16, seed=6)
     proj = quantized((384, 256), scheme, "cuda", torch.bfloat16, seed=7)
     limits = (dispatch.QUANT_EXPERT_GEMV_ROWS[gate_up.bits], dispatch.QUANT_LINEAR_GEMV_ROWS[proj.bits],
-              dispatch.QUANT_LINEAR_TILE_ROWS[proj.bits])
+              dispatch.QUANT_LINEAR_TILE_ROWS[proj.bits], dispatch.QUANT_EXPERT_SCAN_ROWS[gate_up.bits])
     for rows in sorted({1, *limits, *(limit + 1 for limit in limits)}):
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
@@ -123,7 +125,7 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
             got = dispatch.quantized_linear(x, proj, None)
             want = torch.nn.functional.linear(x, proj.dequantize())
             assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
-    for rows in (2, limits[1] + 1):  # the gemv; the dense tiles for the linear layer
+    for rows in (2, limits[1] + 1, limits[0] + 1):  # the gemv; the dense tiles for the linear layer; the scan
         x = torch.randn(rows, 256, generator=g).to("cuda", torch.bfloat16)
         ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
         weights = torch.rand(rows, 4, generator=g).cuda()
@@ -144,6 +146,29 @@ def test_cuda_quantized_decode_ops_capture_in_a_graph(scheme):
             ids.copy_(torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda())
             graph.replay()
             assert torch.equal(out, step())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int4_groups_of_16_columns_give_the_reference_products():
+    """int4 weights in groups of 16 columns (which the tile kernels got wrong with 2 warps under
+    Triton 3.6) match the reference on the dequantized weights at decode and prefill row counts."""
+    g = torch.Generator().manual_seed(9)
+    gate_up = quantized((10, 2 * 48, 64), "int4", "cuda", torch.bfloat16)
+    down = quantized((10, 64, 48), "int4", "cuda", torch.bfloat16, seed=6)
+    proj = quantized((96, 48), "int4", "cuda", torch.bfloat16, seed=7)
+    assert (gate_up.group, down.group, proj.group) == (32, 16, 16)
+    for rows in (1, 3, 8, 12, 40, 300):
+        x = torch.randn(rows, 64, generator=g).to("cuda", torch.bfloat16)
+        ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(rows)]).cuda()
+        weights = torch.rand(rows, 4, generator=g).cuda()
+        with torch.inference_mode():
+            got = dispatch.experts(x, gate_up, down, ids, weights).float()
+            want = dispatch.experts(x, gate_up.dequantize(), down.dequantize(), ids, weights).float()
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), f"experts, {rows} rows"
+            got = dispatch.quantized_linear(x[:, :48], proj, None).float()
+            want = torch.nn.functional.linear(x[:, :48], proj.dequantize()).float()
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), f"linear, {rows} rows"
 
 
 @pytest.mark.cuda
