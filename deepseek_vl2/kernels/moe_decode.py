@@ -163,10 +163,13 @@ if triton is not None:
         return expert_gemm_launch(x.contiguous(), weight, ids.contiguous(), rows_per_id, silu_mul)
 
     def quant_tiles(int4: bool, group: int, silu_mul: bool):
-        """(BLOCK_N, BLOCK_K, warps, stages) of the quantized expert GEMM, int4 one group a tile: 32
-        outputs a tile for the gate/up pair (two accumulators), 64 for down; 128 int8 columns; 2 warps,
-        4 stages. The best or next to it of 13-15 tiles for small's stacks at 16 rows on an H200
+        """(BLOCK_N, BLOCK_K, warps, stages) of the quantized expert GEMM, int4 one group a tile: int4
+        gate/up in 64 outputs, 4 warps, 3 stages (its rows, 5-8, dispatch.QUANT_EXPERT_SCAN_ROWS); else
+        32 outputs for the gate/up pair (two accumulators), 64 for down, 128 int8 columns, 2 warps, 4
+        stages. The best or next to it of 13-15 tiles for small's stacks at 8 and 16 rows on an H200
         (benchmarks/moe_decode_configs.py, benchmarks/RESULTS.md 2026-12-02, thirty-first session)."""
+        if int4 and silu_mul:
+            return 64, group, 4, 3
         return (32 if silu_mul else 64), (group if int4 else 128), 2, 4
 
     def quant_expert_gemm_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
