@@ -52,9 +52,11 @@ MAX_GEMV_TOKENS = gemv.MAX_GEMV_TOKENS
 # other paths read each weight once but cost more at one row. Measured on an H200 (rows come padded
 # to 1, 2, 4, 8, 16, ...): one MoE layer of small with random routing (benchmarks/moe_decode_configs.py
 # --quantization int4 int8, benchmarks/RESULTS.md 2026-12-02, thirty-first session) the expert gemv
-# pair ahead of moe_decode's scanning GEMM up to 4 rows in int4 (86 against 108 us) and level in int8
-# (84 / 71 us at 4 rows), behind from 8 (int4 161 / 155, int8 153 / 113); the dense projections'
-# gemv beats their dequantized weight and cuBLAS up to 2 rows in int4 and 4 in int8 (quant_gemv_configs.py).
+# pair ahead of moe_decode's scanning GEMM up to 4 rows in int4 (86 against 108 us), behind from 8
+# (int4 160 / 155, int8 152 / 113); int8 at 4 rows 84 against 71 us, kept on the gemv there as the
+# whole step at 4 rows was not measured with the scan (at 16-32 rows the whole step and the layer
+# disagree: QUANT_EXPERT_SCAN_ROWS). The dense projections' gemv beats their dequantized weight and
+# cuBLAS up to 2 rows in int4 and 4 in int8 (quant_gemv_configs.py).
 QUANT_EXPERT_GEMV_ROWS = {4: 4, 8: 4}
 QUANT_LINEAR_GEMV_ROWS = {4: 2, 8: 4}
 # Token rows up to which (past the gemv's) quantized experts run through moe_decode.quant_expert_gemm:
