@@ -52,6 +52,15 @@ if triton is not None:
         return slots, tl.sum(hit, axis=0), rank
 
     @triton.jit
+    def _expert_program(ids_ptr, pairs, N, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's expert (grid axis 0), its output columns (axis 1) and which exist, and the
+        expert's pairs (_pairs_of_expert)."""
+        expert = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slots, count, rank = _pairs_of_expert(ids_ptr, pairs, expert, PAIRS)
+        return expert.to(tl.int64), cols, cols < N, slots, count, rank
+
+    @triton.jit
     def _pair_block(slots, rank, count, m0, BLOCK_M: tl.constexpr):
         """The pairs of places m0 .. m0 + BLOCK_M - 1 among an expert's [BLOCK_M], and which exist."""
         m = m0 + tl.arange(0, BLOCK_M)
@@ -62,11 +71,8 @@ if triton is not None:
                             stride_out, SILU_MUL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
-        expert = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = cols < N
-        slots, count, rank = _pairs_of_expert(ids_ptr, pairs, expert, PAIRS)
-        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        expert, cols, n_mask, slots, count, rank = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_N)
+        w_base = w_ptr + expert * stride_we
         for m0 in range(0, count, BLOCK_M):
             pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
             x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
@@ -96,13 +102,10 @@ if triton is not None:
         The grid's third axis splits an expert's pairs: program z takes its blocks z, z + Z, ... (Z
         programs), so an expert many rows chose (a shared one) is not one program's serial loop."""
         await_earlier_kernels(PDL)
-        expert = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = cols < N
-        slots, count, rank = _pairs_of_expert(ids_ptr, pairs, expert, PAIRS)
-        q_base = q_ptr + expert.to(tl.int64) * stride_qe
-        s_base = s_ptr + expert.to(tl.int64) * stride_se
-        z_base = z_ptr + expert.to(tl.int64) * stride_se
+        expert, cols, n_mask, slots, count, rank = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_N)
+        q_base = q_ptr + expert * stride_qe
+        s_base = s_ptr + expert * stride_se
+        z_base = z_ptr + expert * stride_se
         for m0 in range(tl.program_id(2) * BLOCK_M, count, tl.num_programs(2) * BLOCK_M):
             pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
             x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x

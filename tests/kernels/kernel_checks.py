@@ -39,6 +39,17 @@ def close(got, want, tol, what):
     assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g}, tol {tol})"
 
 
+def expert_stacks(E, N, K, bits, group, down_group, device, dtype, g):
+    """Random gate/up [E, 2N, K] and down [E, K, N] stacks quantized (rtn.py), each as (qweight, scale,
+    zero or None) on `device` and its dequantized float32 weights."""
+    stacks = []
+    for shape, columns in (((E, 2 * N, K), group), ((E, K, N), down_group)):
+        q, s, z = (t.to(device) if t is not None else None
+                   for t in rtn.quantize(torch.randn(*shape, generator=g) * 0.1, bits, columns, dtype))
+        stacks.append((q, s, z, rtn.dequantize(q, s, z, torch.float32)))
+    return stacks
+
+
 def check_gemv(device, dtype, tol):
     g = torch.Generator().manual_seed(1)
     E, N, K = 5, 48, 80
@@ -92,12 +103,8 @@ def check_quant_moe_decode(device, dtype, tol):
         routed = torch.stack([torch.randperm(E - 2, generator=g)[:k - 1] for _ in range(rows)])
         ids = torch.cat((routed, torch.full((rows, 1), E - 1)), dim=1).to(device)  # [rows, k]; expert E-2: none
         for bits, group in ((8, K), (4, 32)):
-            w13 = torch.randn(E, 2 * N, K, generator=g) * 0.1
-            w2 = torch.randn(E, K, N, generator=g) * 0.1
-            q13, s13, z13 = (t.to(device) if t is not None else None for t in rtn.quantize(w13, bits, group, dtype))
-            q2, s2, z2 = (t.to(device) if t is not None else None
-                          for t in rtn.quantize(w2, bits, N if bits == 8 else 32, dtype))
-            d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
+            (q13, s13, z13, d13), (q2, s2, z2, d2) = expert_stacks(E, N, K, bits, group, N if bits == 8 else 32,
+                                                                   device, dtype, g)
             for tiles in ((None, None, None, None), (32, 32, 4, 1)):  # (int4: one group a tile either way)
                 what = f"int{bits}, {rows} rows, N={N} K={K}, tiles {tiles}"
                 act = moe_decode.quant_expert_gemm_launch(x, q13, s13, z13, ids, k, True, *tiles)
@@ -120,12 +127,8 @@ def check_quant_gemv(device, dtype, tol):
     ids = torch.tensor([3, 0, 1, 1], device=device)  # 2 experts for each of 2 rows
     rows = x.repeat_interleave(2, dim=0)
     for bits, group in ((8, K), (4, 64), (4, 32)):
-        w13 = torch.randn(E, 2 * N, K, generator=g) * 0.1
-        w2 = torch.randn(E, K, N, generator=g) * 0.1
-        q13, s13, z13 = (t.to(device) if t is not None else None for t in rtn.quantize(w13, bits, group, dtype))
-        q2, s2, z2 = (t.to(device) if t is not None else None
-                      for t in rtn.quantize(w2, bits, N if bits == 8 else 4, dtype))
-        d13, d2 = rtn.dequantize(q13, s13, z13, torch.float32), rtn.dequantize(q2, s2, z2, torch.float32)
+        (q13, s13, z13, d13), (q2, s2, z2, d2) = expert_stacks(E, N, K, bits, group, N if bits == 8 else 4, device,
+                                                               dtype, g)
         # the default tiles, 64-column tiles (1 or 2 int4 groups), those loaded 3 or 4 stages ahead (word
         # tiles), and one output row per program of 4 warps
         for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3), (8, 64, 1, 4), (1, 256, 4, 1)):
