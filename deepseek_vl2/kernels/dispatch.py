@@ -274,7 +274,8 @@ def _dense_tiles_pay(weight: QuantizedWeight) -> bool:
 
 
 def _tile_dequantizable(weight: QuantizedWeight) -> bool:
-    """Whether the grouped GEMM can take the stack: int4 tiles are one group wide, at least 16."""
+    """Whether the tile kernels (grouped GEMM, dense tiles, scanning GEMM) can take the weight: int4 tiles are
+    one group wide, at least quant_grouped_gemm.MIN_GROUP columns."""
     return weight.bits == 8 or weight.group >= quant_grouped_gemm.MIN_GROUP
 
 
