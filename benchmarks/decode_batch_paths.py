@@ -26,20 +26,7 @@ from bench import build_model, comparison_parser, cuda_prompt_batch, decode_rate
 from deepseek_vl2.generation.cuda_graphs import release_decoders
 from deepseek_vl2.kernels import dispatch
 
-
-@contextlib.contextmanager
-def without_expert_scan():
-    """Quantized experts as before the scanning GEMM: the gemv up to 8 rows, the sorted grouped GEMM past it."""
-    saved = dict(dispatch.QUANT_EXPERT_GEMV_ROWS)
-    dispatch.QUANT_EXPERT_GEMV_ROWS.update({4: 8, 8: 8})
-    try:
-        with dispatch.quant_expert_scan_rows(0):
-            yield
-    finally:
-        dispatch.QUANT_EXPERT_GEMV_ROWS.update(saved)
-
-
-SETTINGS = {"now": contextlib.nullcontext, "no expert scan": without_expert_scan,
+SETTINGS = {"now": contextlib.nullcontext, "no expert scan": lambda: dispatch.quant_expert_rows(8, 0),
             "no dense tiles": lambda: dispatch.quant_linear_tile_rows(0)}
 
 

@@ -49,7 +49,7 @@ def way(gemv_rows: int, moe_rows: int):
         saved = dispatch.MAX_GEMV_TOKENS, dispatch.MOE_DECODE_ROWS
         dispatch.MAX_GEMV_TOKENS, dispatch.MOE_DECODE_ROWS = gemv_rows, moe_rows
         try:
-            with dispatch.quant_gemv_rows(gemv_rows, gemv_rows), dispatch.quant_expert_scan_rows(moe_rows):
+            with dispatch.quant_expert_rows(gemv_rows, moe_rows):
                 return dispatch.experts(x, w13, w2, ids, weights)
         finally:
             dispatch.MAX_GEMV_TOKENS, dispatch.MOE_DECODE_ROWS = saved

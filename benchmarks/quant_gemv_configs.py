@@ -261,16 +261,6 @@ def linear_rows(gemv_rows: int, tile_rows: int):
         yield
 
 
-@contextlib.contextmanager
-def expert_rows(gemv_rows: int, scan_rows: int):
-    """dispatch's quantized experts through the gemv up to `gemv_rows`, moe_decode's scanning GEMM up
-    to `scan_rows` (at most its MAX_ROWS), the sorted grouped GEMM past both."""
-    from deepseek_vl2.kernels import dispatch
-
-    with dispatch.quant_gemv_rows(gemv_rows, gemv_rows), dispatch.quant_expert_scan_rows(scan_rows):
-        yield
-
-
 def decode_rows(results, variants, schemes, rows_list):
     """One decode step's experts and projections at `rows` token rows: quantized through each path
     (experts: the gemv, the scanning GEMM, the sorted grouped GEMM; projections: linear_layer_paths),
@@ -288,7 +278,7 @@ def decode_rows(results, variants, schemes, rows_list):
         for scheme in schemes:
             for path, gemv_rows, scan_rows in (("gemv", 10**6, 0), ("scan", 0, 10**6), ("grouped", 0, 0)):
                 times[f"{scheme} {path}"] = graph_us(lambda i, limits=(gemv_rows, scan_rows), scheme=scheme: lambda: within(
-                    expert_rows(*limits), lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)), routings)
+                    dispatch.quant_expert_rows(*limits), lambda: dispatch.experts(x, *stacks[scheme], ids[i], weights)), routings)
         results.append(dict(name=f"{variant} experts rows={rows}", us=times))
         print(f"{variant} experts, {rows} rows: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
         for name, (N, K) in PROJECTIONS.items():

@@ -82,6 +82,11 @@ def launch_options(t: torch.Tensor) -> dict:
     return dict(PDL=on, launch_pdl=on)
 
 
+def tiles_or_defaults(given: tuple, defaults: tuple) -> tuple:
+    """A launcher's tile arguments (BLOCK_N, BLOCK_K, warps, stages, ...): each given one, else its default."""
+    return tuple(default if value is None else value for value, default in zip(given, defaults))
+
+
 def compiled_kernel_options() -> dict:
     """Inductor's options for compiled regions: its kernels launched as dependent launches, like ours,
     where DEPENDENT_LAUNCH is on and inductor could be made to keep our rule (`_inductor_waits_first`);

@@ -114,10 +114,11 @@ def quant_gemv_rows(experts: int, projections: int):
     return _limits_set((QUANT_EXPERT_GEMV_ROWS, experts), (QUANT_LINEAR_GEMV_ROWS, projections))
 
 
-def quant_expert_scan_rows(rows: int):
-    """Within the block quantized experts take moe_decode's quant_expert_gemm up to `rows` token rows
-    (past the gemv's), at both widths (0: never; for benchmarks trying other limits)."""
-    return _limits_set((QUANT_EXPERT_SCAN_ROWS, rows))
+def quant_expert_rows(gemv_rows: int, scan_rows: int):
+    """Within the block quantized experts take the gemv up to `gemv_rows` token rows and moe_decode's
+    quant_expert_gemm past them up to `scan_rows` (0: never), the sorted grouped GEMM past both, at
+    both widths (for benchmarks trying other limits)."""
+    return _limits_set((QUANT_EXPERT_GEMV_ROWS, gemv_rows), (QUANT_EXPERT_SCAN_ROWS, scan_rows))
 
 
 def quant_linear_tile_rows(rows: int):

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, launch_options, tl, triton
+from .custom_ops import kernel_op, launch_options, tiles_or_defaults, tl, triton
 
 MAX_ROWS = 64  # token rows per call: the pair scan holds next_power_of_2(rows x k) ids per program
 BLOCK_M = 16  # pairs of one expert per tensor-core dot (the least a dot takes)
@@ -139,9 +139,8 @@ if triton is not None:
     def expert_gemm_launch(x, weight, ids, rows_per_id, silu_mul, block_n=None, block_k=None, num_warps=None,
                            num_stages=None):
         defaults = gemm_tiles()
-        block_n, block_k, num_warps, num_stages = (
-            default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), defaults))
+        block_n, block_k, num_warps, num_stages = tiles_or_defaults((block_n, block_k, num_warps, num_stages),
+                                                                     defaults)
         E = weight.shape[0]
         N = weight.shape[1] // 2 if silu_mul else weight.shape[1]
         K = weight.shape[2]
@@ -181,9 +180,8 @@ if triton is not None:
         K = x.shape[1]
         group = K // scale.shape[-1]
         defaults = quant_tiles(int4, group, silu_mul)
-        block_n, block_k, num_warps, num_stages = (
-            default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), defaults))
+        block_n, block_k, num_warps, num_stages = tiles_or_defaults((block_n, block_k, num_warps, num_stages),
+                                                                     defaults)
         if int4:
             block_k = group  # one group per tile
         E = qweight.shape[0]

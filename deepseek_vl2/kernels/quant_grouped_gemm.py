@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import kernel_op, launch_options, tl, triton
+from .custom_ops import kernel_op, launch_options, tiles_or_defaults, tl, triton
 from .quant_gemv import MAGIC
 
 # int4 tiles are one group wide. Tiles of 16 columns (the least a tensor-core dot takes) gave wrong
@@ -189,9 +189,8 @@ if triton is not None:
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
         defaults = dense_tiles(int4, N) if blocks is None else gemm_tiles(int4, group, block_m)
-        block_n, block_k, num_warps, num_stages = (
-            default if given is None else given
-            for given, default in zip((block_n, block_k, num_warps, num_stages), defaults))
+        block_n, block_k, num_warps, num_stages = tiles_or_defaults((block_n, block_k, num_warps, num_stages),
+                                                                     defaults)
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)

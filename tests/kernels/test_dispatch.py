@@ -26,19 +26,21 @@ def test_rotary_formula_rotates_interleaved_pairs():
     assert reference.rotary(x, cos, sin).tolist() == [[[[-3.0, -4.0, 1.0, 2.0]]]]
 
 
-def test_quant_gemv_rows_sets_both_widths_and_puts_the_limits_back():
-    experts, projections = dict(dispatch.QUANT_EXPERT_GEMV_ROWS), dict(dispatch.QUANT_LINEAR_GEMV_ROWS)
+@pytest.mark.parametrize("setting, tables", [
+    (dispatch.quant_gemv_rows, (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS)),
+    (dispatch.quant_expert_rows, (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_EXPERT_SCAN_ROWS))])
+def test_two_limit_settings_set_both_widths_and_put_the_limits_back(setting, tables):
+    saved = [dict(table) for table in tables]
+    assert all(None not in table.values() for table in saved)  # both widths from a measured row count
     with pytest.raises(RuntimeError, match="inside"):
-        with dispatch.quant_gemv_rows(3, 5):
-            assert dispatch.QUANT_EXPERT_GEMV_ROWS == {4: 3, 8: 3}
-            assert dispatch.QUANT_LINEAR_GEMV_ROWS == {4: 5, 8: 5}
+        with setting(3, 5):
+            assert [dict(table) for table in tables] == [{4: 3, 8: 3}, {4: 5, 8: 5}]
             raise RuntimeError("inside")
-    assert (dispatch.QUANT_EXPERT_GEMV_ROWS, dispatch.QUANT_LINEAR_GEMV_ROWS) == (experts, projections)
+    assert [dict(table) for table in tables] == saved
 
 
 @pytest.mark.parametrize("setting, table", [(dispatch.stack_dequantize_rows, dispatch.QUANT_STACK_DEQUANTIZE_ROWS),
-                                            (dispatch.quant_linear_tile_rows, dispatch.QUANT_LINEAR_TILE_ROWS),
-                                            (dispatch.quant_expert_scan_rows, dispatch.QUANT_EXPERT_SCAN_ROWS)])
+                                            (dispatch.quant_linear_tile_rows, dispatch.QUANT_LINEAR_TILE_ROWS)])
 def test_row_limit_settings_set_both_widths_and_put_the_limits_back(setting, table):
     saved = dict(table)
     assert saved[4] is not None and saved[8] is not None  # both widths from a measured row count
