@@ -101,7 +101,7 @@ def measure(variant: str, scheme: str, rows_list, sweep_rows):
     configs = tile_configs(scheme)
     launch = moe_decode.expert_gemm_launch if scheme == "none" else (
         lambda x, w, ids, per_id, silu, *tiles: moe_decode.quant_expert_gemm_launch(
-            x, w.qweight, w.scale, w.zero, ids.view(-1, TOP_K + SHARED), per_id, silu, *tiles))
+            x, w.qweight, w.scale, w.zero, ids, per_id, silu, *tiles))
     print(f"{variant} {scheme}: {E}+{SHARED} experts of {I} x {h}, {copies} weight copies; us per MoE layer",
           flush=True)
     for rows in rows_list:
@@ -117,11 +117,10 @@ def measure(variant: str, scheme: str, rows_list, sweep_rows):
     for rows in sweep_rows:
         x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
         picks = routing(rows, E, copies)
-        flat = [ids.flatten() for ids, _ in picks]
         act = torch.randn(rows * (TOP_K + SHARED), I, device="cuda", dtype=torch.bfloat16)
         for stage, make in (
-                ("gate_up", lambda c: lambda i: lambda: launch(x, w13[i], flat[i], TOP_K + SHARED, True, *c)),
-                ("down", lambda c: lambda i: lambda: launch(act, w2[i], flat[i], 1, False, *c))):
+                ("gate_up", lambda c: lambda i: lambda: launch(x, w13[i], picks[i][0], TOP_K + SHARED, True, *c)),
+                ("down", lambda c: lambda i: lambda: launch(act, w2[i], picks[i][0], 1, False, *c))):
             current = graph_us(make((None, None, None, None)), copies)
             timings = sorted((fits(lambda: graph_us(make(c), copies)), c) for c in configs)
             print(f"  {rows} rows {stage}: current {current:.1f} us | best {timings[0][0]:.1f} at {timings[0][1]}"

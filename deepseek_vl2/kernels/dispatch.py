@@ -205,8 +205,8 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
         act = gemv.gemv(x, gate_up, flat_ids, k, True)
         return moe_glue.combine_pairs(gemv.gemv(act, down, flat_ids, 1, False), weights)
     if not quantized and _decode_sized(x, MOE_DECODE_ROWS):  # each expert finds its rows, no sorting
-        act = moe_decode.expert_gemm(x, gate_up, flat_ids, k, True)
-        return moe_glue.combine_pairs(moe_decode.expert_gemm(act, down, flat_ids, 1, False), weights)
+        act = moe_decode.expert_gemm(x, gate_up, ids, k, True)
+        return moe_glue.combine_pairs(moe_decode.expert_gemm(act, down, ids, 1, False), weights)
     # stable sort by expert; one-byte keys make the GPU radix sort a single pass
     num_experts = gate_up.shape[0]
     keys = flat_ids.to(torch.uint8) if num_experts <= 256 else flat_ids

@@ -4,12 +4,13 @@ At decode, a few to a few dozen token rows each pick k experts (the shared ones 
 gemv (gemv.py) reads an expert once per (token, expert) pair, so from a few rows on it reads the
 popular experts many times; the general path sorts the pairs by expert, gathers the rows and lays
 out blocks for a grouped GEMM, about ten small kernels a layer before any weight is read. Here one
-program per (expert, block of output columns) scans the pair ids itself:
+program per (expert, block of output columns, split of the expert's pairs) scans the pair ids itself:
 
-  expert_gemm(x [R, K], w [E, N, K] (or [E, 2N, K] with silu_mul), ids [P], rows_per_id) -> [P, N]
-      out[p] = w[ids[p]] @ x[p // rows_per_id], in the pairs' own order. A program finds the pairs
-      of its expert (a match and a running count over the ids, at most a few hundred), gathers
-      their rows BLOCK_M at a time and multiplies them with its weight tile by tensor-core dots:
+  expert_gemm(x [R, K], w [E, N, K] (or [E, 2N, K] with silu_mul), ids [R, k], rows_per_id) -> [R k, N]
+      out[p] = w[ids.flatten()[p]] @ x[p // rows_per_id], in the pairs' own order. A program finds
+      the pairs of its expert (a match and a running count over the ids, at most a few hundred),
+      gathers their rows BLOCK_M at a time (its own blocks of them when the expert has more than
+      one) and multiplies them with its weight tile by tensor-core dots:
       each chosen expert's weights are read once per BLOCK_M of its pairs, experts nobody chose
       are not read, and nothing is read back to the host (a fixed grid, capturable in a CUDA
       graph). With silu_mul the gate and up halves are multiplied together and the output is
@@ -52,13 +53,17 @@ if triton is not None:
         return slots, tl.sum(hit, axis=0), rank
 
     @triton.jit
-    def _expert_program(ids_ptr, pairs, N, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's expert (grid axis 0), its output columns (axis 1) and which exist, and the
-        expert's pairs (_pairs_of_expert)."""
+    def _expert_program(ids_ptr, pairs, N, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's expert (grid axis 0), its output columns (axis 1) and which exist, the
+        expert's pairs (_pairs_of_expert), and the place of its first block of them and the step to
+        its next: the grid's third axis splits an expert's blocks, program z taking blocks z, z + Z,
+        ... (Z programs), so an expert many rows chose (a shared one) is not one program's serial
+        loop."""
         expert = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         slots, count, rank = _pairs_of_expert(ids_ptr, pairs, expert, PAIRS)
-        return expert.to(tl.int64), cols, cols < N, slots, count, rank
+        first, step = tl.program_id(2) * BLOCK_M, tl.num_programs(2) * BLOCK_M
+        return expert.to(tl.int64), cols, cols < N, slots, count, rank, first, step
 
     @triton.jit
     def _pair_block(slots, rank, count, m0, BLOCK_M: tl.constexpr):
@@ -71,9 +76,10 @@ if triton is not None:
                             stride_out, SILU_MUL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
-        expert, cols, n_mask, slots, count, rank = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_N)
+        expert, cols, n_mask, slots, count, rank, first, step = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_M,
+                                                                               BLOCK_N)
         w_base = w_ptr + expert * stride_we
-        for m0 in range(0, count, BLOCK_M):
+        for m0 in range(first, count, step):
             pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
             x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,15 +104,14 @@ if triton is not None:
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   PDL: tl.constexpr):
         """As _expert_gemm_kernel on an int8 / int4 stack: each weight tile dequantized in registers
-        (quant_grouped_gemm.dequantized_tile) and dotted weight tile first, the pairs the narrow side.
-        The grid's third axis splits an expert's pairs: program z takes its blocks z, z + Z, ... (Z
-        programs), so an expert many rows chose (a shared one) is not one program's serial loop."""
+        (quant_grouped_gemm.dequantized_tile) and dotted weight tile first, the pairs the narrow side."""
         await_earlier_kernels(PDL)
-        expert, cols, n_mask, slots, count, rank = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_N)
+        expert, cols, n_mask, slots, count, rank, first, step = _expert_program(ids_ptr, pairs, N, PAIRS, BLOCK_M,
+                                                                               BLOCK_N)
         q_base = q_ptr + expert * stride_qe
         s_base = s_ptr + expert * stride_se
         z_base = z_ptr + expert * stride_se
-        for m0 in range(tl.program_id(2) * BLOCK_M, count, tl.num_programs(2) * BLOCK_M):
+        for m0 in range(first, count, step):
             pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
             x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
             acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -130,6 +135,11 @@ if triton is not None:
             out_rows = out_ptr + pair.to(tl.int64)[:, None] * stride_out
             store_rows(out_rows, cols[None, :], m_mask[:, None] & n_mask[None, :], acc, acc_up, SILU_MUL)
 
+    def _grid(experts: int, N: int, block_n: int, ids: torch.Tensor):
+        """(expert, output block, split): an expert has at most one pair a token row (ids [R, k]), so
+        cdiv(R, BLOCK_M) splits give each of its blocks of pairs a program."""
+        return experts, triton.cdiv(N, block_n), triton.cdiv(ids.shape[0], BLOCK_M)
+
     def gemm_tiles():
         """(BLOCK_N, BLOCK_K, warps, stages): at 16 rows on an H200, the best of 11 configurations for
         tiny's and small's gate/up and tiny's down, within 4% of the best for small's down
@@ -147,7 +157,7 @@ if triton is not None:
         pairs = ids.numel()
         out = x.new_empty(pairs, N)
         if pairs:
-            _expert_gemm_kernel[(E, triton.cdiv(N, block_n))](
+            _expert_gemm_kernel[_grid(E, N, block_n, ids)](
                 x, weight, ids, out, pairs, N, K, rows_per_id, x.stride(0), weight.stride(0), weight.stride(1),
                 out.stride(0), SILU_MUL=silu_mul, PAIRS=max(16, triton.next_power_of_2(pairs)), BLOCK_M=BLOCK_M,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
@@ -160,8 +170,8 @@ if triton is not None:
     @kernel_op("expert_gemm", _expert_gemm_fake)
     def expert_gemm(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows_per_id: int,
                     silu_mul: bool) -> torch.Tensor:
-        """x [R, K], weight [E, N, K] ([E, 2N, K] gate then up with silu_mul), ids [P] with
-        P = R x rows_per_id -> [P, N]."""
+        """x [R, K] (rows_per_id k) or [R k, K] (1), weight [E, N, K] ([E, 2N, K] gate then up with
+        silu_mul), ids [R, k] the experts of each token row -> [R k, N]."""
         return expert_gemm_launch(x.contiguous(), weight, ids.contiguous(), rows_per_id, silu_mul)
 
     def quant_tiles(int4: bool, group: int, silu_mul: bool):
@@ -188,9 +198,8 @@ if triton is not None:
         N = qweight.shape[1] // 2 if silu_mul else qweight.shape[1]
         pairs = ids.numel()
         out = x.new_empty(pairs, N)
-        splits = triton.cdiv(ids.shape[0], BLOCK_M)  # an expert has at most one pair a token row
         if pairs:
-            _quant_expert_gemm_kernel[(E, triton.cdiv(N, block_n), splits)](
+            _quant_expert_gemm_kernel[_grid(E, N, block_n, ids)](
                 x, qweight, scale, zero if int4 else scale, ids, out, pairs, N, K, rows_per_id, x.stride(0),
                 qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), MAGIC,
                 INT4=int4, SILU_MUL=silu_mul, EVEN=N % block_n == 0 and K % block_k == 0,

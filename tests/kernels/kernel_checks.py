@@ -72,21 +72,23 @@ def check_gemv(device, dtype, tol):
 def check_moe_decode(device, dtype, tol):
     """The expert GEMM pair (gate/up with silu_mul, then down) against einsum products, for rows whose
     pairs leave experts unchosen, give one expert more pairs than a dot block (the shared expert of
-    20 rows) and leave partial output and K tiles; the pairs' outputs come back in their own order."""
+    20 and 37 rows: its blocks split over programs) and leave partial output and K tiles; the pairs'
+    outputs come back in their own order."""
     g = torch.Generator().manual_seed(11)
     E, N, K, k = 7, 40, 80, 3
-    for rows in (3, 20):
+    for rows in (3, 20, 37):
         x = torch.randn(rows, K, generator=g).to(device, dtype)
         w13 = (torch.randn(E, 2 * N, K, generator=g) * 0.1).to(device, dtype)
         w2 = (torch.randn(E, K, N, generator=g) * 0.1).to(device, dtype)
         routed = torch.stack([torch.randperm(E - 2, generator=g)[:k - 1] for _ in range(rows)])
-        ids = torch.cat((routed, torch.full((rows, 1), E - 1)), dim=1).flatten().to(device)  # expert E-2: none
+        ids = torch.cat((routed, torch.full((rows, 1), E - 1)), dim=1).to(device)  # [rows, k]; expert E-2: none
+        flat = ids.flatten()
         for tiles in ((None, None, None, None), (32, 32, 2, 1)):
             act = moe_decode.expert_gemm_launch(x, w13, ids, k, True, *tiles)
-            gate_up = torch.einsum("ak,ank->an", x.repeat_interleave(k, dim=0).float(), w13[ids].float()).to(dtype)
+            gate_up = torch.einsum("ak,ank->an", x.repeat_interleave(k, dim=0).float(), w13[flat].float()).to(dtype)
             close(act, F.silu(gate_up[:, :N]) * gate_up[:, N:], tol, f"{rows} rows, gate/up with silu_mul, {tiles}")
             out = moe_decode.expert_gemm_launch(act, w2, ids, 1, False, *tiles)
-            close(out, torch.einsum("an,akn->ak", act.float(), w2[ids].float()), tol, f"{rows} rows, down, {tiles}")
+            close(out, torch.einsum("an,akn->ak", act.float(), w2[flat].float()), tol, f"{rows} rows, down, {tiles}")
     assert torch.equal(moe_decode.expert_gemm(act, w2, ids, 1, False), moe_decode.expert_gemm_launch(act, w2, ids, 1, False))
 
 
