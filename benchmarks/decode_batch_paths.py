@@ -8,6 +8,7 @@ Settings ("now" is the dispatch as it is):
   "no expert scan"  quantized experts through the gemv up to 8 rows and the sorted grouped GEMM past
                     them, not moe_decode.quant_expert_gemm (dispatch.QUANT_EXPERT_SCAN_ROWS) from 5
                     rows (the thirty-first session's change)
+  "expert scan to 32"  the scan from 5 to 32 rows at both widths (the sorted grouped GEMM past)
   "no dense tiles"  a linear layer's rows past the gemv's on its weight dequantized whole into a bf16
                     copy for cuBLAS, not the grouped GEMM's dense tiles (dispatch.QUANT_LINEAR_TILE_ROWS;
                     the thirtieth session's)
@@ -27,6 +28,7 @@ from deepseek_vl2.generation.cuda_graphs import release_decoders
 from deepseek_vl2.kernels import dispatch
 
 SETTINGS = {"now": contextlib.nullcontext, "no expert scan": lambda: dispatch.quant_expert_rows(8, 0),
+            "expert scan to 32": lambda: dispatch.quant_expert_rows(4, 32),
             "no dense tiles": lambda: dispatch.quant_linear_tile_rows(0)}
 
 
