@@ -66,10 +66,12 @@ if triton is not None:
         return expert.to(tl.int64), cols, cols < N, slots, count, rank, first, step
 
     @triton.jit
-    def _pair_block(slots, rank, count, m0, BLOCK_M: tl.constexpr):
-        """The pairs of places m0 .. m0 + BLOCK_M - 1 among an expert's [BLOCK_M], and which exist."""
+    def _pair_block(x_ptr, stride_x, rows_per_id, slots, rank, count, m0, BLOCK_M: tl.constexpr):
+        """The pairs of places m0 .. m0 + BLOCK_M - 1 among an expert's [BLOCK_M], which exist, and
+        their input rows' pointers [BLOCK_M, 1]."""
         m = m0 + tl.arange(0, BLOCK_M)
-        return tl.sum(tl.where(rank[None, :] == m[:, None], slots[None, :], 0), axis=1), m < count
+        pair = tl.sum(tl.where(rank[None, :] == m[:, None], slots[None, :], 0), axis=1)
+        return pair, m < count, x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
 
     @triton.jit
     def _expert_gemm_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, pairs, N, K, rows_per_id, stride_x, stride_we, stride_wn,
@@ -80,10 +82,8 @@ if triton is not None:
                                                                                BLOCK_N)
         w_base = w_ptr + expert * stride_we
         for m0 in range(first, count, step):
-            pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
-            x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            pair, m_mask, x_rows = _pair_block(x_ptr, stride_x, rows_per_id, slots, rank, count, m0, BLOCK_M)
+            acc, acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_mask = ks < K
@@ -112,10 +112,8 @@ if triton is not None:
         s_base = s_ptr + expert * stride_se
         z_base = z_ptr + expert * stride_se
         for m0 in range(first, count, step):
-            pair, m_mask = _pair_block(slots, rank, count, m0, BLOCK_M)
-            x_rows = x_ptr + (pair // rows_per_id).to(tl.int64)[:, None] * stride_x
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            pair, m_mask, x_rows = _pair_block(x_ptr, stride_x, rows_per_id, slots, rank, count, m0, BLOCK_M)
+            acc_t, acc_up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 w = dequantized_tile(q_base, s_base, z_base, cols, n_mask, k0, K, stride_qn, stride_sn, magic,
                                      x_ptr.dtype.element_ty, INT4, EVEN, True, BLOCK_K)
