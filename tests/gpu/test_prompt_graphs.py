@@ -59,7 +59,7 @@ def test_a_prompt_through_the_graphs_matches_the_eager_pieces(checkpoint, quanti
         eager = LayerPieces(lm, embeds, eager_cache, chunk=600)
         replayed = GraphLayerPieces(graphs, embeds)
         assert replayed.bucket == graphs.bucket_for(tokens) == {300: 512, 512: 512, 37: 256}[tokens]
-        with graph_kernels():  # (replays run what was captured)
+        with graph_kernels():  # for the eager pieces; a replay runs the kernels it captured whatever dispatch says
             for _ in range(layers - 1):
                 assert eager.advance(1) is None and replayed.advance(1) is None
             expected, logits = eager.advance(1), replayed.advance(1)
