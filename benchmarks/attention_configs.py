@@ -7,6 +7,9 @@ cache holds it), PyTorch SDPA with the additive mask against decode_attention.mh
 --mla: MLA over the latent cache at small's and base's heads (16, 32; rank 512, RoPE 64), 1 to 32
 rows and 1100 to 4200 cached latents, decode_attention.mla_decode (the slices' kernel and their
 combine) with its own tiles (`mla_tiles`) against the fastest of a sweep.
+--mla-values: MLA decode through W_UV at small's and base's heads, 1 to 64 rows, 2054 latents: the
+slices' combine, then W_UV as a batched product (cuBLAS), against W_UV applied in the combine
+(`mla_decode(..., w_uv=...)`) at several (value columns, warps) a program.
 """
 import argparse
 import itertools
@@ -66,12 +69,46 @@ def mla():
               f"{best:.2f} us at {tiles} (block_n, programs, min_blocks, warps): x{own / best:.2f}", flush=True)
 
 
+def mla_values():
+    R, P, nope, V, kv_len = 512, 64, 128, 128, 2054
+    for H, B in itertools.product((16, 32), (1, 2, 4, 8, 16, 32, 64)):
+        nbytes = B * kv_len * (R + P) * 2 + H * (nope + V) * R * 2
+        n = copies_for(nbytes)
+        caches = [torch.randn(B, kv_len + 256, R + P, device="cuda", dtype=torch.bfloat16)[:, :kv_len]
+                  for _ in range(n)]
+        w_uvs = [(torch.randn(H, nope + V, R, device="cuda", dtype=torch.bfloat16) * 0.05)[:, nope:] for _ in range(n)]
+        q_latent = torch.randn(B, H, R, device="cuda", dtype=torch.bfloat16)
+        q_pe = torch.randn(B, H, P, device="cuda", dtype=torch.bfloat16)
+        mask = torch.zeros(1, kv_len, device="cuda", dtype=torch.bfloat16)
+
+        def separate(i):
+            def call():
+                out = td.mla_decode(q_latent, q_pe, caches[i], mask, 192**-0.5)
+                return torch.bmm(out.transpose(0, 1), w_uvs[i].transpose(1, 2))
+            return call
+
+        def fused(i):
+            return lambda: td.mla_decode(q_latent, q_pe, caches[i], mask, 192**-0.5, w_uv=w_uvs[i])
+
+        before = graph_us(separate, n)
+        timings = []
+        for tiles in itertools.product((16, 32, 64), (4, 8)):
+            td.combine_values_tiles = lambda rows, tiles=tiles: tiles
+            timings.append((graph_us(fused, n), tiles))
+        print(f"{H} heads, {B} rows: combine + bmm {before:.2f} us | in the combine (value columns, warps): "
+              + ", ".join(f"{t:.2f} @ {c}" for t, c in sorted(timings)), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mla", action="store_true", help="MLA decode at small's and base's heads instead of MHA")
+    parser.add_argument("--mla-values", action="store_true", help="MLA decode through W_UV: combine, then product, "
+                        "against the product in the combine")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.mla:
+    if args.mla_values:
+        mla_values()
+    elif args.mla:
         mla()
     else:
         mha()

@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--prefill", action="store_true", help="profile the prompt forward instead")
     parser.add_argument("--host-top", type=int, default=0, help="also list the host (CPU) ops that cost most")
+    parser.add_argument("--in-order", type=int, default=0, metavar="N",
+                        help="also list the first N kernels of one step in the order they ran, with their times")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                         help="the decoder's linear layers quantized while the model is built")
     args = parser.parse_args()
@@ -80,6 +82,8 @@ def main():
     print(f"{'us/step':>9} {'n/step':>7}  kernel")
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{total / args.steps:9.1f} {count / args.steps:7.1f}  {name[:110]}")
+    if args.in_order:
+        print_in_order(prof, args.steps, args.in_order)
     if args.host_top:
         ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.host_top]
         print(f"host time per step: {sum(e.self_cpu_time_total for e in prof.key_averages()) / args.steps:.0f} us "
@@ -87,6 +91,22 @@ def main():
         print(f"{'self us':>9} {'n/step':>7}  host op")
         for e in ops:
             print(f"{e.self_cpu_time_total / args.steps:9.1f} {e.count / args.steps:7.1f}  {e.key[:110]}")
+
+
+def print_in_order(prof, steps: int, count: int) -> None:
+    """The first `count` kernels of the profile's last step, in the order they started: each one's
+    time and the idle time before it (the gap after the kernel before it ended)."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_step = len(events) // steps
+    step = events[len(events) - per_step:]
+    print(f"one step in order ({per_step} kernels; the first {count}):")
+    print(f"{'us':>7} {'gap us':>7}  kernel")
+    previous_end = None
+    for event in step[:count]:
+        gap = 0.0 if previous_end is None else event.time_range.start - previous_end
+        print(f"{event.time_range.elapsed_us():7.2f} {gap:7.2f}  {event.name[:110]}")
+        previous_end = event.time_range.end
 
 
 if __name__ == "__main__":

@@ -76,6 +76,30 @@ if triton is not None:
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
+    def _combine_values_kernel(part_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, n_splits, stride_wh, stride_wv,
+                               H: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+                               PDL: tl.constexpr):
+        """`_combine_kernel` for one (row, head), then its latent output (rounded to the activation
+        dtype, as the combine stores it) times BLOCK_V rows of the head's W_UV [V, R]."""
+        await_earlier_kernels(PDL)
+        bh = tl.program_id(0)
+        h = bh % H
+        offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_r = tl.arange(0, R)
+        w = tl.load(w_ptr + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :])  # [BLOCK_V, R]
+        splits = tl.arange(0, BLOCK_S)
+        valid = splits < n_splits
+        index = ((bh // H) * n_splits + splits) * H + h
+        maxes = tl.load(max_ptr + index, mask=valid, other=float("-inf"))
+        factors = tl.where(valid, tl.exp(maxes - tl.max(maxes, axis=0)), 0.0)
+        total = tl.sum(tl.load(sum_ptr + index, mask=valid, other=0.0) * factors, axis=0)
+        parts = tl.load(part_ptr + index[:, None] * R + offs_r[None, :], mask=valid[:, None], other=0.0)
+        latent = (tl.sum(parts * factors[:, None], axis=0) / total).to(w.dtype)
+        out = tl.sum(w.to(tl.float32) * latent.to(tl.float32)[None, :], axis=1)
+        V = tl.num_programs(1) * BLOCK_V
+        tl.store(out_ptr + bh * V + offs_v, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
     def _mha_decode_kernel(q_ptr, kv_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len, scale,
                            stride_qb, stride_qh, stride_kb, stride_kv, stride_kh, stride_kn, stride_mb,
                            H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -142,12 +166,30 @@ if triton is not None:
                                              BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4, **launch_options(out))
         return out
 
+    def combine_values_tiles(rows: int):
+        """(value columns a program, warps) of `_combine_values_kernel`, the best measured on an H200 at
+        small's and base's heads (16, 32), 2054 cached latents (benchmarks/attention_configs.py
+        --mla-values; benchmarks/RESULTS.md, thirty-third session)."""
+        return (32, 8) if rows == 1 else (64, 4)
+
+    def _combine_values(part, maxes, sums, w_uv, out, n_splits, H, R):
+        B, V = out.shape[0], w_uv.shape[1]
+        block_v, num_warps = combine_values_tiles(B)
+        _combine_values_kernel[(B * H, V // block_v)](
+            part, maxes, sums, w_uv, out, n_splits, w_uv.stride(0), w_uv.stride(1), H=H, R=R,
+            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_V=block_v, num_warps=num_warps, **launch_options(out))
+        return out
+
     @on_tensor_device
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
-                   scale: float, tiles: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+                   scale: float, tiles: Optional[Tuple[int, int, int, int]] = None,
+                   w_uv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
         [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R].
-        `tiles`: (keys per block, programs, least blocks a key slice, warps), default `mla_tiles(B)`."""
+        `tiles`: (keys per block, programs, least blocks a key slice, warps), default `mla_tiles(B)`.
+        With `w_uv` (W_UV [H, V, R], rows of R contiguous, V a multiple of 64): [B, H, V], the output
+        above (in q_latent's dtype) times each head's W_UV transposed, made by the kernel that
+        combines the key slices (one launch fewer than combining, then multiplying)."""
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
@@ -159,6 +201,8 @@ if triton is not None:
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
             H=H, R=R, P=P, BLOCK_N=block_n, num_warps=num_warps, **launch_options(part))
+        if w_uv is not None:
+            return _combine_values(part, maxes, sums, w_uv, q_latent.new_empty(B, H, w_uv.shape[1]), n_splits, H, R)
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)
 
     MHA_TILES = (32, 1056, 1, 2)  # mha_decode's (keys per block, programs, least blocks a key slice, warps)

@@ -24,7 +24,8 @@ which backend applies.
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
     mla_attention    mla_decode: as above, power-of-two heads, rank and   absorbed latent attention;
-                     rope dims >= 16; CUDA prefill: expanded + SDPA
+                     rope dims >= 16, W_UV applied in its combine up to   CUDA prefill: expanded + SDPA
+                     MLA_COMBINE_VALUES_ROWS rows
     sdpa_backends    every SDPA on CUDA (prefill, vision tower): flash,   (CPU: PyTorch's choice)
                      memory-efficient or math attention, never cuDNN's
 
@@ -92,6 +93,13 @@ QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # while a CUDA graph is captured: the graph would hold the scratch (base: 1.1 GiB) for good.
 QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: 192}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
+# Decode rows up to which MLA's key slices are combined and multiplied by W_UV in one kernel
+# (decode_attention.mla_decode with w_uv) instead of a combine and a batched product after it.
+# Measured on an H200 (benchmarks/attention_configs.py --mla-values, 2054 latents, benchmarks/RESULTS.md
+# thirty-third session), us for both, the best tiles against the two kernels: 16 heads 1 row 12.0
+# against 14.9, 2 rows 14.2 / 15.7, 4 rows 16.2 / 17.3, 8 rows 20.7 / 19.8; 32 heads 1 row 15.2 /
+# 18.4, 4 rows 20.8 / 20.7, 8 rows 32.7 / 25.7 (each program reads its head's W_UV slice once a row).
+MLA_COMBINE_VALUES_ROWS = 4
 
 
 @contextlib.contextmanager
@@ -374,6 +382,9 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
     rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
     if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
+        if B <= MLA_COMBINE_VALUES_ROWS and w_uv.shape[1] % 64 == 0:  # W_UV applied by the slices' combine
+            return decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale,
+                                               w_uv=w_uv)[:, :, None]
         out_latent = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale)
         out_latent = out_latent[:, :, None]
     else:

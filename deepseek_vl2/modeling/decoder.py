@@ -116,20 +116,27 @@ def _pre_attention(layer: DecoderLayer, x, cos, sin, kv: LayerCache, slot):
     return query
 
 
-def _post_attention(layer: DecoderLayer, x, context):
-    return layer.post_attention(x, context)
+def _between_attentions(layer: DecoderLayer, next_layer: DecoderLayer, x, context, cos, sin, next_kv: LayerCache,
+                        slot):
+    """What follows a layer's attention and precedes the next one's: the layer's o_proj, residual sums
+    and MLP, then the next layer's `_pre_attention`. One piece rather than two, so that a compiler
+    fuses the layer's last residual sum with the next layer's input norm."""
+    x = layer.post_attention(x, context)
+    return x, _pre_attention(next_layer, x, cos, sin, next_kv, slot)
 
 
-def _last_logits(lm: "DeepseekV2ForCausalLM", x):
+def _last_logits(lm: "DeepseekV2ForCausalLM", layer: DecoderLayer, x, context):
+    """The last layer after its attention, the final norm and the LM head: float32 logits [B, vocab]."""
+    x = layer.post_attention(x, context)
     return dispatch.lm_head(lm.model.norm(x[:, -1]), lm.lm_head.weight).float()
 
 
 class DecodePieces(NamedTuple):
-    """The fixed-shape parts of a decode step, as plain functions of (module, tensors); attention
+    """The fixed-shape parts of a decode step, as plain functions of (modules, tensors); attention
     between them reads the cache up to a length that varies by step."""
 
-    pre_attention: Callable
-    post_attention: Callable
+    pre_attention: Callable  # the first layer's
+    between_attentions: Callable
     last_logits: Callable
 
 
@@ -245,7 +252,7 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         )
         return out if return_dict is not False else out.to_tuple()
 
-    decode_pieces = DecodePieces(_pre_attention, _post_attention, _last_logits)
+    decode_pieces = DecodePieces(_pre_attention, _between_attentions, _last_logits)
 
     def decode_step(self, tokens, positions, slot, visible, kv_len: int, cache: KVCache,
                     pieces: Optional[DecodePieces] = None) -> torch.Tensor:
@@ -255,7 +262,7 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
         `kv_len` slots up to its slot where `visible` [B, >= kv_len] is set. All shapes are fixed for a
         given kv_len and nothing is read back to the host, so a runner can capture this in a CUDA
         graph; `pieces` (default `decode_pieces`) are what it may hand in compiled."""
-        pre_attention, post_attention, last_logits = pieces or self.decode_pieces
+        pre_attention, between_attentions, last_logits = pieces or self.decode_pieces
         model = self.model
         x = model.embed_tokens(tokens[:, None])
         cos, sin = model.rope.lookup(positions[:, None], x.dtype)
@@ -263,11 +270,13 @@ class DeepseekV2ForCausalLM(GenerationMixin, nn.Module):
             attn = row_attention_inputs(visible, slot, kv_len, x.dtype)
         else:
             attn = build_attention_inputs(visible, 0, 1, kv_len, x.dtype, x.device, cache_positions=slot)
-        for i, layer in enumerate(model.layers):
-            kv = cache.layer(i)
-            query = pre_attention(layer, x, cos, sin, kv, slot)
-            x = post_attention(layer, x, layer.self_attn.attend(query, kv.read(kv_len), attn))
-        return last_logits(self, x)
+        layers = model.layers
+        query = pre_attention(layers[0], x, cos, sin, cache.layer(0), slot)
+        for i, layer in enumerate(layers[:-1]):
+            context = layer.self_attn.attend(query, cache.layer(i).read(kv_len), attn)
+            x, query = between_attentions(layer, layers[i + 1], x, context, cos, sin, cache.layer(i + 1), slot)
+        context = layers[-1].self_attn.attend(query, cache.layer(len(layers) - 1).read(kv_len), attn)
+        return last_logits(self, layers[-1], x, context)
 
     def prepare_cache(self, past_key_values, batch_size: int, new_tokens: int, like: torch.Tensor) -> KVCache:
         """A KVCache with room for `new_tokens` more: the given one, one built from legacy tuples,

@@ -267,6 +267,12 @@ def check_mla_decode(device, dtype, tol):
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, f"mla_decode B={B}")
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale, tiles=(16, 132, 2, 2)), want, tol,
               f"mla_decode B={B}, tiles given")
+        kv_b = torch.randn(H * (16 + 64), R, generator=g).to(device, dtype)  # W_UK rows (16), then W_UV's (64)
+        w_uv = kv_b.view(H, 16 + 64, R)[:, 16:]  # a strided view, as dispatch takes it
+        # the combine rounds the latent output to the activation dtype before the product
+        values = torch.einsum("bhr,hvr->bhv", want.to(dtype).float(), w_uv.float())
+        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale, w_uv=w_uv), values, tol,
+              f"mla_decode B={B}, W_UV in the combine")
         one_row = (scores + mask[:1].float()[:, None]).softmax(-1)  # one mask row for the whole batch
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask[:1], scale),
               torch.einsum("bhn,bnr->bhr", one_row, latent[..., :R].float()), tol, f"mla_decode B={B}, one mask row")
