@@ -57,23 +57,27 @@ if triton is not None:
         tl.store(sum_ptr + base, running_sum)
 
     @triton.jit
-    def _combine_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, n_splits, H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        await_earlier_kernels(PDL)
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
+    def _combined_slices(part_ptr, max_ptr, sum_ptr, b, h, n_splits, H: tl.constexpr, D: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+        """Row b, head h's output [D] (float32) from its key slices: each slice's partial output and
+        softmax sum rescaled to the largest running max, summed, the outputs over the sums."""
         splits = tl.arange(0, BLOCK_S)
         valid = splits < n_splits
         index = (b * n_splits + splits) * H + h
         maxes = tl.load(max_ptr + index, mask=valid, other=float("-inf"))
-        overall = tl.max(maxes, axis=0)
-        factors = tl.where(valid, tl.exp(maxes - overall), 0.0)
+        factors = tl.where(valid, tl.exp(maxes - tl.max(maxes, axis=0)), 0.0)
         total = tl.sum(tl.load(sum_ptr + index, mask=valid, other=0.0) * factors, axis=0)
         offs_d = tl.arange(0, D)
         parts = tl.load(part_ptr + index[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-        out = tl.sum(parts * factors[:, None], axis=0) / total
-        tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty))
+        return tl.sum(parts * factors[:, None], axis=0) / total
+
+    @triton.jit
+    def _combine_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, n_splits, H: tl.constexpr, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
+        bh = tl.program_id(0)
+        out = _combined_slices(part_ptr, max_ptr, sum_ptr, bh // H, bh % H, n_splits, H, D, BLOCK_S)
+        tl.store(out_ptr + bh * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _combine_values_kernel(part_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, n_splits, stride_wh, stride_wv,
@@ -85,16 +89,8 @@ if triton is not None:
         bh = tl.program_id(0)
         h = bh % H
         offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        offs_r = tl.arange(0, R)
-        w = tl.load(w_ptr + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :])  # [BLOCK_V, R]
-        splits = tl.arange(0, BLOCK_S)
-        valid = splits < n_splits
-        index = ((bh // H) * n_splits + splits) * H + h
-        maxes = tl.load(max_ptr + index, mask=valid, other=float("-inf"))
-        factors = tl.where(valid, tl.exp(maxes - tl.max(maxes, axis=0)), 0.0)
-        total = tl.sum(tl.load(sum_ptr + index, mask=valid, other=0.0) * factors, axis=0)
-        parts = tl.load(part_ptr + index[:, None] * R + offs_r[None, :], mask=valid[:, None], other=0.0)
-        latent = (tl.sum(parts * factors[:, None], axis=0) / total).to(w.dtype)
+        w = tl.load(w_ptr + h * stride_wh + offs_v[:, None] * stride_wv + tl.arange(0, R)[None, :])  # [BLOCK_V, R]
+        latent = _combined_slices(part_ptr, max_ptr, sum_ptr, bh // H, h, n_splits, H, R, BLOCK_S).to(w.dtype)
         out = tl.sum(w.to(tl.float32) * latent.to(tl.float32)[None, :], axis=1)
         V = tl.num_programs(1) * BLOCK_V
         tl.store(out_ptr + bh * V + offs_v, out.to(out_ptr.dtype.element_ty))
