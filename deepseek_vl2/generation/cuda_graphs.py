@@ -8,8 +8,10 @@ they, not the memory traffic, set the speed. So for each batch size:
   * each step runs as one replayed CUDA graph. Attention reads the cache up to a length bucket
     (a multiple of 256 tokens, one graph per bucket in use) with a mask for the slots not yet written;
   * the fixed-shape parts of every layer (norms, projections, RoPE and the cache write, the MoE
-    block, the LM head) go through torch.compile, which fuses their elementwise work. Layers share
-    one compiled graph per kind (dense / MoE), since their parameters are graph inputs.
+    block, the LM head) go through torch.compile, which fuses their elementwise work. They come as
+    the pieces between two attentions (one layer's end and the next one's start, so a layer's last
+    residual sum fuses with the next norm), and layers share one compiled graph per pair of kinds
+    (dense then MoE, MoE then MoE), since their parameters are graph inputs.
 
 The runner reaches into no layer: the model hands it a step (`decode_step`) and the plain
 functions of its fixed-shape parts (`decode_pieces`); the runner compiles private copies of those,
