@@ -8,12 +8,14 @@ has no bf16 tensor-core dots, so the CPU run uses float16.
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
 from deepseek_vl2.kernels import (  # noqa: E402
     decode_attention,
@@ -336,11 +338,20 @@ CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv
 
 def interpreted(*names: str) -> None:
     """Run the named checks on the CPU in Triton's interpreter (needs a recent Triton: the 3.6
-    interpreter fails on loops bounded by kernel arguments)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert all(f"ok {name}" in done.stdout for name in names), done.stdout
+    interpreter fails on loops bounded by kernel arguments), then compile every launch they made
+    for sm_90 (hopper_compile.py), which the interpreter alone would not refuse."""
+    with tempfile.TemporaryDirectory() as folder:
+        launches = os.path.join(folder, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1", KERNEL_LAUNCHES=launches)
+        done = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert all(f"ok {name}" in done.stdout for name in names), done.stdout
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), launches], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def kernel_tests(*names: str):
@@ -366,6 +377,10 @@ def kernel_tests(*names: str):
 
 
 if __name__ == "__main__":
+    if os.environ.get("KERNEL_LAUNCHES"):
+        from hopper_compile import record
+
+        record(os.environ["KERNEL_LAUNCHES"])
     for check in CHECKS:
         if check.__name__ in sys.argv[1:]:
             check("cpu", torch.float16, 2e-3)

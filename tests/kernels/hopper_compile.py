@@ -1,0 +1,95 @@
+"""Compile for an H100/H200 (sm_90) every kernel launch that the interpreter ran, on a host without a GPU.
+
+Triton's interpreter runs a kernel's Python body, so it accepts code that Triton's compiler refuses
+(a loop-carried variable whose shape changes, a dot of unsupported shapes, ...): such kernels pass
+the CPU checks and fail only on the GPU. `record(path)` (in the interpreter's process) notes each
+launch: the kernel, its arguments' types, its constexprs and launch options; `python
+hopper_compile.py PATH` (a process without the interpreter) compiles each distinct launch for
+sm_90 with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on the
+first that fails. float16 tensors are compiled as bfloat16, the GPU checks' dtype (the interpreter
+has no bf16 dots, so the CPU checks run in float16).
+"""
+import atexit
+import inspect
+import json
+import sys
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+IGNORED_OPTIONS = ("launch_pdl", "num_ctas", "maxnreg")
+TENSOR_TYPES = {"float32": "fp32", "float16": "bf16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
+                "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _argument_type(value):
+    """Triton's signature type of a runtime argument."""
+    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        return "*" + TENSOR_TYPES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no signature type for an argument of type {type(value).__name__}")
+
+
+def launch_record(fn, args, kwargs) -> dict:
+    """The kernel `fn` (a Python function) launched with `args` / `kwargs`: its module and name, the
+    signature type of each runtime argument, the value of each constexpr, the launch options."""
+    params = inspect.signature(fn).parameters
+    values = dict(zip(params, args))
+    values.update((k, v) for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_OPTIONS)
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        if "constexpr" in str(param.annotation):
+            value = values.get(name, param.default)
+            constexprs[name] = value.value if hasattr(value, "value") else value
+            signature[name] = "constexpr"
+        else:
+            signature[name] = _argument_type(values[name])
+    return dict(module=fn.__module__, kernel=fn.__name__, signature=signature, constexprs=constexprs,
+                options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
+
+
+def record(path: str) -> None:
+    """In the interpreter's process: note every kernel launch, written to `path` (JSON) at exit."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = {}
+    run = InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        entry = launch_record(self.fn, args, kwargs)
+        launches[json.dumps(entry, sort_keys=True)] = entry
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording
+    atexit.register(lambda: open(path, "w").write(json.dumps(list(launches.values()))))
+
+
+def compile_all(path: str) -> int:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    launches = json.load(open(path))
+    for entry in launches:
+        kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
+        names = list(entry["signature"])
+        constexprs = {(names.index(name),): value for name, value in entry["constexprs"].items()}
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs), target=target,
+                           options=entry["options"])
+        except Exception as error:
+            print(f"{entry['module']}.{entry['kernel']} does not compile for sm_90 with constexprs "
+                  f"{entry['constexprs']}, options {entry['options']}:\n{error}", flush=True)
+            return 1
+    print(f"compiled {len(launches)} launches for sm_90", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(compile_all(sys.argv[1]))
