@@ -6,7 +6,8 @@ Default: MHA at tiny's shapes (10 heads x 128, a 2304-key bucket, the cache stri
 cache holds it), PyTorch SDPA with the additive mask against decode_attention.mha_decode.
 --mla: MLA over the latent cache at small's and base's heads (16, 32; rank 512, RoPE 64), 1 to 32
 rows and 1100 to 4200 cached latents, decode_attention.mla_decode (the slices' kernel and their
-combine) with its own tiles (`mla_tiles`) against the fastest of a sweep.
+combine) with its own tiles (`mla_tiles`) against the fastest of a sweep (32 heads also in
+programs of 16).
 --mla-values: MLA decode through W_UV at small's and base's heads, 1 to 64 rows, 2054 latents: the
 slices' combine, then W_UV as a batched product (cuBLAS), against W_UV applied in the combine
 (`mla_decode(..., w_uv=...)`) at several (value columns, warps) a program.
@@ -50,8 +51,8 @@ def mha():
 
 def mla():
     R, P = 512, 64
-    configs = list(itertools.product((32, 64), (132, 264, 528, 1056), (1, 2, 4), (4, 8)))
     for H, B, kv_len in itertools.product((16, 32), (1, 4, 16, 32), (1100, 2054, 4200)):
+        configs = list(itertools.product((32, 64), (132, 264, 528, 1056), (1, 2, 4), (4, 8), (None, 16)[:H // 16]))
         nbytes = B * kv_len * (R + P) * 2
         n = copies_for(nbytes)
         caches = [torch.randn(B, kv_len + 256, R + P, device="cuda", dtype=torch.bfloat16)[:, :kv_len]
@@ -64,9 +65,9 @@ def mla():
             return graph_us(lambda i: lambda: td.mla_decode(q_latent, q_pe, caches[i], mask, 192**-0.5, tiles), n)
 
         own = timed(None)
-        best, tiles = min((timed(c), c) for c in configs)
+        best, tiles = min(((timed(c), c) for c in configs), key=lambda timed_tiles: timed_tiles[0])
         print(f"{H} heads, {B} rows, {kv_len} latents: mla_tiles {td.mla_tiles(B)} {own:.2f} us | best of the sweep "
-              f"{best:.2f} us at {tiles} (block_n, programs, min_blocks, warps): x{own / best:.2f}", flush=True)
+              f"{best:.2f} us at {tiles} (block_n, programs, min_blocks, warps, heads): x{own / best:.2f}", flush=True)
 
 
 def mla_values():

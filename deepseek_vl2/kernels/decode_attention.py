@@ -20,20 +20,21 @@ if triton is not None:
     @triton.jit
     def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, latent_ptr, mask_ptr, part_ptr, max_ptr, sum_ptr, kv_len, split_len,
                            scale, stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_ln, stride_mb,
-                           H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-                           PDL: tl.constexpr):
+                           H: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """Row b's key slice `split` for HEADS of its H heads (the group on grid axis 2)."""
         await_earlier_kernels(PDL)
         b = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
-        heads = tl.arange(0, H)
+        heads = tl.program_id(2) * HEADS + tl.arange(0, HEADS)
         offs_r = tl.arange(0, R)
         offs_p = tl.arange(0, P)
         q_lat = tl.load(q_lat_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_r[None, :])
         q_pe = tl.load(q_pe_ptr + b * stride_pb + heads[:, None] * stride_ph + offs_p[None, :])
-        running_max = tl.full((H,), float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros((H,), dtype=tl.float32)
-        acc = tl.zeros((H, R), dtype=tl.float32)
+        running_max = tl.full((HEADS,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((HEADS,), dtype=tl.float32)
+        acc = tl.zeros((HEADS, R), dtype=tl.float32)
         start = split * split_len
         end = tl.minimum(start + split_len, kv_len)
         for n0 in range(start, end, BLOCK_N):
@@ -143,13 +144,18 @@ if triton is not None:
         return -(-kv_len // split_len), split_len
 
     def mla_tiles(rows: int):
-        """(keys per block, programs, least blocks a key slice, warps) of the MLA decode kernel, the
-        best measured on an H200 at small's and base's heads (16, 32), 1 to 32 rows and 1100 to 4200
-        cached latents (benchmarks/attention_configs.py --mla; benchmarks/RESULTS.md, twenty-seventh
-        session): up to 4 rows, blocks of 64 keys in 8 warps and about 33 slices a row, none shorter
-        than a block (more slices leave more partial outputs to combine than they save); more rows,
-        blocks of 32 keys in 4 warps, about 264 programs of at least 4 blocks each."""
-        return (64, 33 * rows, 1, 8) if rows <= 4 else (32, 264, 4, 4)
+        """(keys per block, programs, least blocks a key slice, warps, heads a program) of the MLA decode
+        kernel, the best measured on an H200 at small's and base's heads (16, 32), 1 to 32 rows and
+        1100 to 4200 cached latents (benchmarks/attention_configs.py --mla; benchmarks/RESULTS.md,
+        twenty-seventh and thirty-fourth sessions): up to 4 rows, blocks of 64 keys in 8 warps and
+        about 33 slices a row, none shorter than a block (more slices leave more partial outputs to
+        combine than they save); more rows, blocks of 32 keys in 4 warps, about 264 programs of at
+        least 4 blocks each. At one row, 16 heads a program: base's 32 heads in two programs a
+        slice, since one row's 33 programs each reading a slice for all heads leave most SMs idle
+        and wait on their reads; otherwise all heads a program (None)."""
+        if rows == 1:
+            return 64, 33, 1, 8, 16
+        return (64, 33 * rows, 1, 8, None) if rows <= 4 else (32, 264, 4, 4, None)
 
     def _split_buffers(rows: int, n_splits: int, H: int, D: int, device):
         """float32 partial outputs [rows * n_splits * H, D], running maxima and sums of the splits."""
@@ -178,25 +184,29 @@ if triton is not None:
 
     @on_tensor_device
     def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
-                   scale: float, tiles: Optional[Tuple[int, int, int, int]] = None,
+                   scale: float, tiles: Optional[Tuple[int, int, int, int, Optional[int]]] = None,
                    w_uv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q_latent [B, H, R], q_pe [B, H, P], latent [B, kv_len, R + P] (a cache view), mask
         [B or 1, kv_len] additive -> [B, H, R] = softmax(scale * q.k + mask) . latent[..., :R].
-        `tiles`: (keys per block, programs, least blocks a key slice, warps), default `mla_tiles(B)`.
+        `tiles`: (keys per block, programs, least blocks a key slice, warps, heads a program: a power of
+        two of at least 16 dividing H, or None for all), default `mla_tiles(B)`.
         With `w_uv` (W_UV [H, V, R], rows of R contiguous, V a multiple of 64): [B, H, V], the output
         above (in q_latent's dtype) times each head's W_UV transposed, made by the kernel that
         combines the key slices (one launch fewer than combining, then multiplying)."""
         B, H, R = q_latent.shape
         P = q_pe.shape[-1]
         kv_len = latent.shape[1]
-        block_n, programs, min_blocks, num_warps = tiles or mla_tiles(B)
+        block_n, programs, min_blocks, num_warps, heads = tiles or mla_tiles(B)
+        heads = min(heads or H, H)
+        if H % heads:
+            raise ValueError(f"mla_decode: {heads} heads a program do not divide the {H} heads")
         n_splits, split_len = _splits(B, kv_len, block_n, programs, min_blocks)
         part, maxes, sums = _split_buffers(B, n_splits, H, R, latent.device)
         mask = mask.expand(B, kv_len)  # a mask built without padding has one row for the batch
-        _mla_decode_kernel[(B, n_splits)](
+        _mla_decode_kernel[(B, n_splits, H // heads)](
             q_latent, q_pe, latent, mask, part, maxes, sums, kv_len, split_len, scale, q_latent.stride(0),
             q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1), mask.stride(0),
-            H=H, R=R, P=P, BLOCK_N=block_n, num_warps=num_warps, **launch_options(part))
+            H=H, HEADS=heads, R=R, P=P, BLOCK_N=block_n, num_warps=num_warps, **launch_options(part))
         if w_uv is not None:
             return _combine_values(part, maxes, sums, w_uv, q_latent.new_empty(B, H, w_uv.shape[1]), n_splits, H, R)
         return _combine(part, maxes, sums, q_latent.new_empty(B, H, R), n_splits, H, R)

@@ -267,7 +267,7 @@ def check_mla_decode(device, dtype, tol):
         probs = (scores + mask.float()[:, None]).softmax(-1)
         want = torch.einsum("bhn,bnr->bhr", probs, latent[..., :R].float())
         close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale), want, tol, f"mla_decode B={B}")
-        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale, tiles=(16, 132, 2, 2)), want, tol,
+        close(decode_attention.mla_decode(q_latent, q_pe, latent, mask, scale, tiles=(16, 132, 2, 2, 16)), want, tol,
               f"mla_decode B={B}, tiles given")
         kv_b = torch.randn(H * (16 + 64), R, generator=g).to(device, dtype)  # W_UK rows (16), then W_UV's (64)
         w_uv = kv_b.view(H, 16 + 64, R)[:, 16:]  # a strided view, as dispatch takes it
