@@ -21,7 +21,9 @@ TENSOR_TYPES = {"float32": "fp32", "float16": "bf16", "bfloat16": "bf16", "int64
 
 
 def _argument_type(value):
-    """Triton's signature type of a runtime argument."""
+    """Triton's signature type of a runtime argument (None: a constexpr, as Triton treats it)."""
+    if value is None:
+        return "constexpr"
     if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
         return "*" + TENSOR_TYPES[str(value.dtype).removeprefix("torch.")]
     if isinstance(value, bool):
@@ -41,12 +43,10 @@ def launch_record(fn, args, kwargs) -> dict:
     values.update((k, v) for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_OPTIONS)
     signature, constexprs = {}, {}
     for name, param in params.items():
-        if "constexpr" in str(param.annotation):
-            value = values.get(name, param.default)
+        value = values.get(name, param.default)
+        signature[name] = "constexpr" if "constexpr" in str(param.annotation) else _argument_type(value)
+        if signature[name] == "constexpr":
             constexprs[name] = value.value if hasattr(value, "value") else value
-            signature[name] = "constexpr"
-        else:
-            signature[name] = _argument_type(values[name])
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature, constexprs=constexprs,
                 options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
 
@@ -63,8 +63,12 @@ def record(path: str) -> None:
         launches[json.dumps(entry, sort_keys=True)] = entry
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
+    def write():
+        with open(path, "w") as file:
+            json.dump(list(launches.values()), file)
+
     InterpretedFunction.run = recording
-    atexit.register(lambda: open(path, "w").write(json.dumps(list(launches.values()))))
+    atexit.register(write)
 
 
 def compile_all(path: str) -> int:
@@ -75,7 +79,8 @@ def compile_all(path: str) -> int:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", 90, 32)
-    launches = json.load(open(path))
+    with open(path) as file:
+        launches = json.load(file)
     for entry in launches:
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         names = list(entry["signature"])

@@ -348,7 +348,7 @@ def interpreted(*names: str) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         assert all(f"ok {name}" in done.stdout for name in names), done.stdout
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py")), launches], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
