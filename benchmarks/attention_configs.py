@@ -52,7 +52,8 @@ def mha():
 def mla():
     R, P = 512, 64
     for H, B, kv_len in itertools.product((16, 32), (1, 4, 16, 32), (1100, 2054, 4200)):
-        configs = list(itertools.product((32, 64), (132, 264, 528, 1056), (1, 2, 4), (4, 8), (None, 16)[:H // 16]))
+        head_groups = (None, 16) if H > 16 else (None,)  # all heads a program, or 16 (mla_tiles' fifth entry)
+        configs = list(itertools.product((32, 64), (132, 264, 528, 1056), (1, 2, 4), (4, 8), head_groups))
         nbytes = B * kv_len * (R + P) * 2
         n = copies_for(nbytes)
         caches = [torch.randn(B, kv_len + 256, R + P, device="cuda", dtype=torch.bfloat16)[:, :kv_len]
