@@ -9,8 +9,9 @@ which backend applies.
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
-                     MOE_DECODE_ROWS, combine_pairs after either;         quantized: on the stacks
-                     quantized experts: the quant_gemv pair for           dequantized one at a time
+                     MOE_DECODE_ROWS, combine_pairs after either          quantized: on the stacks
+                     (inside torch.compile the formula, which fuses);     dequantized one at a time
+                     quantized experts: the quant_gemv pair for
                      <= QUANT_EXPERT_GEMV_ROWS rows, moe_decode's
                      quant_expert_gemm pair up to QUANT_EXPERT_SCAN_ROWS,
                      else (bf16/fp16 CUDA) quant_grouped_gemm,
@@ -203,18 +204,18 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     quantized = isinstance(gate_up, QuantizedWeight)
     if quantized and _decode_sized(x, QUANT_EXPERT_GEMV_ROWS[gate_up.bits]):  # int8/int4 bytes read by the gemv
         act = _quant_gemv(x, gate_up, flat_ids, k, True)
-        return moe_glue.combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
+        return _combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
     if quantized and _decode_sized(x, min(QUANT_EXPERT_SCAN_ROWS[gate_up.bits], MOE_DECODE_ROWS)) \
             and _tile_dequantizable(gate_up) and _tile_dequantizable(down):  # each expert finds its rows
         act = moe_decode.quant_expert_gemm(x, gate_up.qweight, gate_up.scale, gate_up.zero, ids, k, True)
         out = moe_decode.quant_expert_gemm(act, down.qweight, down.scale, down.zero, ids, 1, False)
-        return moe_glue.combine_pairs(out, weights)
+        return _combine_pairs(out, weights)
     if not quantized and _decode_sized(x, MAX_GEMV_TOKENS):  # each chosen expert read directly, no sorting
         act = gemv.gemv(x, gate_up, flat_ids, k, True)
-        return moe_glue.combine_pairs(gemv.gemv(act, down, flat_ids, 1, False), weights)
+        return _combine_pairs(gemv.gemv(act, down, flat_ids, 1, False), weights)
     if not quantized and _decode_sized(x, MOE_DECODE_ROWS):  # each expert finds its rows, no sorting
         act = moe_decode.expert_gemm(x, gate_up, ids, k, True)
-        return moe_glue.combine_pairs(moe_decode.expert_gemm(act, down, ids, 1, False), weights)
+        return _combine_pairs(moe_decode.expert_gemm(act, down, ids, 1, False), weights)
     # stable sort by expert; one-byte keys make the GPU radix sort a single pass
     num_experts = gate_up.shape[0]
     keys = flat_ids.to(torch.uint8) if num_experts <= 256 else flat_ids
@@ -242,6 +243,21 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
     return reference.combine(out, weights)
+
+
+def _combine_pairs(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The decode paths' expert outputs [N*k, h] in pair order combined with their weights (float32
+    sums, as reference.combine): inside torch.compile as k elementwise terms added in pair order, which
+    inductor fuses into the residual sum and norm that follow (a sum over a dimension of 8 would be a
+    reduction kernel of its own); otherwise one kernel."""
+    if not torch.compiler.is_compiling():
+        return moe_glue.combine_pairs(outputs, weights)
+    N, k = weights.shape
+    pairs = outputs.view(N, k, -1)
+    total = pairs[:, 0].float() * weights[:, :1]
+    for j in range(1, k):
+        total = total + pairs[:, j].float() * weights[:, j:j + 1]
+    return total.to(outputs.dtype)
 
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -382,11 +398,11 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
     q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
     rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
     if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
-        if B <= MLA_COMBINE_VALUES_ROWS and w_uv.shape[1] % 64 == 0:  # W_UV applied by the slices' combine
-            return decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale,
-                                               w_uv=w_uv)[:, :, None]
-        out_latent = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale)
-        out_latent = out_latent[:, :, None]
+        in_combine = B <= MLA_COMBINE_VALUES_ROWS and w_uv.shape[1] % 64 == 0  # W_UV applied by the slices' combine
+        out = decode_attention.mla_decode(q_absorbed[:, :, 0], q_pe[:, :, 0], latent, mask[:, 0, 0], scale,
+                                          w_uv=w_uv if in_combine else None)[:, :, None]
+        if in_combine:
+            return out
     else:
-        out_latent = reference.latent_attention(q_absorbed, q_pe, latent, mask, scale)
-    return reference.per_head_matmul(out_latent, w_uv.transpose(1, 2))
+        out = reference.latent_attention(q_absorbed, q_pe, latent, mask, scale)
+    return reference.per_head_matmul(out, w_uv.transpose(1, 2))

@@ -22,8 +22,8 @@ program per (expert, block of output columns, split of the expert's pairs) scans
       bytes are read and dequantized once per BLOCK_M of its pairs, where the quantized gemv
       (quant_gemv.py) reads them once per pair.
 
-moe_glue.combine_pairs then sums each token's k outputs with their weights. Inside compiled regions
-both are custom ops (deepseek_vl2::expert_gemm, deepseek_vl2::quant_expert_gemm;
+dispatch.py then sums each token's k outputs with their weights (moe_glue.combine_pairs). Inside
+compiled regions both are custom ops (deepseek_vl2::expert_gemm, deepseek_vl2::quant_expert_gemm;
 `custom_ops.kernel_op`). dispatch.py decides when they run (bf16: more than gemv.MAX_GEMV_TOKENS
 rows, at most MAX_ROWS; quantized: past the gemv's rows, up to its own limit).
 """

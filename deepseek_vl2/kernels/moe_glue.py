@@ -10,8 +10,10 @@ of prefill, the decode kernels' outputs), where plain PyTorch ops make several p
   combine_pairs   the same for outputs already in (token, expert) pair order (the gemv and
                   moe_decode kernels write them so).
 
-Inside compiled regions (batched decode) all three are torch custom ops (`custom_ops.kernel_op`).
-dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops.
+Inside compiled regions (batched decode) silu_mul and combine_sorted are torch custom ops
+(`custom_ops.kernel_op`); there dispatch.py combines pairs with the formula instead, which inductor
+fuses into the residual sum and norm after it. dispatch.py says when to use them; reference.py
+keeps the equivalent PyTorch ops.
 """
 import torch
 

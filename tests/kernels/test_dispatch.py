@@ -253,3 +253,34 @@ def test_cuda_bf16_experts_match_float32_on_every_path_and_replay_in_a_graph():
             old.copy_(new)
         graph.replay()
         assert torch.equal(out, dispatch.experts(x, gate_up, down, ids, weights))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_decode_combines_expert_pairs_inside_the_norm_kernel_after_them():
+    """Inside torch.compile the decode paths' combine of a token's 8 expert outputs is the formula,
+    which inductor fuses with the residual sum and the next norm into one kernel (no combine_pairs
+    launch); the results equal the eager kernels' within bf16 rounding."""
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(3)
+    rows, k, h = 2, 8, 2048
+    outputs = torch.randn(rows * k, h, generator=g).to("cuda", torch.bfloat16)
+    weights = torch.rand(rows, k, generator=g).cuda()
+    residual = torch.randn(rows, h, generator=g).to("cuda", torch.bfloat16)
+    norm_weight = torch.rand(h, generator=g).to("cuda", torch.bfloat16)
+
+    def layer_end(outputs, weights, residual):
+        x = residual + dispatch._combine_pairs(outputs, weights)
+        return x, dispatch.rms_norm(x, norm_weight, 1e-6)
+
+    with torch.inference_mode():
+        eager = layer_end(outputs, weights, residual)
+        torch._dynamo.reset()
+        compiled, codes = run_and_get_code(torch.compile(layer_end, fullgraph=True, dynamic=False), outputs,
+                                           weights, residual)
+        torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert "deepseek_vl2.combine_pairs" not in code and code.count("@triton.jit") == 1, code
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
