@@ -13,11 +13,12 @@ the part before the later one's wait. torch.compile's kernels are then launched 
 made to keep the same rule (`compiled_kernel_options`, used by generation/cuda_graphs.py). CUDA
 graphs keep the dependency as captured.
 
-It is off unless DEEPSEEK_VL2_DEPENDENT_LAUNCH=1: on an H200 it made batch-1 decode 4-14% faster,
-but base's int4 greedy tokens then differed from plain launches at the fifth token, in every
+It is off unless DEEPSEEK_VL2_DEPENDENT_LAUNCH=1: on an H200 it first made batch-1 decode 4-14%
+faster, but base's int4 greedy tokens then differed from plain launches at the fifth token, in every
 rebuild, and only with torch.compile's kernels launched this way, on one machine (not on the next),
-which is not explained yet (benchmarks/RESULTS.md, twenty-fifth and twenty-sixth sessions). Off,
-every kernel launches in plain stream order.
+which is not explained yet (benchmarks/RESULTS.md, twenty-fifth and twenty-sixth sessions); since the
+decode step has fewer, fused kernels it measures 4% slower there (thirty-fifth session). Off, every
+kernel launches in plain stream order.
 """
 import functools
 import os

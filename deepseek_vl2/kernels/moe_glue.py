@@ -11,12 +11,13 @@ of prefill, the decode kernels' outputs), where plain PyTorch ops make several p
                   moe_decode kernels write them so).
 
 Inside compiled regions (batched decode) silu_mul and combine_sorted are torch custom ops
-(`custom_ops.kernel_op`); there dispatch.py combines pairs with the formula instead, which inductor
-fuses into the residual sum and norm after it. dispatch.py says when to use them; reference.py
-keeps the equivalent PyTorch ops.
+(`custom_ops.kernel_op`). combine_pairs is called eagerly only: inside compiled regions dispatch.py
+combines pairs with the formula, which inductor fuses into the residual sum and norm after it.
+dispatch.py says when to use them; reference.py keeps the equivalent PyTorch ops.
 """
 import torch
 
+from ..modeling.devices import on_tensor_device
 from .custom_ops import kernel_op, launch_options, tl, triton
 
 if triton is not None:
@@ -68,7 +69,7 @@ if triton is not None:
         `outputs`), weights [N, k] float32 -> [N, h] in outputs' dtype."""
         return _combine_launch(outputs, slots.contiguous(), weights)
 
-    @kernel_op("combine_pairs", lambda outputs, weights: outputs.new_empty(weights.shape[0], outputs.shape[1]))
+    @on_tensor_device
     def combine_pairs(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """outputs [N*k, h] with pair (n, j) at row n*k + j, weights [N, k] float32 -> [N, h] in
         outputs' dtype."""
