@@ -5,7 +5,8 @@
 
 Each model is built with random bf16 weights directly on the GPU (no download, no fp32 copy)
 from the release's config.json; with --quantization int8 / int4 its decoder weights are drawn
-one expert at a time and quantized (no bf16 copy of them either), and each scheme's figures are
+one expert at a time and quantized (no bf16 copy of them either; int8+head / int4+head: the LM
+head too, in int8), and each scheme's figures are
 also given relative to the bf16 ("none") model of the same variant measured in the same call.
 The prompt is what the real processor makes of a 1024x1024 image (3x3 tiles + global view:
 2017 image tokens) and a ~32-token question, 2054 tokens in all (the tokenizer is the offline one;
@@ -75,16 +76,22 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
+# weight schemes a model can be built in: bf16, the decoder layers in int8 / int4, and those with the
+# LM head in int8 too (QuantizationConfig's lm_head)
+SCHEMES = ["none", "int8", "int4", "int8+head", "int4+head"]
+
+
 def build_model(variant: str, compile_at_once: bool = True, quantization: str = "none") -> DeepseekVLV2ForCausalLM:
-    """Random bf16 weights at the release's shapes on the GPU (the decoder's quantized with
-    `quantization` int8 / int4). `compile_at_once`: the decode steps are compiled from the first
-    step (the steady state this script measures), not after `compile_decode_after` steps as by default."""
+    """Random bf16 weights at the release's shapes on the GPU (quantized as `quantization`, one of
+    SCHEMES). `compile_at_once`: the decode steps are compiled from the first step (the steady state
+    this script measures), not after `compile_decode_after` steps as by default."""
     config = DeepseekVLV2Config.from_pretrained(str(CONFIGS / variant))
     with torch.device("meta"):
         model = DeepseekVLV2ForCausalLM(config)
     model = model.to(torch.bfloat16)
     if quantization != "none":
-        quantize_modules(model, QuantizationConfig(quantization), torch.bfloat16)
+        scheme, _, head = quantization.partition("+")
+        quantize_modules(model, QuantizationConfig(scheme, lm_head=head == "head"), torch.bfloat16)
     model = model.to_empty(device="cuda")
     model = init_random_weights(model, seed=0).eval()
     if compile_at_once:
@@ -280,8 +287,8 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
-                        help="weight schemes to measure each variant in (none: bf16)")
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=SCHEMES,
+                        help="weight schemes to measure each variant in (none: bf16; +head: the LM head in int8)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

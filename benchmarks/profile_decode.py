@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import build_model
+from bench import SCHEMES, build_model
 from deepseek_vl2.generation.cuda_graphs import decoder_for
 
 
@@ -28,8 +28,8 @@ def main():
     parser.add_argument("--host-top", type=int, default=0, help="also list the host (CPU) ops that cost most")
     parser.add_argument("--in-order", type=int, default=0, metavar="N",
                         help="also list the first N kernels of one step in the order they ran, with their times")
-    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                        help="the decoder's linear layers quantized while the model is built")
+    parser.add_argument("--quantization", default="none", choices=SCHEMES,
+                        help="the decoder's linear layers (+head: and the LM head) quantized while the model is built")
     args = parser.parse_args()
     model = build_model(args.variant, quantization=args.quantization)
     lm = model.language

@@ -75,9 +75,10 @@ class ChatEngine:
 
     @classmethod
     def load(cls, model_path: str, device: Optional[str] = None, dtype=None, chunk_size: int = -1,
-             quantization: Optional[str] = None) -> "ChatEngine":
+             quantization=None) -> "ChatEngine":
         """Processor and model through `load_model_and_processor` (CUDA when available; bf16 there, else
-        fp32; `quantization` "int8" / "int4" quantizes the language model while loading)."""
+        fp32; `quantization` "int8" / "int4" or a QuantizationConfig quantizes the language model while
+        loading)."""
         processor, model = load_model_and_processor(model_path, device=device, dtype=dtype, quantization=quantization)
         return cls(model, processor, chunk_size)
 

@@ -20,9 +20,10 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                             quantization: Optional[str] = None):
+                             quantization=None):
     """`(processor, model)` of `model_path`; `device` defaults to CUDA when available, `dtype` to
-    `default_dtype(device)`; `quantization` (None, "int8", "int4") as from_pretrained takes it."""
+    `default_dtype(device)`; `quantization` (None, "int8", "int4" or a QuantizationConfig) as
+    from_pretrained takes it."""
     from ..models import DeepseekVLV2ForCausalLM
     from ..processing import DeepseekVLV2Processor
 

@@ -307,8 +307,9 @@ if triton is not None:
         inside a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md
         2026-11-30 to 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
         output rows and 2 warps, except at one token (up to 8 (row, expert) pairs): gate/up in 8 rows
-        of 256 columns, one warp, the next two tiles loaded ahead; down in 8 rows of one 128-column
-        group, one warp, three tiles ahead. int4 word projections of one row: over 5120 columns (a
+        of 256 columns, one warp, the next two tiles loaded ahead; down in 16 rows of 256 columns
+        (128 where 256 does not divide the row: tiny, small), one warp, two tiles ahead (thirty-eighth
+        session). int4 word projections of one row: over 5120 columns (a
         dense layer's down) one output row per program of 4 warps in 2048-column tiles for groups of
         64 (tiny, small), 4 rows of 1024 columns and 2 warps, 3 stages, for groups of 128 (base); up
         to 8192 outputs (the attention projections) 4 rows (8 from 4096 outputs) of 512 columns with
@@ -328,7 +329,7 @@ if triton is not None:
             return (4, 1024, 2, 3) if K > 8192 else (2, 1024, 1, 3)
         if words and experts:
             if int4 and rows <= 8:  # one token
-                return (8, 256, 1, 3) if silu_mul else (8, 128, 1, 4)
+                return (8, 256, 1, 3) if silu_mul else (16, 256 if K % 256 == 0 else 128, 1, 3)
             return (4 if silu_mul else 8), 512, 2, 1
         if int4 and not words:
             return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4, 1

@@ -116,9 +116,9 @@ def resolve_quantization(requested, config, checkpoint_dir):
     stored = parse_quantization(getattr(config, "quantization_config", None),
                                 f"{checkpoint_dir}/config.json: quantization_config")
     if stored is not None and requested is not None and requested != stored:
-        raise ValueError(f"{checkpoint_dir} holds a {stored.scheme} checkpoint (group size {stored.group_size}); "
-                         f"it cannot be loaded as {requested.scheme} (group size {requested.group_size}): load "
-                         f"it without `quantization`, or quantize the full-precision checkpoint")
+        raise ValueError(f"{checkpoint_dir} holds a checkpoint quantized as {stored.describe()}; it cannot be "
+                         f"loaded as {requested.describe()}: load it without `quantization`, or quantize the "
+                         f"full-precision checkpoint")
     return stored or requested, stored is not None
 
 

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from deepseek_vl2.kernels import dispatch, reference
+from deepseek_vl2.quantization.config import QuantizationConfig
+from deepseek_vl2.quantization.weight import QuantizedWeight
 
 
 def test_cpu_ops_are_the_reference_ops():
@@ -15,6 +17,11 @@ def test_cpu_ops_are_the_reference_ops():
     assert torch.equal(dispatch.silu_mul(gate_up), reference.silu_mul(gate_up))
     head = torch.randn(10, 16, generator=g)
     assert torch.equal(dispatch.lm_head(x[:1], head), torch.nn.functional.linear(x[:1], head))
+    quantized_head = QuantizedWeight((10, 16), QuantizationConfig("int8"), torch.float32)
+    quantized_head.write((), head)
+    expected = torch.nn.functional.linear(x[:1], quantized_head.dequantize())
+    assert torch.equal(dispatch.lm_head(x[:1], quantized_head), expected)
+    assert (expected - torch.nn.functional.linear(x[:1], head)).abs().max() < 0.05  # int8 rounding
     kv = torch.randn(1, 2, 2, 3, 8, generator=g)
     assert torch.equal(dispatch.mha_attention(q.expand(1, 2, 3, 8), kv, None), reference.mha_attention(q, kv, None))
 

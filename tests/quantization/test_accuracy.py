@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepseek_vl2.models import DeepseekVLV2ForCausalLM
+from deepseek_vl2.quantization.config import QuantizationConfig
 from goldens import CHECKPOINTS, rel_err
 
 # the official tensors the issue asks to quantize: attention projections (not kv_b_proj), dense MLP, experts
@@ -36,8 +37,9 @@ def rtn(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     return (((groups - low) / step).round().clamp(0, 15) * step + low).view(w.shape)
 
 
-def rtn_checkpoint(source, target, scheme):
-    """A copy of the checkpoint in `source` with every quantized tensor RTN-rounded (in float32)."""
+def rtn_checkpoint(source, target, scheme, lm_head=False):
+    """A copy of the checkpoint in `source` with every quantized tensor RTN-rounded (in float32); with
+    `lm_head`, the LM head too, in int8."""
     shutil.copytree(source, target)
     expert_width = json.loads((source / "config.json").read_text())["language_config"]["moe_intermediate_size"]
     rounded = 0
@@ -50,6 +52,9 @@ def rtn_checkpoint(source, target, scheme):
                 rounded += 1
             elif QUANTIZED_KEY.fullmatch(key):
                 tensors[key] = rtn(tensor, scheme)
+                rounded += 1
+            elif lm_head and key == "language.lm_head.weight":
+                tensors[key] = rtn(tensor, "int8")
                 rounded += 1
         save_file(tensors, str(file), metadata={"format": "pt"})
     return rounded
@@ -72,6 +77,24 @@ def test_quantized_logits_within_round_to_nearest_error(name, scheme, tmp_path):
     rtn_error, error = rel_err(plain_rtn, full), rel_err(quantized, full)
     print(f"{name} {scheme}: quantized {error:.4g}, plain RTN {rtn_error:.4g}")
     assert rtn_error > 1e-4  # the rounding is visible at all
+    assert error <= rtn_error * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_quantized_lm_head_within_round_to_nearest_error(name, tmp_path):
+    """int4 layers and the LM head in int8 against RTN of both; the head's rounding adds to the error."""
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    full = logits(DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS[name], dtype=torch.float32), ids)
+    layers_only = rtn_checkpoint(CHECKPOINTS[name], tmp_path / "layers", "int4")
+    assert rtn_checkpoint(CHECKPOINTS[name], tmp_path / "rtn", "int4", lm_head=True) == layers_only + 1
+    plain_rtn = logits(DeepseekVLV2ForCausalLM.from_pretrained(tmp_path / "rtn", dtype=torch.float32), ids)
+    layers_rtn = logits(DeepseekVLV2ForCausalLM.from_pretrained(tmp_path / "layers", dtype=torch.float32), ids)
+    config = QuantizationConfig("int4", lm_head=True)
+    model = DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS[name], dtype=torch.float32, quantization=config)
+    assert model.language.lm_head.weight.scheme == "int8"
+    rtn_error, error = rel_err(plain_rtn, full), rel_err(logits(model, ids), full)
+    print(f"{name} int4 + int8 head: quantized {error:.4g}, plain RTN {rtn_error:.4g}")
+    assert not torch.equal(plain_rtn, layers_rtn)  # the head's rounding is in the reference
     assert error <= rtn_error * 1.01 + 1e-6
 
 

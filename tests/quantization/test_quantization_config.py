@@ -20,14 +20,19 @@ def test_parse_and_round_trip():
     assert parse_quantization(None) is None
     assert parse_quantization("int8") == QuantizationConfig("int8")
     stored = QuantizationConfig("int4", 64).to_dict()
-    assert stored == {"quant_method": "deepseek_vl2", "scheme": "int4", "group_size": 64}
+    assert stored == {"quant_method": "deepseek_vl2", "scheme": "int4", "group_size": 64, "lm_head": False}
     assert parse_quantization(stored) == QuantizationConfig("int4", 64)
+    with_head = QuantizationConfig("int4", lm_head=True)
+    assert parse_quantization(with_head.to_dict()) == with_head and with_head.to_dict()["lm_head"] is True
+    # checkpoints saved before the lm_head key existed keep their head in the activation dtype
+    assert parse_quantization({"quant_method": "deepseek_vl2", "scheme": "int8", "group_size": 128}).lm_head is False
 
 
 @pytest.mark.parametrize("value,message", [
     ("int3", "scheme 'int3' is not supported"),
     ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
-    ({"scheme": "int4", "bits": 4}, "expected keys scheme and group_size"),
+    ({"scheme": "int4", "bits": 4}, "expected keys scheme, group_size and lm_head"),
+    ({"scheme": "int4", "lm_head": "yes"}, "lm_head must be true or false, not 'yes'"),
     (4, "must be None, 'int8', 'int4'"),
 ])
 def test_bad_values_are_named(value, message):

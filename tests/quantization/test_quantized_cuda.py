@@ -27,6 +27,9 @@ BF16_LOGITS_REL = 3e-2  # as tests/gpu/test_cuda.py: bf16 noise after a few laye
 # dequantized and rounded to bf16 while the gemv dequantizes in float32 registers (measured on an H200:
 # 0.031 for small_mla int8, the others below 0.03)
 QUANT_PATHS_REL = 5e-2
+# the two schemes, and int4 with the LM head in int8 (its gemv at one row, its dense tiles past that)
+SCHEMES = pytest.mark.parametrize("scheme", ["int8", "int4", QuantizationConfig("int4", lm_head=True)],
+                                  ids=["int8", "int4", "int4+head"])
 
 
 def quantized_cuda(name, scheme, warm_up=False):
@@ -35,7 +38,7 @@ def quantized_cuda(name, scheme, warm_up=False):
 
 
 @pytest.mark.parametrize("compile_after", [0, 2048], ids=["compiled", "plain-graphs"])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@SCHEMES
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_fast_path_matches_plain_path(name, scheme, compile_after):
     model = quantized_cuda(name, scheme)
@@ -61,7 +64,7 @@ def test_warm_up_and_batched_rows(scheme):
         assert_same_or_near_tie(row_out, alone)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@SCHEMES
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_decode_gemv_matches_prefill_path(name, scheme):
     """The last token's logits by a one-token decode step (the quantized gemv kernels) and by the
@@ -142,7 +145,7 @@ def test_real_small_int4_on_a_1024_image(tmp_path):
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@SCHEMES
 @torch.inference_mode()  # as the engine steps
 def test_continuous_engine_graphs_beyond_the_gemv_rows(scheme):
     """The continuous engine (the server's) on a quantized model with more rows than the gemv takes:

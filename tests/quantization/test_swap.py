@@ -32,3 +32,16 @@ def test_quantized_and_kept_weights_of_the_real_models(variant, share):
     kept = sum(n for name, n in full.items() if name not in quantized)
     per_weight = (bits - 16 * kept) / sum(full[name] for name in quantized)
     assert 4.2 < per_weight < 4.3  # 4 bits + a bf16 scale and zero per 128 (per 64 in the dense MLP)
+
+
+def test_the_lm_head_quantized_to_int8_on_request():
+    with torch.device("meta"):
+        model = DeepseekVLV2ForCausalLM(DeepseekVLV2Config.from_pretrained(str(FIXTURES / "real_shapes" / "small")))
+    quantize_modules(model.to(torch.bfloat16), QuantizationConfig("int4", lm_head=True), torch.bfloat16)
+    head = model.language.lm_head
+    assert isinstance(head, QuantizedLinear) and head.weight.scheme == "int8" and head.bias is None
+    assert head.weight.qweight.shape == (129280, 2048) and head.weight.scale.shape == (129280, 1)
+    assert model.language.dtype == torch.bfloat16
+    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantizedWeight)]
+    assert [name for name in quantized if not name.startswith("language.model.layers.")] == ["language.lm_head.weight"]
+    assert model.language.model.embed_tokens.weight.dtype == torch.bfloat16

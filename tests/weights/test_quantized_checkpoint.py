@@ -43,7 +43,8 @@ def test_save_and_reload_without_the_argument(name, scheme, ratio, tmp_path):
     model = DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS[name], dtype=torch.bfloat16, quantization=scheme)
     model.save_pretrained(tmp_path / "q")
     stored = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert stored["quantization_config"] == {"quant_method": "deepseek_vl2", "scheme": scheme, "group_size": 128}
+    assert stored["quantization_config"] == {"quant_method": "deepseek_vl2", "scheme": scheme, "group_size": 128,
+                                             "lm_head": False}
     assert stored.get("dtype", stored.get("torch_dtype")) == "bfloat16"
     reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path / "q")
     assert reloaded.dtype == torch.bfloat16
@@ -59,6 +60,24 @@ def test_save_and_reload_without_the_argument(name, scheme, ratio, tmp_path):
     assert size < sum(f.stat().st_size for f in (tmp_path / "f").glob("*.safetensors"))
 
 
+def test_quantized_lm_head_saved_and_reloaded(tmp_path):
+    config = QuantizationConfig("int4", lm_head=True)
+    model = DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS["small_mla"], dtype=torch.bfloat16,
+                                                    quantization=config)
+    model.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert stored == {"quant_method": "deepseek_vl2", "scheme": "int4", "group_size": 128, "lm_head": True}
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    head = model.language.lm_head.weight
+    assert tensors["language.lm_head.weight.qweight"].dtype == torch.int8
+    assert tensors["language.lm_head.weight.scale"].shape == (head.shape[0], 1)  # one scale per vocabulary row
+    assert "language.lm_head.weight" not in tensors and "language.lm_head.weight.zero" not in tensors
+    reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.language.lm_head.weight.scheme == "int8"
+    assert torch.equal(logits(reloaded), logits(model))
+    assert torch.equal(logits(DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, quantization=config)), logits(model))
+
+
 def test_stored_tensor_names_and_a_second_scheme_refused(tmp_path):
     model = DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS["small_mla"], dtype=torch.float32,
                                                     quantization="int4")
@@ -72,8 +91,10 @@ def test_stored_tensor_names_and_a_second_scheme_refused(tmp_path):
     assert tensors[prefix + "shared_experts.down_proj.weight.zero"].shape == (h, S)
     assert prefix + "experts.3.up_proj.weight" not in tensors and prefix + "gate.weight" in tensors
     assert tensors["language.model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float32
-    with pytest.raises(ValueError, match="holds a int4 checkpoint .* cannot be loaded as int8"):
+    with pytest.raises(ValueError, match="quantized as int4 in groups of 128; it cannot be loaded as int8:"):
         DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, quantization="int8")
+    with pytest.raises(ValueError, match="cannot be loaded as int4 in groups of 128, the LM head in int8:"):
+        DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, quantization=QuantizationConfig("int4", lm_head=True))
     same = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, quantization="int4")
     assert torch.equal(logits(same), logits(model))
 
