@@ -21,8 +21,10 @@ which backend applies.
     quantized_linear quant_gemv for <= QUANT_LINEAR_GEMV_ROWS bf16/fp16   F.linear on the dequantized
                      CUDA rows, then quant_grouped_gemm's dense tiles     weight (a one-pass kernel on
                      up to QUANT_LINEAR_TILE_ROWS (int4: short rows)      CUDA, PyTorch ops elsewhere)
-    lm_head          gemv for LM_HEAD_GEMV_ROWS bf16/fp16 CUDA rows       F.linear
-                     (quantized: as quantized_linear, its gemv as far)
+    lm_head          gemv for LM_HEAD_GEMV_ROWS bf16/fp16 CUDA rows;      F.linear (quantized: on
+                     quantized (int8): quant_gemv, then the dense tiles    the dequantized weight)
+                     weight tile first, past LM_HEAD_WEIGHT_FIRST_ROWS
+                     rows first
     mha_attention    mha_decode: one bf16/fp16 CUDA query token, a mask,  SDPA
                      power-of-two head_dim >= 16
     mla_attention    mla_decode: as above, power-of-two heads, rank and   absorbed latent attention;
@@ -261,11 +263,9 @@ def _combine_pairs(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return total.to(outputs.dtype)
 
 
-def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor],
-                     gemv_rows: Optional[int] = None) -> torch.Tensor:
-    """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype; through the gemv up
-    to `gemv_rows` token rows (default QUANT_LINEAR_GEMV_ROWS)."""
-    if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS[weight.bits] if gemv_rows is None else gemv_rows):
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] @ the quantized weight [N, K].T (+ bias) -> [..., N] in x's dtype."""
+    if _decode_sized(x, QUANT_LINEAR_GEMV_ROWS[weight.bits]):
         out = _quant_gemv(x.reshape(-1, x.shape[-1]), weight, None, 1, False)
     elif _decode_sized(x, QUANT_LINEAR_TILE_ROWS[weight.bits]) and _dense_tiles_pay(weight):
         out = quant_grouped_gemm.dense_gemm(x.reshape(-1, x.shape[-1]), weight.qweight, weight.scale, weight.zero)
@@ -353,19 +353,27 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
 
 # ---- output head ------------------------------------------------------------------------------------
 
-# Token rows up to which the LM head (129280 outputs) is read by a gemv: one. The gemv reads the head
-# once a row, and at 2 rows it took about twice cuBLAS's time in bf16 (small: 238 against ~125 us) and
-# the quantized gemv twice the dense tiles' in int8 (131 against ~80; at 4 rows 255), on an H200
-# (benchmarks/lm_head_rows.py, benchmarks/RESULTS.md, thirty-eighth session).
+# The LM head (129280 outputs) at decode rows, on an H200 (benchmarks/lm_head_rows.py, benchmarks/RESULTS.md,
+# thirty-eighth session). A gemv reads the head once a row: from 2 rows cuBLAS is faster in bf16 (small:
+# 239 against 127 us) and the dense tiles in int8 (133 against 81). The int8 dense tiles weight tile
+# first (16-row programs) read it once per 16 rows: past 16 rows the rows-first GEMM in 64-row
+# programs is faster (small at 32 rows 122 against 148 us, 64 rows 127 against 263; bf16 137, 150).
 LM_HEAD_GEMV_ROWS = 1
+LM_HEAD_WEIGHT_FIRST_ROWS = 16
 
 
 def lm_head(x: torch.Tensor, weight) -> torch.Tensor:
-    """x [rows, h] @ weight.T (no bias); a quantized head (int8) as a quantized linear layer, its gemv
-    at one row only."""
+    """x [rows, h] @ weight.T (no bias). A quantized head (int8): the gemv at one row, the dense tiles
+    weight tile first up to LM_HEAD_WEIGHT_FIRST_ROWS, rows first past them; never dequantized whole
+    on CUDA."""
     if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, None, gemv_rows=LM_HEAD_GEMV_ROWS)
-    if _decode_sized(x, LM_HEAD_GEMV_ROWS):  # gemv: ~9% faster than cuBLAS at one row
+        if _decode_sized(x, LM_HEAD_GEMV_ROWS):
+            return _quant_gemv(x, weight, None, 1, False)
+        if _half_on_cuda(x) and _tile_dequantizable(weight):
+            block_m = 16 if x.shape[0] <= LM_HEAD_WEIGHT_FIRST_ROWS else 64
+            return quant_grouped_gemm.dense_gemm(x, weight.qweight, weight.scale, weight.zero, block_m)
+        return F.linear(x, dense_weight(weight, x.dtype))
+    if _decode_sized(x, LM_HEAD_GEMV_ROWS):  # gemv: 2-5% faster than cuBLAS at one row
         return gemv.gemv(x, weight, None, 1, False)
     return F.linear(x, weight)
 

@@ -183,12 +183,14 @@ if triton is not None:
     def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
         """`blocks`: expert_blocks(ends, M, block_m), or None for one weight [N, K'] (a linear layer's) that
-        every row takes (`block_m` 16); the other tiles by default gemm_tiles' (dense_tiles' for one weight)."""
+        every row takes; the other tiles by default gemm_tiles' (dense_tiles' for one weight, weight tile
+        first)."""
         int4 = zero is not None
         M, K = rows.shape
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
-        defaults = dense_tiles(int4, N) if blocks is None else gemm_tiles(int4, group, block_m)
+        one_weight_first = blocks is None and weights_first(block_m)
+        defaults = dense_tiles(int4, N) if one_weight_first else gemm_tiles(int4, group, block_m)
         block_n, block_k, num_warps, num_stages = tiles_or_defaults((block_n, block_k, num_warps, num_stages),
                                                                      defaults)
         if int4:
@@ -221,14 +223,16 @@ if triton is not None:
         block_n = 16 if N <= (4096 if int4 else 2048) else 32 if N <= 8192 else 64
         return block_n, None if int4 else 256, 2, 4
 
-    def _dense_gemm_fake(x, qweight, scale, zero):
+    def _dense_gemm_fake(x, qweight, scale, zero, block_m=16):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @kernel_op("quant_dense_gemm", _dense_gemm_fake)
-    def dense_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    def dense_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                   block_m: int = 16) -> torch.Tensor:
         """x [M, K] (a decode batch's rows) @ the quantized weight [N, K'].T -> [M, N], weight tile first
-        in 16-row programs."""
-        return grouped_gemm_launch(x.contiguous(), qweight, scale, zero, None, 16)
+        in 16-row programs (`block_m` 64: rows first, in gemm_tiles' tiles, the weight read once per 64
+        rows)."""
+        return grouped_gemm_launch(x.contiguous(), qweight, scale, zero, None, block_m)
 
     def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):
         return rows.new_empty(rows.shape[0], qweight.shape[-2])

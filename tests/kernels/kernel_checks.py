@@ -196,6 +196,8 @@ def check_quant_grouped_gemm(device, dtype, tol):
             x = rows[:37]
             close(quant_grouped_gemm.dense_gemm(x, q[2], s[2], z[2] if z is not None else None), x.float() @ dense[2].T,
                   tol, f"int{bits} dense gemm, default tiles, N={N} K={K}")
+            close(quant_grouped_gemm.dense_gemm(x, q[2], s[2], z[2] if z is not None else None, 64),
+                  x.float() @ dense[2].T, tol, f"int{bits} dense gemm, 64-row programs rows first, N={N} K={K}")
             for block_n in (16, 64):  # int8 tiles 32 columns wide here
                 got = quant_grouped_gemm.grouped_gemm_launch(x, q[2], s[2], z[2] if z is not None else None, None, 16,
                                                              block_n, 32, 2, 1)
