@@ -1,6 +1,6 @@
 """The LM head (129280 outputs) at 1 to 64 decode rows, in bf16 and quantized to int8 (one scale per
 row, QuantizationConfig's lm_head), through each path dispatch.py can take, to set
-dispatch.LM_HEAD_GEMV_ROWS: the gemv (which reads the head once a row), cuBLAS (bf16) or the dense
+dispatch.LM_HEAD_GEMV_ROWS and LM_HEAD_WEIGHT_FIRST_ROWS: the gemv (which reads the head once a row), cuBLAS (bf16) or the dense
 tiles (int8, weight tile first in 16-row programs; also in 64-row programs, rows first), and what
 dispatch.lm_head picks. Microseconds per call inside a CUDA graph, the head read from HBM
 (kernel_timing.py); also the largest difference of dispatch's int8 logits from the dequantized head's.
@@ -30,8 +30,7 @@ def paths(x, head, quantized):
         "bf16 dispatch": lambda: dispatch.lm_head(x, head),
         "int8 gemv": lambda: quant_gemv.gemv(x, q.qweight, q.scale, None, None, 1, False),
         "int8 tiles 16": lambda: quant_grouped_gemm.dense_gemm(x, q.qweight, q.scale, None),
-        "int8 tiles 64": lambda: quant_grouped_gemm.grouped_gemm_launch(x, q.qweight, q.scale, None, None, 64,
-                                                                         256, 64, 4, 4),
+        "int8 tiles 64": lambda: quant_grouped_gemm.dense_gemm(x, q.qweight, q.scale, None, 64),
         "int8 dispatch": lambda: dispatch.lm_head(x, q),
     }
 
