@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..engine import GenerationParams, add_engine_arguments
+from ..utils.extras import missing_extra
 from .driver import EngineFailed, report, run_dataset
 from .engine_spec import EngineSpec
 from .output import OutputFileError
@@ -124,6 +125,8 @@ def check_args(args) -> None:
     """What argparse cannot check, named by flag."""
     if args.ray and (args.gpus is not None or args.workers is not None):
         raise ValueError("--gpus and --workers place local engines; with --ray use --ray_actors")
+    if args.ray and (problem := missing_extra("ray", ("ray",))) is not None:
+        raise ValueError(f"--ray needs the ray extra: {problem}")
     for flag in ("max_num_seqs", "image_workers", "ray_actors"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -6,12 +6,11 @@ import threading
 import time
 from pathlib import Path
 
-import uvicorn
 from PIL import Image
 
 from ..engine import ChatEngine, PrefillSettings, add_engine_arguments
 from ..engine.prefill import parse_prefill_sms
-from .app import create_app
+from ..utils.extras import missing_extra
 from .settings import ServerSettings
 
 DEFAULTS = ServerSettings(model_id="")
@@ -84,6 +83,13 @@ def model_id(model_path: str) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    problem = missing_extra("serve", ("fastapi", "uvicorn"))
+    if problem is not None:  # before the model loads
+        raise SystemExit(f"error: the server needs the serve extra: {problem}")
+    import uvicorn
+
+    from .app import create_app
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = ServerSettings(

@@ -156,6 +156,20 @@ def test_unusable_arguments_are_named(tmp_path, capsys, args, message):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_ray_without_its_extra_is_named(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": 1, "prompt": "hi"}\n')
+    status = main(["--model_path", str(CHECKPOINT), "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                   "--device", "cpu", "--ray"])
+    assert status == 2
+    assert 'error: --ray needs the ray extra: ray is not installed: pip install -e ".[ray]"' in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_missing_input_is_named(tmp_path, capsys):
     status = main(["--model_path", str(CHECKPOINT), "--input", str(tmp_path / "none.jsonl"), "--output",
                    str(tmp_path / "out.jsonl"), "--device", "cpu"])

@@ -82,6 +82,17 @@ def test_the_server_exits_with_a_message_for_sms_set_aside_on_a_cpu(tmp_path_fac
         main(["--model_path", str(tiny_checkpoint(tmp_path_factory)), "--device", "cpu", "--prefill-sms", "4"])
 
 
+def test_the_server_without_its_extra_exits_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r'error: the server needs the serve extra: uvicorn is not installed: '
+                                         r'pip install -e "\.\[serve\]"'):
+        main(["--model_path", "no-such-model"])  # named before any model loads
+
+
 def test_the_server_sets_sms_aside_for_prefill_by_default_and_off_turns_it_off(capsys):
     assert ServerSettings(model_id="tiny").prefill.sms == "auto"
     assert parse_args(["--model_path", "m"]).prefill_sms == "auto"
