@@ -589,6 +589,12 @@ def main():
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
     parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.in_process:  # the server and its clients
+        from deepseek_vl2.utils.extras import missing_extra
+
+        problem = missing_extra("serve", ("fastapi", "uvicorn", "httpx"))
+        if problem is not None:
+            sys.exit(f"serve_bench.py starts the server, which needs the serve extra: {problem}")
     if args.serve:
         sys.path.insert(0, str(REPO / "benchmarks"))
         with engine_rule(args):
