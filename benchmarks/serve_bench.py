@@ -592,7 +592,7 @@ def main():
     if not args.in_process:  # the server and its clients
         from deepseek_vl2.utils.extras import missing_extra
 
-        problem = missing_extra("serve", ("fastapi", "uvicorn", "httpx"))
+        problem = missing_extra("serve")
         if problem is not None:
             sys.exit(f"serve_bench.py starts the server, which needs the serve extra: {problem}")
     if args.serve:

@@ -125,7 +125,7 @@ def check_args(args) -> None:
     """What argparse cannot check, named by flag."""
     if args.ray and (args.gpus is not None or args.workers is not None):
         raise ValueError("--gpus and --workers place local engines; with --ray use --ray_actors")
-    if args.ray and (problem := missing_extra("ray", ("ray",))) is not None:
+    if args.ray and (problem := missing_extra("ray")) is not None:
         raise ValueError(f"--ray needs the ray extra: {problem}")
     for flag in ("max_num_seqs", "image_workers", "ray_actors"):
         value = getattr(args, flag)

@@ -83,7 +83,7 @@ def model_id(model_path: str) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    problem = missing_extra("serve", ("fastapi", "uvicorn", "httpx"))
+    problem = missing_extra("serve")
     if problem is not None:  # before the model loads
         raise SystemExit(f"error: the server needs the serve extra: {problem}")
     import uvicorn
