@@ -35,19 +35,20 @@ except ImportError:  # CPU-only installs: dispatch.py never calls the kernels wi
 
 DEPENDENT_LAUNCH = os.environ.get("DEEPSEEK_VL2_DEPENDENT_LAUNCH", "0") == "1"
 
-_KERNEL_OPS = {}  # name -> [launcher, fake, custom op or None]
+_KERNEL_OPS = {}  # name -> [launcher, fake, custom op or None, names of the arguments it mutates]
 
 
-def kernel_op(name: str, fake):
+def kernel_op(name: str, fake, mutates: tuple = ()):
     """Mark the decorated launcher as the custom op deepseek_vl2::`name` (with `fake` for shape
-    inference), so that torch.compile treats it as one opaque kernel, and return a function that
+    inference; `mutates`: the names of the arguments it writes in place), so that torch.compile
+    treats it as one opaque kernel, and return a function that
     calls the op while compiling and the launcher directly otherwise: through the dispatcher a call
     costs ~25 us more host time (an H100 host, benchmarks/host_overhead.py), which adds up over the
     hundreds of kernel calls of an eager prefill. The op is registered by `register_kernel_ops`,
     before the first compilation, so that a process that never compiles never pays for it."""
 
     def wrap(launcher):
-        entry = _KERNEL_OPS.setdefault(name, [launcher, fake, None])
+        entry = _KERNEL_OPS.setdefault(name, [launcher, fake, None, mutates])
         eager = on_tensor_device(launcher)  # compiled regions run on one device, made current by generate
 
         @functools.wraps(launcher)
@@ -63,8 +64,8 @@ def register_kernel_ops() -> None:
     """Register every `kernel_op` as a torch custom op (once); call before torch.compile."""
     for name, entry in _KERNEL_OPS.items():
         if entry[2] is None:
-            launcher, fake, _ = entry
-            op = torch.library.custom_op(f"deepseek_vl2::{name}", mutates_args=())(launcher)
+            launcher, fake, _, mutates = entry
+            op = torch.library.custom_op(f"deepseek_vl2::{name}", mutates_args=mutates)(launcher)
             op.register_fake(fake)
             entry[2] = op
 

@@ -5,6 +5,9 @@ which backend applies.
     op               Triton kernel, when                                  else (reference.py)
     rms_norm         CUDA inference, outside torch.compile                formula
     rotary           the same, and a power-of-two rope dim >= 4           formula
+    mla_new_tokens   bf16/fp16 CUDA inference (compiled regions too), a   rotary, rms_norm and the
+                     power-of-two rope dim >= 4 and rank >= 16, the       cache write one by one
+                     norm weight and the cache in the latent's dtype
     silu_mul         CUDA inference                                       formula
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
@@ -178,6 +181,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     if _eager_cuda(x) and _pow2(x.shape[-1], least=4):
         return norm_rope.rotary(x, cos, sin, interleaved)
     return reference.rotary(x, cos, sin, interleaved)
+
+
+def mla_new_tokens(q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   norm_weight: torch.Tensor, eps: float, kv, positions: torch.Tensor) -> torch.Tensor:
+    """MLA's new tokens between their projection and attention: q_pe [B, H, S, P] rotated (returned),
+    and each token's cache entry, rms_norm(c_kv [B, S, R]) then the rotated k_pe [B, S, P], written
+    into the layer cache `kv` (a modeling.kv_cache.LayerCache) at `positions` ([S] or [B, S]). The
+    rope dims are interleaved pairs. One kernel where it applies, also inside torch.compile, where
+    the formulas made three kernels a layer."""
+    cache = kv.storage
+    if _half_on_cuda(q_pe) and _pow2(q_pe.shape[-1], least=4) and _pow2(c_kv.shape[-1], least=16) \
+            and norm_weight.dtype == c_kv.dtype == cache.dtype and kv.seq_dim == 1 \
+            and q_pe.stride(-1) == c_kv.stride(-1) == k_pe.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1:
+        return norm_rope.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm_weight, eps, cache, positions)
+    k_pe = rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
+    kv.write(positions, torch.cat((rms_norm(c_kv, norm_weight, eps), k_pe), dim=-1))
+    return rotary(q_pe, cos, sin, interleaved=True)
 
 
 # ---- MoE --------------------------------------------------------------------------------------------

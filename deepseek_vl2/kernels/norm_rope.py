@@ -1,29 +1,51 @@
-"""Triton kernels for RMSNorm and RoPE in eager CUDA forwards (prefill, plain decoding).
+"""Triton kernels for RMSNorm and RoPE, and for the three of MLA's new-token steps together.
 
 In PyTorch ops each is a chain of five to eight small kernels (casts, powers, a mean, products,
 a concatenation for rotate-half), and a prefill runs about 80 norms and 54 rotations: the host
 time to launch them, not the GPU, sets the prefill time. Each kernel here does one row in one
 pass and rounds where the reference's ops round, so bf16 results match the PyTorch formulas up
-to float32 reduction order (bit for bit on an H100). The rotary kernel is compiled without
+to float32 reduction order (bit for bit on an H100). The rotary kernels are compiled without
 floating-point fusion: with it, Triton turns `round(x * cos) + round(...)` into a fused
 multiply-add that skips the first rounding (a quarter of the bf16 results differed).
 
-  rms_norm  x [..., d] -> weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
-  rotary    x [B, H, S, D] (any strides, last dim contiguous) -> rotate-half RoPE with cos/sin
-            [B, S, D], optionally reading x's pairs (2i, 2i+1) as halves (MLA's interleaved
-            rope dims, the `deinterleave` of reference.py)
+  rms_norm         x [..., d] -> weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
+  rotary           x [B, H, S, D] (any strides, last dim contiguous) -> rotate-half RoPE with
+                   cos/sin [B, S, D], optionally reading x's pairs (2i, 2i+1) as halves (MLA's
+                   interleaved rope dims, the `deinterleave` of reference.py)
+  mla_new_tokens   MLA's work on its new tokens between the projection and attention: the query's
+                   rope part rotated, and each token's cache entry (the latent c_kv normalised,
+                   then the shared rope key rotated) written into the KV cache, in one kernel
 
-Inside torch.compile (the CUDA-graph decode regions) dispatch.py picks the PyTorch formulas instead,
-so the compiler can fuse them with their neighbours (hence no custom ops here); with autograd
-recording, too (no backward here).
+rms_norm and rotary serve eager forwards only: inside torch.compile (the CUDA-graph decode
+regions) dispatch.py picks the PyTorch formulas instead, so the compiler can fuse them with their
+neighbours. There the three MLA steps still made three kernels a layer (the query's rotation, the
+latent's sum of squares, the rest with the cache write), so mla_new_tokens is a custom op
+(deepseek_vl2::mla_new_tokens, writing the cache in place) and runs in compiled regions too.
+None of them has a backward.
 """
 import torch
 
 from ..modeling.devices import on_tensor_device
-from .custom_ops import launch_options, tl, triton
+from .custom_ops import kernel_op, launch_options, tl, triton
 
 if triton is not None:
     from .custom_ops import await_earlier_kernels
+
+    @triton.jit
+    def _normed(x, w, width, eps):
+        """RMSNorm of one row x (zeros past `width`) with weight w, as the reference rounds: normalised
+        in float32, rounded to x's dtype, times w (float32, to be rounded by the caller)."""
+        x32 = x.to(tl.float32)
+        normed = x32 * tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / width + eps)
+        return w.to(tl.float32) * normed.to(x.dtype).to(tl.float32)
+
+    @triton.jit
+    def _rotated(x1, x2, cos1, cos2, sin1, sin2, out_type: tl.constexpr):
+        """Rotate-half RoPE of the halves (x1, x2) (float32) as `out_type`: x * cos + rotate_half(x) *
+        sin, each product and the sum rounded as the reference's ops."""
+        first = (x1 * cos1).to(out_type).to(tl.float32) + (-x2 * sin1).to(out_type).to(tl.float32)
+        second = (x2 * cos2).to(out_type).to(tl.float32) + (x1 * sin2).to(out_type).to(tl.float32)
+        return first.to(out_type), second.to(out_type)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, width, stride_x, stride_out, eps, BLOCK: tl.constexpr,
@@ -32,11 +54,9 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         valid = offs < width
-        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
-        normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / width + eps)
-        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=valid)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+        w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+        tl.store(out_ptr + row * stride_out + offs, _normed(x, w, width, eps).to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, stride_xb, stride_xh, stride_xs, stride_cb, stride_cs,
@@ -59,13 +79,49 @@ if triton is not None:
         cos2 = tl.load(cos_ptr + table + HALF + i).to(tl.float32)
         sin1 = tl.load(sin_ptr + table + i).to(tl.float32)
         sin2 = tl.load(sin_ptr + table + HALF + i).to(tl.float32)
-        out_type = out_ptr.dtype.element_ty
-        # x * cos + rotate_half(x) * sin, each product and the sum rounded as the reference's ops
-        first = (x1 * cos1).to(out_type).to(tl.float32) + (-x2 * sin1).to(out_type).to(tl.float32)
-        second = (x2 * cos2).to(out_type).to(tl.float32) + (x1 * sin2).to(out_type).to(tl.float32)
+        first, second = _rotated(x1, x2, cos1, cos2, sin1, sin2, out_ptr.dtype.element_ty)
         out_row = out_ptr + r.to(tl.int64) * (2 * HALF)
-        tl.store(out_row + i, first.to(out_type))
-        tl.store(out_row + HALF + i, second.to(out_type))
+        tl.store(out_row + i, first)
+        tl.store(out_row + HALF + i, second)
+
+    @triton.jit
+    def _mla_new_tokens_kernel(q_ptr, c_ptr, k_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, pos_ptr, out_ptr, S, H, eps,
+                               stride_qb, stride_qh, stride_qs, stride_cb, stride_cs, stride_kb, stride_ks, stride_tb,
+                               stride_ts, stride_lb, stride_ln, stride_pb, stride_ps, R: tl.constexpr,
+                               HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        """Token t = (b, s) of the new ones: program (t, 0) writes its cache entry, program (t, 1) rotates
+        the rope part of its query's heads."""
+        await_earlier_kernels(PDL)
+        t = tl.program_id(0)
+        b = (t // S).to(tl.int64)
+        s = t % S
+        i = tl.arange(0, HALF)
+        table = b * stride_tb + s * stride_ts
+        cos1 = tl.load(cos_ptr + table + i).to(tl.float32)
+        cos2 = tl.load(cos_ptr + table + HALF + i).to(tl.float32)
+        sin1 = tl.load(sin_ptr + table + i).to(tl.float32)
+        sin2 = tl.load(sin_ptr + table + HALF + i).to(tl.float32)
+        if tl.program_id(1) == 0:  # the entry: [normalised latent, rotated rope key] at the token's slot
+            offs_r = tl.arange(0, R)
+            latent = _normed(tl.load(c_ptr + b * stride_cb + s * stride_cs + offs_r), tl.load(w_ptr + offs_r), R, eps)
+            entry = cache_ptr + b * stride_lb + tl.load(pos_ptr + b * stride_pb + s * stride_ps) * stride_ln
+            entry_type = cache_ptr.dtype.element_ty
+            tl.store(entry + offs_r, latent.to(c_ptr.dtype.element_ty).to(entry_type))
+            key = k_ptr + b * stride_kb + s * stride_ks
+            key1, key2 = _rotated(tl.load(key + 2 * i).to(tl.float32), tl.load(key + 2 * i + 1).to(tl.float32),
+                                  cos1, cos2, sin1, sin2, k_ptr.dtype.element_ty)
+            tl.store(entry + R + i, key1.to(entry_type))
+            tl.store(entry + R + HALF + i, key2.to(entry_type))
+        else:  # the query's rope part, every head (pairs (2i, 2i+1) read as halves)
+            heads = tl.arange(0, BLOCK_H)[:, None]
+            valid = heads < H
+            query = q_ptr + b * stride_qb + s * stride_qs + heads * stride_qh + 2 * i[None, :]
+            query1, query2 = _rotated(tl.load(query, mask=valid, other=0.0).to(tl.float32),
+                                      tl.load(query + 1, mask=valid, other=0.0).to(tl.float32), cos1[None, :],
+                                      cos2[None, :], sin1[None, :], sin2[None, :], out_ptr.dtype.element_ty)
+            out = out_ptr + ((b * H + heads) * S + s) * (2 * HALF) + i[None, :]
+            tl.store(out, query1, mask=valid)
+            tl.store(out + HALF, query2, mask=valid)
 
     @on_tensor_device
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,4 +150,32 @@ if triton is not None:
             _rotary_kernel[(B * H * S,)](x, cos, sin, out, H, S, x.stride(0), x.stride(1), x.stride(2),
                                          cos.stride(0), cos.stride(1), HALF=D // 2, INTERLEAVED=interleaved,
                                          num_warps=1, enable_fp_fusion=False, **launch_options(out))
+        return out
+
+    def _mla_new_tokens_fake(q_pe, c_kv, k_pe, cos, sin, weight, eps, cache, positions):
+        return torch.empty(q_pe.shape, device=q_pe.device, dtype=q_pe.dtype)
+
+    @kernel_op("mla_new_tokens", _mla_new_tokens_fake, mutates=("cache",))
+    def mla_new_tokens(q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, weight: torch.Tensor, eps: float, cache: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """q_pe [B, H, S, P] (the query's rope part, dims as interleaved pairs), c_kv [B, S, R] and k_pe
+        [B, S, P] (the tokens' latents and rope keys), each with its last dim contiguous; cos/sin [B or
+        1, S, P]; the latent norm's weight [R] (c_kv's dtype) and eps; `cache` [B, capacity, R + P], one
+        MLA layer's cache; `positions` [S] or [B, S], each token's slot. Writes each token's entry
+        (rms_norm(c_kv), then rotary(k_pe)) into its slot and returns rotary(q_pe) [B, H, S, P]
+        (contiguous), as the PyTorch formulas round them."""
+        B, H, S, P = q_pe.shape
+        cos, sin = cos.expand(B, S, P), sin.expand(B, S, P)
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        positions = positions.expand(B, S)
+        out = torch.empty(B, H, S, P, device=q_pe.device, dtype=q_pe.dtype)
+        if out.numel():
+            _mla_new_tokens_kernel[(B * S, 2)](
+                q_pe, c_kv, k_pe, cos, sin, weight, cache, positions, out, S, H, eps, q_pe.stride(0), q_pe.stride(1),
+                q_pe.stride(2), c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), cos.stride(0),
+                cos.stride(1), cache.stride(0), cache.stride(1), positions.stride(0), positions.stride(1),
+                R=c_kv.shape[-1], HALF=P // 2, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
+                enable_fp_fusion=False, **launch_options(out))
         return out

@@ -2,8 +2,9 @@
 multi-head latent attention (small and base).
 
 Each is split in two: `project` (norm output -> queries and the new tokens' cache entries, with
-RoPE applied; fixed shapes) and `attend` (queries over the entries the KV cache returns for
-`kv_len` keys, or over the new entries alone without a cache). Where the entries are kept is the
+RoPE applied; fixed shapes; `project_into` writes the entries into a layer's cache instead of
+returning them) and `attend` (queries over the entries the KV cache returns for `kv_len` keys, or
+over the new entries alone without a cache). Where the entries are kept is the
 KV cache's business (kv_cache.py); which kernel attends is dispatch.py's. `o_proj` is applied by
 the decoder layer. With a prepared `AttentionInputs` the same code serves prefill, chunked
 prefill and fixed-shape (CUDA-graph) decode steps.
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..weights.layout import stacked_rows
+from .kv_cache import LayerCache
 from .language_config import DeepseekV2Config
 from .rms_norm import RMSNorm
 from .rope import rope_for
@@ -107,6 +109,12 @@ class MultiHeadAttention(nn.Module):
         q, k = dispatch.rotary(q, cos, sin), dispatch.rotary(k, cos, sin)
         return q, torch.stack((k, v), dim=1)
 
+    def project_into(self, x, cos, sin, kv: LayerCache, positions):
+        """`project`, the new tokens' entries written into `kv` at `positions`; returns the queries."""
+        query, entries = self.project(x, cos, sin)
+        kv.write(positions, entries)
+        return query
+
     def attend(self, q, keys_values, attn: AttentionInputs):
         """q [B, H, S, head_dim] over `keys_values` [B, 2, kv_heads, kv_len, head_dim] -> [B, S, H * head_dim]."""
         return dispatch.mha_attention(q, keys_values, attn.mask)
@@ -150,16 +158,29 @@ class MultiHeadLatentAttention(nn.Module):
                                             ("kv_a_proj_with_mqa", sum(self.split_sizes[1:]))],
                             bias=self.q_kv_a_proj.bias is not None)
 
-    def project(self, x, cos, sin):
+    def _projections(self, x):
+        """The query's parts without and with rope [B, H, S, *], the latent c_kv [B, S, rank] and the
+        rope key k_pe [B, S, rope] of x (views of the projections, before the norm and RoPE)."""
         B, S, _ = x.shape
         q, c_kv, k_pe = self.q_kv_a_proj(x).split(self.split_sizes, dim=-1)
         if self.q_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, S, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split((self.nope_dim, self.rope_dim), dim=-1)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def project(self, x, cos, sin):
+        q_nope, q_pe, c_kv, k_pe = self._projections(x)
         q_pe = dispatch.rotary(q_pe, cos, sin, interleaved=True)
         k_pe = dispatch.rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
         return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
+
+    def project_into(self, x, cos, sin, kv: LayerCache, positions):
+        """`project`, the new tokens' entries written into `kv` at `positions` (RoPE, the latent's norm
+        and the write in one kernel where dispatch has it); returns the query."""
+        q_nope, q_pe, c_kv, k_pe = self._projections(x)
+        norm = self.kv_a_layernorm
+        return q_nope, dispatch.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm.weight, norm.eps, kv, positions)
 
     def attend(self, q, latent, attn: AttentionInputs):
         """(q_nope, q_pe) [B, H, S, *] over `latent` [B, kv_len, rank + rope] -> [B, S, H * v_dim]."""

@@ -50,12 +50,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, attn: AttentionInputs, kv: Optional[LayerCache]):
         """x [B, S, h]; rope = (cos, sin) for the new tokens; kv = this layer's cache (None: attend
         over the new tokens alone)."""
-        query, new_entries = self.pre_attention(x, *rope)
-        entries = kv.update(attn.cache_positions, new_entries, attn.kv_len) if kv is not None else new_entries
+        if kv is None:
+            query, entries = self.self_attn.project(self.input_layernorm(x), *rope)
+        else:
+            query = self.pre_attention(x, *rope, kv, attn.cache_positions)
+            entries = kv.read(attn.kv_len)
         return self.post_attention(x, self.self_attn.attend(query, entries, attn))
 
-    def pre_attention(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+    def pre_attention(self, x, cos, sin, kv: LayerCache, positions):
+        """Norm, projections and RoPE of the new tokens, their entries written into `kv` at cache slots
+        `positions`; returns the queries."""
+        return self.self_attn.project_into(self.input_layernorm(x), cos, sin, kv, positions)
 
     def post_attention(self, x, context):
         x = x + self.self_attn.o_proj(context)
@@ -111,9 +116,7 @@ class DeepseekV2Model(nn.Module):
 
 def _pre_attention(layer: DecoderLayer, x, cos, sin, kv: LayerCache, slot):
     """Norm, projections, RoPE and the cache write of one decode step's layer (fixed shapes)."""
-    query, new_entries = layer.pre_attention(x, cos, sin)
-    kv.write(slot, new_entries)
-    return query
+    return layer.pre_attention(x, cos, sin, kv, slot)
 
 
 def _between_attentions(layer: DecoderLayer, next_layer: DecoderLayer, x, context, cos, sin, next_kv: LayerCache,

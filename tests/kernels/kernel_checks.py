@@ -28,6 +28,7 @@ from deepseek_vl2.kernels import (  # noqa: E402
     router as router_kernel,  # noqa: E402
 )
 from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
+from deepseek_vl2.modeling.kv_cache import LayerCache  # noqa: E402
 from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.modeling.moe import Router  # noqa: E402
 from deepseek_vl2.modeling.rms_norm import RMSNorm  # noqa: E402
@@ -334,8 +335,48 @@ def check_norm_rope(device, dtype, tol):
     close(one_row, apply_rotary(x, cos[:1].expand(B, S, D), sin[:1].expand(B, S, D)), tol, "rotary, one table row")
 
 
+def check_mla_new_tokens(device, dtype, tol):
+    """The query's rotation and each token's cache entry (normalised latent, rotated rope key) written
+    at its slot, against the formulas and LayerCache.write: slots shared by the rows ([S]) and each
+    row's own ([B, S]), heads not a power of two, strided views of one projection, one table row."""
+    g = torch.Generator().manual_seed(8)
+    B, S, H, nope, P, R, capacity = 2, 3, 5, 8, 16, 32, 10
+    projected = torch.randn(B, S, H * (nope + P) + R + P, generator=g).to(dtype)
+    q, c_kv, k_pe = projected.split((H * (nope + P), R, P), dim=-1)
+    q_pe = q.view(B, S, H, nope + P).transpose(1, 2)[..., nope:]  # [B, H, S, P] as MLA splits it
+    norm = RMSNorm(R, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
+    norm = norm.to(dtype)
+    cos, sin = (torch.randn(B, S, P, generator=g).to(dtype) for _ in range(2))
+    before = torch.randn(B, capacity, R + P, generator=g).to(dtype)
+    for positions, table in ((torch.tensor([4, 7, 2]), B), (torch.tensor([[0, 5, 9], [3, 1, 8]]), 1)):
+        c, s = cos[:table], sin[:table]
+        with torch.no_grad():  # the formulas on the CPU
+            want_q = apply_rotary(q_pe, c.expand(B, S, P), s.expand(B, S, P), True)
+            key = apply_rotary(k_pe.unsqueeze(1), c.expand(B, S, P), s.expand(B, S, P), True).squeeze(1)
+            want_cache = before.clone()
+            LayerCache(want_cache, 1).write(positions, torch.cat((norm(c_kv), key), dim=-1))
+            cache = before.to(device)
+            got_q = norm_rope.mla_new_tokens(q_pe.to(device), c_kv.to(device), k_pe.to(device), c.to(device),
+                                             s.to(device), norm.weight.to(device), 1e-6, cache, positions.to(device))
+        what = f"mla_new_tokens, positions {tuple(positions.shape)}"
+        close(got_q, want_q, tol, what + ": query")
+        close(cache, want_cache, tol, what + ": cache")
+        untouched = want_cache == before
+        assert torch.equal(cache.cpu()[untouched], before[untouched]), what + ": slots not written changed"
+        if device == "cuda":  # with recording autograd the PyTorch formulas run on CUDA too: same rotations
+            with torch.enable_grad():
+                formula_q = apply_rotary(q_pe.to(device), c.to(device).expand(B, S, P), s.to(device).expand(B, S, P),
+                                         True)
+            assert torch.equal(got_q, formula_q), f"{what}: {(got_q != formula_q).sum()} query values differ"
+            rows = torch.arange(B)[:, None]
+            slots = positions.expand(B, S)
+            assert torch.equal(cache.cpu()[rows, slots, R:], want_cache[rows, slots, R:]), what + ": rope keys differ"
+
+
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
-          check_quant_grouped_gemm, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope)
+          check_quant_grouped_gemm, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope,
+          check_mla_new_tokens)
 
 
 def interpreted(*names: str) -> None:

@@ -291,3 +291,42 @@ def test_cuda_compiled_decode_combines_expert_pairs_inside_the_norm_kernel_after
     assert "deepseek_vl2.combine_pairs" not in code and code.count("@triton.jit") == 1, code
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_mla_new_tokens_is_one_kernel_writing_the_cache_in_place():
+    """Inside torch.compile MLA's new-token work (the query's RoPE, the latent's norm, the key's RoPE
+    and the cache write) stays the one mla_new_tokens kernel: no kernel of inductor's beside it (the
+    formulas made three; a copy of the cache for the op to write would be one more), and the same
+    values as the eager call."""
+    from torch._inductor.utils import run_and_get_code
+
+    from deepseek_vl2.kernels.custom_ops import register_kernel_ops
+    from deepseek_vl2.modeling.kv_cache import LayerCache
+
+    g = torch.Generator().manual_seed(4)
+    B, H, nope, P, R, capacity = 2, 16, 128, 64, 512, 64
+    projected = torch.randn(B, 1, H * (nope + P) + R + P, generator=g).to("cuda", torch.bfloat16)
+    cos, sin = (torch.randn(B, 1, P, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    norm_weight = torch.rand(R, generator=g).to("cuda", torch.bfloat16)
+    slots = torch.tensor([[5], [9]], device="cuda")
+    empty = torch.zeros(B, capacity, R + P, device="cuda", dtype=torch.bfloat16)
+
+    def new_tokens(projected, cos, sin, cache, slots):
+        q, c_kv, k_pe = projected.split((H * (nope + P), R, P), dim=-1)
+        q_pe = q.view(B, 1, H, nope + P).transpose(1, 2)[..., nope:]
+        return dispatch.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm_weight, 1e-6, LayerCache(cache, 1), slots)
+
+    register_kernel_ops()
+    with torch.inference_mode():
+        eager_cache, compiled_cache = empty.clone(), empty.clone()
+        eager = new_tokens(projected, cos, sin, eager_cache, slots)
+        torch._dynamo.reset()
+        compiled, codes = run_and_get_code(torch.compile(new_tokens, fullgraph=True, dynamic=False), projected, cos,
+                                           sin, compiled_cache, slots)
+        torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert "deepseek_vl2.mla_new_tokens" in code and "@triton.jit" not in code, code
+    assert torch.equal(compiled, eager) and torch.equal(compiled_cache, eager_cache)
+    assert compiled_cache[:, [5, 9]].abs().sum() > 0
