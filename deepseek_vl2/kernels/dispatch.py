@@ -7,7 +7,9 @@ which backend applies.
     rotary           the same, and a power-of-two rope dim >= 4           formula
     mla_new_tokens   bf16/fp16 CUDA inference (compiled regions too), a   rotary, rms_norm and the
                      power-of-two rope dim >= 4 and rank >= 16, the       cache write one by one
-                     norm weight and the cache in the latent's dtype
+                     norm weight and the cache in the latent's dtype;     (mla_attention absorbs
+                     the query absorbed through W_UK in the same kernel   the query)
+                     up to MLA_ABSORB_IN_NEW_TOKENS_ROWS token rows
     silu_mul         CUDA inference                                       formula
     route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
@@ -107,6 +109,12 @@ MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 # against 14.9, 2 rows 14.2 / 15.7, 4 rows 16.2 / 17.3, 8 rows 20.7 / 19.8; 32 heads 1 row 15.2 /
 # 18.4, 4 rows 20.8 / 20.7, 8 rows 32.7 / 25.7 (each program reads its head's W_UV slice once a row).
 MLA_COMBINE_VALUES_ROWS = 4
+# Token rows up to which MLA's query is absorbed through W_UK by the kernel of its new-token work
+# (norm_rope.mla_new_tokens_absorbed) rather than by cuBLAS's batched product in mla_attention: one
+# launch fewer a layer. A standalone kernel of the same programs beat cuBLAS at one row only (16
+# heads 2.8 against 3.4 us, 32 heads 3.3 / 3.9; at 2 rows 3.6 / 3.5, at 4 rows 4.5 / 3.6;
+# benchmarks/RESULTS.md, thirty-sixth session).
+MLA_ABSORB_IN_NEW_TOKENS_ROWS = 1
 
 
 @contextlib.contextmanager
@@ -183,21 +191,30 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return reference.rotary(x, cos, sin, interleaved)
 
 
-def mla_new_tokens(q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   norm_weight: torch.Tensor, eps: float, kv, positions: torch.Tensor) -> torch.Tensor:
-    """MLA's new tokens between their projection and attention: q_pe [B, H, S, P] rotated (returned),
-    and each token's cache entry, rms_norm(c_kv [B, S, R]) then the rotated k_pe [B, S, P], written
-    into the layer cache `kv` (a modeling.kv_cache.LayerCache) at `positions` ([S] or [B, S]). The
-    rope dims are interleaved pairs. One kernel where it applies, also inside torch.compile, where
-    the formulas made three kernels a layer."""
+def mla_new_tokens(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor, eps: float, kv, positions: torch.Tensor,
+                   kv_b_weight: torch.Tensor):
+    """MLA's new tokens between their projection and attention: q_pe [B, H, S, P] rotated, and each
+    token's cache entry, rms_norm(c_kv [B, S, R]) then the rotated k_pe [B, S, P], written into the
+    layer cache `kv` (a modeling.kv_cache.LayerCache) at `positions` ([S] or [B, S]); the rope dims
+    are interleaved pairs. Returns (rotated q_pe, q_nope [B, H, S, N] absorbed through W_UK, the key
+    half of `kv_b_weight`, or None where mla_attention is left to absorb it). One kernel where it
+    applies, also inside torch.compile, where the formulas made three kernels a layer; up to
+    MLA_ABSORB_IN_NEW_TOKENS_ROWS token rows the same kernel absorbs the query too."""
     cache = kv.storage
     if _half_on_cuda(q_pe) and _pow2(q_pe.shape[-1], least=4) and _pow2(c_kv.shape[-1], least=16) \
             and norm_weight.dtype == c_kv.dtype == cache.dtype and kv.seq_dim == 1 \
             and q_pe.stride(-1) == c_kv.stride(-1) == k_pe.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1:
-        return norm_rope.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm_weight, eps, cache, positions)
+        B, H, S, N = q_nope.shape
+        if B * S <= MLA_ABSORB_IN_NEW_TOKENS_ROWS and _pow2(N, least=16) and q_nope.stride(-1) == 1 \
+                and kv_b_weight.dtype == q_nope.dtype and kv_b_weight.stride(-1) == 1:
+            w_uk = reference.kv_b_halves(kv_b_weight, H, N)[0]
+            return norm_rope.mla_new_tokens_absorbed(q_pe, c_kv, k_pe, cos, sin, norm_weight, eps, cache, positions,
+                                                     q_nope, w_uk)
+        return norm_rope.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm_weight, eps, cache, positions), None
     k_pe = rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
     kv.write(positions, torch.cat((rms_norm(c_kv, norm_weight, eps), k_pe), dim=-1))
-    return rotary(q_pe, cos, sin, interleaved=True)
+    return rotary(q_pe, cos, sin, interleaved=True), None
 
 
 # ---- MoE --------------------------------------------------------------------------------------------
@@ -423,9 +440,10 @@ def mha_attention(q: torch.Tensor, keys_values: torch.Tensor, mask: Optional[tor
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: Optional[torch.Tensor],
-                  kv_b_weight: torch.Tensor, scale: float) -> torch.Tensor:
+                  kv_b_weight: torch.Tensor, scale: float, q_absorbed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multi-head latent attention: q_nope [B, H, S, nope] and q_pe [B, H, S, rope] (after RoPE) over
-    the cached latents [B, kv_len, rank + rope] -> [B, H, S, v].
+    the cached latents [B, kv_len, rank + rope] -> [B, H, S, v]; `q_absorbed`: q_nope already
+    absorbed through W_UK, where mla_new_tokens did it.
 
     Multi-token CUDA calls (prefill) expand the latents to per-head keys and values and use SDPA.
     Otherwise queries are absorbed into the latent space through the key half of kv_b_proj, scores
@@ -436,7 +454,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
         with sdpa_backends(q_nope):
             return reference.mla_expanded(q_nope, q_pe, latent, mask, kv_b_weight, scale)
     w_uk, w_uv = reference.kv_b_halves(kv_b_weight, H, nope)
-    q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
+    if q_absorbed is None:
+        q_absorbed = reference.per_head_matmul(q_nope, w_uk)  # [B, H, S, rank]
     rank, rope = kv_b_weight.shape[-1], q_pe.shape[-1]
     if mask is not None and S == 1 and _half_on_cuda(q_nope) and _pow2(H, rank, rope, least=16):
         in_combine = B <= MLA_COMBINE_VALUES_ROWS and w_uv.shape[1] % 64 == 0  # W_UV applied by the slices' combine

@@ -28,6 +28,11 @@ import torch
 from ..modeling.devices import on_tensor_device
 from .custom_ops import kernel_op, launch_options, tl, triton
 
+# Latent columns each absorbing program of mla_new_tokens_absorbed makes (the best of a standalone
+# W_UK kernel at one row on an H200: 32 columns, 2 warps, 2.8 us against cuBLAS's 3.4 for small's 16
+# heads; benchmarks/RESULTS.md, thirty-sixth session)
+ABSORB_COLUMNS = 32
+
 if triton is not None:
     from .custom_ops import await_earlier_kernels
 
@@ -85,12 +90,15 @@ if triton is not None:
         tl.store(out_row + HALF + i, second)
 
     @triton.jit
-    def _mla_new_tokens_kernel(q_ptr, c_ptr, k_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, pos_ptr, out_ptr, S, H, eps,
-                               stride_qb, stride_qh, stride_qs, stride_cb, stride_cs, stride_kb, stride_ks, stride_tb,
-                               stride_ts, stride_lb, stride_ln, stride_pb, stride_ps, R: tl.constexpr,
-                               HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    def _mla_new_tokens_kernel(q_ptr, c_ptr, k_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, pos_ptr, out_ptr, nope_ptr,
+                               w_uk_ptr, absorbed_ptr, S, H, eps, stride_qb, stride_qh, stride_qs, stride_cb, stride_cs,
+                               stride_kb, stride_ks, stride_tb, stride_ts, stride_lb, stride_ln, stride_pb, stride_ps,
+                               stride_nb, stride_nh, stride_ns, stride_wh, stride_wn, R: tl.constexpr,
+                               HALF: tl.constexpr, BLOCK_H: tl.constexpr, NOPE: tl.constexpr, BLOCK_A: tl.constexpr,
+                               PDL: tl.constexpr):
         """Token t = (b, s) of the new ones: program (t, 0) writes its cache entry, program (t, 1) rotates
-        the rope part of its query's heads."""
+        the rope part of its query's heads; programs (t, 2 + j), if the grid has them, absorb the
+        query's no-rope part of head j // (R / BLOCK_A) into BLOCK_A latent columns through W_UK."""
         await_earlier_kernels(PDL)
         t = tl.program_id(0)
         b = (t // S).to(tl.int64)
@@ -101,7 +109,8 @@ if triton is not None:
         cos2 = tl.load(cos_ptr + table + HALF + i).to(tl.float32)
         sin1 = tl.load(sin_ptr + table + i).to(tl.float32)
         sin2 = tl.load(sin_ptr + table + HALF + i).to(tl.float32)
-        if tl.program_id(1) == 0:  # the entry: [normalised latent, rotated rope key] at the token's slot
+        part = tl.program_id(1)
+        if part == 0:  # the entry: [normalised latent, rotated rope key] at the token's slot
             offs_r = tl.arange(0, R)
             latent = _normed(tl.load(c_ptr + b * stride_cb + s * stride_cs + offs_r), tl.load(w_ptr + offs_r), R, eps)
             entry = cache_ptr + b * stride_lb + tl.load(pos_ptr + b * stride_pb + s * stride_ps) * stride_ln
@@ -112,7 +121,7 @@ if triton is not None:
                                   cos1, cos2, sin1, sin2, k_ptr.dtype.element_ty)
             tl.store(entry + R + i, key1.to(entry_type))
             tl.store(entry + R + HALF + i, key2.to(entry_type))
-        else:  # the query's rope part, every head (pairs (2i, 2i+1) read as halves)
+        elif part == 1:  # the query's rope part, every head (pairs (2i, 2i+1) read as halves)
             heads = tl.arange(0, BLOCK_H)[:, None]
             valid = heads < H
             query = q_ptr + b * stride_qb + s * stride_qs + heads * stride_qh + 2 * i[None, :]
@@ -122,6 +131,14 @@ if triton is not None:
             out = out_ptr + ((b * H + heads) * S + s) * (2 * HALF) + i[None, :]
             tl.store(out, query1, mask=valid)
             tl.store(out + HALF, query2, mask=valid)
+        else:  # q_nope[h] @ W_UK[h][:, columns] (float32 sums, rounded as a bf16 product is)
+            h = (part - 2) // (R // BLOCK_A)
+            columns = ((part - 2) % (R // BLOCK_A)) * BLOCK_A + tl.arange(0, BLOCK_A)
+            dims = tl.arange(0, NOPE)
+            q_nope = tl.load(nope_ptr + b * stride_nb + h * stride_nh + s * stride_ns + dims).to(tl.float32)
+            w_uk = tl.load(w_uk_ptr + h * stride_wh + dims[:, None] * stride_wn + columns[None, :]).to(tl.float32)
+            absorbed = tl.sum(q_nope[:, None] * w_uk, axis=0)
+            tl.store(absorbed_ptr + ((b * H + h) * S + s) * R + columns, absorbed.to(absorbed_ptr.dtype.element_ty))
 
     @on_tensor_device
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,17 +182,42 @@ if triton is not None:
         MLA layer's cache; `positions` [S] or [B, S], each token's slot. Writes each token's entry
         (rms_norm(c_kv), then rotary(k_pe)) into its slot and returns rotary(q_pe) [B, H, S, P]
         (contiguous), as the PyTorch formulas round them."""
+        return _launch_new_tokens(q_pe, c_kv, k_pe, cos, sin, weight, eps, cache, positions, None, None)[0]
+
+    def _mla_new_tokens_absorbed_fake(q_pe, c_kv, k_pe, cos, sin, weight, eps, cache, positions, q_nope, w_uk):
+        B, H, S, _ = q_pe.shape
+        return (torch.empty(q_pe.shape, device=q_pe.device, dtype=q_pe.dtype),
+                torch.empty(B, H, S, w_uk.shape[-1], device=q_pe.device, dtype=q_pe.dtype))
+
+    @kernel_op("mla_new_tokens_absorbed", _mla_new_tokens_absorbed_fake, mutates=("cache",))
+    def mla_new_tokens_absorbed(q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, weight: torch.Tensor, eps: float, cache: torch.Tensor,
+                                positions: torch.Tensor, q_nope: torch.Tensor,
+                                w_uk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mla_new_tokens`, and in the same kernel the query's no-rope part q_nope [B, H, S, N] (last dim
+        contiguous, N a power of two) absorbed into the latent space through W_UK [H, N, R] (rows of R
+        contiguous): (rotary(q_pe), q_nope @ W_UK per head [B, H, S, R])."""
+        return _launch_new_tokens(q_pe, c_kv, k_pe, cos, sin, weight, eps, cache, positions, q_nope, w_uk)
+
+    def _launch_new_tokens(q_pe, c_kv, k_pe, cos, sin, weight, eps, cache, positions, q_nope, w_uk):
         B, H, S, P = q_pe.shape
+        R = c_kv.shape[-1]
         cos, sin = cos.expand(B, S, P), sin.expand(B, S, P)
         if cos.stride() != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
         positions = positions.expand(B, S)
         out = torch.empty(B, H, S, P, device=q_pe.device, dtype=q_pe.dtype)
+        block_a = min(R, ABSORB_COLUMNS)
+        absorbing = q_nope is not None
+        absorbed = torch.empty(B, H, S, R, device=q_pe.device, dtype=q_pe.dtype) if absorbing else None
+        nope, w = (q_nope, w_uk) if absorbing else (q_pe, weight)  # unread without the absorbing programs
         if out.numel():
-            _mla_new_tokens_kernel[(B * S, 2)](
-                q_pe, c_kv, k_pe, cos, sin, weight, cache, positions, out, S, H, eps, q_pe.stride(0), q_pe.stride(1),
-                q_pe.stride(2), c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), cos.stride(0),
-                cos.stride(1), cache.stride(0), cache.stride(1), positions.stride(0), positions.stride(1),
-                R=c_kv.shape[-1], HALF=P // 2, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
-                enable_fp_fusion=False, **launch_options(out))
-        return out
+            _mla_new_tokens_kernel[(B * S, 2 + (H * (R // block_a) if absorbing else 0))](
+                q_pe, c_kv, k_pe, cos, sin, weight, cache, positions, out, nope, w, absorbed if absorbing else out, S, H,
+                eps, q_pe.stride(0), q_pe.stride(1), q_pe.stride(2), c_kv.stride(0), c_kv.stride(1), k_pe.stride(0),
+                k_pe.stride(1), cos.stride(0), cos.stride(1), cache.stride(0), cache.stride(1), positions.stride(0),
+                positions.stride(1), nope.stride(0), nope.stride(1), nope.stride(2) if absorbing else 0,
+                w.stride(0) if absorbing else 0, w.stride(1) if absorbing else 0, R=R, HALF=P // 2,
+                BLOCK_H=triton.next_power_of_2(H), NOPE=nope.shape[-1] if absorbing else 16, BLOCK_A=block_a,
+                num_warps=4, enable_fp_fusion=False, **launch_options(out))
+        return out, absorbed

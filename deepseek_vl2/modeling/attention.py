@@ -170,22 +170,28 @@ class MultiHeadLatentAttention(nn.Module):
         return q_nope, q_pe, c_kv, k_pe
 
     def project(self, x, cos, sin):
+        """The query (q_nope, q_pe, None) and the new tokens' entries."""
         q_nope, q_pe, c_kv, k_pe = self._projections(x)
         q_pe = dispatch.rotary(q_pe, cos, sin, interleaved=True)
         k_pe = dispatch.rotary(k_pe.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)
-        return (q_nope, q_pe), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
+        return (q_nope, q_pe, None), torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
 
     def project_into(self, x, cos, sin, kv: LayerCache, positions):
         """`project`, the new tokens' entries written into `kv` at `positions` (RoPE, the latent's norm
-        and the write in one kernel where dispatch has it); returns the query."""
+        and the write in one kernel where dispatch has it); returns the query (q_nope, q_pe, q_nope
+        absorbed through W_UK where that kernel did it too, else None)."""
         q_nope, q_pe, c_kv, k_pe = self._projections(x)
         norm = self.kv_a_layernorm
-        return q_nope, dispatch.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm.weight, norm.eps, kv, positions)
+        q_pe, q_absorbed = dispatch.mla_new_tokens(q_nope, q_pe, c_kv, k_pe, cos, sin, norm.weight, norm.eps, kv,
+                                                   positions, self.kv_b_proj.weight)
+        return q_nope, q_pe, q_absorbed
 
     def attend(self, q, latent, attn: AttentionInputs):
-        """(q_nope, q_pe) [B, H, S, *] over `latent` [B, kv_len, rank + rope] -> [B, S, H * v_dim]."""
-        q_nope, q_pe = q
-        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale)
+        """(q_nope, q_pe, q_absorbed or None) [B, H, S, *] over `latent` [B, kv_len, rank + rope] ->
+        [B, S, H * v_dim]."""
+        q_nope, q_pe, q_absorbed = q
+        out = dispatch.mla_attention(q_nope, q_pe, latent, attn.mask, self.kv_b_proj.weight, self.softmax_scale,
+                                     q_absorbed)
         B, H, S, _ = out.shape
         return out.transpose(1, 2).reshape(B, S, H * self.v_dim)
 

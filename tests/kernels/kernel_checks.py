@@ -340,7 +340,7 @@ def check_mla_new_tokens(device, dtype, tol):
     at its slot, against the formulas and LayerCache.write: slots shared by the rows ([S]) and each
     row's own ([B, S]), heads not a power of two, strided views of one projection, one table row."""
     g = torch.Generator().manual_seed(8)
-    B, S, H, nope, P, R, capacity = 2, 3, 5, 8, 16, 32, 10
+    B, S, H, nope, P, R, capacity = 2, 3, 5, 16, 16, 64, 10
     projected = torch.randn(B, S, H * (nope + P) + R + P, generator=g).to(dtype)
     q, c_kv, k_pe = projected.split((H * (nope + P), R, P), dim=-1)
     q_pe = q.view(B, S, H, nope + P).transpose(1, 2)[..., nope:]  # [B, H, S, P] as MLA splits it
@@ -372,6 +372,22 @@ def check_mla_new_tokens(device, dtype, tol):
             rows = torch.arange(B)[:, None]
             slots = positions.expand(B, S)
             assert torch.equal(cache.cpu()[rows, slots, R:], want_cache[rows, slots, R:]), what + ": rope keys differ"
+    # with the query's no-rope part absorbed through W_UK [H, nope, R] (a view of kv_b's rows) too
+    kv_b = (torch.randn(H * (nope + 8), R, generator=g) * 0.3).to(dtype)
+    w_uk = kv_b.view(H, nope + 8, R)[:, :nope]
+    q_nope = q.view(B, S, H, nope + P).transpose(1, 2)[..., :nope]
+    positions = torch.tensor([4, 7, 2])
+    with torch.no_grad():
+        cache = before.to(device)
+        got_q, absorbed = norm_rope.mla_new_tokens_absorbed(
+            q_pe.to(device), c_kv.to(device), k_pe.to(device), cos.to(device), sin.to(device),
+            norm.weight.to(device), 1e-6, cache, positions.to(device), q_nope.to(device), w_uk.to(device))
+    close(got_q, apply_rotary(q_pe, cos, sin, True), tol, "mla_new_tokens_absorbed: query")
+    want_cache = before.clone()
+    key = apply_rotary(k_pe.unsqueeze(1), cos, sin, True).squeeze(1)
+    LayerCache(want_cache, 1).write(positions, torch.cat((norm(c_kv), key), dim=-1))
+    close(cache, want_cache, tol, "mla_new_tokens_absorbed: cache")
+    close(absorbed, torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_uk.float()), tol, "mla_new_tokens_absorbed: W_UK")
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,

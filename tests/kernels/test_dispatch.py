@@ -297,9 +297,9 @@ def test_cuda_compiled_decode_combines_expert_pairs_inside_the_norm_kernel_after
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_mla_new_tokens_is_one_kernel_writing_the_cache_in_place():
     """Inside torch.compile MLA's new-token work (the query's RoPE, the latent's norm, the key's RoPE
-    and the cache write) stays the one mla_new_tokens kernel: no kernel of inductor's beside it (the
-    formulas made three; a copy of the cache for the op to write would be one more), and the same
-    values as the eager call."""
+    and the cache write; at one row the query's absorption through W_UK too) stays the one
+    mla_new_tokens kernel: no kernel of inductor's beside it (the formulas made three; a copy of the
+    cache for the op to write would be one more), and the same values as the eager call."""
     from torch._inductor.utils import run_and_get_code
 
     from deepseek_vl2.kernels.custom_ops import register_kernel_ops
@@ -313,20 +313,31 @@ def test_cuda_compiled_mla_new_tokens_is_one_kernel_writing_the_cache_in_place()
     slots = torch.tensor([[5], [9]], device="cuda")
     empty = torch.zeros(B, capacity, R + P, device="cuda", dtype=torch.bfloat16)
 
+    kv_b = (torch.randn(H * (nope + 128), R, generator=g) * 0.05).to("cuda", torch.bfloat16)
+
     def new_tokens(projected, cos, sin, cache, slots):
         q, c_kv, k_pe = projected.split((H * (nope + P), R, P), dim=-1)
-        q_pe = q.view(B, 1, H, nope + P).transpose(1, 2)[..., nope:]
-        return dispatch.mla_new_tokens(q_pe, c_kv, k_pe, cos, sin, norm_weight, 1e-6, LayerCache(cache, 1), slots)
+        q_nope, q_pe = q.view(q.shape[0], 1, H, nope + P).transpose(1, 2).split((nope, P), dim=-1)
+        return dispatch.mla_new_tokens(q_nope, q_pe, c_kv, k_pe, cos, sin, norm_weight, 1e-6, LayerCache(cache, 1),
+                                       slots, kv_b)
 
     register_kernel_ops()
-    with torch.inference_mode():
-        eager_cache, compiled_cache = empty.clone(), empty.clone()
-        eager = new_tokens(projected, cos, sin, eager_cache, slots)
-        torch._dynamo.reset()
-        compiled, codes = run_and_get_code(torch.compile(new_tokens, fullgraph=True, dynamic=False), projected, cos,
-                                           sin, compiled_cache, slots)
-        torch._dynamo.reset()
-    code = "\n".join(codes)
-    assert "deepseek_vl2.mla_new_tokens" in code and "@triton.jit" not in code, code
-    assert torch.equal(compiled, eager) and torch.equal(compiled_cache, eager_cache)
-    assert compiled_cache[:, [5, 9]].abs().sum() > 0
+    for rows, op in ((2, "deepseek_vl2.mla_new_tokens.default"), (1, "deepseek_vl2.mla_new_tokens_absorbed.default")):
+        with torch.inference_mode():
+            eager_cache, compiled_cache = empty[:rows].clone(), empty[:rows].clone()
+            args = (projected[:rows], cos[:rows], sin[:rows])
+            eager = new_tokens(*args, eager_cache, slots[:rows])
+            torch._dynamo.reset()
+            compiled, codes = run_and_get_code(torch.compile(new_tokens, fullgraph=True, dynamic=False), *args,
+                                               compiled_cache, slots[:rows])
+            torch._dynamo.reset()
+        code = "\n".join(codes)
+        assert op in code and "@triton.jit" not in code, code
+        assert (eager[1] is None) == (rows > 1)  # the query is absorbed in the kernel at one row only
+        for got, want in zip(compiled, eager):
+            assert (got is None and want is None) or torch.equal(got, want)
+        assert torch.equal(compiled_cache, eager_cache) and compiled_cache[:, 5].abs().sum() > 0
+    q_nope = projected[:1, :, :H * (nope + P)].view(1, 1, H, nope + P).transpose(1, 2)[..., :nope]
+    w_uk = kv_b.view(H, -1, R)[:, :nope]
+    want = torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_uk.float())
+    torch.testing.assert_close(compiled[1].float(), want, rtol=1.6e-2, atol=2e-2)

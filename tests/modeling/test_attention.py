@@ -60,7 +60,7 @@ def test_mla_absorbed_and_expanded_forms_agree(make_config):
     B, S = 2, 5
     x = torch.randn(B, S, config.hidden_size, generator=torch.Generator().manual_seed(3))
     cos, sin = rope.lookup(torch.arange(S)[None].expand(B, S), x.dtype)
-    (q_nope, q_pe), latent = attention.project(x, cos, sin)
+    (q_nope, q_pe, _), latent = attention.project(x, cos, sin)
     weight, scale = attention.kv_b_proj.weight, attention.softmax_scale
     mask = reference.causal_mask(S, x.dtype, "cpu")
     expanded = reference.mla_expanded(q_nope, q_pe, latent, None, weight, scale)
@@ -103,7 +103,7 @@ def test_mla_fused_input_projection_is_the_official_pair(make_config, q_lora_ran
     B, S = 2, 3
     x = torch.randn(B, S, config.hidden_size, generator=torch.Generator().manual_seed(4))
     cos, sin = rope.lookup(torch.arange(S)[None].expand(B, S), x.dtype)
-    (q_nope, q_pe), latent = attention.project(x, cos, sin)
+    (q_nope, q_pe, _), latent = attention.project(x, cos, sin)
     q = F.linear(x, official[f"{q_name}.weight"])
     if q_lora_rank is not None:
         q = F.linear(attention.q_a_layernorm(q), official["q_b_proj.weight"])
