@@ -15,12 +15,17 @@ multiply-add that skips the first rounding (a quarter of the bf16 results differ
   mla_new_tokens   MLA's work on its new tokens between the projection and attention: the query's
                    rope part rotated, and each token's cache entry (the latent c_kv normalised,
                    then the shared rope key rotated) written into the KV cache, in one kernel
+  mla_new_tokens_absorbed
+                   the same, and the query's no-rope part absorbed through W_UK (the key half of
+                   kv_b_proj) by more programs of that kernel: at one token row it replaces
+                   mla_attention's batched product (dispatch.MLA_ABSORB_IN_NEW_TOKENS_ROWS)
 
 rms_norm and rotary serve eager forwards only: inside torch.compile (the CUDA-graph decode
 regions) dispatch.py picks the PyTorch formulas instead, so the compiler can fuse them with their
 neighbours. There the three MLA steps still made three kernels a layer (the query's rotation, the
 latent's sum of squares, the rest with the cache write), so mla_new_tokens is a custom op
-(deepseek_vl2::mla_new_tokens, writing the cache in place) and runs in compiled regions too.
+(deepseek_vl2::mla_new_tokens, writing the cache in place; mla_new_tokens_absorbed likewise) and
+runs in compiled regions too.
 None of them has a backward.
 """
 import torch

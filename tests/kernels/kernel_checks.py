@@ -342,7 +342,8 @@ def check_norm_rope(device, dtype, tol):
 def check_mla_new_tokens(device, dtype, tol):
     """The query's rotation and each token's cache entry (normalised latent, rotated rope key) written
     at its slot, against the formulas and LayerCache.write: slots shared by the rows ([S]) and each
-    row's own ([B, S]), heads not a power of two, strided views of one projection, one table row."""
+    row's own ([B, S]), heads not a power of two, strided views of one projection, one table row;
+    then mla_new_tokens_absorbed, whose absorbed query is checked against a float32 einsum."""
     g = torch.Generator().manual_seed(8)
     B, S, H, nope, P, R, capacity = 2, 3, 5, 16, 16, 64, 10
     projected = torch.randn(B, S, H * (nope + P) + R + P, generator=g).to(dtype)

@@ -1,4 +1,4 @@
-"""kernels/norm_rope.py (rms_norm, rotary, mla_new_tokens) against the PyTorch formulas (bit for bit
+"""kernels/norm_rope.py (rms_norm, rotary, mla_new_tokens, mla_new_tokens_absorbed) against the PyTorch formulas (bit for bit
 on CUDA)."""
 from kernel_checks import kernel_tests
 
