@@ -14,7 +14,6 @@ All schemes share the first scheme's prompt embeddings.
 """
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -31,14 +30,6 @@ from bench import (
 )
 
 PAIRS = 3  # generate(new tokens) / generate(2) pairs a scheme a round
-
-
-def once_ms(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 def measure_variant(variant, schemes, processor, rounds, new_tokens) -> dict:
@@ -62,19 +53,20 @@ def measure_variant(variant, schemes, processor, rounds, new_tokens) -> dict:
             for scheme, model in models.items():
                 raw[scheme]["prefill"].append(
                     timed(lambda: prefill_logits(model.language, embeds, positions), repeats=3, warmup=1) * 1e3)
-                for _ in range(PAIRS):
-                    raw[scheme]["full"].append(once_ms(generate(model, new_tokens)))
-                    raw[scheme]["two"].append(once_ms(generate(model, 2)))
+                for _ in range(PAIRS):  # one timing each, alternating
+                    raw[scheme]["full"].append(timed(generate(model, new_tokens), repeats=1, warmup=0) * 1e3)
+                    raw[scheme]["two"].append(timed(generate(model, 2), repeats=1, warmup=0) * 1e3)
     del models
     torch.cuda.empty_cache()
     return raw
 
 
 def summary(variant, scheme, times, new_tokens) -> dict:
-    steps = new_tokens - 2
+    """A scheme's figures from its timings (ms): prefill median, decode tok/s both ways, the timings."""
+    steps, full, two = new_tokens - 2, times["full"], times["two"]
     return dict(variant=variant, quantization=scheme, prefill_ms=statistics.median(times["prefill"]),
-                decode_tok_s_of_medians=steps * 1e3 / (statistics.median(times["full"]) - statistics.median(times["two"])),
-                decode_tok_s_paired=steps * 1e3 / statistics.median([f - t for f, t in zip(times["full"], times["two"])]),
+                decode_tok_s_of_medians=steps * 1e3 / (statistics.median(full) - statistics.median(two)),
+                decode_tok_s_paired=steps * 1e3 / statistics.median([f - t for f, t in zip(full, two)]),
                 **{f"{key}_ms_each": values for key, values in times.items()})
 
 
@@ -96,10 +88,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         bf16 = next(b for b in results if b["variant"] == r["variant"] and b["quantization"] == "none")
-        print(f"| {r['variant']} | {'bf16' if r['quantization'] == 'none' else r['quantization']} "
-              f"| {r['prefill_ms']:.1f} | {r['prefill_ms'] / bf16['prefill_ms']:.2f} "
-              f"| {r['decode_tok_s_of_medians']:.0f} | {r['decode_tok_s_of_medians'] / bf16['decode_tok_s_of_medians']:.3f} "
-              f"| {r['decode_tok_s_paired']:.0f} | {r['decode_tok_s_paired'] / bf16['decode_tok_s_paired']:.3f} |")
+        cells = [f"{r['prefill_ms']:.1f}", f"{r['prefill_ms'] / bf16['prefill_ms']:.2f}"]
+        for key in ("decode_tok_s_of_medians", "decode_tok_s_paired"):
+            cells += [f"{r[key]:.0f}", f"{r[key] / bf16[key]:.3f}"]
+        weights = "bf16" if r["quantization"] == "none" else r["quantization"]
+        print(f"| {r['variant']} | {weights} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
