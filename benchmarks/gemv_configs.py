@@ -64,7 +64,7 @@ def main():
         n = copies_for(N * K * 2)
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n)]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        out_dtype = torch.float32 if name.endswith("router") else None  # as router.route asks for its logits
+        out_dtype = torch.float32 if name.endswith("router") else None  # as dispatch takes the router's logits
         cublas = graph_us(lambda i: lambda: torch.nn.functional.linear(x, ws[i]), n)
         current = graph_us(lambda i: lambda: td._gemv_launch(x, ws[i], None, 1, False, out_dtype=out_dtype), n)
         timings = sorted((graph_us(lambda i: lambda: td._gemv_launch(x, ws[i], None, 1, False, *c,

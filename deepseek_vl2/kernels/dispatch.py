@@ -11,7 +11,11 @@ which backend applies.
                      the query absorbed through W_UK in the same kernel   the query)
                      up to MLA_ABSORB_IN_NEW_TOKENS_ROWS token rows
     silu_mul         CUDA inference                                       formula
-    route            bf16/fp16 CUDA inference, one expert group, eval     float32 top-k
+    route            bf16/fp16 CUDA inference, one expert group, eval:    float32 top-k
+                     float32 logits (gemv up to MAX_ROUTER_GEMV_TOKENS
+                     rows), then the route kernel; in `moe`, where
+                     quantized experts take the gemv pair, the gate/up
+                     gemv routes
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
                      MOE_DECODE_ROWS, combine_pairs after either          quantized: on the stacks
@@ -102,6 +106,8 @@ QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # while a CUDA graph is captured: the graph would hold the scratch (base: 1.1 GiB) for good.
 QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: 192}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
+# Token rows up to which the router's float32 logits are taken by gemv, by a float32 GEMM beyond.
+MAX_ROUTER_GEMV_TOKENS = 64
 # Decode rows up to which MLA's key slices are combined and multiplied by W_UV in one kernel
 # (decode_attention.mla_decode with w_uv) instead of a combine and a batched product after it.
 # Measured on an H200 (benchmarks/attention_configs.py --mla-values, 2054 latents, benchmarks/RESULTS.md
@@ -228,11 +234,51 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
           training: bool):
     """Expert ids and weights of every token (see reference.route)."""
-    one_group = routing.method == "greedy" or routing.n_group == 1
-    if one_group and not training and _half_on_cuda(x):  # float32 logits, then one kernel for the top-k
-        return router.route(x, weight, bias, routing.top_k, routing.scoring == "sigmoid",
-                            routing.top_k > 1 and routing.normalize, float(routing.scale), always_on)
+    if _routes_by_kernel(x, routing, training):  # float32 logits, then one kernel for the top-k
+        return router.route(_router_logits(x, weight), bias, *_kernel_routing(routing), always_on)
     return reference.route(x, weight, bias, routing, always_on)
+
+
+def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
+        gate_up, down, training: bool) -> torch.Tensor:
+    """x [N, h] through the DeepSeekMoE experts: each token routed (`route`), then its (token, expert)
+    pairs through the stacks (`experts`). Where quantized experts take the gemv pair and the routing
+    the route kernel, the gate/up gemv's programs each pick their pair's expert from the router's
+    logits (router.routed_expert, the route kernel's own choice) and write the ids and weights the
+    down gemv and the combine read: one launch fewer a layer. Measured on an H200, small's batch-1
+    step (benchmarks/RESULTS.md, forty-second session): int8+head 1795 -> 1678 us, int4+head 1709 ->
+    1677; in bf16 the gemv's four-warp programs paid more for the choice than the launch saved (2363
+    -> 2396 us), so bf16 keeps the route kernel."""
+    if _quant_expert_gemv_sized(x, gate_up) and _routes_by_kernel(x, routing, training):
+        top_k, sigmoid, normalize, scale = _kernel_routing(routing)
+        act, ids, weights = quant_gemv.routed_gate_up(x, gate_up.qweight, gate_up.scale, gate_up.zero,
+                                                      _router_logits(x, router_weight), bias, top_k,
+                                                      top_k + always_on, sigmoid, normalize, scale)
+        return _combine_pairs(_quant_gemv(act, down, ids.flatten(), 1, False), weights)
+    ids, weights = route(x, router_weight, bias, routing, always_on, training)
+    return experts(x, gate_up, down, ids, weights)
+
+
+def _routes_by_kernel(x: torch.Tensor, routing: Routing, training: bool) -> bool:
+    """Whether the router kernels can route: one expert group, eval mode, bf16/fp16 on CUDA."""
+    return (routing.method == "greedy" or routing.n_group == 1) and not training and _half_on_cuda(x)
+
+
+def _kernel_routing(routing: Routing) -> tuple:
+    """The router kernels' (top_k, sigmoid, normalize, scale) of a Routing."""
+    return routing.top_k, routing.scoring == "sigmoid", routing.top_k > 1 and routing.normalize, float(routing.scale)
+
+
+def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's float32 logits [N, E]: by gemv up to MAX_ROUTER_GEMV_TOKENS rows."""
+    if x.shape[0] <= MAX_ROUTER_GEMV_TOKENS:
+        return gemv.gemv(x, weight, None, 1, False, True)
+    return F.linear(x.float(), weight.float())
+
+
+def _quant_expert_gemv_sized(x: torch.Tensor, gate_up) -> bool:
+    """Whether x's rows take the quantized expert gemv pair (up to QUANT_EXPERT_GEMV_ROWS)."""
+    return isinstance(gate_up, QuantizedWeight) and _decode_sized(x, QUANT_EXPERT_GEMV_ROWS[gate_up.bits])
 
 
 def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
@@ -242,7 +288,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     k = ids.shape[1]
     flat_ids = ids.flatten()
     quantized = isinstance(gate_up, QuantizedWeight)
-    if quantized and _decode_sized(x, QUANT_EXPERT_GEMV_ROWS[gate_up.bits]):  # int8/int4 bytes read by the gemv
+    if _quant_expert_gemv_sized(x, gate_up):  # int8/int4 bytes read by the gemv
         act = _quant_gemv(x, gate_up, flat_ids, k, True)
         return _combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
     if quantized and _decode_sized(x, min(QUANT_EXPERT_SCAN_ROWS[gate_up.bits], MOE_DECODE_ROWS)) \

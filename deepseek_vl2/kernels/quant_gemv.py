@@ -33,6 +33,7 @@ FLIP_EVEN, FLIP_ODD = MAGIC | 0x80, MAGIC | 0x8000  # _byte's: 2^23 and the sign
 if triton is not None:
     from .custom_ops import await_earlier_kernels
     from .gemv import store_rows
+    from .router import PairRouting, kernel_arguments, route_outputs, routed_expert
 
     @triton.jit
     def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
@@ -173,13 +174,17 @@ if triton is not None:
 
     @triton.jit
     def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, flip_even,
-                           flip_odd, stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out, INT4: tl.constexpr,
+                           flip_odd, stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out,
+                           logits_ptr, bias_ptr, weights_ptr, n_experts, route_scale, INT4: tl.constexpr,
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                           STAGES: tl.constexpr, PDL: tl.constexpr):
+                           STAGES: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
-        with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies)."""
+        with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies).
+        TOP_K > 0: each program picks its pair's expert from the router's logits (router.routed_expert;
+        the programs of the first output block write the pairs' ids and weights)."""
         await_earlier_kernels(PDL)
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
@@ -188,7 +193,12 @@ if triton is not None:
         s_base = s_ptr
         z_base = z_ptr
         if HAS_IDS:
-            expert = tl.load(ids_ptr + a).to(tl.int64)
+            if TOP_K > 0:
+                expert = routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, a, rows_per_id, n_experts,
+                                       route_scale, pid_n == 0, TOP_K, SIGMOID, HAS_BIAS, NORMALIZE,
+                                       BLOCK_E).to(tl.int64)
+            else:
+                expert = tl.load(ids_ptr + a).to(tl.int64)
             q_base = q_ptr + expert * stride_qe
             s_base = s_ptr + expert * stride_se
             z_base = z_ptr + expert * stride_se
@@ -346,9 +356,11 @@ if triton is not None:
         return block_n, block_k, num_warps, 1
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
-                    num_warps=None, stages=1):
+                    num_warps=None, stages=1, routing=None):
         """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]. Tiles
-        from gemv_tiles unless given (stages apply to word tiles only)."""
+        from gemv_tiles unless given (stages apply to word tiles only). With `routing` (a
+        router.PairRouting) the kernel picks the experts and writes them into `ids` (empty, [T,
+        rows_per_id])."""
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
@@ -369,7 +381,8 @@ if triton is not None:
             FLIP_EVEN, FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, num_warps=num_warps, **launch_options(x))
+            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x),
+            num_warps=num_warps, **launch_options(x))
         return out
 
     def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
@@ -380,6 +393,25 @@ if triton is not None:
     def gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
              ids: Optional[torch.Tensor], rows_per_id: int, silu_mul: bool) -> torch.Tensor:
         return gemv_launch(x.contiguous(), qweight, scale, zero, ids, rows_per_id, silu_mul)
+
+    def _routed_gate_up_fake(x, qweight, scale, zero, logits, bias, top_k, pairs_per_token, sigmoid, normalize,
+                             route_scale):
+        ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
+        return x.new_empty(ids.numel(), qweight.shape[-2] // 2), ids, weights
+
+    @kernel_op("quant_routed_gate_up", _routed_gate_up_fake)
+    def routed_gate_up(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                       logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, pairs_per_token: int,
+                       sigmoid: bool, normalize: bool,
+                       route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The expert gate/up gemv with silu_mul whose programs route (router.routed_expert): x [T, h],
+        the int8 / int4 stack [E', 2I, h], the router's float32 logits [T, E] -> (silu(gate) * up
+        [T * pairs, I] in pair order, ids [T, pairs] (int64), weights [T, pairs] (float32)), as
+        router.route and then gemv(x, ..., ids, pairs, True) give them."""
+        ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
+        routing = PairRouting(logits.contiguous(), bias, top_k, sigmoid, normalize, route_scale, weights)
+        act = gemv_launch(x.contiguous(), qweight, scale, zero, ids, pairs_per_token, True, routing=routing)
+        return act, ids, weights
 
     def _dequantize_fake(qweight, scale, zero, dtype):
         K = qweight.shape[-1] * (2 if zero is not None else 1)

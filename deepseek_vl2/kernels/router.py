@@ -1,76 +1,128 @@
-"""The fused MoE router kernel: float32 logits (by gemv for few tokens), then per token softmax or
-sigmoid, optional correction bias for the choice, top-k by repeated argmax, renormalisation and
-scaling (topk_method greedy, or the n_group == 1 forms of the others); the always-on shared
-experts are appended with weight 1. Used at prefill and decode (dispatch.route); inside compiled
-regions it is the torch custom op deepseek_vl2::route.
+"""The MoE router's choice on CUDA, from its float32 logits: per token softmax or sigmoid, optional
+correction bias for the choice, top-k by repeated argmax, renormalisation and scaling (topk_method
+greedy, or the n_group == 1 forms of the others); the always-on shared experts follow the top k
+with weight 1.
+
+  routed_expert  one (token, slot) pair's expert, computed where it is needed: by the route kernel
+                 below, and by the quantized expert gate/up gemv at decode rows (quant_gemv.py),
+                 whose programs each pick their own expert from the logits, so that no kernel runs
+                 between the router's logits and the experts;
+  route          every pair's expert id and weight, one program a pair (prefill, and decode rows
+                 past the gemv's); inside compiled regions the torch custom op deepseek_vl2::route.
+
+dispatch.route and dispatch.moe decide where each runs and compute the logits.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from . import gemv
 from .custom_ops import kernel_op, launch_options, tl, triton
-
-MAX_ROUTER_GEMV_TOKENS = 64  # router logits by gemv up to this many tokens, by a float32 GEMM beyond
-
 
 if triton is not None:
     from .custom_ops import await_earlier_kernels
 
     @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, n_experts, scale, TOP_K: tl.constexpr,
-                      ALWAYS_ON: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
-        await_earlier_kernels(PDL)
-        t = tl.program_id(0)
+    def routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, pair, pairs_per_token, n_experts, scale, store,
+                      TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+        """The expert of pair `pair` = token * pairs_per_token + slot (int32): for slot < TOP_K the
+        slot-th choice among the token's n_experts float32 logits, else the always-on expert
+        n_experts + slot - TOP_K. With `store`, the pair's id (int64) and weight (float32: its score,
+        over the sum of the top k's scores where NORMALIZE, times `scale`; 1 for the always-on) are
+        written at `pair` of ids / weights. Ties go to the lower expert id, as torch.topk's do here.
+
+        A pair that only needs its expert takes the choices up to its slot (none for the always-on),
+        one (max, index) reduction each; its score is the chosen value, or with a correction bias
+        the score recomputed from the chosen logit, by the same operations as the vector's."""
+        t = pair // pairs_per_token
+        slot = pair % pairs_per_token
         offs_e = tl.arange(0, BLOCK_E)
         e_mask = offs_e < n_experts
-        logits = tl.load(logits_ptr + t * n_experts + offs_e, mask=e_mask, other=float("-inf"))
+        row = logits_ptr + t * n_experts
+        logits = tl.load(row + offs_e, mask=e_mask, other=float("-inf"))
         if SIGMOID:
             scores = tl.sigmoid(logits)
         else:
-            exp = tl.exp(logits - tl.max(logits, axis=0))
-            scores = exp / tl.sum(exp, axis=0)
+            top = tl.max(logits, axis=0)
+            exp_sum = tl.sum(tl.exp(logits - top), axis=0)
+            scores = tl.exp(logits - top) / exp_sum
         choice = scores
         if HAS_BIAS:
             choice = scores + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)
         choice = tl.where(e_mask, choice, float("-inf"))
-        denominator = 1.0
-        if NORMALIZE:
-            remaining = choice
-            total = 0.0
-            for _ in tl.static_range(TOP_K):
-                best = tl.argmax(remaining, axis=0)
-                total += tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
-                remaining = tl.where(offs_e == best, float("-inf"), remaining)
-            denominator = total + 1e-20
-        row = t * (TOP_K + ALWAYS_ON)
-        for i in tl.static_range(TOP_K):
-            best = tl.argmax(choice, axis=0)
-            weight = tl.sum(tl.where(offs_e == best, scores, 0.0), axis=0)
-            tl.store(ids_ptr + row + i, best.to(tl.int64))
-            tl.store(weights_ptr + row + i, weight / denominator * scale)
+        expert = n_experts + slot - TOP_K
+        picked = tl.full([], 1.0, tl.float32)
+        total = tl.full([], 0.0, tl.float32)
+        rounds = tl.where(store, TOP_K, tl.where(slot < TOP_K, slot + 1, 0))
+        for i in range(rounds):
+            value, best = tl.max(choice, axis=0, return_indices=True)
+            score = value
+            if HAS_BIAS:
+                logit = tl.load(row + best)
+                if SIGMOID:
+                    score = tl.sigmoid(logit)
+                else:
+                    score = tl.exp(logit - top) / exp_sum
+            total += score
+            expert = tl.where(i == slot, best, expert)
+            picked = tl.where(i == slot, score, picked)
             choice = tl.where(offs_e == best, float("-inf"), choice)
-        for i in tl.static_range(ALWAYS_ON):
-            tl.store(ids_ptr + row + TOP_K + i, (n_experts + i).to(tl.int64))
-            tl.store(weights_ptr + row + TOP_K + i, 1.0)
+        if store:
+            denominator = 1.0
+            if NORMALIZE:
+                denominator = total + 1e-20
+            tl.store(ids_ptr + pair, expert.to(tl.int64))
+            tl.store(weights_ptr + pair, tl.where(slot < TOP_K, picked / denominator * scale, 1.0))
+        return expert
 
-    def _route_fake(x, weight, bias, top_k, sigmoid, normalize, scale, always_on=0):
-        return (torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.long),
-                torch.empty(x.shape[0], top_k + always_on, device=x.device, dtype=torch.float32))
+    @triton.jit
+    def _route_kernel(ids_ptr, pairs_per_token, logits_ptr, bias_ptr, weights_ptr, n_experts, route_scale,
+                      TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+        await_earlier_kernels(PDL)
+        routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, tl.program_id(0), pairs_per_token, n_experts,
+                      route_scale, True, TOP_K, SIGMOID, HAS_BIAS, NORMALIZE, BLOCK_E)
+
+    def route_outputs(tokens: int, pairs_per_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty expert ids [tokens, pairs_per_token] (int64) and weights (float32)."""
+        return (torch.empty(tokens, pairs_per_token, device=device, dtype=torch.long),
+                torch.empty(tokens, pairs_per_token, device=device, dtype=torch.float32))
+
+    class PairRouting(NamedTuple):
+        """What a kernel needs to pick the pairs' experts (routed_expert): the router's float32 logits
+        [T, E] (contiguous), the correction bias [E] or None, the k of the top k, sigmoid (else
+        softmax) scores, renormalisation, the weights' scale, and the pairs' weights [T, pairs]
+        (float32) to write."""
+        logits: torch.Tensor
+        bias: Optional[torch.Tensor]
+        top_k: int
+        sigmoid: bool
+        normalize: bool
+        scale: float
+        weights: torch.Tensor
+
+    def kernel_arguments(routing: Optional[PairRouting], stand_in: torch.Tensor) -> dict:
+        """The routing arguments of a kernel calling routed_expert (by name: logits_ptr ... BLOCK_E);
+        without `routing` TOP_K = 0, and `stand_in` for every pointer."""
+        if routing is None:
+            return dict(logits_ptr=stand_in, bias_ptr=stand_in, weights_ptr=stand_in, n_experts=0, route_scale=1.0,
+                        TOP_K=0, SIGMOID=False, HAS_BIAS=False, NORMALIZE=False, BLOCK_E=1)
+        logits, bias = routing.logits, routing.bias
+        return dict(logits_ptr=logits, bias_ptr=bias if bias is not None else logits, weights_ptr=routing.weights,
+                    n_experts=logits.shape[1], route_scale=routing.scale, TOP_K=routing.top_k,
+                    SIGMOID=routing.sigmoid, HAS_BIAS=bias is not None, NORMALIZE=routing.normalize,
+                    BLOCK_E=triton.next_power_of_2(logits.shape[1]))
+
+    def _route_fake(logits, bias, top_k, sigmoid, normalize, scale, always_on=0):
+        return route_outputs(logits.shape[0], top_k + always_on, logits.device)
 
     @kernel_op("route", _route_fake)
-    def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool,
-              normalize: bool, scale: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        T, E = x.shape[0], weight.shape[0]
-        if T <= MAX_ROUTER_GEMV_TOKENS:
-            logits = gemv._gemv_launch(x.contiguous(), weight, None, 1, False, out_dtype=torch.float32)
-        else:
-            logits = torch.nn.functional.linear(x.float(), weight.float())
-        ids = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.long)
-        weights = torch.empty(T, top_k + always_on, device=x.device, dtype=torch.float32)
-        _route_kernel[(T,)](logits, bias if bias is not None else logits, ids, weights, E, scale, TOP_K=top_k,
-                            ALWAYS_ON=always_on, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize,
-                            BLOCK_E=triton.next_power_of_2(E), num_warps=1, **launch_options(ids))
+    def route(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool, normalize: bool,
+              scale: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [T, E] float32 -> expert ids [T, top_k + always_on] (int64) and weights (float32)."""
+        ids, weights = route_outputs(logits.shape[0], top_k + always_on, logits.device)
+        routing = PairRouting(logits.contiguous(), bias, top_k, sigmoid, normalize, scale, weights)
+        if ids.numel():
+            _route_kernel[(ids.numel(),)](ids, top_k + always_on, **kernel_arguments(routing, ids), num_warps=1,
+                                          **launch_options(ids))
         return ids, weights
-

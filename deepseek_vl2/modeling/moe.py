@@ -3,7 +3,7 @@ DeepSeekMoE block with its router.
 
 Experts (the shared ones included, as extra experts:
 docs/deviations.md#shared-experts-run-as-extra-routed-experts) are stored stacked per layer ([E, 2*I, h]
-gate+up and [E, h, I] down) and run by `dispatch.experts` (a grouped GEMM over the tokens sorted by
+gate+up and [E, h, I] down) and run by `dispatch.moe` (a grouped GEMM over the tokens sorted by
 expert; for decode-sized inputs on CUDA a gemv over the chosen experts, or a kernel in which each
 expert finds its own tokens; no host synchronisation in any case). The checkpoint keeps the
 official names; `checkpoint_keys` maps them onto the stacks.
@@ -34,7 +34,8 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Picks `top_k` experts per token and their weights (float32 throughout, unsorted top-k)."""
+    """The router's weight (and correction bias) and how it picks `top_k` experts per token (float32
+    throughout, unsorted top-k); dispatch.moe routes with them."""
 
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
@@ -46,30 +47,20 @@ class Router(nn.Module):
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.empty(config.n_routed_experts))
 
-    def forward(self, x, always_on: int = 0):
-        """x [N, h] -> expert ids [N, k + always_on] (int64) and weights (float32): the top k, then
-        the `always_on` experts numbered from num_experts on (the shared ones) with weight 1."""
-        if self.training and self.routing.method == "noaux_tc":
-            raise RuntimeError("topk_method 'noaux_tc' is inference-only (as in the reference)")
-        bias = getattr(self, "e_score_correction_bias", None)
-        return dispatch.route(x, self.weight, bias, self.routing, always_on, self.training)
+    @property
+    def bias(self):
+        return getattr(self, "e_score_correction_bias", None)
 
 
 class RoutedExperts(nn.Module):
-    """Expert MLPs of one width stored stacked ([E, 2*I, h] gate+up, [E, h, I] down) and run on
-    (token, expert) pairs (dispatch.experts)."""
+    """Expert MLPs of one width stored stacked ([E, 2*I, h] gate+up, [E, h, I] down), run on (token,
+    expert) pairs by dispatch.moe (expert outputs combined in float32, as the reference does)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-    def forward(self, x, ids, weights):
-        """x [N, h], ids/weights [N, k] -> sum_k weights * expert_ids(x), [N, h] in x's dtype.
-
-        Expert outputs are combined in float32, as the reference does."""
-        return dispatch.experts(x, self.gate_up_proj, self.down_proj, ids, weights)
 
 
 class MoE(nn.Module):
@@ -108,7 +99,10 @@ class MoE(nn.Module):
         return keys
 
     def forward(self, x):
+        """x [..., h] -> the sum over each token's experts of weight * expert(x), in x's dtype."""
+        if self.training and self.gate.routing.method == "noaux_tc":
+            raise RuntimeError("topk_method 'noaux_tc' is inference-only (as in the reference)")
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(flat, always_on=self.num_shared)
-        return self.experts(flat, ids, weights).view(shape)
+        out = dispatch.moe(x.reshape(-1, shape[-1]), self.gate.weight, self.gate.bias, self.gate.routing,
+                           self.num_shared, self.experts.gate_up_proj, self.experts.down_proj, self.training)
+        return out.view(shape)

@@ -27,7 +27,11 @@ from deepseek_vl2.kernels import (  # noqa: E402
     quant_grouped_gemm,
     router as router_kernel,  # noqa: E402
 )
-from deepseek_vl2.kernels.reference import combine as _combine, rotary as apply_rotary  # noqa: E402
+from deepseek_vl2.kernels.reference import (  # noqa: E402
+    combine as _combine,
+    rotary as apply_rotary,
+    route as reference_route,  # noqa: E402
+)
 from deepseek_vl2.modeling.kv_cache import LayerCache  # noqa: E402
 from deepseek_vl2.modeling.language_config import DeepseekV2Config  # noqa: E402
 from deepseek_vl2.modeling.moe import Router  # noqa: E402
@@ -216,27 +220,75 @@ def check_quant_grouped_gemm(device, dtype, tol):
 
 
 def check_route(device, dtype, tol):
+    """The route kernel from the router's float32 logits against reference.route on the same logits'
+    inputs (greedy softmax; noaux_tc's sigmoid with a correction bias), always-on experts after the top k."""
     torch.manual_seed(2)
-    # greedy: 6 tokens, logits by gemv, over a hidden size past one 2048-column K block
     for scoring, method, bias, hidden in (("softmax", "greedy", False, 2100), ("sigmoid", "noaux_tc", True, 64)):
-        config = DeepseekV2Config(hidden_size=hidden, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
-                                  scoring_func=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
-                                  n_group=1, topk_group=1)
-        router = Router(config).eval()
-        torch.nn.init.normal_(router.weight, std=0.3)
-        router.weight.data = router.weight.data.to(dtype).float()  # both sides see the same weights
-        if bias:
-            torch.nn.init.normal_(router.e_score_correction_bias, std=0.1)
-        x = torch.randn(6 if method == "greedy" else 70, hidden).to(dtype)  # 70: logits by GEMM, not gemv
-        with torch.no_grad():
-            want_ids, want_w = router.float()(x.float(), always_on=2)
-            bias_t = router.e_score_correction_bias.to(device) if bias else None
-            ids, w = router_kernel.route(x.to(device), router.weight.to(device, dtype), bias_t, 3,
-                                         scoring == "sigmoid", True, 2.5, 2)
+        router = _router(scoring, method, bias, hidden, dtype)
+        x = torch.randn(6 if method == "greedy" else 70, hidden).to(dtype)
+        want_ids, want_w = _reference_route(router, x.float(), always_on=2)
+        bias_t = router.bias.to(device) if bias else None
+        ids, w = router_kernel.route(_logits(x.to(device), router.weight.to(device, dtype)), bias_t, 3,
+                                     scoring == "sigmoid", True, 2.5, 2)
         assert ids.shape == (len(x), 5) and (ids[:, 3:].cpu() == torch.tensor([16, 17])).all()
         order, want_order = ids.cpu().argsort(dim=1), want_ids.argsort(dim=1)
         assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order)), f"{method} experts"
         close(w.cpu().gather(1, order), want_w.gather(1, want_order), tol, f"{method} weights")
+
+
+def check_routed_gate_up(device, dtype, tol):
+    """The quantized expert gate/up gemv whose programs route (quant_gemv.routed_gate_up, int8 and
+    int4 stacks) against the route kernel and the gate/up gemv with its ids: the same ids, weights
+    and activations to the bit, for greedy softmax routing (with and without renormalisation) and
+    noaux_tc's sigmoid with a correction bias, at one token and at three."""
+    torch.manual_seed(3)
+    hidden, inter, E, k, shared = 256, 32, 16, 3, 2
+    g = torch.Generator().manual_seed(4)
+    stacks = {}
+    for bits, group in ((8, hidden), (4, 64)):
+        stacks[f"int{bits}"] = tuple(t.to(device) if t is not None else None for t in rtn.quantize(
+            torch.randn(E + shared, 2 * inter, hidden, generator=g) * 0.1, bits, group, dtype))
+    for scoring, method, bias, normalize in (("softmax", "greedy", False, True), ("sigmoid", "noaux_tc", True, True),
+                                             ("softmax", "greedy", False, False)):
+        router = _router(scoring, method, bias, hidden, dtype, experts=E, top_k=k)
+        bias_t = router.bias.to(device) if bias else None
+        for tokens in (1, 3):
+            x = torch.randn(tokens, hidden).to(device, dtype)
+            logits = _logits(x, router.weight.to(device, dtype))
+            routing = (logits, bias_t, k, k + shared, scoring == "sigmoid", normalize, 2.5)
+            want_ids, want_w = router_kernel.route(logits, bias_t, k, scoring == "sigmoid", normalize, 2.5, shared)
+            for name, stack in stacks.items():
+                what = f"{name}, {method}, normalize {normalize}, {tokens} tokens"
+                act, ids, w = quant_gemv.routed_gate_up(x, *stack, *routing)
+                want_act = quant_gemv.gemv(x, *stack, want_ids.flatten(), k + shared, True)
+                assert torch.equal(ids, want_ids), f"{what}: ids {ids.tolist()} against {want_ids.tolist()}"
+                assert torch.equal(w, want_w), f"{what}: weights"
+                assert torch.equal(act, want_act), f"{what}: activations"
+
+
+def _router(scoring, method, bias, hidden, dtype, experts=16, top_k=3):
+    """A Router with random weights (rounded to `dtype`, so both sides see the same) and bias."""
+    config = DeepseekV2Config(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=top_k,
+                              topk_method=method, scoring_func=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
+                              n_group=1, topk_group=1)
+    router = Router(config).eval()
+    torch.nn.init.normal_(router.weight, std=0.3)
+    router.weight.data = router.weight.data.to(dtype).float()
+    if bias:
+        torch.nn.init.normal_(router.e_score_correction_bias, std=0.1)
+    return router
+
+
+def _reference_route(router, x, always_on):
+    with torch.no_grad():
+        return reference_route(x, router.weight, router.bias, router.routing, always_on)
+
+
+def _logits(x, weight):
+    """The router's float32 logits as dispatch takes them: by gemv for a few tokens, else a float32 GEMM."""
+    if len(x) <= 64:
+        return gemv.gemv(x, weight, None, 1, False, True)
+    return x.float() @ weight.float().T
 
 
 def check_mha_decode(device, dtype, tol):
@@ -396,8 +448,8 @@ def check_mla_new_tokens(device, dtype, tol):
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
-          check_quant_grouped_gemm, check_route, check_mha_decode, check_mla_decode, check_moe_glue, check_norm_rope,
-          check_mla_new_tokens)
+          check_quant_grouped_gemm, check_route, check_routed_gate_up, check_mha_decode, check_mla_decode,
+          check_moe_glue, check_norm_rope, check_mla_new_tokens)
 
 
 def interpreted(*names: str) -> None:

@@ -1,4 +1,5 @@
-"""kernels/router.py (the fused router) against the PyTorch router (reference.route)."""
+"""kernels/router.py: the route kernel against the PyTorch router (reference.route), and the
+quantized expert gate/up gemv that routes in its programs against the route kernel and the gemv."""
 from kernel_checks import kernel_tests
 
-test_router_in_triton_interpreter, test_router_on_cuda = kernel_tests('check_route')
+test_router_in_triton_interpreter, test_router_on_cuda = kernel_tests('check_route', 'check_routed_gate_up')

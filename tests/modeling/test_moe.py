@@ -68,7 +68,7 @@ def test_shared_experts_equal_the_reference_wide_mlp(make_config):
     official = {name: to_official(params, where) for name, where in checkpoint_layout(moe).items()}
     wide = F.linear(F.silu(F.linear(x, official["shared_experts.gate_proj.weight"]))
                     * F.linear(x, official["shared_experts.up_proj.weight"]), official["shared_experts.down_proj.weight"])
-    ids, weights = moe.gate(x)
+    ids, weights = dispatch.route(x, moe.gate.weight, None, moe.gate.routing, 0, False)  # the routed experts only
     routed = dispatch.experts(x, moe.experts.gate_up_proj, moe.experts.down_proj, ids, weights)
     assert official["shared_experts.gate_proj.weight"].shape == (2 * config.moe_intermediate_size, config.hidden_size)
     assert torch.allclose(moe(x), routed + wide, atol=1e-5)
