@@ -29,7 +29,7 @@ if triton is not None:
         slot-th choice among the token's n_experts float32 logits, else the always-on expert
         n_experts + slot - TOP_K. With `store`, the pair's id (int64) and weight (float32: its score,
         over the sum of the top k's scores where NORMALIZE, times `scale`; 1 for the always-on) are
-        written at `pair` of ids / weights. Ties go to the lower expert id, as torch.topk's do here.
+        written at `pair` of ids / weights. Ties go to the lower expert id.
 
         A pair that only needs its expert takes the choices up to its slot (none for the always-on),
         one (max, index) reduction each; its score is the chosen value, or with a correction bias

@@ -48,7 +48,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.empty(config.n_routed_experts))
 
     @property
-    def bias(self):
+    def correction_bias(self):
         return getattr(self, "e_score_correction_bias", None)
 
 
@@ -103,6 +103,6 @@ class MoE(nn.Module):
         if self.training and self.gate.routing.method == "noaux_tc":
             raise RuntimeError("topk_method 'noaux_tc' is inference-only (as in the reference)")
         shape = x.shape
-        out = dispatch.moe(x.reshape(-1, shape[-1]), self.gate.weight, self.gate.bias, self.gate.routing,
+        out = dispatch.moe(x.reshape(-1, shape[-1]), self.gate.weight, self.gate.correction_bias, self.gate.routing,
                            self.num_shared, self.experts.gate_up_proj, self.experts.down_proj, self.training)
         return out.view(shape)

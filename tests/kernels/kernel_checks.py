@@ -227,7 +227,7 @@ def check_route(device, dtype, tol):
         router = _router(scoring, method, bias, hidden, dtype)
         x = torch.randn(6 if method == "greedy" else 70, hidden).to(dtype)
         want_ids, want_w = _reference_route(router, x.float(), always_on=2)
-        bias_t = router.bias.to(device) if bias else None
+        bias_t = router.correction_bias.to(device) if bias else None
         ids, w = router_kernel.route(_logits(x.to(device), router.weight.to(device, dtype)), bias_t, 3,
                                      scoring == "sigmoid", True, 2.5, 2)
         assert ids.shape == (len(x), 5) and (ids[:, 3:].cpu() == torch.tensor([16, 17])).all()
@@ -251,7 +251,7 @@ def check_routed_gate_up(device, dtype, tol):
     for scoring, method, bias, normalize in (("softmax", "greedy", False, True), ("sigmoid", "noaux_tc", True, True),
                                              ("softmax", "greedy", False, False)):
         router = _router(scoring, method, bias, hidden, dtype, experts=E, top_k=k)
-        bias_t = router.bias.to(device) if bias else None
+        bias_t = router.correction_bias.to(device) if bias else None
         for tokens in (1, 3):
             x = torch.randn(tokens, hidden).to(device, dtype)
             logits = _logits(x, router.weight.to(device, dtype))
@@ -281,7 +281,7 @@ def _router(scoring, method, bias, hidden, dtype, experts=16, top_k=3):
 
 def _reference_route(router, x, always_on):
     with torch.no_grad():
-        return reference_route(x, router.weight, router.bias, router.routing, always_on)
+        return reference_route(x, router.weight, router.correction_bias, router.routing, always_on)
 
 
 def _logits(x, weight):
