@@ -92,8 +92,9 @@ def test_every_launch_passes_the_launch_options():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")]
         assert launches, module_name
         for call in launches:
-            spread = [k for k in call.keywords if k.arg is None]  # **kernel_arguments(...) may come before
-            assert spread and ast.unparse(spread[-1].value).startswith("launch_options("), \
+            spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
+            assert spread and spread[-1].startswith("launch_options(") \
+                and all(s.startswith("kernel_arguments(") for s in spread[:-1]), \
                 f"{module_name}: {ast.unparse(call.func)} is launched without **launch_options(...)"
 
 
