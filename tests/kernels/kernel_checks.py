@@ -408,12 +408,10 @@ def check_mla_new_tokens(device, dtype, tol):
     before = torch.randn(B, capacity, R + P, generator=g).to(dtype)
     for positions, table in ((torch.tensor([4, 7, 2]), B), (torch.tensor([[0, 5, 9], [3, 1, 8]]), 1)):
         c, s = cos[:table], sin[:table]
-        with torch.no_grad():  # the formulas on the CPU
-            want_q = apply_rotary(q_pe, c.expand(B, S, P), s.expand(B, S, P), True)
-            key = apply_rotary(k_pe.unsqueeze(1), c.expand(B, S, P), s.expand(B, S, P), True).squeeze(1)
-            want_cache = before.clone()
-            LayerCache(want_cache, 1).write(positions, torch.cat((norm(c_kv), key), dim=-1))
-            cache = before.to(device)
+        with torch.no_grad():
+            want_q, want_cache = _new_tokens_formulas(q_pe, c_kv, k_pe, c.expand(B, S, P), s.expand(B, S, P), norm,
+                                                      before, positions)
+            cache = before.to(device, copy=True)  # on the CPU too: `before` stays as it was
             got_q = norm_rope.mla_new_tokens(q_pe.to(device), c_kv.to(device), k_pe.to(device), c.to(device),
                                              s.to(device), norm.weight.to(device), 1e-6, cache, positions.to(device))
         what = f"mla_new_tokens, positions {tuple(positions.shape)}"
@@ -435,16 +433,24 @@ def check_mla_new_tokens(device, dtype, tol):
     q_nope = q.view(B, S, H, nope + P).transpose(1, 2)[..., :nope]
     positions = torch.tensor([4, 7, 2])
     with torch.no_grad():
-        cache = before.to(device)
+        cache = before.to(device, copy=True)  # on the CPU too: `before` stays as it was
         got_q, absorbed = norm_rope.mla_new_tokens_absorbed(
             q_pe.to(device), c_kv.to(device), k_pe.to(device), cos.to(device), sin.to(device),
             norm.weight.to(device), 1e-6, cache, positions.to(device), q_nope.to(device), w_uk.to(device))
-    close(got_q, apply_rotary(q_pe, cos, sin, True), tol, "mla_new_tokens_absorbed: query")
-    want_cache = before.clone()
-    key = apply_rotary(k_pe.unsqueeze(1), cos, sin, True).squeeze(1)
-    LayerCache(want_cache, 1).write(positions, torch.cat((norm(c_kv), key), dim=-1))
+        want_q, want_cache = _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions)
+    close(got_q, want_q, tol, "mla_new_tokens_absorbed: query")
     close(cache, want_cache, tol, "mla_new_tokens_absorbed: cache")
     close(absorbed, torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_uk.float()), tol, "mla_new_tokens_absorbed: W_UK")
+
+
+
+def _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions):
+    """MLA's new-token work by the formulas on the CPU: the rotated query, and a copy of the cache
+    `before` with each token's entry (normalised latent, rotated rope key) written at `positions`."""
+    key = apply_rotary(k_pe.unsqueeze(1), cos, sin, True).squeeze(1)
+    cache = before.clone()
+    LayerCache(cache, 1).write(positions, torch.cat((norm(c_kv), key), dim=-1))
+    return apply_rotary(q_pe, cos, sin, True), cache
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
