@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from deepseek_vl2.kernels import (  # noqa: E402
     decode_attention,
+    dispatch,
     gemv,
     moe_decode,
     moe_glue,
@@ -226,7 +227,8 @@ def check_route(device, dtype, tol):
     for scoring, method, bias, hidden in (("softmax", "greedy", False, 2100), ("sigmoid", "noaux_tc", True, 64)):
         router = _router(scoring, method, bias, hidden, dtype)
         x = torch.randn(6 if method == "greedy" else 70, hidden).to(dtype)
-        want_ids, want_w = _reference_route(router, x.float(), always_on=2)
+        with torch.no_grad():
+            want_ids, want_w = reference_route(x.float(), router.weight, router.correction_bias, router.routing, 2)
         bias_t = router.correction_bias.to(device) if bias else None
         ids, w = router_kernel.route(_logits(x.to(device), router.weight.to(device, dtype)), bias_t, 3,
                                      scoring == "sigmoid", True, 2.5, 2)
@@ -279,14 +281,9 @@ def _router(scoring, method, bias, hidden, dtype, experts=16, top_k=3):
     return router
 
 
-def _reference_route(router, x, always_on):
-    with torch.no_grad():
-        return reference_route(x, router.weight, router.correction_bias, router.routing, always_on)
-
-
 def _logits(x, weight):
     """The router's float32 logits as dispatch takes them: by gemv for a few tokens, else a float32 GEMM."""
-    if len(x) <= 64:
+    if len(x) <= dispatch.MAX_ROUTER_GEMV_TOKENS:
         return gemv.gemv(x, weight, None, 1, False, True)
     return x.float() @ weight.float().T
 
@@ -441,7 +438,6 @@ def check_mla_new_tokens(device, dtype, tol):
     close(got_q, want_q, tol, "mla_new_tokens_absorbed: query")
     close(cache, want_cache, tol, "mla_new_tokens_absorbed: cache")
     close(absorbed, torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_uk.float()), tol, "mla_new_tokens_absorbed: W_UK")
-
 
 
 def _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions):
