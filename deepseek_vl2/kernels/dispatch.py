@@ -16,6 +16,10 @@ which backend applies.
                      rows), then the route kernel; in `moe`, where
                      quantized experts take the gemv pair, the gate/up
                      gemv routes
+    add_norm_logits  where the route kernels route, up to                 x + delta, rms_norm; the
+                     MAX_ROUTER_GEMV_TOKENS rows (compiled regions too):  logits made by `route`
+                     the MoE input's sum, norm and router logits in one
+                     kernel
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
                      MOE_DECODE_ROWS, combine_pairs after either          quantized: on the stacks
@@ -231,18 +235,38 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate_up)
 
 
+def add_norm_logits(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    router_weight: torch.Tensor, routing: Routing, training: bool):
+    """The MoE block's input: (x + delta, rms_norm of it, the router's float32 logits of the norm
+    [N, E], or None where `moe` computes them itself). One kernel (router.add_norm_logits) up to
+    MAX_ROUTER_GEMV_TOKENS rows where the router kernels route; inside the decode step's compiled
+    regions it replaces two kernels (the sum with the norm, the logits' gemv) a MoE layer."""
+    h = x.shape[-1]
+    if _routes_by_kernel(x, routing, training) and x.numel() <= MAX_ROUTER_GEMV_TOKENS * h \
+            and x.dtype == delta.dtype == norm_weight.dtype == router_weight.dtype \
+            and x.stride(-1) == delta.stride(-1) == 1 and router_weight.is_contiguous():
+        total, normed, logits = router.add_norm_logits(x.reshape(-1, h), delta.reshape(-1, h), norm_weight, eps,
+                                                       router_weight)
+        return total.view(x.shape), normed.view(x.shape), logits
+    total = x + delta
+    return total, rms_norm(total, norm_weight, eps), None
+
+
 def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
-          training: bool):
-    """Expert ids and weights of every token (see reference.route)."""
+          training: bool, logits: Optional[torch.Tensor] = None):
+    """Expert ids and weights of every token (see reference.route); `logits`: the router's, where
+    add_norm_logits made them."""
     if _routes_by_kernel(x, routing, training):  # float32 logits, then one kernel for the top-k
-        return router.route(_router_logits(x, weight), bias, *_kernel_routing(routing), always_on)
+        logits = _router_logits(x, weight) if logits is None else logits
+        return router.route(logits, bias, *_kernel_routing(routing), always_on)
     return reference.route(x, weight, bias, routing, always_on)
 
 
 def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
-        gate_up, down, training: bool) -> torch.Tensor:
+        gate_up, down, training: bool, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [N, h] through the DeepSeekMoE experts: each token routed (`route`), then its (token, expert)
-    pairs through the stacks (`experts`). Where quantized experts take the gemv pair and the routing
+    pairs through the stacks (`experts`); `logits`: the router's, where add_norm_logits made them.
+    Where quantized experts take the gemv pair and the routing
     the route kernel, the gate/up gemv's programs each pick their pair's expert from the router's
     logits (router.routed_expert, the route kernel's own choice) and write the ids and weights the
     down gemv and the combine read: one launch fewer a layer. Measured on an H200, small's batch-1
@@ -251,11 +275,11 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tenso
     -> 2396 us), so bf16 keeps the route kernel."""
     if _quant_expert_gemv_sized(x, gate_up) and _routes_by_kernel(x, routing, training):
         top_k, sigmoid, normalize, scale = _kernel_routing(routing)
-        act, ids, weights = quant_gemv.routed_gate_up(x, gate_up.qweight, gate_up.scale, gate_up.zero,
-                                                      _router_logits(x, router_weight), bias, top_k,
-                                                      top_k + always_on, sigmoid, normalize, scale)
+        logits = _router_logits(x, router_weight) if logits is None else logits
+        act, ids, weights = quant_gemv.routed_gate_up(x, gate_up.qweight, gate_up.scale, gate_up.zero, logits, bias,
+                                                      top_k, top_k + always_on, sigmoid, normalize, scale)
         return _combine_pairs(_quant_gemv(act, down, ids.flatten(), 1, False), weights)
-    ids, weights = route(x, router_weight, bias, routing, always_on, training)
+    ids, weights = route(x, router_weight, bias, routing, always_on, training, logits)
     return experts(x, gate_up, down, ids, weights)
 
 

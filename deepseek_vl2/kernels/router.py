@@ -8,7 +8,12 @@ with weight 1.
                  whose programs each pick their own expert from the logits, so that no kernel runs
                  between the router's logits and the experts;
   route          every pair's expert id and weight, one program a pair (prefill, and decode rows
-                 past the gemv's); inside compiled regions the torch custom op deepseek_vl2::route.
+                 past the gemv's); inside compiled regions the torch custom op deepseek_vl2::route;
+  add_norm_logits
+                 the router's input and its logits at decode rows: the residual sum x + delta, its
+                 RMSNorm and the norm times the router's weight (float32), in one kernel where
+                 torch.compile made two (the sum and norm; the logits' gemv), the custom op
+                 deepseek_vl2::add_norm_logits.
 
 dispatch.route and dispatch.moe decide where each runs and compute the logits.
 """
@@ -18,8 +23,12 @@ import torch
 
 from .custom_ops import kernel_op, launch_options, tl, triton
 
+# add_norm_logits' experts a program and warps
+NORM_LOGITS_EXPERTS, NORM_LOGITS_WARPS = 8, 4
+
 if triton is not None:
     from .custom_ops import await_earlier_kernels
+    from .norm_rope import rms_normed
 
     @triton.jit
     def routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, pair, pairs_per_token, n_experts, scale, store,
@@ -82,6 +91,52 @@ if triton is not None:
         await_earlier_kernels(PDL)
         routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, tl.program_id(0), pairs_per_token, n_experts,
                       route_scale, True, TOP_K, SIGMOID, HAS_BIAS, NORMALIZE, BLOCK_E)
+
+    @triton.jit
+    def _add_norm_logits_kernel(x_ptr, delta_ptr, norm_w_ptr, router_w_ptr, sum_ptr, normed_ptr, logits_ptr, width,
+                                n_experts, stride_x, stride_delta, eps, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                                PDL: tl.constexpr):
+        """Program (row, j): the row's sum and norm (stored by j == 0) and its logits for experts
+        [j * BLOCK_E, +BLOCK_E). Every load is issued before the norm's reduction."""
+        await_earlier_kernels(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        valid = offs < width
+        experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_mask = experts < n_experts
+        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + row * stride_delta + offs, mask=valid, other=0.0)
+        w_router = tl.load(router_w_ptr + experts[:, None] * width + offs[None, :],
+                           mask=e_mask[:, None] & valid[None, :], other=0.0)
+        w_norm = tl.load(norm_w_ptr + offs, mask=valid, other=0.0)
+        total = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # rounded as the activations' add
+        normed = rms_normed(total, w_norm, width, eps).to(x.dtype)
+        logits = tl.sum(w_router.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+        tl.store(logits_ptr + row * n_experts + experts, logits, mask=e_mask)
+        if tl.program_id(1) == 0:
+            tl.store(sum_ptr + row * width + offs, total, mask=valid)
+            tl.store(normed_ptr + row * width + offs, normed, mask=valid)
+
+    def _add_norm_logits_fake(x, delta, norm_weight, eps, router_weight):
+        return (torch.empty_like(x), torch.empty_like(x),
+                x.new_empty(x.shape[0], router_weight.shape[0], dtype=torch.float32))
+
+    @kernel_op("add_norm_logits", _add_norm_logits_fake)
+    def add_norm_logits(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        router_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, delta [T, h] (rows of h contiguous), RMSNorm weight [h], router weight [E, h] (contiguous,
+        all in one dtype) -> (x + delta, rms_norm(x + delta) (norm_rope.rms_norm's rounding), its
+        float32 logits [T, E])."""
+        T, h = x.shape
+        E = router_weight.shape[0]
+        total, normed = torch.empty_like(x), torch.empty_like(x)
+        logits = x.new_empty(T, E, dtype=torch.float32)
+        if T:
+            _add_norm_logits_kernel[(T, triton.cdiv(E, NORM_LOGITS_EXPERTS))](
+                x, delta, norm_weight, router_weight, total, normed, logits, h, E, x.stride(0), delta.stride(0), eps,
+                BLOCK=triton.next_power_of_2(h), BLOCK_E=NORM_LOGITS_EXPERTS, num_warps=NORM_LOGITS_WARPS,
+                **launch_options(x))
+        return total, normed, logits
 
     def route_outputs(tokens: int, pairs_per_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty expert ids [tokens, pairs_per_token] (int64) and weights (float32)."""

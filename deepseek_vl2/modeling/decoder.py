@@ -63,8 +63,14 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project_into(self.input_layernorm(x), cos, sin, kv, positions)
 
     def post_attention(self, x, context):
-        x = x + self.self_attn.o_proj(context)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        delta, norm = self.self_attn.o_proj(context), self.post_attention_layernorm
+        if isinstance(self.mlp, MoE):  # the sum, its norm and the router's logits: one kernel where dispatch has it
+            gate = self.mlp.gate
+            x, normed, logits = dispatch.add_norm_logits(x, delta, norm.weight, norm.eps, gate.weight, gate.routing,
+                                                         self.training)
+            return x + self.mlp(normed, logits)
+        x = x + delta
+        return x + self.mlp(norm(x))
 
 
 class DeepseekV2Model(nn.Module):

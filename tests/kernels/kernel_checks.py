@@ -268,6 +268,27 @@ def check_routed_gate_up(device, dtype, tol):
                 assert torch.equal(act, want_act), f"{what}: activations"
 
 
+def check_add_norm_logits(device, dtype, tol):
+    """router.add_norm_logits: the residual sum exactly as the activations' add, the norm exactly as
+    norm_rope.rms_norm gives it, and the logits against the float32 product of that norm, for a hidden
+    size that is not a power of two (x a strided view) and expert counts that 8 does not divide."""
+    g = torch.Generator().manual_seed(7)
+    for tokens, hidden, experts in ((1, 2100, 70), (3, 64, 16)):
+        norm = RMSNorm(hidden, eps=1e-6)
+        torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
+        x = torch.randn(tokens, hidden + 8, generator=g).to(device, dtype)[:, 8:]
+        delta = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+        weight = (torch.randn(experts, hidden, generator=g) * 0.05).to(device, dtype)
+        total, normed, logits = router_kernel.add_norm_logits(x, delta, norm.weight.to(device, dtype), 1e-6, weight)
+        want_total = (x.cpu() + delta.cpu()).to(dtype)
+        assert torch.equal(total.cpu(), want_total), f"sum: {(total.cpu() != want_total).sum()} elements differ"
+        assert torch.equal(normed, norm_rope.rms_norm(total, norm.weight.to(device, dtype), 1e-6)), "norm"
+        with torch.no_grad():
+            close(normed.cpu(), norm.to(dtype)(want_total), tol, "norm against the formula")
+        assert logits.dtype == torch.float32 and logits.shape == (tokens, experts)
+        close(logits.cpu(), normed.cpu().float() @ weight.cpu().float().T, 1e-4, "logits")
+
+
 def _router(scoring, method, bias, hidden, dtype, experts=16, top_k=3):
     """A Router with random weights (rounded to `dtype`, so both sides see the same) and bias."""
     config = DeepseekV2Config(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=top_k,
@@ -450,7 +471,7 @@ def _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions):
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
-          check_quant_grouped_gemm, check_route, check_routed_gate_up, check_mha_decode, check_mla_decode,
+          check_quant_grouped_gemm, check_route, check_routed_gate_up, check_add_norm_logits, check_mha_decode, check_mla_decode,
           check_moe_glue, check_norm_rope, check_mla_new_tokens)
 
 
