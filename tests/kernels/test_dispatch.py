@@ -341,3 +341,51 @@ def test_cuda_compiled_mla_new_tokens_is_one_kernel_writing_the_cache_in_place()
     w_uk = kv_b.view(H, -1, R)[:, :nope]
     want = torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_uk.float())
     torch.testing.assert_close(compiled[1].float(), want, rtol=1.6e-2, atol=2e-2)
+
+
+GREEDY = reference.Routing(top_k=2, num_experts=8, method="greedy", scoring="softmax", n_group=1, topk_group=1,
+                           normalize=True, scale=1.0)
+
+
+def test_add_norm_logits_on_the_cpu_is_the_sum_and_its_norm_leaving_the_logits_to_the_router():
+    g = torch.Generator().manual_seed(5)
+    x, delta, weight = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g), torch.randn(16, generator=g)
+    total, normed, logits = dispatch.add_norm_logits(x, delta, weight, 1e-6, torch.randn(8, 16, generator=g), GREEDY,
+                                                     False)
+    assert torch.equal(total, x + delta) and torch.equal(normed, reference.rms_norm(x + delta, weight, 1e-6))
+    assert logits is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_add_norm_logits_is_one_kernel():
+    """Inside torch.compile a MoE layer's residual sum, its norm and the router's logits stay the one
+    add_norm_logits kernel (the formulas and the logits' gemv made two), with the eager call's values;
+    past MAX_ROUTER_GEMV_TOKENS rows the router is left to make its logits."""
+    from torch._inductor.utils import run_and_get_code
+
+    from deepseek_vl2.kernels.custom_ops import register_kernel_ops
+
+    g = torch.Generator().manual_seed(6)
+    h, E = 2048, 64
+    x, delta = (torch.randn(1, 1, h, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    norm_weight = torch.rand(h, generator=g).to("cuda", torch.bfloat16)
+    router_weight = (torch.randn(E, h, generator=g) * 0.05).to("cuda", torch.bfloat16)
+
+    def moe_input(x, delta):
+        return dispatch.add_norm_logits(x, delta, norm_weight, 1e-6, router_weight, GREEDY, False)
+
+    register_kernel_ops()
+    with torch.inference_mode():
+        eager = moe_input(x, delta)
+        torch._dynamo.reset()
+        compiled, codes = run_and_get_code(torch.compile(moe_input, fullgraph=True, dynamic=False), x, delta)
+        torch._dynamo.reset()
+        many = dispatch.MAX_ROUTER_GEMV_TOKENS + 1
+        assert moe_input(x.expand(many, 1, h), delta.expand(many, 1, h))[2] is None
+    code = "\n".join(codes)
+    assert "deepseek_vl2.add_norm_logits.default" in code and "@triton.jit" not in code, code
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+    assert torch.equal(eager[0], x + delta)
+    torch.testing.assert_close(eager[2], eager[1][0].float() @ router_weight.float().T, rtol=1e-4, atol=1e-4)
