@@ -242,7 +242,7 @@ def add_norm_logits(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Ten
     MAX_ROUTER_GEMV_TOKENS rows where the router kernels route; inside the decode step's compiled
     regions it replaces two kernels (the sum with the norm, the logits' gemv) a MoE layer."""
     h = x.shape[-1]
-    if _routes_by_kernel(x, routing, training) and x.numel() <= MAX_ROUTER_GEMV_TOKENS * h \
+    if _routes_by_kernel(x, routing, training) and _decode_sized(x, MAX_ROUTER_GEMV_TOKENS) \
             and x.dtype == delta.dtype == norm_weight.dtype == router_weight.dtype \
             and x.stride(-1) == delta.stride(-1) == 1 and router_weight.is_contiguous():
         total, normed, logits = router.add_norm_logits(x.reshape(-1, h), delta.reshape(-1, h), norm_weight, eps,
