@@ -120,8 +120,8 @@ if triton is not None:
             tl.store(normed_ptr + row * width + offs, normed, mask=valid)
 
     def _add_norm_logits_fake(x, delta, norm_weight, eps, router_weight):
-        return (torch.empty_like(x), torch.empty_like(x),
-                x.new_empty(x.shape[0], router_weight.shape[0], dtype=torch.float32))
+        return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], router_weight.shape[0],
+                                                                        dtype=torch.float32)
 
     @kernel_op("add_norm_logits", _add_norm_logits_fake)
     def add_norm_logits(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -131,7 +131,7 @@ if triton is not None:
         float32 logits [T, E])."""
         T, h = x.shape
         E = router_weight.shape[0]
-        total, normed = torch.empty_like(x), torch.empty_like(x)
+        total, normed = x.new_empty(T, h), x.new_empty(T, h)  # contiguous, as the kernel stores them
         logits = x.new_empty(T, E, dtype=torch.float32)
         if T:
             _add_norm_logits_kernel[(T, triton.cdiv(E, NORM_LOGITS_EXPERTS))](
