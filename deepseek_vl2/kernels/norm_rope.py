@@ -66,7 +66,8 @@ if triton is not None:
         valid = offs < width
         x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
         w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-        tl.store(out_ptr + row * stride_out + offs, rms_normed(x, w, width, eps).to(out_ptr.dtype.element_ty), mask=valid)
+        normed = rms_normed(x, w, width, eps)
+        tl.store(out_ptr + row * stride_out + offs, normed.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, stride_xb, stride_xh, stride_xs, stride_cb, stride_cs,
@@ -117,7 +118,8 @@ if triton is not None:
         part = tl.program_id(1)
         if part == 0:  # the entry: [normalised latent, rotated rope key] at the token's slot
             offs_r = tl.arange(0, R)
-            latent = rms_normed(tl.load(c_ptr + b * stride_cb + s * stride_cs + offs_r), tl.load(w_ptr + offs_r), R, eps)
+            latent = rms_normed(tl.load(c_ptr + b * stride_cb + s * stride_cs + offs_r), tl.load(w_ptr + offs_r), R,
+                                eps)
             entry = cache_ptr + b * stride_lb + tl.load(pos_ptr + b * stride_pb + s * stride_ps) * stride_ln
             entry_type = cache_ptr.dtype.element_ty
             tl.store(entry + offs_r, latent.to(c_ptr.dtype.element_ty).to(entry_type))

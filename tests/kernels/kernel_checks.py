@@ -471,8 +471,8 @@ def _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions):
 
 
 CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
-          check_quant_grouped_gemm, check_route, check_routed_gate_up, check_add_norm_logits, check_mha_decode, check_mla_decode,
-          check_moe_glue, check_norm_rope, check_mla_new_tokens)
+          check_quant_grouped_gemm, check_route, check_routed_gate_up, check_add_norm_logits, check_mha_decode,
+          check_mla_decode, check_moe_glue, check_norm_rope, check_mla_new_tokens)
 
 
 def interpreted(*names: str) -> None:

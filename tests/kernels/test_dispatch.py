@@ -349,7 +349,8 @@ GREEDY = reference.Routing(top_k=2, num_experts=8, method="greedy", scoring="sof
 
 def test_add_norm_logits_on_the_cpu_is_the_sum_and_its_norm_leaving_the_logits_to_the_router():
     g = torch.Generator().manual_seed(5)
-    x, delta, weight = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g), torch.randn(16, generator=g)
+    x, delta = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    weight = torch.randn(16, generator=g)
     total, normed, logits = dispatch.add_norm_logits(x, delta, weight, 1e-6, torch.randn(8, 16, generator=g), GREEDY,
                                                      False)
     assert torch.equal(total, x + delta) and torch.equal(normed, reference.rms_norm(x + delta, weight, 1e-6))
