@@ -313,33 +313,44 @@ if triton is not None:
             tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (q * scale[:, None]).to(out_type), mask=mask)
 
     def gemv_tiles(int4: bool, words: bool, experts: bool, silu_mul: bool, N: int, K: int, rows: int, group: int):
-        """(output rows per program, input columns per tile, warps, pipeline stages). The best measured
-        inside a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md
-        2026-11-30 to 2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down)
-        output rows and 2 warps, except at one token (up to 8 (row, expert) pairs): gate/up in 8 rows
-        of 256 columns, one warp, the next two tiles loaded ahead; down in 16 rows of 256 columns
-        (128 where 256 does not divide the row: tiny, small), one warp, two tiles ahead (thirty-eighth
-        session). int4 word projections of one row: over 5120 columns (a
-        dense layer's down) one output row per program of 4 warps in 2048-column tiles for groups of
-        64 (tiny, small), 4 rows of 1024 columns and 2 warps, 3 stages, for groups of 128 (base); up
-        to 8192 outputs (the attention projections) 4 rows (8 from 4096 outputs) of 512 columns with
-        2 warps, or of 256 columns with one warp where 512 does not divide the row (tiny), 3 stages.
-        Other int4 word projections 8 rows of 512 columns, 2 warps, with fewer rows per program
-        where the grid would otherwise not give each of the 132 SMs two programs. int8
-        words at one token (one row, or up to 8 (row, expert) pairs), loaded 3 stages ahead (small's
-        shapes swept, RESULTS.md fifteenth session): experts and projections of 4096 or more outputs
-        in 8 rows of 256 columns and one warp; long rows (over 8192 columns: a dense down) in 4 rows
-        of 1024 columns, 2 warps; the rest 2 rows of 1024 columns, one warp. Other int8 words take
-        int4 words' tiles without the loading ahead. Bytes (int4 groups under 8 columns,
-        int8 rows not a multiple of 4): int4 with 8 output rows per program, int8 expert gate/up with
-        2, elsewhere about 2 KB of weight bytes per tile, rows halved as above."""
+        """(output rows per program, input columns per tile, warps, pipeline stages). The best measured inside
+        a CUDA graph on an H200 (benchmarks/quant_gemv_configs.py, benchmarks/RESULTS.md 2026-11-30 to
+        2026-12-01): int4 word experts in 512-column tiles of 4 (gate/up) or 8 (down) output rows and 2 warps,
+        except at one token (up to 8 (row, expert) pairs): gate/up in 8 rows of 256 columns, one warp, the
+        next two tiles loaded ahead; down in 16 rows of 256 columns (128 where 256 does not divide the row:
+        tiny, small), one warp, two tiles ahead (thirty-eighth session), three for small's 1408-column rows
+        (forty-fourth session). int4 word projections of one row: over 5120 columns (a dense layer's down) one
+        output row per program of 4 warps in 2048-column tiles for groups of 64 (tiny, small), 4 rows of 1024
+        columns and 2 warps, 3 stages, for groups of 128 (base); up to 8192 outputs (the attention
+        projections) 4 rows (8 from 4096 outputs) of 512 columns with 2 warps, or of 256 columns with one warp
+        where 512 does not divide the row (tiny), 3 stages. Other int4 word projections 8 rows of 512 columns,
+        2 warps, with fewer rows per program where the grid would otherwise not give each of the 132 SMs two
+        programs. int8 words at one token (one row, or up to 8 (row, expert) pairs), loaded 3 stages ahead
+        (small's shapes swept, RESULTS.md fifteenth session): experts and projections of 4096 or more outputs
+        in 8 rows of 256 columns and one warp; long rows (over 8192 columns: a dense down) in 4 rows of 1024
+        columns, 2 warps; the rest 2 rows of 1024 columns, one warp. Swept again at 16 and 32 rows
+        (forty-fourth session): the attention's input projections (3072-8192 outputs) in 8 rows of 512
+        columns, 2 warps; small's expert down (rows of 1408 columns) in 16 rows; small's LM head (2048
+        columns) in 8 rows of 1024 columns (tiny's and base's heads, whose rows are not whole 1024-column
+        tiles, and the dense layers' gate/up were slower so). Other int8 words take int4 words' tiles without
+        the loading ahead. Bytes (int4 groups under 8 columns, int8 rows not a multiple of 4): int4 with 8
+        output rows per program, int8 expert gate/up with 2, elsewhere about 2 KB of weight bytes per tile,
+        rows halved as above."""
         if words and not int4 and (rows == 1 or experts and rows <= 8):  # int8 words, one token
-            if experts or N >= 4096:
-                return 8, 256, 1, 3
-            return (4, 1024, 2, 3) if K > 8192 else (2, 1024, 1, 3)
+            if experts:  # 16 rows for a down whose rows end in half a tile past 1024 columns (small's)
+                return (16, 256, 1, 3) if not silu_mul and K % 256 and K > 1024 else (8, 256, 1, 3)
+            if K > 8192:
+                return 4, 1024, 2, 3
+            if N > 65536 and K % 1024 == 0:  # a vocabulary-sized head on whole 1024-column tiles (small's)
+                return 8, 1024, 1, 3
+            if 3072 <= N <= 8192:  # the attention's input projections
+                return 8, 512, 2, 3
+            return (8, 256, 1, 3) if N >= 4096 else (2, 1024, 1, 3)
         if words and experts:
             if int4 and rows <= 8:  # one token
-                return (8, 256, 1, 3) if silu_mul else (16, 256 if K % 256 == 0 else 128, 1, 3)
+                if silu_mul:
+                    return 8, 256, 1, 3
+                return (16, 256, 1, 3) if K % 256 == 0 else (16, 128, 1, 4 if K > 1024 else 3)
             return (4 if silu_mul else 8), 512, 2, 1
         if int4 and not words:
             return 8, (256 if experts and silu_mul else 512 if experts or silu_mul else 1024), 4, 1

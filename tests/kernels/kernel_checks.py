@@ -140,8 +140,9 @@ def check_quant_gemv(device, dtype, tol):
         (q13, s13, z13, d13), (q2, s2, z2, d2) = expert_stacks(E, N, K, bits, group, N if bits == 8 else 4, device,
                                                                dtype, g)
         # the default tiles, 64-column tiles (1 or 2 int4 groups), those loaded 3 or 4 stages ahead (word
-        # tiles), and one output row per program of 4 warps
-        for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3), (8, 64, 1, 4), (1, 256, 4, 1)):
+        # tiles), 16 output rows of one warp, and one output row per program of 4 warps
+        for tiles in ((None, None, None, 1), (4, 64, 2, 1), (4, 64, 2, 3), (8, 64, 1, 4), (16, 128, 1, 4),
+                      (1, 256, 4, 1)):
             act = quant_gemv.gemv_launch(x, q13, s13, z13, ids, 2, True, *tiles)
             gate_up = torch.einsum("ak,ank->an", rows.float(), d13[ids]).to(dtype)
             want = F.silu(gate_up[:, :N]) * gate_up[:, N:]
