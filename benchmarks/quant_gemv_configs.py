@@ -204,8 +204,7 @@ def prefill_moe(results, variants, schemes, tokens_list=(2054,)):
             for tile in tiles:
                 block_m = quant_grouped_gemm.block_rows(scheme == "int4", rows.shape[0], E + 2) if tile is None \
                     else tile[0]
-                blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
-                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, blocks, block_m)
+                args = (rows, gate_up.qweight, gate_up.scale, gate_up.zero, ends, block_m)
                 launch = (lambda args=args: quant_grouped_gemm.grouped_gemm_launch(*args)) if tile is None \
                     else (lambda args=args, tile=tile: quant_grouped_gemm.grouped_gemm_launch(
                         *args, tile[1], None, tile[2], tile[3]))
@@ -236,9 +235,8 @@ def grouped_rows(results, variants, schemes, tokens_list):
                 for scheme in schemes:
                     qw = stacks[scheme][index]
                     for name, block_m in (("weights first", 16), ("rows first", 128 if scheme == "int4" else 64)):
-                        blocks = quant_grouped_gemm.expert_blocks(ends, pairs, block_m)
                         times[f"{scheme} {name}"] = event_ms(lambda: quant_grouped_gemm.grouped_gemm_launch(
-                            rows, qw.qweight, qw.scale, qw.zero, blocks, block_m))
+                            rows, qw.qweight, qw.scale, qw.zero, ends, block_m))
                 results.append(dict(name=f"{variant} grouped {gemm}, {tokens} tokens", pairs_per_expert=pairs / (E + 2),
                                     ms=times))
                 print(f"{variant} grouped {gemm}, {tokens} tokens ({pairs / (E + 2):.1f} pairs an expert): "

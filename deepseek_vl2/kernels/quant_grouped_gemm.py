@@ -3,14 +3,14 @@ expert (as dispatch.experts sorts them) times each one's expert weight, dequanti
 registers and fed to tensor-core dots, so the bf16 copy of a layer's experts is never written.
 
     block_m = block_rows(int4, M, E)
-    blocks = expert_blocks(ends [E], M, block_m)   once per layer: both GEMMs share them
-    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], *blocks, block_m) -> [M, N]
+    grouped_gemm(rows [M, K], qweight/scale/zero of a stack [E, N, K], ends [E], block_m) -> [M, N]
     dense_gemm(x [M, K], qweight/scale/zero of one weight [N, K]) -> [M, N]    a linear layer, decode rows
 
-Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. The
-blocks are laid out on the device from the per-expert row counts (`expert_blocks`): at most
-cdiv(M, BLOCK_M) + E of them, a fixed grid whose surplus programs exit at once, so nothing is read
-back to the host and the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
+Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output columns. Each
+program finds its expert and rows itself from the experts' cumulative row ends (`row_block`): the
+blocks of BLOCK_M rows are numbered expert by expert, at most cdiv(M, BLOCK_M) + E of them, a fixed
+grid whose surplus programs exit at once, so nothing is read back to the host, no kernel lays the
+blocks out first, and the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
 group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
 values (exact in bf16) and apply the per-column scale to the accumulator at the end.
 Where the experts average few rows (a decode batch) a program takes 16 rows and the dot runs the
@@ -98,10 +98,28 @@ if triton is not None:
         return tile  # one return (Triton 3.6 checks every return's type, constexpr branches too)
 
     @triton.jit
-    def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, expert_ptr, row0_ptr, row_end_ptr, M, N, K, stride_a,
-                             stride_qe, stride_qn, stride_se, stride_sn, stride_out, magic, INT4: tl.constexpr,
+    def row_block(ends_ptr, E, block, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr):
+        """(expert, first row, end row) of the `block`-th block of BLOCK_M rows, the blocks numbered
+        expert by expert from the E experts' cumulative row ends (int32 [E]); past the last block
+        (expert E - 1, row0, row0): nothing to do. EXPERTS: a power of two >= E."""
+        e = tl.arange(0, EXPERTS)
+        ends = tl.load(ends_ptr + e, mask=e < E, other=0)
+        starts = tl.load(ends_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
+        blocks = tl.where(e < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        block_ends = tl.cumsum(blocks, 0)
+        expert = tl.minimum(tl.sum((block_ends <= block).to(tl.int32), 0), E - 1)
+        mine = e == expert
+        first_block = tl.sum(tl.where(mine, block_ends - blocks, 0), 0)
+        row0 = tl.sum(tl.where(mine, starts, 0), 0) + (block - first_block) * BLOCK_M
+        row_end = tl.where(block < tl.max(block_ends, 0), tl.sum(tl.where(mine, ends, 0), 0), row0)
+        return expert, row0, row_end
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ends_ptr, E, M, N, K, stride_a, stride_qe,
+                             stride_qn, stride_se, stride_sn, stride_out, magic, INT4: tl.constexpr,
                              DENSE: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, EVEN: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             EXPERTS: tl.constexpr, PDL: tl.constexpr):
         await_earlier_kernels(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -112,9 +130,8 @@ if triton is not None:
             s_base = s_ptr
             z_base = z_ptr
         else:
-            row0 = tl.load(row0_ptr + pid_m)
-            row_end = tl.load(row_end_ptr + pid_m)
-            expert = tl.load(expert_ptr + pid_m).to(tl.int64)
+            expert, row0, row_end = row_block(ends_ptr, E, pid_m, BLOCK_M, EXPERTS)
+            expert = expert.to(tl.int64)
             q_base = q_ptr + expert * stride_qe
             s_base = s_ptr + expert * stride_se
             z_base = z_ptr + expert * stride_se
@@ -145,7 +162,7 @@ if triton is not None:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     def block_rows(int4: bool, pairs: int, experts: int) -> int:
-        """Rows of one expert per program (BLOCK_M; expert_blocks lays the programs out by it) for
+        """Rows of one expert per program (BLOCK_M; row_block numbers the programs by it) for
         `pairs` (token, expert) pairs over `experts`: 16 where they average under FEW_ROWS an expert,
         else 128 (int4) or 64 (int8)."""
         if pairs < FEW_ROWS * experts:
@@ -167,51 +184,40 @@ if triton is not None:
             return 64, (group if int4 else 128), 4, 3
         return (128, group, 4, 2) if int4 else (256, 64, 4, 4)
 
-    def expert_blocks(ends: torch.Tensor, rows: int, block_m: int):
-        """Per program: its expert, first row and end row (first == end: nothing to do), for `ends`
-        [E] the cumulative row counts of the experts; device tensors of cdiv(rows, block_m) + E."""
-        E = ends.shape[0]
-        starts = torch.cat((ends.new_zeros(1), ends[:-1]))
-        blocks = (ends - starts + block_m - 1) // block_m
-        block_ends = blocks.cumsum(0)
-        program = torch.arange(triton.cdiv(rows, block_m) + E, device=ends.device, dtype=block_ends.dtype)
-        expert = torch.searchsorted(block_ends, program, right=True).clamp_(max=E - 1)
-        row0 = starts[expert] + (program - (block_ends[expert] - blocks[expert])) * block_m
-        row_end = torch.where(program < block_ends[-1], ends[expert], row0)
-        return expert.to(torch.int32), row0.to(torch.int32), row_end.to(torch.int32)
-
-    def grouped_gemm_launch(rows, qweight, scale, zero, blocks, block_m, block_n=None, block_k=None,
+    def grouped_gemm_launch(rows, qweight, scale, zero, ends, block_m, block_n=None, block_k=None,
                             num_warps=None, num_stages=None):
-        """`blocks`: expert_blocks(ends, M, block_m), or None for one weight [N, K'] (a linear layer's) that
-        every row takes; the other tiles by default gemm_tiles' (dense_tiles' for one weight, weight tile
-        first)."""
+        """`ends`: the experts' cumulative row ends (int32 [E]) of rows sorted by expert, or None for one
+        weight [N, K'] (a linear layer's) that every row takes; the other tiles by default gemm_tiles'
+        (dense_tiles' for one weight, weight tile first)."""
         int4 = zero is not None
         M, K = rows.shape
         N = qweight.shape[-2]
         group = K // scale.shape[-1]
-        one_weight_first = blocks is None and weights_first(block_m)
+        one_weight_first = ends is None and weights_first(block_m)
         defaults = dense_tiles(int4, N) if one_weight_first else gemm_tiles(int4, group, block_m)
         block_n, block_k, num_warps, num_stages = tiles_or_defaults((block_n, block_k, num_warps, num_stages),
                                                                      defaults)
         if int4:
             block_k = group  # one group per tile
         out = rows.new_empty(M, N)
-        dense = blocks is None
+        dense = ends is None
         if dense:  # qweight [N, K'], scale and zero [N, groups]: one weight for every row
-            programs = triton.cdiv(M, block_m)
-            expert = row0 = row_end = out  # not read
+            programs, experts = triton.cdiv(M, block_m), 0
+            ends = out  # not read
             stride_qe = stride_se = 0
             stride_qn, stride_sn = qweight.stride(0), scale.stride(0)
         else:
-            expert, row0, row_end = blocks
-            programs = expert.shape[0]
-            stride_qe, stride_qn, stride_se, stride_sn = qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1)
+            experts = ends.shape[0]
+            programs = triton.cdiv(M, block_m) + experts
+            stride_qe, stride_qn = qweight.stride(0), qweight.stride(1)
+            stride_se, stride_sn = scale.stride(0), scale.stride(1)
         if M:
             _grouped_gemm_kernel[(programs, triton.cdiv(N, block_n))](
-                rows, qweight, scale, zero if int4 else scale, out, expert, row0, row_end, M, N, K, rows.stride(0),
-                stride_qe, stride_qn, stride_se, stride_sn, out.stride(0), MAGIC, INT4=int4, DENSE=dense,
+                rows, qweight, scale, zero if int4 else scale, out, ends, experts, M, N, K, rows.stride(0), stride_qe,
+                stride_qn, stride_se, stride_sn, out.stride(0), MAGIC, INT4=int4, DENSE=dense,
                 WEIGHTS_FIRST=weights_first(block_m), EVEN=N % block_n == 0 and K % block_k == 0, BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_options(out))
+                BLOCK_N=block_n, BLOCK_K=block_k, EXPERTS=triton.next_power_of_2(max(experts, 1)),
+                num_warps=num_warps, num_stages=num_stages, **launch_options(out))
         return out
 
     def dense_tiles(int4: bool, N: int):
@@ -234,11 +240,12 @@ if triton is not None:
         rows)."""
         return grouped_gemm_launch(x.contiguous(), qweight, scale, zero, None, block_m)
 
-    def _grouped_gemm_fake(rows, qweight, scale, zero, expert, row0, row_end, block_m):
+    def _grouped_gemm_fake(rows, qweight, scale, zero, ends, block_m):
         return rows.new_empty(rows.shape[0], qweight.shape[-2])
 
     @kernel_op("quant_grouped_gemm", _grouped_gemm_fake)
     def grouped_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                     expert: torch.Tensor, row0: torch.Tensor, row_end: torch.Tensor, block_m: int) -> torch.Tensor:
-        """rows [M, K] sorted by expert, the blocks of `expert_blocks` laid out by `block_m` -> [M, N]."""
-        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, (expert, row0, row_end), block_m)
+                     ends: torch.Tensor, block_m: int) -> torch.Tensor:
+        """rows [M, K] sorted by expert, `ends` [E] the experts' cumulative row counts (int32), programs
+        of `block_m` rows of one expert -> [M, N]."""
+        return grouped_gemm_launch(rows.contiguous(), qweight, scale, zero, ends, block_m)
