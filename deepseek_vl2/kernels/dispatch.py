@@ -106,9 +106,13 @@ QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # behind at 166 (base) and 13% ahead at 186 (small), ahead from 220 on both; int8 whole there only
 # ahead from 440 rows. The model's 2054-token prefill, both paths alternating in one process
 # (benchmarks/stack_dequantize.py): int4 whole 7-19% faster on all three models, int8 whole 11-21%
-# faster (tiny 29.0 -> 22.8 ms, small 74.5 -> 61.8, base 92.3 -> 82.0), so one limit for both. Never
-# while a CUDA graph is captured: the graph would hold the scratch (base: 1.1 GiB) for good.
-QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: 192}
+# faster (tiny 29.0 -> 22.8 ms, small 74.5 -> 61.8, base 92.3 -> 82.0), so one limit for both. Since the
+# grouped GEMM finds its own blocks (no layout kernels before it; forty-fourth session) int8 follows the
+# one-layer measurement: small's 2054-token prefill, GPU kernel time, whole 43.0-43.5 ms against tiles
+# 38.8-38.9 (bf16 31.0-31.5), wall 46.1 against 43.7 ms where the host kept up (bf16 36.2); int4
+# whole 42.4-42.9 against tiles 43.8-44.1. Never while a CUDA graph is captured: the graph would hold
+# the scratch (base: 1.1 GiB) for good.
+QUANT_STACK_DEQUANTIZE_ROWS = {4: 192, 8: 440}
 MOE_DECODE_ROWS = moe_decode.MAX_ROWS
 # Token rows up to which the router's float32 logits are taken by gemv, by a float32 GEMM beyond.
 MAX_ROUTER_GEMV_TOKENS = 64
@@ -337,10 +341,9 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     if quantized and _half_on_cuda(x) and _tile_dequantizable(gate_up) and _tile_dequantizable(down) \
             and not _dequantize_whole(gate_up, len(flat_ids), x):
         block_m = quant_grouped_gemm.block_rows(gate_up.bits == 4, len(flat_ids), num_experts)
-        blocks = quant_grouped_gemm.expert_blocks(ends, rows.shape[0], block_m)
-        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, *blocks,
+        act = silu_mul(quant_grouped_gemm.grouped_gemm(rows, gate_up.qweight, gate_up.scale, gate_up.zero, ends,
                                                        block_m))
-        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, *blocks, block_m)
+        out_sorted = quant_grouped_gemm.grouped_gemm(act, down.qweight, down.scale, down.zero, ends, block_m)
     elif grouped_mm_supported(x):  # a quantized stack is dequantized just before its GEMM and freed after it
         act = silu_mul(torch._grouped_mm(rows, dense_weight(gate_up, x.dtype).transpose(1, 2), offs=ends))
         out_sorted = torch._grouped_mm(act, dense_weight(down, x.dtype).transpose(1, 2), offs=ends)
