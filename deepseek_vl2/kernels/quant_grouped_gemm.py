@@ -10,9 +10,10 @@ Each program takes BLOCK_M rows of one expert (`block_rows`) and BLOCK_N output 
 program finds its expert and rows itself from the experts' cumulative row ends (`row_block`): the
 blocks of BLOCK_M rows are numbered expert by expert, at most cdiv(M, BLOCK_M) + E of them, a fixed
 grid whose surplus programs exit at once, so nothing is read back to the host, no kernel lays the
-blocks out first, and the calls can be captured in a CUDA graph. int4 tiles are one quantization group wide (BLOCK_K =
-group), so a tile needs one scale and zero point per output column; int8 tiles dot the integer
-values (exact in bf16) and apply the per-column scale to the accumulator at the end.
+blocks out first, and the calls can be captured in a CUDA graph. int4 tiles are one quantization
+group wide (BLOCK_K = group), so a tile needs one scale and zero point per output column; int8
+tiles dot the integer values (exact in bf16) and apply the per-column scale to the accumulator at
+the end.
 Where the experts average few rows (a decode batch) a program takes 16 rows and the dot runs the
 other way round, weight tile first (out^T = W rows^T): on Hopper the dequantized tile then feeds
 the tensor cores from registers, and the few rows are the dot's narrow side, not a 64-row minimum.
