@@ -7,7 +7,11 @@ launch: the kernel, its arguments' types, its constexprs and launch options; `py
 hopper_compile.py PATH` (a process without the interpreter) compiles each distinct launch for
 sm_90 with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on the
 first that fails. float16 tensors are compiled as bfloat16, the GPU checks' dtype (the interpreter
-has no bf16 dots, so the CPU checks run in float16).
+has no bf16 dots, so the CPU checks run in float16). Arguments are specialised as Triton's launcher
+does on a GPU: an integer equal to 1 becomes the constant 1, and a tensor whose address or an
+integer whose value is a multiple of 16 is marked so (`tt.divisibility`), which lets the compiler
+vectorise loads; without the marks it compiles other code than the GPU runs (the grouped GEMM's
+tiles spill registers to memory, with them not).
 """
 import atexit
 import inspect
@@ -37,18 +41,24 @@ def _argument_type(value):
 
 def launch_record(fn, args, kwargs) -> dict:
     """The kernel `fn` (a Python function) launched with `args` / `kwargs`: its module and name, the
-    signature type of each runtime argument, the value of each constexpr, the launch options."""
+    signature type of each runtime argument, the value of each constexpr (integer arguments equal to 1
+    among them), the arguments aligned to 16 (bytes for tensors, a multiple for integers), the launch
+    options."""
     params = inspect.signature(fn).parameters
     values = dict(zip(params, args))
     values.update((k, v) for k, v in kwargs.items() if k not in LAUNCH_OPTIONS + IGNORED_OPTIONS)
-    signature, constexprs = {}, {}
+    signature, constexprs, aligned = {}, {}, []
     for name, param in params.items():
         value = values.get(name, param.default)
-        signature[name] = "constexpr" if "constexpr" in str(param.annotation) else _argument_type(value)
-        if signature[name] == "constexpr":
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        constant = "constexpr" in str(param.annotation) or is_int and value == 1
+        signature[name] = "constexpr" if constant else _argument_type(value)
+        if signature[name] == "constexpr":  # None included
             constexprs[name] = value.value if hasattr(value, "value") else value
+        elif is_int and value % 16 == 0 or hasattr(value, "data_ptr") and value.data_ptr() % 16 == 0:
+            aligned.append(name)
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature, constexprs=constexprs,
-                options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
+                aligned=aligned, options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
 
 
 def record(path: str) -> None:
@@ -85,9 +95,10 @@ def compile_all(path: str) -> int:
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         names = list(entry["signature"])
         constexprs = {(names.index(name),): value for name, value in entry["constexprs"].items()}
+        attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in entry["aligned"]}
         try:
-            triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs), target=target,
-                           options=entry["options"])
+            triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs, attrs=attrs),
+                           target=target, options=entry["options"])
         except Exception as error:
             print(f"{entry['module']}.{entry['kernel']} does not compile for sm_90 with constexprs "
                   f"{entry['constexprs']}, options {entry['options']}:\n{error}", flush=True)
