@@ -106,9 +106,9 @@ QUANT_LINEAR_TILE_INT4_GROUPS = 20
 # behind at 166 (base) and 13% ahead at 186 (small), ahead from 220 on both; int8 whole there only
 # ahead from 440 rows. The model's 2054-token prefill, both paths alternating in one process
 # (benchmarks/stack_dequantize.py): int4 whole 7-19% faster on all three models, int8 whole 11-21%
-# faster (tiny 29.0 -> 22.8 ms, small 74.5 -> 61.8, base 92.3 -> 82.0), so one limit for both. Since the
-# grouped GEMM finds its own blocks (no layout kernels before it; forty-fourth session) int8 follows the
-# one-layer measurement: small's 2054-token prefill, GPU kernel time, whole 43.0-43.5 ms against tiles
+# faster (tiny 29.0 -> 22.8 ms, small 74.5 -> 61.8, base 92.3 -> 82.0), which set one limit for both
+# then. Since the grouped GEMM finds its own blocks (no layout kernels before it; forty-fourth session)
+# int8 follows the one-layer measurement: small's 2054-token prefill, GPU kernel time, whole 43.0-43.5 ms against tiles
 # 38.8-38.9 (bf16 31.0-31.5), wall 46.1 against 43.7 ms where the host kept up (bf16 36.2); int4
 # whole 42.4-42.9 against tiles 43.8-44.1. Never while a CUDA graph is captured: the graph would hold
 # the scratch (base: 1.1 GiB) for good.

@@ -337,7 +337,7 @@ if triton is not None:
         output rows per program, int8 expert gate/up with 2, elsewhere about 2 KB of weight bytes per tile,
         rows halved as above."""
         if words and not int4 and (rows == 1 or experts and rows <= 8):  # int8 words, one token
-            if experts:  # 16 rows for a down whose rows end in half a tile past 1024 columns (small's)
+            if experts:  # 16 rows for a down whose rows end in a partial tile past 1024 columns (small's)
                 return (16, 256, 1, 3) if not silu_mul and K % 256 and K > 1024 else (8, 256, 1, 3)
             if K > 8192:
                 return 4, 1024, 2, 3
