@@ -16,6 +16,7 @@ tiles spill registers to memory, with them not).
 import atexit
 import inspect
 import json
+import os
 import sys
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -57,7 +58,10 @@ def launch_record(fn, args, kwargs) -> dict:
             constexprs[name] = value.value if hasattr(value, "value") else value
         elif is_int and value % 16 == 0 or hasattr(value, "data_ptr") and value.data_ptr() % 16 == 0:
             aligned.append(name)
-    return dict(module=fn.__module__, kernel=fn.__name__, signature=signature, constexprs=constexprs,
+    module = fn.__module__
+    if module == "__main__":  # a kernel of the checks' own script, importable by its file's name
+        module = os.path.splitext(os.path.basename(sys.modules["__main__"].__file__))[0]
+    return dict(module=module, kernel=fn.__name__, signature=signature, constexprs=constexprs,
                 aligned=aligned, options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
 
 

@@ -28,6 +28,7 @@ from deepseek_vl2.kernels import (  # noqa: E402
     quant_grouped_gemm,
     router as router_kernel,  # noqa: E402
 )
+from deepseek_vl2.kernels.custom_ops import tl, triton  # noqa: E402
 from deepseek_vl2.kernels.reference import (  # noqa: E402
     combine as _combine,
     rotary as apply_rotary,
@@ -179,6 +180,17 @@ def check_dequantize(device, dtype, tol):
         close(got, rtn.dequantize(q, s, z, dtype), tol, f"int{bits} dequantize {shape}")
 
 
+if triton is not None:
+    @triton.jit
+    def _row_blocks_kernel(ends_ptr, E, out_ptr, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr):
+        """quant_grouped_gemm.row_block of each program, stored as (expert, row0, row_end) triples."""
+        block = tl.program_id(0)
+        expert, row0, row_end = quant_grouped_gemm.row_block(ends_ptr, E, block, BLOCK_M, EXPERTS)
+        tl.store(out_ptr + 3 * block, expert)
+        tl.store(out_ptr + 3 * block + 1, row0)
+        tl.store(out_ptr + 3 * block + 2, row_end)
+
+
 def check_quant_grouped_gemm(device, dtype, tol):
     """Rows sorted by expert (one expert without rows, one with more rows than a block) times their
     int8 / int4 experts against per-expert products with the PyTorch-dequantized weights; a shape the
@@ -187,6 +199,12 @@ def check_quant_grouped_gemm(device, dtype, tol):
     E = 5
     counts = torch.tensor([3, 0, 21, 1, 12])
     ends = counts.cumsum(0).to(torch.int32)
+    # 16-row blocks: 1 + 0 + 2 + 1 + 1 = 5 of the grid's cdiv(37, 16) + 5 = 8 programs, each (expert, first
+    # row, the expert's end row); the rest empty (end = first)
+    blocks = torch.zeros(8, 3, dtype=torch.int32, device=device)
+    _row_blocks_kernel[(8,)](ends.to(device), E, blocks, BLOCK_M=16, EXPERTS=8)
+    assert blocks.tolist() == [[0, 0, 3], [2, 3, 24], [2, 19, 24], [3, 24, 25], [4, 25, 37], [4, 41, 41],
+                               [4, 57, 57], [4, 73, 73]], blocks.tolist()
     for N, K in ((40, 96), (256, 256)):  # the second divides every default tile: int8 rows first takes 256 outputs
         rows = torch.randn(int(counts.sum()), K, generator=g).to(device, dtype)
         for bits, group in ((8, K), (4, 32)):
