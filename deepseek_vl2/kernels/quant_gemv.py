@@ -4,12 +4,12 @@
               gemv.py's kernel (expert ids, the fused silu_mul of the gate/up halves, one program
               per (output block, row a)). int4 where groups and rows are whole 32-bit words
               (groups of 8 or more columns, the real models' case): tiles of words of 8 nibbles,
-              each nibble turned into an exact float by OR-ing its bits into the mantissa of a
-              power of two (one LOP3 and one FADD per value, against a shift, a mask, an
-              int-to-float conversion and a multiply-add), and the zero point folded out of the
-              inner loop: a word adds scale * sum(q * x) + zero * sum(x) to its own accumulator,
-              so no sum crosses threads before the end. Otherwise (groups of 2 or 4 columns) tiles of
-              packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
+              each pair of nibbles turned into two exact float16 (q - 8) by one LOP3 (OR into the
+              mantissa of 1024) and one HSUB2, multiplied with x's float16 pairs by HFMA2 (about 2
+              instructions a weight where float32 took 4), and the zero point folded out of the
+              inner loop: a word adds scale * sum((q - 8) * x) + (zero + 8 scale) * sum(x) to its
+              own accumulator, so no sum crosses threads before the end. Otherwise (groups of 2 or 4
+              columns) tiles of packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
               words of 4 bytes, each byte's sign bit flipped and its bits put into 2^23's mantissa
               by one LOP3, then one FADD (against a byte extraction and an int-to-float conversion,
               which runs at a quarter of the float rate); otherwise [BLOCK_N, BLOCK_K] byte tiles.
@@ -27,7 +27,7 @@ import torch
 
 from .custom_ops import kernel_op, launch_options, tl, triton
 
-MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a nibble's or a byte's bits exactly (_nibble, _byte)
+MAGIC = 0x4B000000  # the float 2^23: its mantissa takes a byte's bits exactly (_byte)
 FLIP_EVEN, FLIP_ODD = MAGIC | 0x80, MAGIC | 0x8000  # _byte's: 2^23 and the sign flip of an even / odd byte
 
 if triton is not None:
@@ -56,34 +56,82 @@ if triton is not None:
         high = (packed >> 4).to(tl.float32) * scale + zero
         return low * x_even + high * x_odd
 
-    @triton.jit
-    def _nibble(words, magic, i: tl.constexpr):
-        """q as float32, exactly, for nibble i (column 8c + i of word c). Nibbles 0-4 stay where they
-        are (bits 4i to 4i + 3), nibbles 5-7 are shifted down by 12 (to bits 8-19); a nibble at bits
-        4j is ORed into the mantissa of 2^(23 - 4j) (bits 0-22), where its last bit is worth 1, so
-        the float is 2^(23 - 4j) + q, exactly. `magic` (2^23's bits, 0x4B000000) is a kernel
-        argument so that the AND and the OR are one LOP3; 2^(23 - 4j)'s bits are magic - j * 2^25."""
-        j: tl.constexpr = i if i < 5 else i - 3
-        if i < 5:
-            bits = (words & (15 << (4 * j))) | (magic - (j << 25))
-        else:
-            bits = ((words >> 12) & (15 << (4 * j))) | (magic - (j << 25))
-        if j == 0:
-            offset: tl.constexpr = 8388608.0
-        elif j == 1:
-            offset: tl.constexpr = 524288.0
-        elif j == 2:
-            offset: tl.constexpr = 32768.0
-        elif j == 3:
-            offset: tl.constexpr = 2048.0
-        else:
-            offset: tl.constexpr = 128.0
-        return bits.to(tl.float32, bitcast=True) - offset
+    # A word's 8 nibbles as float16 pairs q - 8 (LOP3: OR into the mantissa of 1024, then HSUB2 takes 1032
+    # off), products in HFMA2 (8 weights in 4 instructions), the pair's halves summed in float32.
+    WORD_PRODUCTS_PTX: tl.constexpr = tl.constexpr("""{
+    .reg .b32 w0, w1, w2, w3, high, m, m16, acc;
+    .reg .f16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 m, 0x64086408;
+    mov.b32 m16, 0x64806480;
+    lop3.b32 w0, $1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 w1, $1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.b32 high, $1, 8;
+    lop3.b32 w2, high, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 w3, high, 0x00F000F0, 0x64006400, 0xEA;
+    sub.f16x2 w0, w0, m;
+    sub.f16x2 w1, w1, m16;
+    sub.f16x2 w2, w2, m;
+    sub.f16x2 w3, w3, m16;
+    mul.rn.f16x2 acc, w0, $2;
+    fma.rn.f16x2 acc, w1, $3, acc;
+    fma.rn.f16x2 acc, w2, $4, acc;
+    fma.rn.f16x2 acc, w3, $5, acc;
+    mov.b32 {lo, hi}, acc;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 flo, flo, fhi;
+    mov.b32 $0, flo;
+    }""")
 
     @triton.jit
-    def _x_by_nibble(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
-        """x's columns k0 + [0, GROUPS * WPG * 8) as eight [GROUPS, WPG] tensors, x_i holding column
-        8c + i, and their sum per word [GROUPS, WPG]."""
+    def _f16_pair(low, high, PTX: tl.constexpr):
+        """float32 low and high as one int32 holding two float16 (low in bits 0-15), rounded to nearest."""
+        if PTX:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [low, high], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        low_bits = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return low_bits | (high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _f16_halves(pair):
+        """An int32 of two float16 as float32 (low, high)."""
+        low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _word_products(words, xa, xb, xc, xd, PTX: tl.constexpr):
+        """sum_i (q_i - 8) * x_i / 16 over a word's nibbles (q_i at bits 4i, column 8c + i), float32,
+        from the float16 pairs of _x_pairs: xa = (x0, x4) / 16, xb = (x1, x5) / 256, xc = (x2, x6) / 16, xd =
+        (x3, x7) / 256. Nibbles 0 and 4 (bits 0-3 of each half word) OR-ed into 1024's mantissa are 1024 +
+        q, less 1032: q - 8; nibbles 1 and 5 (bits 4-7) are 1024 + 16 q, less 1152: 16 (q - 8), hence xb's
+        extra 1 / 16; the word shifted by 8 gives nibbles 2, 6 and 3, 7 the same way. Each half is a float16
+        sum of 4 products (x's 1 / 16 keeps it in range up to |x| of about 30000; q - 8 centres the products,
+        so the rounding does not grow with a sum of q * x that the zero point cancels), the halves added in
+        float32. PTX: as above in inline PTX; otherwise Triton ops that round where it does (Triton's
+        interpreter runs no PTX)."""
+        if PTX:
+            bits = tl.inline_asm_elementwise(WORD_PRODUCTS_PTX, "=r,r,r,r,r,r", [words, xa, xb, xc, xd],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+            return bits.to(tl.float32, bitcast=True)
+        a_low, a_high = _f16_halves(xa)
+        b_low, b_high = _f16_halves(xb)
+        c_low, c_high = _f16_halves(xc)
+        d_low, d_high = _f16_halves(xd)
+        low = (((words & 15) - 8).to(tl.float32) * a_low).to(tl.float16).to(tl.float32)
+        low = (((words & 0xF0) - 128).to(tl.float32) * b_low + low).to(tl.float16).to(tl.float32)
+        low = ((((words >> 8) & 15) - 8).to(tl.float32) * c_low + low).to(tl.float16).to(tl.float32)
+        low = ((((words >> 8) & 0xF0) - 128).to(tl.float32) * d_low + low).to(tl.float16).to(tl.float32)
+        high = ((((words >> 16) & 15) - 8).to(tl.float32) * a_high).to(tl.float16).to(tl.float32)
+        high = ((((words >> 16) & 0xF0) - 128).to(tl.float32) * b_high + high).to(tl.float16).to(tl.float32)
+        high = ((((words >> 24) & 15) - 8).to(tl.float32) * c_high + high).to(tl.float16).to(tl.float32)
+        high = ((((words >> 24) & 0xF0) - 128).to(tl.float32) * d_high + high).to(tl.float16).to(tl.float32)
+        return low + high
+
+    @triton.jit
+    def _x_pairs(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
+        """x's columns k0 + [0, GROUPS * WPG * 8) as _word_products' four float16 pair tensors [GROUPS,
+        WPG] (column 8c + i of x in word c's pairs), and x's sum per word (float32)."""
         ks = k0 + tl.arange(0, GROUPS * WPG * 8)
         if EVEN:
             xv = tl.load(x_row + ks).to(tl.float32)
@@ -97,12 +145,18 @@ if triton is not None:
         x1, x5 = tl.split(x15)
         x3, x7 = tl.split(x37)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        return x0, x1, x2, x3, x4, x5, x6, x7, x_sum
+        xa = _f16_pair(x0 * 0.0625, x4 * 0.0625, PTX)
+        xb = _f16_pair(x1 * 0.00390625, x5 * 0.00390625, PTX)
+        xc = _f16_pair(x2 * 0.0625, x6 * 0.0625, PTX)
+        xd = _f16_pair(x3 * 0.00390625, x7 * 0.00390625, PTX)
+        return xa, xb, xc, xd, x_sum
 
     @triton.jit
-    def _int4_word_tile(q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K, magic,
-                        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, GROUP: tl.constexpr, EVEN: tl.constexpr):
-        """One tile's per-group sums [BLOCK_N, GROUPS] (float32) from [BLOCK_N, GROUPS, GROUP / 8] words."""
+    def _int4_word_tile(q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K,
+                        xa, xb, xc, xd, x_sum, GROUP: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
+        """One tile's per-word sums [BLOCK_N, GROUPS, GROUP / 8] (float32) from [BLOCK_N, GROUPS, GROUP / 8]
+        words: scale * sum((q - 8) * x) + (zero + 8 * scale) * sum(x) (_word_products' 1 / 16 taken back
+        in the scale)."""
         w_ptrs = q_base + rows[:, None, None] * stride_qn + words_cols[None, :, :]
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         if EVEN:
@@ -114,15 +168,8 @@ if triton is not None:
             s_mask = n_mask[:, None] & (groups < K // GROUP)[None, :]
             scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        t = _nibble(words, magic, 0) * x0
-        t += _nibble(words, magic, 1) * x1
-        t += _nibble(words, magic, 2) * x2
-        t += _nibble(words, magic, 3) * x3
-        t += _nibble(words, magic, 4) * x4
-        t += _nibble(words, magic, 5) * x5
-        t += _nibble(words, magic, 6) * x6
-        t += _nibble(words, magic, 7) * x7
-        return t * scale[:, :, None] + x_sum[None, :, :] * zero[:, :, None]
+        t = _word_products(words, xa[None, :, :], xb[None, :, :], xc[None, :, :], xd[None, :, :], PTX)
+        return t * (scale * 16.0)[:, :, None] + x_sum[None, :, :] * (zero + 8.0 * scale)[:, :, None]
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -173,16 +220,17 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, magic, flip_even,
-                           flip_odd, stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out,
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ids_ptr, out_ptr, N, K, rows_per_id, flip_even, flip_odd,
+                           stride_x, stride_qe, stride_qn, stride_se, stride_sn, stride_out,
                            logits_ptr, bias_ptr, weights_ptr, n_experts, route_scale, INT4: tl.constexpr,
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                            STAGES: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
-        with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies).
+        with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies). PTX:
+        int4 words' products in inline PTX (a GPU), else in Triton ops (the interpreter: tensors on the CPU).
         TOP_K > 0: each program picks its pair's expert from the router's logits (router.routed_expert;
         the programs of the first output block write the pairs' ids and weights)."""
         await_earlier_kernels(PDL)
@@ -213,15 +261,14 @@ if triton is not None:
             acc3 = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
             acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_by_nibble(x_row, k0, K, GROUPS, WPG, EVEN)
+                xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, EVEN, PTX)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
                 acc3 += _int4_word_tile(q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
-                                        stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7, x_sum, GROUP, EVEN)
+                                        stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
                 if SILU_MUL:
                     acc3_up += _int4_word_tile(q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
-                                               stride_qn, stride_sn, K, magic, x0, x1, x2, x3, x4, x5, x6, x7,
-                                               x_sum, GROUP, EVEN)
+                                               stride_qn, stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
             acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         elif WORDS:  # int8 words
@@ -388,12 +435,12 @@ if triton is not None:
         out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, block_n), rows)
         _quant_gemv_kernel[grid](
-            x, q, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id, MAGIC,
-            FLIP_EVEN, FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
+            x, q, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id, FLIP_EVEN,
+            FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x),
-            num_warps=num_warps, **launch_options(x))
+            PTX=x.is_cuda, num_warps=num_warps, **launch_options(x))
         return out
 
     def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):

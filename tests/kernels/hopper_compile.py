@@ -7,7 +7,8 @@ launch: the kernel, its arguments' types, its constexprs and launch options; `py
 hopper_compile.py PATH` (a process without the interpreter) compiles each distinct launch for
 sm_90 with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on the
 first that fails. float16 tensors are compiled as bfloat16, the GPU checks' dtype (the interpreter
-has no bf16 dots, so the CPU checks run in float16). Arguments are specialised as Triton's launcher
+has no bf16 dots, so the CPU checks run in float16), and a kernel's PTX constexpr as True (on a GPU
+the kernel runs inline PTX where the interpreter runs Triton ops that emulate it). Arguments are specialised as Triton's launcher
 does on a GPU: an integer equal to 1 becomes the constant 1, and a tensor whose address or an
 integer whose value is a multiple of 16 is marked so (`tt.divisibility`), which lets the compiler
 vectorise loads; without the marks it compiles other code than the GPU runs (the grouped GEMM's
@@ -21,6 +22,7 @@ import sys
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 IGNORED_OPTIONS = ("launch_pdl", "num_ctas", "maxnreg")
+GPU_CONSTEXPRS = {"PTX": True}  # what a GPU launch passes where the interpreter runs Triton ops instead of inline PTX
 TENSOR_TYPES = {"float32": "fp32", "float16": "bf16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
                 "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -98,7 +100,7 @@ def compile_all(path: str) -> int:
     for entry in launches:
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         names = list(entry["signature"])
-        constexprs = {(names.index(name),): value for name, value in entry["constexprs"].items()}
+        constexprs = {(names.index(name),): GPU_CONSTEXPRS.get(name, value) for name, value in entry["constexprs"].items()}
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in entry["aligned"]}
         try:
             triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs, attrs=attrs),
