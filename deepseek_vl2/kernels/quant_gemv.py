@@ -5,8 +5,8 @@
               per (output block, row a)). int4 where groups and rows are whole 32-bit words
               (groups of 8 or more columns, the real models' case): tiles of words of 8 nibbles,
               each pair of nibbles turned into two exact float16 (q - 8) by one LOP3 (OR into the
-              mantissa of 1024) and one HSUB2, multiplied with x's float16 pairs by HFMA2 (about 2
-              instructions a weight where float32 took 4), and the zero point folded out of the
+              mantissa of 1024) and one HSUB2, multiplied with x's float16 pairs by HFMA2 (2
+              instructions a weight where float32 took 3), and the zero point folded out of the
               inner loop: a word adds scale * sum((q - 8) * x) + (zero + 8 scale) * sum(x) to its
               own accumulator, so no sum crosses threads before the end. Otherwise (groups of 2 or 4
               columns) tiles of packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
