@@ -152,11 +152,11 @@ if triton is not None:
         return xa, xb, xc, xd, x_sum
 
     @triton.jit
-    def _int4_word_tile(q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K,
+    def _int4_word_tile(acc, q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K,
                         xa, xb, xc, xd, x_sum, GROUP: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
-        """One tile's per-word sums [BLOCK_N, GROUPS, GROUP / 8] (float32) from [BLOCK_N, GROUPS, GROUP / 8]
-        words: scale * sum((q - 8) * x) + (zero + 8 * scale) * sum(x) (_word_products' 1 / 16 taken back
-        in the scale)."""
+        """acc [BLOCK_N, GROUPS, GROUP / 8] plus one tile's per-word sums (float32) from [BLOCK_N, GROUPS,
+        GROUP / 8] words: scale * sum((q - 8) * x) + (zero + 8 * scale) * sum(x) (_word_products' 1 / 16
+        taken back in the scale), added to acc one term at a time (two FFMA a word)."""
         w_ptrs = q_base + rows[:, None, None] * stride_qn + words_cols[None, :, :]
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         if EVEN:
@@ -169,7 +169,7 @@ if triton is not None:
             scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
         t = _word_products(words, xa[None, :, :], xb[None, :, :], xc[None, :, :], xd[None, :, :], PTX)
-        return t * (scale * 16.0)[:, :, None] + x_sum[None, :, :] * (zero + 8.0 * scale)[:, :, None]
+        return acc + t * (scale * 16.0)[:, :, None] + x_sum[None, :, :] * (zero + 8.0 * scale)[:, :, None]
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -264,11 +264,11 @@ if triton is not None:
                 xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, EVEN, PTX)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
-                acc3 += _int4_word_tile(q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
-                                        stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
+                acc3 = _int4_word_tile(acc3, q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
+                                       stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
                 if SILU_MUL:
-                    acc3_up += _int4_word_tile(q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
-                                               stride_qn, stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
+                    acc3_up = _int4_word_tile(acc3_up, q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
+                                              stride_qn, stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
             acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         elif WORDS:  # int8 words
