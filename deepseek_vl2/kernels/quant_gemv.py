@@ -9,10 +9,11 @@
               instructions a weight where float32 took 3), and the zero point folded out of the
               inner loop: a word adds scale * sum((q - 8) * x) + (zero + 8 scale) * sum(x) to its
               own accumulator, so no sum crosses threads before the end. Otherwise (groups of 2 or 4
-              columns) tiles of packed bytes, q * s + z per value. int8 where rows are whole words (4k columns):
-              words of 4 bytes, each byte's sign bit flipped and its bits put into 2^23's mantissa
-              by one LOP3, then one FADD (against a byte extraction and an int-to-float conversion,
-              which runs at a quarter of the float rate); otherwise [BLOCK_N, BLOCK_K] byte tiles.
+              columns) tiles of packed bytes, q * s + z per value. int8 where rows are whole words
+              (4k columns): words of 4 bytes, each byte's sign bit flipped and its bits put into
+              2^23's mantissa by one LOP3, then one FADD (against a byte extraction and an
+              int-to-float conversion, which runs at a quarter of the float rate); otherwise
+              [BLOCK_N, BLOCK_K] byte tiles.
               int8 takes the row's scale once at the end. Products accumulate per tile position
               over the K loop and are summed across threads once, at the end.
   dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill

@@ -8,11 +8,11 @@ hopper_compile.py PATH` (a process without the interpreter) compiles each distin
 sm_90 with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on the
 first that fails. float16 tensors are compiled as bfloat16, the GPU checks' dtype (the interpreter
 has no bf16 dots, so the CPU checks run in float16), and a kernel's PTX constexpr as True (on a GPU
-the kernel runs inline PTX where the interpreter runs Triton ops that emulate it). Arguments are specialised as Triton's launcher
-does on a GPU: an integer equal to 1 becomes the constant 1, and a tensor whose address or an
-integer whose value is a multiple of 16 is marked so (`tt.divisibility`), which lets the compiler
-vectorise loads; without the marks it compiles other code than the GPU runs (the grouped GEMM's
-tiles spill registers to memory, with them not).
+the kernel runs inline PTX where the interpreter runs Triton ops that emulate it). Arguments are
+specialised as Triton's launcher does on a GPU: an integer equal to 1 becomes the constant 1, and a
+tensor whose address or an integer whose value is a multiple of 16 is marked so (`tt.divisibility`),
+which lets the compiler vectorise loads; without the marks it compiles other code than the GPU runs
+(the grouped GEMM's tiles spill registers to memory, with them not).
 """
 import atexit
 import inspect
@@ -100,7 +100,8 @@ def compile_all(path: str) -> int:
     for entry in launches:
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         names = list(entry["signature"])
-        constexprs = {(names.index(name),): GPU_CONSTEXPRS.get(name, value) for name, value in entry["constexprs"].items()}
+        constexprs = {(names.index(name),): GPU_CONSTEXPRS.get(name, value)
+                      for name, value in entry["constexprs"].items()}
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in entry["aligned"]}
         try:
             triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs, attrs=attrs),
