@@ -85,12 +85,17 @@ if triton is not None:
     mov.b32 $0, flo;
     }""")
 
+    # Two float32 to float16 in one register, for any GPU from sm_53 (cvt.rn.f16x2.f32 needs sm_80; for sm_90
+    # ptxas makes both the same single F2FP).
+    F16_PAIR_PTX: tl.constexpr = tl.constexpr(
+        "{ .reg .f16 lo, hi; cvt.rn.f16.f32 lo, $1; cvt.rn.f16.f32 hi, $2; mov.b32 $0, {lo, hi}; }")
+
     @triton.jit
     def _f16_pair(low, high, PTX: tl.constexpr):
         """float32 low and high as one int32 holding two float16 (low in bits 0-15), rounded to nearest."""
         if PTX:
-            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [low, high], dtype=tl.int32,
-                                             is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(F16_PAIR_PTX, "=r,f,f", [low, high], dtype=tl.int32, is_pure=True,
+                                             pack=1)
         low_bits = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return low_bits | (high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
