@@ -1,27 +1,32 @@
-"""Compile for an H100/H200 (sm_90) every kernel launch that the interpreter ran, on a host without a GPU.
+"""Compile for an H100/H200 (sm_90), and for sm_80 (A100; the feature set of the Ampere and Ada cards
+quantized models are made to fit), every kernel launch that the interpreter ran, on a host without a
+GPU.
 
 Triton's interpreter runs a kernel's Python body, so it accepts code that Triton's compiler refuses
 (a loop-carried variable whose shape changes, a dot of unsupported shapes, ...): such kernels pass
 the CPU checks and fail only on the GPU. `record(path)` (in the interpreter's process) notes each
 launch: the kernel, its arguments' types, its constexprs and launch options; `python
-hopper_compile.py PATH` (a process without the interpreter) compiles each distinct launch for
-sm_90 with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on the
-first that fails. float16 tensors are compiled as bfloat16, the GPU checks' dtype (the interpreter
-has no bf16 dots, so the CPU checks run in float16), and a kernel's PTX constexpr as True (on a GPU
-the kernel runs inline PTX where the interpreter runs Triton ops that emulate it). Arguments are
-specialised as Triton's launcher does on a GPU: an integer equal to 1 becomes the constant 1, and a
-tensor whose address or an integer whose value is a multiple of 16 is marked so (`tt.divisibility`),
-which lets the compiler vectorise loads; without the marks it compiles other code than the GPU runs
-(the grouped GEMM's tiles spill registers to memory, with them not).
+hopper_compile.py PATH` (a process without the interpreter) compiles each distinct launch for each
+of TARGETS with Triton's own compiler and ptxas, and exits non-zero with the compiler's message on
+the first that fails (inline PTX that only a newer GPU takes fails here). float16 tensors are
+compiled as bfloat16, the GPU checks' dtype (the interpreter has no bf16 dots, so the CPU checks run
+in float16), and a kernel's PTX constexpr as True (on a GPU the kernel runs inline PTX where the
+interpreter runs Triton ops that emulate it). Arguments are specialised as Triton's launcher does on
+a GPU: an integer equal to 1 becomes the constant 1, and a tensor whose address or an integer whose
+value is a multiple of 16 is marked so (`tt.divisibility`), which lets the compiler vectorise loads;
+without the marks it compiles other code than the GPU runs (the grouped GEMM's tiles spill registers
+to memory, with them not).
 """
 import atexit
 import inspect
+import itertools
 import json
 import os
 import sys
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 IGNORED_OPTIONS = ("launch_pdl", "num_ctas", "maxnreg")
+TARGETS = (90, 80)  # compute capabilities
 GPU_CONSTEXPRS = {"PTX": True}  # what a GPU launch passes where the interpreter runs Triton ops instead of inline PTX
 TENSOR_TYPES = {"float32": "fp32", "float16": "bf16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
                 "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -94,10 +99,9 @@ def compile_all(path: str) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
     with open(path) as file:
         launches = json.load(file)
-    for entry in launches:
+    for entry, arch in itertools.product(launches, TARGETS):
         kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
         names = list(entry["signature"])
         constexprs = {(names.index(name),): GPU_CONSTEXPRS.get(name, value)
@@ -105,12 +109,12 @@ def compile_all(path: str) -> int:
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in entry["aligned"]}
         try:
             triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=constexprs, attrs=attrs),
-                           target=target, options=entry["options"])
+                           target=GPUTarget("cuda", arch, 32), options=entry["options"])
         except Exception as error:
-            print(f"{entry['module']}.{entry['kernel']} does not compile for sm_90 with constexprs "
+            print(f"{entry['module']}.{entry['kernel']} does not compile for sm_{arch} with constexprs "
                   f"{entry['constexprs']}, options {entry['options']}:\n{error}", flush=True)
             return 1
-    print(f"compiled {len(launches)} launches for sm_90", flush=True)
+    print(f"compiled {len(launches)} launches for " + ", ".join(f"sm_{arch}" for arch in TARGETS), flush=True)
     return 0
 
 

@@ -494,7 +494,7 @@ CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv
 def interpreted(*names: str) -> None:
     """Run the named checks on the CPU in Triton's interpreter (needs a recent Triton: the 3.6
     interpreter fails on loops bounded by kernel arguments), then compile every launch they made
-    for sm_90 (hopper_compile.py), which the interpreter alone would not refuse."""
+    for sm_90 and sm_80 (hopper_compile.py), which the interpreter alone would not refuse."""
     with tempfile.TemporaryDirectory() as folder:
         launches = os.path.join(folder, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1", KERNEL_LAUNCHES=launches)
