@@ -163,6 +163,11 @@ def check_quant_gemv(device, dtype, tol):
         assert torch.equal(quant_gemv.gemv(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1, False),
                            quant_gemv.gemv_launch(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1,
                                                   False))
+    # int4 word products are float16 sums of x / 16 (and x / 256): in range at activations in the tens of thousands
+    q, s, z = (t.to(device) for t in rtn.quantize(torch.randn(N, K, generator=g) * 0.1, 4, 64, dtype))
+    large = x * 5000  # |x| up to about 2e4: a half's 4 products (q - 8) * x would pass 65504 without the 1 / 16
+    close(quant_gemv.gemv_launch(large, q, s, z, None, 1, False),
+          large.float() @ rtn.dequantize(q, s, z, torch.float32).T, tol, "int4 plain gemv, activations of about 1e4")
     # int8 rows that are not whole 32-bit words (4k + 2 columns) take the byte tiles
     q, s, _ = (t.to(device) if t is not None else None
                for t in rtn.quantize(torch.randn(2 * N, K - 2, generator=g) * 0.1, 8, K - 2, dtype))
