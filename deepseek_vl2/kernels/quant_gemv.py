@@ -124,15 +124,17 @@ if triton is not None:
         b_low, b_high = _f16_halves(xb)
         c_low, c_high = _f16_halves(xc)
         d_low, d_high = _f16_halves(xd)
-        low = (((words & 15) - 8).to(tl.float32) * a_low).to(tl.float16).to(tl.float32)
-        low = (((words & 0xF0) - 128).to(tl.float32) * b_low + low).to(tl.float16).to(tl.float32)
-        low = ((((words >> 8) & 15) - 8).to(tl.float32) * c_low + low).to(tl.float16).to(tl.float32)
-        low = ((((words >> 8) & 0xF0) - 128).to(tl.float32) * d_low + low).to(tl.float16).to(tl.float32)
-        high = ((((words >> 16) & 15) - 8).to(tl.float32) * a_high).to(tl.float16).to(tl.float32)
-        high = ((((words >> 16) & 0xF0) - 128).to(tl.float32) * b_high + high).to(tl.float16).to(tl.float32)
-        high = ((((words >> 24) & 15) - 8).to(tl.float32) * c_high + high).to(tl.float16).to(tl.float32)
-        high = ((((words >> 24) & 0xF0) - 128).to(tl.float32) * d_high + high).to(tl.float16).to(tl.float32)
-        return low + high
+        return (_half_word_products(words, a_low, b_low, c_low, d_low)
+                + _half_word_products(words >> 16, a_high, b_high, c_high, d_high))
+
+    @triton.jit
+    def _half_word_products(bits, a, b, c, d):
+        """_word_products' float16 sum for one half word (bits 0-15 of `bits`), by Triton ops: each
+        product and sum rounded to float16 as HFMA2 rounds it."""
+        t = (((bits & 15) - 8).to(tl.float32) * a).to(tl.float16).to(tl.float32)
+        t = (((bits & 0xF0) - 128).to(tl.float32) * b + t).to(tl.float16).to(tl.float32)
+        t = ((((bits >> 8) & 15) - 8).to(tl.float32) * c + t).to(tl.float16).to(tl.float32)
+        return ((((bits >> 8) & 0xF0) - 128).to(tl.float32) * d + t).to(tl.float16).to(tl.float32)
 
     @triton.jit
     def _x_pairs(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
