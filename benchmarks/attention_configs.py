@@ -95,7 +95,7 @@ def mla_values():
         before = graph_us(separate, n)
         timings = []
         for tiles in itertools.product((16, 32, 64), (4, 8)):
-            td.combine_values_tiles = lambda rows, tiles=tiles: tiles
+            td.combine_values_tiles = lambda rows, heads, tiles=tiles: tiles
             timings.append((graph_us(fused, n), tiles))
         print(f"{H} heads, {B} rows: combine + bmm {before:.2f} us | in the combine (value columns, warps): "
               + ", ".join(f"{t:.2f} @ {c}" for t, c in sorted(timings)), flush=True)

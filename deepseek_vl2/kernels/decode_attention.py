@@ -168,15 +168,19 @@ if triton is not None:
                                              BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4, **launch_options(out))
         return out
 
-    def combine_values_tiles(rows: int):
+    def combine_values_tiles(rows: int, heads: int):
         """(value columns a program, warps) of `_combine_values_kernel`, the best measured on an H200 at
         small's and base's heads (16, 32), 2054 cached latents (benchmarks/attention_configs.py
-        --mla-values; benchmarks/RESULTS.md, thirty-third session)."""
-        return (32, 8) if rows == 1 else (64, 4)
+        --mla-values; benchmarks/RESULTS.md, thirty-third and forty-sixth sessions): at one row 16 columns
+        for 16 heads (64 programs; 12.10 -> 11.63 us with the decode kernel), 32 for 32 heads (16 columns
+        there: 13.22 -> 16.09), 8 warps; more rows 64 columns in 4 warps."""
+        if rows == 1:
+            return (16, 8) if heads <= 16 else (32, 8)
+        return 64, 4
 
     def _combine_values(part, maxes, sums, w_uv, out, n_splits, H, R):
         B, V = out.shape[0], w_uv.shape[1]
-        block_v, num_warps = combine_values_tiles(B)
+        block_v, num_warps = combine_values_tiles(B, H)
         _combine_values_kernel[(B * H, V // block_v)](
             part, maxes, sums, w_uv, out, n_splits, w_uv.stride(0), w_uv.stride(1), H=H, R=R,
             BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_V=block_v, num_warps=num_warps, **launch_options(out))

@@ -6,9 +6,10 @@
               (groups of 8 or more columns, the real models' case): tiles of words of 8 nibbles,
               each pair of nibbles turned into two exact float16 (q - 8) by one LOP3 (OR into the
               mantissa of 1024) and one HSUB2, multiplied with x's float16 pairs by HFMA2 (2
-              instructions a weight where float32 took 3), and the zero point folded out of the
-              inner loop: a word adds scale * sum((q - 8) * x) + (zero + 8 scale) * sum(x) to its
-              own accumulator, so no sum crosses threads before the end. Otherwise (groups of 2 or 4
+              instructions a weight where float32 took 3) into float16 sums over a word (over 4
+              words in the experts' tiles), and the zero point folded out of the inner loop: a word
+              (or 4) adds scale * sum((q - 8) * x) + (zero + 8 scale) * sum(x) to its own
+              accumulator, so no sum crosses threads before the end. Otherwise (groups of 2 or 4
               columns) tiles of packed bytes, q * s + z per value. int8 where rows are whole words
               (4k columns): words of 4 bytes, each byte's sign bit flipped and its bits put into
               2^23's mantissa by one LOP3, then one FADD (against a byte extraction and an
@@ -58,11 +59,9 @@ if triton is not None:
         return low * x_even + high * x_odd
 
     # A word's 8 nibbles as float16 pairs q - 8 (LOP3: OR into the mantissa of 1024, then HSUB2 takes 1032
-    # off), products in HFMA2 (8 weights in 4 instructions), the pair's halves summed in float32.
-    WORD_PRODUCTS_PTX: tl.constexpr = tl.constexpr("""{
+    # off), their products with x's pairs added by HFMA2 to a float16 pair of sums (8 weights in 4 instructions).
+    WORD_SUMS_PTX: tl.constexpr = tl.constexpr("""{
     .reg .b32 w0, w1, w2, w3, high, m, m16, acc;
-    .reg .f16 lo, hi;
-    .reg .f32 flo, fhi;
     mov.b32 m, 0x64086408;
     mov.b32 m16, 0x64806480;
     lop3.b32 w0, $1, 0x000F000F, 0x64006400, 0xEA;
@@ -74,15 +73,20 @@ if triton is not None:
     sub.f16x2 w1, w1, m16;
     sub.f16x2 w2, w2, m;
     sub.f16x2 w3, w3, m16;
-    mul.rn.f16x2 acc, w0, $2;
+    fma.rn.f16x2 acc, w0, $2, $6;
     fma.rn.f16x2 acc, w1, $3, acc;
     fma.rn.f16x2 acc, w2, $4, acc;
-    fma.rn.f16x2 acc, w3, $5, acc;
-    mov.b32 {lo, hi}, acc;
+    fma.rn.f16x2 $0, w3, $5, acc;
+    }""")
+
+    # A pair of float16 sums added in float32.
+    PAIR_TOTAL_PTX: tl.constexpr = tl.constexpr("""{
+    .reg .f16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 {lo, hi}, $1;
     cvt.f32.f16 flo, lo;
     cvt.f32.f16 fhi, hi;
-    add.f32 flo, flo, fhi;
-    mov.b32 $0, flo;
+    add.f32 $0, flo, fhi;
     }""")
 
     # Two float32 to float16 in one register, for any GPU from sm_53 (cvt.rn.f16x2.f32 needs sm_80; for sm_90
@@ -106,40 +110,50 @@ if triton is not None:
         return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _word_products(words, xa, xb, xc, xd, PTX: tl.constexpr):
-        """sum_i (q_i - 8) * x_i / 16 over a word's nibbles (q_i at bits 4i, column 8c + i), float32,
-        from the float16 pairs of _x_pairs: xa = (x0, x4) / 16, xb = (x1, x5) / 256, xc = (x2, x6) / 16, xd =
-        (x3, x7) / 256. Nibbles 0 and 4 (bits 0-3 of each half word) OR-ed into 1024's mantissa are 1024 +
-        q, less 1032: q - 8; nibbles 1 and 5 (bits 4-7) are 1024 + 16 q, less 1152: 16 (q - 8), hence xb's
-        extra 1 / 16; the word shifted by 8 gives nibbles 2, 6 and 3, 7 the same way. Each half is a float16
-        sum of 4 products (x's 1 / 16 keeps it in range up to |x| of about 30000; q - 8 centres the products,
-        so the rounding does not grow with a sum of q * x that the zero point cancels), the halves added in
-        float32. PTX: as above in inline PTX; otherwise Triton ops that round where it does (Triton's
+    def _word_sums(words, xa, xb, xc, xd, sums, PTX: tl.constexpr):
+        """`sums` (an int32 of two float16, one a half word) plus a word's products (q_i - 8) * x_i / (16 C)
+        over its nibbles (q_i at bits 4i, column 8c + i), from the float16 pairs of _x_pairs for chains of C
+        words: xa = (x0, x4) / (16 C), xb = (x1, x5) / (256 C), xc = (x2, x6) / (16 C), xd = (x3, x7) / (256
+        C). Nibbles 0 and 4 (bits 0-3 of each half word) OR-ed into 1024's mantissa are 1024 + q, less 1032:
+        q - 8; nibbles 1 and 5 (bits 4-7) are 1024 + 16 q, less 1152: 16 (q - 8), hence xb's extra 1 / 16;
+        the word shifted by 8 gives nibbles 2, 6 and 3, 7 the same way. A half's float16 sum takes 4
+        products from each of the C words (x's 1 / (16 C) keeps it in range up to |x| of about 30000; q - 8
+        centres the products, so the rounding does not grow with a sum of q * x that the zero point
+        cancels). PTX: as above in inline PTX; otherwise Triton ops that round where it does (Triton's
         interpreter runs no PTX)."""
         if PTX:
-            bits = tl.inline_asm_elementwise(WORD_PRODUCTS_PTX, "=r,r,r,r,r,r", [words, xa, xb, xc, xd],
+            return tl.inline_asm_elementwise(WORD_SUMS_PTX, "=r,r,r,r,r,r,r", [words, xa, xb, xc, xd, sums],
                                              dtype=tl.int32, is_pure=True, pack=1)
-            return bits.to(tl.float32, bitcast=True)
         a_low, a_high = _f16_halves(xa)
         b_low, b_high = _f16_halves(xb)
         c_low, c_high = _f16_halves(xc)
         d_low, d_high = _f16_halves(xd)
-        return (_half_word_products(words, a_low, b_low, c_low, d_low)
-                + _half_word_products(words >> 16, a_high, b_high, c_high, d_high))
+        low, high = _f16_halves(sums)
+        return _f16_pair(_half_word_sum(words, a_low, b_low, c_low, d_low, low),
+                         _half_word_sum(words >> 16, a_high, b_high, c_high, d_high, high), False)
 
     @triton.jit
-    def _half_word_products(bits, a, b, c, d):
-        """_word_products' float16 sum for one half word (bits 0-15 of `bits`), by Triton ops: each
-        product and sum rounded to float16 as HFMA2 rounds it."""
-        t = (((bits & 15) - 8).to(tl.float32) * a).to(tl.float16).to(tl.float32)
+    def _half_word_sum(bits, a, b, c, d, t):
+        """_word_sums for one half word (bits 0-15 of `bits`) onto t, by Triton ops: each product and sum
+        rounded to float16 as HFMA2 rounds it."""
+        t = (((bits & 15) - 8).to(tl.float32) * a + t).to(tl.float16).to(tl.float32)
         t = (((bits & 0xF0) - 128).to(tl.float32) * b + t).to(tl.float16).to(tl.float32)
         t = ((((bits >> 8) & 15) - 8).to(tl.float32) * c + t).to(tl.float16).to(tl.float32)
         return ((((bits >> 8) & 0xF0) - 128).to(tl.float32) * d + t).to(tl.float16).to(tl.float32)
 
     @triton.jit
-    def _x_pairs(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
-        """x's columns k0 + [0, GROUPS * WPG * 8) as _word_products' four float16 pair tensors [GROUPS,
-        WPG] (column 8c + i of x in word c's pairs), and x's sum per word (float32)."""
+    def _pair_total(sums, PTX: tl.constexpr):
+        """An int32 of two float16 as the float32 sum of the two."""
+        if PTX:
+            return tl.inline_asm_elementwise(PAIR_TOTAL_PTX, "=f,r", [sums], dtype=tl.float32, is_pure=True, pack=1)
+        low, high = _f16_halves(sums)
+        return low + high
+
+    @triton.jit
+    def _x_pairs(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, CHAIN: tl.constexpr, EVEN: tl.constexpr,
+                 PTX: tl.constexpr):
+        """x's columns k0 + [0, GROUPS * WPG * 8) as _word_sums' four float16 pair tensors [GROUPS, WPG]
+        (column 8c + i of x in word c's pairs; CHAIN words to a chain), and x's sum per word (float32)."""
         ks = k0 + tl.arange(0, GROUPS * WPG * 8)
         if EVEN:
             xv = tl.load(x_row + ks).to(tl.float32)
@@ -153,18 +167,60 @@ if triton is not None:
         x1, x5 = tl.split(x15)
         x3, x7 = tl.split(x37)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        xa = _f16_pair(x0 * 0.0625, x4 * 0.0625, PTX)
-        xb = _f16_pair(x1 * 0.00390625, x5 * 0.00390625, PTX)
-        xc = _f16_pair(x2 * 0.0625, x6 * 0.0625, PTX)
-        xd = _f16_pair(x3 * 0.00390625, x7 * 0.00390625, PTX)
+        low: tl.constexpr = 1.0 / (16 * CHAIN)  # exact: CHAIN is a power of two
+        high: tl.constexpr = low / 16
+        xa = _f16_pair(x0 * low, x4 * low, PTX)
+        xb = _f16_pair(x1 * high, x5 * high, PTX)
+        xc = _f16_pair(x2 * low, x6 * low, PTX)
+        xd = _f16_pair(x3 * high, x7 * high, PTX)
         return xa, xb, xc, xd, x_sum
 
     @triton.jit
+    def _word_halves(t, SHAPE: tl.constexpr):
+        """t [..., W] as its even and odd words, two [..., W / 2] (SHAPE: t's shape with W / 2 last)."""
+        return tl.split(tl.reshape(t, SHAPE + (2,)))
+
+    @triton.jit
+    def _chained_sums(words, xa, xb, xc, xd, x_sum, CHAIN: tl.constexpr, PTX: tl.constexpr):
+        """[BLOCK_N, GROUPS, WPG] words and their x pairs and sums (broadcast to the words' shape) -> the
+        _word_sums of each CHAIN (1 or 4) consecutive words, chained in one float16 pair, as float32, and
+        their x sums ([BLOCK_N, GROUPS, WPG / CHAIN] both)."""
+        if CHAIN == 1:
+            return _pair_total(_word_sums(words, xa, xb, xc, xd, tl.zeros_like(words), PTX), PTX), x_sum
+        else:  # words 4j, 4j + 2, 4j + 1, 4j + 3
+            HALF: tl.constexpr = (words.shape[0], words.shape[1], words.shape[2] // 2)
+            QUARTER: tl.constexpr = (words.shape[0], words.shape[1], words.shape[2] // 4)
+            w0, w1 = _word_halves(words, HALF)
+            a0, a1 = _word_halves(xa, HALF)
+            b0, b1 = _word_halves(xb, HALF)
+            c0, c1 = _word_halves(xc, HALF)
+            d0, d1 = _word_halves(xd, HALF)
+            s0, s1 = _word_halves(x_sum, HALF)
+            w00, w02 = _word_halves(w0, QUARTER)
+            w01, w03 = _word_halves(w1, QUARTER)
+            a00, a02 = _word_halves(a0, QUARTER)
+            a01, a03 = _word_halves(a1, QUARTER)
+            b00, b02 = _word_halves(b0, QUARTER)
+            b01, b03 = _word_halves(b1, QUARTER)
+            c00, c02 = _word_halves(c0, QUARTER)
+            c01, c03 = _word_halves(c1, QUARTER)
+            d00, d02 = _word_halves(d0, QUARTER)
+            d01, d03 = _word_halves(d1, QUARTER)
+            t0, t2 = _word_halves(s0 + s1, QUARTER)
+            sums = _word_sums(w00, a00, b00, c00, d00, tl.zeros_like(w00), PTX)
+            sums = _word_sums(w02, a02, b02, c02, d02, sums, PTX)
+            sums = _word_sums(w01, a01, b01, c01, d01, sums, PTX)
+            sums = _word_sums(w03, a03, b03, c03, d03, sums, PTX)
+            return _pair_total(sums, PTX), t0 + t2
+
+    @triton.jit
     def _int4_word_tile(acc, q_base, s_base, z_base, rows, n_mask, words_cols, groups, stride_qn, stride_sn, K,
-                        xa, xb, xc, xd, x_sum, GROUP: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
-        """acc [BLOCK_N, GROUPS, GROUP / 8] plus one tile's per-word sums (float32) from [BLOCK_N, GROUPS,
-        GROUP / 8] words: scale * sum((q - 8) * x) + (zero + 8 * scale) * sum(x) (_word_products' 1 / 16
-        taken back in the scale), added to acc one term at a time (two FFMA a word)."""
+                        xa, xb, xc, xd, x_sum, GROUP: tl.constexpr, CHAIN: tl.constexpr, EVEN: tl.constexpr,
+                        PTX: tl.constexpr):
+        """acc [BLOCK_N, GROUPS, GROUP / (8 CHAIN)] plus one tile's sums over each CHAIN words (float32)
+        from [BLOCK_N, GROUPS, GROUP / 8] words: scale * sum((q - 8) * x) + (zero + 8 * scale) * sum(x)
+        (_word_sums' 1 / (16 CHAIN) taken back in the scale), added to acc one term at a time (two FFMA
+        for CHAIN words)."""
         w_ptrs = q_base + rows[:, None, None] * stride_qn + words_cols[None, :, :]
         s_offs = rows[:, None] * stride_sn + groups[None, :]
         if EVEN:
@@ -176,8 +232,12 @@ if triton is not None:
             s_mask = n_mask[:, None] & (groups < K // GROUP)[None, :]
             scale = tl.load(s_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_base + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        t = _word_products(words, xa[None, :, :], xb[None, :, :], xc[None, :, :], xd[None, :, :], PTX)
-        return acc + t * (scale * 16.0)[:, :, None] + x_sum[None, :, :] * (zero + 8.0 * scale)[:, :, None]
+        t, t_sum = _chained_sums(words, tl.broadcast_to(xa[None, :, :], words.shape),
+                                 tl.broadcast_to(xb[None, :, :], words.shape),
+                                 tl.broadcast_to(xc[None, :, :], words.shape),
+                                 tl.broadcast_to(xd[None, :, :], words.shape),
+                                 tl.broadcast_to(x_sum[None, :, :], words.shape), CHAIN, PTX)
+        return acc + t * (scale * (16.0 * CHAIN))[:, :, None] + t_sum * (zero + 8.0 * scale)[:, :, None]
 
     @triton.jit
     def _int8_tile(q_base, rows, n_mask, offs_k, k_mask, stride_qn, x):
@@ -234,7 +294,8 @@ if triton is not None:
                            WORDS: tl.constexpr, GROUP: tl.constexpr, HAS_IDS: tl.constexpr, SILU_MUL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                            STAGES: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
+                           NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, CHAIN: tl.constexpr, PTX: tl.constexpr,
+                           PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
         with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies). PTX:
@@ -266,17 +327,17 @@ if triton is not None:
             WPG: tl.constexpr = GROUP // 8
             tile_groups = tl.arange(0, GROUPS)
             tile_words = tile_groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GROUPS, WPG]
-            acc3 = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
-            acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_N, GROUPS, WPG // CHAIN), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG // CHAIN), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, EVEN, PTX)
+                xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, CHAIN, EVEN, PTX)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
                 acc3 = _int4_word_tile(acc3, q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
-                                       stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
+                                       stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, CHAIN, EVEN, PTX)
                 if SILU_MUL:
                     acc3_up = _int4_word_tile(acc3_up, q_base, s_base, z_base, offs_n + N, n_mask, words_cols, groups,
-                                              stride_qn, stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, EVEN, PTX)
+                                              stride_qn, stride_sn, K, xa, xb, xc, xd, x_sum, GROUP, CHAIN, EVEN, PTX)
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
             acc_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
         elif WORDS:  # int8 words
@@ -421,6 +482,14 @@ if triton is not None:
             block_n //= 2
         return block_n, block_k, num_warps, 1
 
+    def word_chain(experts: bool, group: int, block_n: int, block_k: int, num_warps: int) -> int:
+        """int4 words whose float16 sums are chained before their float32 conversion: 4 in the experts'
+        tiles (where a group has 4 words or more and a thread holds 4 or more of a tile's words), else 1.
+        On an H200 (benchmarks/RESULTS.md, forty-sixth session) chains of 4 made the experts' gemvs 1-7%
+        faster; the dense projections' were as fast or slower (a dense layer's down in 2048-column tiles
+        of one row 40% slower at chains of 2)."""
+        return 4 if experts and group >= 32 and block_n * block_k >= 1024 * num_warps else 1
+
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None, stages=1, routing=None):
         """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]. Tiles
@@ -448,6 +517,7 @@ if triton is not None:
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x),
+            CHAIN=word_chain(ids is not None, group, block_n, block_k, num_warps) if int4 and words else 1,
             PTX=x.is_cuda, num_warps=num_warps, **launch_options(x))
         return out
 

@@ -163,11 +163,23 @@ def check_quant_gemv(device, dtype, tol):
         assert torch.equal(quant_gemv.gemv(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1, False),
                            quant_gemv.gemv_launch(x, q13[1], s13[1], z13[1] if z13 is not None else None, None, 1,
                                                   False))
-    # int4 word products are float16 sums of x / 16 (and x / 256): in range at activations in the tens of thousands
+    # int4 word products are float16 sums of x / (16 chain) (and x / (256 chain)): in range at activations in the
+    # tens of thousands, one word a sum (a projection) or 4 (the experts' tiles)
     q, s, z = (t.to(device) for t in rtn.quantize(torch.randn(N, K, generator=g) * 0.1, 4, 64, dtype))
     large = x * 5000  # |x| up to about 2e4: a half's 4 products (q - 8) * x would pass 65504 without the 1 / 16
     close(quant_gemv.gemv_launch(large, q, s, z, None, 1, False),
           large.float() @ rtn.dequantize(q, s, z, torch.float32).T, tol, "int4 plain gemv, activations of about 1e4")
+    q, s, z = (t.to(device) for t in rtn.quantize(torch.randn(E, N, K, generator=g) * 1e-3, 4, 64, dtype))
+    assert quant_gemv.word_chain(True, 64, *quant_gemv.gemv_tiles(True, True, True, False, N, K, 4, 64)[:3]) == 4
+    # x's first row at 2e4 with the sign of q - 8 in its first expert's first output row: that row's float16 sums of
+    # 16 products would pass 65504 without the chain's 1 / 4
+    w = rtn.dequantize(q, s, z, torch.float32)
+    middle = (z.float() + 8 * s.float()).repeat_interleave(64, dim=-1)
+    aligned = torch.where(w[ids[0], 0] >= middle[ids[0], 0], 2e4, -2e4).to(dtype)
+    large = torch.stack((aligned, large[1]))
+    close(quant_gemv.gemv_launch(large, q, s, z, ids, 2, False),
+          torch.einsum("ak,ank->an", large.repeat_interleave(2, dim=0).float(), w[ids]), tol,
+          "int4 expert gemv (4 words a float16 sum), activations of 2e4 aligned with the weights")
     # int8 rows that are not whole 32-bit words (4k + 2 columns) take the byte tiles
     q, s, _ = (t.to(device) if t is not None else None
                for t in rtn.quantize(torch.randn(2 * N, K - 2, generator=g) * 0.1, 8, K - 2, dtype))
@@ -351,8 +363,9 @@ def check_mha_decode(device, dtype, tol):
 def check_mla_decode(device, dtype, tol):
     g = torch.Generator().manual_seed(4)
     R, P = 64, 16
-    # both tile rules (up to 4 rows / more), several key slices a row and a last slice cut short
-    for B, H, L in ((2, 16, 150), (1, 32, 700), (6, 16, 300)):
+    # both tile rules (up to 4 rows / more), several key slices a row and a last slice cut short; one row of 16
+    # and of 32 heads (the combine's own value columns for each)
+    for B, H, L in ((2, 16, 150), (1, 32, 700), (1, 16, 200), (6, 16, 300)):
         cache = torch.randn(B, L + 30, R + P, generator=g).to(device, dtype)
         q_latent = torch.randn(B, H, R, generator=g).to(device, dtype)
         q_pe = torch.randn(B, H, P, generator=g).to(device, dtype)
