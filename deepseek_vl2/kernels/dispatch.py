@@ -280,9 +280,10 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tenso
     if _quant_expert_gemv_sized(x, gate_up) and _routes_by_kernel(x, routing, training):
         top_k, sigmoid, normalize, scale = _kernel_routing(routing)
         logits = _router_logits(x, router_weight) if logits is None else logits
+        chain = _act_pairs_chain(gate_up, down, x.shape[0] * (top_k + always_on))
         act, ids, weights = quant_gemv.routed_gate_up(x, gate_up.qweight, gate_up.scale, gate_up.zero, logits, bias,
-                                                      top_k, top_k + always_on, sigmoid, normalize, scale)
-        return _combine_pairs(_quant_gemv(act, down, ids.flatten(), 1, False), weights)
+                                                      top_k, top_k + always_on, sigmoid, normalize, scale, chain)
+        return _combine_pairs(_quant_gemv(act, down, ids.flatten(), 1, False, chain, x.dtype), weights)
     ids, weights = route(x, router_weight, bias, routing, always_on, training, logits)
     return experts(x, gate_up, down, ids, weights)
 
@@ -317,8 +318,9 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: tor
     flat_ids = ids.flatten()
     quantized = isinstance(gate_up, QuantizedWeight)
     if _quant_expert_gemv_sized(x, gate_up):  # int8/int4 bytes read by the gemv
-        act = _quant_gemv(x, gate_up, flat_ids, k, True)
-        return _combine_pairs(_quant_gemv(act, down, flat_ids, 1, False), weights)
+        chain = _act_pairs_chain(gate_up, down, len(flat_ids))
+        act = _quant_gemv(x, gate_up, flat_ids, k, True, pairs_chain=chain)
+        return _combine_pairs(_quant_gemv(act, down, flat_ids, 1, False, chain, x.dtype), weights)
     if quantized and _decode_sized(x, min(QUANT_EXPERT_SCAN_ROWS[gate_up.bits], MOE_DECODE_ROWS)) \
             and _tile_dequantizable(gate_up) and _tile_dequantizable(down):  # each expert finds its rows
         act = moe_decode.quant_expert_gemm(x, gate_up.qweight, gate_up.scale, gate_up.zero, ids, k, True)
@@ -417,8 +419,20 @@ def _tile_dequantizable(weight: QuantizedWeight) -> bool:
     return weight.bits == 8 or weight.group >= quant_grouped_gemm.MIN_GROUP
 
 
-def _quant_gemv(x, weight: QuantizedWeight, ids, rows_per_id: int, silu_mul: bool):
-    return quant_gemv.gemv(x, weight.qweight, weight.scale, weight.zero, ids, rows_per_id, silu_mul)
+def _quant_gemv(x, weight: QuantizedWeight, ids, rows_per_id: int, silu_mul: bool, x_chain: int = 0,
+                out_dtype: Optional[torch.dtype] = None, pairs_chain: int = 0):
+    """quant_gemv.gemv on the weight's tensors; x_chain > 0: x is the x pairs a gate/up gemv wrote with
+    that chain (out_dtype: the activations' dtype); pairs_chain > 0: write such pairs."""
+    return quant_gemv.gemv(x, weight.qweight, weight.scale, weight.zero, ids, rows_per_id, silu_mul, pairs_chain,
+                           x_chain, out_dtype)
+
+
+def _act_pairs_chain(gate_up: QuantizedWeight, down: QuantizedWeight, pairs: int) -> int:
+    """The chain for which the experts' gate/up gemv over `pairs` (token, expert) pairs writes its
+    output as the down gemv's x pairs (quant_gemv.act_pairs_chain); 0: plain activations."""
+    if gate_up.bits != 4 or down.bits != 4:
+        return 0
+    return quant_gemv.act_pairs_chain(gate_up.shape[-1], down.shape[-1], gate_up.group, down.group, pairs)
 
 
 def decode_is_capturable(device: torch.device, dtype: torch.dtype) -> bool:

@@ -159,7 +159,13 @@ if triton is not None:
             xv = tl.load(x_row + ks).to(tl.float32)
         else:
             xv = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(tl.reshape(xv, (GROUPS, WPG, 2, 2, 2)))  # by bit 0 of i, then bit 1, bit 2
+        return _pairs_of(tl.reshape(xv, (GROUPS, WPG, 2, 2, 2)), CHAIN, PTX)
+
+    @triton.jit
+    def _pairs_of(xv, CHAIN: tl.constexpr, PTX: tl.constexpr):
+        """x's columns as words of 8, [..., 2, 2, 2] (column 8c + i at [c, i // 4, i // 2 % 2, i % 2]) ->
+        _word_sums' four float16 pair tensors [...] and each word's sum (float32)."""
+        x_even, x_odd = tl.split(xv)  # by bit 0 of i, then bit 1, bit 2
         x04, x26 = tl.split(x_even)
         x15, x37 = tl.split(x_odd)
         x0, x4 = tl.split(x04)
@@ -174,6 +180,41 @@ if triton is not None:
         xc = _f16_pair(x2 * low, x6 * low, PTX)
         xd = _f16_pair(x3 * high, x7 * high, PTX)
         return xa, xb, xc, xd, x_sum
+
+    @triton.jit
+    def _store_pairs(out_row, pid_n, N, values, BLOCK_N: tl.constexpr, CHAIN: tl.constexpr, PTX: tl.constexpr):
+        """Program pid_n's BLOCK_N (a multiple of 8) outputs `values` (float32, as the next gemv would load
+        them) written as that gemv's x pairs (_x_pairs_loaded's five planes of N / 8 words)."""
+        xa, xb, xc, xd, x_sum = _pairs_of(tl.reshape(values, (BLOCK_N // 8, 2, 2, 2)), CHAIN, PTX)
+        words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        KW = N // 8
+        inside = words < KW
+        tl.store(out_row + words, xa, mask=inside)
+        tl.store(out_row + KW + words, xb, mask=inside)
+        tl.store(out_row + 2 * KW + words, xc, mask=inside)
+        tl.store(out_row + 3 * KW + words, xd, mask=inside)
+        tl.store(out_row + 4 * KW + words, x_sum.to(tl.int32, bitcast=True), mask=inside)
+
+    @triton.jit
+    def _x_pairs_loaded(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+        """_x_pairs' four pair tensors and x sums for columns k0 + [0, GROUPS * WPG * 8), loaded from a row
+        that x_pairs wrote: five planes of K / 8 words (xa, xb, xc, xd, then the sums' float32 bits)."""
+        KW = K // 8
+        words = k0 // 8 + tl.arange(0, GROUPS)[:, None] * WPG + tl.arange(0, WPG)[None, :]
+        if EVEN:
+            xa = tl.load(x_row + words)
+            xb = tl.load(x_row + KW + words)
+            xc = tl.load(x_row + 2 * KW + words)
+            xd = tl.load(x_row + 3 * KW + words)
+            x_sum = tl.load(x_row + 4 * KW + words)
+        else:
+            inside = words < KW
+            xa = tl.load(x_row + words, mask=inside, other=0)
+            xb = tl.load(x_row + KW + words, mask=inside, other=0)
+            xc = tl.load(x_row + 2 * KW + words, mask=inside, other=0)
+            xd = tl.load(x_row + 3 * KW + words, mask=inside, other=0)
+            x_sum = tl.load(x_row + 4 * KW + words, mask=inside, other=0)
+        return xa, xb, xc, xd, x_sum.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _word_halves(t, SHAPE: tl.constexpr):
@@ -295,6 +336,7 @@ if triton is not None:
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                            STAGES: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, CHAIN: tl.constexpr, PTX: tl.constexpr,
+                           X_PAIRS: tl.constexpr, PAIRS_OUT: tl.constexpr, OUT_CHAIN: tl.constexpr,
                            PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
@@ -330,7 +372,10 @@ if triton is not None:
             acc3 = tl.zeros((BLOCK_N, GROUPS, WPG // CHAIN), dtype=tl.float32)
             acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG // CHAIN), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, CHAIN, EVEN, PTX)
+                if X_PAIRS:
+                    xa, xb, xc, xd, x_sum = _x_pairs_loaded(x_row, k0, K, GROUPS, WPG, EVEN)
+                else:
+                    xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, CHAIN, EVEN, PTX)
                 words_cols = k0 // 8 + tile_words
                 groups = k0 // GROUP + tile_groups
                 acc3 = _int4_word_tile(acc3, q_base, s_base, z_base, offs_n, n_mask, words_cols, groups, stride_qn,
@@ -396,7 +441,14 @@ if triton is not None:
             acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
+        if PAIRS_OUT:  # silu(gate) * up rounded as store_rows rounds it, written as the down gemv's x pairs
+            act_type = x_ptr.dtype.element_ty
+            gate = acc.to(act_type).to(tl.float32)
+            up = acc_up.to(act_type).to(tl.float32)
+            act = ((gate * tl.sigmoid(gate)).to(act_type).to(tl.float32) * up).to(act_type).to(tl.float32)
+            _store_pairs(out_ptr + a * stride_out, pid_n, N, act, BLOCK_N, OUT_CHAIN, PTX)
+        else:
+            store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
 
     @triton.jit
     def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, R, K, INT4: tl.constexpr, GROUP: tl.constexpr,
@@ -490,12 +542,34 @@ if triton is not None:
         of one row 40% slower at chains of 2)."""
         return 4 if experts and group >= 32 and block_n * block_k >= 1024 * num_warps else 1
 
+    def act_pairs_chain(h: int, intermediate: int, gate_up_group: int, down_group: int, pairs: int) -> int:
+        """The chain (word_chain) of the int4 expert down gemv over `pairs` (token, expert) pairs, for
+        which the gate/up gemv before it writes its silu_mul output as that gemv's x pairs (x_pairs); 0
+        where it does not: either stack not in int4 words, the gate/up's tile not whole words of output
+        (BLOCK_N a multiple of 8: the one-token tile), or the down's tile 256 columns or more. The down
+        then loads each word's four float16 pairs and its sum instead of making them from bf16
+        activations in every program. In its 128-column one-token tiles (tiny's and small's rows, not
+        whole 256-column tiles) each thread makes the pairs of its own words (small: 307 -> 211 loop
+        instructions); on an H200 (benchmarks/RESULTS.md, forty-seventh session) small's down 7.9 ->
+        7.05 us and its decode step's gemvs 788 -> 773 us, the same output to the bit. Base's 256-column
+        tiles exchange the pairs through shared memory: its down 8.43 -> 8.39 us, its step's gemvs 9 us
+        slower with the pairs."""
+        if gate_up_group % 8 or down_group % 8 or gemv_tiles(True, True, True, True, intermediate, h, pairs,
+                                                             gate_up_group)[0] % 8:
+            return 0
+        block_n, block_k, num_warps, _ = gemv_tiles(True, True, True, False, h, intermediate, pairs, down_group)
+        block_k = max(block_k, down_group)
+        return word_chain(True, down_group, block_n, block_k, num_warps) if block_k < 256 else 0
+
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
-                    num_warps=None, stages=1, routing=None):
-        """out [rows, N] in x's dtype; qweight [E, N', K or K/2] with ids, else [N', K or K/2]. Tiles
-        from gemv_tiles unless given (stages apply to word tiles only). With `routing` (a
-        router.PairRouting) the kernel picks the experts and writes them into `ids` (empty, [T,
-        rows_per_id])."""
+                    num_warps=None, stages=1, routing=None, pairs_chain=0, x_chain=0, out_dtype=None):
+        """out [rows, N] in x's dtype (`out_dtype` where x is pairs); qweight [E, N', K or K/2] with ids,
+        else [N', K or K/2]. Tiles from gemv_tiles unless given (stages apply to word tiles only). With
+        `routing` (a router.PairRouting) the kernel picks the experts and writes them into `ids` (empty,
+        [T, rows_per_id]). `pairs_chain` > 0 (int4 words, silu_mul, BLOCK_N a multiple of 8): out is
+        the x pairs of the silu_mul output for an int4 gemv whose tiles chain that many words (int32
+        [rows, 5, N / 8]: per word of 8 columns its four float16 pairs of _x_pairs, then its sum's
+        float32 bits, each a plane). x int32: such pairs, scaled for chains of `x_chain` words."""
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
@@ -508,45 +582,64 @@ if triton is not None:
                                                                  group)
         if int4:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
+        chain = word_chain(ids is not None, group, block_n, block_k, num_warps) if int4 and words else 1
+        x_pairs = x.dtype == torch.int32
+        if x_pairs and not (int4 and words and chain == x_chain and tuple(x.shape[1:]) == (5, K // 8)):
+            raise ValueError(f"x pairs [rows, 5, K / 8] scaled for chains of {x_chain} words need an int4 word "
+                             f"gemv of {K} columns whose tile chains as many; got {tuple(x.shape)}, int4 "
+                             f"{int4}, words {words}, chain {chain}")
+        if pairs_chain and not (int4 and words and silu_mul and block_n % 8 == 0):
+            raise ValueError("x pairs are written by int4 word gemvs with silu_mul in tiles of whole words "
+                             f"(BLOCK_N a multiple of 8), not BLOCK_N {block_n}, int4 {int4}, words {words}")
         q = qweight.view(torch.int32) if words else qweight
-        out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
+        out = _gemv_out(x, qweight, ids, silu_mul, pairs_chain, out_dtype)
         grid = (triton.cdiv(N, block_n), rows)
         _quant_gemv_kernel[grid](
             x, q, scale, zero if int4 else scale, ids if ids is not None else x, out, N, K, rows_per_id, FLIP_EVEN,
             FLIP_ODD, x.stride(0), q.stride(0) if ids is not None else 0, q.stride(-2),
             scale.stride(0) if ids is not None else 0, scale.stride(-2), out.stride(0), INT4=int4, WORDS=words,
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x),
-            CHAIN=word_chain(ids is not None, group, block_n, block_k, num_warps) if int4 and words else 1,
-            PTX=x.is_cuda, num_warps=num_warps, **launch_options(x))
+            EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x), CHAIN=chain,
+            PTX=x.is_cuda, X_PAIRS=x_pairs, PAIRS_OUT=pairs_chain > 0, OUT_CHAIN=max(pairs_chain, 1),
+            num_warps=num_warps, **launch_options(x))
         return out
 
-    def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul):
+    def _gemv_out(x, qweight, ids, silu_mul, pairs_chain, out_dtype):
         rows = ids.numel() if ids is not None else x.shape[0]
-        return x.new_empty(rows, qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2])
+        N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
+        if pairs_chain:
+            return x.new_empty(rows, 5, N // 8, dtype=torch.int32)
+        return x.new_empty(rows, N, dtype=out_dtype or x.dtype)
+
+    def _gemv_fake(x, qweight, scale, zero, ids, rows_per_id, silu_mul, pairs_chain=0, x_chain=0, out_dtype=None):
+        return _gemv_out(x, qweight, ids, silu_mul, pairs_chain, out_dtype)
 
     @kernel_op("quant_gemv", _gemv_fake)
     def gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-             ids: Optional[torch.Tensor], rows_per_id: int, silu_mul: bool) -> torch.Tensor:
-        return gemv_launch(x.contiguous(), qweight, scale, zero, ids, rows_per_id, silu_mul)
+             ids: Optional[torch.Tensor], rows_per_id: int, silu_mul: bool, pairs_chain: int = 0, x_chain: int = 0,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return gemv_launch(x.contiguous(), qweight, scale, zero, ids, rows_per_id, silu_mul, pairs_chain=pairs_chain,
+                           x_chain=x_chain, out_dtype=out_dtype)
 
     def _routed_gate_up_fake(x, qweight, scale, zero, logits, bias, top_k, pairs_per_token, sigmoid, normalize,
-                             route_scale):
+                             route_scale, pairs_chain=0):
         ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
-        return x.new_empty(ids.numel(), qweight.shape[-2] // 2), ids, weights
+        return _gemv_out(x, qweight, ids, True, pairs_chain, None), ids, weights
 
     @kernel_op("quant_routed_gate_up", _routed_gate_up_fake)
     def routed_gate_up(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                        logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, pairs_per_token: int,
-                       sigmoid: bool, normalize: bool,
-                       route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       sigmoid: bool, normalize: bool, route_scale: float,
+                       pairs_chain: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expert gate/up gemv with silu_mul whose programs route (router.routed_expert): x [T, h],
         the int8 / int4 stack [E', 2I, h], the router's float32 logits [T, E] -> (silu(gate) * up
-        [T * pairs, I] in pair order, ids [T, pairs] (int64), weights [T, pairs] (float32)), as
-        router.route and then gemv(x, ..., ids, pairs, True) give them."""
+        [T * pairs, I] in pair order, or its x pairs for `pairs_chain` (gemv_launch), ids [T, pairs]
+        (int64), weights [T, pairs] (float32)), as router.route and then gemv(x, ..., ids, pairs, True)
+        give them."""
         ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
         routing = PairRouting(logits.contiguous(), bias, top_k, sigmoid, normalize, route_scale, weights)
-        act = gemv_launch(x.contiguous(), qweight, scale, zero, ids, pairs_per_token, True, routing=routing)
+        act = gemv_launch(x.contiguous(), qweight, scale, zero, ids, pairs_per_token, True, routing=routing,
+                          pairs_chain=pairs_chain)
         return act, ids, weights
 
     def _dequantize_fake(qweight, scale, zero, dtype):

@@ -187,6 +187,60 @@ def check_quant_gemv(device, dtype, tol):
           x[:, :K - 2].float() @ rtn.dequantize(q, s, None, torch.float32).T, tol, "int8 plain gemv, byte tiles")
 
 
+def _x_pairs_reference(act: torch.Tensor, chain: int) -> torch.Tensor:
+    """What quant_gemv's x pairs hold for activations `act` [rows, K]: per word of 8 columns c, the
+    float16 pairs (x0, x4) / (16 chain), (x1, x5) / (256 chain), (x2, x6) / (16 chain), (x3, x7) /
+    (256 chain) (low half first) and the float32 bits of ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 +
+    x7)), as planes: int32 [rows, 5, K / 8]."""
+    v = act.float().view(act.shape[0], -1, 8)
+    low, high = 1.0 / (16 * chain), 1.0 / (256 * chain)
+
+    def pair(first, second):
+        return (first.half().view(torch.int16).int() & 0xFFFF) | (second.half().view(torch.int16).int() << 16)
+
+    total = ((v[..., 0] + v[..., 1]) + (v[..., 2] + v[..., 3])) + ((v[..., 4] + v[..., 5]) + (v[..., 6] + v[..., 7]))
+    return torch.stack((pair(v[..., 0] * low, v[..., 4] * low), pair(v[..., 1] * high, v[..., 5] * high),
+                        pair(v[..., 2] * low, v[..., 6] * low), pair(v[..., 3] * high, v[..., 7] * high),
+                        total.view(torch.int32)), dim=1)
+
+
+def check_quant_gemv_pairs(device, dtype, tol):
+    """The int4 expert gate/up gemv writing its silu_mul output as the down gemv's x pairs (plain and
+    routing), one token's pairs at the default tiles: the pairs as a PyTorch reference makes them from
+    the activations the gemv writes otherwise, and the down from them equal to the down from those
+    activations, to the bit; at an intermediate size the down's 128-column tiles divide and one they do
+    not. Pairs for another chain than the down's tile sums are refused; a down of 256-column tiles
+    takes plain activations."""
+    g = torch.Generator().manual_seed(9)
+    E, k = 5, 3
+    assert quant_gemv.act_pairs_chain(256, 512, 32, 32, k) == 0  # the down in 256-column tiles
+    for N, K in ((64, 160), (384, 256)):  # (intermediate, hidden): the down's K tiles masked, then whole
+        x = torch.randn(1, K, generator=g).to(device, dtype)
+        ids = torch.tensor([4, 0, 2], device=device)
+        (q13, s13, z13, _), (q2, s2, z2, _) = expert_stacks(E, N, K, 4, 32, 32, device, dtype, g)
+        chain = quant_gemv.act_pairs_chain(K, N, 32, 32, k)
+        assert chain == 4, chain
+        act = quant_gemv.gemv(x, q13, s13, z13, ids, k, True)
+        pairs = quant_gemv.gemv(x, q13, s13, z13, ids, k, True, pairs_chain=chain)
+        assert pairs.shape == (k, 5, N // 8) and pairs.dtype == torch.int32
+        assert torch.equal(pairs.cpu(), _x_pairs_reference(act.cpu(), chain)), f"x pairs of {N} activations"
+        down = quant_gemv.gemv(pairs, q2, s2, z2, ids, 1, False, x_chain=chain, out_dtype=dtype)
+        assert down.dtype == dtype
+        assert torch.equal(down, quant_gemv.gemv(act, q2, s2, z2, ids, 1, False)), f"down from pairs, hidden {K}"
+        try:
+            quant_gemv.gemv(pairs, q2, s2, z2, ids, 1, False, x_chain=1, out_dtype=dtype)
+            raise AssertionError("pairs of another chain accepted")
+        except ValueError as error:
+            assert "chains of 1 words" in str(error), error
+    router = _router("softmax", "greedy", False, K, dtype, experts=E - 1, top_k=2)
+    logits = _logits(x, router.weight.to(device, dtype))
+    routing = (logits, None, 2, k, False, True, 1.0)
+    act, ids, weights = quant_gemv.routed_gate_up(x, q13, s13, z13, *routing)
+    pairs, pair_ids, pair_weights = quant_gemv.routed_gate_up(x, q13, s13, z13, *routing, chain)
+    assert torch.equal(pair_ids, ids) and torch.equal(pair_weights, weights)
+    assert torch.equal(pairs.cpu(), _x_pairs_reference(act.cpu(), chain)), "x pairs of routed activations"
+
+
 def check_dequantize(device, dtype, tol):
     g = torch.Generator().manual_seed(8)
     for bits, shape, group in ((8, (3, 40, 300), 300), (4, (3, 40, 320), 64), (4, (37, 96), 32)):
@@ -504,7 +558,8 @@ def _new_tokens_formulas(q_pe, c_kv, k_pe, cos, sin, norm, before, positions):
     return apply_rotary(q_pe, cos, sin, True), cache
 
 
-CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_dequantize,
+CHECKS = (check_gemv, check_moe_decode, check_quant_moe_decode, check_quant_gemv, check_quant_gemv_pairs,
+          check_dequantize,
           check_quant_grouped_gemm, check_route, check_routed_gate_up, check_add_norm_logits, check_mha_decode,
           check_mla_decode, check_moe_glue, check_norm_rope, check_mla_new_tokens)
 
