@@ -53,7 +53,7 @@ without graph breaks; inside torch.compile the kernels called there are custom
 ops (custom_ops.py).
 """
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -239,21 +239,48 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate_up)
 
 
+class MoEInput(NamedTuple):
+    """What add_norm_logits made for `moe` besides the norm: the router's float32 logits [N, E] and,
+    where the int4 experts' gate/up gemv reads the norm as x pairs (kernels/x_pairs.py), those pairs
+    and the chain they were made for (else None and 0)."""
+    logits: torch.Tensor
+    x_pairs: Optional[torch.Tensor] = None
+    chain: int = 0
+
+
 def add_norm_logits(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    router_weight: torch.Tensor, routing: Routing, training: bool):
-    """The MoE block's input: (x + delta, rms_norm of it, the router's float32 logits of the norm
-    [N, E], or None where `moe` computes them itself). One kernel (router.add_norm_logits) up to
+                    router_weight: torch.Tensor, routing: Routing, training: bool, gate_up=None,
+                    always_on: int = 0):
+    """The MoE block's input: (x + delta, rms_norm of it, a MoEInput for `moe`, or None where `moe`
+    computes the router's logits itself). One kernel (router.add_norm_logits) up to
     MAX_ROUTER_GEMV_TOKENS rows where the router kernels route; inside the decode step's compiled
-    regions it replaces two kernels (the sum with the norm, the logits' gemv) a MoE layer."""
+    regions it replaces two kernels (the sum with the norm, the logits' gemv) a MoE layer. Where the
+    experts' stack `gate_up` (with `always_on` shared experts) is int4 and takes the gemv, the same
+    kernel writes the norm as that gemv's x pairs too (router.add_norm_logits_pairs): the gemv then
+    loads them instead of making them from the norm in every program (on an H200, benchmarks/RESULTS.md
+    forty-seventh session, small's one-token gate/up 11.2 -> 10.4 us)."""
     h = x.shape[-1]
     if _routes_by_kernel(x, routing, training) and _decode_sized(x, MAX_ROUTER_GEMV_TOKENS) \
             and x.dtype == delta.dtype == norm_weight.dtype == router_weight.dtype \
             and x.stride(-1) == delta.stride(-1) == 1 and router_weight.is_contiguous():
-        total, normed, logits = router.add_norm_logits(x.reshape(-1, h), delta.reshape(-1, h), norm_weight, eps,
-                                                       router_weight)
-        return total.view(x.shape), normed.view(x.shape), logits
+        rows, deltas = x.reshape(-1, h), delta.reshape(-1, h)
+        chain = _gate_up_pairs_chain(rows, gate_up, rows.shape[0] * (routing.top_k + always_on))
+        if chain:
+            total, normed, logits, pairs = router.add_norm_logits_pairs(rows, deltas, norm_weight, eps, router_weight,
+                                                                        chain)
+        else:
+            (total, normed, logits), pairs = router.add_norm_logits(rows, deltas, norm_weight, eps, router_weight), None
+        return total.view(x.shape), normed.view(x.shape), MoEInput(logits, pairs, chain)
     total = x + delta
     return total, rms_norm(total, norm_weight, eps), None
+
+
+def _gate_up_pairs_chain(x: torch.Tensor, gate_up, pairs: int) -> int:
+    """The chain of the int4 expert gate/up gemv that `moe` runs on x's `pairs` (token, expert) pairs,
+    for which add_norm_logits writes x as that gemv's x pairs; 0 where `moe` takes another path."""
+    if not (isinstance(gate_up, QuantizedWeight) and gate_up.bits == 4 and _quant_expert_gemv_sized(x, gate_up)):
+        return 0
+    return quant_gemv.gate_up_pairs_chain(gate_up.shape[-1], gate_up.shape[-2] // 2, gate_up.group, pairs)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
@@ -267,9 +294,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], r
 
 
 def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], routing: Routing, always_on: int,
-        gate_up, down, training: bool, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        gate_up, down, training: bool, prepared: Optional[MoEInput] = None) -> torch.Tensor:
     """x [N, h] through the DeepSeekMoE experts: each token routed (`route`), then its (token, expert)
-    pairs through the stacks (`experts`); `logits`: the router's, where add_norm_logits made them.
+    pairs through the stacks (`experts`); `prepared`: the router's logits (and x's pairs) where
+    add_norm_logits made them.
     Where quantized experts take the gemv pair and the routing
     the route kernel, the gate/up gemv's programs each pick their pair's expert from the router's
     logits (router.routed_expert, the route kernel's own choice) and write the ids and weights the
@@ -277,12 +305,15 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tenso
     step (benchmarks/RESULTS.md, forty-second session): int8+head 1795 -> 1678 us, int4+head 1709 ->
     1677; in bf16 the gemv's four-warp programs paid more for the choice than the launch saved (2363
     -> 2396 us), so bf16 keeps the route kernel."""
+    logits = prepared.logits if prepared is not None else None
     if _quant_expert_gemv_sized(x, gate_up) and _routes_by_kernel(x, routing, training):
         top_k, sigmoid, normalize, scale = _kernel_routing(routing)
         logits = _router_logits(x, router_weight) if logits is None else logits
+        x_in, x_chain = (prepared.x_pairs, prepared.chain) if prepared is not None and prepared.chain else (x, 0)
         chain = _act_pairs_chain(gate_up, down, x.shape[0] * (top_k + always_on))
-        act, ids, weights = quant_gemv.routed_gate_up(x, gate_up.qweight, gate_up.scale, gate_up.zero, logits, bias,
-                                                      top_k, top_k + always_on, sigmoid, normalize, scale, chain)
+        act, ids, weights = quant_gemv.routed_gate_up(x_in, gate_up.qweight, gate_up.scale, gate_up.zero, logits, bias,
+                                                      top_k, top_k + always_on, sigmoid, normalize, scale, chain,
+                                                      x_chain, x.dtype)
         return _combine_pairs(_quant_gemv(act, down, ids.flatten(), 1, False, chain, x.dtype), weights)
     ids, weights = route(x, router_weight, bias, routing, always_on, training, logits)
     return experts(x, gate_up, down, ids, weights)

@@ -36,6 +36,7 @@ if triton is not None:
     from .custom_ops import await_earlier_kernels
     from .gemv import store_rows
     from .router import PairRouting, kernel_arguments, route_outputs, routed_expert
+    from .x_pairs import f16_pair, load_pairs, pairs_of, store_pairs
 
     @triton.jit
     def _int4_tile(q_base, s_base, z_base, rows, n_mask, byte_cols, b_mask, groups, g_mask, stride_qn, stride_sn,
@@ -89,20 +90,6 @@ if triton is not None:
     add.f32 $0, flo, fhi;
     }""")
 
-    # Two float32 to float16 in one register, for any GPU from sm_53 (cvt.rn.f16x2.f32 needs sm_80; for sm_90
-    # ptxas makes both the same single F2FP).
-    F16_PAIR_PTX: tl.constexpr = tl.constexpr(
-        "{ .reg .f16 lo, hi; cvt.rn.f16.f32 lo, $1; cvt.rn.f16.f32 hi, $2; mov.b32 $0, {lo, hi}; }")
-
-    @triton.jit
-    def _f16_pair(low, high, PTX: tl.constexpr):
-        """float32 low and high as one int32 holding two float16 (low in bits 0-15), rounded to nearest."""
-        if PTX:
-            return tl.inline_asm_elementwise(F16_PAIR_PTX, "=r,f,f", [low, high], dtype=tl.int32, is_pure=True,
-                                             pack=1)
-        low_bits = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return low_bits | (high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
     @triton.jit
     def _f16_halves(pair):
         """An int32 of two float16 as float32 (low, high)."""
@@ -112,8 +99,8 @@ if triton is not None:
     @triton.jit
     def _word_sums(words, xa, xb, xc, xd, sums, PTX: tl.constexpr):
         """`sums` (an int32 of two float16, one a half word) plus a word's products (q_i - 8) * x_i / (16 C)
-        over its nibbles (q_i at bits 4i, column 8c + i), from the float16 pairs of _x_pairs for chains of C
-        words: xa = (x0, x4) / (16 C), xb = (x1, x5) / (256 C), xc = (x2, x6) / (16 C), xd = (x3, x7) / (256
+        over its nibbles (q_i at bits 4i, column 8c + i), from the float16 pairs of x (x_pairs.py) for chains of
+        C words: xa = (x0, x4) / (16 C), xb = (x1, x5) / (256 C), xc = (x2, x6) / (16 C), xd = (x3, x7) / (256
         C). Nibbles 0 and 4 (bits 0-3 of each half word) OR-ed into 1024's mantissa are 1024 + q, less 1032:
         q - 8; nibbles 1 and 5 (bits 4-7) are 1024 + 16 q, less 1152: 16 (q - 8), hence xb's extra 1 / 16;
         the word shifted by 8 gives nibbles 2, 6 and 3, 7 the same way. A half's float16 sum takes 4
@@ -129,8 +116,8 @@ if triton is not None:
         c_low, c_high = _f16_halves(xc)
         d_low, d_high = _f16_halves(xd)
         low, high = _f16_halves(sums)
-        return _f16_pair(_half_word_sum(words, a_low, b_low, c_low, d_low, low),
-                         _half_word_sum(words >> 16, a_high, b_high, c_high, d_high, high), False)
+        return f16_pair(_half_word_sum(words, a_low, b_low, c_low, d_low, low),
+                        _half_word_sum(words >> 16, a_high, b_high, c_high, d_high, high), False)
 
     @triton.jit
     def _half_word_sum(bits, a, b, c, d, t):
@@ -153,68 +140,14 @@ if triton is not None:
     def _x_pairs(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, CHAIN: tl.constexpr, EVEN: tl.constexpr,
                  PTX: tl.constexpr):
         """x's columns k0 + [0, GROUPS * WPG * 8) as _word_sums' four float16 pair tensors [GROUPS, WPG]
-        (column 8c + i of x in word c's pairs; CHAIN words to a chain), and x's sum per word (float32)."""
+        (column 8c + i of x in word c's pairs; CHAIN words to a chain), and x's sum per word (float32):
+        x_pairs.pairs_of of the loaded columns."""
         ks = k0 + tl.arange(0, GROUPS * WPG * 8)
         if EVEN:
             xv = tl.load(x_row + ks).to(tl.float32)
         else:
             xv = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
-        return _pairs_of(tl.reshape(xv, (GROUPS, WPG, 2, 2, 2)), CHAIN, PTX)
-
-    @triton.jit
-    def _pairs_of(xv, CHAIN: tl.constexpr, PTX: tl.constexpr):
-        """x's columns as words of 8, [..., 2, 2, 2] (column 8c + i at [c, i // 4, i // 2 % 2, i % 2]) ->
-        _word_sums' four float16 pair tensors [...] and each word's sum (float32)."""
-        x_even, x_odd = tl.split(xv)  # by bit 0 of i, then bit 1, bit 2
-        x04, x26 = tl.split(x_even)
-        x15, x37 = tl.split(x_odd)
-        x0, x4 = tl.split(x04)
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
-        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        low: tl.constexpr = 1.0 / (16 * CHAIN)  # exact: CHAIN is a power of two
-        high: tl.constexpr = low / 16
-        xa = _f16_pair(x0 * low, x4 * low, PTX)
-        xb = _f16_pair(x1 * high, x5 * high, PTX)
-        xc = _f16_pair(x2 * low, x6 * low, PTX)
-        xd = _f16_pair(x3 * high, x7 * high, PTX)
-        return xa, xb, xc, xd, x_sum
-
-    @triton.jit
-    def _store_pairs(out_row, pid_n, N, values, BLOCK_N: tl.constexpr, CHAIN: tl.constexpr, PTX: tl.constexpr):
-        """Program pid_n's BLOCK_N (a multiple of 8) outputs `values` (float32, as the next gemv would load
-        them) written as that gemv's x pairs (_x_pairs_loaded's five planes of N / 8 words)."""
-        xa, xb, xc, xd, x_sum = _pairs_of(tl.reshape(values, (BLOCK_N // 8, 2, 2, 2)), CHAIN, PTX)
-        words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        KW = N // 8
-        inside = words < KW
-        tl.store(out_row + words, xa, mask=inside)
-        tl.store(out_row + KW + words, xb, mask=inside)
-        tl.store(out_row + 2 * KW + words, xc, mask=inside)
-        tl.store(out_row + 3 * KW + words, xd, mask=inside)
-        tl.store(out_row + 4 * KW + words, x_sum.to(tl.int32, bitcast=True), mask=inside)
-
-    @triton.jit
-    def _x_pairs_loaded(x_row, k0, K, GROUPS: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
-        """_x_pairs' four pair tensors and x sums for columns k0 + [0, GROUPS * WPG * 8), loaded from a row
-        that x_pairs wrote: five planes of K / 8 words (xa, xb, xc, xd, then the sums' float32 bits)."""
-        KW = K // 8
-        words = k0 // 8 + tl.arange(0, GROUPS)[:, None] * WPG + tl.arange(0, WPG)[None, :]
-        if EVEN:
-            xa = tl.load(x_row + words)
-            xb = tl.load(x_row + KW + words)
-            xc = tl.load(x_row + 2 * KW + words)
-            xd = tl.load(x_row + 3 * KW + words)
-            x_sum = tl.load(x_row + 4 * KW + words)
-        else:
-            inside = words < KW
-            xa = tl.load(x_row + words, mask=inside, other=0)
-            xb = tl.load(x_row + KW + words, mask=inside, other=0)
-            xc = tl.load(x_row + 2 * KW + words, mask=inside, other=0)
-            xd = tl.load(x_row + 3 * KW + words, mask=inside, other=0)
-            x_sum = tl.load(x_row + 4 * KW + words, mask=inside, other=0)
-        return xa, xb, xc, xd, x_sum.to(tl.float32, bitcast=True)
+        return pairs_of(tl.reshape(xv, (GROUPS, WPG, 2, 2, 2)), CHAIN, PTX)
 
     @triton.jit
     def _word_halves(t, SHAPE: tl.constexpr):
@@ -337,7 +270,7 @@ if triton is not None:
                            STAGES: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, CHAIN: tl.constexpr, PTX: tl.constexpr,
                            X_PAIRS: tl.constexpr, PAIRS_OUT: tl.constexpr, OUT_CHAIN: tl.constexpr,
-                           PDL: tl.constexpr):
+                           ACT_BF16: tl.constexpr, PDL: tl.constexpr):
         """Products are summed per tile position across the K loop and reduced once at the end (no
         cross-thread reduction per tile). WORDS: int4 or int8 read as int32 words (strides in words),
         with STAGES > 1 the word tiles of the next iterations loaded ahead (asynchronous copies). PTX:
@@ -373,7 +306,7 @@ if triton is not None:
             acc3_up = tl.zeros((BLOCK_N, GROUPS, WPG // CHAIN), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 if X_PAIRS:
-                    xa, xb, xc, xd, x_sum = _x_pairs_loaded(x_row, k0, K, GROUPS, WPG, EVEN)
+                    xa, xb, xc, xd, x_sum = load_pairs(x_row, k0, K, GROUPS, WPG, EVEN)
                 else:
                     xa, xb, xc, xd, x_sum = _x_pairs(x_row, k0, K, GROUPS, WPG, CHAIN, EVEN, PTX)
                 words_cols = k0 // 8 + tile_words
@@ -441,12 +374,12 @@ if triton is not None:
             acc *= tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        if PAIRS_OUT:  # silu(gate) * up rounded as store_rows rounds it, written as the down gemv's x pairs
-            act_type = x_ptr.dtype.element_ty
+        if PAIRS_OUT:  # silu(gate) * up rounded as store_rows rounds it (in the activations' dtype), as x pairs
+            act_type = tl.bfloat16 if ACT_BF16 else tl.float16
             gate = acc.to(act_type).to(tl.float32)
             up = acc_up.to(act_type).to(tl.float32)
             act = ((gate * tl.sigmoid(gate)).to(act_type).to(tl.float32) * up).to(act_type).to(tl.float32)
-            _store_pairs(out_ptr + a * stride_out, pid_n, N, act, BLOCK_N, OUT_CHAIN, PTX)
+            store_pairs(out_ptr + a * stride_out, pid_n * (BLOCK_N // 8), N // 8, act, BLOCK_N // 8, OUT_CHAIN, PTX)
         else:
             store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
 
@@ -561,6 +494,15 @@ if triton is not None:
         block_k = max(block_k, down_group)
         return word_chain(True, down_group, block_n, block_k, num_warps) if block_k < 256 else 0
 
+    def gate_up_pairs_chain(h: int, intermediate: int, group: int, pairs: int) -> int:
+        """The chain (word_chain) of the int4 expert gate/up gemv (silu_mul) over `pairs` (token, expert)
+        pairs at its default tiles, for which the kernel before it writes x as x pairs; 0 where the stack
+        is not in int4 words."""
+        if group % 8:
+            return 0
+        block_n, block_k, num_warps, _ = gemv_tiles(True, True, True, True, intermediate, h, pairs, group)
+        return word_chain(True, group, block_n, max(block_k, group), num_warps)
+
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None, stages=1, routing=None, pairs_chain=0, x_chain=0, out_dtype=None):
         """out [rows, N] in x's dtype (`out_dtype` where x is pairs); qweight [E, N', K or K/2] with ids,
@@ -568,8 +510,7 @@ if triton is not None:
         `routing` (a router.PairRouting) the kernel picks the experts and writes them into `ids` (empty,
         [T, rows_per_id]). `pairs_chain` > 0 (int4 words, silu_mul, BLOCK_N a multiple of 8): out is
         the x pairs of the silu_mul output for an int4 gemv whose tiles chain that many words (int32
-        [rows, 5, N / 8]: per word of 8 columns its four float16 pairs of _x_pairs, then its sum's
-        float32 bits, each a plane). x int32: such pairs, scaled for chains of `x_chain` words."""
+        [rows, 5, N / 8], x_pairs.py). x int32: such pairs, scaled for chains of `x_chain` words."""
         int4 = zero is not None
         N = qweight.shape[-2] // 2 if silu_mul else qweight.shape[-2]
         rows = ids.numel() if ids is not None else x.shape[0]
@@ -584,6 +525,8 @@ if triton is not None:
             block_k = max(block_k, group)  # whole groups per tile (both are powers of two)
         chain = word_chain(ids is not None, group, block_n, block_k, num_warps) if int4 and words else 1
         x_pairs = x.dtype == torch.int32
+        if x_pairs and out_dtype is None:
+            raise ValueError("a gemv of x pairs needs out_dtype, the activations' dtype")
         if x_pairs and not (int4 and words and chain == x_chain and tuple(x.shape[1:]) == (5, K // 8)):
             raise ValueError(f"x pairs [rows, 5, K / 8] scaled for chains of {x_chain} words need an int4 word "
                              f"gemv of {K} columns whose tile chains as many; got {tuple(x.shape)}, int4 "
@@ -601,7 +544,7 @@ if triton is not None:
             GROUP=group, HAS_IDS=ids is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN=N % block_n == 0 and K % block_k == 0, STAGES=stages, **kernel_arguments(routing, x), CHAIN=chain,
             PTX=x.is_cuda, X_PAIRS=x_pairs, PAIRS_OUT=pairs_chain > 0, OUT_CHAIN=max(pairs_chain, 1),
-            num_warps=num_warps, **launch_options(x))
+            ACT_BF16=(out_dtype or x.dtype) == torch.bfloat16, num_warps=num_warps, **launch_options(x))
         return out
 
     def _gemv_out(x, qweight, ids, silu_mul, pairs_chain, out_dtype):
@@ -622,24 +565,25 @@ if triton is not None:
                            x_chain=x_chain, out_dtype=out_dtype)
 
     def _routed_gate_up_fake(x, qweight, scale, zero, logits, bias, top_k, pairs_per_token, sigmoid, normalize,
-                             route_scale, pairs_chain=0):
+                             route_scale, pairs_chain=0, x_chain=0, out_dtype=None):
         ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
-        return _gemv_out(x, qweight, ids, True, pairs_chain, None), ids, weights
+        return _gemv_out(x, qweight, ids, True, pairs_chain, out_dtype), ids, weights
 
     @kernel_op("quant_routed_gate_up", _routed_gate_up_fake)
     def routed_gate_up(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                        logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, pairs_per_token: int,
-                       sigmoid: bool, normalize: bool, route_scale: float,
-                       pairs_chain: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       sigmoid: bool, normalize: bool, route_scale: float, pairs_chain: int = 0, x_chain: int = 0,
+                       out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expert gate/up gemv with silu_mul whose programs route (router.routed_expert): x [T, h],
         the int8 / int4 stack [E', 2I, h], the router's float32 logits [T, E] -> (silu(gate) * up
         [T * pairs, I] in pair order, or its x pairs for `pairs_chain` (gemv_launch), ids [T, pairs]
         (int64), weights [T, pairs] (float32)), as router.route and then gemv(x, ..., ids, pairs, True)
-        give them."""
+        give them. x may be x pairs, scaled for chains of `x_chain` words (`out_dtype`: the activations'
+        dtype)."""
         ids, weights = route_outputs(x.shape[0], pairs_per_token, x.device)
         routing = PairRouting(logits.contiguous(), bias, top_k, sigmoid, normalize, route_scale, weights)
         act = gemv_launch(x.contiguous(), qweight, scale, zero, ids, pairs_per_token, True, routing=routing,
-                          pairs_chain=pairs_chain)
+                          pairs_chain=pairs_chain, x_chain=x_chain, out_dtype=out_dtype)
         return act, ids, weights
 
     def _dequantize_fake(qweight, scale, zero, dtype):

@@ -31,6 +31,7 @@ NORM_LOGITS_EXPERTS, NORM_LOGITS_WARPS = 2, 4
 if triton is not None:
     from .custom_ops import await_earlier_kernels
     from .norm_rope import rms_normed
+    from .x_pairs import empty_pairs, pairs_row, store_pairs
 
     @triton.jit
     def routed_expert(logits_ptr, bias_ptr, ids_ptr, weights_ptr, pair, pairs_per_token, n_experts, scale, store,
@@ -95,10 +96,12 @@ if triton is not None:
                       route_scale, True, TOP_K, SIGMOID, HAS_BIAS, NORMALIZE, BLOCK_E)
 
     @triton.jit
-    def _add_norm_logits_kernel(x_ptr, delta_ptr, norm_w_ptr, router_w_ptr, sum_ptr, normed_ptr, logits_ptr, width,
-                                n_experts, stride_x, stride_delta, eps, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    def _add_norm_logits_kernel(x_ptr, delta_ptr, norm_w_ptr, router_w_ptr, sum_ptr, normed_ptr, logits_ptr, pairs_ptr,
+                                width, n_experts, stride_x, stride_delta, eps, BLOCK: tl.constexpr,
+                                BLOCK_E: tl.constexpr, PAIRS_CHAIN: tl.constexpr, PTX: tl.constexpr,
                                 PDL: tl.constexpr):
-        """Program (row, j): the row's sum and norm (stored by j == 0) and its logits for experts
+        """Program (row, j): the row's sum and norm (stored by j == 0; with PAIRS_CHAIN the norm also as
+        x pairs for an int4 gemv of chains of that many words) and its logits for experts
         [j * BLOCK_E, +BLOCK_E). Every load is issued before the norm's reduction."""
         await_earlier_kernels(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -118,6 +121,9 @@ if triton is not None:
         if tl.program_id(1) == 0:
             tl.store(sum_ptr + row * width + offs, total, mask=valid)
             tl.store(normed_ptr + row * width + offs, normed, mask=valid)
+            if PAIRS_CHAIN > 0:
+                store_pairs(pairs_row(pairs_ptr, row, width // 8), 0, width // 8, normed.to(tl.float32), BLOCK // 8,
+                            PAIRS_CHAIN, PTX)
 
     def _add_norm_logits_fake(x, delta, norm_weight, eps, router_weight):
         return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], router_weight.shape[0],
@@ -129,16 +135,32 @@ if triton is not None:
         """x, delta [T, h] (rows of h contiguous), RMSNorm weight [h], router weight [E, h] (contiguous,
         all in one dtype) -> (x + delta, rms_norm(x + delta) (norm_rope.rms_norm's rounding), its
         float32 logits [T, E])."""
+        return _add_norm_logits_launch(x, delta, norm_weight, eps, router_weight, 0)[:3]
+
+    def _add_norm_logits_pairs_fake(x, delta, norm_weight, eps, router_weight, pairs_chain):
+        return (*_add_norm_logits_fake(x, delta, norm_weight, eps, router_weight),
+                empty_pairs(x.shape[0], x.shape[1], x.device))
+
+    @kernel_op("add_norm_logits_pairs", _add_norm_logits_pairs_fake)
+    def add_norm_logits_pairs(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                              router_weight: torch.Tensor,
+                              pairs_chain: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """add_norm_logits, and the norm also as x pairs (x_pairs.py, int32 [T, 5, h / 8]) for an int4
+        gemv whose tiles chain `pairs_chain` words (h a multiple of 8)."""
+        return _add_norm_logits_launch(x, delta, norm_weight, eps, router_weight, pairs_chain)
+
+    def _add_norm_logits_launch(x, delta, norm_weight, eps, router_weight, pairs_chain):
         T, h = x.shape
         E = router_weight.shape[0]
         total, normed = x.new_empty(T, h), x.new_empty(T, h)  # contiguous, as the kernel stores them
         logits = x.new_empty(T, E, dtype=torch.float32)
+        pairs = empty_pairs(T, h, x.device) if pairs_chain else logits
         if T:
             _add_norm_logits_kernel[(T, triton.cdiv(E, NORM_LOGITS_EXPERTS))](
-                x, delta, norm_weight, router_weight, total, normed, logits, h, E, x.stride(0), delta.stride(0), eps,
-                BLOCK=triton.next_power_of_2(h), BLOCK_E=NORM_LOGITS_EXPERTS, num_warps=NORM_LOGITS_WARPS,
-                **launch_options(x))
-        return total, normed, logits
+                x, delta, norm_weight, router_weight, total, normed, logits, pairs, h, E, x.stride(0), delta.stride(0),
+                eps, BLOCK=triton.next_power_of_2(h), BLOCK_E=NORM_LOGITS_EXPERTS, PAIRS_CHAIN=pairs_chain,
+                PTX=x.is_cuda, num_warps=NORM_LOGITS_WARPS, **launch_options(x))
+        return total, normed, logits, pairs
 
     def route_outputs(tokens: int, pairs_per_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty expert ids [tokens, pairs_per_token] (int64) and weights (float32)."""

@@ -66,9 +66,10 @@ class DecoderLayer(nn.Module):
         delta, norm = self.self_attn.o_proj(context), self.post_attention_layernorm
         if isinstance(self.mlp, MoE):  # the sum, its norm and the router's logits: one kernel where dispatch has it
             gate = self.mlp.gate
-            x, normed, logits = dispatch.add_norm_logits(x, delta, norm.weight, norm.eps, gate.weight, gate.routing,
-                                                         self.training)
-            return x + self.mlp(normed, logits)
+            x, normed, prepared = dispatch.add_norm_logits(x, delta, norm.weight, norm.eps, gate.weight, gate.routing,
+                                                           self.training, self.mlp.experts.gate_up_proj,
+                                                           self.mlp.num_shared)
+            return x + self.mlp(normed, prepared)
         x = x + delta
         return x + self.mlp(norm(x))
 

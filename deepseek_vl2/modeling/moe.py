@@ -98,13 +98,13 @@ class MoE(nn.Module):
                 "experts.down_proj", (shared,), permute=(1, 0, 2), shape=(h, S * I))
         return keys
 
-    def forward(self, x, logits=None):
+    def forward(self, x, prepared=None):
         """x [..., h] -> the sum over each token's experts of weight * expert(x), in x's dtype;
-        `logits`: the router's [N, E] float32 logits of x where dispatch.add_norm_logits made them."""
+        `prepared`: what dispatch.add_norm_logits made for the experts besides x (the router's logits)."""
         if self.training and self.gate.routing.method == "noaux_tc":
             raise RuntimeError("topk_method 'noaux_tc' is inference-only (as in the reference)")
         shape = x.shape
         out = dispatch.moe(x.reshape(-1, shape[-1]), self.gate.weight, self.gate.correction_bias, self.gate.routing,
                            self.num_shared, self.experts.gate_up_proj, self.experts.down_proj, self.training,
-                           logits)
+                           prepared)
         return out.view(shape)

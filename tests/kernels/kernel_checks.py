@@ -205,8 +205,8 @@ def _x_pairs_reference(act: torch.Tensor, chain: int) -> torch.Tensor:
 
 
 def check_quant_gemv_pairs(device, dtype, tol):
-    """The int4 expert gate/up gemv writing its silu_mul output as the down gemv's x pairs (plain and
-    routing), one token's pairs at the default tiles: the pairs as a PyTorch reference makes them from
+    """The int4 expert gate/up gemv reading its x as x pairs, and writing its silu_mul output as the down
+    gemv's x pairs (plain and routing), one token's pairs at the default tiles: the pairs as a PyTorch reference makes them from
     the activations the gemv writes otherwise, and the down from them equal to the down from those
     activations, to the bit; at an intermediate size the down's 128-column tiles divide and one they do
     not. Pairs for another chain than the down's tile sums are refused; a down of 256-column tiles
@@ -221,6 +221,9 @@ def check_quant_gemv_pairs(device, dtype, tol):
         chain = quant_gemv.act_pairs_chain(K, N, 32, 32, k)
         assert chain == 4, chain
         act = quant_gemv.gemv(x, q13, s13, z13, ids, k, True)
+        x_chain = quant_gemv.gate_up_pairs_chain(K, N, 32, k)
+        x_pairs = _x_pairs_reference(x.cpu(), x_chain).to(device)  # the gate/up reading its x as pairs
+        assert torch.equal(quant_gemv.gemv(x_pairs, q13, s13, z13, ids, k, True, x_chain=x_chain, out_dtype=dtype), act)
         pairs = quant_gemv.gemv(x, q13, s13, z13, ids, k, True, pairs_chain=chain)
         assert pairs.shape == (k, 5, N // 8) and pairs.dtype == torch.int32
         assert torch.equal(pairs.cpu(), _x_pairs_reference(act.cpu(), chain)), f"x pairs of {N} activations"
@@ -358,9 +361,10 @@ def check_routed_gate_up(device, dtype, tol):
 def check_add_norm_logits(device, dtype, tol):
     """router.add_norm_logits: the residual sum exactly as the activations' add, the norm exactly as
     norm_rope.rms_norm gives it, and the logits against the float32 product of that norm, for a hidden
-    size that is not a power of two (x a strided view) and expert counts that 8 does not divide."""
+    size that is not a power of two (x a strided view) and expert counts that 8 does not divide;
+    add_norm_logits_pairs the same, and the norm as x pairs (hidden sizes of whole words of 8)."""
     g = torch.Generator().manual_seed(7)
-    for tokens, hidden, experts in ((1, 2100, 70), (3, 64, 16)):
+    for tokens, hidden, experts in ((1, 2100, 70), (3, 64, 16), (1, 1160, 20)):
         norm = RMSNorm(hidden, eps=1e-6)
         torch.nn.init.normal_(norm.weight, 1.0, 0.2, generator=g)
         x = torch.randn(tokens, hidden + 8, generator=g).to(device, dtype)[:, 8:]
@@ -374,6 +378,11 @@ def check_add_norm_logits(device, dtype, tol):
             close(normed.cpu(), norm.to(dtype)(want_total), tol, "norm against the formula")
         assert logits.dtype == torch.float32 and logits.shape == (tokens, experts)
         close(logits.cpu(), normed.cpu().float() @ weight.cpu().float().T, 1e-4, "logits")
+        if hidden % 8 == 0:  # the norm also as x pairs for an int4 gemv of chains of 4 words
+            *rest, pairs = router_kernel.add_norm_logits_pairs(x, delta, norm.weight.to(device, dtype), 1e-6, weight, 4)
+            for got, want in zip(rest, (total, normed, logits)):
+                assert torch.equal(got, want)
+            assert torch.equal(pairs.cpu(), _x_pairs_reference(normed.cpu(), 4)), "the norm's x pairs"
 
 
 def _router(scoring, method, bias, hidden, dtype, experts=16, top_k=3):

@@ -386,7 +386,47 @@ def test_cuda_compiled_add_norm_logits_is_one_kernel():
         assert moe_input(x.expand(many, 1, h), delta.expand(many, 1, h))[2] is None
     code = "\n".join(codes)
     assert "deepseek_vl2.add_norm_logits.default" in code and "@triton.jit" not in code, code
-    for got, want in zip(compiled, eager):
+    for got, want in zip((*compiled[:2], compiled[2].logits), (*eager[:2], eager[2].logits)):
         assert torch.equal(got, want)
+    assert compiled[2].x_pairs is None and eager[2].x_pairs is None  # no int4 experts given
     assert torch.equal(eager[0], x + delta)
-    torch.testing.assert_close(eager[2], eager[1][0].float() @ router_weight.float().T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eager[2].logits, eager[1][0].float() @ router_weight.float().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int4_experts_read_their_input_as_x_pairs_from_add_norm_logits():
+    """With int4 experts on the gemv, add_norm_logits also writes the norm as the gate/up gemv's x
+    pairs, and `moe` given them gives what it gives from the norm itself, to the bit, eager and
+    inside torch.compile (one add_norm_logits_pairs kernel there)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from deepseek_vl2.kernels.custom_ops import register_kernel_ops
+
+    g = torch.Generator().manual_seed(8)
+    h, inter, shared = 256, 128, 1
+    gate_up = quantized((GREEDY.num_experts + shared, 2 * inter, h), "int4", "cuda", torch.bfloat16)
+    down = quantized((GREEDY.num_experts + shared, h, inter), "int4", "cuda", torch.bfloat16, seed=9)
+    x, delta = (torch.randn(1, 1, h, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    norm_weight = torch.rand(h, generator=g).to("cuda", torch.bfloat16)
+    router_weight = (torch.randn(GREEDY.num_experts, h, generator=g) * 0.05).to("cuda", torch.bfloat16)
+
+    def moe_layer(x, delta):
+        total, normed, prepared = dispatch.add_norm_logits(x, delta, norm_weight, 1e-6, router_weight, GREEDY, False,
+                                                           gate_up, shared)
+        out = dispatch.moe(normed.view(-1, h), router_weight, None, GREEDY, shared, gate_up, down, False, prepared)
+        return total, out, prepared
+
+    register_kernel_ops()
+    with torch.inference_mode():
+        total, out, prepared = moe_layer(x, delta)
+        assert prepared.chain == 4 and prepared.x_pairs.shape == (1, 5, h // 8)
+        normed = dispatch.add_norm_logits(x, delta, norm_weight, 1e-6, router_weight, GREEDY, False)[1]
+        plain = dispatch.moe(normed.view(-1, h), router_weight, None, GREEDY, shared, gate_up, down, False,
+                             dispatch.MoEInput(prepared.logits))
+        assert torch.equal(out, plain)
+        torch._dynamo.reset()
+        compiled, codes = run_and_get_code(torch.compile(moe_layer, fullgraph=True, dynamic=False), x, delta)
+        torch._dynamo.reset()
+    assert "deepseek_vl2.add_norm_logits_pairs.default" in "\n".join(codes)
+    assert torch.equal(compiled[0], total) and torch.equal(compiled[1], out)
