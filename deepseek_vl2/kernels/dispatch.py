@@ -19,13 +19,16 @@ which backend applies.
     add_norm_logits  where the route kernels route, up to                 x + delta, rms_norm; the
                      MAX_ROUTER_GEMV_TOKENS rows (compiled regions too):  logits made by `route`
                      the MoE input's sum, norm and router logits in one
-                     kernel
+                     kernel, which for int4 experts on the gemv also
+                     writes the norm as their x pairs (x_pairs.py)
     experts          gemv pair for <= MAX_GEMV_TOKENS bf16/fp16 rows      sort by expert + grouped GEMM,
                      on CUDA, moe_decode's expert_gemm pair up to         combine_sorted kernel on CUDA;
                      MOE_DECODE_ROWS, combine_pairs after either          quantized: on the stacks
                      (inside torch.compile the formula, which fuses);     dequantized one at a time
                      quantized experts: the quant_gemv pair for
-                     <= QUANT_EXPERT_GEMV_ROWS rows, moe_decode's
+                     <= QUANT_EXPERT_GEMV_ROWS rows (int4: the down
+                     from x pairs the gate/up wrote, where the down's
+                     tiles are 128 columns), moe_decode's
                      quant_expert_gemm pair up to QUANT_EXPERT_SCAN_ROWS,
                      else (bf16/fp16 CUDA) quant_grouped_gemm,
                      dequantizing tile by tile, or from

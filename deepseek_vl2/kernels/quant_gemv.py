@@ -20,6 +20,10 @@
   dequantize  the full weight in the activation dtype, one pass (what a dense projection's prefill
               multiplies with cuBLAS, and the experts' where quant_grouped_gemm cannot run).
 
+An int4 word gemv also takes x as x pairs (x_pairs.py) that the kernel before it wrote (the words'
+float16 pairs and sums, which it would otherwise make from x in every program), and the experts'
+gate/up can write its output so for the down (`act_pairs_chain`).
+
 Both are torch custom ops inside compiled regions (`custom_ops.kernel_op`). When they run is decided
 in dispatch.py; tile sizes can be tuned with benchmarks/quant_gemv_configs.py.
 """

@@ -13,7 +13,8 @@ with weight 1.
                  the router's input and its logits at decode rows: the residual sum x + delta, its
                  RMSNorm and the norm times the router's weight (float32), in one kernel where
                  torch.compile made two (the sum and norm; the logits' gemv), the custom op
-                 deepseek_vl2::add_norm_logits.
+                 deepseek_vl2::add_norm_logits; add_norm_logits_pairs also writes the norm as
+                 x pairs for the int4 experts' gate/up gemv (x_pairs.py).
 
 dispatch.route and dispatch.moe decide where each runs and compute the logits.
 """
