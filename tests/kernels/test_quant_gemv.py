@@ -3,8 +3,8 @@ writing the down's x pairs; dequantization) against einsum products with the PyT
 weights."""
 from kernel_checks import kernel_tests
 
-test_quant_gemv_in_triton_interpreter, test_quant_gemv_on_cuda = kernel_tests(
-    "check_quant_gemv", "check_quant_gemv_pairs", "check_dequantize")
+test_quant_gemv_in_triton_interpreter, test_quant_gemv_on_cuda = kernel_tests("check_quant_gemv", "check_dequantize")
+test_x_pairs_in_triton_interpreter, test_x_pairs_on_cuda = kernel_tests("check_quant_gemv_pairs")
 
 
 def test_gemv_refuses_x_pairs_it_cannot_read_or_write():
