@@ -33,15 +33,21 @@ if triton is not None:
     @triton.jit
     def store_rows(out_row, offs_n, n_mask, acc, acc_up, SILU_MUL: tl.constexpr):
         """Store a program's float32 sums in the output dtype; with SILU_MUL silu(gate) * up of the
-        gate and up sums, rounded where the reference's bf16 ops round: gate, up, silu(gate), product."""
+        gate and up sums (silu_mul_rounded)."""
         out_type = out_row.dtype.element_ty
         if SILU_MUL:
-            gate = acc.to(out_type).to(tl.float32)
-            up = acc_up.to(out_type).to(tl.float32)
-            result = (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
+            result = silu_mul_rounded(acc, acc_up, out_type)
         else:
             result = acc
         tl.store(out_row + offs_n, result.to(out_type), mask=n_mask)
+
+    @triton.jit
+    def silu_mul_rounded(gate_sums, up_sums, out_type: tl.constexpr):
+        """silu(gate) * up (float32) of float32 gate and up sums, rounded to `out_type` where the
+        reference's ops in that dtype round: gate, up, silu(gate) (the product is the caller's to round)."""
+        gate = gate_sums.to(out_type).to(tl.float32)
+        up = up_sums.to(out_type).to(tl.float32)
+        return (gate * tl.sigmoid(gate)).to(out_type).to(tl.float32) * up
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, rows_per_id, stride_x, stride_we, stride_wn, stride_out,

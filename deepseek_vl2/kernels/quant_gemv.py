@@ -38,7 +38,7 @@ FLIP_EVEN, FLIP_ODD = MAGIC | 0x80, MAGIC | 0x8000  # _byte's: 2^23 and the sign
 
 if triton is not None:
     from .custom_ops import await_earlier_kernels
-    from .gemv import store_rows
+    from .gemv import silu_mul_rounded, store_rows
     from .router import PairRouting, kernel_arguments, route_outputs, routed_expert
     from .x_pairs import f16_pair, load_pairs, pairs_of, store_pairs
 
@@ -379,10 +379,10 @@ if triton is not None:
             if SILU_MUL:
                 acc_up *= tl.load(s_base + (offs_n + N) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         if PAIRS_OUT:  # silu(gate) * up rounded as store_rows rounds it (in the activations' dtype), as x pairs
-            act_type = tl.bfloat16 if ACT_BF16 else tl.float16
-            gate = acc.to(act_type).to(tl.float32)
-            up = acc_up.to(act_type).to(tl.float32)
-            act = ((gate * tl.sigmoid(gate)).to(act_type).to(tl.float32) * up).to(act_type).to(tl.float32)
+            if ACT_BF16:
+                act = silu_mul_rounded(acc, acc_up, tl.bfloat16).to(tl.bfloat16).to(tl.float32)
+            else:
+                act = silu_mul_rounded(acc, acc_up, tl.float16).to(tl.float16).to(tl.float32)
             store_pairs(out_ptr + a * stride_out, pid_n * (BLOCK_N // 8), N // 8, act, BLOCK_N // 8, OUT_CHAIN, PTX)
         else:
             store_rows(out_ptr + a * stride_out, offs_n, n_mask, acc, acc_up, SILU_MUL)
