@@ -491,21 +491,23 @@ if triton is not None:
         7.05 us and its decode step's gemvs 788 -> 773 us, the same output to the bit. Base's 256-column
         tiles exchange the pairs through shared memory: its down 8.43 -> 8.39 us, its step's gemvs 9 us
         slower with the pairs."""
-        if gate_up_group % 8 or down_group % 8 or gemv_tiles(True, True, True, True, intermediate, h, pairs,
-                                                             gate_up_group)[0] % 8:
+        if gate_up_group % 8 or down_group % 8 or expert_word_tile(True, intermediate, h, pairs, gate_up_group)[0] % 8:
             return 0
-        block_n, block_k, num_warps, _ = gemv_tiles(True, True, True, False, h, intermediate, pairs, down_group)
-        block_k = max(block_k, down_group)
-        return word_chain(True, down_group, block_n, block_k, num_warps) if block_k < 256 else 0
+        _, block_k, _, chain = expert_word_tile(False, h, intermediate, pairs, down_group)
+        return chain if block_k < 256 else 0
 
     def gate_up_pairs_chain(h: int, intermediate: int, group: int, pairs: int) -> int:
         """The chain (word_chain) of the int4 expert gate/up gemv (silu_mul) over `pairs` (token, expert)
         pairs at its default tiles, for which the kernel before it writes x as x pairs; 0 where the stack
         is not in int4 words."""
-        if group % 8:
-            return 0
-        block_n, block_k, num_warps, _ = gemv_tiles(True, True, True, True, intermediate, h, pairs, group)
-        return word_chain(True, group, block_n, max(block_k, group), num_warps)
+        return 0 if group % 8 else expert_word_tile(True, intermediate, h, pairs, group)[3]
+
+    def expert_word_tile(silu_mul: bool, N: int, K: int, pairs: int, group: int) -> tuple:
+        """The int4 word expert gemv's default tile over `pairs` (token, expert) pairs of N outputs and K
+        columns, as gemv_launch runs it: (BLOCK_N, BLOCK_K in whole groups, warps, word_chain)."""
+        block_n, block_k, num_warps, _ = gemv_tiles(True, True, True, silu_mul, N, K, pairs, group)
+        block_k = max(block_k, group)
+        return block_n, block_k, num_warps, word_chain(True, group, block_n, block_k, num_warps)
 
     def gemv_launch(x, qweight, scale, zero, ids, rows_per_id, silu_mul, block_n=None, block_k=None,
                     num_warps=None, stages=1, routing=None, pairs_chain=0, x_chain=0, out_dtype=None):
