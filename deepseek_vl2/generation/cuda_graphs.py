@@ -43,6 +43,7 @@ import torch
 
 from ..kernels import custom_ops
 from ..modeling.kv_cache import KVCache
+from . import inductor_choices
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,15 @@ def _greedy_advance(logits, state):
 def compile_options() -> dict:
     """torch.compile's arguments for the decode pieces: whole graphs at fixed shapes, inductor's kernels
     launched as ours are (custom_ops.compiled_kernel_options; inductor applies dependent launches on
-    compute capability 9.0 and later only)."""
-    return dict(fullgraph=True, dynamic=False, options=custom_ops.compiled_kernel_options())
+    compute capability 9.0 and later only), its heuristics named as `_compiled_copies` applies them
+    (inductor_choices.config_options)."""
+    return dict(fullgraph=True, dynamic=False,
+                options={**custom_ops.compiled_kernel_options(), **inductor_choices.config_options()})
 
 
 def _compiled_copies(functions):
-    """torch.compile'd private copies of `functions` and their code objects.
+    """torch.compile'd private copies of `functions` and their code objects, compiled under
+    inductor_choices.decode_heuristics (norms of a hidden row up to 4096 wide in one pass).
 
     Dynamo keeps compiled entries (guards, graphs) on the function's code object. Shared functions
     would collect entries for every model, batch size and layer kind the process ever used, up to
@@ -81,8 +85,9 @@ def _compiled_copies(functions):
     its own few entries (one per layer kind, within dynamo's default limit), which `_forget` drops."""
     custom_ops.register_kernel_ops()
     codes = tuple(fn.__code__.replace() for fn in functions)
-    copies = tuple(torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **compile_options())
-                   for fn, code in zip(functions, codes))
+    copies = tuple(inductor_choices.with_decode_heuristics(
+        torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__), **compile_options()))
+        for fn, code in zip(functions, codes))
     return copies, codes
 
 
