@@ -81,12 +81,11 @@ def config_options() -> dict:
 def decode_heuristics():
     """A context manager under which inductor generates kernels with DecodeChoices' heuristics (a
     no-op where this torch lacks the interface)."""
-    choices = _choices_class()
-    if choices is None:
+    if _choices_class() is None:
         return contextlib.nullcontext()
     from torch._inductor.virtualized import V
 
-    return V.set_choices_handler(choices())
+    return V.set_choices_handler(decode_choices())
 
 
 def with_decode_heuristics(compiled):

@@ -37,10 +37,16 @@ class _InnerRow:
         return None
 
 
-def test_the_heuristics_apply_inside_the_context_only():
-    choices_class = inductor_choices._choices_class()
-    if choices_class is None:
+@pytest.fixture
+def choices_class():
+    """inductor_choices' InductorChoices subclass (the test skipped where this torch has none)."""
+    found = inductor_choices._choices_class()
+    if found is None:
         pytest.skip("this torch has no InductorChoices override")
+    return found
+
+
+def test_the_heuristics_apply_inside_the_context_only(choices_class):
     from torch._inductor.virtualized import V
 
     before = type(V.choices)
@@ -51,9 +57,8 @@ def test_the_heuristics_apply_inside_the_context_only():
     assert not issubclass(before, choices_class)
 
 
-def test_compile_options_name_the_heuristics():
-    choices_class = inductor_choices._choices_class()
-    if choices_class is None or not inductor_choices.config_options():
+def test_compile_options_name_the_heuristics(choices_class):
+    if not inductor_choices.config_options():
         pytest.skip("this torch has no InductorChoices override in its config")
     factory = inductor_choices.config_options()["inductor_choices_class"]
     assert isinstance(factory(), choices_class)
@@ -62,10 +67,7 @@ def test_compile_options_name_the_heuristics():
     assert cuda_graphs.compile_options()["options"]["inductor_choices_class"] is factory
 
 
-def test_wrapped_function_runs_under_the_heuristics():
-    choices_class = inductor_choices._choices_class()
-    if choices_class is None:
-        pytest.skip("this torch has no InductorChoices override")
+def test_wrapped_function_runs_under_the_heuristics(choices_class):
     from torch._inductor.virtualized import V
 
     seen = []
