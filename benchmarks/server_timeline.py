@@ -31,7 +31,8 @@ def _stats(values) -> dict:
 def thread_cpu_seconds(task_dir: str = "/proc/self/task") -> dict:
     """CPU seconds (user + system) that each thread of this process has used so far, by name, threads
     of one name summed: a Python thread by its name (threading), another (torch's pools, the CUDA
-    driver's) by its kernel name; {} where the kernel does not list threads so (not Linux)."""
+    driver's) by its kernel name; {} where the kernel does not list threads so (not Linux). Threads that
+    have ended are no longer listed (the server's are long-lived: engine, prefill, loop, workers)."""
     try:
         native_ids = os.listdir(task_dir)
     except OSError:
