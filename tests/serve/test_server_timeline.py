@@ -1,5 +1,6 @@
-"""benchmarks/server_timeline.py's CPU time per thread: a thread that computes shows the seconds it
-used under its own name, one that sleeps none, and the span starts over at each summary."""
+"""benchmarks/server_timeline.py's figures per thread: a thread that computes shows the CPU seconds it
+used under its own name, one that sleeps none, and the span starts over at each summary; run delays
+stay within the span; the watch thread names the thread that held the interpreter lock."""
 import sys
 import threading
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from server_timeline import ServerTimeline, thread_cpu_seconds  # noqa: E402
+from server_timeline import ServerTimeline, thread_cpu_seconds, thread_run_delay_seconds  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc/self/task")
 
@@ -41,3 +42,37 @@ def test_each_thread_shows_the_cpu_seconds_it_used_in_the_span():
     assert "idle-thread" not in first and "idle-thread" not in second  # no CPU used: left out
     assert now["busy-thread"] >= first["busy-thread"] + second["busy-thread"] - 0.05
     assert list(first) == sorted(first, key=first.get, reverse=True)  # the busiest first
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="a kernel without schedstat")
+def test_run_delay_is_reported_per_thread_and_never_exceeds_the_span():
+    timeline = ServerTimeline()
+    time.sleep(0.2)
+    delays = timeline.summary()["thread_run_delay"]
+    assert all(0 < seconds <= 0.3 for seconds in delays.values()), delays  # a thread waits at most the span
+    assert "MainThread" in thread_run_delay_seconds()
+
+
+def test_the_watch_thread_names_what_held_the_interpreter_lock():
+    stop = threading.Event()
+
+    def hold_the_lock():
+        while not stop.is_set():
+            sum(range(400_000))  # one C call: the lock stays with this thread for milliseconds
+            time.sleep(0.004)
+
+    timeline = ServerTimeline()
+    holder = threading.Thread(target=hold_the_lock, name="lock-holder")
+    holder.start()
+    threading.Thread(target=timeline._watch_thread, name="timeline-watch", daemon=True).start()
+    try:
+        time.sleep(1.0)
+        summary = timeline.summary()
+    finally:
+        stop.set()
+        holder.join()
+    assert summary["long_thread_lags"] >= 20, summary["thread_lag"]
+    assert summary["thread_lag"]["max_ms"] >= 2.0
+    holder_frames = sum(n for where, n in summary["frames_at_long_lags"].items()
+                        if where.startswith("lock-holder: ") and "hold_the_lock" in where)
+    assert holder_frames >= summary["long_thread_lags"] * 0.8, summary["frames_at_long_lags"]
