@@ -49,27 +49,39 @@ NEW_TOKENS = 128
 
 # ---- the server process -------------------------------------------------------------------------
 
-def build_chat_engine(variant: str, quantization: str = "none"):
-    """A ChatEngine on a random-weight model of the release's shapes (its decoder quantized with
-    `quantization` int8 / int4), with the offline processor."""
-    import tempfile
-
+def build_bench_model(variant: str, quantization: str, processor):
+    """A random-weight model of the release's shapes (its decoder quantized with `quantization` int8 /
+    int4) that answers `processor`'s tokenizer with whole-text ids only."""
     import torch
 
     from bench import build_model
-    from deepseek_vl2.engine import ChatEngine
-    from deepseek_vl2.models import DeepseekVLV2Processor
-    from deepseek_vl2.offline_checkpoint import make_offline_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        processor = DeepseekVLV2Processor.from_pretrained(str(make_offline_checkpoint(Path(tmp) / "ckpt")))
     model = build_model(variant, quantization=quantization)
     with torch.no_grad():  # only ids with whole text of their own can win: full-length answers, a chunk per token
         head = model.language.lm_head.weight
         head[len(processor.tokenizer):] = 0
         head[processor.eos_id] = 0
         head[byte_fragment_ids(processor.tokenizer)] = 0
-    return ChatEngine(model, processor)
+    return model
+
+
+def build_chat_engine(variant: str, quantization: str = "none"):
+    """A ChatEngine on the benchmark model, with the offline processor."""
+    from bench import offline_processor
+    from deepseek_vl2.engine import ChatEngine
+
+    processor = offline_processor()
+    return ChatEngine(build_bench_model(variant, quantization, processor), processor)
+
+
+def build_continuous_engine(variant: str, quantization: str, slots: int, prefill):
+    """The engine process's `build` (serve --engine-process): the benchmark model's continuous engine."""
+    from bench import offline_processor
+    from deepseek_vl2.engine.continuous import ContinuousEngine
+
+    processor = offline_processor()
+    return ContinuousEngine(build_bench_model(variant, quantization, processor), processor, max_num_seqs=slots,
+                            prefill=prefill)
 
 
 def byte_fragment_ids(tokenizer) -> list:
@@ -90,7 +102,7 @@ def prefill_settings(args):
 
 
 def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline: bool = False,
-          quantization: str = "none") -> None:
+          quantization: str = "none", engine_process: bool = False) -> None:
     import uvicorn
 
     from deepseek_vl2.serve.app import create_app
@@ -102,7 +114,16 @@ def serve(variant: str, port: int, scheduler: str, slots: int, prefill, timeline
 
         timeline = ServerTimeline()
         timeline.install()
-    chat = build_chat_engine(variant, quantization)
+    if engine_process:  # the engine builds its model in a process of its own; this one prepares and streams
+        import functools
+
+        from bench import offline_processor
+        from deepseek_vl2.serve.engine_process import EngineProcess
+
+        chat = EngineProcess(functools.partial(build_continuous_engine, variant, quantization, slots, prefill),
+                             offline_processor())
+    else:
+        chat = build_chat_engine(variant, quantization)
     settings = ServerSettings(model_id=variant, scheduler=scheduler, max_batch_size=slots, max_num_seqs=slots,
                               prefill=prefill,
                               max_concurrent_requests=4 * slots, request_timeout_s=1800)
@@ -293,6 +314,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             value = getattr(args, flag)
             command += ["--" + flag.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
     command += ["--timeline"] if args.timeline else []
+    command += ["--engine-process"] if args.engine_process else []
     command += ["--gc-off"] if args.gc_off else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
@@ -584,6 +606,9 @@ def main():
     parser.add_argument("--quant-gemv-rows", type=int, nargs=2, metavar=("EXPERTS", "PROJECTIONS"),
                         help="dispatch's QUANT_EXPERT_GEMV_ROWS (both widths) and QUANT_LINEAR_GEMV_ROWS: token "
                              "rows up to which a quantized model's decode reads those weights by gemv")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="the server runs its continuous engine in a process of its own (--engine-process); "
+                             "--piecewise-rows, --whole-prefill-queue and --quant-gemv-rows then do not reach it")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)
@@ -599,7 +624,7 @@ def main():
         sys.path.insert(0, str(REPO / "benchmarks"))
         with engine_rule(args):
             serve(args.serve, args.port, args.scheduler, args.slots, prefill_settings(args), args.timeline,
-                  args.quantization)
+                  args.quantization, args.engine_process)
         return
     if args.in_process:
         sys.path.insert(0, str(REPO / "benchmarks"))

@@ -139,6 +139,7 @@ class ContinuousEngine:
         self.next_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)  # each slot's next input
         self._condition = threading.Condition()
         self._closing = False
+        self.after_step: Optional[Callable[[], None]] = None  # called on the loop's thread after each iteration
         if here:
             self.prefill = Prefill(self, prefill, prompt_graphs)
             self.startup_summary += (f"; {prompt_graphs.capture_all()}" if prompt_graphs is not None
@@ -161,8 +162,14 @@ class ContinuousEngine:
         """Queue a request: `sample` from `prepare_one` (or a 1-D tensor of token ids for a bare
         decoder). Its events go to `on_event(kind, value)`, called on the engine's thread, or to
         `handle.events`."""
-        handle = Handle(sample, params, on_event)
-        handle.inputs = self.host_inputs(sample)
+        return self.submit_inputs(self.host_inputs(sample), len(sample), params, on_event)
+
+    def submit_inputs(self, inputs, prompt_tokens: int, params: GenerationParams,
+                      on_event: Optional[Callable[[str, object], None]] = None) -> Handle:
+        """`submit` for host tensors made elsewhere (`host_inputs`' batch of one, or token ids [1, T]),
+        `prompt_tokens` long: what the engine process of the server receives."""
+        handle = Handle(prompt_tokens, params, on_event)
+        handle.inputs = inputs
         with self._condition:
             if self._closing:
                 raise RuntimeError("the engine is shutting down")
@@ -231,6 +238,8 @@ class ContinuousEngine:
             except Exception as error:  # keep serving: the requests in flight fail, later ones go on
                 logger.exception("engine step failed")
                 self._fail_all(error, waiting=False)
+            if self.after_step is not None:
+                self.after_step()
 
     # ---- one iteration (the engine's thread) ----------------------------------------------------
 

@@ -27,9 +27,10 @@ _ids = itertools.count()
 class Handle:
     """What `ContinuousEngine.submit` returns: cancel it, read its events, or wait for its result."""
 
-    def __init__(self, sample, params: GenerationParams, on_event: Optional[Callable[[str, object], None]] = None):
+    def __init__(self, prompt_tokens: int, params: GenerationParams,
+                 on_event: Optional[Callable[[str, object], None]] = None):
         self.id = next(_ids)
-        self.prompt_tokens = len(sample)
+        self.prompt_tokens = prompt_tokens
         self.inputs = None  # the engine's host tensors for the request, until it is admitted
         self.params = params
         self.events: queue.Queue = queue.Queue()

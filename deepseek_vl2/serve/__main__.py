@@ -1,5 +1,6 @@
 """`python -m deepseek_vl2.serve --model_path ...`: load the model and serve the OpenAI-style API."""
 import argparse
+import functools
 import logging
 import os
 import threading
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "between the decode steps")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
+    batching.add_argument("--engine-process", action="store_true",
+                          help="run the continuous engine in a process of its own, so that HTTP and request "
+                               "preparation never hold the interpreter lock its decode steps wait for; this "
+                               "process then loads only the processor")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULTS.max_image_pixels,
                    help="width x height of one image")
@@ -74,6 +79,22 @@ def prefill_sms(text: str):
         return parse_prefill_sms(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def engine_process(args, settings: ServerSettings):
+    """The continuous engine in its own process (`--engine-process`): the model loads there, the
+    processor here."""
+    from ..processing import DeepseekVLV2Processor
+    from .engine_process import EngineProcess, checkpoint_engine
+
+    if settings.scheduler == "static":
+        raise SystemExit("error: --engine-process serves with the continuous engine, not --scheduler static")
+    build = functools.partial(checkpoint_engine, args.model_path, args.device, args.dtype, args.quantization,
+                              settings.max_num_seqs, settings.prefill)
+    try:
+        return EngineProcess(build, DeepseekVLV2Processor.from_pretrained(args.model_path))
+    except RuntimeError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def model_id(model_path: str) -> str:
@@ -106,7 +127,7 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
-    engine = ChatEngine.from_args(args.model_path, args)
+    engine = engine_process(args, settings) if args.engine_process else ChatEngine.from_args(args.model_path, args)
     fatal = threading.Event()
     try:
         app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import ChatResult, PromptTooLongError
+from .engine_process import EngineProcess
 from .errors import APIError
 from .media import MediaLoader
 from .prompt import ControlTokens, build_conversation
@@ -46,14 +47,22 @@ RETRY_AFTER_S = 1  # the Retry-After of a 429
 
 def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[str], None]] = None) -> FastAPI:
     """The app for `engine` (a ChatEngine, or anything with its tokenizer, model, prepare_one and
-    chat_batch). `on_fatal(reason)` is called once, from the scheduler thread, after an unrecoverable
-    device error."""
+    chat_batch; or an EngineProcess, which is then the scheduler). `on_fatal(reason)` is called once,
+    from the scheduler thread, after an unrecoverable device error (or from the event loop when an
+    engine process has ended)."""
     state = ServerState()
     guarded = DeviceGuard(engine, state, on_fatal)
     limit = context_length(engine)
-    scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit, scheduler=settings.scheduler,
-                                 max_num_seqs=settings.max_num_seqs, prefill=settings.prefill,
-                                 batch_engine=guarded, on_error=guarded.check)
+    if isinstance(engine, EngineProcess):  # the continuous engine, in its own process already
+        if settings.scheduler == "static":
+            raise ValueError("an engine process serves with the continuous engine, not static batching")
+        scheduler = engine
+        scheduler.on_error = guarded.check
+        scheduler.on_ended = lambda reason: state.fail(reason, on_fatal)
+    else:
+        scheduler = create_scheduler(engine, settings.max_batch_size, context_length=limit,
+                                     scheduler=settings.scheduler, max_num_seqs=settings.max_num_seqs,
+                                     prefill=settings.prefill, batch_engine=guarded, on_error=guarded.check)
     media = MediaLoader(settings.allowed_local_media_path, settings.allow_remote_media, settings.max_image_pixels,
                         settings.max_request_bytes)
     control_tokens = ControlTokens(engine.tokenizer)
@@ -176,6 +185,8 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
 
 def context_length(engine) -> int:
     """The model's context in tokens (prompt and answer together)."""
+    if isinstance(engine, EngineProcess):
+        return engine.context_length
     return engine.model.config.language_config.max_position_embeddings
 
 
@@ -185,6 +196,13 @@ class ServerState:
     def __init__(self):
         self.in_flight = 0
         self.fatal_reason: Optional[str] = None
+
+    def fail(self, reason: str, on_fatal: Optional[Callable[[str], None]]) -> None:
+        """The server cannot answer any more (its engine's process ended): /health says why."""
+        if self.fatal_reason is None:
+            self.fatal_reason = reason
+            if on_fatal is not None:
+                on_fatal(reason)
 
     def acquire(self, limit: int) -> "Slot":
         """A place for one request (the event loop is single-threaded: no lock needed), or a 429."""

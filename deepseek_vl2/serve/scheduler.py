@@ -285,6 +285,18 @@ def threads_beside_event_loop(threads: int) -> int:
     return cores - 1 if threads >= cores > 1 else threads
 
 
+def continuous_stats(engine: ContinuousEngine) -> SchedulerStats:
+    """/health's counters of a continuous engine (read in the engine's own process)."""
+    counts, steps = engine.stats, engine.steps
+    return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
+                          max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
+                          decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
+                          prompt_graphs=engine.prefill.prompt_graphs, tower_graphs=engine.prefill.tower_graphs,
+                          compilations_after_start=compilations() - counts.compilations_at_start,
+                          slots_in_use=len(engine.slots.used), whole_prefills=counts.whole_prefills,
+                          tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
+
+
 class ContinuousScheduler:
     def __init__(self, engine, max_num_seqs: int = 8, prefill: Optional[PrefillSettings] = None,
                  on_error: Optional[Callable[[BaseException], None]] = None):
@@ -303,16 +315,7 @@ class ContinuousScheduler:
 
     @property
     def stats(self) -> SchedulerStats:
-        counts = self.engine.stats
-        steps = self.engine.steps
-        return SchedulerStats(batches=counts.decode_steps, requests=counts.finished, failed_batches=counts.failed,
-                              max_batch_size_seen=counts.max_running, generated_tokens=counts.generated_tokens,
-                              decode_graphs=len(steps.graphs), steps_without_graph=steps.eager_steps,
-                              prompt_graphs=self.engine.prefill.prompt_graphs,
-                              tower_graphs=self.engine.prefill.tower_graphs,
-                              compilations_after_start=compilations() - counts.compilations_at_start,
-                              slots_in_use=len(self.engine.slots.used), whole_prefills=counts.whole_prefills,
-                              tower_pieces=counts.tower_pieces, layer_pieces=counts.layer_pieces)
+        return continuous_stats(self.engine)
 
     def start(self) -> None:
         if self.engine.device.type == "cpu":

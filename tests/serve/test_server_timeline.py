@@ -28,17 +28,19 @@ def test_each_thread_shows_the_cpu_seconds_it_used_in_the_span():
     idle.start()
     try:
         time.sleep(0.4)
+        started = time.perf_counter()  # the second span at most (a summary's reads may wait for the busy thread)
         first = timeline.summary()["thread_cpu"]
         time.sleep(0.4)
         second = timeline.summary()["thread_cpu"]
+        second_span = time.perf_counter() - started
         now = thread_cpu_seconds()
     finally:
         stop.set()
         busy.join()
         idle.join()
     # the computing thread holds the interpreter most of each span (the main thread only sleeps)
-    assert 0.1 <= first["busy-thread"] <= 0.6, first
-    assert 0.1 <= second["busy-thread"] <= 0.6, second  # this span only, not the total
+    assert first["busy-thread"] >= 0.1, first
+    assert 0.1 <= second["busy-thread"] <= second_span + 0.05, (second, second_span)  # this span only, not the total
     assert "idle-thread" not in first and "idle-thread" not in second  # no CPU used: left out
     assert now["busy-thread"] >= first["busy-thread"] + second["busy-thread"] - 0.05
     assert list(first) == sorted(first, key=first.get, reverse=True)  # the busiest first
