@@ -32,6 +32,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from ..engine.continuous import ContinuousEngine
 from ..engine.prefill import PrefillSettings
 from ..processing.batching import BatchCollateOutput
 from .errors import APIError
-from .scheduler import Job, SchedulerStats, continuous_stats
+from .scheduler import Job, SchedulerStats, continuous_stats, threads_beside_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -306,11 +307,14 @@ def checkpoint_engine(model_path: str, device: Optional[str], dtype: Optional[st
 
 
 def _engine_main(build: Callable[[], ContinuousEngine], requests, control, events) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes this process
     try:
         engine = build()
     except BaseException as error:
         events.send(("failed", f"{type(error).__name__}: {error}"))
         return
+    if engine.device.type == "cpu":  # a core stays with the server's event loop, as in one process
+        torch.set_num_threads(threads_beside_event_loop(torch.get_num_threads()))
     outbox = _Outbox(events, engine)
     engine.after_step = outbox.flush
     events.send(("ready", EngineInfo(engine.startup_summary, engine.slots.max_num_seqs, engine.slots.capacity,

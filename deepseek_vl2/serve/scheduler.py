@@ -25,7 +25,8 @@ Both keep the same protocol: each job's events travel from the model's thread to
 the job's asyncio queue: ("text", piece), then ("done", ChatResult) or ("error", exception). They
 cross through the loop's `EventRelay`: one wake-up of the loop for a burst (every row's text of one
 decode step) instead of one per event. `Job.cancel` drops a waiting job or ends its row at the next
-step; `stats`, `alive` and `waiting` feed /health.
+step; `stats`, `alive` and `waiting` feed /health. `engine_process.EngineProcess` keeps the same
+protocol for a continuous engine in a process of its own (`--engine-process`).
 """
 import asyncio
 import logging
