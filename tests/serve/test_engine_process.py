@@ -181,3 +181,50 @@ def test_the_command_line_refuses_static_batching_with_an_engine_process(tmp_pat
                              "--scheduler", "static"], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode != 0 and "--engine-process serves with the continuous engine" in result.stderr
+
+
+def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
+    """EngineProcess as the app uses it, on one event loop: a job answers as the engine does; a job
+    cancelled before it is submitted ends "cancelled" (its cancel may reach the other process first);
+    /health's counters come from there; closing fails nothing that ended and stops the process."""
+    import asyncio
+    import functools
+
+    from deepseek_vl2.engine import PrefillSettings
+    from deepseek_vl2.serve.engine_process import EngineProcess, checkpoint_engine
+    from deepseek_vl2.serve.scheduler import Job
+
+    checkpoint = str(tiny_checkpoint(tmp_path_factory))
+    build = functools.partial(checkpoint_engine, checkpoint, "cpu", "float32", None, 2, PrefillSettings())
+    remote = EngineProcess(build, engine.processor)
+    text, color, settings = REQUESTS[1]
+    want = direct(engine, text, color, **settings)
+    conversation = [{"role": "<|User|>", "content": "<image>\n" + text}, {"role": "<|Assistant|>", "content": ""}]
+
+    async def run():
+        remote.start()
+        loop = asyncio.get_running_loop()
+        sample = remote.prepare_one(conversation, [Image.new("RGB", (64, 48), color)])
+        answered = Job(sample, GenerationParams(**settings), loop, streams=True)
+        early = Job(remote.prepare_one(conversation, [Image.new("RGB", (64, 48), color)]),
+                    GenerationParams(max_new_tokens=500, temperature=0), loop, streams=False)
+        early.cancel()
+        await asyncio.to_thread(remote.submit, early)
+        await asyncio.to_thread(remote.submit, answered)
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(await asyncio.wait_for(answered.events.get(), 60))
+        kind, result = await asyncio.wait_for(early.events.get(), 60)
+        return events, kind, result
+
+    try:
+        events, kind, cancelled = asyncio.run(run())
+        assert remote.alive
+        stats = remote.stats
+    finally:
+        remote.close()
+    assert events[-1][0] == "done" and events[-1][1].text == want.text and events[-1][1].token_ids == want.token_ids
+    assert "".join(value for kind_, value in events if kind_ == "text") == want.text
+    assert kind == "done" and cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 500
+    assert stats.requests == 2 and stats.slots_in_use == 0
+    assert not remote.alive and remote.process.exitcode == 0
