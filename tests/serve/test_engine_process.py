@@ -228,3 +228,15 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
     assert kind == "done" and cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 500
     assert stats.requests == 2 and stats.slots_in_use == 0
     assert not remote.alive and remote.process.exitcode == 0
+
+
+def test_an_engine_that_cannot_be_built_is_a_clear_start_up_error(tmp_path, engine):
+    import functools
+
+    from deepseek_vl2.engine import PrefillSettings
+    from deepseek_vl2.serve.engine_process import EngineProcess, checkpoint_engine
+
+    missing = tmp_path / "no_checkpoint_here"
+    build = functools.partial(checkpoint_engine, str(missing), "cpu", "float32", None, 2, PrefillSettings())
+    with pytest.raises(RuntimeError, match="the engine process could not build its engine: .*no_checkpoint_here"):
+        EngineProcess(build, engine.processor)
