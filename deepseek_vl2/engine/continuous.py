@@ -183,8 +183,7 @@ class ContinuousEngine:
         if isinstance(sample, torch.Tensor):
             inputs = sample.reshape(1, -1)
             return inputs.pin_memory() if self.device.type == "cuda" else inputs
-        batch = self.processor.batchify([sample])
-        batch.images = batch.images.to(self.dtype)
+        batch = batch_of_one(self.processor, sample, self.dtype)
         if self.device.type == "cuda":
             for name in ("input_ids", "images"):
                 setattr(batch, name, getattr(batch, name).pin_memory())
@@ -454,6 +453,13 @@ class ContinuousEngine:
                 self._waiting.clear()
             for handle in handles:
                 self._fail(handle, error)
+
+
+def batch_of_one(processor, sample, dtype: torch.dtype):
+    """The processor's batch of `sample` alone, its images in `dtype`: what the engine copies to its device."""
+    batch = processor.batchify([sample])
+    batch.images = batch.images.to(dtype)
+    return batch
 
 
 class _NoText:

@@ -198,7 +198,8 @@ class ServerState:
         self.fatal_reason: Optional[str] = None
 
     def fail(self, reason: str, on_fatal: Optional[Callable[[str], None]]) -> None:
-        """The server cannot answer any more (its engine's process ended): /health says why."""
+        """The server cannot answer any more (a device error, its engine's process ended): /health
+        says why from now on, and `on_fatal(reason)` is called, once."""
         if self.fatal_reason is None:
             self.fatal_reason = reason
             if on_fatal is not None:
@@ -267,10 +268,9 @@ class DeviceGuard:
         """Called with each failure (of a batch, or of a continuous engine's request): the first
         unrecoverable device error marks the server unhealthy and calls `on_fatal`."""
         if is_fatal_device_error(error) and self.state.fatal_reason is None:
-            self.state.fatal_reason = f"unrecoverable device error: {type(error).__name__}: {error}"
-            logger.critical("%s; the server must be restarted", self.state.fatal_reason)
-            if self.on_fatal is not None:
-                self.on_fatal(self.state.fatal_reason)
+            reason = f"unrecoverable device error: {type(error).__name__}: {error}"
+            logger.critical("%s; the server must be restarted", reason)
+            self.state.fail(reason, self.on_fatal)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

@@ -41,7 +41,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..engine.chat_engine import prepare_sample
-from ..engine.continuous import ContinuousEngine
+from ..engine.continuous import ContinuousEngine, batch_of_one
 from ..engine.prefill import PrefillSettings
 from ..processing.batching import BatchCollateOutput
 from .errors import APIError
@@ -144,9 +144,7 @@ class EngineProcess:
         if self._closing or not self.alive:
             raise APIError(503, "the engine process is not running; the server must be restarted",
                            code="server_unhealthy")
-        batch = self.processor.batchify([job.sample])
-        batch.images = batch.images.to(self.info.dtype)
-        header, payloads = wire_header(batch)
+        header, payloads = wire_header(batch_of_one(self.processor, job.sample, self.info.dtype))
         with self._requests_lock:
             key, self._next_key = self._next_key, self._next_key + 1
             self._jobs[key] = job
