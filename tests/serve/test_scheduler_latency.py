@@ -51,6 +51,11 @@ def test_short_request_is_not_held_up_by_a_long_one():
     threads = torch.get_num_threads()
     scheduler.start()
     assert torch.get_num_threads() == threads_beside_event_loop(threads)
+    seen = []  # a thread started later (a request's preparation) takes the setting when it runs torch
+    worker = threading.Thread(target=lambda: seen.append((torch.ones(4096).sum().item(), torch.get_num_threads())))
+    worker.start()
+    worker.join()
+    assert seen == [(4096.0, threads_beside_event_loop(threads))]
     try:
         def conversation(text):
             return [{"role": "<|User|>", "content": text}, {"role": "<|Assistant|>", "content": ""}]
