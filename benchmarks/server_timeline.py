@@ -4,7 +4,11 @@ Installed in the server process before the app is built, it records for every jo
   emitted    when the engine's thread hands a text piece to the job (Job.emit, engine side)
   delivered  when the event loop takes that piece off the job's queue to send it (app.next_event)
 and, from a task on the event loop, how late a 1 ms sleep wakes up (the loop's lag: a loop busy
-with other work, or waiting for the GIL, sends no chunk meanwhile).
+with other work, or waiting for the GIL, sends no chunk meanwhile). With the engine in a process of
+its own, "emitted" is when the event loop takes the piece from the engine's pipe, and each piece
+also has the time the engine's thread sent it (EngineProcess.events_sent_at):
+  engine gaps  between a job's consecutive pieces as the engine's thread sent them
+  pipe delay   sent -> emitted: the pipe and the loop's wait to read it
 
 `GET /bench/timeline` returns the summary since the previous call and starts over: the gaps between a
 job's consecutive pieces on each side (p50 / p99 / max ms), emitted -> delivered (the delivery delay)
@@ -101,6 +105,7 @@ class ServerTimeline:
     def __init__(self):
         self.lock = threading.Lock()
         self.emitted, self.delivered, self.lags, self.thread_lags = {}, {}, [], []
+        self.sent = {}  # job -> [(sent by the engine's process, taken here)], time.monotonic()
         self.frames_at_long_lags, self.frames_at_random = collections.Counter(), collections.Counter()
         self.monitor = None
         self.keys = itertools.count()
@@ -118,8 +123,11 @@ class ServerTimeline:
 
         def timed_emit(job, kind, value):
             if kind == "text":
+                sent = getattr(getattr(job.handle, "engine", None), "events_sent_at", None)  # an engine process's
                 with timeline.lock:
                     timeline.emitted.setdefault(timeline.key(job), []).append(time.perf_counter())
+                    if sent is not None:
+                        timeline.sent.setdefault(timeline.key(job), []).append((sent, time.monotonic()))
             emit(job, kind, value)
 
         async def timed_next_event(job, *args, **kwargs):
@@ -169,6 +177,7 @@ class ServerTimeline:
     def summary(self) -> dict:
         with self.lock:
             emitted, self.emitted = self.emitted, {}
+            sent, self.sent = self.sent, {}
         delivered, self.delivered = self.delivered, {}
         lags, self.lags = self.lags, []
         thread_lags, self.thread_lags = self.thread_lags, []
@@ -179,7 +188,12 @@ class ServerTimeline:
         self.cpu, self.delay = cpu, delay
         gaps = lambda times: [b - a for a, b in zip(times, times[1:])]  # noqa: E731
         delays = [d - e for job, times in delivered.items() for e, d in zip(emitted.get(job, []), times)]
-        return dict(emitted_gaps=_stats([g for times in emitted.values() for g in gaps(times)]),
+        engine_process = {}
+        if sent:
+            engine_process = dict(
+                engine_gaps=_stats([g for pairs in sent.values() for g in gaps([at for at, _ in pairs])]),
+                pipe_delay=_stats([taken - at for pairs in sent.values() for at, taken in pairs]))
+        return dict(**engine_process, emitted_gaps=_stats([g for times in emitted.values() for g in gaps(times)]),
                     delivered_gaps=_stats([g for times in delivered.values() for g in gaps(times)]),
                     delivery_delay=_stats(delays), loop_lag=_stats(lags), thread_lag=_stats(thread_lags),
                     long_thread_lags=sum(lag > LONG_LAG_S for lag in thread_lags),

@@ -20,9 +20,10 @@ Three pipes. Requests (server -> engine): (key, prompt_tokens, params, header), 
 each tensor of the request's batch of one (made here; the engine's process reads them straight into
 pinned memory, the interpreter lock free while it does). Control (server -> engine): ("cancel", key),
 ("close",). Events (engine -> server): ("ready", EngineInfo) or ("failed", reason) once; then
-("events", [(key, kind, value), ...], stats): the Job protocol's events (text, done, error), written by
-the engine's thread once per iteration (no other thread of that process sends them), with the engine's
-counters when a request ended or STATS_EVERY_S passed. The event loop reads them (`add_reader`: no
+("events", [(key, kind, value), ...], stats, sent_at): the Job protocol's events (text, done, error),
+written by the engine's thread once per iteration (no other thread of that process sends them), with
+the engine's counters when a request ended or STATS_EVERY_S passed, and the time it sent them
+(time.monotonic(): on Linux one clock for both processes). The event loop reads them (`add_reader`: no
 thread of the server waits on the pipe). If the engine's process ends, every request in flight fails,
 /health says so and `on_ended` is called (the command line exits, so that a supervisor restarts it).
 """
@@ -99,6 +100,7 @@ class EngineProcess:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closing = self._ended = False
         self._torch_threads: Optional[int] = None  # this process's intra-op threads before start
+        self.events_sent_at: Optional[float] = None  # when the events being handed out left the engine's thread
 
     def _wait_until_ready(self, timeout_s: float) -> EngineInfo:
         deadline = time.monotonic() + timeout_s
@@ -194,7 +196,7 @@ class EngineProcess:
     def _read_events(self) -> None:
         try:
             while self._events.poll():
-                _, events, stats = self._events.recv()
+                _, events, stats, self.events_sent_at = self._events.recv()
                 if stats is not None:
                     self._stats, self._waiting = stats
                 for key, kind, value in events:
@@ -403,7 +405,7 @@ class _Outbox:
             if not events and stats is None:
                 return
             try:
-                self.connection.send(("events", events, stats))
+                self.connection.send(("events", events, stats, now))
             except (OSError, ValueError):  # the server has gone; the main thread ends at its pipe's end
                 pass
 

@@ -222,6 +222,7 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
 
     try:
         events, kind, cancelled = asyncio.run(run())
+        assert remote.events_sent_at <= time.monotonic()  # the engine's thread stamps what it sends
         assert remote.alive
         stats = remote.stats
     finally:

@@ -1,6 +1,7 @@
 """benchmarks/server_timeline.py's figures per thread: a thread that computes shows the CPU seconds it
 used under its own name, one that sleeps none, and the span starts over at each summary; run delays
-stay within the span; the watch thread names the thread that held the interpreter lock."""
+stay within the span; the watch thread names the thread that held the interpreter lock; an engine
+process's pieces show when its thread sent them."""
 import sys
 import threading
 import time
@@ -78,3 +79,27 @@ def test_the_watch_thread_names_what_held_the_interpreter_lock():
     holder_frames = sum(n for where, n in summary["frames_at_long_lags"].items()
                         if where.startswith("lock-holder: ") and "hold_the_lock" in where)
     assert holder_frames >= summary["long_thread_lags"] * 0.8, summary["frames_at_long_lags"]
+
+
+def test_pieces_from_an_engine_process_show_when_its_thread_sent_them_and_how_late_they_arrived(monkeypatch):
+    from types import SimpleNamespace
+
+    from deepseek_vl2.serve import app as app_module, scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module.Job, "emit", lambda job, kind, value: None)  # install() wraps these two;
+    monkeypatch.setattr(app_module, "next_event", app_module.next_event)  # monkeypatch puts them back after
+    timeline = ServerTimeline()
+    timeline.install()
+    engine = SimpleNamespace(events_sent_at=None)  # an EngineProcess as the timeline reads it
+    remote, local = scheduler_module.Job(None, None, None), scheduler_module.Job(None, None, None)
+    remote.handle = SimpleNamespace(engine=engine)  # local: an engine in this process (no handle.engine)
+    start = time.monotonic()
+    for sent in (start - 0.010, start - 0.008, start - 0.004):  # sent 2 ms, then 4 ms apart, all before now
+        engine.events_sent_at = sent
+        scheduler_module.Job.emit(remote, "text", "x")
+        scheduler_module.Job.emit(local, "text", "y")
+    summary = timeline.summary()
+    assert summary["engine_gaps"]["count"] == 2 and summary["engine_gaps"]["max_ms"] == pytest.approx(4.0)
+    assert summary["pipe_delay"]["count"] == 3 and summary["pipe_delay"]["max_ms"] >= 10.0
+    assert summary["emitted_gaps"]["count"] == 4  # both jobs' pieces, as taken here
+    assert "engine_gaps" not in timeline.summary()  # the span starts over: nothing sent since
