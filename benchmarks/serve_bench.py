@@ -7,9 +7,8 @@ For each scheduler a server process is started (`--serve`: random bf16 weights a
 shapes built on the GPU, as bench.py builds them, the decoder's quantized with --quantization int8 /
 int4, and the offline tokenizer; LM-head rows of ids the tokenizer lacks, of EOS, and of ids whose
 text alone is an incomplete UTF-8 sequence are zeroed, so every answer runs its full length and
-every token streams as a chunk of its own; the continuous engine in a process of its own, as the
-server runs it on a GPU, unless --no-engine-process) and driven over HTTP with streamed requests, each
-a 1024x1024 image, a question and max_tokens=128, greedy:
+every token streams as a chunk of its own) and driven over HTTP with streamed requests, each a
+1024x1024 image, a question and max_tokens=128, greedy:
 
   closed loop   N clients (1, 8, 32, 64), each sending its next request when its answer is in
   open loop     Poisson arrivals at fractions of the server's own 32-client closed-loop request rate
@@ -315,7 +314,7 @@ def run_scheduler(args, scheduler: str, port: int, body: bytes) -> dict:
             value = getattr(args, flag)
             command += ["--" + flag.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
     command += ["--timeline"] if args.timeline else []
-    command += ["--engine-process" if args.engine_process and scheduler == "continuous" else "--no-engine-process"]
+    command += ["--engine-process"] if args.engine_process else []
     command += ["--gc-off"] if args.gc_off else []
     server = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
     try:
@@ -607,10 +606,9 @@ def main():
     parser.add_argument("--quant-gemv-rows", type=int, nargs=2, metavar=("EXPERTS", "PROJECTIONS"),
                         help="dispatch's QUANT_EXPERT_GEMV_ROWS (both widths) and QUANT_LINEAR_GEMV_ROWS: token "
                              "rows up to which a quantized model's decode reads those weights by gemv")
-    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                        help="the server runs its continuous engine in a process of its own (default, as the "
-                             "server on a GPU; --piecewise-rows, --whole-prefill-queue and --quant-gemv-rows then do "
-                             "not reach it); --no-engine-process: in the server's process")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="the server runs its continuous engine in a process of its own (--engine-process); "
+                             "--piecewise-rows, --whole-prefill-queue and --quant-gemv-rows then do not reach it")
     parser.add_argument("--timeline", action="store_true",
                         help="the server also times each streamed piece inside (server_timeline.py)")
     parser.add_argument("--serve", choices=["tiny", "small", "base"], help=argparse.SUPPRESS)

@@ -7,11 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ..engine import ChatEngine, PrefillSettings, add_engine_arguments
-from ..engine.loading import default_device
 from ..engine.prefill import parse_prefill_sms
 from ..utils.extras import missing_extra
 from .settings import ServerSettings
@@ -55,11 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "between the decode steps")
     batching.add_argument("--scheduler", choices=("auto", "static", "continuous"), default=DEFAULTS.scheduler,
                           help="auto: by the model's placement, as above (default); static or continuous: that one")
-    batching.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+    batching.add_argument("--engine-process", action="store_true",
                           help="run the continuous engine in a process of its own, so that HTTP and request "
                                "preparation never hold the interpreter lock its decode steps wait for; this "
-                               "process then loads only the processor (default: on when the continuous engine "
-                               "serves a model on a GPU, off on the CPU)")
+                               "process then loads only the processor")
     p.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULTS.max_image_pixels,
                    help="width x height of one image")
@@ -82,18 +79,6 @@ def prefill_sms(text: str):
         return parse_prefill_sms(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def wants_engine_process(args, settings: ServerSettings) -> bool:
-    """--engine-process / --no-engine-process as given; by default on when the continuous engine
-    serves a model on a GPU (there it served more, with a lower inter-token tail: README)."""
-    if args.engine_process is not None:
-        return args.engine_process
-    try:
-        device = torch.device(args.device or default_device())
-    except RuntimeError as error:
-        raise SystemExit(f"error: --device {args.device!r} is not a device: {error}") from None
-    return device.type == "cuda" and settings.scheduler != "static"
 
 
 def engine_process(args, settings: ServerSettings):
@@ -142,8 +127,7 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check agrees with ours
-    in_own_process = wants_engine_process(args, settings)
-    engine = engine_process(args, settings) if in_own_process else ChatEngine.from_args(args.model_path, args)
+    engine = engine_process(args, settings) if args.engine_process else ChatEngine.from_args(args.model_path, args)
     fatal = threading.Event()
     try:
         app = create_app(engine, settings, on_fatal=lambda reason: fatal.set())

@@ -46,7 +46,7 @@ from ..engine.continuous import ContinuousEngine, batch_of_one
 from ..engine.prefill import PrefillSettings
 from ..processing.batching import BatchCollateOutput
 from .errors import APIError
-from .scheduler import Job, SchedulerStats, continuous_stats, server_threads
+from .scheduler import Job, SchedulerStats, continuous_stats, threads_beside_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ class EngineInfo:
     max_num_seqs: int
     capacity: int  # tokens per KV slot: prompt and answer
     dtype: torch.dtype  # the images' dtype the engine takes
-    device_type: str  # where the engine runs: "cuda" or "cpu"
 
 
 class EngineProcess:
@@ -99,7 +98,6 @@ class EngineProcess:
         self._stats, self._waiting = SchedulerStats(), 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closing = self._ended = False
-        self._torch_threads: Optional[int] = None  # this process's intra-op threads before start
         self.events_sent_at: Optional[float] = None  # when the events being handed out left the engine's thread
 
     def _wait_until_ready(self, timeout_s: float) -> EngineInfo:
@@ -127,12 +125,9 @@ class EngineProcess:
         return prepare_sample(self.processor, conversation, images, self.context_length)
 
     def start(self) -> None:
-        """On the event loop (the app's start-up): its reader takes the engine's events from now on; with
-        the engine on a GPU, this process's torch threads are cut to `server_threads`' (closing restores them)."""
+        """On the event loop (the app's start-up): its reader takes the engine's events from now on."""
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._events.fileno(), self._read_events)
-        self._torch_threads = torch.get_num_threads()
-        torch.set_num_threads(server_threads(self.info.device_type, self._torch_threads, engine_here=False))
 
     @property
     def alive(self) -> bool:
@@ -180,9 +175,6 @@ class EngineProcess:
             self.process.join(5)
         self._stop_reading()
         self._fail_all(RuntimeError("the server is shutting down"))
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)
-            self._torch_threads = None
 
     def _send_control(self, message) -> None:
         try:
@@ -321,11 +313,12 @@ def _engine_main(build: Callable[[], ContinuousEngine], requests, control, event
     except BaseException as error:
         events.send(("failed", f"{type(error).__name__}: {error}"))
         return
-    torch.set_num_threads(server_threads(engine.device.type, torch.get_num_threads()))
+    if engine.device.type == "cpu":  # a core stays with the server's event loop, as in one process
+        torch.set_num_threads(threads_beside_event_loop(torch.get_num_threads()))
     outbox = _Outbox(events, engine)
     engine.after_step = outbox.flush
     events.send(("ready", EngineInfo(engine.startup_summary, engine.slots.max_num_seqs, engine.slots.capacity,
-                                     engine.dtype, engine.device.type)))
+                                     engine.dtype)))
     engine.start()
     try:
         _serve(engine, requests, control, outbox)

@@ -49,7 +49,6 @@ from ..engine.requests import Handle
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("auto", "static", "continuous")
-GPU_SERVER_THREADS = 2  # torch's intra-op threads in each process of a server whose engine runs on a GPU
 
 
 class EventRelay:
@@ -287,22 +286,6 @@ def threads_beside_event_loop(threads: int) -> int:
     return cores - 1 if threads >= cores > 1 else threads
 
 
-def server_threads(device_type: str, threads: int, engine_here: bool = True) -> int:
-    """torch's intra-op threads for a server's process that has `threads` now, its continuous engine
-    on `device_type`, running in this process (`engine_here`) or in an engine process of its own.
-
-    A CPU engine: one core left to the event loop where the engine runs (`threads_beside_event_loop`);
-    a process that only prepares requests keeps its threads. A GPU engine: at most GPU_SERVER_THREADS
-    in every process. There torch's CPU work is small (normalizing a request's image tiles), but each
-    thread that runs a parallel op gets a pool of its own (OpenMP), so the threads preparing requests
-    at once each woke a pool as large as the machine: on a 16-core H200 host the pools' threads
-    waited 2-6 s for a core in 20 s of Poisson arrivals, and the threads serving the engine's tokens
-    with them; with two threads a process none waited (benchmarks/RESULTS.md, fifty-first session)."""
-    if device_type == "cpu":
-        return threads_beside_event_loop(threads) if engine_here else threads
-    return min(threads, GPU_SERVER_THREADS)
-
-
 def continuous_stats(engine: ContinuousEngine) -> SchedulerStats:
     """/health's counters of a continuous engine (read in the engine's own process)."""
     counts, steps = engine.stats, engine.steps
@@ -329,15 +312,16 @@ class ContinuousScheduler:
         self.max_batch_size = engine.slots.max_num_seqs
         self.on_error = on_error
         self._closing = False
-        self._torch_threads: Optional[int] = None  # torch's intra-op threads before start
+        self._torch_threads: Optional[int] = None  # torch's intra-op threads before start (a CPU engine)
 
     @property
     def stats(self) -> SchedulerStats:
         return continuous_stats(self.engine)
 
     def start(self) -> None:
-        self._torch_threads = torch.get_num_threads()
-        torch.set_num_threads(server_threads(self.engine.device.type, self._torch_threads))
+        if self.engine.device.type == "cpu":
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(threads_beside_event_loop(self._torch_threads))
         self.engine.start()
 
     def close(self, timeout_s: float = 30.0) -> None:

@@ -201,11 +201,8 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
     want = direct(engine, text, color, **settings)
     conversation = [{"role": "<|User|>", "content": "<image>\n" + text}, {"role": "<|Assistant|>", "content": ""}]
 
-    threads = torch.get_num_threads()
-
     async def run():
         remote.start()
-        assert torch.get_num_threads() == threads  # a CPU engine's server process keeps its threads to prepare
         loop = asyncio.get_running_loop()
         sample = remote.prepare_one(conversation, [Image.new("RGB", (64, 48), color)])
         answered = Job(sample, GenerationParams(**settings), loop, streams=True)
@@ -231,7 +228,6 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
     assert "".join(value for kind_, value in events if kind_ == "text") == want.text
     assert kind == "done" and cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 500
     assert stats.requests == 2 and stats.slots_in_use == 0
-    assert remote.info.device_type == "cpu"
     assert not remote.alive and remote.process.exitcode == 0
 
 

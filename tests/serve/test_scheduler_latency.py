@@ -13,14 +13,7 @@ import torch
 from deepseek_vl2.engine import ChatEngine, GenerationParams
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.serve.app import create_app
-from deepseek_vl2.serve.scheduler import (
-    GPU_SERVER_THREADS,
-    ContinuousScheduler,
-    Job,
-    create_scheduler,
-    server_threads,
-    threads_beside_event_loop,
-)
+from deepseek_vl2.serve.scheduler import ContinuousScheduler, Job, create_scheduler, threads_beside_event_loop
 from deepseek_vl2.serve.settings import ServerSettings
 from goldens import CHECKPOINTS
 from serve_helpers import ServerThread
@@ -87,16 +80,6 @@ def test_a_cpu_engine_leaves_the_event_loop_a_core(monkeypatch):
     assert threads_beside_event_loop(2) == 2  # already fewer threads than cores: kept
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert threads_beside_event_loop(1) == 1  # one core: nothing to leave
-
-
-def test_a_gpu_engine_keeps_a_small_torch_pool_in_every_process_of_the_server(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert GPU_SERVER_THREADS == 2
-    assert server_threads("cuda", 16) == 2  # the engine's process
-    assert server_threads("cuda", 16, engine_here=False) == 2  # the server's, beside an engine process
-    assert server_threads("cuda", 1) == 1  # fewer already: kept
-    assert server_threads("cpu", 16) == 15  # a CPU engine: a core left to the event loop
-    assert server_threads("cpu", 16, engine_here=False) == 16  # preparing requests only: all of them
 
 
 class SlowInputsEngine(ContinuousEngine):

@@ -10,7 +10,7 @@ import torch
 from deepseek_vl2.engine import ChatEngine, PrefillSettings
 from deepseek_vl2.engine.continuous import ContinuousEngine
 from deepseek_vl2.engine.prefill import Prefill
-from deepseek_vl2.serve.__main__ import main, parse_args, wants_engine_process
+from deepseek_vl2.serve.__main__ import main, parse_args
 from deepseek_vl2.serve.app import create_app
 from deepseek_vl2.serve.scheduler import BatchScheduler, ContinuousScheduler, create_scheduler, uses_continuous_engine
 from deepseek_vl2.serve.settings import ServerSettings
@@ -101,24 +101,6 @@ def test_the_server_sets_sms_aside_for_prefill_by_default_and_off_turns_it_off(c
     with pytest.raises(SystemExit):
         parse_args(["--model_path", "m", "--prefill-sms", "0"])
     assert "--prefill-sms takes auto, off or a number of SMs >= 1, not '0'" in capsys.readouterr().err
-
-
-def test_the_engine_runs_in_a_process_of_its_own_by_default_on_a_gpu_only(monkeypatch):
-    def wants(*flags, scheduler="auto"):
-        return wants_engine_process(parse_args(["--model_path", "m", *flags]), ServerSettings("m", scheduler=scheduler))
-
-    assert parse_args(["--model_path", "m"]).engine_process is None  # decided by the device
-    assert wants("--device", "cuda:1") and wants("--device", "cuda")
-    assert not wants("--device", "cpu")
-    assert not wants("--device", "cuda", scheduler="static")  # static batching runs in the server's process
-    assert not wants("--device", "cuda", "--no-engine-process")
-    assert wants("--device", "cpu", "--engine-process")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert wants()  # no --device: CUDA when available
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not wants()
-    with pytest.raises(SystemExit, match="error: --device 'gpu0' is not a device"):
-        wants("--device", "gpu0")
 
 
 def test_a_cpu_server_with_sms_auto_prefills_between_the_steps(chat):
