@@ -177,10 +177,17 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
                 "scheduler": {**asdict(scheduler.stats), "waiting": scheduler.waiting},
                 "in_flight": state.in_flight}
         if not healthy:
-            body["reason"] = state.fatal_reason or "the scheduler has stopped"
+            body["reason"] = state.fatal_reason or stopped_reason(scheduler)
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     return app
+
+
+def stopped_reason(scheduler) -> str:
+    """/health's reason for a scheduler that is not alive when no request has failed the server."""
+    if isinstance(scheduler, EngineProcess):
+        return scheduler.ended_reason
+    return "the scheduler has stopped"
 
 
 def context_length(engine) -> int:

@@ -201,12 +201,19 @@ class EngineProcess:
         except (EOFError, OSError):
             self._process_ended()
 
+    @property
+    def ended_reason(self) -> str:
+        """Why the engine is not alive (/health may see the process gone before the loop reads its pipe's end)."""
+        if self._closing:
+            return "the engine process has been closed"
+        return f"the engine process ended unexpectedly (exit code {self.process.exitcode})"
+
     def _process_ended(self) -> None:
         self._stop_reading()
         self._ended = True
         if not self._closing:
             self.process.join(5)
-            reason = f"the engine process ended unexpectedly (exit code {self.process.exitcode})"
+            reason = self.ended_reason
             logger.critical(reason)
             if self.on_ended is not None:
                 self.on_ended(reason)

@@ -21,6 +21,7 @@ from PIL import Image
 from deepseek_vl2.engine import ChatEngine, GenerationParams
 from deepseek_vl2.processing.batching import BatchCollateOutput
 from deepseek_vl2.serve.__main__ import FATAL_EXIT_CODE
+from deepseek_vl2.serve.app import stopped_reason
 from deepseek_vl2.serve.engine_process import read_batch, wire_header, write_payload
 from serve_helpers import data_url, png_bytes, start_process, stop_process, tiny_checkpoint
 
@@ -229,6 +230,27 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
     assert kind == "done" and cancelled.finish_reason == "cancelled" and len(cancelled.token_ids) < 500
     assert stats.requests == 2 and stats.slots_in_use == 0
     assert not remote.alive and remote.process.exitcode == 0
+    assert stopped_reason(remote) == "the engine process has been closed"
+
+
+def test_health_names_an_engine_process_that_died_before_the_loop_read_its_pipe(tmp_path_factory, engine):
+    """/health may find the process gone (its exit reaped) before the event loop reads the pipe's end
+    that sets the server's fatal reason: its reason is the process's end all the same."""
+    import functools
+
+    from deepseek_vl2.engine import PrefillSettings
+    from deepseek_vl2.serve.engine_process import EngineProcess, checkpoint_engine
+
+    build = functools.partial(checkpoint_engine, str(tiny_checkpoint(tmp_path_factory)), "cpu", "float32", None, 2,
+                              PrefillSettings())
+    remote = EngineProcess(build, engine.processor)  # not started: no loop reads its events
+    try:
+        os.kill(remote.process.pid, signal.SIGKILL)
+        remote.process.join(30)
+        assert not remote.alive
+        assert stopped_reason(remote) == f"the engine process ended unexpectedly (exit code {-signal.SIGKILL})"
+    finally:
+        remote.close()
 
 
 def test_an_engine_that_cannot_be_built_is_a_clear_start_up_error(tmp_path, engine):
