@@ -8,8 +8,11 @@ the model. Every error is an OpenAI-style JSON body (`errors`), without internal
 Against hostile clients: with an API key every /v1 route needs `Authorization: Bearer KEY`
 (`/health` stays open); a body that is not `application/json` is refused with 415 (a web page
 cannot send one to a local server without a CORS preflight); past `max_concurrent_requests` chat
-requests in flight a request gets 429 with Retry-After; a request whose client goes away is
-cancelled (streamed or not); a queued request keeps only its processed sample, not its images.
+requests in flight a request gets 429 with Retry-After; a body must arrive within BODY_DEADLINE_S
+(408), and hold no more JSON objects and arrays than its text could need (they are parsed on the
+event loop); a request whose client goes away is cancelled (streamed or not); at most
+PREPARING_AT_ONCE requests have their images decoded and tiled at once, and a queued request keeps
+only its processed sample, not its images.
 An unrecoverable device error (a CUDA error) turns `/health` to 503 with the reason, refuses new
 chat requests with 503 and calls `on_fatal`, with which the command line ends the process.
 """
@@ -18,6 +21,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
@@ -28,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import ChatResult, PromptTooLongError
 from .engine_process import EngineProcess
@@ -43,6 +48,12 @@ logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 RETRY_AFTER_S = 1  # the Retry-After of a 429
+BODY_DEADLINE_S = 60.0  # a request's body must arrive within this from its arrival (and within its request timeout)
+# JSON objects and arrays a body may hold beyond one per character of text allowed (brackets typed in text count):
+# parsing holds the event loop, about 70 ns an object, and 11 million empty objects fit in 32 MiB
+MAX_JSON_CONTAINERS_BEYOND_TEXT = 65_536
+# requests whose images are decoded and tiled at once: each may hold a few hundred MB of pixels meanwhile
+PREPARING_AT_ONCE = os.cpu_count() or 2
 
 
 def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[str], None]] = None) -> FastAPI:
@@ -117,9 +128,10 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
         if state.fatal_reason is not None:
             raise APIError(503, f"the server is unhealthy and restarting: {state.fatal_reason}",
                            code="server_unhealthy")
+        arrival = asyncio.get_running_loop().time()
         slot = state.acquire(settings.max_concurrent_requests)
         try:
-            response = await answer(request, slot)
+            response = await answer(request, slot, arrival)
         except BaseException:
             slot.release()
             raise
@@ -127,23 +139,29 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
             slot.release()
         return response
 
-    async def answer(request: Request, slot: "Slot"):
-        chat = parse_chat_request(await read_json(request, settings.max_request_bytes), settings.max_images,
-                                  settings.max_text_chars)
+    async def answer(request: Request, slot: "Slot", arrival: float):
+        deadline = arrival + settings.request_timeout_s
+        body = await read_json(request, settings.max_request_bytes,
+                               settings.max_text_chars + MAX_JSON_CONTAINERS_BEYOND_TEXT,
+                               min(deadline, arrival + BODY_DEADLINE_S))
+        chat = parse_chat_request(body, settings.max_images, settings.max_text_chars)
+        del body
         if chat.model is not None and chat.model != settings.model_id:
             raise APIError(404, f"the model {chat.model!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
-        images = []
-        for ref in chat.images:
-            images.append(await run_in_threadpool(media.decode, await media.read(ref.url, ref.param), ref.param))
-        conversation = build_conversation(chat.messages, images, control_tokens)
-        sample, params = await run_in_threadpool(prepare, conversation, images, chat.params, chat.max_tokens_param)
+        async with state.preparing:
+            images = []
+            for ref in chat.images:
+                images.append(await run_in_threadpool(media.decode, await media.read(ref.url, ref.param), ref.param))
+            conversation = build_conversation(chat.messages, images, control_tokens)
+            sample, params = await run_in_threadpool(prepare, conversation, images, chat.params,
+                                                     chat.max_tokens_param)
         completion = Completion(settings.model_id, [image.size for image in images])
         stream, include_usage = chat.stream, chat.include_usage
         del images, conversation, chat  # a queued request keeps its processed sample only
         loop = asyncio.get_running_loop()
         job = Job(sample, params, loop, streams=stream)
-        job.expire_at(loop.time() + settings.request_timeout_s)
+        job.expire_at(deadline)
         try:  # off the event loop: the engine makes the request's host tensors (batch, cast, pinned copy) here,
             # milliseconds during which the loop would send no other request's tokens
             await run_in_threadpool(scheduler.submit, job)
@@ -198,10 +216,12 @@ def context_length(engine) -> int:
 
 
 class ServerState:
-    """Requests in flight, and the reason the server became unhealthy (None while healthy)."""
+    """Requests in flight, those being prepared, and the reason the server became unhealthy (None
+    while healthy)."""
 
     def __init__(self):
         self.in_flight = 0
+        self.preparing = asyncio.Semaphore(PREPARING_AT_ONCE)
         self.fatal_reason: Optional[str] = None
 
     def fail(self, reason: str, on_fatal: Optional[Callable[[str], None]]) -> None:
@@ -313,9 +333,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-async def read_json(request: Request, limit: int):
+async def read_json(request: Request, limit: int, max_containers: int, arrive_by: float):
     """The JSON body (Content-Type application/json), refused with 413 past `limit` bytes (declared or
-    received); NaN, Infinity and numbers beyond a float's range are not JSON and are refused."""
+    received), with 408 unless it has arrived by loop time `arrive_by`, and with 400 if it holds more
+    than `max_containers` objects and arrays (counted as brackets); NaN, Infinity and numbers beyond a
+    float's range are not JSON and are refused."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, f"the request body must be JSON sent as Content-Type: application/json, not "
@@ -326,10 +348,21 @@ async def read_json(request: Request, limit: int):
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout_at(arrive_by):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive in time: a body must arrive within {BODY_DEADLINE_S:g} s "
+                            "of its request, and within the server's request timeout", code="request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; no traceback in the log either
+        raise APIError(499, "the client left before its request body arrived", code="client_disconnected") from None
+    containers = body.count(b"{") + body.count(b"[")
+    if containers > max_containers:
+        raise APIError(400, f"the request body holds {containers} JSON objects and arrays (brackets in text "
+                            f"counted); this server takes at most {max_containers}", code="too_many_json_values")
     try:
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:

@@ -5,8 +5,10 @@ a user turn; content a string or a list of `text` and `image_url` parts, images 
 `model`, `stream`, `stream_options.include_usage`, `temperature` (0: greedy), `top_p`, `max_tokens` /
 `max_completion_tokens`, `stop`, `seed`, and the extension `repetition_penalty`. Out-of-range values
 are refused with the range (temperature 0..2, top_p above 0 up to 1, repetition_penalty 0.01..10,
-seed within 64 bits, stop strings up to 256 characters), and so is message text longer than the
-server's limit, before anything is tokenized. Parameters the model
+seed within 64 bits, stop strings up to 256 characters), and so are message text longer than the
+server's limit (before anything is tokenized), more than MAX_MESSAGES messages or MAX_CONTENT_PARTS
+parts in one message, and strings that are not text (a lone UTF-16 surrogate, which a JSON escape
+can hold). Parameters the model
 cannot honour (`n` > 1, tools, logprobs, ...) are refused naming the parameter; other unknown fields
 are ignored, as OpenAI clients send some that do not matter here (`user`, `metadata`, ...).
 """
@@ -19,6 +21,8 @@ from .errors import APIError
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # one stop string
+MAX_MESSAGES = 4096  # every message takes two tokens or more, and no model's context holds more than 4096
+MAX_CONTENT_PARTS = 4096  # in one message's content list
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what a torch.Generator takes
 # the sampling settings a request may ask for (inclusive); 0 < top_p, and temperature 0 means greedy
 TEMPERATURE_RANGE = (0.0, 2.0)
@@ -94,8 +98,20 @@ def parse_chat_request(body: Any, max_images: int, max_text_chars: int) -> ChatR
         raise APIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
     max_tokens_param = next((name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None),
                             None)
-    return ChatRequest(messages=messages, params=_generation_params(body), model=_optional(body, "model", str, None),
+    model = _optional(body, "model", str, None)
+    return ChatRequest(messages=messages, params=_generation_params(body), model=model and _text(model, "model"),
                        stream=stream, include_usage=include_usage, max_tokens_param=max_tokens_param)
+
+
+def _text(value: str, param: str) -> str:
+    """`value`, refused if it holds a lone UTF-16 surrogate (JSON can escape one; no text encoding can)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"{param} is not valid text: it holds a lone UTF-16 surrogate "
+                            f"(\\u{ord(value[error.start]):04x} at character {error.start})", param=param,
+                       code="invalid_text") from None
+    return value
 
 
 def _check_text_length(messages: List[Message], limit: int) -> None:
@@ -134,6 +150,9 @@ def _messages(raw: Any) -> List[Message]:
         raise APIError(400, "'messages' is required", param="messages", code="missing_messages")
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "'messages' must be a non-empty list", param="messages", code="empty_messages")
+    if len(raw) > MAX_MESSAGES:
+        raise APIError(400, f"the request has {len(raw)} messages; this server takes at most {MAX_MESSAGES}",
+                       param="messages", code="too_many_messages")
     messages = [_message(entry, f"messages[{index}]") for index, entry in enumerate(raw)]
     first_turn = 1 if messages[0].role == "system" else 0
     for index in range(first_turn, len(messages)):
@@ -161,20 +180,23 @@ def _message(entry: Any, param: str) -> Message:
     role = ROLES[role]
     content = entry.get("content")
     if isinstance(content, str):
-        return Message(role, content)
+        return Message(role, _text(content, f"{param}.content"))
     if not isinstance(content, list):
         raise APIError(400, f"{param}.content must be a string or a list of content parts", param=f"{param}.content")
+    if len(content) > MAX_CONTENT_PARTS:
+        raise APIError(400, f"{param}.content has {len(content)} parts; this server takes at most {MAX_CONTENT_PARTS}",
+                       param=f"{param}.content", code="too_many_content_parts")
     texts, images = [], []
     for index, part in enumerate(content):
         part_param = f"{param}.content[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{part_param}.text"))
         elif kind == "image_url" and role == "user":
             url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str):
                 raise APIError(400, f"{part_param}.image_url.url must be a string", param=f"{part_param}.image_url")
-            images.append(ImageRef(url, f"{part_param}.image_url"))
+            images.append(ImageRef(_text(url, f"{part_param}.image_url"), f"{part_param}.image_url"))
         elif kind == "image_url":
             raise APIError(400, f"{part_param}: images are only allowed in user messages", param=part_param)
         else:
@@ -191,7 +213,7 @@ def _stop(raw: Any) -> tuple:
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise APIError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long", param="stop")
-    return tuple(s for s in stops if s)
+    return tuple(_text(s, "stop") for s in stops if s)
 
 
 def _optional(body: dict, name: str, kind: type, default):
