@@ -48,6 +48,19 @@ def build_conversation(prompt, image_paths):
     return chat_conversation([{"role": "user", "content": prompt, "images": [str(p) for p in image_paths]}])
 
 
+def check_output_path(path: str) -> None:
+    """--output must be an image file PIL can write, in a directory that exists (checked before the
+    model loads, not after the answer)."""
+    from PIL import Image
+
+    target = Path(path)
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output {path}: {target.suffix or 'no extension'} is not an image format "
+                         "(use .jpg or .png)")
+    if not target.resolve().parent.is_dir():
+        raise ValueError(f"--output {path}: the directory {target.resolve().parent} does not exist")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from deepseek_vl2.engine import ChatEngine, GenerationParams
@@ -55,20 +68,21 @@ def main(argv=None) -> int:
     from deepseek_vl2.models.checkpoint import CheckpointError
     from deepseek_vl2.utils.io import load_pil_images
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     demo = not args.image and args.prompt is None
-    conversation = build_conversation(DEMO_PROMPT if demo else args.prompt, DEMO_IMAGES if demo else args.image)
-    try:
+    try:  # everything the arguments decide is checked before the model loads
+        params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        check_output_path(args.output)
+        conversation = build_conversation(DEMO_PROMPT if demo else args.prompt, DEMO_IMAGES if demo else args.image)
         images = load_pil_images(conversation)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
         started = time.perf_counter()
         engine = ChatEngine.from_args(args.model_path, args)
         load_s = time.perf_counter() - started
         print(f"{len(images)} image(s); model on {engine.model.device} in {str(engine.model.dtype)[6:]}", flush=True)
         prompt = engine.processor.format_messages(conversation, sft_format=engine.processor.sft_format)
         print(prompt, end=" ", flush=True)
-        params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
         on_text = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
         result = engine.chat(conversation, images, params, on_text=on_text)
     except (ValueError, FileNotFoundError, CheckpointError) as err:

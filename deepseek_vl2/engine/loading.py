@@ -28,6 +28,10 @@ def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Op
     from ..processing import DeepseekVLV2Processor
 
     device = device or default_device()
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not understood: use 'cpu', 'cuda' or 'cuda:N'") from None
     if dtype is None:
         dtype = default_dtype(device)
     processor = DeepseekVLV2Processor.from_pretrained(model_path)

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Optional, Sequence
 
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+
 
 @dataclass
 class GenerationParams:
@@ -32,6 +34,9 @@ class GenerationParams:
                 raise ValueError(f"GenerationParams.{name} must be an int >= 0, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
             raise ValueError(f"GenerationParams.seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"GenerationParams.seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), "
+                             f"got {self.seed}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"GenerationParams.stop must be a list of strings, got {self.stop!r}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from ..engine import GenerationParams
+from ..engine.params import SEED_RANGE
 from .errors import APIError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -23,7 +24,6 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256  # one stop string
 MAX_MESSAGES = 4096  # every message takes two tokens or more, and no model's context holds more than 4096
 MAX_CONTENT_PARTS = 4096  # in one message's content list
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what a torch.Generator takes
 # the sampling settings a request may ask for (inclusive); 0 < top_p, and temperature 0 means greedy
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)

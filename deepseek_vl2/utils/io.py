@@ -51,7 +51,7 @@ def _open_rgb(path, message_index) -> Image.Image:
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"image file not found: {_name(path)} (listed in message {message_index})") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"cannot read image {_name(path)} (listed in message {message_index}): {error}") from error
 

@@ -518,9 +518,12 @@ def test_a_processor_masking_every_token_raises(model, batch):
     (dict(max_new_tokens=0), r"GenerationParams.max_new_tokens must be an int >= 1, got 0"),
     (dict(max_new_tokens=2.0), r"GenerationParams.max_new_tokens must be an int >= 1, got 2.0"),
     (dict(seed=1.5), r"GenerationParams.seed must be an int or None, got 1.5"),
+    (dict(seed=2 ** 64), r"GenerationParams.seed must fit in 64 bits \(-9223372036854775808 to 18446744073709551615\), "
+                         r"got 18446744073709551616"),
+    (dict(seed=-(2 ** 63) - 1), r"GenerationParams.seed must fit in 64 bits"),
     (dict(stop="User:"), r"GenerationParams.stop must be a list of strings, got 'User:'"),
 ], ids=["temperature-nan", "top-p-str", "penalty-inf", "max-new-tokens-0", "max-new-tokens-float", "seed-float",
-        "stop-str"])
+        "seed-above-64-bits", "seed-below-64-bits", "stop-str"])
 def test_generation_params_bad_values(kwargs, message):
     from deepseek_vl2.engine import GenerationParams
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from deepseek_vl2.utils.io import load_json, load_pil_images
+from image_helpers import decompression_bomb_png
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SPEC = json.loads((FIXTURES / "cases.json").read_text(encoding="utf-8"))
@@ -75,6 +76,15 @@ def test_truncated_file(tmp_path):
     truncated.write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match=r"cannot read image .*truncated\.png"):
         load_pil_images([{"role": "<|User|>", "content": "<image>", "images": [str(truncated)]}])
+
+
+def test_decompression_bomb(tmp_path):
+    """A PNG whose header claims 100000 x 100000 pixels: PIL refuses it before decoding, and the
+    error names the file and its message like any unreadable image."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(decompression_bomb_png())
+    with pytest.raises(ValueError, match=r"cannot read image .*bomb\.png.*message 0.*decompression bomb"):
+        load_pil_images([{"role": "<|User|>", "content": "<image>", "images": [str(bomb)]}])
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
