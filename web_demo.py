@@ -70,11 +70,15 @@ class Demo:
         if not text and not files:
             raise gr.Error("Type a question or attach an image first.")
         from deepseek_vl2.engine import ImageTagError, chat_conversation
+        from deepseek_vl2.utils.io import load_pil_images
 
         try:
             turn = chat_conversation([{"role": "user", "content": text, "images": list(files)}])
+            load_pil_images(turn)  # an unreadable file is refused here, and never enters the conversation
         except ImageTagError as error:
             raise gr.Error(error.detail) from error
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error)) from error
         history = history + turn
         chat = chat + [{"role": "user", "content": {"path": path}} for path in files]
         chat = chat + [{"role": "user", "content": html.escape(text) or "(image)"}]
@@ -89,7 +93,10 @@ class Demo:
         try:
             images = load_pil_images(history)
             sample = self.engine.prepare_one(history, images)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError) as error:  # the prompt is too long for the context, say
+            # take the turn back (its images and text in the chat, user and assistant in the history), so
+            # that the conversation can go on without it
+            yield chat[:-(len(history[-2]["images"]) + 1)], history[:-2], gr.skip()
             raise gr.Error(str(error)) from error
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
         events: queue.Queue = queue.Queue()  # ("text", piece), then ("done", result) or ("error", exception)
@@ -156,7 +163,7 @@ class Demo:
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                     max_new_tokens = gr.Slider(8, 4096, value=512, step=8, label="Max new tokens",
                                                elem_id="max_new_tokens")
-            answering = box.submit(self.add_user_turn, [box, chat, history], [box, chat, history]).then(
+            answering = box.submit(self.add_user_turn, [box, chat, history], [box, chat, history]).success(
                 self.answer, [chat, history, temperature, top_p, max_new_tokens], [chat, history, grounding])
             answering.then(lambda: gr.MultimodalTextbox(interactive=True), None, [box])
             stop_button.click(lambda: gr.MultimodalTextbox(interactive=True), None, [box], cancels=[answering])

@@ -85,3 +85,46 @@ def test_web_demo_answers_in_the_browser(tmp_path_factory, tmp_path):
     print(f"web demo screenshot: {screenshot}")
     assert expected.strip(), "the engine gave an empty answer"
     assert letters_and_digits(shown) == letters_and_digits(expected), (shown, expected)
+
+
+def test_a_turn_that_cannot_be_answered_leaves_the_conversation_as_it_was(tmp_path_factory, tmp_path, monkeypatch):
+    """An unreadable attachment is refused before it enters the conversation, and a turn whose prompt
+    the engine refuses (too long for the context, say) is taken back: in both cases the next question
+    is answered (before, one bad image made every later turn fail)."""
+    gr = pytest.importorskip("gradio")  # installed by .ci/run, as for the browser test
+    from web_demo import Demo
+
+    engine = ChatEngine.load(str(tiny_checkpoint(tmp_path_factory)), device="cpu", dtype=torch.float32)
+    demo = Demo(engine, max_num_seqs=2)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    image = tmp_path / "square.png"
+    Image.new("RGB", (64, 48), (30, 160, 40)).save(image)
+
+    def ask(text, files, chat, history):
+        _, chat, history = demo.add_user_turn({"text": text, "files": files}, chat, history)
+        for chat, history, _ in demo.answer(chat, history, 0.0, 0.9, 4):
+            pass
+        return chat, history
+
+    try:
+        with pytest.raises(gr.Error, match=r"cannot read image .*fake\.png"):
+            demo.add_user_turn({"text": "What is this?", "files": [str(fake)]}, [], [])
+        chat, history = ask("Hello", [], [], [])
+        assert [turn["role"] for turn in history] == ["<|User|>", "<|Assistant|>"] and history[1]["content"]
+
+        refuse = ValueError("the prompt is too long for the model's context")
+        monkeypatch.setattr(engine, "prepare_one", lambda *args: (_ for _ in ()).throw(refuse))
+        _, longer_chat, longer_history = demo.add_user_turn({"text": "And this?", "files": [str(image)]}, chat,
+                                                            history)
+        assert len(longer_chat) == len(chat) + 2 and len(longer_history) == len(history) + 2
+        answering = demo.answer(longer_chat, longer_history, 0.0, 0.9, 4)
+        assert next(answering)[:2] == (chat, history)  # the turn taken back
+        with pytest.raises(gr.Error, match="too long"):
+            next(answering)
+        monkeypatch.undo()
+        chat, history = ask("And now?", [str(image)], chat, history)
+        assert [turn["role"] for turn in history] == ["<|User|>", "<|Assistant|>"] * 2 and history[3]["content"]
+    finally:
+        if demo._continuous is not None:
+            demo._continuous.close()
