@@ -103,9 +103,8 @@ def test_a_turn_that_cannot_be_answered_leaves_the_conversation_as_it_was(tmp_pa
 
     def ask(text, files, chat, history):
         _, chat, history = demo.add_user_turn({"text": text, "files": files}, chat, history)
-        for chat, history, _ in demo.answer(chat, history, 0.0, 0.9, 4):
-            pass
-        return chat, history
+        *_, (last_chat, last_history, _) = demo.answer(chat, history, 0.0, 0.9, 4)
+        return last_chat, last_history
 
     try:
         with pytest.raises(gr.Error, match=r"cannot read image .*fake\.png"):
