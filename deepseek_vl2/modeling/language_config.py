@@ -4,10 +4,40 @@ The field names and defaults are those of the released `language_config` block o
 so that configs round-trip unchanged. Defaults describe DeepSeek-V2, not any VL2 release: the
 releases set every field that matters explicitly.
 """
+import torch
 from transformers import PretrainedConfig
 
 KNOWN_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 KNOWN_SCORING_FUNCS = ("softmax", "sigmoid")
+DTYPE_KEYS = ("torch_dtype", "dtype")  # the checkpoint dtype's key before transformers 5, and from it
+
+
+class ConfigError(ValueError):
+    """A config value the model cannot be built from; the message names its key."""
+
+
+def check_section_values(config_class, values: dict, section: str) -> None:
+    """Raise ConfigError naming `<section>.<key>` for a value of `values` (one config.json section, for
+    `config_class`) that the model cannot be built from: an integer field (`config_class.INTEGER_FIELDS`;
+    null allowed for those in `NULLABLE_FIELDS`) that is not an integer, or a dtype that is not one."""
+    for name in config_class.INTEGER_FIELDS:
+        value = values.get(name)
+        if name not in values or (value is None and name in config_class.NULLABLE_FIELDS):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{section}.{name} must be an integer, not {value!r}")
+    check_dtype_values(values, section)
+
+
+def check_dtype_values(values: dict, section: str = "") -> None:
+    """Raise ConfigError for a `torch_dtype` / `dtype` value that does not name a torch dtype."""
+    for name in DTYPE_KEYS:
+        value = values.get(name)
+        if value is None or isinstance(value, torch.dtype):
+            continue
+        if not isinstance(value, str) or not isinstance(getattr(torch, value.replace("torch.", ""), None), torch.dtype):
+            key = f"{section}.{name}" if section else name
+            raise ConfigError(f"{key}={value!r} is not a torch dtype (float32, bfloat16 or float16)")
 
 
 class DeepseekV2Config(PretrainedConfig):
@@ -17,6 +47,14 @@ class DeepseekV2Config(PretrainedConfig):
     # value into its own `rope_parameters` format) does not apply: the checkpoints store the legacy
     # form and this library reads it as such.
     rope_scaling = None
+    INTEGER_FIELDS = (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank",
+        "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
+        "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "max_position_embeddings",
+    )
+    NULLABLE_FIELDS = ("num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank",
+                       "n_group", "topk_group", "num_experts_per_tok")
 
     def __init__(
         self,
@@ -120,24 +158,29 @@ class DeepseekV2Config(PretrainedConfig):
         """Raise a clear error for settings the model cannot run (checked when a model is built)."""
         if self.n_routed_experts is not None:
             if self.topk_method not in KNOWN_TOPK_METHODS:
-                raise ValueError(
+                raise ConfigError(
                     f"language_config.topk_method={self.topk_method!r} is not supported; "
                     f"expected one of {KNOWN_TOPK_METHODS}"
                 )
             if self.scoring_func not in KNOWN_SCORING_FUNCS:
-                raise ValueError(
+                raise ConfigError(
                     f"language_config.scoring_func={self.scoring_func!r} is not supported; "
                     f"expected one of {KNOWN_SCORING_FUNCS}"
                 )
-            if not self.num_experts_per_tok:
-                raise ValueError("language_config.num_experts_per_tok must be set for a MoE model")
+            if self.num_experts_per_tok is None:
+                raise ConfigError("language_config.num_experts_per_tok must be set for a MoE model")
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                raise ConfigError(
+                    f"language_config.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                    f"language_config.n_routed_experts={self.n_routed_experts} (the experts each token is sent to)"
+                )
         if self.use_mla and (self.qk_rope_head_dim <= 0 or self.kv_lora_rank is None):
-            raise ValueError("use_mla=true needs qk_rope_head_dim > 0 and kv_lora_rank set")
+            raise ConfigError("use_mla=true needs qk_rope_head_dim > 0 and kv_lora_rank set")
         if not self.use_mla and self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be divisible by num_attention_heads")
+            raise ConfigError("hidden_size must be divisible by num_attention_heads")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ("linear", "dynamic", "yarn"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, dynamic, yarn)")
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported (linear, dynamic, yarn)")
             if kind == "yarn" and not self.use_mla:
-                raise ValueError("rope_scaling type 'yarn' is only supported with use_mla=true")
+                raise ConfigError("rope_scaling type 'yarn' is only supported with use_mla=true")

@@ -5,11 +5,13 @@ Nesting and defaults follow the released config.json. The vision defaults descri
 """
 from transformers import PretrainedConfig
 
-from .language_config import DeepseekV2Config
+from .language_config import ConfigError, DeepseekV2Config, check_dtype_values, check_section_values
 
 
 class VisionEncoderConfig(PretrainedConfig):
     model_type = "vision"
+    INTEGER_FIELDS = ("image_size", "patch_size", "width", "layers", "heads", "num_classes")
+    NULLABLE_FIELDS = ()
 
     def __init__(
         self,
@@ -44,6 +46,8 @@ class VisionEncoderConfig(PretrainedConfig):
 
 class MlpProjectorConfig(PretrainedConfig):
     model_type = "mlp_projector"
+    INTEGER_FIELDS = ("input_dim", "n_embed", "depth", "mlp_ratio", "downsample_ratio")
+    NULLABLE_FIELDS = ()
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class MlpProjectorConfig(PretrainedConfig):
 
 class DeepseekVLV2Config(PretrainedConfig):
     model_type = "deepseek_vl_v2"
+    SECTIONS = ("vision_config", "projector_config", "language_config")
 
     def __init__(
         self,
@@ -79,20 +84,36 @@ class DeepseekVLV2Config(PretrainedConfig):
         language_config=None,
         **kwargs,
     ):
-        self.vision_config = _sub_config(VisionEncoderConfig, vision_config)
-        self.projector_config = _sub_config(MlpProjectorConfig, projector_config)
-        self.language_config = _sub_config(DeepseekV2Config, language_config)
+        check_dtype_values(kwargs)
+        self.vision_config = _sub_config(VisionEncoderConfig, vision_config, "vision_config")
+        self.projector_config = _sub_config(MlpProjectorConfig, projector_config, "projector_config")
+        self.language_config = _sub_config(DeepseekV2Config, language_config, "language_config")
         self.tile_tag = tile_tag
         self.global_view_pos = global_view_pos
         self.candidate_resolutions = candidate_resolutions
         super().__init__(**kwargs)
 
+    @classmethod
+    def check_sections(cls, values: dict) -> None:
+        """Raise ConfigError for a section missing from `values` (a config.json's content): left out,
+        it would silently become a default (27B-sized) one."""
+        missing = [name for name in cls.SECTIONS if name not in values]
+        if missing:
+            raise ConfigError(f"no {' or '.join(missing)} section (a DeepSeek-VL2 config has {', '.join(cls.SECTIONS)})")
 
-def _sub_config(config_class, value):
+    def validate_for_model(self) -> None:
+        """Raise ConfigError for settings the model cannot run."""
+        self.language_config.validate_for_model()
+
+
+def _sub_config(config_class, value, section: str):
     if isinstance(value, config_class):
         return value
     if value is None:
         return config_class()
     if isinstance(value, PretrainedConfig):
         return config_class(**value.to_dict())
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section} must be a JSON object, not {type(value).__name__} {value!r}")
+    check_section_values(config_class, value, section)
     return config_class(**value)

@@ -3,7 +3,8 @@
 The official format is safetensors (one `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) with one tensor per official key (layout.py maps them onto the
 parameters). Loading is nanoGPT-strict: every official key of the model must be present exactly
-once with its shape, and nothing else may be in the files.
+once with its shape and a dtype that fits (an integer part of a quantized weight exactly its own, a
+floating weight any floating dtype: it is cast), and nothing else may be in the files.
 
 Tensors are read one at a time from memory-mapped files and copied straight into the parameters,
 which are allocated once in the target dtype on the target device: no full-precision copy of the
@@ -30,10 +31,7 @@ INDEX_NAME = "model.safetensors.index.json"
 def weight_files(checkpoint_dir: Path) -> list:
     index = checkpoint_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        weight_map = read_weight_map(index)
         files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -48,42 +46,102 @@ def weight_files(checkpoint_dir: Path) -> list:
     raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {checkpoint_dir}; it holds {found}{hint}")
 
 
+def read_weight_map(index: Path) -> dict:
+    """The index's weight_map (tensor name -> shard file name in the checkpoint directory), checked."""
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not text
+        raise _invalid_index(index, str(err)) from err
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise _invalid_index(index, "it must be a JSON object whose weight_map is an object")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise _invalid_index(index, f"weight_map[{key!r}] is {name!r}, not a shard file name")
+        if name in ("", "..") or Path(name).name != name:
+            raise _invalid_index(index, f"weight_map[{key!r}] is {name!r}, not a file name in {index.parent}")
+    return weight_map
+
+
+def _invalid_index(index: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{index} is not a valid safetensors index: {problem}")
+
+
 def load_weights(model: nn.Module, checkpoint_dir: Path, progress: bool = True, stored_quantized: bool = False) -> None:
     """Fill every parameter of the (materialised) `model` from the checkpoint, strictly.
 
     The quantized weights of a quantized model are quantized tensor by tensor as they are read,
     on their own device, from a full-precision checkpoint; from a quantized checkpoint
     (`stored_quantized`) their stored parts are copied."""
-    layout = stored_layout(model) if stored_quantized else checkpoint_layout(model)
-    params = weight_holders(model)
-    expected = {key: official_shape(params, where) for key, where in layout.items()}
-    loaded, unexpected, misshaped = set(), [], []
+    loader = _StrictLoader(model, stored_quantized)
     files = weight_files(checkpoint_dir)
     for file in _progress(files, progress and len(files) > 1):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as shard:
                 for key in shard.keys():
-                    if key not in layout:
-                        unexpected.append(key)
-                        continue
-                    shape = tuple(shard.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        misshaped.append(f"{key}: checkpoint {list(shape)}, model {list(expected[key])}")
-                        continue
-                    with torch.no_grad():
-                        copy_from_official(params, layout[key], shard.get_tensor(key))
-                    loaded.add(key)
+                    loader.take(shard, key)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read checkpoint shard {file}: {err}") from err
-    missing = sorted(set(layout) - loaded)
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_mismatch_report(checkpoint_dir, missing, unexpected, misshaped))
+    loader.check_complete(checkpoint_dir)
 
 
-def _mismatch_report(checkpoint_dir, missing, unexpected, misshaped, shown: int = 10) -> str:
+MISSING, UNEXPECTED, DUPLICATED = "missing tensors", "unexpected tensors", "duplicated tensors"
+MISSHAPED, WRONG_DTYPE = "tensors with the wrong shape", "tensors with the wrong dtype"
+
+
+class _StrictLoader:
+    """Copies a checkpoint's tensors into the model's parameters one by one, noting each one that has
+    no place there or does not fit it; `check_complete` reports them all, and the ones never seen."""
+
+    def __init__(self, model: nn.Module, stored_quantized: bool):
+        self.layout = stored_layout(model) if stored_quantized else checkpoint_layout(model)
+        self.holders = weight_holders(model)
+        self.seen = set()
+        self.problems = {title: [] for title in (MISSING, UNEXPECTED, DUPLICATED, MISSHAPED, WRONG_DTYPE)}
+
+    def take(self, shard, key: str) -> None:
+        if key in self.seen:
+            self.problems[DUPLICATED].append(key)
+            return
+        self.seen.add(key)
+        where = self.layout.get(key)
+        if where is None:
+            self.problems[UNEXPECTED].append(key)
+            return
+        shape, expected_shape = tuple(shard.get_slice(key).get_shape()), official_shape(self.holders, where)
+        if shape != expected_shape:
+            self.problems[MISSHAPED].append(f"{key}: checkpoint {list(shape)}, model {list(expected_shape)}")
+            return
+        tensor = shard.get_tensor(key)
+        # a quantized weight's dtype is its activation dtype: a full-precision tensor is quantized into it
+        expected_dtype = self.holders[where.param].dtype
+        if not _dtype_fits(tensor.dtype, expected_dtype):
+            expected = "a floating dtype" if expected_dtype.is_floating_point else _dtype_name(expected_dtype)
+            self.problems[WRONG_DTYPE].append(f"{key}: checkpoint {_dtype_name(tensor.dtype)}, expected {expected}")
+            return
+        with torch.no_grad():
+            copy_from_official(self.holders, where, tensor)
+
+    def check_complete(self, checkpoint_dir: Path) -> None:
+        self.problems[MISSING] = sorted(set(self.layout) - self.seen)
+        if any(self.problems.values()):
+            raise CheckpointError(_mismatch_report(checkpoint_dir, self.problems))
+
+
+def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Whether a stored tensor can fill a parameter: a floating one from any floating dtype (it is
+    cast: the releases are bfloat16), an integer one (a quantized weight's part) only from its own."""
+    return stored == expected or (stored.is_floating_point and expected.is_floating_point)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _mismatch_report(checkpoint_dir, problems: dict, shown: int = 10) -> str:
     lines = [f"checkpoint {checkpoint_dir} does not match the model built from its config.json:"]
-    for title, items in (("missing tensors", missing), ("unexpected tensors", sorted(unexpected)),
-                         ("tensors with the wrong shape", misshaped)):
+    for title, items in problems.items():
+        items = sorted(items) if title in (UNEXPECTED, DUPLICATED) else items
         if items:
             more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
             lines.append(f"  {len(items)} {title}: {', '.join(items[:shown])}{more}")

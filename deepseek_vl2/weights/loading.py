@@ -4,20 +4,25 @@ target dtype on the target device(s) (placement.py), and fill it strictly from t
 With `quantization` (or a quantized checkpoint, whose config.json says so) the quantized weights are
 swapped in on the meta device first, so only their quantized storage is ever allocated, and each
 checkpoint tensor is quantized on its target device as it is read (checkpoint.load_weights)."""
+import json
 import logging
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from ..generation import warmup
+from ..modeling.language_config import ConfigError
 from ..quantization.config import parse_quantization
 from ..quantization.swap import quantize_modules
 from .checkpoint import load_weights
-from .hub import resolve_checkpoint_dir
+from .hub import CheckpointError, resolve_checkpoint_dir
 from .placement import PLANNED, DeviceMap, resolve_device_map
 
 logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
 
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 IGNORED_KWARGS = (
@@ -77,7 +82,7 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
     hub = split_kwargs(kwargs)
     checkpoint_dir = resolve_checkpoint_dir(path, **hub)
     if config is None:
-        config = model_class.config_class.from_pretrained(str(checkpoint_dir))
+        config = read_config(model_class.config_class, checkpoint_dir)
     dtype = resolve_dtype(dtype, config)
     scheme, stored_quantized = resolve_quantization(quantization, config, checkpoint_dir)
     with torch.device("meta"):
@@ -107,6 +112,27 @@ def from_pretrained(model_class, path, config=None, dtype=None, device_map: Devi
         background.join()
         warmup.warm_up(model)
     return model
+
+
+def read_config(config_class, checkpoint_dir: Path):
+    """The checkpoint's config.json, checked before a model is built from it: anything missing or of
+    the wrong type is a CheckpointError that names the file and the key."""
+    path = checkpoint_dir / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {checkpoint_dir}")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not text
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not a {type(values).__name__}")
+    try:
+        config_class.check_sections(values)
+        config = config_class.from_pretrained(str(checkpoint_dir))
+        config.validate_for_model()
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return config
 
 
 def resolve_quantization(requested, config, checkpoint_dir):

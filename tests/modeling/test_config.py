@@ -1,12 +1,15 @@
 """Configs round-trip the released config.json files; importing the package registers the Auto classes."""
 import json
+import re
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import deepseek_vl2  # noqa: F401  (registration)
 from deepseek_vl2.models import DeepseekV2Config, DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+from deepseek_vl2.weights.hub import CheckpointError
 from goldens import CHECKPOINTS, FIXTURES
 
 RELEASES = [FIXTURES / "real_shapes" / v for v in ("tiny", "small", "base")] + list(CHECKPOINTS.values())
@@ -66,3 +69,55 @@ def test_unsupported_settings_are_named():
     config.tile_tag = "1D"
     with pytest.raises(ValueError, match="tile_tag '1D' is not supported"):
         DeepseekVLV2ForCausalLM(config)
+
+
+def test_experts_per_token_must_fit_the_experts():
+    for chosen in (9, 0, -1):
+        config = DeepseekV2Config(n_routed_experts=8, num_experts_per_tok=chosen, topk_method="greedy")
+        message = rf"num_experts_per_tok={chosen} must be between 1 and language_config\.n_routed_experts=8"
+        with pytest.raises(ValueError, match=message):
+            config.validate_for_model()
+
+
+def _set(section, key, value):
+    def edit(config):
+        (config[section] if section else config)[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("language_config", "vocab_size", "2048"), r"language_config\.vocab_size must be an integer, not '2048'"),
+    (_set("language_config", "num_hidden_layers", 3.5), r"language_config\.num_hidden_layers must be an integer, "
+                                                         r"not 3\.5"),
+    (_set("language_config", "hidden_size", True), r"language_config\.hidden_size must be an integer, not True"),
+    (_set("language_config", "num_experts_per_tok", 9), r"language_config\.num_experts_per_tok=9 must be between 1 "
+                                                         r"and language_config\.n_routed_experts=8"),
+    (_set("vision_config", "width", "64"), r"vision_config\.width must be an integer, not '64'"),
+    (_set("projector_config", "n_embed", None), r"projector_config\.n_embed must be an integer, not None"),
+    (_set(None, "language_config", [1]), r"language_config must be a JSON object, not list \[1\]"),
+    (_set(None, "torch_dtype", "float8"), r"torch_dtype='float8' is not a torch dtype"),
+    (_set("language_config", "torch_dtype", 16), r"language_config\.torch_dtype=16 is not a torch dtype"),
+    (lambda config: config.pop("language_config"), r"no language_config section"),
+    (lambda config: config.pop("vision_config"), r"no vision_config section"),
+    (lambda config: config.pop("projector_config"), r"no projector_config section"),
+], ids=["vocab-a-string", "layers-a-float", "hidden-a-bool", "too-many-experts-per-token", "vision-width-a-string",
+        "projector-width-null", "language-a-list", "dtype-float8", "section-dtype-a-number", "no-language",
+        "no-vision", "no-projector"])
+def test_bad_config_json_values_are_named(tmp_path, edit, message):
+    config = json.loads((CHECKPOINTS["tiny_mha"] / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(CHECKPOINTS["tiny_mha"] / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "config.json")) + ": " + message):
+        DeepseekVLV2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"model_type": "deepseek_vl_v2", "language_config": {"hidden_size": 6', r"is not valid JSON: "),
+    ("\xff\xfe garbage", r"is not valid JSON: "),
+    ("[1, 2]", r"must hold a JSON object, not a list"),
+], ids=["truncated", "not-text", "a-list"])
+def test_unreadable_config_json_is_named(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "config.json")) + " " + message):
+        DeepseekVLV2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)

@@ -132,6 +132,78 @@ def test_shard_missing_from_index(tmp_path):
         _load(target)
 
 
+def _split_into_shards(path, tensors, first: dict, second: dict):
+    """Replace the checkpoint's one weight file by shards holding `first` and `second`, and an index
+    that names the second shard for the keys only it holds."""
+    (path / "model.safetensors").unlink()
+    save_file(first, str(path / "a.safetensors"))
+    save_file(second, str(path / "b.safetensors"))
+    weight_map = {key: "b.safetensors" if key in second and key not in first else "a.safetensors" for key in tensors}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_tensor_in_two_shards_is_named(broken_copy):
+    path, tensors = broken_copy
+    moved, doubled = "language.lm_head.weight", "language.model.layers.0.self_attn.q_proj.weight"
+    first = {key: tensor for key, tensor in tensors.items() if key != moved}
+    _split_into_shards(path, tensors, first, {moved: tensors[moved], doubled: torch.zeros_like(tensors[doubled])})
+    with pytest.raises(CheckpointError, match=r"1 duplicated tensors: " + re.escape(doubled)):
+        _load(path)
+
+
+def test_index_naming_a_file_outside_the_checkpoint_is_refused(broken_copy, tmp_path):
+    path, tensors = broken_copy
+    (tmp_path / "other").mkdir()
+    (path / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    weight_map = {key: "../other/model.safetensors" for key in tensors}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"index\.json is not a valid safetensors index: weight_map\[.*\] is "
+                                              r"'\.\./other/model\.safetensors', not a file name in "):
+        _load(path)
+
+
+@pytest.mark.parametrize("index, problem", [
+    ([], "it must be a JSON object whose weight_map is an object"),
+    ({"weight_map": ["model.safetensors"]}, "it must be a JSON object whose weight_map is an object"),
+    ({"weight_map": {"image_newline": 3}}, r"weight_map\['image_newline'\] is 3, not a shard file name"),
+    ({"weight_map": {"image_newline": ".."}}, r"weight_map\['image_newline'\] is '\.\.', not a file name in"),
+    ({"metadata": {}}, "it must be a JSON object whose weight_map is an object"),
+], ids=["a-list", "weight-map-a-list", "shard-not-a-string", "shard-the-parent", "no-weight-map"])
+def test_malformed_index_is_named(broken_copy, index, problem):
+    path, _ = broken_copy
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid safetensors index: "
+                                              + problem):
+        _load(path)
+
+
+def test_floating_weight_stored_as_integers_is_named(broken_copy):
+    path, tensors = broken_copy
+    key = "language.model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(path / "model.safetensors"))
+    pattern = re.escape(f"1 tensors with the wrong dtype: {key}: checkpoint int32, expected a floating dtype")
+    with pytest.raises(CheckpointError, match=pattern):
+        _load(path)
+
+
+def test_stored_float_dtypes_are_cast(broken_copy):
+    """The releases are bfloat16; a float32 or float16 tensor loads as well, cast to the model's dtype."""
+    path, tensors = broken_copy
+    key = "language.model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.float16)
+    save_file(tensors, str(path / "model.safetensors"))
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+
+def test_no_config_json_is_named(broken_copy):
+    path, _ = broken_copy
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"^no config\.json in .*ckpt$"):
+        _load(path)
+
+
 def test_no_weights_and_bad_paths(tmp_path):
     shutil.copy(CHECKPOINTS["tiny_mha"] / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):

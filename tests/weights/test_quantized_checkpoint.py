@@ -1,6 +1,7 @@
 """Quantized models and checkpoints: quantize-while-loading stays strict, save_pretrained writes a
 quantized checkpoint (smaller on disk, the scheme in config.json) that reloads to equal logits."""
 import json
+import re
 
 import pytest
 import torch
@@ -117,6 +118,22 @@ def test_loading_stays_strict(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensors: language\.model\.layers\.2\.self_attn\.o_proj\."
                                               r"weight\.scale"):
         DeepseekVLV2ForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_stored_parts_with_the_wrong_dtype_are_named(tmp_path):
+    """A quantized checkpoint's integer parts must be stored exactly as they are held: a float32 or
+    int32 `.qweight` would otherwise be converted into garbage; its scales may be any floating dtype."""
+    DeepseekVLV2ForCausalLM.from_pretrained(CHECKPOINTS["tiny_mha"], quantization="int4").save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    as_float, as_int32 = (f"language.model.layers.{i}.self_attn.o_proj.weight.qweight" for i in (0, 2))
+    tensors[as_float] = tensors[as_float].to(torch.float32)
+    tensors[as_int32] = tensors[as_int32].to(torch.int32) + 256  # values outside uint8
+    scale = "language.model.layers.1.self_attn.o_proj.weight.scale"
+    tensors[scale] = tensors[scale].to(torch.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"2 tensors with the wrong dtype: " + re.escape(
+            f"{as_float}: checkpoint float32, expected uint8, {as_int32}: checkpoint int32, expected uint8") + "$"):
+        DeepseekVLV2ForCausalLM.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small", "base"])
