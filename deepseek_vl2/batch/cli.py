@@ -68,9 +68,9 @@ def local_devices(device, gpus, workers) -> list:
     """The devices of the local engines (one entry per engine)."""
     import torch
 
-    from ..engine.loading import default_device
+    from ..engine.loading import checked_device
 
-    target = torch.device(device or default_device())
+    target = checked_device(device)
     if target.type == "cuda":
         if workers is not None:
             raise ValueError("--workers counts CPU engine processes; on GPUs use --gpus")

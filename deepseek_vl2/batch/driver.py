@@ -56,9 +56,10 @@ def run_dataset(input_path: Path, output_path: Path, execute: Executor, retry_er
         raise FileNotFoundError(f"--input: no file at {str(input_path)!r}")
     if input_path.resolve() == output_path.resolve():
         raise ValueError("--output must not be the --input file")
+    check_output_path(output_path)
     summary = RunSummary()
     started = time.perf_counter()
-    with OutputFile(output_path, retry_errors) as output:
+    with open_output(output_path, retry_errors) as output:
         summary.torn_bytes, summary.retried = output.torn_bytes, output.dropped_errors
         bar = Progress(count_todo(input_path, output), enabled=progress)
         lock = threading.Lock()  # records come from the caller's thread and the executor's feeder
@@ -87,6 +88,24 @@ def run_dataset(input_path: Path, output_path: Path, execute: Executor, retry_er
             bar.close()
             summary.seconds = time.perf_counter() - started
     return summary
+
+
+def check_output_path(output_path: Path) -> None:
+    """ValueError naming --output when it cannot be a file: a directory, or under a file."""
+    if output_path.is_dir():
+        raise ValueError(f"--output {str(output_path)!r}: is a directory; name a file (for example "
+                         f"{str(output_path / 'answers.jsonl')!r})")
+    nearest = next((parent for parent in output_path.parents if parent.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise ValueError(f"--output {str(output_path)!r}: {str(nearest)!r} is a file, not a directory")
+
+
+def open_output(output_path: Path, retry_errors: bool) -> OutputFile:
+    """The OutputFile at `output_path`; an OSError (no permission, say) names --output."""
+    try:
+        return OutputFile(output_path, retry_errors)
+    except OSError as error:
+        raise OSError(f"--output {str(output_path)!r}: {error.strerror or error}") from error
 
 
 def report(summary: RunSummary, output_path: Path) -> None:

@@ -74,7 +74,8 @@ class OutputFile:
 
     def write(self, record: dict) -> None:
         """Append `record` as one whole line."""
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", errors="surrogateescape")
+        # a lone surrogate (in an error text quoting a bad value) becomes its JSON escape: the file stays UTF-8
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", errors="backslashreplace")
         written = os.write(self._fd, line)
         if written != len(line):  # a full disk, say: never leave a line torn silently
             raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes of a record")

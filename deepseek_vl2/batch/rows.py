@@ -15,8 +15,10 @@
 - any other key is ignored: datasets carry their own columns (reference answers, categories) and
   join them to the output by id.
 
-A line that is not a JSON object is reported by line number (`BadLine`); a row with a usable id but
-a problem (a missing prompt, images not a list of strings, an unusable setting) by id (`BadRow`).
+A line that is not a JSON object (or not UTF-8 text) is reported by line number (`BadLine`); a row with a
+usable id but a problem (a missing prompt, images not a list of strings, an unusable setting) by id (`BadRow`).
+Text with a lone surrogate (a JSON escape such as "\\ud800" that encodes no character) is not an id or a
+prompt.
 A later row with an id seen before is reported by line number, so that each id has exactly one
 answer in the output.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, List, Union
 
 from ..engine import GenerationParams
+from ..utils.text import lone_surrogate
 
 SETTINGS = tuple(f.name for f in fields(GenerationParams))
 INT_SETTINGS = ("max_new_tokens", "top_k", "min_new_tokens", "seed")
@@ -95,9 +98,13 @@ def parse_row(data, base_dir: Path, line: int = 0) -> Union[Row, BadRow, BadLine
     row_id = data.get("id")
     if not valid_id(row_id):
         return BadLine(line, f"{where}'id' must be a non-empty string or an integer, got {row_id!r}")
+    if isinstance(row_id, str) and (surrogate := lone_surrogate(row_id)):
+        return BadLine(line, f"{where}'id' is not valid Unicode text: it holds the lone surrogate {surrogate}")
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
         return BadRow(row_id, f"'prompt' must be a string, got {_kind(prompt)}", line)
+    if surrogate := lone_surrogate(prompt):
+        return BadRow(row_id, f"'prompt' is not valid Unicode text: it holds the lone surrogate {surrogate}", line)
     images = data.get("images")
     images = [] if images is None else images
     if not isinstance(images, list) or not all(isinstance(path, str) and path for path in images):
@@ -118,8 +125,15 @@ def read_rows(path: Path) -> Iterator[Union[Row, BadRow, BadLine]]:
     makes a BadLine naming the line of its first row."""
     base_dir = path.resolve().parent
     first_line = {}
-    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
-        for number, text in enumerate(lines, start=1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad_byte = raw[error.start]
+                yield BadLine(number, f"line {number} is not valid UTF-8 (byte 0x{bad_byte:02x} at position "
+                                      f"{error.start + 1})")
+                continue
             if not text.strip():
                 continue
             try:

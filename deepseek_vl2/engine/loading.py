@@ -14,6 +14,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def checked_device(name: Optional[str]) -> torch.device:
+    """`name` (default: `default_device()`) as a torch.device; ValueError for a name torch does not know."""
+    name = name or default_device()
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not understood: use 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def default_dtype(device) -> torch.dtype:
     """bfloat16 on a GPU, float32 elsewhere."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -27,11 +36,7 @@ def load_model_and_processor(model_path, device: Optional[str] = None, dtype: Op
     from ..models import DeepseekVLV2ForCausalLM
     from ..processing import DeepseekVLV2Processor
 
-    device = device or default_device()
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not understood: use 'cpu', 'cuda' or 'cuda:N'") from None
+    device = str(checked_device(device))
     if dtype is None:
         dtype = default_dtype(device)
     processor = DeepseekVLV2Processor.from_pretrained(model_path)

@@ -3,12 +3,14 @@
 `GenerateSettings.from_kwargs` routes `generate(**kwargs)` here: every field below can be passed;
 the arguments of transformers' generate that change nothing in this library are accepted and
 ignored (IGNORED); those with a single meaning here raise for any other value (ONLY); any other
-name is a TypeError naming it. A `generation_config` fills max_new_tokens, eos_token_id and
-pad_token_id when they are not passed.
+name is a TypeError naming it. A `generation_config` (a transformers GenerationConfig; a dict is
+refused, as transformers' generate cannot use one either) fills max_new_tokens, eos_token_id and
+pad_token_id when they are not passed. The switches (FLAGS) take True, False or None (their default).
 """
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .sampling import SamplingSettings, as_int
@@ -17,6 +19,7 @@ from .sampling import SamplingSettings, as_int
 ONLY = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "assistant_model": None}
 IGNORED = ("bos_token_id", "output_attentions", "output_hidden_states", "synced_gpus", "position_ids",
            "cache_position", "num_logits_to_keep", "logits_to_keep", "return_legacy_cache", "tokenizer")
+FLAGS = ("do_sample", "use_cache", "return_dict_in_generate", "output_scores", "output_logits")
 
 
 @dataclass
@@ -47,9 +50,11 @@ class GenerateSettings:
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"generate() got unexpected arguments: {unknown}")
-        settings = cls(**kwargs)
+        settings = cls(**{name: value for name, value in kwargs.items() if not (name in FLAGS and value is None)})
+        for name in FLAGS:
+            setattr(settings, name, as_flag(name, getattr(settings, name)))
         if generation_config is not None:
-            defaults = generation_config.to_dict()
+            defaults = config_values(generation_config)
             for name in ("max_new_tokens", "eos_token_id", "pad_token_id"):
                 if getattr(settings, name) is None:
                     setattr(settings, name, defaults.get(name))
@@ -78,6 +83,24 @@ class GenerateSettings:
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             eos_token_ids=tuple(eos), pad_token_id=pad_token_id,
         )
+
+
+def as_flag(name: str, value) -> bool:
+    """`value` (a bool or a numpy bool) as a bool; TypeError naming `name` for anything else (the string
+    "False" would otherwise read as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def config_values(generation_config) -> dict:
+    """The settings of a transformers GenerationConfig; TypeError naming generation_config for anything else."""
+    to_dict = getattr(generation_config, "to_dict", None)
+    if isinstance(generation_config, dict) or not callable(to_dict):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got "
+                        f"{type(generation_config).__name__}; pass the settings as keyword arguments "
+                        "(generate(..., **settings)) or wrap them: GenerationConfig(**settings)")
+    return to_dict()
 
 
 def token_ids(name, ids, vocab_size) -> list:

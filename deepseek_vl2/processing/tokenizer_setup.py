@@ -4,18 +4,23 @@
 special-token ids found or added are reported through `logging`, not printed
 (docs/deviations.md#token-ids-go-to-logging).
 `from_pretrained` reads `processor_config.json` and the tokenizer files of a directory or a hub id;
-unreadable files are reported with their path. The tokenizer is loaded with
-`PreTrainedTokenizerFast`: under transformers 5.x the `LlamaTokenizerFast` class named in the
-checkpoints re-tokenizes their byte-level `tokenizer.json` wrongly and loses spaces and newlines.
+unreadable files are reported with their path, and a value of the wrong type or range with the file
+(or the from_pretrained argument), its key, the value and what is expected (`check_processor_values`).
+The tokenizer is loaded with `PreTrainedTokenizerFast`: under transformers 5.x the `LlamaTokenizerFast`
+class named in the checkpoints re-tokenizes their byte-level `tokenizer.json` wrongly and loses spaces and newlines.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from numbers import Real
 
 from tokenizers import AddedToken
+
+from .conversation import conv_templates
 
 # the processor module's logger name, which users may already filter on
 logger = logging.getLogger("deepseek_vl2.models.processing_deepseek_vl_v2")
@@ -84,7 +89,66 @@ def read_processor_config(directory: str, accepted, overrides: dict) -> dict:
         logger.warning("ignoring unknown keys in %s: %s", PROCESSOR_CONFIG_NAME, ignored)
     kwargs = {key: value for key, value in config.items() if key in accepted}
     kwargs.update(overrides)
+    check_processor_values(kwargs, config_path, overrides)
     return kwargs
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _is_resolution_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_positive_int, pair)) for pair in value)
+
+
+def _is_channel_triple(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+# processor_config.json key -> (whether a value is usable, what is expected)
+VALUE_CHECKS = {
+    "candidate_resolutions": (_is_resolution_list, "a non-empty list of (width, height) pairs of positive integers"),
+    "patch_size": (_is_positive_int, "a positive integer"),
+    "downsample_ratio": (_is_positive_number, "a positive number"),
+    "image_mean": (_is_channel_triple, "a list of 3 numbers (one per RGB channel)"),
+    "image_std": (lambda value: _is_channel_triple(value) and all(x > 0 for x in value),
+                  "a list of 3 positive numbers (one per RGB channel)"),
+    "normalize": (lambda value: isinstance(value, bool), "true or false"),
+    "add_special_token": (lambda value: isinstance(value, bool), "true or false"),
+    "mask_prompt": (lambda value: isinstance(value, bool), "true or false"),
+    "image_token": (_is_text, "a non-empty string"),
+    "pad_token": (_is_text, "a non-empty string"),
+    "sft_format": (lambda value: isinstance(value, str) and value in conv_templates,
+                   "the name of a conversation template"),
+    "ignore_id": (_is_int, "an integer"),
+}
+
+
+def check_processor_values(kwargs: dict, config_path: str, overrides: dict) -> None:
+    """ValueError naming where a value came from (the file or the from_pretrained argument), its key,
+    the value and what is expected, for the first unusable one."""
+    for key, value in kwargs.items():
+        if key not in VALUE_CHECKS or VALUE_CHECKS[key][0](value):
+            continue
+        expected = VALUE_CHECKS[key][1]
+        if key == "sft_format":
+            expected += f" ({', '.join(sorted(conv_templates))})"
+        source = f"from_pretrained argument {key}" if key in overrides else f"{config_path}: {key}"
+        raise ValueError(f"{source} must be {expected}, got {value!r}")
 
 
 def write_processor_config(directory: str, config: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 
 from ..engine import GenerationParams
 from ..engine.params import SEED_RANGE
+from ..utils.text import lone_surrogate
 from .errors import APIError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -104,13 +105,11 @@ def parse_chat_request(body: Any, max_images: int, max_text_chars: int) -> ChatR
 
 
 def _text(value: str, param: str) -> str:
-    """`value`, refused if it holds a lone UTF-16 surrogate (JSON can escape one; no text encoding can)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise APIError(400, f"{param} is not valid text: it holds a lone UTF-16 surrogate "
-                            f"(\\u{ord(value[error.start]):04x} at character {error.start})", param=param,
-                       code="invalid_text") from None
+    """`value`, refused if it holds a lone UTF-16 surrogate."""
+    surrogate = lone_surrogate(value)
+    if surrogate:
+        raise APIError(400, f"{param} is not valid text: it holds the lone UTF-16 surrogate {surrogate}", param=param,
+                       code="invalid_text")
     return value
 
 

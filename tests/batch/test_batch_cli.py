@@ -176,6 +176,34 @@ def test_a_missing_input_is_named(tmp_path, capsys):
     assert status == 2 and "--input: no file at" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("output, message", [
+    ("odir", "--output {tmp}/odir: is a directory; name a file"),
+    ("img.png/o.jsonl", "--output {tmp}/img.png/o.jsonl: {tmp}/img.png is a file, not a directory"),
+    ("img.png/sub/o.jsonl", "--output {tmp}/img.png/sub/o.jsonl: {tmp}/img.png is a file, not a directory"),
+])
+def test_an_output_that_cannot_be_a_file_is_named(tmp_path, capsys, output, message):
+    (tmp_path / "odir").mkdir()
+    (tmp_path / "img.png").write_bytes(b"an image")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": 1, "prompt": "hi"}\n')
+    status = main(["--model_path", str(CHECKPOINT), "--input", str(rows), "--output", str(tmp_path / output),
+                   "--device", "cpu"])
+    assert status == 2
+    assert capsys.readouterr().err.replace("'", "").startswith(f"error: {message.format(tmp=tmp_path)}")
+
+
+def test_max_num_seqs_beyond_the_memory_is_named(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": 1, "prompt": "hi"}\n')
+    status = main(["--model_path", str(CHECKPOINT), "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                   "--device", "cpu", "--no_progress", "--max_num_seqs", "1000000000"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "error: --max_num_seqs 1000000000: the engine ran out of memory on cpu" in err
+    assert "its KV cache alone is 1000000000 rows x 4096 tokens = 5,859,375.0 GiB" in err
+    assert err.rstrip().endswith("lower --max_num_seqs")
+
+
 @pytest.mark.slow
 def test_engine_processes_that_cannot_start_end_the_run(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"

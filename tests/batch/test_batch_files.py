@@ -62,6 +62,22 @@ def test_read_rows_reports_bad_json_and_duplicates_by_line(tmp_path):
     assert items[4].images == [] and items[4].line == 6
 
 
+def test_a_line_that_is_not_utf8_is_a_bad_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"id": 1, "prompt": "h\xff\xfei"}\r\n{"id": 2, "prompt": "caf\xc3\xa9"}\n')
+    items = list(read_rows(path))
+    assert items[0] == BadLine(1, "line 1 is not valid UTF-8 (byte 0xff at position 23)")
+    assert items[1] == Row(2, "caf\u00e9", [], {}, 2)
+
+
+def test_lone_surrogates_are_not_text(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "\\ud800", "prompt": "x"}\n{"id": 2, "prompt": "h\\udcffi"}\n')
+    items = list(read_rows(path))
+    assert items[0] == BadLine(1, "line 1: 'id' is not valid Unicode text: it holds the lone surrogate \\ud800")
+    assert items[1] == BadRow(2, "'prompt' is not valid Unicode text: it holds the lone surrogate \\udcff", 2)
+
+
 def test_rows_from_ray_columns():
     """numpy values, NaN for a missing float, whole floats where ints are due (an Arrow int column with gaps)."""
     row = row_from_fields({"id": np.int64(3), "prompt": np.str_("p"), "images": np.array(["a.png"], dtype=object),
@@ -106,3 +122,11 @@ def test_a_file_that_is_not_a_batch_output_is_refused(tmp_path, content):
     with pytest.raises(OutputFileError, match="line 1: not a record of a batch run"):
         OutputFile(path)
     assert path.read_bytes() == content
+
+
+def test_records_with_lone_surrogates_stay_utf8_json(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with OutputFile(path) as output:
+        output.write({"id": 1, "error": "no image file at 'a\\udcff\\ud800.png'", "text": "a\udcff\ud800"})
+    path.read_bytes().decode("utf-8")
+    assert json.loads(path.read_bytes())["text"] == "a\udcff\ud800"

@@ -47,3 +47,28 @@ def test_token_ids_and_hooks_are_checked():
         check_hooks(None, lambda ids, scores: True, None, None)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         check_hooks(None, None, None, 3)
+
+
+def test_a_generation_config_dict_is_refused_naming_the_argument():
+    with pytest.raises(TypeError, match="generation_config must be a transformers GenerationConfig, got dict"):
+        GenerateSettings.from_kwargs({}, {"max_new_tokens": 3})
+
+
+@pytest.mark.parametrize("name", ["use_cache", "do_sample", "output_scores", "return_dict_in_generate"])
+def test_none_switches_take_their_default(name):
+    settings = GenerateSettings.from_kwargs({name: None})
+    assert getattr(settings, name) is getattr(GenerateSettings(), name)
+
+
+@pytest.mark.parametrize("name, value", [("do_sample", "False"), ("do_sample", 1), ("use_cache", "yes"),
+                                         ("output_scores", "True")])
+def test_switches_that_are_not_bools_are_refused(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got {type(value).__name__} {value!r}"):
+        GenerateSettings.from_kwargs({name: value})
+
+
+def test_numpy_bools_are_switches():
+    import numpy as np
+
+    settings = GenerateSettings.from_kwargs({"do_sample": np.float64(0.5) > 0})
+    assert settings.do_sample is True

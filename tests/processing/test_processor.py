@@ -433,3 +433,31 @@ def test_process_one_from_several_threads_equals_one_at_a_time(proc):
         thread.join()
     for one, other in zip(alone, together):
         assert torch.equal(one.input_ids, other.input_ids) and torch.equal(one.images, other.images)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("patch_size", "14", "a positive integer, got '14'"),
+    ("patch_size", 0, "a positive integer, got 0"),
+    ("downsample_ratio", 0, "a positive number, got 0"),
+    ("image_mean", [0.5], r"a list of 3 numbers \(one per RGB channel\), got \[0.5\]"),
+    ("image_std", [0.5, 0, 0.5], r"a list of 3 positive numbers \(one per RGB channel\), got \[0.5, 0, 0.5\]"),
+    ("image_token", 5, "a non-empty string, got 5"),
+    ("sft_format", "chatml", r"the name of a conversation template \(.*deepseek.*\), got 'chatml'"),
+    ("candidate_resolutions", [[384, "384"]],
+     r"a non-empty list of \(width, height\) pairs of positive integers, got \[\[384, '384'\]\]"),
+    ("normalize", "yes", "true or false, got 'yes'"),
+])
+def test_error_unusable_processor_config_value(tmp_path, key, value, expected):
+    source = checkpoint_dir("tiny_mha")
+    for path in source.iterdir():
+        if path.suffix == ".json" and path.name != "config.json":
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    (tmp_path / "processor_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=rf"processor_config\.json: {key} must be {expected}"):
+        DeepseekVLV2Processor.from_pretrained(str(tmp_path))
+
+
+def test_error_unusable_from_pretrained_argument():
+    with pytest.raises(ValueError, match="from_pretrained argument downsample_ratio must be a positive number, got 0"):
+        DeepseekVLV2Processor.from_pretrained(str(checkpoint_dir("tiny_mha")), downsample_ratio=0)
