@@ -128,7 +128,10 @@ def test_web_demo_uses_the_rule(tmp_path):
     pytest.importorskip("gradio")
     web_demo = load_script("web_demo")
     demo = web_demo.Demo(engine=None)
-    _, chat, history = demo.add_user_turn({"text": " Compare. ", "files": ["a.png", "b.png"]}, [], [])
-    assert history == chat_conversation([{"role": "user", "content": "Compare.", "images": ["a.png", "b.png"]}])
+    files = [str(tmp_path / name) for name in ("a.png", "b.png")]  # readable: the demo opens them at once
+    for path in files:
+        Image.new("RGB", (8, 8)).save(path)
+    _, chat, history = demo.add_user_turn({"text": " Compare. ", "files": files}, [], [])
+    assert history == chat_conversation([{"role": "user", "content": "Compare.", "images": files}])
     with pytest.raises(Exception, match="2 <image> tags but 1 images"):
-        demo.add_user_turn({"text": "<image><image>", "files": ["a.png"]}, [], [])
+        demo.add_user_turn({"text": "<image><image>", "files": files[:1]}, [], [])
