@@ -101,7 +101,7 @@ class ChatEngine:
         room for the rows, on CUDA with its decode graphs, and kept for later calls); rows may differ
         in every setting. Each row ends on its own: at EOS, at one of its stop strings, after its
         max_new_tokens (capped by what its own prompt leaves of the context), or at the step after
-        its `is_cancelled()` turns true (finish_reason "cancelled"). An error in one row is raised
+        its `is_cancelled()` turns true (finish_reason "cancelled"). An error in one row (its on_text raising included) is raised
         after the others have ended. A model spread over several devices answers through
         `generate_batch`, with its rules."""
         if not rows:
@@ -123,11 +123,18 @@ class ChatEngine:
             return on_event
 
         handles = [engine.submit(row.sample, row.params, events_of(i, row)) for i, row in enumerate(rows)]
-        while engine.has_work():
-            for row, handle in zip(rows, handles):
-                if not handle.finished and row.is_cancelled():
-                    handle.cancel()
-            engine.step()
+        try:
+            while engine.has_work():
+                for row, handle in zip(rows, handles):
+                    if not handle.finished and row.is_cancelled():
+                        handle.cancel()
+                engine.step()
+        except BaseException:  # interrupted (KeyboardInterrupt in a notebook): no row is left for the next call
+            for handle in handles:
+                handle.cancel()
+            engine.end_cancelled()
+            raise
+        errors.update({i: h.callback_error for i, h in enumerate(handles) if h.callback_error is not None})
         if errors:
             raise errors[min(errors)]
         return results

@@ -215,30 +215,37 @@ class ContinuousEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the loop; waiting and unfinished requests get an error event."""
+        """Stop the loop; waiting and unfinished requests get an error event (from the loop's thread
+        as it ends, which may be after `timeout_s` when a step is running)."""
         with self._condition:
             self._closing = True
             self._condition.notify()
-        if self._thread is not None:
+        if self._thread is None:  # driven by `step` on the caller's thread
+            self._shut_down()
+        else:
             self._thread.join(timeout_s)
-        if not self.alive:
-            self.prefill.close()
-            self._fail_all(RuntimeError("the engine is shutting down"))
+
+    def _shut_down(self) -> None:
+        self.prefill.close()
+        self._fail_all(RuntimeError("the engine is shutting down"))
 
     def _loop(self) -> None:
-        while True:
-            with self._condition:
-                while not self._closing and not self.has_work():
-                    self._condition.wait()
-                if self._closing:
-                    return
-            try:
-                self.step()
-            except Exception as error:  # keep serving: the requests in flight fail, later ones go on
-                logger.exception("engine step failed")
-                self._fail_all(error, waiting=False)
-            if self.after_step is not None:
-                self.after_step()
+        try:
+            while True:
+                with self._condition:
+                    while not self._closing and not self.has_work():
+                        self._condition.wait()
+                    if self._closing:
+                        return
+                try:
+                    self.step()
+                except Exception as error:  # keep serving: the requests in flight fail, later ones go on
+                    logger.exception("engine step failed")
+                    self._fail_all(error, waiting=False)
+                if self.after_step is not None:
+                    self.after_step()
+        finally:
+            self._shut_down()
 
     # ---- one iteration (the engine's thread) ----------------------------------------------------
 
@@ -309,8 +316,7 @@ class ContinuousEngine:
         for prefilled in self.prefill.take_ended():
             request = prefilled.request
             if prefilled.error is not None:
-                self._remove(request)
-                self._fail(request.handle, prefilled.error)
+                self._abort(request, prefilled.error)
                 continue
             self._running.append(request)
             launched.append(prefilled.first)
@@ -323,7 +329,15 @@ class ContinuousEngine:
         return RuntimeError(f"the model was moved or cast to {self.lm.device} / {self.lm.dtype} after this engine "
                             f"was built for {self.device} / {self.dtype}; build a new ContinuousEngine")
 
+    def end_cancelled(self) -> None:
+        """End the cancelled requests now, outside a step, and forget the tokens in flight for them: for
+        a caller whose loop over `step` was interrupted, after cancelling its requests, so that no
+        work of theirs is left for the next caller."""
+        self._drop_cancelled()
+        self._pending = [chosen for chosen in self._pending if not all(r.done for r in chosen.requests)]
+
     def _drop_cancelled(self) -> None:
+        """Waiting cancelled requests are dropped; admitted ones end "cancelled" and free their slots."""
         with self._condition:
             cancelled = [h for h in self._waiting if h.cancelled]
             for handle in cancelled:
@@ -392,8 +406,7 @@ class ContinuousEngine:
             chosen = Chosen(running, tokens, unusable)
         except Exception as error:
             for request in running:
-                self._remove(request)
-                self._fail(request.handle, error)
+                self._abort(request, error)
             return None
         for request in running:
             request.length += 1
@@ -410,14 +423,12 @@ class ContinuousEngine:
             values = []
             for request in chosen.requests:
                 if not request.done:
-                    self._remove(request)
-                    self._fail(request.handle, error)
+                    self._abort(request, error)
         for request, token, bad in values:
             if request.done:
                 continue
             if bad:
-                self._remove(request)
-                self._fail(request.handle, _unusable(request))
+                self._abort(request, _unusable(request))
                 continue
             reason = request.take(token, self.eos_id)
             if reason is not None:
@@ -442,11 +453,18 @@ class ContinuousEngine:
         self.stats.failed += 1
         handle.emit("error", error)
 
+    def _abort(self, request: ActiveRequest, error: Exception) -> None:
+        """End an admitted request with `error`. Its slot is cleared first: what a failed request
+        wrote there (NaN, say) would reach the slot's next request through the positions its mask
+        hides, as 0 * NaN is NaN."""
+        self.slots.clear(request.slot)
+        self._remove(request)
+        self._fail(request.handle, error)
+
     def _fail_all(self, error: Exception, waiting: bool = True) -> None:
         self._pending = []
         for request in self._prefilling + self._running:
-            self._remove(request)
-            self._fail(request.handle, error)
+            self._abort(request, error)
         if waiting:
             with self._condition:
                 handles = list(self._waiting)

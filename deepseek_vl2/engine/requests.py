@@ -4,9 +4,11 @@ the result) and the engine-side `ActiveRequest` (its slot, prefill progress, sam
 Events, in order, through the handle's `on_event(kind, value)` (or its queue when none is given):
 ("token", id) and ("text", piece) as they come, then ("done", ChatResult) or ("error", exception).
 A ChatResult's finish_reason is "stop" (EOS or a stop string), "length" (max_new_tokens or the
-slot's capacity) or "cancelled".
+slot's capacity) or "cancelled". An `on_event` that raises cancels its own request and gets no
+more events; the exception is kept (`callback_error`) and logged, and the engine goes on.
 """
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from .params import GenerationParams
 from .row_sampling import RowSampler
 from .streaming import TextStream
 
+logger = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
@@ -35,6 +38,7 @@ class Handle:
         self.params = params
         self.events: queue.Queue = queue.Queue()
         self._on_event = on_event
+        self.callback_error: Optional[Exception] = None  # what `on_event` raised, if it did
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self.submitted = time.perf_counter()
@@ -56,9 +60,18 @@ class Handle:
         if kind in ("done", "error"):
             self._finished.set()
         if self._on_event is not None:
-            self._on_event(kind, value)
+            if self.callback_error is None:
+                self._call_back(kind, value)
         else:
             self.events.put((kind, value))
+
+    def _call_back(self, kind: str, value) -> None:
+        try:
+            self._on_event(kind, value)
+        except Exception as error:  # the caller's code: it must not end the other requests' steps
+            self.callback_error = error
+            self.cancel()
+            logger.exception("request %d: its on_event callback raised; the request is cancelled", self.id)
 
     def result(self, timeout: Optional[float] = None) -> ChatResult:
         """Wait for the end (events without `on_event` only): the ChatResult, or the error raised."""

@@ -58,6 +58,11 @@ class SlotCache:
         self._used.remove(row)
         heapq.heappush(self._free, row)
 
+    def clear(self, row: int) -> None:
+        """Zero slot `row` (its next request must not read what a failed one left there)."""
+        for part in self.cache.rows(row, 1).storage:
+            part.zero_()
+
     def prompt_row(self, length: int) -> KVCache:
         """The prompt row holding `length` tokens of the prompt being prefilled (a view: writes go through)."""
         view = self.prompt.rows(0, 1)

@@ -4,6 +4,7 @@ different steps, with different prompts, images, settings and lengths, give exac
 the other rows' decode steps; cancellations free every slot; the
 loop thread streams events; a short request is not held up by a long one."""
 import functools
+import threading
 
 import pytest
 import torch
@@ -280,3 +281,118 @@ def test_a_piece_runs_about_layer_tokens_over_the_prompt(tiny_lm, layer_tokens, 
         engine.step()
         assert engine.stats.layer_pieces == piece and len(engine.prefill.requests) == (piece < pieces)
     assert engine.stats.max_running == 2 and engine.stats.whole_prefills == 1
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha", "small_mla"])
+def test_a_request_that_fails_on_nan_leaves_its_slot_clean(checkpoint):
+    """NaN images (what a float16 overflow makes) fail their request; the next request in the same
+    slot reads none of it (masked positions multiply what lies there: 0 * NaN is NaN) and gives its
+    answer alone."""
+    chat = chat_engine(checkpoint)
+    poisoned = chat.prepare_one(conversation("Describe.", [RED]), [RED])
+    poisoned.images = torch.full_like(poisoned.images, float("nan"))
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=1)
+    failing = engine.submit(poisoned, GenerationParams(max_new_tokens=8, temperature=0))
+    while engine.has_work():
+        engine.step()
+    with pytest.raises(ValueError, match="the scores hold NaN or inf"):
+        failing.result(timeout=0)
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+    question = conversation("Hello there, tell me more.", [])
+    after = engine.submit(engine.prepare_one(question, []), params)
+    assert token_ids_at_the_end(engine, [after]) == [chat.chat(question, [], params).token_ids]
+
+
+def test_a_close_that_times_out_mid_step_still_ends_every_request():
+    """close(timeout_s) returns while the loop is inside a step; the loop ends the requests (an error
+    event each) and frees the slots when the step is over."""
+    chat = chat_engine("tiny_mha")
+    big = Image.new("RGB", (640, 480), (200, 30, 30))
+    engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=1)
+    sample = engine.prepare_one(conversation("Describe the image in detail.", [big, big]), [big, big])
+    entered = threading.Event()
+    engine.after_step = entered.set
+    engine.start()
+    handles = [engine.submit(sample, GenerationParams(max_new_tokens=20, temperature=0)) for _ in range(3)]
+    assert entered.wait(60)
+    engine.close(timeout_s=0.001)
+    for handle in handles:
+        with pytest.raises(RuntimeError, match="shutting down"):
+            handle.result(timeout=60)
+    engine.close()  # joins the loop's thread, which ended the requests as it stopped
+    assert not engine.alive and not engine.has_work() and engine.slots.free_count == 1
+
+
+def test_an_on_event_that_raises_cancels_only_its_own_request():
+    """A caller's callback that raises (a client gone, say) cancels its own request and keeps the
+    exception; the other rows get every token they get alone, stepped by hand or by the loop."""
+    chat = chat_engine("tiny_mha")
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    question = conversation("Hello, who are you?", [])
+    alone = chat.chat(question, [], params).token_ids
+
+    def raising_at_the_third_token():
+        tokens = []
+
+        def on_event(kind, value):
+            tokens.extend([value] if kind == "token" else [])
+            if len(tokens) == 3:
+                raise BrokenPipeError("client went away")
+        return on_event
+
+    for threaded in (False, True):
+        engine = ContinuousEngine(chat.model, chat.processor, max_num_seqs=3)
+        sample = engine.prepare_one(question, [])
+        if threaded:
+            engine.start()
+        good = [engine.submit(sample, params) for _ in range(2)]
+        bad = engine.submit(sample, params, on_event=raising_at_the_third_token())
+        if not threaded:
+            while engine.has_work():
+                engine.step()
+        assert [handle.result(timeout=60).token_ids for handle in good] == [alone, alone]
+        assert isinstance(bad.callback_error, BrokenPipeError) and bad.cancelled
+        engine.close()
+        assert engine.slots.free_count == 3
+
+
+def test_chat_batch_raises_a_rows_on_text_error_and_leaves_no_row_behind():
+    """An on_text that raises is that row's error, raised after the other rows have ended; a call
+    interrupted mid-way (KeyboardInterrupt) leaves nothing running for the next call."""
+    from deepseek_vl2.engine import BatchRow
+
+    chat = chat_engine("tiny_mha")
+    question = conversation("Hello, who are you?", [])
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    alone = chat.chat(question, [], params).token_ids
+    sample = chat.prepare_one(question, [])
+    pieces = []
+
+    def failing_on_text(piece):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            raise ValueError("on_text failed")
+
+    with pytest.raises(ValueError, match="on_text failed"):
+        chat.chat_batch([BatchRow(sample, params), BatchRow(sample, params, on_text=failing_on_text)])
+    engine = chat.continuous_engine(1)
+    assert not engine.has_work() and engine.active == 0
+
+    steps = []
+    original_step = engine.step
+
+    def interrupted_step():
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        original_step()
+
+    engine.step = interrupted_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat.chat_batch([BatchRow(sample, params), BatchRow(sample, params)])
+    finally:
+        del engine.step
+    assert not engine.has_work() and engine.active == 0 and engine.slots.free_count == engine.slots.max_num_seqs
+    assert [result.token_ids for result in chat.chat_batch([BatchRow(sample, params)])] == [alone]
+    assert len(pieces) == 2  # the failed row's on_text was not called again
