@@ -9,10 +9,10 @@ Against hostile clients: with an API key every /v1 route needs `Authorization: B
 (`/health` stays open); a body that is not `application/json` is refused with 415 (a web page
 cannot send one to a local server without a CORS preflight); past `max_concurrent_requests` chat
 requests in flight a request gets 429 with Retry-After; a body must arrive within BODY_DEADLINE_S
-(408), and hold no more JSON objects and arrays than its text could need (they are parsed on the
-event loop); a request whose client goes away is cancelled (streamed or not); at most
-PREPARING_AT_ONCE requests have their images decoded and tiled at once, and a queued request keeps
-only its processed sample, not its images.
+(408), and hold no more JSON values than its text could need (it is parsed on the event loop); its
+images must arrive within its request timeout (504); a request whose client goes away is cancelled
+(streamed or not); at most PREPARING_AT_ONCE requests have their images decoded and tiled at once,
+and a queued request keeps only its processed sample, not its images.
 An unrecoverable device error (a CUDA error) turns `/health` to 503 with the reason, refuses new
 chat requests with 503 and calls `on_fatal`, with which the command line ends the process.
 """
@@ -49,9 +49,9 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 RETRY_AFTER_S = 1  # the Retry-After of a 429
 BODY_DEADLINE_S = 60.0  # a request's body must arrive within this from its arrival (and within its request timeout)
-# JSON objects and arrays a body may hold beyond one per character of text allowed (brackets typed in text count):
-# parsing holds the event loop, about 70 ns an object, and 11 million empty objects fit in 32 MiB
-MAX_JSON_CONTAINERS_BEYOND_TEXT = 65_536
+# JSON values a body may hold beyond one per character of text allowed, counted as commas and brackets (those
+# typed in text count too): parsing holds the event loop, 70-150 ns a value, and 32 MiB hold 11 million of them
+MAX_JSON_VALUES_BEYOND_TEXT = 65_536
 # requests whose images are decoded and tiled at once: each may hold a few hundred MB of pixels meanwhile
 PREPARING_AT_ONCE = os.cpu_count() or 2
 
@@ -142,17 +142,22 @@ def create_app(engine, settings: ServerSettings, on_fatal: Optional[Callable[[st
     async def answer(request: Request, slot: "Slot", arrival: float):
         deadline = arrival + settings.request_timeout_s
         body = await read_json(request, settings.max_request_bytes,
-                               settings.max_text_chars + MAX_JSON_CONTAINERS_BEYOND_TEXT,
+                               settings.max_text_chars + MAX_JSON_VALUES_BEYOND_TEXT,
                                min(deadline, arrival + BODY_DEADLINE_S))
         chat = parse_chat_request(body, settings.max_images, settings.max_text_chars)
         del body
         if chat.model is not None and chat.model != settings.model_id:
             raise APIError(404, f"the model {chat.model!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
+        try:  # fetched before a place among the preparations is taken: a slow image host holds up no one else
+            async with asyncio.timeout_at(deadline):
+                files = [await media.read(ref.url, ref.param) for ref in chat.images]
+        except TimeoutError:
+            raise APIError(504, "the request's images did not arrive within the server's request timeout",
+                           code="timeout") from None
         async with state.preparing:
-            images = []
-            for ref in chat.images:
-                images.append(await run_in_threadpool(media.decode, await media.read(ref.url, ref.param), ref.param))
+            images = [await run_in_threadpool(media.decode, data, ref.param) for data, ref in zip(files, chat.images)]
+            del files
             conversation = build_conversation(chat.messages, images, control_tokens)
             sample, params = await run_in_threadpool(prepare, conversation, images, chat.params,
                                                      chat.max_tokens_param)
@@ -333,11 +338,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-async def read_json(request: Request, limit: int, max_containers: int, arrive_by: float):
+async def read_json(request: Request, limit: int, max_values: int, arrive_by: float):
     """The JSON body (Content-Type application/json), refused with 413 past `limit` bytes (declared or
     received), with 408 unless it has arrived by loop time `arrive_by`, and with 400 if it holds more
-    than `max_containers` objects and arrays (counted as brackets); NaN, Infinity and numbers beyond a
-    float's range are not JSON and are refused."""
+    than about `max_values` values (counted as commas and brackets); NaN, Infinity and numbers beyond
+    a float's range are not JSON and are refused."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, f"the request body must be JSON sent as Content-Type: application/json, not "
@@ -359,10 +364,10 @@ async def read_json(request: Request, limit: int, max_containers: int, arrive_by
                             "of its request, and within the server's request timeout", code="request_timeout") from None
     except ClientDisconnect:  # nobody reads the answer; no traceback in the log either
         raise APIError(499, "the client left before its request body arrived", code="client_disconnected") from None
-    containers = body.count(b"{") + body.count(b"[")
-    if containers > max_containers:
-        raise APIError(400, f"the request body holds {containers} JSON objects and arrays (brackets in text "
-                            f"counted); this server takes at most {max_containers}", code="too_many_json_values")
+    values = body.count(b",") + body.count(b"{") + body.count(b"[")
+    if values > max_values:
+        raise APIError(400, f"the request body holds about {values} JSON values (counted as commas and brackets, "
+                            f"those in text too); this server takes at most {max_values}", code="too_many_json_values")
     try:
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:

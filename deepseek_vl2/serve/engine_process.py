@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 STATS_EVERY_S = 0.05  # while the engine works, its counters reach /health at least this often
 STARTUP_TIMEOUT_S = 1800.0  # loading, compiling and capturing a large model
 EVENTS_PIPE_BYTES = 1 << 20  # room for the events of a loop that stalls: the engine's thread blocks only past it
+PARENT_POLL_S = 1.0  # how often the engine's process checks that the server's process is still there
 
 
 @dataclass
@@ -82,11 +83,16 @@ class EngineProcess:
         self._events, events_in = context.Pipe(duplex=False)
         _widen(self._events.fileno(), EVENTS_PIPE_BYTES)
         self.process = context.Process(target=_engine_main, name="deepseek_vl2-engine",
-                                       args=(build, requests_out, control_out, events_in))
+                                       args=(build, requests_out, control_out, events_in, os.getpid()))
         self.process.start()
         for end in (requests_out, control_out, events_in):
             end.close()
-        self.info: EngineInfo = self._wait_until_ready(startup_timeout_s)
+        try:
+            self.info: EngineInfo = self._wait_until_ready(startup_timeout_s)
+        except BaseException:  # Ctrl-C while the model loads, say: the engine's process goes too
+            self.process.kill()
+            self.process.join(10)
+            raise
         self.max_batch_size = self.info.max_num_seqs
         self.context_length = self.info.capacity
         self.startup_summary = self.info.startup_summary
@@ -164,7 +170,8 @@ class EngineProcess:
             job.handle.cancel()
 
     def cancel(self, key: int) -> None:
-        self._send_control(("cancel", key))
+        if key in self._jobs:  # a request that has ended has nothing to cancel over there
+            self._send_control(("cancel", key))
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._closing = True
@@ -313,8 +320,9 @@ def checkpoint_engine(model_path: str, device: Optional[str], dtype: Optional[st
     return ContinuousEngine(model, processor, max_num_seqs=max_num_seqs, prefill=prefill)
 
 
-def _engine_main(build: Callable[[], ContinuousEngine], requests, control, events) -> None:
+def _engine_main(build: Callable[[], ContinuousEngine], requests, control, events, server_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes this process
+    threading.Thread(target=_end_with_server, args=(server_pid,), name="server-watch", daemon=True).start()
     try:
         engine = build()
     except BaseException as error:
@@ -334,10 +342,21 @@ def _engine_main(build: Callable[[], ContinuousEngine], requests, control, event
         outbox.flush()  # the errors that closing gave the requests left
 
 
+def _end_with_server(server_pid: int) -> None:
+    """End this process once the server's process, its parent, has gone (killed while this one was
+    still loading the model, say, even before this one ran: nothing would read its pipes, and it
+    would hold the GPU's memory)."""
+    while os.getppid() == server_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
 def _serve(engine: ContinuousEngine, requests, control, outbox: "_Outbox") -> None:
     """Take requests and cancellations until the server closes the engine or goes away."""
     pin = engine.device.type == "cuda"
-    handles, cancelled_early = {}, set()  # a cancel may overtake its request (another pipe)
+    # a cancel may overtake its request (another pipe); one for a key below `next_key` not in `handles` came
+    # after its request ended
+    handles, cancelled_early, next_key = {}, set(), 0
     while True:
         for connection in multiprocessing.connection.wait([requests, control]):
             try:
@@ -353,9 +372,10 @@ def _serve(engine: ContinuousEngine, requests, control, outbox: "_Outbox") -> No
                 handle = handles.get(message[1])
                 if handle is not None:
                     engine.cancel(handle)
-                else:
+                elif message[1] >= next_key:
                     cancelled_early.add(message[1])
                 continue
+            next_key = key + 1
             try:
                 handles[key] = engine.submit_inputs(inputs, prompt_tokens, params,
                                                     on_event=outbox.events_of(key, handles))

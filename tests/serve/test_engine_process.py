@@ -2,6 +2,7 @@
 Answers (greedy and seeded, streamed and whole, alone and concurrent) equal a direct ChatEngine call;
 a client that leaves frees its row; a request's batch crosses the pipe unchanged; and when the
 engine's process dies, /health says so and the server exits with the fatal exit code."""
+import functools
 import multiprocessing
 import os
 import signal
@@ -223,7 +224,12 @@ def test_the_engine_process_protocol_without_http(tmp_path_factory, engine):
         assert remote.events_sent_at <= time.monotonic()  # the engine's thread stamps what it sends
         assert remote.alive
         stats = remote.stats
+        sent = []
+        remote._send_control = sent.append
+        remote.cancel(0)  # the app cancels every job once it has ended: nothing goes over for an ended one
+        assert sent == []
     finally:
+        del remote._send_control
         remote.close()
     assert events[-1][0] == "done" and events[-1][1].text == want.text and events[-1][1].token_ids == want.token_ids
     assert "".join(value for kind_, value in events if kind_ == "text") == want.text
@@ -263,3 +269,61 @@ def test_an_engine_that_cannot_be_built_is_a_clear_start_up_error(tmp_path, engi
     build = functools.partial(checkpoint_engine, str(missing), "cpu", "float32", None, 2, PrefillSettings())
     with pytest.raises(RuntimeError, match="the engine process could not build its engine: .*no_checkpoint_here"):
         EngineProcess(build, engine.processor)
+
+
+class Interrupted(BaseException):
+    """What Ctrl-C raises in the server's process while the model loads."""
+
+
+def test_an_interrupted_start_up_ends_the_engine_process(monkeypatch):
+    from types import SimpleNamespace
+
+    from deepseek_vl2.serve.engine_process import EngineProcess
+
+    processes = []
+
+    def interrupted(self, timeout_s):
+        processes.append(self.process)
+        raise Interrupted
+
+    monkeypatch.setattr(EngineProcess, "_wait_until_ready", interrupted)
+    with pytest.raises(Interrupted):
+        EngineProcess(functools.partial(time.sleep, 600), SimpleNamespace(tokenizer=None))  # a build that loads long
+    assert not processes[0].is_alive() and processes[0].exitcode == -signal.SIGKILL
+
+
+PARENT_OF_A_LOADING_ENGINE = """
+import functools, multiprocessing, threading, time, types
+from deepseek_vl2.serve.engine_process import EngineProcess
+
+def report():
+    time.sleep(1)
+    print(*[child.pid for child in multiprocessing.active_children()], flush=True)
+
+if __name__ == "__main__":
+    threading.Thread(target=report, daemon=True).start()
+    EngineProcess(functools.partial(time.sleep, 600), types.SimpleNamespace(tokenizer=None))
+"""
+
+
+def test_the_engine_process_ends_with_a_server_killed_while_it_loads(tmp_path):
+    """A server killed (SIGTERM, SIGKILL) while its engine's process still loads the model leaves no
+    orphan holding the GPU: the engine's process notices and ends."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_OF_A_LOADING_ENGINE)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        child = int(parent.stdout.readline().split()[0])
+    finally:
+        parent.kill()
+        parent.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail(f"the engine process {child} outlived its killed server")

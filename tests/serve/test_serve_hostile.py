@@ -332,6 +332,7 @@ HOSTILE = [
     # objects beyond what the text (10,000 characters here) could need, in a field the server ignores: parsing
     # them would hold the event loop
     ("too_many_json_values", {"messages": user(), "user": [{}] * 80_000}, 400, None, "too_many_json_values"),
+    ("too_many_json_numbers", {"messages": user(), "user": [1.5] * 80_000}, 400, None, "too_many_json_values"),
 ]
 
 

@@ -51,6 +51,8 @@ class Web:
                 for _ in range(100):
                     yield b"x" * 1000
             return httpx.Response(200, content=chunks())
+        if path == "/stall":  # an image host that never answers
+            await asyncio.sleep(60)
         if path == "/slow":
             async def trickle():
                 for _ in range(100):
@@ -123,3 +125,42 @@ def test_the_whole_download_has_a_deadline_and_a_size_cap(web, monkeypatch):
     monkeypatch.setattr(media, "REMOTE_DEADLINE_S", 0.5)
     assert "longer than" in refused(web, "http://img.example/slow", "image_fetch_failed")
     refused(web, "http://nowhere.example/cat.png", "image_fetch_failed")
+
+
+def test_images_in_flight_hold_no_place_among_the_preparations(web, monkeypatch, tmp_path_factory):
+    """A request whose image host does not answer waits for it without holding one of the places for
+    decoding and tiling (here the only one): a text-only request beside it is answered at once, and
+    the stalled one gets 504 at its request timeout (3 s), not at the download's own deadline (20 s)."""
+    import threading
+    import time
+
+    import torch
+
+    from deepseek_vl2.engine import ChatEngine
+    from deepseek_vl2.serve import app as app_module
+    from deepseek_vl2.serve.settings import ServerSettings
+    from serve_helpers import ServerThread, tiny_checkpoint
+
+    monkeypatch.setattr(app_module, "PREPARING_AT_ONCE", 1)
+    engine = ChatEngine.load(str(tiny_checkpoint(tmp_path_factory)), device="cpu", dtype=torch.float32)
+    settings = ServerSettings(model_id="tiny", allow_remote_media=True, request_timeout_s=3.0, scheduler="continuous",
+                              max_num_seqs=2)
+    app = app_module.create_app(engine, settings)
+    app.state.media.transport = httpx.MockTransport(web.handle)
+    stalled = {}
+    image = {"type": "image_url", "image_url": {"url": "http://img.example/stall"}}
+    with ServerThread(app) as server:
+        def post(content):
+            started = time.monotonic()
+            response = httpx.post(server.base + "/v1/chat/completions", timeout=60,
+                                  json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+            return response, time.monotonic() - started
+
+        waiting = threading.Thread(target=lambda: stalled.update(zip(("response", "took"), post([image]))))
+        waiting.start()
+        time.sleep(0.5)
+        answered, took = post("Hello")
+        waiting.join(60)
+    assert answered.status_code == 200 and took < 2.0, (answered.text, took)
+    assert stalled["response"].status_code == 504 and stalled["response"].json()["error"]["code"] == "timeout"
+    assert 2.5 < stalled["took"] < 10
