@@ -106,13 +106,17 @@ def test_unexpected_tensor_is_named(broken_copy):
         _load(path)
 
 
-def test_misshaped_tensor_is_named(broken_copy):
+@pytest.mark.parametrize("change, problem", [
+    (lambda tensor: tensor[:-1].clone(), "wrong shape: {key}: checkpoint [63, 64], model [64, 64]"),
+    (lambda tensor: tensor.to(torch.int32), "1 tensors with the wrong dtype: {key}: checkpoint int32, expected a "
+                                            "floating dtype"),
+], ids=["misshaped", "floating-weight-as-integers"])
+def test_tensor_that_does_not_fit_its_parameter_is_named(broken_copy, change, problem):
     path, tensors = broken_copy
     key = "language.model.layers.0.self_attn.q_proj.weight"
-    tensors[key] = tensors[key][:-1].clone()
+    tensors[key] = change(tensors[key])
     save_file(tensors, str(path / "model.safetensors"))
-    pattern = re.escape(f"wrong shape: {key}: checkpoint [63, 64], model [64, 64]")
-    with pytest.raises(CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=re.escape(problem.format(key=key))):
         _load(path)
 
 
@@ -174,16 +178,6 @@ def test_malformed_index_is_named(broken_copy, index, problem):
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid safetensors index: "
                                               + problem):
-        _load(path)
-
-
-def test_floating_weight_stored_as_integers_is_named(broken_copy):
-    path, tensors = broken_copy
-    key = "language.model.layers.0.self_attn.q_proj.weight"
-    tensors[key] = tensors[key].to(torch.int32)
-    save_file(tensors, str(path / "model.safetensors"))
-    pattern = re.escape(f"1 tensors with the wrong dtype: {key}: checkpoint int32, expected a floating dtype")
-    with pytest.raises(CheckpointError, match=pattern):
         _load(path)
 
 
