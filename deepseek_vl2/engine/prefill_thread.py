@@ -138,7 +138,10 @@ class PrefillThread:
         prefill thread when a prompt is ready (wakes the engine)."""
         device = indexed(device)
         self.beside = sms is not None
-        if self.beside and (device != engine.device or device.type != "cuda"):
+        if self.beside and engine.device.type != "cuda":
+            raise ValueError(f"SMs set aside for prefill (sms={sms}) are SMs of the model's GPU, and it is on "
+                             f"{engine.device}: there are none to set aside")
+        if self.beside and device != engine.device:
             raise ValueError(f"SMs set aside for prefill (sms={sms}) are SMs of the model's GPU, and it is on "
                              f"{engine.device}, not on {device}")
         if device.type == "cuda" and device == engine.device and not self.beside:

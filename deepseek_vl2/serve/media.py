@@ -147,8 +147,9 @@ class MediaLoader:
                 return image.convert("RGB")
         except APIError:
             raise
-        except Image.DecompressionBombError as error:
-            raise APIError(400, f"{param}: {error}", param=param, code="image_too_large") from error
+        except Image.DecompressionBombError as error:  # Pillow's message names twice the limit: say ours
+            raise APIError(400, f"{param}: the image has more pixels than this server's limit of "
+                                f"{self.max_image_pixels}", param=param, code="image_too_large") from error
         except UnidentifiedImageError as error:  # its message holds the repr of our buffer object
             raise APIError(400, f"{param}: cannot read the image: not in an image format this server reads",
                            param=param, code="invalid_image") from error

@@ -67,6 +67,10 @@ def check_dtype_for_device(dtype: torch.dtype, device: torch.device) -> None:
 def split_kwargs(kwargs: dict) -> dict:
     """Hub download options out of from_pretrained's kwargs; warn about ones this library ignores."""
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    subfolder = kwargs.pop("subfolder", None)  # transformers' Auto classes pass "" (none)
+    if subfolder:
+        raise ValueError(f"subfolder={subfolder!r} is not supported: the DeepSeek-VL2 checkpoints keep their files "
+                         "at the top of their repository (pass the directory that holds config.json)")
     for key in IGNORED_KWARGS:
         kwargs.pop(key, None)
     if kwargs:

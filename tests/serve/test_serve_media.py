@@ -164,3 +164,16 @@ def test_images_in_flight_hold_no_place_among_the_preparations(web, monkeypatch,
     assert answered.status_code == 200 and took < 2.0, (answered.text, took)
     assert stalled["response"].status_code == 504 and stalled["response"].json()["error"]["code"] == "timeout"
     assert 2.5 < stalled["took"] < 10
+
+
+def test_an_image_far_over_the_pixel_limit_names_the_servers_limit(monkeypatch):
+    """Past twice the limit Pillow refuses the image itself (the server sets its limit from
+    --max-image-pixels), with a message naming twice the limit: the error names the server's."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    loader = media.MediaLoader(None, False, 1000, 5_000_000)
+    with pytest.raises(APIError) as raised:
+        loader.decode(png_bytes((1024, 768)), "messages[0].content[0].image_url")
+    assert raised.value.code == "image_too_large"
+    assert raised.value.message.endswith("more pixels than this server's limit of 1000"), raised.value.message

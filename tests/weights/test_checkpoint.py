@@ -1,5 +1,6 @@
 """Strict checkpoint loading: the real releases' layouts, every tensor accounted for, clear errors."""
 import json
+import logging
 import re
 import shutil
 
@@ -41,6 +42,17 @@ def test_loads_with_requested_dtype(name):
         assert not model.training
     default = DeepseekVLV2ForCausalLM.from_pretrained(str(CHECKPOINTS[name]))
     assert default.dtype == torch.bfloat16  # "auto": the checkpoint's dtype
+
+
+def test_the_auto_class_loads_without_a_warning_and_a_subfolder_is_refused(caplog):
+    """transformers' Auto classes pass subfolder="" (none): no "ignores these arguments" warning for
+    it; a real subfolder is refused by name rather than ignored."""
+    path = str(CHECKPOINTS["tiny_mha"])
+    with caplog.at_level(logging.WARNING, logger="deepseek_vl2"):
+        AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    assert "ignores these arguments" not in caplog.text
+    with pytest.raises(ValueError, match=r"subfolder='weights' is not supported"):
+        DeepseekVLV2ForCausalLM.from_pretrained(path, subfolder="weights")
 
 
 def test_save_pretrained_round_trip(tmp_path):
