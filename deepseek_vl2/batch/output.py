@@ -2,8 +2,10 @@
 
 Each record is written as one line with a single `os.write` on a file opened for appending, so a
 process killed at any moment leaves whole lines, except possibly a last line the kernel had not
-finished: on resume a trailing line without its newline (torn) is cut off, and a line that is not
-a JSON object anywhere else is an error (the file is not one of ours; nothing is overwritten).
+finished: on resume a trailing line without its newline (torn) is cut off, once every whole line
+has been read as a record and the tail could be one; a line that is not a record is an error (the
+file is not one of ours; nothing in it is changed). One run at a time: the file is locked while a
+run has it open, and a second run on it is refused.
 
 Resume: the ids (and, for lines that were not rows, the line numbers) already in the file are done;
 the runner skips them. `retry_errors` first drops the `{"id", "error"}` records, so those rows run
@@ -14,6 +16,11 @@ import json
 import os
 from pathlib import Path
 from typing import Set
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked against each other
+    fcntl = None
 
 from .rows import id_key
 
@@ -30,19 +37,33 @@ class OutputFile:
         self.done_lines: Set[int] = set()  # input lines reported as not rows already
         self.torn_bytes = 0  # the size of the partial last line cut off on opening
         self.dropped_errors = 0  # error records removed by retry_errors
-        if self.path.exists():
-            self._resume(retry_errors)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = self._open_locked()
+        try:
+            rewritten = self._resume(retry_errors)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if rewritten:  # through a new file: lock that one
+            os.close(self._fd)
+            self._fd = self._open_locked()
 
-    def _resume(self, retry_errors: bool) -> None:
+    def _open_locked(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputFileError(f"--output {self.path} is in use by another run (one run at a time may write "
+                                  "a file)") from None
+        return fd
+
+    def _resume(self, retry_errors: bool) -> bool:
+        """Read what is done; whether the file was rewritten (retry_errors dropped records)."""
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a killed run's last, partial write
-            self.torn_bytes = len(data) - end
-            os.truncate(self.path, end)
-        kept = []
+        kept, records = [], 0
         for number, line in enumerate(data[:end].splitlines(keepends=True), start=1):
             if not line.strip():
                 continue
@@ -53,6 +74,7 @@ class OutputFile:
             if not isinstance(record, dict) or not ("id" in record or "line" in record):
                 raise OutputFileError(f"{self.path}, line {number}: not a record of a batch run; refusing to "
                                       "append to it (choose another --output)")
+            records += 1
             if retry_errors and "id" in record and "error" in record:
                 self.dropped_errors += 1
                 continue
@@ -61,10 +83,19 @@ class OutputFile:
                 self.done_ids.add(id_key(record["id"]))
             else:
                 self.done_lines.add(record["line"])
-        if self.dropped_errors:
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_bytes(b"".join(kept))
-            os.replace(temporary, self.path)
+        tail = data[end:]
+        if tail:  # a killed run's last, partial write, if it could be one
+            if not records and not _could_start_a_record(tail):
+                raise OutputFileError(f"{self.path}: not a record of a batch run; refusing to append to it "
+                                      "(choose another --output)")
+            self.torn_bytes = len(tail)
+            os.truncate(self.path, end)
+        if not self.dropped_errors:
+            return False
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(b"".join(kept))
+        os.replace(temporary, self.path)
+        return True
 
     def is_done(self, item) -> bool:
         """Whether a Row / BadRow (by id) or a BadLine (by line) has its record in the file."""
@@ -95,3 +126,8 @@ class OutputFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _could_start_a_record(tail: bytes) -> bool:
+    """Whether `tail` begins as this runner writes a record (the id or the line number first)."""
+    return any(tail.startswith(start) or start.startswith(tail) for start in (b'{"id": ', b'{"line": '))

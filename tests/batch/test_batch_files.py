@@ -124,6 +124,38 @@ def test_a_file_that_is_not_a_batch_output_is_refused(tmp_path, content):
     assert path.read_bytes() == content
 
 
+@pytest.mark.parametrize("content", [b"my notes\nimportant last line", b'{"setting": 1, "other": 2}'],
+                         ids=["text-without-a-final-newline", "json-object"])
+def test_a_foreign_file_without_a_final_newline_is_refused_unchanged(tmp_path, content):
+    """Its last line is not cut as if a run had torn it: the file is refused as it is."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(OutputFileError, match="not a record of a batch run"):
+        OutputFile(path)
+    assert path.read_bytes() == content
+
+
+def test_a_first_record_torn_by_a_killed_run_is_cut(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": 7, "te')
+    with OutputFile(path) as output:
+        assert output.torn_bytes == len(b'{"id": 7, "te') and not output.is_done(Row(7, "", []))
+    assert path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("retry_errors", [False, True])
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, retry_errors):
+    """Two runs appending to one file would each write every row: the second is refused while the
+    first has the file open (also after the first rewrote it for retry_errors)."""
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(lines({"id": "a", "text": "x"}, {"id": "b", "error": "no image"}))
+    with OutputFile(path, retry_errors=retry_errors):
+        with pytest.raises(OutputFileError, match=r"--output .*out\.jsonl is in use by another run"):
+            OutputFile(path)
+    with OutputFile(path) as output:  # free again once the first run has closed it
+        assert output.is_done(Row("a", "", []))
+
+
 def test_records_with_lone_surrogates_stay_utf8_json(tmp_path):
     path = tmp_path / "out.jsonl"
     with OutputFile(path) as output:
