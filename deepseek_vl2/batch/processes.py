@@ -1,7 +1,9 @@
 """Several engines of one machine, each in its own process (one per GPU; or several CPU engines),
-over one input: the parent reads the rows into a shared queue, each engine process takes the next row
-whenever it has room for one (no static split: an engine that runs ahead takes more, and none sits
-idle at the end while rows wait), and the parent writes every record into the one output file.
+over one input: the parent hands each row to the first engine process with room for it (each has a
+small queue of its own; no static split: an engine that runs ahead takes more, and none sits idle at
+the end while rows wait), and writes every record into the one output file. The queues are not
+shared: a process killed while it waits on its queue holds that queue's lock, which would stop
+every process reading a shared one.
 
 Processes are started with `spawn` (CUDA cannot be used in a forked child), each GPU worker seeing
 its GPU alone (CUDA_VISIBLE_DEVICES, so that every thread of it, the engine's included, has that GPU
@@ -23,6 +25,8 @@ from .engine_spec import EngineSpec
 from .rows import Row
 
 POLL_S = 1.0  # how often the parent checks that its workers are alive while waiting for records
+ROWS_AHEAD = 2  # rows waiting in each worker's queue (it holds the ones it is answering besides)
+HAND_OUT_WAIT_S = 0.01  # how long the parent waits before trying the workers' full queues again
 
 
 class WorkersFailed(EngineFailed):
@@ -113,9 +117,9 @@ def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[
     called on this thread. Returns each worker's report; WorkersFailed when every worker ended
     before the rows did."""
     context = multiprocessing.get_context("spawn")
-    work = context.Queue(maxsize=2 * len(devices))  # rows waiting for a worker with room; workers hold the rest
+    inboxes = [context.Queue(maxsize=ROWS_AHEAD) for _ in devices]
     results = context.Queue()
-    workers = [context.Process(target=worker_main, args=(i, device, settings, work, results), daemon=True,
+    workers = [context.Process(target=worker_main, args=(i, device, settings, inboxes[i], results), daemon=True,
                                name=f"batch-engine-{device}") for i, device in enumerate(devices)]
     for worker, device in zip(workers, devices):
         start_seeing(worker, device)
@@ -124,16 +128,19 @@ def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[
     stop, all_fed = threading.Event(), threading.Event()
     feeder_error = []
 
+    def live():
+        return [inbox for inbox, worker, gone in zip(inboxes, workers, ended) if not gone and worker.is_alive()]
+
     def feed():
         try:
             for row in rows:
-                if not _put(work, row, stop):
+                if not _hand_out(live, row, stop):
                     return
             all_fed.set()
         except BaseException as error:  # noqa: B036  (re-raised below)
             feeder_error.append(error)
-        for _ in devices:  # end markers, one per worker
-            _put(work, None, stop)
+        for inbox in live():  # end markers, one per worker
+            _put(inbox, None, stop)
 
     threading.Thread(target=feed, name="batch-rows", daemon=True).start()
     try:
@@ -155,6 +162,11 @@ def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[
                     on_ready(value)
             else:  # "done" or "failed"
                 reports[index], ended[index] = value, True
+    except BaseException:  # the output failed, or Ctrl-C: no worker's answer can be written any more
+        stop.set()
+        for worker in workers:
+            worker.kill()
+        raise
     finally:
         stop.set()  # a feeder still waiting for room gives up
         for worker in workers:
@@ -187,6 +199,23 @@ def start_seeing(worker, device: str) -> None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _hand_out(live: Callable[[], list], row, stop: threading.Event) -> bool:
+    """Put `row` in the queue of the first live worker with room, waiting while every queue is full;
+    False when `stop` comes first or no worker is left."""
+    while not stop.is_set():
+        inboxes = live()
+        if not inboxes:
+            return False
+        for inbox in inboxes:
+            try:
+                inbox.put_nowait(row)
+                return True
+            except queue.Full:
+                continue
+        stop.wait(HAND_OUT_WAIT_S)
+    return False
 
 
 def _put(work, item, stop: threading.Event) -> bool:
