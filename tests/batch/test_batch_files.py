@@ -115,22 +115,18 @@ def test_retry_errors_drops_error_records_only(tmp_path):
     assert path.read_bytes() == lines({"id": "a", "text": "x"}, {"line": 3, "error": "json"})
 
 
-@pytest.mark.parametrize("content", [b"hello\n", b'["a"]\n', b'{"name": 1}\n'])
-def test_a_file_that_is_not_a_batch_output_is_refused(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    (b"hello\n", "line 1: not a record of a batch run"),
+    (b'["a"]\n', "line 1: not a record of a batch run"),
+    (b'{"name": 1}\n', "line 1: not a record of a batch run"),
+    # no final newline: the last line is not cut as if a run had torn it
+    (b"my notes\nimportant last line", "line 1: not a record of a batch run"),
+    (b'{"setting": 1, "other": 2}', "notes.txt: not a record of a batch run"),
+], ids=["text", "json-list", "json-object", "text-without-a-final-newline", "json-object-without-a-newline"])
+def test_a_file_that_is_not_a_batch_output_is_refused_unchanged(tmp_path, content, message):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
-    with pytest.raises(OutputFileError, match="line 1: not a record of a batch run"):
-        OutputFile(path)
-    assert path.read_bytes() == content
-
-
-@pytest.mark.parametrize("content", [b"my notes\nimportant last line", b'{"setting": 1, "other": 2}'],
-                         ids=["text-without-a-final-newline", "json-object"])
-def test_a_foreign_file_without_a_final_newline_is_refused_unchanged(tmp_path, content):
-    """Its last line is not cut as if a run had torn it: the file is refused as it is."""
-    path = tmp_path / "notes.txt"
-    path.write_bytes(content)
-    with pytest.raises(OutputFileError, match="not a record of a batch run"):
+    with pytest.raises(OutputFileError, match=message):
         OutputFile(path)
     assert path.read_bytes() == content
 
