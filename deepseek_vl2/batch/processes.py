@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional
 
 from ..engine import GenerationParams
+from ..utils.parent_watch import end_with_parent
 from .driver import EngineFailed
 from .engine_spec import EngineSpec
 from .rows import Row
@@ -67,7 +68,7 @@ class ProcessSettings:
 def worker_main(index: int, device: str, settings: ProcessSettings, work, results) -> None:
     """A worker process: build the engine on `device`, answer rows from `work` until its end marker."""
     report = WorkerReport(index, device)
-    threading.Thread(target=_exit_with_parent, name="batch-parent-watch", daemon=True).start()
+    end_with_parent()
     try:
         import torch
 
@@ -101,13 +102,6 @@ def worker_main(index: int, device: str, settings: ProcessSettings, work, result
         results.put(("failed", index, report))
         return
     results.put(("done", index, report))
-
-
-def _exit_with_parent() -> None:
-    """End this worker when the parent process ends, however it ends (killed with SIGKILL too: a
-    worker left running would hold its GPU while a rerun needs it)."""
-    multiprocessing.parent_process().join()
-    os._exit(1)
 
 
 def run_processes(devices: List[str], settings: ProcessSettings, rows: Iterable[Row],

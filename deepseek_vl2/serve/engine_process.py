@@ -45,6 +45,7 @@ from ..engine.chat_engine import prepare_sample
 from ..engine.continuous import ContinuousEngine, batch_of_one
 from ..engine.prefill import PrefillSettings
 from ..processing.batching import BatchCollateOutput
+from ..utils.parent_watch import end_with_parent
 from .errors import APIError
 from .scheduler import Job, SchedulerStats, continuous_stats, threads_beside_event_loop
 
@@ -53,7 +54,6 @@ logger = logging.getLogger(__name__)
 STATS_EVERY_S = 0.05  # while the engine works, its counters reach /health at least this often
 STARTUP_TIMEOUT_S = 1800.0  # loading, compiling and capturing a large model
 EVENTS_PIPE_BYTES = 1 << 20  # room for the events of a loop that stalls: the engine's thread blocks only past it
-PARENT_POLL_S = 1.0  # how often the engine's process checks that the server's process is still there
 
 
 @dataclass
@@ -83,7 +83,7 @@ class EngineProcess:
         self._events, events_in = context.Pipe(duplex=False)
         _widen(self._events.fileno(), EVENTS_PIPE_BYTES)
         self.process = context.Process(target=_engine_main, name="deepseek_vl2-engine",
-                                       args=(build, requests_out, control_out, events_in, os.getpid()))
+                                       args=(build, requests_out, control_out, events_in))
         self.process.start()
         for end in (requests_out, control_out, events_in):
             end.close()
@@ -320,9 +320,9 @@ def checkpoint_engine(model_path: str, device: Optional[str], dtype: Optional[st
     return ContinuousEngine(model, processor, max_num_seqs=max_num_seqs, prefill=prefill)
 
 
-def _engine_main(build: Callable[[], ContinuousEngine], requests, control, events, server_pid: int) -> None:
+def _engine_main(build: Callable[[], ContinuousEngine], requests, control, events) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes this process
-    threading.Thread(target=_end_with_server, args=(server_pid,), name="server-watch", daemon=True).start()
+    end_with_parent()  # a server killed while this process loads the model leaves no orphan on the GPU
     try:
         engine = build()
     except BaseException as error:
@@ -340,15 +340,6 @@ def _engine_main(build: Callable[[], ContinuousEngine], requests, control, event
     finally:
         engine.close()
         outbox.flush()  # the errors that closing gave the requests left
-
-
-def _end_with_server(server_pid: int) -> None:
-    """End this process once the server's process, its parent, has gone (killed while this one was
-    still loading the model, say, even before this one ran: nothing would read its pipes, and it
-    would hold the GPU's memory)."""
-    while os.getppid() == server_pid:
-        time.sleep(PARENT_POLL_S)
-    os._exit(1)
 
 
 def _serve(engine: ContinuousEngine, requests, control, outbox: "_Outbox") -> None:
